@@ -1,0 +1,63 @@
+/* Token buckets in fixed point (TG_UNIT units per packet or byte).
+ *
+ * Concurrency: a source's state is one entry of a shared LRU hash, updated in
+ * place without locks. When two CPUs handle packets of the same source at
+ * the same instant, both may read the same token count and both take a
+ * token, so a source can get up to (CPUs - 1) packets more than its burst in
+ * such a race; counters on the entry may lose an increment the same way.
+ * That error is bounded and small next to a spin lock on every packet of a
+ * flood. Global and per-rule counters are per-CPU and exact. */
+#ifndef TIDEGATE_BUCKET_H
+#define TIDEGATE_BUCKET_H
+
+static __always_inline __u64 tg_refill(__u64 tokens, __u64 elapsed, __u64 rate, __u64 cap,
+				       __u64 fill_ns)
+{
+	/* elapsed is capped at the fill time, so elapsed * rate cannot overflow */
+	if (elapsed > fill_ns)
+		elapsed = fill_ns;
+	tokens += elapsed * rate;
+	return tokens > cap ? cap : tokens;
+}
+
+/* Take one packet (and its bytes) from a bucket pair. Returns 1 if allowed. */
+static __always_inline int tg_take(struct tg_src *s, const struct tg_limit *l, __u64 now,
+				   __u32 len, int bytes)
+{
+	__u64 elapsed = now > s->last_ns ? now - s->last_ns : 0;
+	s->last_ns = now > s->last_ns ? now : s->last_ns;
+	__u64 t = tg_refill(s->tokens, elapsed, l->rate, l->burst, l->fill_ns);
+	int ok = t >= TG_UNIT;
+	if (bytes) {
+		__u64 cost = (__u64)len * TG_UNIT;
+		__u64 bt = tg_refill(s->byte_tokens, elapsed, l->brate, l->bburst, l->bfill_ns);
+		ok = ok && bt >= cost;
+		if (ok)
+			bt -= cost;
+		s->byte_tokens = bt;
+	}
+	if (ok)
+		t -= TG_UNIT;
+	s->tokens = t;
+	return ok;
+}
+
+/* State of a source seen for the first time: a full bucket minus this
+ * packet. Returns 1 if the packet fits (it does unless its bytes exceed the
+ * byte burst). */
+static __always_inline int tg_fresh(struct tg_src *s, const struct tg_limit *l, __u64 now,
+				     __u32 len, int bytes)
+{
+	s->tokens = l->burst;
+	s->byte_tokens = l->bburst;
+	s->last_ns = now;
+	s->first_ns = now;
+	s->blocked_until = 0;
+	s->packets = 0;
+	s->bytes = 0;
+	s->drops = 0;
+	s->new_drops = 0;
+	return tg_take(s, l, now, len, bytes);
+}
+
+#endif

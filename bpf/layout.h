@@ -1,0 +1,174 @@
+/* Shared layout of tidegate's BPF maps.
+ *
+ * These structs are the contract between the XDP program and the control
+ * plane (control/tidegate/kernel.py reads the same definitions through BCC's
+ * generated ctypes, so there is one source of truth). Changing a struct here
+ * changes the map format: a running agent refuses to adopt pinned maps whose
+ * key or value size differs.
+ */
+#ifndef TIDEGATE_LAYOUT_H
+#define TIDEGATE_LAYOUT_H
+
+/* Three rule-set slots: one active, one shadow (candidate) and one free to
+ * stage the next apply while the other two are in use. */
+#define TG_SLOTS 3
+#define TG_NO_SLOT 0xff
+
+/* Per-slot rule index space: 64 user rules, then pseudo-rules so that every
+ * verdict is attributable to something an operator can name. */
+#define TG_MAX_RULES 64
+#define TG_RULE_DEFAULT 64
+#define TG_RULE_DENYLIST 65
+#define TG_RULE_ALLOWLIST 66
+#define TG_RULE_IDX 68
+
+/* One packet of token-bucket credit, in the bucket's fixed-point unit.
+ * Rates are then "units per nanosecond" == packets (or bytes) per second,
+ * so refill is one multiply and no division on the packet path. */
+#define TG_UNIT 1000000000ULL
+
+/* Verdict reasons (global per-CPU counters are indexed by these). */
+#define TG_R_PASS 0      /* matched a rule or the default and was within its rate */
+#define TG_R_ALLOW 1     /* allow list */
+#define TG_R_DENY 2      /* deny list or a rule with action drop */
+#define TG_R_RATE 3      /* per-source bucket empty */
+#define TG_R_PREFIX 4    /* per-prefix bucket empty */
+#define TG_R_BLOCKED 5   /* source inside its block_seconds penalty */
+#define TG_R_UNPARSED 6  /* not Ethernet/IPv4/IPv6 the program can read: passed */
+#define TG_R_NOCONFIG 7  /* no active rule set (never after a normal start) */
+#define TG_REASONS 8
+
+/* set_cfg.flags */
+#define TG_SET_HAS_TRIE 1   /* at least one CIDR entry: look the source up */
+#define TG_SET_HAS_PORTS 2  /* at least one (protocol, port) entry */
+
+/* rule_cfg.action */
+#define TG_ACT_LIMIT 0
+#define TG_ACT_PASS 1
+#define TG_ACT_DROP 2
+
+/* rule_cfg.flags */
+#define TG_RF_PKT 1      /* packet-rate bucket */
+#define TG_RF_BYTES 2    /* byte-rate bucket */
+#define TG_RF_PREFIX 4   /* per-prefix bucket */
+#define TG_RF_PFX_BYTES 8
+
+/* cidr_val.flags */
+#define TG_CF_ALLOW 1
+#define TG_CF_DENY 2
+
+/* state key kinds */
+#define TG_KIND_SOURCE 0
+#define TG_KIND_PREFIX 1
+
+struct tg_ctl {
+	/* bits 0-7 active slot, bits 8-15 shadow slot (TG_NO_SLOT = none).
+	 * One 32-bit word so a reader loads the selection in one instruction. */
+	__u32 sel;
+	__u32 pad;
+};
+
+/* Addresses are kept as 16 bytes: IPv6 as is, IPv4 as ::ffff:a.b.c.d.
+ * hi/lo are the two halves loaded from memory as they are (network order
+ * bytes), so masking is a plain AND. */
+struct tg_mask {
+	__u64 hi;
+	__u64 lo;
+};
+
+struct tg_limit {
+	__u64 rate;       /* units per ns (== pps) */
+	__u64 burst;      /* units */
+	__u64 fill_ns;    /* time to fill an empty bucket; caps elapsed time */
+	__u64 brate;      /* byte units per ns (== bytes/s); 0 = no byte limit */
+	__u64 bburst;
+	__u64 bfill_ns;
+};
+
+struct tg_rule_cfg {
+	__u32 action;
+	__u32 flags;
+	__u64 block_ns;
+	struct tg_limit src;
+	struct tg_limit pfx;
+	struct tg_mask pfx4;
+	struct tg_mask pfx6;
+};
+
+struct tg_set_cfg {
+	__u64 version;     /* the store's version number of this rule set */
+	__u32 epoch;       /* per-source state is keyed by epoch: fresh buckets per set */
+	__u32 flags;
+	__u64 any_src_mask;              /* rules whose sources are "any" */
+	/* by IP protocol number: rules accepting it on any port. Indexed by the
+	 * packet's own protocol byte so no per-class branches are needed. */
+	__u64 proto_mask[256];
+	struct tg_mask key4;             /* per-source key masks (ipv4_prefix, ipv6_prefix) */
+	struct tg_mask key6;
+};
+
+struct tg_cidr_key {
+	__u32 prefixlen;   /* 32 (slot) + 128-bit address prefix length */
+	__u32 slot;
+	__u64 addr_hi;
+	__u64 addr_lo;
+};
+
+struct tg_cidr_val {
+	__u64 rule_mask;   /* rules with a source CIDR containing this prefix */
+	__u32 flags;       /* TG_CF_ALLOW / TG_CF_DENY */
+	__u32 pad;
+};
+
+struct tg_port_key {
+	__u8 slot;
+	__u8 proto;
+	__u16 port;        /* host order */
+};
+
+struct tg_state_key {
+	__u64 addr_hi;
+	__u64 addr_lo;
+	__u32 epoch;
+	__u8 rule;
+	__u8 kind;
+	__u16 pad;
+};
+
+struct tg_src {
+	__u64 tokens;
+	__u64 last_ns;
+	__u64 byte_tokens;
+	__u64 blocked_until;
+	__u64 packets;
+	__u64 bytes;
+	__u64 drops;       /* enforced drops, or would-drops for shadow entries */
+	__u64 new_drops;   /* shadow only: would-drops the active set passed */
+	__u64 first_ns;
+};
+
+struct tg_count {
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct tg_rule_count {
+	__u64 pass_pkts;
+	__u64 pass_bytes;
+	__u64 drop_pkts;
+	__u64 drop_bytes;
+	__u64 drop_rate;     /* drop_pkts split by reason */
+	__u64 drop_prefix;
+	__u64 drop_blocked;
+	__u64 drop_deny;
+	__u64 shadow_pkts;   /* this slot evaluated as the shadow set */
+	__u64 shadow_drop;
+	__u64 shadow_new_drop;
+	__u64 shadow_bytes_drop;
+};
+
+#define TG_LRU_INSERTS 0
+#define TG_LRU_FAILS 1
+#define TG_LRU_COUNTERS 2
+
+#endif

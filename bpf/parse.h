@@ -1,0 +1,130 @@
+/* Packet parsing: Ethernet, up to two 802.1Q/802.1ad tags, IPv4, IPv6.
+ * Only the source address (fixed header), the L4 protocol and the
+ * destination port are extracted. Anything not readable returns -1 and the
+ * caller passes it, counted as "unparsed". */
+#ifndef TIDEGATE_PARSE_H
+#define TIDEGATE_PARSE_H
+
+#define TG_ETH_P_IP 0x0800
+#define TG_ETH_P_IPV6 0x86DD
+#define TG_ETH_P_8021Q 0x8100
+#define TG_ETH_P_8021AD 0x88A8
+#define TG_IPV6_EXT_MAX 4
+
+struct tg_pkt {
+	__u64 addr_hi;
+	__u64 addr_lo;
+	__u32 len;
+	__u16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 has_port;
+	__u8 pad;
+};
+
+struct tg_vlan_hdr {
+	__be16 tci;
+	__be16 proto;
+};
+
+static __always_inline int tg_is_vlan(__be16 proto)
+{
+	return proto == bpf_htons(TG_ETH_P_8021Q) || proto == bpf_htons(TG_ETH_P_8021AD);
+}
+
+static __always_inline void tg_l4(struct tg_pkt *p, void *l4, void *end, int first_fragment)
+{
+	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
+		return;
+	/* Non-first fragments carry no L4 header; they still match on the
+	 * source address and on rules without port lists. */
+	if (!first_fragment)
+		return;
+	__be16 *ports = l4;
+	if ((void *)(ports + 2) > end)
+		return;
+	p->dport = bpf_ntohs(ports[1]);
+	p->has_port = 1;
+}
+
+static __always_inline int tg_parse_ipv6_ext(struct tg_pkt *p, void **cur, void *end)
+{
+	/* Walk a bounded number of extension headers to find the L4 header. A
+	 * longer chain keeps the last next-header value: the packet is still
+	 * filtered on its address, just without a port. */
+	int first = 1;
+#pragma unroll
+	for (int i = 0; i < TG_IPV6_EXT_MAX; i++) {
+		__u8 nh = p->proto;
+		if (nh == 0 || nh == 43 || nh == 60) {
+			__u8 *h = *cur;
+			if ((void *)(h + 2) > end)
+				return 0;
+			p->proto = h[0];
+			*cur = h + ((__u32)h[1] + 1) * 8;
+		} else if (nh == 44) {
+			__u8 *h = *cur;
+			if ((void *)(h + 8) > end)
+				return 0;
+			p->proto = h[0];
+			__u16 off = ((__u16)h[2] << 8 | h[3]) & 0xfff8;
+			if (off)
+				first = 0;
+			*cur = h + 8;
+		} else {
+			break;
+		}
+	}
+	return first;
+}
+
+static __always_inline int tg_parse(void *data, void *end, struct tg_pkt *p)
+{
+	struct ethhdr *eth = data;
+	p->len = (__u32)(end - data);
+	if ((void *)(eth + 1) > end)
+		return -1;
+	__be16 proto = eth->h_proto;
+	void *cur = eth + 1;
+#pragma unroll
+	for (int i = 0; i < 2; i++) {
+		if (tg_is_vlan(proto)) {
+			struct tg_vlan_hdr *vh = cur;
+			if ((void *)(vh + 1) > end)
+				return -1;
+			proto = vh->proto;
+			cur = vh + 1;
+		}
+	}
+	if (proto == bpf_htons(TG_ETH_P_IP)) {
+		struct iphdr *ip = cur;
+		if ((void *)(ip + 1) > end)
+			return -1;
+		if (ip->version != 4 || ip->ihl < 5)
+			return -1;
+		p->family = 4;
+		p->addr_hi = 0;
+		/* ::ffff:a.b.c.d as loaded little-endian from bytes 8..15 */
+		p->addr_lo = 0xffff0000ULL | ((__u64)ip->saddr << 32);
+		p->proto = ip->protocol;
+		int first = (ip->frag_off & bpf_htons(0x1fff)) == 0;
+		tg_l4(p, cur + ip->ihl * 4, end, first);
+		return 0;
+	}
+	if (proto == bpf_htons(TG_ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = cur;
+		if ((void *)(ip6 + 1) > end)
+			return -1;
+		p->family = 6;
+		__builtin_memcpy(&p->addr_hi, &ip6->saddr, 8);
+		__builtin_memcpy(&p->addr_lo, (__u8 *)&ip6->saddr + 8, 8);
+		p->proto = ip6->nexthdr;
+		cur = ip6 + 1;
+		int first = tg_parse_ipv6_ext(p, &cur, end);
+		tg_l4(p, cur, end, first);
+		return 0;
+	}
+	return -1;
+}
+
+#endif

@@ -1,0 +1,123 @@
+/* tidegate XDP program: per-source rate filter with atomic rule-set swap
+ * and a shadow (candidate) rule set.
+ *
+ * Atomic swap — double buffering with one selector word, chosen over
+ * map-in-map. A rule set is spread over several maps (set config, rules,
+ * CIDR trie, port table); map-in-map would need one outer map per kind and
+ * two outer updates could be seen half done. Instead every map holds
+ * TG_SLOTS copies, indexed by slot (the slot is part of the array index,
+ * the trie key and the port key). The control plane writes a complete rule
+ * set into a slot no packet reads, then stores the new selection in
+ * tg_ctl.sel, a single 32-bit word. Each packet loads sel exactly once and
+ * then reads only the slots it names, so it sees the whole old set or the
+ * whole new one. Before a retired slot is rewritten, the control plane
+ * waits for an RCU grace period (every XDP run in flight at the flip has
+ * finished), so no packet can read a slot that is being rewritten.
+ *
+ * Shadow: when sel names a shadow slot, every packet is evaluated by both
+ * sets; only the active verdict is enforced, the shadow one is counted per
+ * rule (would-drop, and would-drop where the active set passed) and per
+ * source (its own state entries, keyed by the shadow set's epoch).
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+
+#include "layout.h"
+#include "maps.h"
+#include "parse.h"
+#include "keys.h"
+#include "bucket.h"
+#include "stats.h"
+#include "rules.h"
+
+static __always_inline __u64 tg_now(void)
+{
+#ifdef TG_REPLAY_CLOCK
+	__u32 zero = 0;
+	__u64 *t = tg_clock.lookup(&zero);
+	return t ? *t : 0;
+#else
+	/* jiffy resolution (a few ms) is plenty for packet-rate buckets and
+	 * far cheaper than bpf_ktime_get_ns */
+	return bpf_ktime_get_coarse_ns();
+#endif
+}
+
+static __always_inline void tg_count_rule(struct tg_rule_count *rc, struct tg_verdict v,
+					  __u32 len)
+{
+	if (!rc)
+		return;
+	if (!v.drop) {
+		rc->pass_pkts++;
+		rc->pass_bytes += len;
+		return;
+	}
+	rc->drop_pkts++;
+	rc->drop_bytes += len;
+	if (v.reason == TG_R_RATE)
+		rc->drop_rate++;
+	else if (v.reason == TG_R_PREFIX)
+		rc->drop_prefix++;
+	else if (v.reason == TG_R_BLOCKED)
+		rc->drop_blocked++;
+	else
+		rc->drop_deny++;
+}
+
+int tidegate_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct tg_pkt p = {};
+
+	if (tg_parse(data, end, &p) < 0) {
+		tg_count_reason(TG_R_UNPARSED, p.len);
+		return XDP_PASS;
+	}
+
+	__u32 zero = 0;
+	struct tg_ctl *ctl = tg_ctl.lookup(&zero);
+	__u32 sel = ctl ? *(volatile __u32 *)&ctl->sel : TG_NO_SLOT;
+	__u32 aslot = sel & 0xff;
+	__u32 sslot = (sel >> 8) & 0xff;
+	if (aslot >= TG_SLOTS) {
+		tg_count_reason(TG_R_NOCONFIG, p.len);
+		return XDP_PASS;
+	}
+	struct tg_set_cfg *acfg = tg_sets.lookup(&aslot);
+	if (!acfg) {
+		tg_count_reason(TG_R_NOCONFIG, p.len);
+		return XDP_PASS;
+	}
+
+	__u64 now = tg_now();
+	struct tg_verdict v = tg_classify(aslot, acfg, &p);
+	if (v.reason == TG_R_PASS)
+		v = tg_limit(aslot, acfg, &p, now, v, 0, 0);
+	tg_count_rule(tg_rule_counter(aslot, v.rule), v, p.len);
+	tg_count_reason(v.reason, p.len);
+
+	if (sslot < TG_SLOTS) {
+		struct tg_set_cfg *scfg = tg_sets.lookup(&sslot);
+		if (scfg) {
+			struct tg_verdict sv = tg_classify(sslot, scfg, &p);
+			if (sv.reason == TG_R_PASS)
+				sv = tg_limit(sslot, scfg, &p, now, sv, 1, v.drop);
+			struct tg_rule_count *sc = tg_rule_counter(sslot, sv.rule);
+			if (sc) {
+				sc->shadow_pkts++;
+				if (sv.drop) {
+					sc->shadow_drop++;
+					sc->shadow_bytes_drop += p.len;
+					if (!v.drop)
+						sc->shadow_new_drop++;
+				}
+			}
+		}
+	}
+	return v.drop ? XDP_DROP : XDP_PASS;
+}

@@ -1,0 +1,275 @@
+"""Thin ctypes wrappers for the bpf(2) commands BCC does not expose.
+
+Only what tidegate needs: batch map reads (1M entries in one call rather
+than a Python loop), BPF_PROG_TEST_RUN, object info (program tag and id for
+adopting an attached program), and a map-in-map update used purely to wait
+for an RCU grace period after a rule-set flip.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+
+_SYSCALL_NR = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351}
+
+BPF_MAP_CREATE = 0
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_GET = 7
+BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_BATCH = 24
+
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class BpfError(OSError):
+    """A bpf(2) command failed; errno is kept."""
+
+
+def _bpf(cmd: int, attr: ctypes.Structure) -> int:
+    nr = _SYSCALL_NR.get(platform.machine())
+    if nr is None:
+        raise BpfError(errno.ENOSYS, f"bpf(2) syscall number unknown for {platform.machine()}")
+    ret = _libc.syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise BpfError(err, f"bpf cmd {cmd}: {os.strerror(err)}")
+    return ret
+
+
+class _MapCreate(ctypes.Structure):
+    _fields_ = [
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("numa_node", ctypes.c_uint32),
+        ("map_name", ctypes.c_char * 16),
+        ("pad", ctypes.c_uint8 * 64),
+    ]
+
+
+class _MapElem(ctypes.Structure):
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _Batch(ctypes.Structure):
+    _fields_ = [
+        ("in_batch", ctypes.c_uint64),
+        ("out_batch", ctypes.c_uint64),
+        ("keys", ctypes.c_uint64),
+        ("values", ctypes.c_uint64),
+        ("count", ctypes.c_uint32),
+        ("map_fd", ctypes.c_uint32),
+        ("elem_flags", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _TestRun(ctypes.Structure):
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("data_in", ctypes.c_uint64),
+        ("data_out", ctypes.c_uint64),
+        ("repeat", ctypes.c_uint32),
+        ("duration", ctypes.c_uint32),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_uint64),
+        ("ctx_out", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class _GetById(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32), ("open_flags", ctypes.c_uint32)]
+
+
+class _InfoByFd(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+
+
+class _ObjGet(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32)]
+
+
+class ProgInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+        ("rest", ctypes.c_uint8 * 256),
+    ]
+
+
+class MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+        ("rest", ctypes.c_uint8 * 128),
+    ]
+
+
+def obj_get(path: str) -> int:
+    """Open a pinned object; the caller owns the fd."""
+    p = ctypes.create_string_buffer(os.fsencode(path))
+    attr = _ObjGet(pathname=ctypes.addressof(p))
+    return _bpf(BPF_OBJ_GET, attr)
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return _bpf(BPF_PROG_GET_FD_BY_ID, _GetById(id=prog_id))
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = ProgInfo()
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoByFd(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)))
+    return info
+
+
+def map_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoByFd(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)))
+    return info
+
+
+def prog_tag(fd: int) -> str:
+    return bytes(prog_info(fd).tag).hex()
+
+
+def test_run(prog_fd: int, data: bytes, repeat: int = 1) -> tuple[int, int]:
+    """Run an XDP program on one frame. Returns (verdict, ns per run)."""
+    buf_in = ctypes.create_string_buffer(data, len(data))
+    buf_out = ctypes.create_string_buffer(len(data) + 256)
+    attr = _TestRun(
+        prog_fd=prog_fd,
+        data_size_in=len(data),
+        data_size_out=ctypes.sizeof(buf_out),
+        data_in=ctypes.addressof(buf_in),
+        data_out=ctypes.addressof(buf_out),
+        repeat=max(1, repeat),
+    )
+    _bpf(BPF_PROG_TEST_RUN, attr)
+    return attr.retval, attr.duration
+
+
+def map_update(fd: int, key: ctypes.Array | ctypes.Structure, value, flags: int = 0) -> None:
+    attr = _MapElem(map_fd=fd, key=ctypes.addressof(key), value=ctypes.addressof(value), flags=flags)
+    _bpf(BPF_MAP_UPDATE_ELEM, attr)
+
+
+def lookup_batch(fd: int, key_size: int, value_size: int, max_entries: int, chunk: int = 65536):
+    """Read a whole hash map with BPF_MAP_LOOKUP_BATCH.
+
+    Returns (keys: bytes, values: bytes, count). Values of per-CPU maps are
+    not supported here (tidegate only batch-reads the shared LRU)."""
+    keys = ctypes.create_string_buffer(key_size * max(1, max_entries))
+    values = ctypes.create_string_buffer(value_size * max(1, max_entries))
+    token_in = ctypes.create_string_buffer(max(8, key_size))
+    token_out = ctypes.create_string_buffer(max(8, key_size))
+    total = 0
+    first = True
+    while total < max_entries:
+        n = min(chunk, max_entries - total)
+        attr = _Batch(
+            in_batch=0 if first else ctypes.addressof(token_in),
+            out_batch=ctypes.addressof(token_out),
+            keys=ctypes.addressof(keys) + total * key_size,
+            values=ctypes.addressof(values) + total * value_size,
+            count=n,
+            map_fd=fd,
+        )
+        done = False
+        try:
+            _bpf(BPF_MAP_LOOKUP_BATCH, attr)
+        except BpfError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            done = True
+        total += attr.count
+        if done or attr.count == 0:
+            break
+        ctypes.memmove(token_in, token_out, ctypes.sizeof(token_out))
+        first = False
+    return keys.raw[: total * key_size], values.raw[: total * value_size], total
+
+
+class GraceWaiter:
+    """Wait for an RCU grace period from user space.
+
+    The kernel waits for all running BPF programs (synchronize_rcu) after an
+    update of an array-of-maps, so that user space knows every program now
+    sees the new value. tidegate updates a private one-slot array-of-maps to
+    get exactly that wait after flipping the rule-set selector: when it
+    returns, no packet can still be reading the slot that was just retired.
+    """
+
+    def __init__(self) -> None:
+        self._inner = _bpf(
+            BPF_MAP_CREATE,
+            _MapCreate(map_type=BPF_MAP_TYPE_ARRAY, key_size=4, value_size=4, max_entries=1, map_name=b"tg_grace_in"),
+        )
+        self._outer = _bpf(
+            BPF_MAP_CREATE,
+            _MapCreate(
+                map_type=BPF_MAP_TYPE_ARRAY_OF_MAPS,
+                key_size=4,
+                value_size=4,
+                max_entries=1,
+                inner_map_fd=self._inner,
+                map_name=b"tg_grace",
+            ),
+        )
+
+    def wait(self) -> None:
+        key = ctypes.c_uint32(0)
+        value = ctypes.c_uint32(self._inner)
+        map_update(self._outer, key, value)
+
+    def close(self) -> None:
+        for fd in (self._outer, self._inner):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

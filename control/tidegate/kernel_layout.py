@@ -1,0 +1,268 @@
+"""Turn a validated RuleSet into the entries of one kernel rule-set slot.
+
+Pure Python: no kernel, no BCC, so it is unit-tested without root. The
+kernel layer (kernel.py) copies these entries into the maps described in
+bpf/layout.h.
+
+Matching is precomputed here so the packet path does at most one trie and
+one hash lookup, whatever the number of rules:
+
+- Every CIDR of the allow list, the deny list and the rules' sources
+  becomes one trie entry carrying the allow/deny flags and the bit mask of
+  rules whose sources contain it. Prefixes that contain an address form a
+  chain, so the longest match already carries everything above it.
+- Every (protocol, port) of the rules becomes a hash entry with the mask of
+  rules that accept it; protocols without a listed port use a per-protocol
+  mask. The first matching rule is the lowest bit of (source & port) masks.
+
+Addresses live in one 128-bit space: IPv6 as is, IPv4 as ::ffff:a.b.c.d.
+A barrier entry at ::ffff:0:0/96 stops IPv6 prefixes such as ::/0 from
+covering IPv4 sources.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from dataclasses import dataclass, field
+
+UNIT = 1_000_000_000  # bucket units per packet or byte (bpf/layout.h TG_UNIT)
+MAX_RULES = 64
+RULE_DEFAULT = 64
+RULE_DENYLIST = 65
+RULE_ALLOWLIST = 66
+RULE_IDX = 68
+SLOTS = 3
+NO_SLOT = 0xFF
+
+ACT_LIMIT, ACT_PASS, ACT_DROP = 0, 1, 2
+RF_PKT, RF_BYTES, RF_PREFIX, RF_PFX_BYTES = 1, 2, 4, 8
+CF_ALLOW, CF_DENY = 1, 2
+SET_HAS_TRIE, SET_HAS_PORTS = 1, 2
+
+# The byte bucket's burst is capped so that burst * UNIT fits in 64 bits
+# with room for one refill; 4 GB of burst is far beyond any real use.
+MAX_BYTE_BURST = 4_000_000_000
+
+REASONS = ("pass", "allow", "deny", "rate", "prefix", "blocked", "unparsed", "noconfig")
+
+PROTO_NUMBERS = {"tcp": (6,), "udp": (17,), "icmp": (1,), "icmpv6": (58,), "any": tuple(range(256))}
+PORT_PROTOS = {"tcp": (6,), "udp": (17,), "any": (6, 17)}
+
+_V4_MAPPED = 0xFFFF << 32
+_BARRIER = (_V4_MAPPED, 96)
+
+
+@dataclass(frozen=True)
+class Mask:
+    hi: int
+    lo: int
+
+
+@dataclass(frozen=True)
+class BucketParams:
+    rate: int = 0
+    burst: int = 0
+    fill_ns: int = 0
+    brate: int = 0
+    bburst: int = 0
+    bfill_ns: int = 0
+
+
+@dataclass(frozen=True)
+class RuleParams:
+    name: str
+    action: int = ACT_PASS
+    flags: int = 0
+    block_ns: int = 0
+    src: BucketParams = BucketParams()
+    pfx: BucketParams = BucketParams()
+    pfx4: Mask = Mask(0, 0)
+    pfx6: Mask = Mask(0, 0)
+
+
+@dataclass
+class KernelRuleSet:
+    """Everything one slot needs. rule_names[i] names rule index i."""
+
+    flags: int
+    any_src_mask: int
+    proto_mask: list[int]
+    key4: Mask
+    key6: Mask
+    rules: dict[int, RuleParams]
+    cidrs: dict[tuple[int, int], tuple[int, int]]  # (addr128, prefixlen128) -> (rule_mask, flags)
+    ports: dict[tuple[int, int], int]  # (ip proto, port) -> rule_mask
+    rule_names: dict[int, str] = field(default_factory=dict)
+
+
+def mask_halves(prefixlen128: int) -> Mask:
+    """The 16-byte network mask as the two little-endian u64 the program loads."""
+    m = ((1 << prefixlen128) - 1) << (128 - prefixlen128) if prefixlen128 else 0
+    raw = m.to_bytes(16, "big")
+    return Mask(int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little"))
+
+
+def addr_halves(addr128: int) -> tuple[int, int]:
+    raw = addr128.to_bytes(16, "big")
+    return int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+
+
+def halves_to_address(hi: int, lo: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    raw = hi.to_bytes(8, "little") + lo.to_bytes(8, "little")
+    a = ipaddress.IPv6Address(raw)
+    return a.ipv4_mapped or a
+
+
+def network_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int]:
+    """(addr128, prefixlen128) of a network in the unified address space."""
+    if net.version == 4:
+        return _V4_MAPPED | int(net.network_address), 96 + net.prefixlen
+    return int(net.network_address), net.prefixlen
+
+
+def _contains(outer: tuple[int, int], inner: tuple[int, int]) -> bool:
+    oa, op = outer
+    ia, ip_ = inner
+    if op > ip_:
+        return False
+    if op == 0:
+        return True
+    shift = 128 - op
+    return (oa >> shift) == (ia >> shift)
+
+
+def bucket_params(pps: int, burst: int, bps: int | None, burst_bytes: int | None) -> BucketParams:
+    burst_units = burst * UNIT
+    fill = math.ceil(burst_units / pps)
+    brate = bburst = bfill = 0
+    if bps:
+        brate = max(1, bps // 8)
+        bb = burst_bytes if burst_bytes else max(1, bps // 8)
+        bburst = min(bb, MAX_BYTE_BURST) * UNIT
+        bfill = math.ceil(bburst / brate)
+    return BucketParams(pps, burst_units, fill, brate, bburst, bfill)
+
+
+def _limit_params(limit) -> BucketParams:
+    return bucket_params(limit.pps, limit.burst, getattr(limit, "bps", None), getattr(limit, "burst_bytes", None))
+
+
+def rule_params(name: str, action: str, limit, prefix_limit, block_seconds: int) -> RuleParams:
+    if action == "drop":
+        return RuleParams(name, ACT_DROP)
+    if action == "pass" or limit is None:
+        return RuleParams(name, ACT_PASS)
+    flags = RF_PKT
+    src = _limit_params(limit)
+    if src.brate:
+        flags |= RF_BYTES
+    pfx = BucketParams()
+    pfx4 = pfx6 = Mask(0, 0)
+    if prefix_limit is not None:
+        flags |= RF_PREFIX
+        pfx = _limit_params(prefix_limit.limit)
+        if pfx.brate:
+            flags |= RF_PFX_BYTES
+        pfx4 = mask_halves(96 + prefix_limit.ipv4_prefix)
+        pfx6 = mask_halves(prefix_limit.ipv6_prefix)
+    return RuleParams(name, ACT_LIMIT, flags, block_seconds * 1_000_000_000, src, pfx, pfx4, pfx6)
+
+
+def _is_any_source(sources) -> bool:
+    """No sources listed, or both families' /0: match without a trie entry."""
+    if not sources:
+        return True
+    families = {n.version for n in sources if n.prefixlen == 0}
+    return families == {4, 6}
+
+
+def build_kernel_rule_set(rule_set) -> KernelRuleSet:
+    rules = list(rule_set.rules)
+    if len(rules) > MAX_RULES:
+        raise ValueError(f"{len(rules)} rules, the kernel holds at most {MAX_RULES}")
+
+    any_src_mask = 0
+    own: dict[tuple[int, int], list[int]] = {}  # key -> [rule_mask, flags]
+
+    def add(net, mask: int, flags: int) -> None:
+        entry = own.setdefault(network_key(net), [0, 0])
+        entry[0] |= mask
+        entry[1] |= flags
+
+    for net in rule_set.allow:
+        add(net, 0, CF_ALLOW)
+    for net in rule_set.deny:
+        add(net, 0, CF_DENY)
+    for i, rule in enumerate(rules):
+        if _is_any_source(rule.sources):
+            any_src_mask |= 1 << i
+        else:
+            for net in rule.sources:
+                add(net, 1 << i, 0)
+
+    cidrs = _inherit(own)
+
+    proto_mask = [0] * 256
+    ports: dict[tuple[int, int], int] = {}
+    for i, rule in enumerate(rules):
+        bit = 1 << i
+        if rule.dst_ports:
+            for proto in PORT_PROTOS[rule.protocol]:
+                for pr in rule.dst_ports:
+                    for port in range(pr.lo, pr.hi + 1):
+                        ports[(proto, port)] = ports.get((proto, port), 0) | bit
+        else:
+            for proto in PROTO_NUMBERS[rule.protocol]:
+                proto_mask[proto] |= bit
+    for (proto, port), m in ports.items():
+        ports[(proto, port)] = m | proto_mask[proto]
+
+    params: dict[int, RuleParams] = {}
+    names: dict[int, str] = {}
+    for i, rule in enumerate(rules):
+        params[i] = rule_params(rule.name, rule.action, rule.limit, rule.prefix_limit, rule.block_seconds)
+        names[i] = rule.name
+    d = rule_set.defaults
+    params[RULE_DEFAULT] = rule_params("default", "limit", d.limit, d.prefix_limit, d.block_seconds)
+    params[RULE_DENYLIST] = RuleParams("deny-list", ACT_DROP)
+    params[RULE_ALLOWLIST] = RuleParams("allow-list", ACT_PASS)
+    names.update({RULE_DEFAULT: "default", RULE_DENYLIST: "deny-list", RULE_ALLOWLIST: "allow-list"})
+
+    flags = (SET_HAS_TRIE if cidrs else 0) | (SET_HAS_PORTS if ports else 0)
+    return KernelRuleSet(
+        flags=flags,
+        any_src_mask=any_src_mask,
+        proto_mask=proto_mask,
+        key4=mask_halves(96 + d.ipv4_prefix),
+        key6=mask_halves(d.ipv6_prefix),
+        rules=params,
+        cidrs=cidrs,
+        ports=ports,
+        rule_names=names,
+    )
+
+
+def _inherit(own: dict[tuple[int, int], list[int]]) -> dict[tuple[int, int], tuple[int, int]]:
+    """Give every entry the masks and flags of all entries containing it.
+
+    Sorted by (address, prefix length), an entry's containing entries are
+    exactly the stack of still-open prefixes before it: O(n log n)."""
+    if not own:
+        return {}
+    if any(_contains(k, _BARRIER) and k != _BARRIER for k in own) and _BARRIER not in own:
+        own = dict(own)
+        own[_BARRIER] = [0, 0]
+    out: dict[tuple[int, int], tuple[int, int]] = {}
+    stack: list[tuple[tuple[int, int], int, int]] = []
+    for key in sorted(own):
+        while stack and not _contains(stack[-1][0], key):
+            stack.pop()
+        mask, flags = own[key]
+        # IPv4 space never inherits from IPv6 prefixes above the barrier
+        if stack and not (key == _BARRIER or (stack[-1][0][1] < 96 and _contains(_BARRIER, key))):
+            mask |= stack[-1][1]
+            flags |= stack[-1][2]
+        stack.append((key, mask, flags))
+        out[key] = (mask, flags)
+    return out
