@@ -1,0 +1,81 @@
+"""Kernel fixtures: the real program, compiled once per test session.
+
+The replay build reads time from a map, so token-bucket tests set the
+clock instead of sleeping; the code path is otherwise the same program."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+
+from tidegate.kernel import FilterConfig, KernelFilter
+from tidegate.kernel_layout import REASONS
+from tidegate.ruleset import parse_rule_set
+
+XDP_DROP, XDP_PASS = 1, 2
+VERDICTS = {XDP_DROP: "drop", XDP_PASS: "pass"}
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("kernel tests need root (BPF programs, bpffs, netns)")
+
+
+@dataclass
+class Step:
+    verdict: str
+    reason: str
+
+
+class ReplayFilter:
+    """The real XDP program, driven by BPF_PROG_TEST_RUN and a settable clock."""
+
+    def __init__(self, kf: KernelFilter):
+        self.kf = kf
+        self.version = 0
+        self.now = 10**12
+
+    def apply(self, yaml_text: str):
+        self.version += 1
+        rs = parse_rule_set(yaml_text, source="<test>")
+        self.kf.apply(rs, self.version)
+        self.kf.clear_sources()
+        return rs
+
+    def at(self, ms: float) -> "ReplayFilter":
+        self.now = 10**12 + int(ms * 1_000_000)
+        self.kf.set_clock(self.now)
+        return self
+
+    def reasons(self) -> dict[str, int]:
+        return {k: v[0] for k, v in self.kf.counters().reasons.items()}
+
+    def send(self, frame: bytes) -> Step:
+        before = self.reasons()
+        verdict, _ = self.kf.test_run(frame)
+        after = self.reasons()
+        changed = [r for r in REASONS if after[r] != before[r]]
+        assert len(changed) == 1, f"exactly one reason counter must move, got {changed}"
+        assert after[changed[0]] - before[changed[0]] == 1
+        return Step(VERDICTS.get(verdict, str(verdict)), changed[0])
+
+
+@pytest.fixture(scope="session")
+def replay_kf():
+    _require_root()
+    kf = KernelFilter(
+        FilterConfig(interface=None, pin_name=f"test-replay-{os.getpid()}", replay_clock=True, max_sources=65536)
+    )
+    kf.load()
+    yield kf
+    kf.close()
+    kf.remove_pins()
+
+
+@pytest.fixture
+def replay(replay_kf) -> ReplayFilter:
+    f = ReplayFilter(replay_kf)
+    f.at(0)
+    return f

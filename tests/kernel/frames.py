@@ -1,0 +1,60 @@
+"""Crafted frames for kernel tests, built with scapy so they read like packets."""
+
+from __future__ import annotations
+
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
+
+DST4 = "10.0.0.1"
+DST6 = "2001:db8::1"
+
+
+def _l3(src: str):
+    return IPv6(src=src, dst=DST6) if ":" in src else IP(src=src, dst=DST4)
+
+
+def udp(src: str, dport: int = 53, payload: int = 10, vlans: int = 0) -> bytes:
+    return _frame(_l3(src) / UDP(sport=40000, dport=dport) / (b"x" * payload), vlans)
+
+
+def tcp(src: str, dport: int = 80, payload: int = 0, vlans: int = 0) -> bytes:
+    return _frame(_l3(src) / TCP(sport=40000, dport=dport, flags="S") / (b"x" * payload), vlans)
+
+
+def icmp(src: str) -> bytes:
+    return bytes(Ether() / IP(src=src, dst=DST4) / ICMP())
+
+
+def arp() -> bytes:
+    return bytes(Ether(dst="ff:ff:ff:ff:ff:ff") / ARP(psrc="10.0.0.2", pdst="10.0.0.1"))
+
+
+def fragment4(src: str, dport: int = 53, first: bool = True) -> bytes:
+    ip = IP(src=src, dst=DST4, flags="MF", frag=0 if first else 100)
+    return bytes(Ether() / ip / UDP(sport=40000, dport=dport) / (b"x" * 16))
+
+
+def ipv6_ext_chain(src: str, n: int, dport: int = 53) -> bytes:
+    pkt = IPv6(src=src, dst=DST6)
+    for i in range(n):
+        pkt = pkt / (IPv6ExtHdrHopByHop() if i == 0 else IPv6ExtHdrDestOpt())
+    return bytes(Ether() / pkt / UDP(sport=40000, dport=dport) / b"x")
+
+
+def ipv6_fragment(src: str, dport: int = 53, offset: int = 0) -> bytes:
+    pkt = IPv6(src=src, dst=DST6) / IPv6ExtHdrFragment(offset=offset, m=1) / UDP(sport=1, dport=dport) / b"x"
+    return bytes(Ether() / pkt)
+
+
+def _frame(l3, vlans: int) -> bytes:
+    if vlans == 0:
+        return bytes(Ether() / l3)
+    if vlans == 1:
+        return bytes(Ether() / Dot1Q(vlan=10) / l3)
+    if vlans == 2:
+        return bytes(Ether(type=0x88A8) / Dot1AD(vlan=20) / Dot1Q(vlan=10) / l3)
+    tags = Ether(type=0x88A8)
+    for _ in range(vlans - 1):
+        tags = tags / Dot1AD(vlan=30)
+    return bytes(tags / Dot1Q(vlan=10) / l3)
