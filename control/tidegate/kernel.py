@@ -308,7 +308,7 @@ class KernelFilter:
             src = inline_source(bpf_source_dir() / "tidegate.c")
             t0 = time.monotonic()
             try:
-                self._bpf = BPF(text=src, cflags=self.cflags())
+                self._bpf = BPF(text=src.encode(), cflags=self.cflags())
                 self._fn = self._bpf.load_func(PROG_NAME.encode(), BPF.XDP)
             except Exception as e:
                 raise KernelError(

@@ -36,7 +36,9 @@ def test_truncated_at_every_offset(replay, name):
     replay.apply(RULES)
     frame = BASES[name]
     header_end = {"ipv4-udp": 34, "ipv6-udp": 54, "vlan2-ipv4": 42, "ipv6-ext": 54, "ipv4-tcp": 34}[name]
-    for n in range(len(frame) + 1):
+    # the kernel refuses test runs shorter than an Ethernet header, and no
+    # driver hands XDP such a frame either
+    for n in range(14, len(frame) + 1):
         step = replay.send(frame[:n])
         if n < header_end:
             assert (step.verdict, step.reason) == ("pass", "unparsed"), n

@@ -127,7 +127,7 @@ CASES = {
         (0, f.arp(), P, "unparsed"),
         (0, f.udp("192.0.2.9", 53)[:20], P, "unparsed"),
         (0, f.udp("2001:db8:dead::5", 53)[:40], P, "unparsed"),
-        (0, b"\x00" * 10, P, "unparsed"),
+        (0, b"\x00" * 14, P, "unparsed"),
     ],
     "non-first fragments have no port: matched on address, default rule": [
         *[(0, f.fragment4("203.0.113.100", 53, first=True), P, "pass")] * 5,
