@@ -74,11 +74,16 @@ def send_frames(iface: str, frames: list[bytes], pps: float = 0.0, time_limit: f
                     if now < next_t:
                         time.sleep(next_t - now)
                     next_t += gap
-                try:
-                    s.send(fr)
-                    sent += 1
-                except (BlockingIOError, OSError):
-                    errors += 1  # ENOBUFS under load: counted, not retried
+                for attempt in range(200):
+                    try:
+                        s.send(fr)
+                        sent += 1
+                        break
+                    except OSError:
+                        # ENOBUFS/EAGAIN while the queue drains: wait a little
+                        time.sleep(0.0001 * (attempt + 1))
+                else:
+                    errors += 1
                 if (sent & 1023) == 0 and time.monotonic() > deadline:
                     raise TimeoutError
     except TimeoutError:
