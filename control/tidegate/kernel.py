@@ -43,7 +43,9 @@ PROG_NAME = "tidegate_xdp"
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
-XDP_ATTACHED = {0: None, 1: "native", 2: "generic", 3: "offload", 4: "multi"}
+# IFLA_XDP_ATTACHED: pyroute2 reports a number or (newer releases) a name
+XDP_ATTACHED = {0: None, 1: "native", 2: "generic", 3: "offload", 4: "multi",
+                "none": None, "xdp": "native", "drv": "native", "skb": "generic", "hw": "offload", "multi": "multi"}
 BPF_NOEXIST = 1
 
 # map name -> is it per rule-set slot (cleared/rewritten on apply)
@@ -387,6 +389,8 @@ class KernelFilter:
         if not xdp:
             return None, None
         mode = XDP_ATTACHED.get(xdp.get_attr("IFLA_XDP_ATTACHED") or 0)
+        if mode == "multi":
+            mode = "native" if xdp.get_attr("IFLA_XDP_DRV_PROG_ID") else "generic"
         pid = xdp.get_attr("IFLA_XDP_PROG_ID")
         if not pid:
             pid = xdp.get_attr("IFLA_XDP_DRV_PROG_ID") or xdp.get_attr("IFLA_XDP_SKB_PROG_ID")

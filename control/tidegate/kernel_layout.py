@@ -266,3 +266,38 @@ def _inherit(own: dict[tuple[int, int], list[int]]) -> dict[tuple[int, int], tup
         stack.append((key, mask, flags))
         out[key] = (mask, flags)
     return out
+
+
+class Classifier:
+    """The program's matching, in Python, over a KernelRuleSet: used by the
+    blast-radius estimate and canary checks. Longest-prefix match by one
+    dict per prefix length (at most 129 lookups)."""
+
+    def __init__(self, krs: KernelRuleSet):
+        self.krs = krs
+        self._by_len: dict[int, dict[int, tuple[int, int]]] = {}
+        for (addr, plen), val in krs.cidrs.items():
+            self._by_len.setdefault(plen, {})[addr >> (128 - plen) if plen else 0] = val
+        self._lens = sorted(self._by_len, reverse=True)
+
+    def classify(self, address: str, proto: int | None = None, port: int | None = None) -> int:
+        """Rule index (RULE_DENYLIST / RULE_ALLOWLIST for the lists)."""
+        a = ipaddress.ip_address(address)
+        key = (_V4_MAPPED | int(a)) if a.version == 4 else int(a)
+        src_mask = self.krs.any_src_mask
+        for plen in self._lens:
+            val = self._by_len[plen].get(key >> (128 - plen) if plen else 0)
+            if val is not None:
+                mask, flags = val
+                if flags & CF_ALLOW:
+                    return RULE_ALLOWLIST
+                if flags & CF_DENY:
+                    return RULE_DENYLIST
+                src_mask |= mask
+                break
+        p = 0 if proto is None else proto
+        port_mask = self.krs.proto_mask[p]
+        if port is not None and (p, port) in self.krs.ports:
+            port_mask = self.krs.ports[(p, port)]
+        m = src_mask & port_mask
+        return (m & -m).bit_length() - 1 if m else RULE_DEFAULT

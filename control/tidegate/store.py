@@ -36,7 +36,7 @@ DB_NAME = "tidegate.db"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
     number INTEGER PRIMARY KEY,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'applied', 'aborted')),
+    state TEXT NOT NULL CHECK (state IN ('pending', 'shadow', 'applied', 'aborted')),
     created REAL NOT NULL,
     author TEXT NOT NULL,
     reason TEXT NOT NULL,
@@ -231,8 +231,23 @@ class VersionStore:
 
     def abort_version(self, version: int, error: str) -> None:
         with self._tx() as c:
-            c.execute("UPDATE versions SET state = 'aborted', error = ? WHERE number = ? AND state = 'pending'",
-                      (error, version))  # fmt: skip
+            c.execute("UPDATE versions SET state = 'aborted', error = ? WHERE number = ? "
+                      "AND state IN ('pending', 'shadow')", (error, version))  # fmt: skip
+
+    def mark_shadow(self, version: int, author: str = "", peer: str = "") -> None:
+        """A pending version is now loaded as the kernel's shadow set."""
+        with self._tx() as c:
+            c.execute("UPDATE versions SET state = 'shadow' WHERE number = ? AND state = 'pending'", (version,))
+            c.execute(
+                "INSERT INTO audit (time, action, result, author, peer, version, detail) "
+                "VALUES (?, 'shadow-load', 'ok', ?, ?, ?, '')",
+                (time.time(), author, peer, version),
+            )
+
+    def shadow_version(self) -> int | None:
+        with self._lock:
+            row = self._conn.execute("SELECT MAX(number) FROM versions WHERE state = 'shadow'").fetchone()
+            return row[0]
 
     def active_version(self) -> int | None:
         with self._lock:
@@ -283,11 +298,16 @@ class VersionStore:
                 "SELECT version, kind, time, author, reason FROM activations ORDER BY id DESC LIMIT ?", (limit,)
             ).fetchall()
 
-    def reconcile(self, kernel_version: int | None, peer: str = "startup") -> ReconcileResult:
+    def reconcile(self, kernel_version: int | None, peer: str = "startup",
+                  kernel_shadow: int | None = None) -> ReconcileResult:  # fmt: skip
         """Make the store agree with the kernel after a start (or a crash)."""
         with self._tx() as c:
             store_active = self.active_version()
-            pending = [r[0] for r in c.execute("SELECT number FROM versions WHERE state = 'pending'")]
+            pending = [r[0] for r in c.execute("SELECT number FROM versions WHERE state IN ('pending', 'shadow')")]
+            if kernel_shadow is not None:
+                c.execute("UPDATE versions SET state = 'shadow' WHERE number = ? AND state IN ('pending', 'aborted')",
+                          (kernel_shadow,))  # fmt: skip
+                pending = [n for n in pending if n != kernel_shadow]
             aborted = []
             action = "none"
             if kernel_version is None:

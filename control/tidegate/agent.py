@@ -1,0 +1,584 @@
+"""`tidegate agent`: the daemon that owns the filter on one interface.
+
+Start-up order matters for "never fail open" and "a failed start leaves
+nothing behind": the gRPC and metrics ports are bound first, then the store
+is opened, then the program is loaded (adopting an attached program and its
+pinned maps), the store is reconciled with the kernel, and only then, if
+the kernel had no rule set, the initial one is written and the program
+attached. On SIGTERM the agent stops serving and leaves the program
+attached with its maps pinned (unless --detach-on-exit): traffic stays
+filtered by the last rule set while no agent runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from . import __version__
+from .kernel import FilterConfig, KernelError, KernelFilter, NotAttachedError
+from .ruleset import FieldError, Limit, RuleSet, RuleSetError, dump_yaml, load_rule_set, parse_rule_set
+from .sampler import Sampler
+from .store import StoreError, VersionNotFound, VersionStore
+
+log = logging.getLogger("tidegate.agent")
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_METRICS = "127.0.0.1:9640"
+DEFAULT_STATE_DIR = "/var/lib/tidegate"
+
+
+class OperationError(Exception):
+    """A refused or failed operation; `code` is the gRPC status code name."""
+
+    def __init__(self, code: str, message: str, violations: list[FieldError] | None = None,
+                 source: str = "", estimate=None):  # fmt: skip
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.violations = violations or []
+        self.source = source
+        self.estimate = estimate
+
+
+@dataclass
+class Caller:
+    author: str
+    peer: str
+    role: str = "admin"
+
+
+@dataclass
+class ApplyOutcome:
+    version: int
+    shadow: bool = False
+    estimate: object = None
+    guarded: bool = False
+    guard_outcome: str = ""
+    guard_cause: str = ""
+    rolled_back_to: int = 0
+
+
+class Agent:
+    """Everything the API does, on one KernelFilter and one VersionStore."""
+
+    def __init__(self, kf: KernelFilter, store: VersionStore, options: argparse.Namespace):
+        self.kf = kf
+        self.store = store
+        self.options = options
+        self.started = time.monotonic()
+        from .safety import CounterHistory
+
+        self.sampler = Sampler(kf, interval=options.sample_interval, window=options.estimate_window)
+        self.history = CounterHistory(kf, keep_seconds=options.review_seconds + 300)
+        self._change = threading.RLock()
+        self.change_results: dict[str, int] = {"ok": 0, "rejected": 0, "error": 0}
+        self.rollbacks: dict[str, int] = {}
+        self.guard = None  # set by safety.Guard when a guarded apply is watched
+        self._rule_sets: dict[int, RuleSet] = {}
+        self.shadow_loaded_at: float | None = None
+
+    # ------------------------------------------------------------- helpers
+    def rule_set_of(self, version: int) -> RuleSet:
+        rs = self._rule_sets.get(version)
+        if rs is None:
+            rec = self.store.get_version(version)
+            rs = parse_rule_set(rec.content, f"version {version}")
+            self._rule_sets[version] = rs
+        return rs
+
+    def active_rule_set(self) -> RuleSet | None:
+        v = self.kf.active_version()
+        return self.rule_set_of(v) if v else None
+
+    def _parse(self, text: str, source: str, caller: Caller, action: str) -> RuleSet:
+        try:
+            return parse_rule_set(text, source or "<request>")
+        except RuleSetError as e:
+            self._rejected(action, caller, str(e))
+            raise OperationError("INVALID_ARGUMENT", f"invalid rule set: {len(e.errors)} error(s)\n{e}",
+                                 e.errors, e.source) from None  # fmt: skip
+
+    def _rejected(self, action: str, caller: Caller, detail: str, version: int | None = None) -> None:
+        self.change_results["rejected"] += 1
+        self.store.audit(f"rejected-{action}", "rejected", caller.author, caller.peer, detail[:4000], version)
+        log.info("change rejected", extra={"action": action, "author": caller.author, "detail": detail[:200]})
+
+    def require_loaded(self) -> None:
+        if self.kf.active_version() is None:
+            raise OperationError("FAILED_PRECONDITION", "no rule set is active: apply one first (tidegate apply FILE)")
+
+    def attached(self) -> bool:
+        try:
+            return self.kf.state().attached
+        except NotAttachedError:
+            return False
+
+    def require_attached(self) -> None:
+        if not self.attached():
+            raise OperationError("FAILED_PRECONDITION", f"the filter is not attached to {self.kf.config.interface}")
+
+    # ------------------------------------------------------------ queries
+    def status(self) -> dict:
+        st = self.kf.state()
+        g = self.guard
+        return {
+            "interface": st.interface or "",
+            "xdp_mode": st.mode or "",
+            "attached": st.attached,
+            "active_version": st.active.version if st.active else 0,
+            "shadow_version": st.shadow.version if st.shadow else 0,
+            "uptime_seconds": time.monotonic() - self.started,
+            "tracked_sources": self.sampler.tracked_sources,
+            "agent_version": __version__,
+            "prog_id": st.prog_id or 0,
+            "pin_dir": st.pin_dir,
+            "guard_active": bool(g and g.watching),
+            "guard_version": g.version if g and g.watching else 0,
+            "sample_age_seconds": (time.monotonic() - self.sampler.last_sample) if self.sampler.last_sample else -1,
+        }
+
+    def validate(self, text: str, source: str) -> RuleSet:
+        return parse_rule_set(text, source or "<request>")
+
+    def counters(self):
+        self.require_attached()
+        return self.kf.counters()
+
+    def top_sources(self, n: int, by: str, shadow: bool = False) -> tuple[list[dict], float]:
+        self.require_attached()
+        st = self.kf.state()
+        info = st.shadow if shadow else st.active
+        if info is None:
+            if shadow:
+                raise OperationError("FAILED_PRECONDITION", "no shadow rule set is loaded")
+            return [], 0.0
+        iv = self.sampler.last_interval()
+        if iv is None:
+            return [], 0.0
+        import numpy as np
+
+        sel = (iv.kind == 0) & (iv.epoch == info.epoch)
+        key = iv.drops if by == "drops" else iv.packets
+        idx = np.nonzero(sel)[0]
+        order = idx[np.argsort(-key[idx].astype(np.int64), kind="stable")][: max(1, min(n, 1000))]
+        from .kernel_layout import halves_to_address
+
+        out = []
+        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        for i in order:
+            if key[i] == 0:
+                break
+            out.append(
+                {
+                    "address": str(halves_to_address(int(iv.hi[i]), int(iv.lo[i]))),
+                    "rule": self.kf.rule_name(info.slot, int(iv.rule[i])),
+                    "packets": int(iv.packets[i]),
+                    "drops": int(iv.drops[i]),
+                    "pps": float(iv.packets[i]) / iv.seconds,
+                    "drop_pps": float(iv.drops[i]) / iv.seconds,
+                    "first_seen_seconds_ago": max(0.0, (now_ns - int(iv.first_ns[i])) / 1e9),
+                }
+            )
+        return out, iv.seconds
+
+    def list_versions(self, limit: int, offset: int):
+        return self.store.list_versions(limit or 50, offset)
+
+    def get_version(self, number: int):
+        try:
+            return self.store.get_version(number)
+        except VersionNotFound:
+            raise OperationError("NOT_FOUND", f"version {number} does not exist") from None
+
+    # ------------------------------------------------------------ changes
+    def apply(self, text: str, source: str, reason: str, caller: Caller, *, shadow: bool = False,
+              force: bool = False, guard: bool | None = None, guard_seconds: int = 0,
+              wait_for_guard: bool = False, action: str = "apply") -> ApplyOutcome:  # fmt: skip
+        rs = self._parse(text, source, caller, action)
+        return self.apply_rule_set(rs, reason, caller, shadow=shadow, force=force, guard=guard,
+                                   guard_seconds=guard_seconds, wait_for_guard=wait_for_guard,
+                                   source=action)  # fmt: skip
+
+    def apply_rule_set(self, rs: RuleSet, reason: str, caller: Caller, *, shadow: bool = False,
+                       force: bool = False, guard: bool | None = None, guard_seconds: int = 0,
+                       wait_for_guard: bool = False, source: str = "apply") -> ApplyOutcome:  # fmt: skip
+        from . import safety
+
+        if not reason.strip():
+            self._rejected(source, caller, "no reason given")
+            raise OperationError("INVALID_ARGUMENT", "a reason is required (--reason TEXT)",
+                                 [FieldError("reason", None, "is required")])  # fmt: skip
+        if force and len(reason.strip()) < 3:
+            raise OperationError("INVALID_ARGUMENT", "--force needs a real reason (it is audited)")
+        with self._change:
+            estimate = None
+            active = self.active_rule_set()
+            if not shadow and active is not None:
+                estimate = safety.estimate(self, rs)
+                problems = safety.check(self, rs, estimate)
+                if problems and not force:
+                    msg = "refused by the blast-radius check: " + "; ".join(problems)
+                    self._rejected(source, caller, msg)
+                    raise OperationError("FAILED_PRECONDITION", msg + " (use --force with a reason to override)",
+                                         estimate=estimate)  # fmt: skip
+                if problems:
+                    self.store.audit("force", "ok", caller.author, caller.peer, "; ".join(problems) + f" | {reason}")
+            content = dump_yaml(rs)
+            version = self.store.begin_version(content, rs.digest(), caller.author, reason, source)
+            try:
+                if shadow:
+                    self.kf.load_shadow(rs, version)
+                else:
+                    self.kf.apply(rs, version)
+            except KernelError as e:
+                self.store.abort_version(version, str(e))
+                self.change_results["error"] += 1
+                self.store.audit(source, "error", caller.author, caller.peer, str(e), version)
+                raise OperationError("INTERNAL", f"writing the rule set into the kernel failed: {e}") from None
+            self._rule_sets[version] = rs
+            if shadow:
+                self.store.mark_shadow(version, caller.author, caller.peer)
+                self.shadow_loaded_at = time.monotonic()
+                self.change_results["ok"] += 1
+                log.info("shadow loaded", extra={"version": version, "author": caller.author})
+                return ApplyOutcome(version, shadow=True)
+            self.store.commit_active(version, source, caller.author, reason, caller.peer)
+            self.change_results["ok"] += 1
+            log.info("applied", extra={"version": version, "author": caller.author, "reason": reason})
+            if not self.attached():
+                mode = self.kf.attach()
+                log.info("attached", extra={"interface": self.kf.config.interface, "mode": mode})
+            outcome = ApplyOutcome(version, estimate=estimate)
+            use_guard = self.options.guard_default if guard is None else guard
+            if use_guard and active is not None:
+                g = safety.Guard(self, version, guard_seconds or self.options.guard_seconds, caller)
+                self.guard = g
+                g.start()
+                outcome.guarded = True
+                outcome.guard_outcome = "watching"
+        if outcome.guarded and wait_for_guard:
+            g.wait()
+            outcome.guard_outcome = g.outcome
+            outcome.guard_cause = g.cause
+            outcome.rolled_back_to = g.rolled_back_to
+        return outcome
+
+    def rollback(self, to_version: int | None, reason: str, caller: Caller, cause: str = "manual") -> ApplyOutcome:
+        with self._change:
+            current = self.kf.active_version()
+            target = to_version or self.store.previous_active(current)
+            if not target:
+                raise OperationError("FAILED_PRECONDITION", "there is no earlier version to roll back to")
+            rec = self.get_version(target)
+            if rec.state not in ("applied", "shadow"):
+                raise OperationError("FAILED_PRECONDITION",
+                                     f"version {target} is {rec.state} and was never active; apply it instead")  # fmt: skip
+            if target == current:
+                raise OperationError("FAILED_PRECONDITION", f"version {target} is already active")
+            rs = self.rule_set_of(target)
+            try:
+                self.kf.apply(rs, target)
+            except KernelError as e:
+                self.change_results["error"] += 1
+                raise OperationError("INTERNAL", f"writing the rule set into the kernel failed: {e}") from None
+            self.store.commit_active(target, "rollback", caller.author, reason or f"rollback ({cause})", caller.peer)
+            self.rollbacks[cause] = self.rollbacks.get(cause, 0) + 1
+            self.change_results["ok"] += 1
+            log.info("rolled back", extra={"from": current, "to": target, "cause": cause, "author": caller.author})
+            return ApplyOutcome(target)
+
+    def update_thresholds(self, rule: str, pps: int, burst: int, bps: int, reason: str, caller: Caller,
+                          force: bool = False) -> ApplyOutcome:  # fmt: skip
+        with self._change:
+            active = self.active_rule_set()
+            if active is None:
+                raise OperationError("FAILED_PRECONDITION", "no rule set is active")
+            data = active.to_dict()
+            # inherited limits must stay what they are for the other rules
+            for r in data["rules"]:
+                if r.get("action", "limit") == "limit" and "limit" not in r:
+                    lim = active.rule(r["name"]).limit
+                    if lim:
+                        r["limit"] = {k: v for k, v in dataclasses.asdict(lim).items() if v is not None}
+            limit = {"pps": pps, "burst": burst or pps}
+            if bps:
+                limit["bps"] = bps
+            if rule == "default":
+                data["defaults"]["limit"] = limit
+            else:
+                match = [r for r in data["rules"] if r["name"] == rule]
+                if not match:
+                    names = ", ".join(r["name"] for r in data["rules"]) or "(none)"
+                    raise OperationError("NOT_FOUND", f"no rule named {rule!r} in the active set (rules: {names}; "
+                                         "use 'default' for the default limit)")  # fmt: skip
+                if match[0].get("action", "limit") != "limit":
+                    raise OperationError("FAILED_PRECONDITION", f"rule {rule!r} has action {match[0]['action']}")
+                match[0]["limit"] = limit
+            text = dump_yaml(_from_dict_or_error(data))
+        return self.apply(text, f"set-limit {rule}", reason, caller, force=force, action="set-limit")
+
+    def promote(self, reason: str, caller: Caller) -> ApplyOutcome:
+        with self._change:
+            shadow = self.kf.shadow_version()
+            if shadow is None:
+                raise OperationError("FAILED_PRECONDITION", "no shadow rule set is loaded (tidegate apply --shadow)")
+            self.kf.promote_shadow()
+            self.store.commit_active(shadow, "promote", caller.author, reason or "promote shadow", caller.peer)
+            self.shadow_loaded_at = None
+            self.change_results["ok"] += 1
+            log.info("promoted", extra={"version": shadow, "author": caller.author})
+            return ApplyOutcome(shadow)
+
+    def clear_shadow(self, reason: str, caller: Caller) -> int:
+        with self._change:
+            shadow = self.kf.shadow_version()
+            if shadow is None:
+                raise OperationError("FAILED_PRECONDITION", "no shadow rule set is loaded")
+            self.kf.clear_shadow()
+            self.store.abort_version(shadow, f"shadow cleared by {caller.author}: {reason}")
+            self.store.audit("shadow-clear", "ok", caller.author, caller.peer, reason, shadow)
+            self.shadow_loaded_at = None
+            return shadow
+
+
+def _from_dict_or_error(data: dict) -> RuleSet:
+    from .ruleset import rule_set_from_dict
+
+    try:
+        return rule_set_from_dict(data, "set-limit")
+    except RuleSetError as e:
+        raise OperationError("INVALID_ARGUMENT", str(e), e.errors, e.source) from None
+
+
+# ------------------------------------------------------------------ daemon
+class _KeyValueFormatter(logging.Formatter):
+    """One line per event: time level msg key=value..."""
+
+    _skip = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        extra = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and ' ' in v else v}"
+                         for k, v in record.__dict__.items() if k not in self._skip)  # fmt: skip
+        msg = record.getMessage()
+        return f"ts={t}Z level={record.levelname.lower()} logger={record.name} msg={json.dumps(msg)} {extra}".rstrip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tidegate agent",
+        description="Run the tidegate agent: load the XDP filter on an interface and serve the gRPC API "
+        "and Prometheus metrics. Needs root (or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  tidegate agent --interface eth0 --rules /etc/tidegate/rules.yaml
+  tidegate agent --interface eth0 --xdp-mode generic --state-dir /var/lib/tidegate
+  tidegate agent --interface eth0 --listen 0.0.0.0:50051 --tls-cert s.pem --tls-key s.key --tls-client-ca ca.pem
+
+The program stays attached and its maps stay pinned when the agent stops;
+a new agent adopts them. `tidegate detach --interface IFACE` removes them.""",
+    )
+    p.add_argument("--interface", "-i", required=True, help="network interface to filter")
+    p.add_argument("--rules", help="rule set to apply at start when the kernel and the store have none")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, help=f"gRPC address (default {DEFAULT_LISTEN})")
+    p.add_argument("--metrics-listen", default=DEFAULT_METRICS,
+                   help=f"Prometheus /metrics address (default {DEFAULT_METRICS}; 'off' to disable)")  # fmt: skip
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"version store (default {DEFAULT_STATE_DIR})")
+    p.add_argument("--xdp-mode", choices=("auto", "native", "generic"), default="auto")
+    p.add_argument("--max-sources", type=int, default=1 << 20, help="per-source LRU entries (default 1048576)")
+    p.add_argument("--pin-root", default="/sys/fs/bpf/tidegate")
+    p.add_argument("--pin-name", help="pin directory name (default: the interface name)")
+    p.add_argument("--detach-on-exit", action="store_true", help="remove the program and maps when stopping")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --listen without TLS (logged loudly)")
+    p.add_argument("--tls-cert", help="server certificate (PEM)")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="CA that signs client certificates (mTLS)")
+    p.add_argument("--token-file", help="role tokens for clients without TLS (default <state-dir>/tokens, "
+                   "created 0600 on first start)")
+    p.add_argument("--auth", choices=("token", "none"), default="token",
+                   help="'none' lets any local process change the filter (lab only)")
+    p.add_argument("--role-map", help="JSON file mapping client-certificate subjects to roles")
+    p.add_argument("--sample-interval", type=float, default=5.0, help="seconds between per-source samples")
+    p.add_argument("--estimate-window", type=float, default=300.0, help="seconds of history for what-if estimates")
+    p.add_argument("--packet-budget", type=float, default=0.01,
+                   help="refuse changes that newly drop more than this share of passing packets (default 0.01)")  # fmt: skip
+    p.add_argument("--source-budget", type=float, default=0.05,
+                   help="refuse changes that newly drop more than this share of sources (default 0.05)")  # fmt: skip
+    p.add_argument("--no-blast-check", action="store_true", help="disable the blast-radius check")
+    p.add_argument("--guard", dest="guard_default", action="store_true", help="guard every apply by default")
+    p.add_argument("--guard-seconds", type=int, default=60, help="guard window after an apply (default 60)")
+    p.add_argument("--guard-drop-increase", type=float, default=0.05,
+                   help="roll back when the drop share rises by more than this (default 0.05)")  # fmt: skip
+    p.add_argument("--guard-dropped-sources", type=int, default=50,
+                   help="roll back when this many more distinct sources are dropped than before (default 50)")  # fmt: skip
+    p.add_argument("--review-seconds", type=float, default=3600.0, help="post-deployment review period")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def _split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise ValueError(f"address must be HOST:PORT, got {addr!r}")
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError as e:
+        raise SystemExit(f"tidegate agent: {what} address {host}:{port} is not available: {e.strerror}")
+    finally:
+        s.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_KeyValueFormatter())
+    logging.basicConfig(level=getattr(logging, opts.log_level.upper(), logging.INFO), handlers=[handler])
+    try:
+        return run(opts)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 2
+        raise
+
+
+def run(opts: argparse.Namespace) -> int:
+    from . import api, metrics
+
+    if os.geteuid() != 0:
+        raise SystemExit("tidegate agent: needs root (BPF programs and maps)")
+    try:
+        host, port = _split_addr(opts.listen)
+        mhost, mport = _split_addr(opts.metrics_listen) if opts.metrics_listen != "off" else (None, None)
+    except ValueError as e:
+        raise SystemExit(f"tidegate agent: {e}")
+    tls = bool(opts.tls_cert or opts.tls_key or opts.tls_client_ca)
+    if tls and not (opts.tls_cert and opts.tls_key and opts.tls_client_ca):
+        raise SystemExit("tidegate agent: TLS needs --tls-cert, --tls-key and --tls-client-ca together (mTLS)")
+    if not _is_loopback(host) and not tls:
+        if not opts.insecure:
+            raise SystemExit(
+                f"tidegate agent: refusing to listen on {host} without TLS: remote access needs mTLS "
+                "(--tls-cert/--tls-key/--tls-client-ca), or pass --insecure to accept the risk"
+            )
+        log.warning("INSECURE: gRPC listens on a non-loopback address without TLS; anyone who can reach "
+                    "it can change the filter", extra={"listen": opts.listen})  # fmt: skip
+    # ports first: a start that fails here has touched nothing
+    _check_port_free(host, port, "gRPC")
+    if mhost is not None:
+        _check_port_free(mhost, mport, "metrics")
+
+    try:
+        store = VersionStore.open(opts.state_dir)
+    except StoreError as e:
+        raise SystemExit(f"tidegate agent: {e}")
+
+    initial = None
+    if opts.rules:
+        try:
+            initial = load_rule_set(opts.rules)
+        except RuleSetError as e:
+            raise SystemExit(f"tidegate agent: --rules is not a valid rule set:\n{e}")
+
+    kf = KernelFilter(FilterConfig(interface=opts.interface, xdp_mode=opts.xdp_mode, pin_root=opts.pin_root,
+                                   max_sources=opts.max_sources, pin_name=opts.pin_name))  # fmt: skip
+    try:
+        loaded = kf.load()
+    except KernelError as e:
+        raise SystemExit(f"tidegate agent: {e}")
+    log.info("program ready", extra={"interface": opts.interface, "adopted": loaded.adopted,
+                                     "replaced": loaded.replaced, "compile_s": round(loaded.compile_seconds, 2)})  # fmt: skip
+    agent = Agent(kf, store, opts)
+    boot = Caller(author="agent", peer="startup")
+    try:
+        kver, sver = kf.active_version(), kf.shadow_version()
+        res = store.reconcile(kver, kernel_shadow=sver)
+        if res.action != "none" or res.aborted:
+            log.info("store reconciled", extra={"kernel": kver, "store": res.store_version,
+                                                "action": res.action, "aborted": res.aborted})  # fmt: skip
+        for v in (kver, sver):
+            if v:
+                kf.bind_names(v, agent.rule_set_of(v))
+        if kver is None:
+            stored = store.active_version()
+            if initial is not None:
+                agent.apply_rule_set(initial, f"initial rules from {opts.rules}", boot, source="apply")
+            elif stored is not None:
+                rs = agent.rule_set_of(stored)
+                kf.apply(rs, stored)
+                store.commit_active(stored, "restore", "agent", "restored at start", "startup")
+                kf.attach()
+            else:
+                log.warning("no rule set: the filter is loaded but not attached until the first apply",
+                            extra={"interface": opts.interface})  # fmt: skip
+        elif not agent.attached():
+            kf.attach()
+        elif initial is not None and store.active_version() is not None:
+            log.info("--rules ignored: the kernel already runs a rule set", extra={"version": kver})
+    except (StoreError, KernelError, OperationError) as e:
+        if loaded.fresh_maps and not loaded.adopted:
+            kf.detach(remove_pins=True)
+        kf.close()
+        raise SystemExit(f"tidegate agent: {e}")
+
+    agent.sampler.start()
+    agent.history.start()
+    server = api.serve(agent, opts)
+    msrv = metrics.serve(agent, mhost, mport) if mhost is not None else None
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    st = kf.state()
+    log.info("serving", extra={"listen": opts.listen, "metrics": opts.metrics_listen, "attached": st.attached,
+                               "mode": st.mode, "active_version": st.active.version if st.active else 0})  # fmt: skip
+    stop.wait()
+    server.stop(grace=2).wait()
+    if msrv is not None:
+        msrv.shutdown()
+    agent.sampler.stop()
+    agent.history.stop()
+    if agent.guard is not None:
+        agent.guard.cancel()
+    if opts.detach_on_exit:
+        kf.detach(remove_pins=True)
+        log.info("detached", extra={"interface": opts.interface})
+    kf.close()
+    store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""The gRPC service (tidegate.v1.Filter): translates between protobuf and
+the Agent, and between OperationError and gRPC status codes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import safety
+from .agent import Agent, Caller, OperationError
+from .auth import Authorizer
+from .kernel import KernelError, NotAttachedError
+from .ruleset import RuleSetError, dump_yaml
+from .store import StoreError
+from .v1 import tidegate_pb2 as pb
+from .v1 import tidegate_pb2_grpc as pbg
+
+log = logging.getLogger("tidegate.api")
+ERRORS_KEY = "tidegate-errors-bin"
+SERVICE = "tidegate.v1.Filter"
+
+
+def _violations(errors) -> list[pb.FieldViolation]:
+    return [pb.FieldViolation(path=e.path, line=e.line or 0, message=e.message) for e in errors]
+
+
+def _estimate_pb(est) -> pb.Estimate | None:
+    if est is None:
+        return None
+    return pb.Estimate(
+        window_seconds=est.window_seconds,
+        sources_seen=est.sources_seen,
+        sources_newly_dropped=est.sources_newly_dropped,
+        packets_per_second=est.packets_per_second,
+        newly_dropped_pps=est.newly_dropped_pps,
+        packet_share=est.packet_share,
+        source_share=est.source_share,
+        within_budget=est.within_budget,
+        packet_budget=est.packet_budget,
+        source_budget=est.source_budget,
+        rules=[pb.RuleEstimate(rule=r.rule, sources_newly_dropped=r.sources_newly_dropped,
+                               newly_dropped_pps=r.newly_dropped_pps) for r in est.rules],  # fmt: skip
+        top_affected=[pb.SourceRate(address=a["address"], rule=a["rule"], pps=a["pps"], drop_pps=a["drop_pps"])
+                      for a in est.top_affected],  # fmt: skip
+        summary=est.summary,
+    )
+
+
+def _apply_pb(out) -> pb.ApplyResponse:
+    return pb.ApplyResponse(
+        version=out.version, shadow=out.shadow, estimate=_estimate_pb(out.estimate), guarded=out.guarded,
+        guard_outcome=out.guard_outcome, guard_cause=out.guard_cause, rolled_back_to=out.rolled_back_to,
+    )  # fmt: skip
+
+
+def counters_pb(agent: Agent) -> pb.Counters:
+    c = agent.counters()
+    st = agent.kf.state()
+    msg = pb.Counters(
+        lru_inserts=c.lru_inserts, lru_insert_failures=c.lru_insert_failures,
+        active_version=st.active.version if st.active else 0, shadow_version=st.shadow.version if st.shadow else 0,
+        time=time.time(), packets=c.packets, dropped=c.dropped,
+    )  # fmt: skip
+    for reason, (pk, by) in c.reasons.items():
+        verdict = "drop" if reason in safety.DROP_REASONS else "pass"
+        msg.reasons.append(pb.ReasonCount(reason=reason, verdict=verdict, packets=pk, bytes=by))
+    for name, rc in sorted(c.rules.items()):
+        msg.rules.append(pb.RuleCount(
+            rule=name, pass_packets=rc.pass_packets, drop_packets=rc.drop_packets, pass_bytes=rc.pass_bytes,
+            drop_bytes=rc.drop_bytes, drop_rate=rc.drop_rate, drop_prefix=rc.drop_prefix,
+            drop_blocked=rc.drop_blocked, drop_deny=rc.drop_deny))  # fmt: skip
+    for name, sc in sorted(c.shadow.items()):
+        msg.shadow.append(pb.ShadowCount(rule=name, packets=sc.packets, would_drop=sc.would_drop,
+                                         would_drop_new=sc.would_drop_new))  # fmt: skip
+    return msg
+
+
+READ_METHODS = {
+    "GetStatus", "ValidateRuleSet", "ListVersions", "GetVersion", "GetCounters", "TopSources", "WatchCounters",
+    "ShadowReport", "WhatIf", "GetReview", "ListAudit", "Insight",
+}  # fmt: skip
+
+
+class FilterService(pbg.FilterServicer):
+    def __init__(self, agent: Agent, authorizer: Authorizer):
+        self.agent = agent
+        self.auth = authorizer
+
+    # ------------------------------------------------------------ plumbing
+    def _caller(self, context, method: str) -> Caller:
+        md = dict(context.invocation_metadata())
+        role, who = self.auth.authorize(context, md)
+        need = "read" if method in READ_METHODS else "admin"
+        peer = context.peer()
+        if role is None:
+            self.agent.store.audit("auth-denied", "unauthenticated", who or "?", peer, method)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "no valid credentials: use a client certificate or the token file (--token-file)")  # fmt: skip
+        if need == "admin" and role != "admin":
+            self.agent.store.audit("auth-denied", "permission-denied", who, peer, method)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method} needs the admin role; {who} has {role}")
+        author = md.get("tidegate-author") or who or peer
+        return Caller(author=author[:200], peer=peer, role=role)
+
+    def _run(self, context, method: str, fn):
+        caller = self._caller(context, method)
+        try:
+            return fn(caller)
+        except OperationError as e:
+            trailers = []
+            if e.violations:
+                errs = pb.ValidationErrors(source=e.source, violations=_violations(e.violations))
+                trailers.append((ERRORS_KEY, errs.SerializeToString()))
+            if e.estimate is not None:
+                trailers.append(("tidegate-estimate-bin", _estimate_pb(e.estimate).SerializeToString()))
+            if trailers:
+                context.set_trailing_metadata(tuple(trailers))
+            context.abort(getattr(grpc.StatusCode, e.code), e.message)
+        except NotAttachedError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except KernelError as e:
+            context.abort(grpc.StatusCode.INTERNAL, f"kernel: {e}")
+        except StoreError as e:
+            context.abort(grpc.StatusCode.INTERNAL, f"store: {e}")
+
+    # ---------------------------------------------------------------- RPCs
+    def GetStatus(self, request, context):
+        return self._run(context, "GetStatus", lambda c: pb.Status(**self.agent.status()))
+
+    def ValidateRuleSet(self, request, context):
+        def fn(c):
+            try:
+                rs = self.agent.validate(request.yaml, request.source)
+            except RuleSetError as e:
+                return pb.ValidateResponse(valid=False, violations=_violations(e.errors))
+            return pb.ValidateResponse(valid=True, canonical_yaml=dump_yaml(rs), digest=rs.digest(),
+                                       rules=len(rs.rules))  # fmt: skip
+
+        return self._run(context, "ValidateRuleSet", fn)
+
+    def ApplyRuleSet(self, request, context):
+        def fn(c):
+            guard = True if request.guard else (False if request.no_guard else None)
+            out = self.agent.apply(request.yaml, request.source, request.reason, c, shadow=request.shadow,
+                                   force=request.force, guard=guard, guard_seconds=request.guard_seconds,
+                                   wait_for_guard=request.wait_for_guard)  # fmt: skip
+            return _apply_pb(out)
+
+        return self._run(context, "ApplyRuleSet", fn)
+
+    def Rollback(self, request, context):
+        return self._run(context, "Rollback",
+                         lambda c: _apply_pb(self.agent.rollback(request.to_version or None, request.reason, c)))  # fmt: skip
+
+    def ListVersions(self, request, context):
+        def fn(c):
+            rows = self.agent.list_versions(request.limit, request.offset)
+            return pb.ListVersionsResponse(versions=[_version_info(v) for v in rows])
+
+        return self._run(context, "ListVersions", fn)
+
+    def GetVersion(self, request, context):
+        def fn(c):
+            v = self.agent.get_version(request.number)
+            return pb.Version(info=_version_info(v), yaml=v.content)
+
+        return self._run(context, "GetVersion", fn)
+
+    def GetCounters(self, request, context):
+        return self._run(context, "GetCounters", lambda c: counters_pb(self.agent))
+
+    def TopSources(self, request, context):
+        def fn(c):
+            by = request.by or "packets"
+            if by not in ("packets", "drops"):
+                raise OperationError("INVALID_ARGUMENT", f"by must be packets or drops, not {by!r}")
+            rows, secs = self.agent.top_sources(request.n or 10, by, request.shadow)
+            return pb.TopSourcesResponse(sources=[pb.SourceRate(**r) for r in rows], interval_seconds=secs,
+                                         tracked_sources=self.agent.sampler.tracked_sources)  # fmt: skip
+
+        return self._run(context, "TopSources", fn)
+
+    def WatchCounters(self, request, context):
+        self._caller(context, "WatchCounters")
+        interval = max(0.1, (request.interval_ms or 1000) / 1000.0)
+        sent = 0
+        while context.is_active():
+            try:
+                yield counters_pb(self.agent)
+            except (OperationError, NotAttachedError) as e:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, getattr(e, "message", str(e)))
+            sent += 1
+            if request.max_updates and sent >= request.max_updates:
+                return
+            time.sleep(interval)
+
+    def UpdateThresholds(self, request, context):
+        def fn(c):
+            if not request.rule:
+                raise OperationError("INVALID_ARGUMENT", "rule is required (a rule name or 'default')")
+            if request.pps <= 0:
+                raise OperationError("INVALID_ARGUMENT", "pps must be > 0")
+            out = self.agent.update_thresholds(request.rule, request.pps, request.burst, request.bps,
+                                               request.reason, c, force=request.force)  # fmt: skip
+            return _apply_pb(out)
+
+        return self._run(context, "UpdateThresholds", fn)
+
+    def PromoteShadow(self, request, context):
+        return self._run(context, "PromoteShadow", lambda c: _apply_pb(self.agent.promote(request.reason, c)))
+
+    def ClearShadow(self, request, context):
+        return self._run(context, "ClearShadow",
+                         lambda c: pb.ClearShadowResponse(cleared_version=self.agent.clear_shadow(request.reason, c)))  # fmt: skip
+
+    def ShadowReport(self, request, context):
+        return self._run(context, "ShadowReport", lambda c: shadow_report(self.agent, request.top or 10))
+
+    def WhatIf(self, request, context):
+        def fn(c):
+            try:
+                rs = self.agent.validate(request.yaml, request.source)
+            except RuleSetError as e:
+                raise OperationError("INVALID_ARGUMENT", str(e), e.errors, e.source) from None
+            self.agent.require_loaded()
+            est = safety.estimate(self.agent, rs)
+            problems = safety.check(self.agent, rs, est)
+            msg = _estimate_pb(est)
+            if problems:
+                msg.within_budget = False
+                msg.summary = "; ".join(problems)
+            return msg
+
+        return self._run(context, "WhatIf", fn)
+
+    def GetReview(self, request, context):
+        def fn(c):
+            import json
+
+            self.agent.get_version(request.version)
+            data = safety.review(self.agent, request.version)
+            return pb.Review(version=request.version, json=json.dumps(data), complete=bool(data.get("complete")))
+
+        return self._run(context, "GetReview", fn)
+
+    def ListAudit(self, request, context):
+        def fn(c):
+            rows = self.agent.store.list_audit(request.limit or 100, action=request.action or None)
+            return pb.ListAuditResponse(entries=[
+                pb.AuditEntry(time=r.time_iso, action=r.action, result=r.result, author=r.author, peer=r.peer,
+                              version=r.version or 0, detail=r.detail) for r in rows])  # fmt: skip
+
+        return self._run(context, "ListAudit", fn)
+
+    def Insight(self, request, context):
+        def fn(c):
+            import json
+
+            from . import insight
+
+            data = insight.read(self.agent)
+            return pb.InsightResponse(reading=data["reading"], json=json.dumps(data))
+
+        return self._run(context, "Insight", fn)
+
+
+def shadow_report(agent: Agent, top: int) -> pb.ShadowReportResponse:
+    import numpy as np
+
+    st = agent.kf.state()
+    if st.shadow is None:
+        raise OperationError("FAILED_PRECONDITION", "no shadow rule set is loaded (tidegate apply FILE --shadow)")
+    c = agent.kf.counters()
+    loaded = (time.monotonic() - agent.shadow_loaded_at) if agent.shadow_loaded_at else 0.0
+    packets = sum(s.packets for s in c.shadow.values())
+    new = sum(s.would_drop_new for s in c.shadow.values())
+    # sources: shadow entries that would newly drop, over the intervals since it was loaded
+    since = loaded if loaded else None
+    src_rules: dict[str, set] = {}
+    totals: dict[tuple, list] = {}
+    for iv in agent.sampler.intervals(since):
+        sel = (iv.kind == 0) & (iv.epoch == st.shadow.epoch) & (iv.new_drops > 0)
+        for i in np.nonzero(sel)[0]:
+            key = (int(iv.hi[i]), int(iv.lo[i]))
+            name = agent.kf.rule_name(st.shadow.slot, int(iv.rule[i]))
+            src_rules.setdefault(name, set()).add(key)
+            t = totals.setdefault(key, [name, 0, 0])
+            t[1] += int(iv.packets[i])
+            t[2] += int(iv.new_drops[i])
+    from .kernel_layout import halves_to_address
+
+    rules = []
+    for name, sc in sorted(c.shadow.items()):
+        rules.append(pb.ShadowRule(rule=name, packets=sc.packets, would_drop=sc.would_drop,
+                                   would_drop_new=sc.would_drop_new, sources=len(src_rules.get(name, ())),
+                                   share=(sc.would_drop_new / packets) if packets else 0.0))  # fmt: skip
+    top_rows = sorted(totals.items(), key=lambda kv: -kv[1][2])[:top]
+    return pb.ShadowReportResponse(
+        shadow_version=st.shadow.version, active_version=st.active.version if st.active else 0,
+        loaded_seconds=loaded, packets=packets, would_drop_new=new, share=(new / packets) if packets else 0.0,
+        rules=rules,
+        top_affected=[pb.SourceRate(address=str(halves_to_address(*k)), rule=v[0], packets=v[1], drops=v[2])
+                      for k, v in top_rows],
+    )  # fmt: skip
+
+
+def _version_info(v) -> pb.VersionInfo:
+    return pb.VersionInfo(number=v.number, state=v.state, created=v.created_iso, author=v.author, reason=v.reason,
+                          source=v.source, digest=v.digest, active=v.active, activations=v.activations,
+                          error=v.error)  # fmt: skip
+
+
+def serve(agent: Agent, opts) -> grpc.Server:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), maximum_concurrent_rpcs=64,
+                         options=[("grpc.max_receive_message_length", 64 << 20)])  # fmt: skip
+    authorizer = Authorizer.from_options(opts)
+    pbg.add_FilterServicer_to_server(FilterService(agent, authorizer), server)
+    hs = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    hs.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    hs.set("", health_pb2.HealthCheckResponse.SERVING)
+    names = (pb.DESCRIPTOR.services_by_name["Filter"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    if opts.tls_cert:
+        with open(opts.tls_key, "rb") as k, open(opts.tls_cert, "rb") as c, open(opts.tls_client_ca, "rb") as ca:
+            creds = grpc.ssl_server_credentials(((k.read(), c.read()),), root_certificates=ca.read(),
+                                                require_client_auth=True)  # fmt: skip
+        port = server.add_secure_port(opts.listen, creds)
+    else:
+        port = server.add_insecure_port(opts.listen)
+    if not port:
+        raise SystemExit(f"tidegate agent: cannot listen on {opts.listen}")
+    server.start()
+    return server

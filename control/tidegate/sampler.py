@@ -1,0 +1,186 @@
+"""Periodic snapshots of the per-source LRU, turned into per-source rates.
+
+One batched map read per interval (default 5 s) is the only work that
+scales with the number of tracked sources; every scrape, TopSources call
+and blast-radius estimate uses the result, so their cost does not depend
+on the map size. Rates are deltas of the per-entry packet and drop counters
+between two snapshots (an entry that appeared in between counts from zero).
+A ring of intervals covering the estimate window (default 5 min) is kept,
+holding only entries that moved in each interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .kernel_layout import halves_to_address
+
+log = logging.getLogger("tidegate.sampler")
+
+
+@dataclass
+class Interval:
+    """Entries that moved between two snapshots."""
+
+    t0: float
+    t1: float
+    hi: np.ndarray
+    lo: np.ndarray
+    epoch: np.ndarray
+    rule: np.ndarray
+    kind: np.ndarray
+    packets: np.ndarray  # delta
+    drops: np.ndarray  # delta
+    new_drops: np.ndarray  # delta (shadow entries)
+    first_ns: np.ndarray
+
+    @property
+    def seconds(self) -> float:
+        return max(1e-9, self.t1 - self.t0)
+
+
+@dataclass
+class SourceRates:
+    """Per-source rates over a window (kind 0 entries of one epoch or all)."""
+
+    addresses: list[str]
+    rules: list[int]
+    epochs: np.ndarray
+    pps: np.ndarray
+    drop_pps: np.ndarray
+    seconds: float
+
+
+def _keys(hi, lo, epoch, rule, kind) -> np.ndarray:
+    k = np.empty(len(hi), dtype=[("hi", "<u8"), ("lo", "<u8"), ("meta", "<u8")])
+    k["hi"] = hi
+    k["lo"] = lo
+    k["meta"] = (epoch.astype(np.uint64) << np.uint64(16)) | (rule.astype(np.uint64) << np.uint64(8)) | kind
+    return k
+
+
+class Sampler:
+    def __init__(self, kf, interval: float = 5.0, window: float = 300.0):
+        self.kf = kf
+        self.interval = interval
+        self.window = window
+        self._lock = threading.Lock()
+        self._prev = None  # (t, sorted keys, packets, drops, new_drops)
+        self._intervals: deque[Interval] = deque()
+        self.tracked_sources = 0
+        self.tracked_entries = 0
+        self.last_sample: float | None = None
+        self.sample_seconds = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sample()
+            except Exception as e:  # the filter may be detached for a moment
+                log.debug("sample failed: %s", e)
+            self._stop.wait(self.interval)
+
+    def sample(self) -> None:
+        started = time.monotonic()
+        table = self.kf.read_sources()
+        state = self.kf.state()
+        now = time.monotonic()
+        keys = _keys(table.addr_hi, table.addr_lo, table.epoch, table.rule, table.kind)
+        order = np.argsort(keys, order=("hi", "lo", "meta"))
+        keys = keys[order]
+        packets = table.packets[order]
+        drops = table.drops[order]
+        new_drops = table.new_drops[order]
+        first_ns = table.first_ns[order]
+        active_epoch = state.active.epoch if state.active else None
+        with self._lock:
+            prev = self._prev
+            self._prev = (now, keys, packets, drops, new_drops)
+            mask_src = keys["meta"] & np.uint64(0xFF) == 0
+            if active_epoch is not None:
+                ep = keys["meta"] >> np.uint64(16)
+                self.tracked_sources = int(np.count_nonzero(mask_src & (ep == np.uint64(active_epoch))))
+            else:
+                self.tracked_sources = 0
+            self.tracked_entries = len(keys)
+            self.last_sample = now
+            self.sample_seconds = now - started
+            if prev is None:
+                return
+            t0, pkeys, ppk, pdr, pnd = prev
+            idx = np.searchsorted(pkeys, keys)
+            idx_c = np.minimum(idx, max(0, len(pkeys) - 1))
+            found = (len(pkeys) > 0) & (pkeys[idx_c] == keys) if len(pkeys) else np.zeros(len(keys), bool)
+            base_pk = np.where(found, ppk[idx_c] if len(pkeys) else 0, 0)
+            base_dr = np.where(found, pdr[idx_c] if len(pkeys) else 0, 0)
+            base_nd = np.where(found, pnd[idx_c] if len(pkeys) else 0, 0)
+            # counters only grow; an evicted-and-reinserted entry starts again
+            dpk = np.where(packets >= base_pk, packets - base_pk, packets)
+            ddr = np.where(drops >= base_dr, drops - base_dr, drops)
+            dnd = np.where(new_drops >= base_nd, new_drops - base_nd, new_drops)
+            moved = dpk > 0
+            meta = keys["meta"][moved]
+            self._intervals.append(
+                Interval(
+                    t0, now, keys["hi"][moved], keys["lo"][moved],
+                    (meta >> np.uint64(16)).astype(np.uint32), ((meta >> np.uint64(8)) & np.uint64(0xFF)).astype(np.uint8),
+                    (meta & np.uint64(0xFF)).astype(np.uint8), dpk[moved], ddr[moved], dnd[moved], first_ns[moved],
+                )  # fmt: skip
+            )
+            while self._intervals and self._intervals[0].t1 < now - self.window:
+                self._intervals.popleft()
+
+    def last_interval(self) -> Interval | None:
+        with self._lock:
+            return self._intervals[-1] if self._intervals else None
+
+    def intervals(self, seconds: float | None = None) -> list[Interval]:
+        with self._lock:
+            if seconds is None:
+                return list(self._intervals)
+            if not self._intervals:
+                return []
+            end = self._intervals[-1].t1
+            return [iv for iv in self._intervals if iv.t1 > end - seconds]
+
+    def window_rates(self, seconds: float | None = None, kind: int = 0, epochs: set[int] | None = None) -> SourceRates:
+        """Per (source, rule, epoch) rates summed over the window."""
+        ivs = self.intervals(seconds)
+        if not ivs:
+            return SourceRates([], [], np.array([], np.uint32), np.array([]), np.array([]), 0.0)
+        span = max(1e-9, ivs[-1].t1 - ivs[0].t0)
+        hi = np.concatenate([iv.hi for iv in ivs])
+        lo = np.concatenate([iv.lo for iv in ivs])
+        ep = np.concatenate([iv.epoch for iv in ivs])
+        ru = np.concatenate([iv.rule for iv in ivs])
+        kd = np.concatenate([iv.kind for iv in ivs])
+        pk = np.concatenate([iv.packets for iv in ivs])
+        dr = np.concatenate([iv.drops for iv in ivs])
+        sel = kd == kind
+        if epochs is not None:
+            sel &= np.isin(ep, np.array(sorted(epochs), dtype=np.uint32))
+        keys = _keys(hi[sel], lo[sel], ep[sel], ru[sel], kd[sel])
+        uniq, inv = np.unique(keys, return_inverse=True)
+        pps = np.bincount(inv, weights=pk[sel].astype(float), minlength=len(uniq)) / span
+        dps = np.bincount(inv, weights=dr[sel].astype(float), minlength=len(uniq)) / span
+        addrs = [str(halves_to_address(int(h), int(lo_))) for h, lo_ in zip(uniq["hi"], uniq["lo"])]
+        rules = [int((m >> np.uint64(8)) & np.uint64(0xFF)) for m in uniq["meta"]]
+        epochs_out = (uniq["meta"] >> np.uint64(16)).astype(np.uint32)
+        return SourceRates(addrs, rules, epochs_out, pps, dps, span)
