@@ -1,0 +1,291 @@
+"""The real agent, driven by the real CLI and a real gRPC channel, filtering
+real traffic on a veth pair."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from tidegate.labnet import VethLab
+
+from .harness import BIN, AgentProc, finish, pinned_dump, send
+
+pytestmark = pytest.mark.e2e
+
+BASE = """
+defaults:
+  limit: {pps: 1000, burst: 2000}
+rules:
+  - name: app
+    protocol: udp
+    dst_ports: [5555]
+    limit: {pps: 500, burst: 500}
+  - name: sink
+    protocol: udp
+    dst_ports: [9]
+    limit: {pps: 1000, burst: 1000}
+"""
+
+DROP_APP = BASE.replace("""    limit: {pps: 500, burst: 500}""", """    action: drop""")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root for BPF and network namespaces")
+    tmp = tmp_path_factory.mktemp("e2e")
+    (tmp / "base.yaml").write_text(BASE)
+    (tmp / "drop-app.yaml").write_text(DROP_APP)
+    lab = VethLab(f"e{os.getpid() % 100000}", subnet="10.202.3").create()
+    agent = AgentProc(lab, tmp / "state")
+    try:
+        agent.start(rules=str(tmp / "base.yaml"))
+        yield agent, tmp
+    finally:
+        agent.stop()
+        agent.cleanup_kernel()
+        lab.remove()
+
+
+def rule(agent, name):
+    c = agent.cli("counters", json_out=True)
+    for r in c.get("rules", []):
+        if r["rule"] == name:
+            return int(r["pass_packets"]), int(r["drop_packets"])
+    return 0, 0
+
+
+def legit(agent, n=20):
+    send(agent.lab, "--src", agent.lab.peer_ip, "--dport", "5555", "--count", str(n), "--pps", "200")
+
+
+def test_apply_and_rollback_change_what_traffic_gets(env):
+    agent, tmp = env
+    p0, d0 = rule(agent, "app")
+    legit(agent)
+    p1, d1 = rule(agent, "app")
+    assert (p1 - p0, d1 - d0) == (20, 0)
+
+    r = agent.cli("apply", str(tmp / "drop-app.yaml"), "--reason", "block app for the test", "--force",
+                  json_out=True)  # fmt: skip
+    v_new = int(r["version"])
+    legit(agent)
+    p2, d2 = rule(agent, "app")
+    assert (p2 - p1, d2 - d1) == (0, 20), "the new set drops app traffic"
+
+    r = agent.cli("rollback", "--reason", "undo", json_out=True)
+    assert int(r["version"]) == v_new - 1
+    legit(agent)
+    p3, d3 = rule(agent, "app")
+    assert (p3 - p2, d3 - d2) == (20, 0), "the old set is back"
+
+    versions = agent.cli("versions", json_out=True)
+    by_number = {int(v["number"]): v for v in versions}
+    assert by_number[v_new]["author"] == "e2e-test"
+    assert by_number[v_new]["reason"] == "block app for the test"
+    assert by_number[v_new - 1]["active"] is True
+
+
+def test_restart_keeps_program_and_version(env):
+    agent, tmp = env
+    before = agent.cli("status", json_out=True)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        agent.stop(sig)
+        # no agent: the program keeps filtering with the last rule set
+        send(agent.lab, "--src", agent.lab.peer_ip, "--dport", "5555", "--count", "10", "--pps", "200")
+        agent.start()
+        after = agent.cli("status", json_out=True)
+        assert after["active_version"] == before["active_version"]
+        assert after["prog_id"] == before["prog_id"], "the program was adopted, never re-attached"
+        assert after["attached"] is True
+    log = agent.log()
+    assert "adopted=True" in log
+
+
+def test_grpc_error_codes_and_field_errors(env):
+    agent, tmp = env
+    from tidegate.v1 import tidegate_pb2 as pb
+    from tidegate.v1 import tidegate_pb2_grpc as pbg
+
+    token = [ln.split()[1] for ln in (agent.state_dir / "tokens").read_text().splitlines()
+             if ln.startswith("admin ")][0]  # fmt: skip
+    md = [("authorization", f"Bearer {token}")]
+    stub = pbg.FilterStub(grpc.insecure_channel(agent.server))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ApplyRuleSet(pb.ApplyRequest(yaml="rules:\n  - name: x\n    limit: {pps: -1}\n", source="bad.yaml",
+                                          reason="r"), metadata=md)  # fmt: skip
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    errs = dict(e.value.trailing_metadata())["tidegate-errors-bin"]
+    v = pb.ValidationErrors.FromString(errs).violations[0]
+    assert (v.path, v.line) == ("rules[0].limit.pps", 3)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetVersion(pb.GetVersionRequest(number=999), metadata=md)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    for call, req in ((stub.PromoteShadow, pb.PromoteRequest(reason="x")),
+                      (stub.ShadowReport, pb.ShadowReportRequest())):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as e:
+            call(req, metadata=md)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetStatus(pb.GetStatusRequest())
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    read = [ln.split()[1] for ln in (agent.state_dir / "tokens").read_text().splitlines() if ln.startswith("read ")][0]
+    stub.GetStatus(pb.GetStatusRequest(), metadata=[("authorization", f"Bearer {read}")])
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Rollback(pb.RollbackRequest(reason="x"), metadata=[("authorization", f"Bearer {read}")])
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    audit = agent.cli("audit", "--action", "auth-denied", json_out=True)
+    assert {a["result"] for a in audit} >= {"unauthenticated", "permission-denied"}
+    assert all(a["peer"].startswith("ipv4:127.0.0.1") for a in audit)
+
+
+def test_bad_inputs_change_nothing(env):
+    agent, tmp = env
+    pin_dir = f"/sys/fs/bpf/tidegate/{agent.pin_name}"
+    maps0 = pinned_dump(pin_dir)
+    versions0 = agent.cli("versions", json_out=True)
+    (tmp / "malformed.yaml").write_text("rules: [\n")
+    (tmp / "invalid.yaml").write_text(BASE.replace("pps: 500", "pps: 0"))
+    (tmp / "unknown-key.yaml").write_text(BASE.replace("dst_ports", "dst_port"))
+    cases = [
+        (("apply", str(tmp / "malformed.yaml"), "--reason", "x"), 1, "syntax"),
+        (("apply", str(tmp / "invalid.yaml"), "--reason", "x"), 1, "rules[0].limit.pps"),
+        (("apply", str(tmp / "unknown-key.yaml"), "--reason", "x"), 1, "did you mean `dst_ports`"),
+        (("apply", str(tmp / "missing.yaml"), "--reason", "x"), 2, "no such file"),
+        (("apply", str(tmp / "base.yaml")), 1, "reason is required"),
+        (("rollback", "--to", "999", "--reason", "x"), 1, "NOT_FOUND"),
+        (("set-limit", "nosuchrule", "--pps", "5", "--reason", "x"), 1, "no rule named"),
+        (("show", "999"), 1, "NOT_FOUND"),
+    ]
+    for argv, code, text in cases:
+        r = agent.cli(*argv, check=False)
+        assert r.returncode == code, (argv, r.stdout, r.stderr)
+        assert text in r.stderr, (argv, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert pinned_dump(pin_dir) == maps0, "rejected inputs left the kernel maps byte-identical"
+    assert agent.cli("versions", json_out=True) == versions0
+    rejected = agent.cli("audit", "--action", "rejected-apply", json_out=True)
+    assert len(rejected) >= 4
+
+
+def test_invalid_file_errors_name_line(env):
+    agent, tmp = env
+    r = agent.cli("apply", str(tmp / "invalid.yaml"), "--reason", "x", check=False)
+    assert f"{tmp / 'invalid.yaml'}:8: rules[0].limit.pps" in r.stderr
+
+
+def test_metrics_scrape_matches_traffic(env):
+    agent, tmp = env
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape():
+        body = urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=10).read().decode()
+        vals = {}
+        for fam in text_string_to_metric_families(body):
+            for s in fam.samples:
+                vals[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return vals, body
+
+    m0, _ = scrape()
+    sent = send(agent.lab, "--src-net", "198.18.0.0/20", "--sources", "500", "--dport", "9", "--count", "3000")["sent"]
+    m1, body = scrape()
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return m1.get(key, 0) - m0.get(key, 0)
+
+    sink = delta("tidegate_rule_packets_total", rule="sink", verdict="pass") + delta(
+        "tidegate_rule_packets_total", rule="sink", verdict="drop"
+    )
+    assert sink == sent
+    assert m1[("tidegate_active_version", ())] >= 1
+    assert m1[("tidegate_attached", ())] == 1
+    assert "process_resident_memory_bytes" in body
+    # bounded cardinality: no label carries an address
+    assert "198.18." not in body
+
+
+def test_every_cli_verb_in_both_modes(env):
+    agent, tmp = env
+    send(agent.lab, "--src", agent.lab.peer_ip, "--dport", "5555", "--count", "30", "--pps", "100")
+    time.sleep(1.5)
+    verbs = [
+        ("status",), ("versions",), ("show", "1"), ("diff", "1", "2"), ("counters",), ("top", "-n", "5"),
+        ("audit", "--limit", "5"), ("watch", "--count", "2", "--interval", "0.2"), ("whatif", str(tmp / "base.yaml")),
+        ("validate", str(tmp / "base.yaml")), ("version",), ("review", "1"),
+    ]  # fmt: skip
+    for argv in verbs:
+        table = agent.cli(*argv)
+        assert table.stdout.strip(), argv
+        js = agent.cli("-o", "json", *argv)
+        if argv[0] == "watch":
+            lines = [ln for ln in js.stdout.splitlines() if ln.strip()]
+            assert len(lines) == 2
+        else:
+            import json
+
+            json.loads(js.stdout)
+    bg = send(agent.lab, "--src", agent.lab.peer_ip, "--dport", "5555", "--count", "200", "--pps", "50", wait=False)
+    time.sleep(2.5)
+    top = agent.cli("top", "-n", "5", json_out=True)
+    finish(bg)
+    mine = [s for s in top.get("sources", []) if s["address"] == agent.lab.peer_ip]
+    assert mine and 30 <= mine[0]["pps"] <= 70 and mine[0]["rule"] == "app"
+    diff = agent.cli("diff", "1", "2").stdout
+    assert "-    limit: {pps: 500, burst: 500}" in diff and "+    action: drop" in diff
+    comp = agent.cli("completion", "bash").stdout
+    assert "complete -F _tidegate tidegate" in comp
+
+
+def test_shadow_promote_and_clear(env):
+    agent, tmp = env
+    (tmp / "candidate.yaml").write_text(BASE.replace("pps: 500, burst: 500", "pps: 5, burst: 5"))
+    v = int(agent.cli("apply", str(tmp / "candidate.yaml"), "--shadow", "--reason", "try", json_out=True)["version"])
+    p0, d0 = rule(agent, "app")
+    legit(agent, 40)
+    time.sleep(2.5)
+    p1, d1 = rule(agent, "app")
+    assert (p1 - p0, d1 - d0) == (40, 0), "the shadow set enforces nothing"
+    rep = agent.cli("shadow", "report", json_out=True)
+    app = [r for r in rep["rules"] if r["rule"] == "app"][0]
+    assert int(app["would_drop_new"]) >= 30
+    assert int(rep["shadow_version"]) == v
+    agent.cli("shadow", "clear", "--reason", "done")
+    assert agent.cli("status", json_out=True)["shadow_version"] in ("0", 0)
+    # load again and promote: atomic, versioned
+    v2 = int(agent.cli("apply", str(tmp / "candidate.yaml"), "--shadow", "--reason", "again", json_out=True)["version"])
+    r = agent.cli("promote", "--reason", "looks fine", json_out=True)
+    assert int(r["version"]) == v2
+    st = agent.cli("status", json_out=True)
+    assert int(st["active_version"]) == v2 and st["shadow_version"] in ("0", 0)
+    agent.cli("rollback", "--reason", "restore base")
+
+
+def test_agent_refuses_bad_starts(env, tmp_path):
+    agent, tmp = env
+    bin_ = str(BIN)
+    cases = [
+        (["--interface", "nosuchif0", "--listen", "127.0.0.1:0"], "does not exist"),
+        (["--interface", agent.lab.host_if, "--listen", agent.server], "not available"),
+        (["--interface", agent.lab.host_if, "--listen", "0.0.0.0:50999"], "without TLS"),
+    ]
+    for extra, text in cases:
+        r = subprocess.run([bin_, "agent", "--state-dir", str(tmp_path / "s"), "--metrics-listen", "off", *extra],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode != 0 and text in r.stderr, (extra, r.stderr)
+        assert "Traceback" not in r.stderr
+    # the running agent's program is untouched
+    assert agent.cli("status", json_out=True)["attached"] is True
+
+
+def test_unreachable_agent_is_one_line(env):
+    agent, tmp = env
+    r = subprocess.run([str(BIN), "--server", "127.0.0.1:1", "status"], capture_output=True, text=True)
+    assert r.returncode == 3
+    assert r.stderr.count("\n") == 1 and "cannot reach the agent" in r.stderr
