@@ -81,6 +81,11 @@ class Agent:
 
         self.sampler = Sampler(kf, interval=options.sample_interval, window=options.estimate_window)
         self.history = CounterHistory(kf, keep_seconds=options.review_seconds + 300)
+        from . import insight
+
+        self.insight = insight.Insight(self, options.insight_baseline_seconds)
+        self.sampler.listeners.append(self.insight.on_sample)
+        self.insight_metrics = lambda: insight.metrics(self)
         self._change = threading.RLock()
         self.change_results: dict[str, int] = {"ok": 0, "rejected": 0, "error": 0}
         self.rollbacks: dict[str, int] = {}
@@ -422,6 +427,8 @@ a new agent adopts them. `tidegate detach --interface IFACE` removes them.""",
                    help="roll back when the drop share rises by more than this (default 0.05)")  # fmt: skip
     p.add_argument("--guard-dropped-sources", type=int, default=50,
                    help="roll back when this many more distinct sources are dropped than before (default 50)")  # fmt: skip
+    p.add_argument("--insight-baseline-seconds", type=float, default=120.0,
+                   help="a source counts as known when first seen at least this long ago (default 120)")
     p.add_argument("--review-seconds", type=float, default=3600.0, help="post-deployment review period")
     p.add_argument("--log-level", default="info")
     return p

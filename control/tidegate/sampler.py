@@ -79,6 +79,7 @@ class Sampler:
         self.sample_seconds = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.listeners: list = []  # called after each sample (insight)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
@@ -93,6 +94,8 @@ class Sampler:
         while not self._stop.is_set():
             try:
                 self.sample()
+                for fn in self.listeners:
+                    fn()
             except Exception as e:  # the filter may be detached for a moment
                 log.debug("sample failed: %s", e)
             self._stop.wait(self.interval)
