@@ -2,7 +2,7 @@
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-unit test-kernel proto lab bench lint clean
+.PHONY: install test test-unit test-kernel proto lab bench lint clean vagrant-box vagrant-e2e
 
 install:
 	bash scripts/install.sh
@@ -24,6 +24,12 @@ lab:
 
 bench:
 	bash bench/run_all.sh
+
+vagrant-box:
+	bash vagrant/build-box.sh
+
+vagrant-e2e:
+	bash vagrant/e2e.sh
 
 lint:
 	shellcheck scripts/*.sh .ci/run $(wildcard vagrant/*.sh) $(wildcard bench/*.sh)

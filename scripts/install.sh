@@ -71,7 +71,8 @@ apt_install python3 python3-venv python3-pip python3-bpfcc iproute2 nftables ipt
     ca-certificates kmod
 optional_install netsniff-ng xdp-tools bpftool
 if [ "${TIDEGATE_MINIMAL:-0}" != "1" ]; then
-    optional_install shellcheck tcpdump
+    # developer and CI tools: lint, captures, `vagrant validate`, the VM box builder
+    optional_install shellcheck tcpdump vagrant vagrant-libvirt debootstrap qemu-utils
 fi
 if [ "${TIDEGATE_NO_PROMETHEUS:-0}" != "1" ]; then
     optional_install prometheus
