@@ -1,5 +1,24 @@
-"""A small gRPC client for the CLI: channel, credentials, author metadata,
-and one clear error line instead of a traceback."""
+"""A small gRPC client for the CLI: channel and credentials, author
+metadata, timeouts, and every failure turned into one clear line.
+
+    cl = Client("127.0.0.1:50051")
+    status = cl.call("GetStatus", cl.pb.GetStatusRequest())
+
+Credentials, in this order:
+- TLS when a CA, certificate or key is given (--ca/--cert/--key, or
+  $TIDEGATE_CA/$TIDEGATE_CERT/$TIDEGATE_KEY): the agent's certificate is
+  checked against the CA and the client certificate is presented (mTLS).
+- A bearer token: --token or $TIDEGATE_TOKEN, else the first admin (then
+  read) token in --token-file / $TIDEGATE_TOKEN_FILE /
+  /var/lib/tidegate/tokens (readable by root only).
+Every call carries `tidegate-author`: $TIDEGATE_AUTHOR or user@host.
+
+Errors raise ClientError with the CLI's exit code: 3 when the agent cannot
+be reached (refused, timed out, name not resolved, TLS handshake failed),
+1 for any status the agent returned. Field-level validation errors come
+from the trailing metadata key `tidegate-errors-bin` (ValidationErrors),
+blast-radius figures from `tidegate-estimate-bin` (Estimate).
+"""
 
 from __future__ import annotations
 
@@ -9,95 +28,163 @@ import socket
 
 import grpc
 
-from .auth import token_for
-
 DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_TOKEN_FILE = "/var/lib/tidegate/tokens"
+ERRORS_KEY = "tidegate-errors-bin"
+ESTIMATE_KEY = "tidegate-estimate-bin"
+EXIT_FAILED, EXIT_UNREACHABLE = 1, 3
 
 
 class ClientError(Exception):
-    """exit_code: 1 the agent refused/failed, 3 unreachable."""
+    """One failed call. exit_code: 1 the agent refused or failed, 3 unreachable.
 
-    def __init__(self, message: str, exit_code: int = 1, violations=None, source: str = "", estimate=None):
+    code is the gRPC status name ("NOT_FOUND", ...) or "UNREACHABLE"."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED, violations=None, source: str = "",
+                 estimate=None, code: str = "UNKNOWN", details: str = ""):  # fmt: skip
         super().__init__(message)
         self.message = message
         self.exit_code = exit_code
-        self.violations = violations or []
+        self.violations = list(violations or [])
         self.source = source
         self.estimate = estimate
+        self.code = code
+        self.details = details or message
 
 
 def default_author() -> str:
+    if os.environ.get("TIDEGATE_AUTHOR"):
+        return os.environ["TIDEGATE_AUTHOR"]
     try:
         user = getpass.getuser()
     except Exception:
         user = str(os.getuid())
-    return os.environ.get("TIDEGATE_AUTHOR") or f"{user}@{socket.gethostname()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def find_token(token_file: str | None = None) -> tuple[str | None, str]:
+    """(token or None, the file looked at)."""
+    from .auth import token_for
+
+    path = token_file or os.environ.get("TIDEGATE_TOKEN_FILE") or DEFAULT_TOKEN_FILE
+    return token_for(path, "admin") or token_for(path, "read"), path
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ClientError(f"cannot read the {what} {path}: {e.strerror}", 2, code="LOCAL") from None
 
 
 class Client:
-    def __init__(self, server: str, timeout: float = 30.0, ca: str | None = None, cert: str | None = None,
-                 key: str | None = None, token: str | None = None, token_file: str | None = None,
-                 server_name: str | None = None):  # fmt: skip
+    def __init__(self, server: str = DEFAULT_SERVER, timeout: float = 30.0, ca: str | None = None,
+                 cert: str | None = None, key: str | None = None, token: str | None = None,
+                 token_file: str | None = None, server_name: str | None = None):  # fmt: skip
         from .v1 import tidegate_pb2 as pb
         from .v1 import tidegate_pb2_grpc as pbg
 
         self.pb = pb
         self.server = server
         self.timeout = timeout
-        if ca or cert:
-            def read(p):
-                with open(p, "rb") as f:
-                    return f.read()
-
-            creds = grpc.ssl_channel_credentials(read(ca) if ca else None, read(key) if key else None,
-                                                 read(cert) if cert else None)  # fmt: skip
+        ca = ca or os.environ.get("TIDEGATE_CA")
+        cert = cert or os.environ.get("TIDEGATE_CERT")
+        key = key or os.environ.get("TIDEGATE_KEY")
+        self.tls = bool(ca or cert or key)
+        if (cert is None) != (key is None):
+            raise ClientError("--cert and --key go together (the client certificate and its key)", 2, code="LOCAL")
+        if self.tls:
+            creds = grpc.ssl_channel_credentials(_read(ca, "CA certificate") if ca else None,
+                                                 _read(key, "client key") if key else None,
+                                                 _read(cert, "client certificate") if cert else None)  # fmt: skip
             opts = [("grpc.ssl_target_name_override", server_name)] if server_name else []
             self.channel = grpc.secure_channel(server, creds, options=opts)
         else:
             self.channel = grpc.insecure_channel(server)
         self.stub = pbg.FilterStub(self.channel)
+        self.token_file = ""
         if token is None:
-            path = token_file or os.environ.get("TIDEGATE_TOKEN_FILE") or DEFAULT_TOKEN_FILE
-            token = os.environ.get("TIDEGATE_TOKEN") or token_for(path, "admin") or token_for(path, "read")
+            token = os.environ.get("TIDEGATE_TOKEN")
+        if token is None and not self.tls:
+            token, self.token_file = find_token(token_file)
         self.metadata = [("tidegate-author", default_author())]
         if token:
             self.metadata.append(("authorization", f"Bearer {token}"))
+        self.has_token = bool(token)
+
+    def close(self) -> None:
+        self.channel.close()
 
     def call(self, method: str, request, timeout: float | None = None):
+        """A unary call; raises ClientError."""
         try:
             return getattr(self.stub, method)(request, timeout=timeout or self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise self.translate(e) from None
 
     def stream(self, method: str, request):
+        """A server-streaming call as a generator; ends quietly when cancelled."""
+        call = getattr(self.stub, method)(request, metadata=self.metadata)
         try:
-            yield from getattr(self.stub, method)(request, metadata=self.metadata)
+            yield from call
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.CANCELLED:
                 return
             raise self.translate(e) from None
+        finally:
+            call.cancel()
 
+    # --------------------------------------------------------- errors
     def translate(self, e: grpc.RpcError) -> ClientError:
         code = e.code()
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not _from_agent(e):
-            detail = (e.details() or "").lower()
-            why = "connection refused" if "refused" in detail else ("timed out" if "deadline" in detail or
-                                                                    code == grpc.StatusCode.DEADLINE_EXCEEDED
-                                                                    else "unavailable")  # fmt: skip
-            return ClientError(f"cannot reach the agent at {self.server} ({why}) — is `tidegate agent` running?", 3)
+        details = e.details() or ""
+        trailers = e.trailing_metadata() or ()
+        if code == grpc.StatusCode.UNAVAILABLE and not trailers:
+            return self._unreachable(details)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and not trailers:
+            if not self._reachable():
+                return self._unreachable(details or "timed out")
+            return ClientError(f"the agent at {self.server} did not answer within {self.timeout:g} s "
+                               "(raise --timeout?)", EXIT_FAILED, code=code.name, details=details)  # fmt: skip
         if code == grpc.StatusCode.UNIMPLEMENTED:
-            return ClientError(f"the agent does not support this yet ({e.details()})", 1)
+            return ClientError(f"the agent does not support this yet ({details})", EXIT_FAILED, code=code.name,
+                               details=details)  # fmt: skip
         violations, source, estimate = [], "", None
-        for k, v in e.trailing_metadata() or ():
-            if k == "tidegate-errors-bin":
+        for k, v in trailers:
+            if k == ERRORS_KEY:
                 errs = self.pb.ValidationErrors.FromString(v)
                 violations, source = list(errs.violations), errs.source
-            elif k == "tidegate-estimate-bin":
+            elif k == ESTIMATE_KEY:
                 estimate = self.pb.Estimate.FromString(v)
-        return ClientError(f"{code.name}: {e.details()}", 1, violations, source, estimate)
+        message = f"{code.name}: {details}"
+        if code == grpc.StatusCode.UNAUTHENTICATED and not self.tls and not self.has_token:
+            message += (f" (no token: {self.token_file} is missing or unreadable — run as root, "
+                        "or pass --token-file / $TIDEGATE_TOKEN)")  # fmt: skip
+        return ClientError(message, EXIT_FAILED, violations, source, estimate, code=code.name, details=details)
 
+    def _reachable(self, wait: float = 0.5) -> bool:
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=wait)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
 
-def _from_agent(e: grpc.RpcError) -> bool:
-    # UNAVAILABLE raised by our own handlers would carry trailing metadata
-    return bool(e.trailing_metadata())
+    def _unreachable(self, details: str) -> ClientError:
+        d = details.lower()
+        if "refused" in d:
+            why = "connection refused"
+        elif "handshake" in d or "ssl" in d or "certificate" in d or "tls" in d:
+            why = "TLS handshake failed — check --ca, --cert, --key and --server-name"
+        elif "dns" in d or "resolv" in d or "name or service" in d:
+            why = "cannot resolve the name"
+        elif "deadline" in d or "timed out" in d or "timeout" in d:
+            why = "timed out"
+        elif "unreachable" in d:
+            why = "network unreachable"
+        elif "reset" in d or "closed" in d or "socket" in d:
+            why = "connection closed"
+        else:
+            why = "unavailable"
+        return ClientError(f"cannot reach the agent at {self.server} ({why}) — is `tidegate agent` running?",
+                           EXIT_UNREACHABLE, code="UNREACHABLE", details=details)  # fmt: skip

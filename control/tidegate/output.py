@@ -1,0 +1,146 @@
+"""Rendering for the `tidegate` CLI: rich tables for people, one JSON
+document for scripts, progress on stderr only when a person is watching.
+
+JSON output is built from the protobuf messages field by field with the
+.proto's own snake_case names: every field is present (zero values
+included), 64-bit integers stay JSON numbers (protobuf's canonical JSON
+mapping would turn them into strings), unset sub-messages are null.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from typing import Any, Iterable
+
+NUMERIC_HINTS = ("pps", "packets", "drops", "dropped", "bytes", "share", "#", "sources", "rate", "prefix",
+                 "blocked", "deny", "would drop", "newly", "version")  # fmt: skip
+
+
+def message_to_dict(msg) -> dict[str, Any]:
+    """A protobuf message as plain JSON-ready data with typed numbers."""
+    out: dict[str, Any] = {}
+    for f in msg.DESCRIPTOR.fields:
+        value = getattr(msg, f.name)
+        if f.message_type is not None:
+            if f.is_repeated:
+                out[f.name] = [message_to_dict(x) for x in value]
+            else:
+                out[f.name] = message_to_dict(value) if msg.HasField(f.name) else None
+        elif f.is_repeated:
+            out[f.name] = list(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def fmt(x) -> str:
+    """Cell text: thousands separators for numbers, two decimals for floats."""
+    if x is None:
+        return ""
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return f"{x:,.2f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def per_second(now: float, before: float | None, seconds: float) -> float:
+    """Rate between two counter readings; 0 without a previous reading."""
+    if before is None or seconds <= 0:
+        return 0.0
+    return max(0.0, (now - before) / seconds)
+
+
+def use_colour(stream=None) -> bool:
+    stream = stream or sys.stdout
+    return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+def colour_diff(lines: Iterable[str], colour: bool) -> list[str]:
+    """Unified-diff lines, green additions and red removals when colour is on."""
+    out = []
+    for ln in lines:
+        if colour and ln.startswith("+") and not ln.startswith("+++"):
+            ln = f"\x1b[32m{ln}\x1b[0m"
+        elif colour and ln.startswith("-") and not ln.startswith("---"):
+            ln = f"\x1b[31m{ln}\x1b[0m"
+        elif colour and ln.startswith("@@"):
+            ln = f"\x1b[36m{ln}\x1b[0m"
+        elif colour and ln.startswith(("+++", "---")):
+            ln = f"\x1b[1m{ln}\x1b[0m"
+        out.append(ln)
+    return out
+
+
+class Output:
+    """Where a verb's results go: stdout for results, stderr for notes,
+    errors and progress."""
+
+    def __init__(self, mode: str = "table"):
+        from rich.console import Console
+
+        self.mode = mode
+        # Piped tables are read by people later (less, a ticket): no wrapping at 80 columns.
+        width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "200"))
+        self.console = Console(highlight=False, width=width, soft_wrap=False)
+        self.err = Console(stderr=True, highlight=False)
+
+    @property
+    def is_json(self) -> bool:
+        return self.mode == "json"
+
+    # ------------------------------------------------------------- JSON
+    def json(self, data) -> None:
+        """One JSON document on stdout."""
+        print(json.dumps(data, indent=2, sort_keys=True, default=str), flush=True)
+
+    def json_line(self, data) -> None:
+        """One JSON object on one line (streams: `watch -o json`)."""
+        print(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str), flush=True)
+
+    # ------------------------------------------------------------ people
+    def line(self, text: str = "") -> None:
+        print(text, flush=True)
+
+    def note(self, text: str) -> None:
+        """A remark for the person at the terminal, on stderr."""
+        print(text, file=sys.stderr, flush=True)
+
+    def table(self, title: str, columns: list[str], rows: list[list], caption: str | None = None,
+              empty: str | None = None) -> None:  # fmt: skip
+        self.console.print(make_table(title, columns, rows, caption))
+        if not rows and empty:
+            self.console.print(f"  ({empty})")
+
+    def kv(self, title: str, items: list[tuple[str, object]]) -> None:
+        from rich.table import Table
+
+        t = Table(title=title, show_header=False, title_justify="left")
+        t.add_column("key", style="bold")
+        t.add_column("value")
+        for k, v in items:
+            t.add_row(k, fmt(v))
+        self.console.print(t)
+
+    def progress(self, text: str):
+        """A spinner on stderr while something slow runs, only for a person at a terminal."""
+        if not sys.stderr.isatty():
+            return contextlib.nullcontext()
+        return self.err.status(text, spinner="dots")
+
+
+def make_table(title: str, columns: list[str], rows: list[list], caption: str | None = None):
+    from rich.table import Table
+
+    t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+    for c in columns:
+        numeric = c.endswith(NUMERIC_HINTS) and c not in ("rule", "source")
+        t.add_column(c, justify="right" if numeric else "left", overflow="fold")
+    for r in rows:
+        t.add_row(*[fmt(x) for x in r])
+    return t
