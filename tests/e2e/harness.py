@@ -65,14 +65,21 @@ class AgentProc:
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.log()}")
-            r = self.cli("status", check=False)
-            if r.returncode == 0:
-                return
-            time.sleep(0.3)
+            try:
+                with grpc.insecure_channel(self.server) as ch:
+                    r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
         raise RuntimeError(f"agent not ready after {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
