@@ -279,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = "\n".join(f"  {name:<11} {v.summary}" for name, v in VERBS.items())
     p = argparse.ArgumentParser(
         prog="tidegate",
+        allow_abbrev=False,
         usage="tidegate [--server ADDR] [-o table|json] [--timeout S] VERB [ARGS]",
         description="tidegate: an XDP edge filter with safe rule changes.\n\n"
         "The `tidegate` command is the operators' client: it talks to the agent over gRPC (loopback by\n"
@@ -299,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def verb(name: str) -> argparse.ArgumentParser:
         v = VERBS[name]
-        sp = sub.add_parser(name, prog=f"tidegate {name}", description=f"tidegate {name} — {v.summary}\n\n{v.description}",
+        sp = sub.add_parser(name, prog=f"tidegate {name}", allow_abbrev=False, description=f"tidegate {name} — {v.summary}\n\n{v.description}",
                             epilog=_epilog(v), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         made.append((name, sp))
         return sp
@@ -451,8 +452,12 @@ def _field_lines(violations, source: str) -> list[str]:
     """FILE:LINE: path: message, one per violation."""
     lines = []
     for v in violations:
-        where = f"{source}:{v.line}" if (source and v.line) else (source or "request")
-        lines.append(f"{where}: {v.path or '(document)'}: {v.message}")
+        if source and v.line:
+            lines.append(f"{source}:{v.line}: {v.path or '(document)'}: {v.message}")
+        elif source:
+            lines.append(f"{source}: {v.path or '(document)'}: {v.message}")
+        else:
+            lines.append(f"  {v.path or '(request)'}: {v.message}")
     return lines
 
 
@@ -720,6 +725,8 @@ def cmd_watch(args, out: Output) -> int:
             for c in updates:
                 live.update(_watch_frame(c, prev, top_sources(), args.server), refresh=True)
                 prev = c
+        if not out.console.is_terminal:
+            out.line()
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:
@@ -765,8 +772,9 @@ def cmd_shadow(args, out: Output) -> int:
     if out.is_json:
         out.json(message_to_dict(r))
         return EXIT_OK
-    out.table(f"shadow version {r.shadow_version} vs active {r.active_version}: loaded {_duration(r.loaded_seconds)},"
-              f" {r.packets:,} packets seen, would newly drop {r.would_drop_new:,} ({r.share:.2%})",
+    out.line(f"shadow version {r.shadow_version} vs active {r.active_version}: loaded {_duration(r.loaded_seconds)},"
+             f" {r.packets:,} packets seen, would newly drop {r.would_drop_new:,} ({r.share:.2%})")
+    out.table("per rule (the candidate is counted, not enforced)",
               ["rule", "packets", "would drop", "newly dropped", "sources", "share"],
               [[x.rule, x.packets, x.would_drop, x.would_drop_new, x.sources, f"{x.share:.2%}"] for x in r.rules])  # fmt: skip
     if r.top_affected:
@@ -1086,8 +1094,13 @@ def _report(e: ClientError, verb: str, fallback_source: str = "") -> None:
     if e.code == "UNIMPLEMENTED":
         print(f"tidegate: the agent does not support `{verb}` yet ({e.details})", file=sys.stderr)
         return
-    print(f"tidegate: {e.message}", file=sys.stderr)
-    for line in _field_lines(e.violations, e.source or fallback_source):
+    message = e.message
+    if e.violations:
+        # the agent's text repeats the field errors; print them once, in the FILE:LINE form
+        message = message.splitlines()[0]
+    print(f"tidegate: {message}", file=sys.stderr)
+    has_lines = any(v.line for v in e.violations)
+    for line in _field_lines(e.violations, e.source or (fallback_source if has_lines else "")):
         print(line, file=sys.stderr)
     if e.estimate is not None and e.estimate.summary:
         print(f"estimate: {e.estimate.summary}", file=sys.stderr)

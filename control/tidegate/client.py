@@ -26,8 +26,6 @@ import getpass
 import os
 import socket
 
-import grpc
-
 DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_TOKEN_FILE = "/var/lib/tidegate/tokens"
 ERRORS_KEY = "tidegate-errors-bin"
@@ -70,6 +68,16 @@ def find_token(token_file: str | None = None) -> tuple[str | None, str]:
     return token_for(path, "admin") or token_for(path, "read"), path
 
 
+def _grpc():
+    """grpc, imported on first use: gRPC core's own log lines (TLS handshake
+    failures...) would break the one-line errors, so they are off unless
+    $GRPC_VERBOSITY asks for them; and `tidegate validate` starts faster."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    import grpc
+
+    return grpc
+
+
 def _read(path: str, what: str) -> bytes:
     try:
         with open(path, "rb") as f:
@@ -82,6 +90,7 @@ class Client:
     def __init__(self, server: str = DEFAULT_SERVER, timeout: float = 30.0, ca: str | None = None,
                  cert: str | None = None, key: str | None = None, token: str | None = None,
                  token_file: str | None = None, server_name: str | None = None):  # fmt: skip
+        grpc = _grpc()
         from .v1 import tidegate_pb2 as pb
         from .v1 import tidegate_pb2_grpc as pbg
 
@@ -118,6 +127,7 @@ class Client:
 
     def call(self, method: str, request, timeout: float | None = None):
         """A unary call; raises ClientError."""
+        grpc = _grpc()
         try:
             return getattr(self.stub, method)(request, timeout=timeout or self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
@@ -125,6 +135,7 @@ class Client:
 
     def stream(self, method: str, request):
         """A server-streaming call as a generator; ends quietly when cancelled."""
+        grpc = _grpc()
         call = getattr(self.stub, method)(request, metadata=self.metadata)
         try:
             yield from call
@@ -136,7 +147,9 @@ class Client:
             call.cancel()
 
     # --------------------------------------------------------- errors
-    def translate(self, e: grpc.RpcError) -> ClientError:
+    def translate(self, e) -> ClientError:
+        """A grpc.RpcError as a ClientError with the CLI's exit code."""
+        grpc = _grpc()
         code = e.code()
         details = e.details() or ""
         trailers = e.trailing_metadata() or ()
@@ -164,6 +177,7 @@ class Client:
         return ClientError(message, EXIT_FAILED, violations, source, estimate, code=code.name, details=details)
 
     def _reachable(self, wait: float = 0.5) -> bool:
+        grpc = _grpc()
         try:
             grpc.channel_ready_future(self.channel).result(timeout=wait)
             return True
@@ -186,5 +200,6 @@ class Client:
             why = "connection closed"
         else:
             why = "unavailable"
-        return ClientError(f"cannot reach the agent at {self.server} ({why}) — is `tidegate agent` running?",
-                           EXIT_UNREACHABLE, code="UNREACHABLE", details=details)  # fmt: skip
+        hint = "" if why.startswith(("TLS", "cannot resolve")) else " — is `tidegate agent` running?"
+        return ClientError(f"cannot reach the agent at {self.server} ({why}){hint}", EXIT_UNREACHABLE,
+                           code="UNREACHABLE", details=details)  # fmt: skip

@@ -1,0 +1,421 @@
+"""The `tidegate` CLI without an agent and without root: offline validation,
+usage errors, help, completion, certs, and how every kind of agent answer
+(unreachable, refused with field errors, unimplemented, rolled back, slow)
+becomes an exit code and one clear line.
+
+Answers are produced by small fake gRPC servers on loopback; the
+unreachable cases run the installed `tidegate` as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tidegate import __version__, cli
+from tidegate.output import message_to_dict
+from tidegate.v1 import tidegate_pb2 as pb
+from tidegate.v1 import tidegate_pb2_grpc as pbg
+
+BIN = Path(sys.executable).parent / "tidegate"
+ROOT = Path(__file__).resolve().parents[2]
+
+GOOD = """\
+defaults:
+  limit: {pps: 1000, burst: 2000}
+rules:
+  - name: app
+    protocol: udp
+    dst_ports: [5555]
+    limit: {pps: 500, burst: 500}
+"""
+
+BAD = """\
+defaults:
+  limit: {pps: 1000, burst: 2000}
+rules:
+  - name: app
+    protocol: udpx
+    dst_ports: [5555]
+    limit: {pps: -1, burst: 500}
+"""
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def run(*args: str, env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("TIDEGATE_")}
+    e.update(env or {})
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, env=e, input=stdin, timeout=60)
+
+
+def call(capsys, *args: str) -> tuple[int, str, str]:
+    """The CLI in-process (fast): (exit code, stdout, stderr)."""
+    code = cli.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "good.yaml").write_text(GOOD)
+    (tmp_path / "bad.yaml").write_text(BAD)
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith("TIDEGATE_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("TIDEGATE_AUTHOR", "unit-test")
+
+
+# ------------------------------------------------------------- validate
+def test_validate_good_file(capsys, files):
+    code, out, err = call(capsys, "validate", str(files / "good.yaml"))
+    assert code == 0, err
+    assert out.strip() == f"{files / 'good.yaml'}: valid (1 rules, 0 allow, 0 deny)"
+
+
+def test_validate_bad_file_prints_file_line_path_message(capsys, files):
+    code, out, err = call(capsys, "validate", str(files / "bad.yaml"))
+    assert code == 2
+    lines = err.strip().splitlines()
+    src = str(files / "bad.yaml")
+    assert any(ln.startswith(f"{src}:5: rules[0].protocol: ") for ln in lines), lines
+    assert f"{src}:7: rules[0].limit.pps: must be between 1 and 1000000000, got -1" in lines
+    assert all(ln.startswith(f"{src}:") for ln in lines)
+    assert out == ""
+
+
+def test_validate_json(capsys, files):
+    code, out, _ = call(capsys, "-o", "json", "validate", str(files / "good.yaml"))
+    data = json.loads(out)
+    assert code == 0 and data["valid"] is True and data["rules"] == 1 and len(data["digest"]) == 64
+    assert data["errors"] == []
+    code, out, err = call(capsys, "validate", "-o", "json", str(files / "bad.yaml"))
+    data = json.loads(out)
+    assert code == 2 and data["valid"] is False
+    by_path = {e["path"]: e for e in data["errors"]}
+    assert by_path["rules[0].limit.pps"]["line"] == 7
+    assert isinstance(by_path["rules[0].limit.pps"]["message"], str)
+
+
+def test_validate_missing_file_is_one_line(files):
+    r = run("validate", str(files / "nope.yaml"))
+    assert r.returncode == 2
+    assert r.stderr == f"tidegate: {files / 'nope.yaml'}: no such file\n"
+    assert r.stdout == ""
+
+
+def test_validate_directory_and_malformed_yaml(capsys, files):
+    code, _, err = call(capsys, "validate", str(files))
+    assert code == 2 and "is a directory" in err and err.count("\n") == 1
+    (files / "broken.yaml").write_text("rules: [\n  - name: x\n")
+    code, _, err = call(capsys, "validate", str(files / "broken.yaml"))
+    assert code == 2 and err.startswith(f"{files / 'broken.yaml'}:")
+
+
+def test_validate_reads_stdin(files):
+    r = run("validate", "-", stdin=GOOD)
+    assert r.returncode == 0 and "<stdin>: valid" in r.stdout
+    r = run("validate", "-", stdin=BAD)
+    assert r.returncode == 2 and "<stdin>:7: rules[0].limit.pps" in r.stderr
+
+
+# ------------------------------------------------------------ unreachable
+@pytest.mark.parametrize("argv", [
+    ("status",), ("versions",), ("counters",), ("-o", "json", "status"), ("watch", "--count", "1"),
+    ("rollback", "--reason", "x"), ("audit",),
+])  # fmt: skip
+def test_unreachable_agent_is_exit_3_and_one_line(argv):
+    port = free_port()
+    r = run("--server", f"127.0.0.1:{port}", *argv)
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert r.stderr == (f"tidegate: cannot reach the agent at 127.0.0.1:{port} (connection refused)"
+                        " — is `tidegate agent` running?\n")  # fmt: skip
+    assert r.stdout == ""
+
+
+def test_unreachable_apply_and_env_server(files):
+    port = free_port()
+    r = run("apply", str(files / "good.yaml"), "--reason", "x", env={"TIDEGATE_SERVER": f"127.0.0.1:{port}"})
+    assert r.returncode == 3 and r.stderr.count("\n") == 1 and f"127.0.0.1:{port}" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_global_options_also_after_the_verb():
+    port = free_port()
+    r = run("status", "--server", f"127.0.0.1:{port}", "-o", "json")
+    assert r.returncode == 3 and f"127.0.0.1:{port}" in r.stderr
+
+
+def test_apply_missing_file_is_usage_error_before_any_call(files):
+    r = run("--server", "127.0.0.1:1", "apply", str(files / "nope.yaml"), "--reason", "x")
+    assert r.returncode == 2
+    assert r.stderr == f"tidegate: {files / 'nope.yaml'}: no such file\n"
+
+
+def test_unresolvable_name():
+    r = run("--server", "no-such-host.invalid:50051", "status")
+    assert r.returncode == 3 and r.stderr.count("\n") == 1 and "cannot reach the agent" in r.stderr
+
+
+def test_version_without_agent(capsys):
+    port = free_port()
+    code, out, _ = call(capsys, "--server", f"127.0.0.1:{port}", "version")
+    assert code == 0 and out.strip() == f"tidegate {__version__} (agent at 127.0.0.1:{port}: unknown)"
+    code, out, _ = call(capsys, "--server", f"127.0.0.1:{port}", "-o", "json", "version")
+    data = json.loads(out)
+    assert data["tidegate"] == __version__ and data["agent"] is None and "cannot reach" in data["agent_error"]
+
+
+# ------------------------------------------------------------ usage, help
+def test_usage_errors_exit_2(capsys):
+    assert call(capsys, "frobnicate")[0] == 2
+    assert call(capsys)[0] == 2
+    assert call(capsys, "set-limit", "app", "--reason", "x")[0] == 2  # --pps is required
+    assert call(capsys, "show", "three")[0] == 2
+    assert call(capsys, "-o", "yaml", "status")[0] == 2
+    assert call(capsys, "rollback", "--tok", "1")[0] == 2  # no abbreviations: --to is not --token
+
+
+def test_help_of_every_verb(capsys):
+    code, out, _ = call(capsys, "--help")
+    assert code == 0 and "EXAMPLES" in out and "EXIT STATUS" in out
+    for name in cli.VERBS:
+        assert f"\n  {name:<11} " in out, name
+        if name == "agent":
+            continue  # the agent's own parser, checked below
+        code, out_v, _ = call(capsys, name, "--help")
+        assert code == 0, name
+        assert f"usage: tidegate {name}" in out_v
+        assert "EXAMPLES\n  " in out_v and "EXIT STATUS" in out_v, name
+        assert f"tidegate {name}" in out_v.split("EXAMPLES", 1)[1] or name == "agent", name
+
+
+def test_agent_help_delegates_without_bcc():
+    r = run("agent", "--help")
+    assert r.returncode == 0 and "--interface" in r.stdout and "examples" in r.stdout.lower()
+
+
+def test_exit_codes_are_documented(capsys):
+    for text in (cli.__doc__, cli.EXIT_STATUS):
+        for code in ("0", "1", "2", "3", "4"):
+            assert f"\n  {code} " in text or f"\n{code} " in text or f"  {code}  " in text, (code, text)
+    _, out, _ = call(capsys, "apply", "--help")
+    assert "4    a guarded apply was rolled back" in out
+
+
+def test_completion_scripts(capsys):
+    code, out, _ = call(capsys, "completion", "bash")
+    assert code == 0 and "complete -o filenames -F _tidegate tidegate" in out
+    for verb in cli.VERBS:
+        assert f"        {verb}) " in out
+    assert "--guard-seconds" in out and "report clear" in out
+    if shutil.which("bash"):
+        r = subprocess.run(["bash", "-c", out + '\nCOMP_WORDS=(tidegate shadow ""); COMP_CWORD=2; _tidegate; '
+                            'echo "${COMPREPLY[@]}"; COMP_WORDS=(tidegate apply --gu); COMP_CWORD=2; _tidegate; '
+                            'echo "${COMPREPLY[@]}"'], capture_output=True, text=True)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines() == ["report clear", "--guard --guard-seconds"]
+    code, out, _ = call(capsys, "completion", "zsh")
+    assert code == 0 and out.startswith("#compdef tidegate") and "'whatif:" in out
+
+
+# ------------------------------------------------------------------ certs
+@pytest.mark.parametrize("backend", ["cryptography", "openssl"])
+def test_certs(tmp_path, backend):
+    from tidegate.certs import make_lab_pki
+
+    if backend == "openssl" and not shutil.which("openssl"):
+        pytest.skip("no openssl command")
+    if backend == "cryptography":
+        pytest.importorskip("cryptography")
+    made = make_lab_pki(tmp_path, "edge1", ["alice"], "admin", backend=backend)
+    assert made["roles"] == {"alice": "admin"}
+    for name in ("ca", "server", "alice"):
+        assert (tmp_path / f"{name}.pem").read_text().startswith("-----BEGIN CERTIFICATE-----")
+        assert (tmp_path / f"{name}.key").stat().st_mode & 0o777 == 0o600
+    ca = (tmp_path / "ca.pem").read_bytes()
+    # a second run adds a client with the same CA and merges the role map
+    made = make_lab_pki(tmp_path, "edge1", ["grafana"], "read", backend=backend)
+    assert (tmp_path / "ca.pem").read_bytes() == ca
+    assert json.loads((tmp_path / "roles.json").read_text()) == {"alice": "admin", "grafana": "read"}
+    if shutil.which("openssl"):
+        r = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.pem"), str(tmp_path / "server.pem"),
+                            str(tmp_path / "alice.pem"), str(tmp_path / "grafana.pem")], capture_output=True,
+                           text=True)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "server.pem"), "-noout", "-text"],
+                           capture_output=True, text=True)  # fmt: skip
+        assert "DNS:edge1" in r.stdout and "IP Address:127.0.0.1" in r.stdout and "TLS Web Server" in r.stdout
+
+
+def test_certs_verb(capsys, tmp_path):
+    code, out, err = call(capsys, "certs", "--out", str(tmp_path / "pki"), "--server-name", "edge1", "--client", "bob")
+    assert code == 0 and str(tmp_path / "pki" / "bob.pem") in out.splitlines()
+    assert "--tls-client-ca" in err
+    code, _, err = call(capsys, "certs", "--out", str(tmp_path / "pki"), "--client", "../x")
+    assert code == 2 and err.count("\n") == 1
+
+
+# ------------------------------------------------- answers from an agent
+class FakeFilter(pbg.FilterServicer):
+    """Answers the way the agent does, for the cases the CLI must render."""
+
+    def GetStatus(self, request, context):
+        md = dict(context.invocation_metadata())
+        return pb.Status(interface="eth9", xdp_mode="native", attached=True, active_version=2**40,
+                         agent_version="9.9.9", tracked_sources=3, uptime_seconds=12.5,
+                         pin_dir=md.get("tidegate-author", ""))  # fmt: skip
+
+    def ApplyRuleSet(self, request, context):
+        if request.reason == "refuse":
+            errs = pb.ValidationErrors(source=request.source, violations=[
+                pb.FieldViolation(path="rules[0].limit.pps", line=7, message="must be between 1 and 1000000000"),
+                pb.FieldViolation(path="rules[0].protocol", line=5, message="must be one of tcp, udp")])  # fmt: skip
+            context.set_trailing_metadata((("tidegate-errors-bin", errs.SerializeToString()),))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "invalid rule set: 2 error(s)\nbad.yaml:7: rules[0].limit.pps: must be between ...")  # fmt: skip
+        if request.reason == "too wide":
+            est = pb.Estimate(summary="would newly drop 80.0% of passing packets", packet_share=0.8)
+            context.set_trailing_metadata((("tidegate-estimate-bin", est.SerializeToString()),))
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "refused by the blast-radius check: 80% > 1%")
+        if request.reason == "slow":
+            time.sleep(3)
+        if request.guard:
+            return pb.ApplyResponse(version=7, guarded=True, guard_outcome="rolled-back", rolled_back_to=6,
+                                    guard_cause="canary 10.0.0.1 dropped")  # fmt: skip
+        return pb.ApplyResponse(version=7, estimate=pb.Estimate(summary="fine"))
+
+    def GetVersion(self, request, context):
+        if request.number > 2:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no version {request.number}")
+        limit = "500" if request.number == 1 else "50"
+        return pb.Version(info=pb.VersionInfo(number=request.number, state="applied"),
+                          yaml=f"rules:\n  - name: app\n    limit: {{pps: {limit}}}\n")  # fmt: skip
+
+    def WatchCounters(self, request, context):
+        for i in range(request.max_updates or 1000):
+            yield pb.Counters(packets=100 * (i + 1), dropped=10 * i, time=1000.0 + i, active_version=2,
+                              reasons=[pb.ReasonCount(reason="pass", verdict="pass", packets=100 * (i + 1))],
+                              rules=[pb.RuleCount(rule="app", pass_packets=90 * (i + 1), drop_packets=10 * i)])  # fmt: skip
+            time.sleep(request.interval_ms / 1000.0)
+
+    def TopSources(self, request, context):
+        return pb.TopSourcesResponse(sources=[pb.SourceRate(address="198.18.0.1", rule="app", pps=5.0, drops=9)],
+                                     interval_seconds=1.0, tracked_sources=1)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fake_agent():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pbg.add_FilterServicer_to_server(FakeFilter(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_status_json_is_typed(capsys, fake_agent):
+    code, out, _ = call(capsys, "--server", fake_agent, "-o", "json", "status")
+    data = json.loads(out)
+    assert code == 0
+    assert data["active_version"] == 2**40 and isinstance(data["tracked_sources"], int)  # numbers, not strings
+    assert data["attached"] is True and data["shadow_version"] == 0 and data["xdp_mode"] == "native"
+    assert data["pin_dir"] == "unit-test", "the author travels as tidegate-author metadata"
+    code, out, _ = call(capsys, "--server", fake_agent, "status")
+    assert code == 0 and "eth9" in out and "yes (native)" in out and "1,099,511,627,776" in out
+
+
+def test_field_errors_from_the_agent(capsys, fake_agent, files):
+    code, out, err = call(capsys, "--server", fake_agent, "apply", str(files / "good.yaml"), "--reason", "refuse")
+    assert code == 1 and out == ""
+    src = str(files / "good.yaml")
+    assert err.splitlines() == [
+        "tidegate: INVALID_ARGUMENT: invalid rule set: 2 error(s)",
+        f"{src}:7: rules[0].limit.pps: must be between 1 and 1000000000",
+        f"{src}:5: rules[0].protocol: must be one of tcp, udp",
+    ]
+
+
+def test_blast_radius_refusal_shows_estimate(capsys, fake_agent, files):
+    code, _, err = call(capsys, "--server", fake_agent, "apply", str(files / "good.yaml"), "--reason", "too wide")
+    assert code == 1
+    assert err.splitlines() == ["tidegate: FAILED_PRECONDITION: refused by the blast-radius check: 80% > 1%",
+                                "estimate: would newly drop 80.0% of passing packets"]  # fmt: skip
+
+
+def test_guard_rollback_is_exit_4(capsys, fake_agent, files):
+    code, out, _ = call(capsys, "--server", fake_agent, "apply", str(files / "good.yaml"), "-r", "x", "--guard")
+    assert code == 4 and "GUARD ROLLED BACK to version 6: canary 10.0.0.1 dropped" in out
+    code, out, err = call(capsys, "--server", fake_agent, "-o", "json", "apply", str(files / "good.yaml"), "-r", "x",
+                          "--guard")  # fmt: skip
+    data = json.loads(out)
+    assert code == 4 and data["guard_outcome"] == "rolled-back" and data["rolled_back_to"] == 6
+    assert "guard rolled back" in err
+
+
+def test_apply_ok(capsys, fake_agent, files):
+    code, out, _ = call(capsys, "--server", fake_agent, "-o", "json", "apply", str(files / "good.yaml"), "-r", "x")
+    data = json.loads(out)
+    assert code == 0 and data["version"] == 7 and data["estimate"]["summary"] == "fine" and data["shadow"] is False
+
+
+def test_not_found_and_diff(capsys, fake_agent):
+    code, _, err = call(capsys, "--server", fake_agent, "show", "9")
+    assert code == 1 and err == "tidegate: NOT_FOUND: no version 9\n"
+    code, out, _ = call(capsys, "--server", fake_agent, "diff", "1", "2")
+    assert code == 0 and "-    limit: {pps: 500}" in out and "+    limit: {pps: 50}" in out
+    assert "\x1b[" not in out, "no colour when stdout is not a terminal"
+    code, out, _ = call(capsys, "--server", fake_agent, "-o", "json", "diff", "1", "2")
+    data = json.loads(out)
+    assert data["identical"] is False and "+    limit: {pps: 50}" in data["diff"]
+
+
+def test_unimplemented_verb(capsys, fake_agent):
+    code, out, err = call(capsys, "--server", fake_agent, "audit")
+    assert code == 1 and out == ""
+    assert err.startswith("tidegate: the agent does not support `audit` yet") and err.count("\n") == 1
+
+
+def test_slow_agent_is_a_failed_call_not_unreachable(capsys, fake_agent, files):
+    code, _, err = call(capsys, "--server", fake_agent, "--timeout", "0.5", "apply", str(files / "good.yaml"),
+                        "-r", "slow")  # fmt: skip
+    assert code == 1
+    assert err.strip() == f"tidegate: the agent at {fake_agent} did not answer within 0.5 s (raise --timeout?)"
+
+
+def test_watch_json_lines_and_table(capsys, fake_agent):
+    code, out, _ = call(capsys, "--server", fake_agent, "-o", "json", "watch", "--count", "3", "--interval", "0.1")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 3
+    updates = [json.loads(ln) for ln in lines]
+    assert [u["packets"] for u in updates] == [100, 200, 300]
+    code, out, _ = call(capsys, "--server", fake_agent, "watch", "--count", "3", "--interval", "0.1")
+    assert code == 0 and "per rule" in out and "198.18.0.1" in out and "active v2" in out
+
+
+def test_message_to_dict_is_complete_and_typed():
+    d = message_to_dict(pb.ApplyResponse(version=3))
+    assert d == {"version": 3, "shadow": False, "estimate": None, "guarded": False, "guard_outcome": "",
+                 "guard_cause": "", "rolled_back_to": 0}  # fmt: skip
+    c = message_to_dict(pb.Counters(rules=[pb.RuleCount(rule="a", drop_packets=2**63)]))
+    assert c["rules"][0]["drop_packets"] == 2**63 and c["shadow"] == []
