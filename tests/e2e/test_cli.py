@@ -1,0 +1,383 @@
+"""Every `tidegate` verb against a real agent (subprocess, real XDP on a veth
+pair, real gRPC on loopback), in both output modes, through the installed
+`tidegate` command exactly as an operator runs it.
+
+What is asserted is what an operator relies on: apply creates version N+1
+with the author and reason; rollback changes the active version; diff shows
+the changed line; JSON has the documented fields with JSON types; errors
+have the documented exit code and one clear first line; a guard that rolls
+back is exit 4; the lab PKI from `tidegate certs` gives working mTLS with
+the two roles; `detach` removes what a stopped agent left attached."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tidegate.labnet import VethLab
+
+from .harness import BIN, AgentProc, finish, send
+
+pytestmark = pytest.mark.e2e
+
+BASE = """
+defaults:
+  limit: {pps: 1000, burst: 2000}
+rules:
+  - name: app
+    protocol: udp
+    dst_ports: [5555]
+    limit: {pps: 500, burst: 500}
+  - name: sink
+    protocol: udp
+    dst_ports: [9]
+    limit: {pps: 1000, burst: 1000}
+"""
+
+# raises a limit: never newly drops anything, so the blast-radius check lets it through
+LOOSER = BASE.replace("pps: 500, burst: 500", "pps: 800, burst: 800")
+TIGHT_SINK = BASE.replace("pps: 1000, burst: 1000", "pps: 5, burst: 5")
+INVALID = BASE.replace("protocol: udp\n    dst_ports: [5555]", "protocol: udpx\n    dst_ports: [5555]")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root for BPF and network namespaces")
+    tmp = tmp_path_factory.mktemp("cli")
+    for name, text in (("base", BASE), ("looser", LOOSER), ("tight-sink", TIGHT_SINK), ("invalid", INVALID)):
+        (tmp / f"{name}.yaml").write_text(text)
+    lab = VethLab(f"o{os.getpid() % 100000}", subnet="10.208.3").create()
+    agent = AgentProc(lab, tmp / "state")
+    try:
+        agent.start(rules=str(tmp / "base.yaml"))
+        yield agent, tmp
+    finally:
+        agent.stop()
+        agent.cleanup_kernel()
+        lab.remove()
+
+
+def both(agent: AgentProc, *argv: str) -> tuple[str, object]:
+    """Run a read-only verb in table mode and in JSON mode: (table text, parsed JSON)."""
+    table = agent.cli(*argv)
+    assert table.stdout.strip(), argv
+    assert "Traceback" not in table.stderr
+    return table.stdout, agent.cli(*argv, json_out=True)
+
+
+def fail(agent: AgentProc, *argv: str) -> subprocess.CompletedProcess:
+    r = agent.cli(*argv, check=False)
+    assert "Traceback" not in r.stderr, r.stderr
+    return r
+
+
+def active(agent: AgentProc) -> int:
+    return agent.cli("status", json_out=True)["active_version"]
+
+
+def newest(agent: AgentProc) -> int:
+    return max(v["number"] for v in agent.cli("versions", json_out=True))
+
+
+def legit(agent: AgentProc, n: int = 30, pps: int = 100) -> dict:
+    return send(agent.lab, "--src", agent.lab.peer_ip, "--dport", "5555", "--count", str(n), "--pps", str(pps))
+
+
+# ----------------------------------------------------------------- reading
+def test_status(env):
+    agent, _ = env
+    table, st = both(agent, "status")
+    assert agent.lab.host_if in table and "active version" in table
+    assert st["interface"] == agent.lab.host_if
+    assert st["attached"] is True and st["xdp_mode"] in ("native", "generic")
+    for key in ("active_version", "shadow_version", "tracked_sources", "prog_id", "guard_version"):
+        assert isinstance(st[key], int), key
+    assert st["active_version"] >= 1 and st["prog_id"] > 0
+    assert isinstance(st["uptime_seconds"], float) and isinstance(st["guard_active"], bool)
+
+
+def test_counters_and_top_follow_traffic(env):
+    agent, _ = env
+    c0 = agent.cli("counters", json_out=True)
+    app0 = next(r for r in c0["rules"] if r["rule"] == "app")
+    bg = send(agent.lab, "--src", agent.lab.peer_ip, "--dport", "5555", "--count", "150", "--pps", "50", wait=False)
+    time.sleep(2.5)  # the agent samples per-source rates every second here
+    table, top = both(agent, "top", "-n", "5")
+    sent = finish(bg)["sent"]
+    mine = [s for s in top["sources"] if s["address"] == agent.lab.peer_ip]
+    assert mine and mine[0]["rule"] == "app" and 25 <= mine[0]["pps"] <= 75, top
+    assert isinstance(top["tracked_sources"], int) and isinstance(top["interval_seconds"], float)
+    assert agent.lab.peer_ip in table and "top sources by packets" in table
+    _, drops = both(agent, "top", "--by", "drops", "-n", "3")
+    assert isinstance(drops["sources"], list)
+
+    table, c1 = both(agent, "counters")
+    app1 = next(r for r in c1["rules"] if r["rule"] == "app")
+    assert app1["pass_packets"] - app0["pass_packets"] == sent
+    assert isinstance(c1["packets"], int) and c1["packets"] >= sent and isinstance(c1["time"], float)
+    assert {"verdict", "reason", "packets", "bytes"} <= set(c1["reasons"][0])
+    assert "per rule" in table and "app" in table
+
+
+def test_watch(env):
+    agent, _ = env
+    bg = send(agent.lab, "--src", agent.lab.peer_ip, "--dport", "5555", "--count", "100", "--pps", "100", wait=False)
+    r = agent.cli("-o", "json", "watch", "--count", "3", "--interval", "0.3")
+    updates = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert len(updates) == 3
+    assert updates[0]["time"] < updates[1]["time"] < updates[2]["time"]
+    assert updates[2]["packets"] >= updates[0]["packets"]
+    table = agent.cli("watch", "--count", "3", "--interval", "0.3").stdout
+    finish(bg)
+    assert "by verdict and reason" in table and "per rule" in table and f"active v{active(agent)}" in table
+
+
+def test_version_validate_insight(env):
+    agent, tmp = env
+    table, v = both(agent, "version")
+    assert v["tidegate"] == v["agent"] and f"agent {v['agent']} at {agent.server}" in table
+    table, val = both(agent, "validate", str(tmp / "base.yaml"))
+    assert val["valid"] is True and val["rules"] == 2 and "valid (2 rules" in table
+    table, ins = both(agent, "insight")
+    assert isinstance(ins, dict) and "reading" in ins and table.strip()
+
+
+# ---------------------------------------------------------------- changing
+def test_apply_creates_next_version_with_author_and_reason(env):
+    agent, tmp = env
+    before = agent.cli("versions", json_out=True)
+    n = max(v["number"] for v in before)
+    r = agent.cli("apply", str(tmp / "looser.yaml"), "--reason", "raise app limit (table)")
+    assert r.stdout.startswith(f"applied {tmp / 'looser.yaml'} as version {n + 1}\n"), r.stdout
+    out = agent.cli("apply", str(tmp / "base.yaml"), "--reason", "back to base (json)", json_out=True)
+    assert out["version"] == n + 2 and out["shadow"] is False and out["guard_outcome"] in ("", "kept", "watching")
+    assert active(agent) == n + 2
+
+    table, versions = both(agent, "versions")
+    by_number = {v["number"]: v for v in versions}
+    assert by_number[n + 1]["reason"] == "raise app limit (table)" and by_number[n + 1]["author"] == "e2e-test"
+    assert by_number[n + 2]["active"] is True and by_number[n + 1]["active"] is False
+    assert isinstance(by_number[n + 1]["activations"], int) and by_number[n + 1]["state"]
+    assert "raise app limit (table)" in table and "e2e-test" in table
+
+    table, shown = both(agent, "show", str(n + 1))
+    assert shown["info"]["number"] == n + 1 and "pps: 800, burst: 800" in shown["yaml"]
+    assert "# reason: raise app limit (table)" in table and "pps: 800, burst: 800" in table
+
+    table, diff = both(agent, "diff", str(n + 1), str(n + 2))
+    assert "-    limit: {pps: 800, burst: 800}" in table and "+    limit: {pps: 500, burst: 500}" in table
+    assert diff["identical"] is False and "-    limit: {pps: 800, burst: 800}" in diff["diff"]
+    table, same = both(agent, "diff", str(n + 2), str(n + 2))
+    assert same == {"a": n + 2, "b": n + 2, "identical": True, "diff": []}
+    assert table.strip() == f"versions {n + 2} and {n + 2} are identical"
+
+
+def test_rollback_changes_the_active_version(env):
+    agent, tmp = env
+    prev = active(agent)
+    agent.cli("apply", str(tmp / "looser.yaml"), "--reason", "to roll back")
+    v = active(agent)
+    assert v == newest(agent) and v != prev
+    r = agent.cli("rollback", "--reason", "undo (table)")
+    assert r.stdout.strip() == f"rolled back: version {prev} is active"
+    assert active(agent) == prev
+    out = agent.cli("rollback", "--to", str(v), "--reason", "redo (json)", json_out=True)
+    assert out["version"] == v and active(agent) == v
+    agent.cli("rollback", "--reason", "restore")
+
+
+def test_set_limit(env):
+    agent, _ = env
+    v, n = active(agent), newest(agent)
+    r = agent.cli("set-limit", "app", "--pps", "600", "--burst", "700", "--reason", "more app")
+    assert r.stdout.startswith(f"limit of app set to 600 pps, burst 700: version {n + 1} is active\n")
+    out = agent.cli("set-limit", "app", "--pps", "650", "--reason", "more app (json)", json_out=True)
+    assert out["version"] == n + 2 and active(agent) == n + 2
+    shown = agent.cli("show", str(n + 2), json_out=True)
+    assert "pps: 650" in shown["yaml"] and shown["info"]["source"] == "set-limit"
+    agent.cli("rollback", "--to", str(v), "--reason", "restore")
+
+
+def test_whatif(env):
+    agent, tmp = env
+    table, est = both(agent, "whatif", str(tmp / "looser.yaml"))
+    assert est["within_budget"] is True and isinstance(est["packet_share"], float)
+    assert isinstance(est["sources_seen"], int) and isinstance(est["rules"], list)
+    assert "within budget" in table and "over the last" in table
+
+
+def test_shadow_report_promote_clear(env):
+    agent, tmp = env
+    v0 = active(agent)
+    r = agent.cli("apply", str(tmp / "looser.yaml"), "--shadow", "--reason", "candidate (table)")
+    assert "as shadow version" in r.stdout
+    legit(agent, 20)
+    table, rep = both(agent, "shadow", "report")
+    assert rep["shadow_version"] > v0 and rep["active_version"] == v0
+    assert {"rule", "packets", "would_drop", "would_drop_new", "sources", "share"} <= set(rep["rules"][0])
+    assert "per rule" in table and f"shadow version {rep['shadow_version']}" in table
+    r = agent.cli("shadow", "clear", "--reason", "not now")
+    assert r.stdout.strip() == f"shadow version {rep['shadow_version']} cleared"
+    assert agent.cli("status", json_out=True)["shadow_version"] == 0
+
+    out = agent.cli("apply", str(tmp / "looser.yaml"), "--shadow", "--reason", "candidate (json)", json_out=True)
+    assert out["shadow"] is True
+    r = agent.cli("promote", "--reason", "looks fine")
+    assert r.stdout.strip() == f"promoted: shadow version {out['version']} is now active"
+    st = agent.cli("status", json_out=True)
+    assert st["active_version"] == out["version"] and st["shadow_version"] == 0
+    agent.cli("apply", str(tmp / "looser.yaml"), "--shadow", "--reason", "again")
+    assert agent.cli("-o", "json", "shadow", "clear", "--reason", "done", json_out=False).returncode == 0
+    agent.cli("rollback", "--to", str(v0), "--reason", "restore")
+
+
+def test_review_and_audit(env):
+    agent, _ = env
+    v = active(agent)
+    table, rev = both(agent, "review", str(v))
+    assert rev["version"] == v and isinstance(rev["complete"], bool) and "guard_fired" in rev
+    assert f"review of version {v}" in table
+    table, audit = both(agent, "audit", "--limit", "50")
+    mine = [a for a in audit if a["author"] == "e2e-test" and a["action"] == "apply"]
+    assert mine and all(isinstance(a["version"], int) for a in audit)
+    assert {"time", "action", "result", "author", "peer", "version", "detail"} <= set(audit[0])
+    assert "audit log" in table and "e2e-test" in table
+    _, rollbacks = both(agent, "audit", "--action", "rollback")
+    assert rollbacks and {a["action"] for a in rollbacks} == {"rollback"}
+
+
+def test_guarded_apply_rolled_back_is_exit_4(env):
+    agent, tmp = env
+    v0 = active(agent)
+    flood = send(agent.lab, "--src-net", "198.18.0.0/24", "--sources", "50", "--dport", "9", "--count", "30000",
+                 "--pps", "2000", wait=False)  # fmt: skip
+    try:
+        time.sleep(3)  # a baseline for the guard
+        r = fail(agent, "apply", str(tmp / "tight-sink.yaml"), "--force", "--guard", "--guard-seconds", "15",
+                 "--reason", "tight sink, guarded")  # fmt: skip
+        assert r.returncode == 4, (r.stdout, r.stderr)
+        assert f"GUARD ROLLED BACK to version {v0}:" in r.stdout
+        assert active(agent) == v0
+        time.sleep(1)
+        r = fail(agent, "-o", "json", "apply", str(tmp / "tight-sink.yaml"), "--force", "--guard", "--guard-seconds",
+                 "15", "--reason", "tight sink, guarded (json)")  # fmt: skip
+        assert r.returncode == 4, (r.stdout, r.stderr)
+        out = json.loads(r.stdout)
+        assert out["guard_outcome"] == "rolled-back" and out["rolled_back_to"] == v0 and out["guard_cause"]
+    finally:
+        flood.kill()
+        flood.communicate()
+    assert active(agent) == v0
+    guard = agent.cli("audit", "--action", "guard-rollback", json_out=True)
+    assert len(guard) >= 2
+
+
+# ------------------------------------------------------------------ errors
+def test_error_exit_codes_and_lines(env):
+    agent, tmp = env
+    versions0 = agent.cli("versions", json_out=True)
+    r = fail(agent, "show", "999")
+    assert r.returncode == 1 and r.stderr.startswith("tidegate: NOT_FOUND: ") and r.stderr.count("\n") == 1
+    r = fail(agent, "-o", "json", "rollback", "--to", "999", "--reason", "x")
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr and r.stdout == ""
+    r = fail(agent, "apply", str(tmp / "invalid.yaml"), "--reason", "x")
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("tidegate: INVALID_ARGUMENT: ")
+    assert f"{tmp / 'invalid.yaml'}:6: rules[0].protocol: " in r.stderr, r.stderr
+    assert len(lines) == len(set(lines)), "each field error once"
+    r = fail(agent, "validate", str(tmp / "invalid.yaml"))
+    assert r.returncode == 2 and f"{tmp / 'invalid.yaml'}:6: rules[0].protocol: " in r.stderr
+    r = fail(agent, "apply", str(tmp / "missing.yaml"), "--reason", "x")
+    assert r.returncode == 2 and r.stderr == f"tidegate: {tmp / 'missing.yaml'}: no such file\n"
+    r = fail(agent, "promote", "--reason", "x")
+    assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr and "no shadow" in r.stderr
+    r = fail(agent, "shadow", "report")
+    assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr
+    r = fail(agent, "set-limit", "nosuchrule", "--pps", "5", "--reason", "x")
+    assert r.returncode == 1 and "nosuchrule" in r.stderr
+    assert agent.cli("versions", json_out=True) == versions0, "refused changes made no version"
+
+
+def test_without_a_token(env):
+    agent, _ = env
+    r = subprocess.run([str(BIN), "--server", agent.server, "status"], capture_output=True, text=True,
+                       env={**agent.env(), "TIDEGATE_TOKEN_FILE": "/nonexistent/tokens"})  # fmt: skip
+    assert r.returncode == 1 and r.stderr.startswith("tidegate: UNAUTHENTICATED: ")
+    assert "/nonexistent/tokens" in r.stderr and r.stderr.count("\n") == 1
+    read_token = [ln.split()[1] for ln in (agent.state_dir / "tokens").read_text().splitlines()
+                  if ln.startswith("read ")][0]  # fmt: skip
+    e = {**agent.env(), "TIDEGATE_TOKEN_FILE": "/nonexistent/tokens", "TIDEGATE_TOKEN": read_token}
+    r = subprocess.run([str(BIN), "rollback", "--reason", "x"], capture_output=True, text=True, env=e)
+    assert r.returncode == 1 and r.stderr.startswith("tidegate: PERMISSION_DENIED: ")
+    r = subprocess.run([str(BIN), "versions", "--token", read_token], capture_output=True, text=True,
+                       env={**agent.env(), "TIDEGATE_TOKEN_FILE": "/nonexistent/tokens"})  # fmt: skip
+    assert r.returncode == 0
+
+
+# -------------------------------------------------- mTLS, certs and detach
+def test_certs_mtls_roles_and_detach(env, tmp_path):
+    agent, tmp = env
+    pki = tmp_path / "pki"
+    r = subprocess.run([str(BIN), "certs", "--out", str(pki), "--server-name", "localhost", "--client", "alice",
+                        "--role", "admin"], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([str(BIN), "-o", "json", "certs", "--out", str(pki), "--client", "grafana", "--role", "read"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert json.loads(r.stdout)["roles"] == {"alice": "admin", "grafana": "read"}
+
+    lab = VethLab(f"m{os.getpid() % 100000}", subnet="10.208.4").create()
+    tls = AgentProc(lab, tmp_path / "state", extra=[
+        "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
+        "--tls-client-ca", str(pki / "ca.pem"), "--role-map", str(pki / "roles.json")])  # fmt: skip
+    env_ = {k: v for k, v in os.environ.items() if not k.startswith("TIDEGATE_")}
+
+    def cli(*argv, who="alice"):
+        creds = ["--ca", str(pki / "ca.pem"), "--cert", str(pki / f"{who}.pem"), "--key", str(pki / f"{who}.key")]
+        return subprocess.run([str(BIN), "--server", tls.server, *(creds if who else []), *argv], capture_output=True,
+                              text=True, env={**env_, "TIDEGATE_AUTHOR": "tls-test"}, timeout=60)  # fmt: skip
+
+    try:
+        tls.start(rules=str(tmp / "base.yaml"), wait=False)
+        deadline = time.monotonic() + 60
+        while cli("status").returncode != 0:
+            assert tls.proc.poll() is None and time.monotonic() < deadline, tls.log()
+            time.sleep(0.3)
+        st = json.loads(cli("-o", "json", "status").stdout)
+        assert st["interface"] == lab.host_if and st["attached"] is True
+        r = cli("apply", str(tmp / "looser.yaml"), "--reason", "over mTLS")
+        assert r.returncode == 0, r.stderr
+        versions = json.loads(cli("-o", "json", "versions").stdout)
+        assert versions[0]["reason"] == "over mTLS" and versions[0]["author"] == "tls-test"
+        # the read role reads and may not change anything
+        assert cli("versions", who="grafana").returncode == 0
+        r = cli("rollback", "--reason", "x", who="grafana")
+        assert r.returncode == 1 and r.stderr.startswith("tidegate: PERMISSION_DENIED: "), r.stderr
+        # no client certificate: the TLS handshake fails, one line, exit 3
+        r = cli("status", who=None)
+        assert r.returncode == 3 and r.stderr.count("\n") == 1, r.stderr
+        r = subprocess.run([str(BIN), "--server", tls.server, "--ca", str(pki / "ca.pem"), "status"],
+                           capture_output=True, text=True, env=env_)  # fmt: skip
+        assert r.returncode == 3 and r.stderr.count("\n") == 1 and "Handshake" not in r.stderr, r.stderr
+
+        # detach: the agent stopped, its program stays attached; detach removes program and pins
+        tls.stop()
+        pin_dir = Path("/sys/fs/bpf/tidegate") / tls.pin_name
+        assert pin_dir.exists()
+        assert "xdp" in subprocess.run(["ip", "link", "show", lab.host_if], capture_output=True, text=True).stdout
+        r = subprocess.run([str(BIN), "detach", "--interface", lab.host_if, "--pin-name", tls.pin_name],
+                           capture_output=True, text=True)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert f"detached tidegate from {lab.host_if}" in r.stdout
+        assert not pin_dir.exists()
+        assert "xdp" not in subprocess.run(["ip", "link", "show", lab.host_if], capture_output=True, text=True).stdout
+    finally:
+        tls.stop()
+        tls.cleanup_kernel()
+        lab.remove()
