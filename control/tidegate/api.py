@@ -127,6 +127,11 @@ class FilterService(pbg.FilterServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"kernel: {e}")
         except StoreError as e:
             context.abort(grpc.StatusCode.INTERNAL, f"store: {e}")
+        except Exception as e:  # a bug: say so clearly, keep serving
+            if isinstance(e, grpc.RpcError) or type(e).__name__ == "_AbortError" or context.code() is not None:
+                raise
+            log.exception("unexpected error in %s", method)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}: {e}")
 
     # ---------------------------------------------------------------- RPCs
     def GetStatus(self, request, context):

@@ -262,6 +262,8 @@ class VersionStore:
     _COLS = "number, state, created, author, reason, source, digest, content, error"
 
     def get_version(self, number: int) -> VersionRecord:
+        if not 0 < number < 2**63:  # SQLite integers are 64-bit signed
+            raise VersionNotFound(f"version {number} does not exist")
         with self._lock:
             row = self._conn.execute(f"SELECT {self._COLS} FROM versions WHERE number = ?", (number,)).fetchone()
             if row is None:
