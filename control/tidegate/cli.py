@@ -994,10 +994,11 @@ _tidegate() {{
     elif [ -n "$pos" ]; then
         COMPREPLY=( $(compgen -W "$pos" -- "$cur") )
     else
+        compopt -o filenames 2>/dev/null
         COMPREPLY=( $(compgen -f -- "$cur") )
     fi
 }}
-complete -o filenames -F _tidegate tidegate
+complete -F _tidegate tidegate
 """
     cases = "\n".join(
         f"        {name}) compadd -- {' '.join(positional_choices.get(name, []) + per_verb[name])}; _files ;;"

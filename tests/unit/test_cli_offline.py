@@ -225,7 +225,7 @@ def test_exit_codes_are_documented(capsys):
 
 def test_completion_scripts(capsys):
     code, out, _ = call(capsys, "completion", "bash")
-    assert code == 0 and "complete -o filenames -F _tidegate tidegate" in out
+    assert code == 0 and "\ncomplete -F _tidegate tidegate\n" in out
     for verb in cli.VERBS:
         assert f"        {verb}) " in out
     assert "--guard-seconds" in out and "report clear" in out
