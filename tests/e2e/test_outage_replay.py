@@ -1,0 +1,153 @@
+"""The outage behind tidegate, replayed on veth: legitimate clients at
+steady rates plus a flood, and an operator applying thresholds ten times
+too tight.
+
+- With the blast-radius check on, the apply is refused and names the share
+  it would have dropped.
+- With --shadow, nothing is dropped and the report shows what would have been.
+- With --force --guard, the agent rolls back by itself within the window,
+  and no canary packet is dropped after the rollback.
+- The shadow set survives an agent restart (the kernel keeps its slot; the
+  store keeps it as 'shadow')."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from tidegate.labnet import VethLab
+
+from .harness import AgentProc, finish, send
+
+pytestmark = pytest.mark.e2e
+
+GOOD = """
+defaults:
+  limit: {pps: 200, burst: 400}
+  prefix_limit: {ipv4_prefix: 16, ipv6_prefix: 48, pps: 2000, burst: 2000}
+canaries: ["{canary}"]
+rules:
+  - name: api
+    protocol: udp
+    dst_ports: [8080]
+    limit: {pps: 100, burst: 200}
+    prefix_limit: null
+  - name: sink
+    protocol: udp
+    dst_ports: [9]
+    limit: {pps: 50, burst: 100}
+"""
+# the change that caused the outage: every threshold ten times too tight
+TIGHT = (GOOD.replace("pps: 200, burst: 400", "pps: 20, burst: 40")
+         .replace("pps: 100, burst: 200", "pps: 10, burst: 20").replace("pps: 50, burst: 100", "pps: 5, burst: 10"))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root for BPF and network namespaces")
+    tmp = tmp_path_factory.mktemp("outage")
+    lab = VethLab(f"o{os.getpid() % 100000}", subnet="10.208.6").create()
+    (tmp / "good.yaml").write_text(GOOD.replace("{canary}", lab.peer_ip))
+    (tmp / "tight.yaml").write_text(TIGHT.replace("{canary}", lab.peer_ip))
+    a = AgentProc(lab, tmp / "state", extra=["--guard-seconds", "20"])
+    try:
+        a.start(rules=str(tmp / "good.yaml"))
+        yield a, tmp
+    finally:
+        a.stop()
+        a.cleanup_kernel()
+        lab.remove()
+
+
+def traffic(agent, seconds: float):
+    """50 legitimate clients at 40 pps each (plus the canary at 40 pps) and a flood."""
+    lab = agent.lab
+    n = int(seconds)
+    return [
+        send(lab, "--src-net", "10.50.0.0/24", "--sources", "50", "--count", str(2000 * n), "--pps", "2000",
+             "--dport", "8080", "--time-limit", str(seconds + 5), wait=False),
+        send(lab, "--src", lab.peer_ip, "--count", str(40 * n), "--pps", "40", "--dport", "8080",
+             "--time-limit", str(seconds + 5), wait=False),
+        send(lab, "--src-net", "198.18.0.0/16", "--sources", "30000", "--count", str(3000 * n), "--pps", "3000",
+             "--dport", "9", "--time-limit", str(seconds + 5), wait=False),
+    ]  # fmt: skip
+
+
+def api(agent):
+    c = agent.cli("counters", json_out=True)
+    r = {x["rule"]: x for x in c["rules"]}.get("api", {})
+    return int(r.get("pass_packets", 0)), int(r.get("drop_packets", 0))
+
+
+def canary_drops(agent) -> int:
+    top = agent.cli("top", "-n", "1000", "--by", "drops", json_out=True)
+    return sum(int(s["drops"]) for s in top.get("sources", []) if s["address"] == agent.lab.peer_ip)
+
+
+def test_outage_is_prevented(env):
+    agent, tmp = env
+    procs = traffic(agent, 40)
+    try:
+        time.sleep(6)  # the sampler learns the per-source rates
+        # 1. the check refuses the change and says how much it would drop
+        r = agent.cli("apply", str(tmp / "tight.yaml"), "--reason", "tighten", check=False)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "refused by the blast-radius check" in r.stderr and "of passing packets" in r.stderr
+        share = float(r.stderr.split("would newly drop ")[1].split("%")[0])
+        assert share > 30, r.stderr
+        est = agent.cli("whatif", str(tmp / "tight.yaml"), json_out=True)
+        assert est["within_budget"] is False and est["packet_share"] > 0.3
+        api_est = {x["rule"]: x for x in est["rules"]}["api"]
+        # 51 clients at 40 pps against 10 pps: ~30 pps each newly dropped
+        assert api_est["sources_newly_dropped"] >= 45
+        assert 1200 < api_est["newly_dropped_pps"] < 1800
+
+        # 2. shadow: nothing is dropped, the report shows what would have been
+        p0, d0 = api(agent)
+        agent.cli("apply", str(tmp / "tight.yaml"), "--shadow", "--reason", "try it on live traffic")
+        time.sleep(3)
+        p1, d1 = api(agent)
+        assert d1 == d0 and p1 - p0 > 3000, "the shadow set enforces nothing"
+        rep = agent.cli("shadow", "report", json_out=True)
+        shadow_api = {x["rule"]: x for x in rep["rules"]}["api"]
+        assert int(shadow_api["would_drop_new"]) > 0.5 * (p1 - p0)
+        assert int(shadow_api["sources"]) >= 40
+        # the shadow set survives an agent restart
+        agent.stop()
+        agent.start()
+        st = agent.cli("status", json_out=True)
+        assert int(st["shadow_version"]) > 0
+        agent.cli("shadow", "clear", "--reason", "seen enough")
+
+        # 3. forced with the guard: rolled back by the agent within the window
+        before = agent.cli("status", json_out=True)["active_version"]
+        t0 = time.monotonic()
+        r = agent.cli("apply", str(tmp / "tight.yaml"), "--force", "--guard", "--guard-seconds", "20",
+                      "--reason", "forced: on-call insists", check=False, timeout=120)  # fmt: skip
+        took = time.monotonic() - t0
+        assert r.returncode == 4, r.stdout + r.stderr
+        assert "ROLLED BACK" in r.stdout and took < 25
+        assert agent.cli("status", json_out=True)["active_version"] == before
+        audit = agent.cli("audit", "--action", "guard-rollback", json_out=True)
+        assert audit and audit[0]["result"] == "rolled-back"
+        # no canary packet is dropped after the rollback
+        time.sleep(2.5)
+        c0 = api(agent)
+        time.sleep(3)
+        c1 = api(agent)
+        assert c1[1] == c0[1], "no legitimate (api) drops after the rollback"
+        assert canary_drops(agent) == 0
+        metrics = agent.cli("counters", json_out=True)
+        assert metrics  # still serving
+        review = agent.cli("review", str(before), json_out=True)
+        assert review["version"] == before
+    finally:
+        for p in procs:
+            p.terminate()
+            try:
+                finish(p, timeout=10)
+            except Exception:
+                pass
