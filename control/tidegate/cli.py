@@ -300,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def verb(name: str) -> argparse.ArgumentParser:
         v = VERBS[name]
-        sp = sub.add_parser(name, prog=f"tidegate {name}", allow_abbrev=False, description=f"tidegate {name} — {v.summary}\n\n{v.description}",
-                            epilog=_epilog(v), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        sp = sub.add_parser(name, prog=f"tidegate {name}", allow_abbrev=False, epilog=_epilog(v),
+                            description=f"tidegate {name} — {v.summary}\n\n{v.description}",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         made.append((name, sp))
         return sp
 
@@ -320,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--force", action="store_true", help="override the blast-radius check (audited; needs a reason)")
     ap.add_argument("--guard", dest="guard", action="store_true", default=None,
                     help="watch after the swap and roll back automatically (default: the agent's setting)")  # fmt: skip
-    ap.add_argument("--no-guard", dest="guard", action="store_false", help="no guard, even if the agent defaults to one")
+    ap.add_argument("--no-guard", dest="guard", action="store_false",
+                    help="no guard, even if the agent defaults to one")  # fmt: skip
     ap.add_argument("--guard-seconds", type=int, default=0, metavar="N",
                     help="guard window in seconds (default: the agent's, 60)")  # fmt: skip
     ap.add_argument("--no-wait", action="store_true", help="with --guard: return at once, the guard keeps watching")
@@ -957,7 +959,8 @@ def completion_script(shell: str) -> str:
                 positional_choices[name] = list(a.choices)
     if shell == "bash":
         cases = "\n".join(
-            f"        {name}) pos=\"{' '.join(positional_choices.get(name, []))}\"; opts=\"{' '.join(per_verb[name])}\" ;;"
+            f"        {name}) pos=\"{' '.join(positional_choices.get(name, []))}\"; "
+            f"opts=\"{' '.join(per_verb[name])}\" ;;"
             for name in verbs
         )
         return f"""# bash completion for tidegate
