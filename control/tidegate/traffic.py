@@ -93,6 +93,40 @@ def send_frames(iface: str, frames: list[bytes], pps: float = 0.0, time_limit: f
     return {"sent": sent, "errors": errors, "seconds": round(time.monotonic() - start, 3)}
 
 
+def send_pcap(iface: str, path: str, dst_mac: str, time_limit: float = 60.0) -> dict:
+    """Send a capture live, paced by its own timestamps (the replay's twin)."""
+    from .replay import read_pcap
+
+    packets = list(read_pcap(path))
+    mac = mac_bytes(dst_mac)
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    s.bind((iface, 0))
+    sent = late = 0
+    t0 = packets[0][0] if packets else 0
+    start = time.monotonic()
+    try:
+        for ts, frame in packets:
+            due = start + (ts - t0) / 1e9
+            now = time.monotonic()
+            if due > now:
+                time.sleep(due - now)
+            elif now - due > 0.002:
+                late += 1
+            if now - start > time_limit:
+                break
+            for attempt in range(200):
+                try:
+                    s.send(mac + frame[6:])
+                    sent += 1
+                    break
+                except OSError:
+                    time.sleep(0.0001 * (attempt + 1))
+    finally:
+        s.close()
+    return {"sent": sent, "late": late, "seconds": round(time.monotonic() - start, 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tidegate.traffic", description=__doc__)
     p.add_argument("--iface", required=True)
@@ -107,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit", type=float, default=30.0)
     p.add_argument("--payload", type=int, default=18)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--pcap", help="send this capture's frames at their own relative timestamps "
+                   "(destination MAC rewritten to --dst-mac)")
     a = p.parse_args(argv)
+    if a.pcap:
+        json.dump(send_pcap(a.iface, a.pcap, a.dst_mac, a.time_limit), sys.stdout)
+        print()
+        return 0
     if bool(a.src) == bool(a.src_net):
         p.error("give exactly one of --src or --src-net")
     srcs = [a.src] if a.src else spoofed_sources(a.src_net, min(a.sources, a.count), a.seed)
