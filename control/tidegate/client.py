@@ -11,7 +11,8 @@ Credentials, in this order:
 - A bearer token: --token or $TIDEGATE_TOKEN, else the first admin (then
   read) token in --token-file / $TIDEGATE_TOKEN_FILE /
   /var/lib/tidegate/tokens (readable by root only).
-Every call carries `tidegate-author`: $TIDEGATE_AUTHOR or user@host.
+Every call carries `tidegate-author`: $TIDEGATE_AUTHOR or user@host (under
+sudo, the user who ran sudo).
 
 Errors raise ClientError with the CLI's exit code: 3 when the agent cannot
 be reached (refused, timed out, name not resolved, TLS handshake failed),
@@ -51,8 +52,14 @@ class ClientError(Exception):
 
 
 def default_author() -> str:
+    """$TIDEGATE_AUTHOR, else user@host; under sudo the person who ran sudo
+    (the token file is root's, so operators typically run `sudo tidegate`,
+    and "root" would say nothing about who made the change)."""
     if os.environ.get("TIDEGATE_AUTHOR"):
         return os.environ["TIDEGATE_AUTHOR"]
+    sudo_user = os.environ.get("SUDO_USER")
+    if sudo_user and os.geteuid() == 0 and sudo_user != "root":
+        return f"{sudo_user}@{socket.gethostname()} (sudo)"
     try:
         user = getpass.getuser()
     except Exception:

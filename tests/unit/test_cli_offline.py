@@ -412,6 +412,21 @@ def test_watch_json_lines_and_table(capsys, fake_agent):
     assert code == 0 and "per rule" in out and "198.18.0.1" in out and "active v2" in out
 
 
+def test_author(monkeypatch):
+    from tidegate.client import default_author
+
+    host = socket.gethostname()
+    assert default_author() == "unit-test"
+    monkeypatch.delenv("TIDEGATE_AUTHOR")
+    monkeypatch.setenv("SUDO_USER", "alice")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert default_author() == f"alice@{host} (sudo)"
+    monkeypatch.delenv("SUDO_USER")
+    monkeypatch.setenv("USER", "bob")
+    monkeypatch.setenv("LOGNAME", "bob")
+    assert default_author() == f"bob@{host}"
+
+
 def test_message_to_dict_is_complete_and_typed():
     d = message_to_dict(pb.ApplyResponse(version=3))
     assert d == {"version": 3, "shadow": False, "estimate": None, "guarded": False, "guard_outcome": "",
