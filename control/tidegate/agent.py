@@ -160,7 +160,14 @@ class Agent:
         self.require_attached()
         return self.kf.counters()
 
-    def top_sources(self, n: int, by: str, shadow: bool = False) -> tuple[list[dict], float]:
+    def top_sources(self, n: int, by: str, shadow: bool = False,
+                    window: float = 0.0) -> tuple[list[dict], float]:  # fmt: skip
+        """Top sources of the active (or shadow) set by packets or drops.
+
+        window 0: the sampler's last interval; otherwise the intervals of the
+        last `window` seconds, summed per source and rule (entries of the set
+        loaded now: a source's counts under an earlier version are not
+        included). Work is bounded by the sampler's ring, never the LRU."""
         self.require_attached()
         st = self.kf.state()
         info = st.shadow if shadow else st.active
@@ -168,17 +175,38 @@ class Agent:
             if shadow:
                 raise OperationError("FAILED_PRECONDITION", "no shadow rule set is loaded")
             return [], 0.0
-        iv = self.sampler.last_interval()
-        if iv is None:
+        if window > 0:
+            ivs = self.sampler.intervals(window)
+        else:
+            last = self.sampler.last_interval()
+            ivs = [last] if last is not None else []
+        if not ivs:
             return [], 0.0
         import numpy as np
 
-        sel = (iv.kind == 0) & (iv.epoch == info.epoch)
-        key = iv.drops if by == "drops" else iv.packets
-        idx = np.nonzero(sel)[0]
-        order = idx[np.argsort(-key[idx].astype(np.int64), kind="stable")][: max(1, min(n, 1000))]
         from .kernel_layout import halves_to_address
 
+        seconds = max(1e-9, ivs[-1].t1 - ivs[0].t0)
+        sels = [(iv.kind == 0) & (iv.epoch == info.epoch) for iv in ivs]
+        keys = np.empty(sum(int(np.count_nonzero(m)) for m in sels),
+                        dtype=[("hi", "<u8"), ("lo", "<u8"), ("rule", "u1")])  # fmt: skip
+        keys["hi"] = np.concatenate([iv.hi[m] for iv, m in zip(ivs, sels)])
+        keys["lo"] = np.concatenate([iv.lo[m] for iv, m in zip(ivs, sels)])
+        keys["rule"] = np.concatenate([iv.rule[m] for iv, m in zip(ivs, sels)])
+        pk = np.concatenate([iv.packets[m] for iv, m in zip(ivs, sels)]).astype(np.uint64)
+        dr = np.concatenate([iv.drops[m] for iv, m in zip(ivs, sels)]).astype(np.uint64)
+        fns = np.concatenate([iv.first_ns[m] for iv, m in zip(ivs, sels)]).astype(np.uint64)
+        if len(keys) == 0:
+            return [], seconds
+        uniq, inv = np.unique(keys, return_inverse=True)
+        packets = np.zeros(len(uniq), np.uint64)
+        drops = np.zeros(len(uniq), np.uint64)
+        first_ns = np.full(len(uniq), np.iinfo(np.uint64).max, np.uint64)
+        np.add.at(packets, inv, pk)
+        np.add.at(drops, inv, dr)
+        np.minimum.at(first_ns, inv, fns)
+        key = drops if by == "drops" else packets
+        order = np.argsort(-key.astype(np.int64), kind="stable")[: max(1, min(n, 1000))]
         out = []
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         for i in order:
@@ -186,16 +214,16 @@ class Agent:
                 break
             out.append(
                 {
-                    "address": str(halves_to_address(int(iv.hi[i]), int(iv.lo[i]))),
-                    "rule": self.kf.rule_name(info.slot, int(iv.rule[i])),
-                    "packets": int(iv.packets[i]),
-                    "drops": int(iv.drops[i]),
-                    "pps": float(iv.packets[i]) / iv.seconds,
-                    "drop_pps": float(iv.drops[i]) / iv.seconds,
-                    "first_seen_seconds_ago": max(0.0, (now_ns - int(iv.first_ns[i])) / 1e9),
+                    "address": str(halves_to_address(int(uniq["hi"][i]), int(uniq["lo"][i]))),
+                    "rule": self.kf.rule_name(info.slot, int(uniq["rule"][i])),
+                    "packets": int(packets[i]),
+                    "drops": int(drops[i]),
+                    "pps": float(packets[i]) / seconds,
+                    "drop_pps": float(drops[i]) / seconds,
+                    "first_seen_seconds_ago": max(0.0, (now_ns - int(first_ns[i])) / 1e9),
                 }
             )
-        return out, iv.seconds
+        return out, seconds
 
     def list_versions(self, limit: int, offset: int):
         return self.store.list_versions(limit or 50, offset)
@@ -280,6 +308,10 @@ class Agent:
         return outcome
 
     def rollback(self, to_version: int | None, reason: str, caller: Caller, cause: str = "manual") -> ApplyOutcome:
+        if cause == "manual" and not reason.strip():
+            self._rejected("rollback", caller, "no reason given")
+            raise OperationError("INVALID_ARGUMENT", "a reason is required (--reason TEXT)",
+                                 [FieldError("reason", None, "is required")])  # fmt: skip
         with self._change:
             current = self.kf.active_version()
             target = to_version or self.store.previous_active(current)
@@ -296,6 +328,7 @@ class Agent:
                 self.kf.apply(rs, target)
             except KernelError as e:
                 self.change_results["error"] += 1
+                self.store.audit("rollback", "error", caller.author, caller.peer, str(e), target)
                 raise OperationError("INTERNAL", f"writing the rule set into the kernel failed: {e}") from None
             self.store.commit_active(target, "rollback", caller.author, reason or f"rollback ({cause})", caller.peer)
             self.rollbacks[cause] = self.rollbacks.get(cause, 0) + 1
@@ -463,6 +496,34 @@ def _check_port_free(host: str, port: int, what: str) -> None:
         s.close()
 
 
+def _read_tls(opts: argparse.Namespace) -> tuple[bytes, bytes, bytes]:
+    """Key, certificate and client CA, read before anything is touched."""
+    out = []
+    for flag, path in (("--tls-key", opts.tls_key), ("--tls-cert", opts.tls_cert),
+                       ("--tls-client-ca", opts.tls_client_ca)):  # fmt: skip
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise SystemExit(f"tidegate agent: cannot read {flag} {path}: {e.strerror}")
+        if b"-----BEGIN " not in data:
+            raise SystemExit(f"tidegate agent: {flag} {path} is not a PEM file")
+        out.append(data)
+    return out[0], out[1], out[2]
+
+
+def _undo_start(kf: KernelFilter, loaded) -> None:
+    """A start that fails leaves what it found: a program that was attached
+    before stays attached; one this run attached is detached, and maps this
+    run created are unpinned."""
+    try:
+        if not (loaded.adopted or loaded.replaced):
+            kf.detach(remove_pins=loaded.fresh_maps)
+    except KernelError as e:
+        log.error("cleaning up after a failed start", extra={"error": str(e)})
+    kf.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
@@ -498,6 +559,7 @@ def run(opts: argparse.Namespace) -> int:
             )
         log.warning("INSECURE: gRPC listens on a non-loopback address without TLS; anyone who can reach "
                     "it can change the filter", extra={"listen": opts.listen})  # fmt: skip
+    opts.tls_material = _read_tls(opts) if tls else None
     # ports first: a start that fails here has touched nothing
     _check_port_free(host, port, "gRPC")
     if mhost is not None:
@@ -551,15 +613,22 @@ def run(opts: argparse.Namespace) -> int:
         elif initial is not None and store.active_version() is not None:
             log.info("--rules ignored: the kernel already runs a rule set", extra={"version": kver})
     except (StoreError, KernelError, OperationError) as e:
-        if loaded.fresh_maps and not loaded.adopted:
-            kf.detach(remove_pins=True)
-        kf.close()
+        _undo_start(kf, loaded)
         raise SystemExit(f"tidegate agent: {e}")
 
+    server = msrv = None
+    try:
+        server = api.serve(agent, opts)
+        msrv = metrics.serve(agent, mhost, mport) if mhost is not None else None
+    except (SystemExit, Exception) as e:
+        # lost a race for a port, an unusable certificate, an unwritable token file...
+        if server is not None:
+            server.stop(grace=0)
+        _undo_start(kf, loaded)
+        msg = e.code if isinstance(e, SystemExit) else f"tidegate agent: cannot serve: {e}"
+        raise SystemExit(msg) from None
     agent.sampler.start()
     agent.history.start()
-    server = api.serve(agent, opts)
-    msrv = metrics.serve(agent, mhost, mport) if mhost is not None else None
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -4,6 +4,7 @@ the Agent, and between OperationError and gRPC status codes."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent import futures
 
@@ -23,6 +24,8 @@ from .v1 import tidegate_pb2_grpc as pbg
 log = logging.getLogger("tidegate.api")
 ERRORS_KEY = "tidegate-errors-bin"
 SERVICE = "tidegate.v1.Filter"
+WORKERS = 16
+MAX_WATCHERS = 8  # WatchCounters streams at once (each holds one of WORKERS threads)
 
 
 def _violations(errors) -> list[pb.FieldViolation]:
@@ -90,6 +93,7 @@ class FilterService(pbg.FilterServicer):
     def __init__(self, agent: Agent, authorizer: Authorizer):
         self.agent = agent
         self.auth = authorizer
+        self._watchers = threading.BoundedSemaphore(MAX_WATCHERS)
 
     # ------------------------------------------------------------ plumbing
     def _caller(self, context, method: str) -> Caller:
@@ -184,7 +188,10 @@ class FilterService(pbg.FilterServicer):
             by = request.by or "packets"
             if by not in ("packets", "drops"):
                 raise OperationError("INVALID_ARGUMENT", f"by must be packets or drops, not {by!r}")
-            rows, secs = self.agent.top_sources(request.n or 10, by, request.shadow)
+            if not 0 <= request.window_seconds <= self.agent.sampler.window:  # NaN fails this too
+                raise OperationError("INVALID_ARGUMENT", f"window_seconds must be between 0 (the last sample "
+                                     f"interval) and {self.agent.sampler.window:g} (the sampler's history)")  # fmt: skip
+            rows, secs = self.agent.top_sources(request.n or 10, by, request.shadow, request.window_seconds)
             return pb.TopSourcesResponse(sources=[pb.SourceRate(**r) for r in rows], interval_seconds=secs,
                                          tracked_sources=self.agent.sampler.tracked_sources)  # fmt: skip
 
@@ -192,17 +199,27 @@ class FilterService(pbg.FilterServicer):
 
     def WatchCounters(self, request, context):
         self._caller(context, "WatchCounters")
-        interval = max(0.1, (request.interval_ms or 1000) / 1000.0)
-        sent = 0
-        while context.is_active():
-            try:
-                yield counters_pb(self.agent)
-            except (OperationError, NotAttachedError) as e:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, getattr(e, "message", str(e)))
-            sent += 1
-            if request.max_updates and sent >= request.max_updates:
-                return
-            time.sleep(interval)
+        # each stream holds a worker thread: cap them so watchers cannot starve other calls
+        if not self._watchers.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{MAX_WATCHERS} watch streams are open already; try again later")  # fmt: skip
+        try:
+            interval = max(0.1, (request.interval_ms or 1000) / 1000.0)
+            gone = threading.Event()  # wakes the wait below when the client goes away
+            context.add_callback(gone.set)
+            sent = 0
+            while context.is_active() and not gone.is_set():
+                try:
+                    msg = counters_pb(self.agent)
+                except (OperationError, NotAttachedError) as e:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, getattr(e, "message", str(e)))
+                yield msg
+                sent += 1
+                if request.max_updates and sent >= request.max_updates:
+                    return
+                gone.wait(interval)
+        finally:
+            self._watchers.release()
 
     def UpdateThresholds(self, request, context):
         def fn(c):
@@ -321,7 +338,7 @@ def _version_info(v) -> pb.VersionInfo:
 
 
 def serve(agent: Agent, opts) -> grpc.Server:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), maximum_concurrent_rpcs=64,
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS), maximum_concurrent_rpcs=64,
                          options=[("grpc.max_receive_message_length", 64 << 20)])  # fmt: skip
     authorizer = Authorizer.from_options(opts)
     pbg.add_FilterServicer_to_server(FilterService(agent, authorizer), server)
@@ -331,14 +348,20 @@ def serve(agent: Agent, opts) -> grpc.Server:
     hs.set("", health_pb2.HealthCheckResponse.SERVING)
     names = (pb.DESCRIPTOR.services_by_name["Filter"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    if opts.tls_cert:
+    tls = getattr(opts, "tls_material", None)
+    if tls is None and opts.tls_cert:
         with open(opts.tls_key, "rb") as k, open(opts.tls_cert, "rb") as c, open(opts.tls_client_ca, "rb") as ca:
-            creds = grpc.ssl_server_credentials(((k.read(), c.read()),), root_certificates=ca.read(),
-                                                require_client_auth=True)  # fmt: skip
-        port = server.add_secure_port(opts.listen, creds)
-    else:
-        port = server.add_insecure_port(opts.listen)
+            tls = (k.read(), c.read(), ca.read())
+    if tls is not None:
+        key, cert, ca = tls
+        # mutual TLS: a client without a certificate signed by the CA cannot connect
+        creds = grpc.ssl_server_credentials(((key, cert),), root_certificates=ca, require_client_auth=True)
+    try:
+        port = server.add_secure_port(opts.listen, creds) if tls is not None else server.add_insecure_port(opts.listen)
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        port = 0
     if not port:
-        raise SystemExit(f"tidegate agent: cannot listen on {opts.listen}")
+        why = " with that TLS key and certificate (do they match? see the line above)" if tls is not None else ""
+        raise SystemExit(f"tidegate agent: cannot listen on {opts.listen}{why}")
     server.start()
     return server
