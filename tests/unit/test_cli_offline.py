@@ -412,6 +412,20 @@ def test_watch_json_lines_and_table(capsys, fake_agent):
     assert code == 0 and "per rule" in out and "198.18.0.1" in out and "active v2" in out
 
 
+@pytest.mark.parametrize("mode", ["table", "json"])
+def test_watch_ctrl_c_exits_0(fake_agent, mode):
+    import signal
+
+    p = subprocess.Popen([str(BIN), "--server", fake_agent, "-o", mode, "watch", "--interval", "0.1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(1.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=10)
+    assert p.returncode == 0 and "Traceback" not in err, err
+    if mode == "json":
+        assert len([json.loads(ln) for ln in out.splitlines()]) >= 3
+
+
 def test_author(monkeypatch):
     from tidegate.client import default_author
 
