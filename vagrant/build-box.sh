@@ -84,10 +84,26 @@ cat >"${work}/box/metadata.json" <<META
 {"provider": "libvirt", "format": "qcow2", "virtual_size": ${vsize}}
 META
 cat >"${work}/box/Vagrantfile" <<'VF'
+# Direct kernel boot: qemu runs as libvirt's own user, which cannot read
+# ~/.vagrant.d of the user who added the box, so the kernel and initrd are
+# copied next to libvirt's images first.
+require "fileutils"
+boot = "/var/lib/libvirt/boot/tidegate-debian12"
+%w[vmlinuz initrd.img].each do |f|
+  src = File.expand_path(f, __dir__)
+  dst = File.join(boot, f)
+  begin
+    FileUtils.mkdir_p(boot)
+    FileUtils.cp(src, dst) unless File.exist?(dst) && File.size(dst) == File.size(src)
+    File.chmod(0o644, dst)
+  rescue SystemCallError => e
+    warn "tidegate box: cannot copy #{f} to #{boot} (#{e.message}); run vagrant as root or copy it by hand"
+  end
+end
 Vagrant.configure("2") do |config|
   config.vm.provider :libvirt do |lv|
-    lv.kernel = File.expand_path("vmlinuz", __dir__)
-    lv.initrd = File.expand_path("initrd.img", __dir__)
+    lv.kernel = File.join(boot, "vmlinuz")
+    lv.initrd = File.join(boot, "initrd.img")
     lv.cmd_line = "root=/dev/vda rw console=ttyS0 net.ifnames=0"
     lv.disk_bus = "virtio"
   end

@@ -12,6 +12,14 @@ start=$(date +%s)
 step() { printf 'vagrant-e2e: [%4ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
 
 cd "${here}"
+# hardware virtualisation may exist but be unusable by libvirt's qemu user:
+# fall back to QEMU software emulation (slower, works everywhere)
+if [ -z "${TIDEGATE_VAGRANT_QEMU:-}" ]; then
+    if ! [ -e /dev/kvm ] || ! runuser -u libvirt-qemu -- test -w /dev/kvm 2>/dev/null; then
+        export TIDEGATE_VAGRANT_QEMU=1
+        step "KVM not usable here: using QEMU software emulation"
+    fi
+fi
 trap 'step "destroying"; vagrant destroy -f >/dev/null 2>&1 || true' EXIT
 if ! vagrant box list 2>/dev/null | grep -q "^${TIDEGATE_BOX:-tidegate/debian12} "; then
     step "building the box"

@@ -199,15 +199,33 @@ def map_update(fd: int, key: ctypes.Array | ctypes.Structure, value, flags: int 
     _bpf(BPF_MAP_UPDATE_ELEM, attr)
 
 
-def lookup_batch(fd: int, key_size: int, value_size: int, max_entries: int, chunk: int = 65536):
-    """Read a whole hash map with BPF_MAP_LOOKUP_BATCH.
+def map_delete(fd: int, key) -> bool:
+    """Delete one entry; False if it was not there."""
+    attr = _MapElem(map_fd=fd, key=ctypes.addressof(key))
+    try:
+        _bpf(BPF_MAP_DELETE_ELEM, attr)
+    except BpfError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
 
-    Returns (keys: bytes, values: bytes, count). Values of per-CPU maps are
-    not supported here (tidegate only batch-reads the shared LRU)."""
-    keys = ctypes.create_string_buffer(key_size * max(1, max_entries))
-    values = ctypes.create_string_buffer(value_size * max(1, max_entries))
+
+def lookup_batch(fd: int, key_size: int, value_size: int, max_entries: int, chunk: int = 65536):
+    """Read a whole hash map with BPF_MAP_LOOKUP_BATCH, straight into numpy
+    buffers (no per-entry Python work, no copies).
+
+    Returns (keys: numpy uint8 array, values: numpy uint8 array, count).
+    Values of per-CPU maps are not supported here (tidegate only batch-reads
+    the shared LRU)."""
+    import numpy as np
+
+    n_alloc = max(1, max_entries)
+    keys = np.empty(key_size * n_alloc, dtype=np.uint8)
+    values = np.empty(value_size * n_alloc, dtype=np.uint8)
     token_in = ctypes.create_string_buffer(max(8, key_size))
     token_out = ctypes.create_string_buffer(max(8, key_size))
+    kptr, vptr = keys.ctypes.data, values.ctypes.data
     total = 0
     first = True
     while total < max_entries:
@@ -215,8 +233,8 @@ def lookup_batch(fd: int, key_size: int, value_size: int, max_entries: int, chun
         attr = _Batch(
             in_batch=0 if first else ctypes.addressof(token_in),
             out_batch=ctypes.addressof(token_out),
-            keys=ctypes.addressof(keys) + total * key_size,
-            values=ctypes.addressof(values) + total * value_size,
+            keys=kptr + total * key_size,
+            values=vptr + total * value_size,
             count=n,
             map_fd=fd,
         )
@@ -232,7 +250,7 @@ def lookup_batch(fd: int, key_size: int, value_size: int, max_entries: int, chun
             break
         ctypes.memmove(token_in, token_out, ctypes.sizeof(token_out))
         first = False
-    return keys.raw[: total * key_size], values.raw[: total * value_size], total
+    return keys[: total * key_size], values[: total * value_size], total
 
 
 class GraceWaiter:
@@ -273,3 +291,23 @@ class GraceWaiter:
                 os.close(fd)
             except OSError:
                 pass
+
+
+BPF_MAP_UPDATE_BATCH = 26
+
+
+def update_batch(fd: int, keys: bytes, values: bytes, count: int, chunk: int = 65536) -> int:
+    """Write `count` entries with BPF_MAP_UPDATE_BATCH (benchmarks and tests
+    that need a map full of sources without sending a million packets)."""
+    kbuf = ctypes.create_string_buffer(keys, len(keys))
+    vbuf = ctypes.create_string_buffer(values, len(values))
+    ksz = len(keys) // max(1, count)
+    vsz = len(values) // max(1, count)
+    done = 0
+    while done < count:
+        n = min(chunk, count - done)
+        attr = _Batch(keys=ctypes.addressof(kbuf) + done * ksz, values=ctypes.addressof(vbuf) + done * vsz,
+                      count=n, map_fd=fd)  # fmt: skip
+        _bpf(BPF_MAP_UPDATE_BATCH, attr)
+        done += attr.count
+    return done

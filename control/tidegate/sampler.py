@@ -57,6 +57,18 @@ class SourceRates:
     seconds: float
 
 
+def _hash_keys(hi, lo, meta) -> np.ndarray:
+    """One 64-bit key per entry: sorting u64 is ~20x faster than sorting a
+    structured array. A collision (2^-64 per pair) would only mix up two
+    entries' deltas for one interval."""
+    with np.errstate(over="ignore"):
+        h = hi * np.uint64(0x9E3779B97F4A7C15)
+        h ^= lo * np.uint64(0xC2B2AE3D27D4EB4F)
+        h ^= meta * np.uint64(0x165667B19E3779F9)
+        h ^= h >> np.uint64(29)
+    return h
+
+
 def _keys(hi, lo, epoch, rule, kind) -> np.ndarray:
     k = np.empty(len(hi), dtype=[("hi", "<u8"), ("lo", "<u8"), ("meta", "<u8")])
     k["hi"] = hi
@@ -106,8 +118,10 @@ class Sampler:
         state = self.kf.state()
         now = time.monotonic()
         keys = _keys(table.addr_hi, table.addr_lo, table.epoch, table.rule, table.kind)
-        order = np.argsort(keys, order=("hi", "lo", "meta"))
+        hkeys = _hash_keys(keys["hi"], keys["lo"], keys["meta"])
+        order = np.argsort(hkeys, kind="stable")
         keys = keys[order]
+        hkeys = hkeys[order]
         packets = table.packets[order]
         drops = table.drops[order]
         new_drops = table.new_drops[order]
@@ -115,7 +129,7 @@ class Sampler:
         active_epoch = state.active.epoch if state.active else None
         with self._lock:
             prev = self._prev
-            self._prev = (now, keys, packets, drops, new_drops)
+            self._prev = (now, hkeys, packets, drops, new_drops)
             mask_src = keys["meta"] & np.uint64(0xFF) == 0
             if active_epoch is not None:
                 ep = keys["meta"] >> np.uint64(16)
@@ -128,9 +142,9 @@ class Sampler:
             if prev is None:
                 return
             t0, pkeys, ppk, pdr, pnd = prev
-            idx = np.searchsorted(pkeys, keys)
+            idx = np.searchsorted(pkeys, hkeys)
             idx_c = np.minimum(idx, max(0, len(pkeys) - 1))
-            found = (len(pkeys) > 0) & (pkeys[idx_c] == keys) if len(pkeys) else np.zeros(len(keys), bool)
+            found = (pkeys[idx_c] == hkeys) if len(pkeys) else np.zeros(len(hkeys), bool)
             base_pk = np.where(found, ppk[idx_c] if len(pkeys) else 0, 0)
             base_dr = np.where(found, pdr[idx_c] if len(pkeys) else 0, 0)
             base_nd = np.where(found, pnd[idx_c] if len(pkeys) else 0, 0)
