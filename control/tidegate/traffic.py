@@ -12,6 +12,7 @@ import argparse
 import ipaddress
 import json
 import random
+import signal
 import socket
 import struct
 import sys
@@ -93,6 +94,33 @@ def send_frames(iface: str, frames: list[bytes], pps: float = 0.0, time_limit: f
     return {"sent": sent, "errors": errors, "seconds": round(time.monotonic() - start, 3)}
 
 
+def send_sequential(iface: str, network: str, dst_ip: str, dst_mac: str, dport: int, count: int,
+                    pps: float = 0.0, time_limit: float = 60.0, batch: int = 65536) -> dict:
+    """`count` packets, each from the next address of `network`: millions
+    of distinct spoofed sources, built and sent in bounded batches."""
+    net = ipaddress.ip_network(network)
+    base = int(net.network_address)
+    size = net.num_addresses
+    template = udp_frame("0.0.0.0", dst_ip, dst_mac, dport)
+    head, ip, tail = template[:14], bytearray(template[14:34]), template[34:]
+    sent = errors = 0
+    start = time.monotonic()
+    deadline = start + time_limit
+    i = 0
+    while i < count and time.monotonic() < deadline:
+        frames = []
+        for j in range(i, min(count, i + batch)):
+            ip[12:16] = struct.pack("!I", base + (j % size))
+            ip[10:12] = b"\0\0"
+            ip[10:12] = struct.pack("!H", _checksum(bytes(ip)))
+            frames.append(head + bytes(ip) + tail)
+        r = send_frames(iface, frames, pps, max(0.1, deadline - time.monotonic()))
+        sent += r["sent"]
+        errors += r["errors"]
+        i += len(frames)
+    return {"sent": sent, "errors": errors, "seconds": round(time.monotonic() - start, 3)}
+
+
 def send_pcap(iface: str, path: str, dst_mac: str, time_limit: float = 60.0) -> dict:
     """Send a capture live, paced by its own timestamps (the replay's twin)."""
     from .replay import read_pcap
@@ -141,15 +169,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit", type=float, default=30.0)
     p.add_argument("--payload", type=int, default=18)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--sequential", action="store_true",
+                   help="with --src-net: every packet from the next address (distinct sources, built in batches)")
     p.add_argument("--pcap", help="send this capture's frames at their own relative timestamps "
                    "(destination MAC rewritten to --dst-mac)")
     a = p.parse_args(argv)
+
+    def _stop(signum, frame):  # SIGTERM ends the run early but still reports
+        raise TimeoutError
+
+    signal.signal(signal.SIGTERM, _stop)
     if a.pcap:
         json.dump(send_pcap(a.iface, a.pcap, a.dst_mac, a.time_limit), sys.stdout)
         print()
         return 0
     if bool(a.src) == bool(a.src_net):
         p.error("give exactly one of --src or --src-net")
+    if a.sequential:
+        json.dump(send_sequential(a.iface, a.src_net, a.dst_ip, a.dst_mac, a.dport, a.count, a.pps, a.time_limit),
+                  sys.stdout)  # fmt: skip
+        print()
+        return 0
     srcs = [a.src] if a.src else spoofed_sources(a.src_net, min(a.sources, a.count), a.seed)
     frames = [udp_frame(s, a.dst_ip, a.dst_mac, a.dport, a.payload) for s in srcs]
     repeat, rest = divmod(a.count, len(frames))

@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Under attack: a flood from 10,000,000 distinct spoofed sources over veth.
+
+Method: a namespace and veth pair made for the run; the real agent on the
+host end with a per-source LRU of --max-sources entries (default 262,144,
+far fewer than the flood's sources) and a per-/16 prefix limit on the
+flooded rule. From inside the namespace: the flood (every packet from the
+next address of 10.0.0.0/8 ... i.e. distinct sources, built and sent in
+batches of 65,536) and a legitimate client at 50 pps whose packets are
+counted at a socket. Meanwhile GetStatus is called over gRPC every 50 ms
+and timed. Reported: packets sent, drops by reason, LRU inserts / insert
+failures / estimated evictions, tracked entries vs the configured size,
+kernel memory of the LRU, agent RSS, legitimate delivery, GetStatus p50/p99.
+
+    sudo .venv/bin/python bench/under_attack.py [--sources 10000000] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from report import header_lines, machine, save, table, use_repo_package
+
+use_repo_package()
+
+from tidegate.kernel import FilterConfig, KernelFilter  # noqa: E402
+from tidegate.labnet import VethLab  # noqa: E402
+
+RULES = """
+defaults:
+  limit: {pps: 100, burst: 200}
+rules:
+  - name: app
+    protocol: udp
+    dst_ports: [5555]
+    limit: {pps: 200, burst: 400}
+  - name: flooded
+    protocol: udp
+    dst_ports: [9]
+    limit: {pps: 10, burst: 20}
+    prefix_limit: {ipv4_prefix: 16, ipv6_prefix: 48, pps: 200, burst: 400}
+"""
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sources", type=int, default=10_000_000)
+    ap.add_argument("--max-sources", type=int, default=262_144)
+    ap.add_argument("--time-limit", type=float, default=300)
+    ap.add_argument("--quick", action="store_true", help="1,000,000 sources")
+    args = ap.parse_args()
+    if args.quick:
+        args.sources = 1_000_000
+    tmp = Path(tempfile.mkdtemp(prefix="tg-attack-"))
+    (tmp / "rules.yaml").write_text(RULES)
+    lab = VethLab(f"ua{os.getpid() % 10000}", subnet="10.210.1").create()
+    venv_bin = Path(sys.executable).parent
+    agent = subprocess.Popen(
+        [str(venv_bin / "tidegate"), "agent", "--interface", lab.host_if, "--rules", str(tmp / "rules.yaml"),
+         "--state-dir", str(tmp / "state"), "--listen", "127.0.0.1:50991", "--metrics-listen", "off",
+         "--pin-name", "bench-attack", "--max-sources", str(args.max_sources), "--sample-interval", "5"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "wb"))  # fmt: skip
+    procs = []
+    try:
+        from tidegate.client import Client
+
+        cl = None
+        for _ in range(100):
+            try:
+                cl = Client("127.0.0.1:50991", timeout=5, token_file=str(tmp / "state" / "tokens"))
+                cl.call("GetStatus", cl.pb.GetStatusRequest())
+                break
+            except Exception:
+                time.sleep(0.3)
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        rx.bind((lab.host_ip, 5555))
+        rx.settimeout(0.5)
+        received = [0]
+        stop = threading.Event()
+
+        def receive():
+            while not stop.is_set():
+                try:
+                    rx.recv(2048)
+                    received[0] += 1
+                except socket.timeout:
+                    pass
+
+        lat = []
+
+        def probe():
+            while not stop.is_set():
+                t = time.perf_counter()
+                try:
+                    cl.call("GetStatus", cl.pb.GetStatusRequest())
+                    lat.append((time.perf_counter() - t) * 1000)
+                except Exception:
+                    lat.append(float("inf"))
+                time.sleep(0.05)
+
+        threads = [threading.Thread(target=receive, daemon=True), threading.Thread(target=probe, daemon=True)]
+        for t in threads:
+            t.start()
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "control")}
+        base = [sys.executable, "-m", "tidegate.traffic", "--iface", lab.peer_if, "--dst-mac", lab.host_mac(),
+                "--dst-ip", lab.host_ip]  # fmt: skip
+        legit_n = int(50 * args.time_limit)
+        started = time.monotonic()
+        legit = lab.popen_in_ns(base + ["--src", lab.peer_ip, "--dport", "5555", "--count", str(legit_n), "--pps", "50",
+                                        "--time-limit", str(args.time_limit)], stdout=subprocess.PIPE, env=env)  # fmt: skip
+        flood = lab.popen_in_ns(base + ["--src-net", "10.0.0.0/8", "--sequential", "--count", str(args.sources),
+                                        "--dport", "9", "--time-limit", str(args.time_limit)],
+                                stdout=subprocess.PIPE, env=env)  # fmt: skip
+        procs = [legit, flood]
+        flood_out = json.loads(flood.communicate(timeout=args.time_limit + 120)[0])
+        flood_s = time.monotonic() - started
+        legit.send_signal(signal.SIGTERM)
+        legit_out = legit.communicate(timeout=30)[0]
+        legit_sent = json.loads(legit_out)["sent"] if legit_out.strip() else int(50 * flood_s)
+        time.sleep(1)
+        stop.set()
+        counters = cl.call("GetCounters", cl.pb.GetCountersRequest())
+        status = cl.call("GetStatus", cl.pb.GetStatusRequest())
+        rss_kb = int(open(f"/proc/{agent.pid}/status").read().split("VmRSS:")[1].split()[0])
+        mem = subprocess.run(["bpftool", "-j", "map", "show", "pinned", "/sys/fs/bpf/tidegate/bench-attack/tg_state"],
+                             capture_output=True, text=True)  # fmt: skip
+        m = json.loads(mem.stdout) if mem.returncode == 0 else {}
+        reasons = {r.reason: r.packets for r in counters.reasons}
+        rules = {r.rule: r for r in counters.rules}
+        data = {
+            "machine": machine(),
+            "flood_sources": args.sources, "flood_sent": flood_out["sent"], "flood_seconds": round(flood_s, 1),
+            "flood_pps": round(flood_out["sent"] / flood_s), "reasons": reasons,
+            "flooded_rule": {"pass": rules["flooded"].pass_packets, "drop": rules["flooded"].drop_packets,
+                             "drop_prefix": rules["flooded"].drop_prefix, "drop_rate": rules["flooded"].drop_rate},
+            "lru_inserts": counters.lru_inserts, "lru_insert_failures": counters.lru_insert_failures,
+            "lru_evictions_estimated": max(0, counters.lru_inserts - args.max_sources),
+            "lru_max_entries": args.max_sources, "tracked_sources": status.tracked_sources,
+            "lru_kernel_bytes": m.get("bytes_memlock"), "agent_rss_mb": round(rss_kb / 1024, 1),
+            "legit_sent": legit_sent, "legit_received": received[0],
+            "legit_delivery": round(received[0] / max(1, legit_sent), 4),
+            "getstatus_ms": {"n": len(lat), "p50": pct(lat, 50), "p99": pct(lat, 99), "max": max(lat) if lat else None},
+        }  # fmt: skip
+        lines = header_lines("under attack: distinct spoofed sources over veth", __doc__.split("Method:")[1]
+                             .split("    sudo")[0].strip())  # fmt: skip
+        lines += ["", table(["figure", "value"], [
+            ["distinct spoofed sources sent", f"{data['flood_sent']:,} in {data['flood_seconds']} s "
+                                              f"({data['flood_pps']:,} pps)"],
+            ["flooded rule: dropped / passed", f"{data['flooded_rule']['drop']:,} / {data['flooded_rule']['pass']:,} "
+                                               f"(prefix-limit drops {data['flooded_rule']['drop_prefix']:,})"],
+            ["LRU inserts / insert failures", f"{data['lru_inserts']:,} / {data['lru_insert_failures']:,}"],
+            ["LRU evictions (estimated)", f"{data['lru_evictions_estimated']:,}"],
+            ["tracked entries vs configured", f"{data['tracked_sources']:,} (LRU size {args.max_sources:,})"],
+            ["LRU kernel memory", f"{(data['lru_kernel_bytes'] or 0) / 2**20:.0f} MiB (fixed by the configured size)"],
+            ["agent RSS", f"{data['agent_rss_mb']} MB"],
+            ["legitimate delivery", f"{data['legit_received']:,} of {data['legit_sent']:,} "
+                                    f"({data['legit_delivery']:.2%})"],
+            ["GetStatus during the flood", f"p50 {data['getstatus_ms']['p50']:.1f} ms, p99 "
+                                           f"{data['getstatus_ms']['p99']:.1f} ms ({len(lat)} calls)"],
+        ])]  # fmt: skip
+        text = "\n".join(lines)
+        print(text)
+        save("under_attack", data, text)
+        return 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+        KernelFilter(FilterConfig(interface=lab.host_if, pin_name="bench-attack")).detach(remove_pins=True)
+        lab.remove()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
