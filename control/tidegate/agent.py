@@ -509,6 +509,18 @@ def _read_tls(opts: argparse.Namespace) -> tuple[bytes, bytes, bytes]:
         if b"-----BEGIN " not in data:
             raise SystemExit(f"tidegate agent: {flag} {path} is not a PEM file")
         out.append(data)
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(opts.tls_cert, opts.tls_key)
+    except (ssl.SSLError, ValueError) as e:
+        raise SystemExit(f"tidegate agent: --tls-cert {opts.tls_cert} and --tls-key {opts.tls_key} are not a "
+                         f"usable certificate and matching key: {e}")  # fmt: skip
+    try:
+        ctx.load_verify_locations(cafile=opts.tls_client_ca)
+    except (ssl.SSLError, ValueError) as e:
+        raise SystemExit(f"tidegate agent: --tls-client-ca {opts.tls_client_ca} holds no usable CA certificate: {e}")
     return out[0], out[1], out[2]
 
 
@@ -575,7 +587,9 @@ def run(opts: argparse.Namespace) -> int:
         try:
             initial = load_rule_set(opts.rules)
         except RuleSetError as e:
-            raise SystemExit(f"tidegate agent: --rules is not a valid rule set:\n{e}")
+            if len(e.errors) == 1:  # one line, e.g. rules.yaml: (document): no such file
+                raise SystemExit(f"tidegate agent: --rules {e}")
+            raise SystemExit(f"tidegate agent: --rules is not a valid rule set ({len(e.errors)} errors):\n{e}")
 
     kf = KernelFilter(FilterConfig(interface=opts.interface, xdp_mode=opts.xdp_mode, pin_root=opts.pin_root,
                                    max_sources=opts.max_sources, pin_name=opts.pin_name))  # fmt: skip

@@ -32,6 +32,35 @@ def _violations(errors) -> list[pb.FieldViolation]:
     return [pb.FieldViolation(path=e.path, line=e.line or 0, message=e.message) for e in errors]
 
 
+# Clients refuse responses whose metadata exceeds 8 KiB (grpc's default
+# soft limit) with RESOURCE_EXHAUSTED, hiding the real status. Keep the
+# field-error trailer (base64 on the wire: x4/3) and the status message
+# well inside it together; the first errors are the ones people fix first.
+MAX_ERRORS_TRAILER = 2500  # serialized ValidationErrors, bytes
+MAX_STATUS_MESSAGE = 1500  # characters
+
+
+def _errors_trailer(source: str, errors) -> bytes:
+    msg = pb.ValidationErrors(source=source[:200])
+    for i, e in enumerate(errors):
+        msg.violations.append(pb.FieldViolation(path=e.path[:200], line=e.line or 0, message=e.message[:300]))
+        if msg.ByteSize() > MAX_ERRORS_TRAILER - 60:
+            while msg.violations and msg.ByteSize() > MAX_ERRORS_TRAILER - 60:
+                del msg.violations[-1]
+            more = len(errors) - len(msg.violations)
+            msg.violations.append(pb.FieldViolation(message=f"... and {more} more error(s) not shown"))
+            break
+    return msg.SerializeToString()
+
+
+def _status_message(text: str) -> str:
+    if len(text) <= MAX_STATUS_MESSAGE:
+        return text
+    head = text[:MAX_STATUS_MESSAGE].rsplit("\n", 1)[0]
+    more = text[len(head):].count("\n")
+    return f"{head}\n... and {more} more line(s)"
+
+
 def _estimate_pb(est) -> pb.Estimate | None:
     if est is None:
         return None
@@ -118,13 +147,12 @@ class FilterService(pbg.FilterServicer):
         except OperationError as e:
             trailers = []
             if e.violations:
-                errs = pb.ValidationErrors(source=e.source, violations=_violations(e.violations))
-                trailers.append((ERRORS_KEY, errs.SerializeToString()))
+                trailers.append((ERRORS_KEY, _errors_trailer(e.source, e.violations)))
             if e.estimate is not None:
                 trailers.append(("tidegate-estimate-bin", _estimate_pb(e.estimate).SerializeToString()))
             if trailers:
                 context.set_trailing_metadata(tuple(trailers))
-            context.abort(getattr(grpc.StatusCode, e.code), e.message)
+            context.abort(getattr(grpc.StatusCode, e.code), _status_message(e.message))
         except NotAttachedError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except KernelError as e:

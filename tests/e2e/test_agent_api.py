@@ -1,0 +1,440 @@
+"""The agent and its gRPC API, end to end: a real agent subprocess, a real
+gRPC channel on loopback and real XDP on a veth pair whose peer sends
+crafted frames from a namespace.
+
+One agent serves the whole module. It starts without a rule set (so the
+first test sees it unattached), the `base` fixture applies BASE once, and
+every later test leaves BASE active again. Traffic is bounded and far from
+the limits it is meant to pass (20 packets at 200 pps against 500 pps with a
+burst of 500), so each count is exact.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+
+import grpc
+import pytest
+
+from tidegate.ruleset import parse_rule_set
+
+from .conftest import AUTHOR, BIN, PIN_ROOT, bpftool_dump, finish, free_port, send, xdp_prog_id
+
+pytestmark = pytest.mark.e2e
+
+BASE = """\
+defaults:
+  limit: {pps: 1000, burst: 2000}
+rules:
+  - name: app
+    protocol: udp
+    dst_ports: [5555]
+    limit: {pps: 500, burst: 500}
+  - name: sink
+    protocol: udp
+    dst_ports: [9]
+    limit: {pps: 1000, burst: 1000}
+"""
+
+DROP_APP = BASE.replace("    limit: {pps: 500, burst: 500}", "    action: drop")
+
+INVALID = """\
+rules:
+  - name: app
+    limit: {pps: -1}
+"""
+
+OK, INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION = (
+    grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def agent(start_agent):
+    return start_agent("api")
+
+
+@pytest.fixture
+def base(agent):
+    """BASE is the active rule set (applied once, restored after each test)."""
+    api = agent.api
+    versions = api.ListVersions(limit=1000).versions
+    base_v = next((v.number for v in versions if v.reason == "base for the API tests"), None)
+    if base_v is None:
+        base_v = api.ApplyRuleSet(yaml=BASE, source="base.yaml", reason="base for the API tests").version
+    elif api.GetStatus().active_version != base_v:
+        api.Rollback(to_version=base_v, reason="back to base")
+    yield base_v
+    api = agent.api  # a new channel when the test restarted the agent
+    if api.GetStatus().active_version != base_v:
+        api.Rollback(to_version=base_v, reason="back to base after the test")
+
+
+def app_counts(api) -> tuple[int, int]:
+    for r in api.GetCounters().rules:
+        if r.rule == "app":
+            return r.pass_packets, r.drop_packets
+    return 0, 0
+
+
+def legit(agent, n: int = 20) -> None:
+    res = send(agent.lab, src=agent.lab.peer_ip, dport=5555, count=n, pps=200)
+    assert res["sent"] == n
+
+
+def app_delta(agent, n: int = 20) -> tuple[int, int]:
+    """Send n app packets; return how many the filter passed and dropped."""
+    p0, d0 = app_counts(agent.api)
+    legit(agent, n)
+    p1, d1 = app_counts(agent.api)
+    return p1 - p0, d1 - d0
+
+
+def test_starts_unattached_without_a_rule_set_and_attaches_on_first_apply(agent):
+    api = agent.api
+    st = api.GetStatus()
+    if st.active_version:
+        pytest.skip("only meaningful as the module's first test")
+    assert (st.attached, st.active_version, st.shadow_version, st.xdp_mode) == (False, 0, 0, "")
+    assert st.interface == agent.lab.host_if and st.agent_version and st.uptime_seconds > 0
+    assert xdp_prog_id(agent.lab.host_if) is None, "never attached with no rule set loaded"
+    assert "not attached until the first apply" in agent.log()
+
+    for method, fields in (("GetCounters", {}), ("TopSources", {"n": 5}), ("WhatIf", {"yaml": BASE}),
+                           ("UpdateThresholds", {"rule": "app", "pps": 5, "reason": "r"}),
+                           ("Rollback", {"reason": "r"}), ("ShadowReport", {})):  # fmt: skip
+        err = api.error(method, **fields)
+        assert err.code() == FAILED_PRECONDITION, (method, err)
+    with pytest.raises(grpc.RpcError) as e:
+        list(api.WatchCounters(interval_ms=100, max_updates=1))
+    assert e.value.code() == FAILED_PRECONDITION
+    m = agent.scrape()
+    assert (m[("tidegate_attached", ())], m[("tidegate_agent_up", ())], m[("tidegate_active_version", ())]) == (0, 1, 0)
+
+    r = api.ApplyRuleSet(yaml=BASE, source="base.yaml", reason="base for the API tests")
+    assert r.version == 1 and not r.shadow
+    st = api.GetStatus()
+    assert st.attached and st.active_version == 1 and st.xdp_mode in ("native", "generic")
+    assert xdp_prog_id(agent.lab.host_if) == st.prog_id
+    assert app_delta(agent) == (20, 0)
+
+
+def test_health_and_reflection(agent):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(agent.api.channel)
+    for service in ("tidegate.v1.Filter", ""):
+        resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(agent.api.channel)
+    reqs = [reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="tidegate.v1.Filter")]  # fmt: skip
+    list_resp, file_resp = list(refl.ServerReflectionInfo(iter(reqs), timeout=10))
+    names = {s.name for s in list_resp.list_services_response.service}
+    assert {"tidegate.v1.Filter", "grpc.health.v1.Health"} <= names
+    assert file_resp.file_descriptor_response.file_descriptor_proto, "the .proto is served for grpcurl"
+
+
+def test_apply_and_rollback_change_what_traffic_gets(agent, base):
+    api = agent.api
+    assert app_delta(agent) == (20, 0)
+    n_versions = len(api.ListVersions(limit=1000).versions)
+
+    v_drop = api.ApplyRuleSet(yaml=DROP_APP, source="drop-app.yaml", reason="block app", force=True).version
+    assert v_drop > base and api.GetStatus().active_version == v_drop
+    assert app_delta(agent) == (0, 20), "the new set drops app traffic"
+
+    r = api.Rollback(reason="too tight")
+    assert r.version == base, "rollback re-activates the previous version under its own number"
+    assert api.GetStatus().active_version == base
+    assert app_delta(agent) == (20, 0), "the old set is back"
+
+    r = api.Rollback(to_version=v_drop, reason="block it again")
+    assert r.version == v_drop and app_delta(agent) == (0, 20)
+    api.Rollback(to_version=base, reason="restore")
+    assert app_delta(agent) == (20, 0)
+
+    versions = {v.number: v for v in api.ListVersions(limit=1000).versions}
+    assert len(versions) == n_versions + 1, "rollbacks create no versions"
+    assert (versions[v_drop].author, versions[v_drop].reason, versions[v_drop].source) == (AUTHOR, "block app",
+                                                                                             "apply")  # fmt: skip
+    assert versions[v_drop].activations == 2 and not versions[v_drop].active
+    assert versions[base].active and versions[base].state == "applied"
+    stored = api.GetVersion(number=v_drop)
+    assert stored.info.number == v_drop and stored.info.created
+    assert parse_rule_set(stored.yaml).digest() == api.ValidateRuleSet(yaml=DROP_APP).digest == stored.info.digest
+    audit = api.ListAudit(limit=20, action="rollback").entries
+    assert [a.version for a in audit[:3]] == [base, v_drop, base]
+    assert {a.author for a in audit[:3]} == {AUTHOR} and all(a.peer.startswith("ipv4:127.0.0.1") for a in audit[:3])
+
+
+def test_update_thresholds_creates_a_version(agent, base):
+    api = agent.api
+    r = api.UpdateThresholds(rule="app", pps=20, burst=20, reason="tighten app", force=True)
+    assert r.version > base and api.GetStatus().active_version == r.version
+    rs = parse_rule_set(api.GetVersion(number=r.version).yaml)
+    assert (rs.rule("app").limit.pps, rs.rule("app").limit.burst) == (20, 20)
+    assert rs.rule("sink").limit.pps == 1000, "other rules keep their limits"
+    info = {v.number: v for v in api.ListVersions(limit=1000).versions}[r.version]
+    assert (info.author, info.reason, info.source) == (AUTHOR, "tighten app", "set-limit")
+    # 200 packets in 0.5 s from one source against 20 pps with a burst of 20: ~30 pass
+    p0, d0 = app_counts(api)
+    send(agent.lab, src=agent.lab.peer_ip, dport=5555, count=200, pps=400)
+    p1, d1 = app_counts(api)
+    assert p1 - p0 + d1 - d0 == 200
+    assert 20 <= p1 - p0 <= 60, (p1 - p0, d1 - d0)
+
+    r2 = api.UpdateThresholds(rule="default", pps=300, reason="default limit", force=True)
+    rs2 = parse_rule_set(api.GetVersion(number=r2.version).yaml)
+    assert (rs2.defaults.limit.pps, rs2.defaults.limit.burst) == (300, 300)
+    assert rs2.rule("app").limit.pps == 20 and rs2.rule("sink").limit.pps == 1000
+
+    assert api.error("UpdateThresholds", rule="nosuch", pps=5, reason="x").code() == NOT_FOUND
+    assert api.error("UpdateThresholds", rule="app", pps=0, reason="x").code() == INVALID_ARGUMENT
+    assert api.error("UpdateThresholds", rule="", pps=5, reason="x").code() == INVALID_ARGUMENT
+    assert api.error("UpdateThresholds", rule="app", pps=5, reason="").code() == INVALID_ARGUMENT
+
+
+def test_top_sources_and_watch(agent, base):
+    api = agent.api
+    # 100 pps for 3 s from the peer; the agent samples every second
+    bg = send(agent.lab, src=agent.lab.peer_ip, dport=5555, count=300, pps=100, wait=False)
+    time.sleep(2.6)
+    top = api.TopSources(n=5, by="packets")
+    wide = api.TopSources(n=5, by="packets", window_seconds=60)
+    finish(bg)
+    mine = [s for s in top.sources if s.address == agent.lab.peer_ip]
+    assert mine, top
+    assert mine[0].rule == "app" and 60 <= mine[0].pps <= 140 and mine[0].drops == 0
+    assert 0.5 <= top.interval_seconds <= 2.5 and top.tracked_sources >= 1
+    wmine = [s for s in wide.sources if s.address == agent.lab.peer_ip][0]
+    assert wide.interval_seconds > top.interval_seconds and wmine.packets >= mine[0].packets
+    assert all(s.drops > 0 for s in api.TopSources(n=5, by="drops").sources)
+    st = api.GetStatus()
+    assert st.tracked_sources >= 1 and 0 <= st.sample_age_seconds < 3
+
+    updates = list(api.WatchCounters(interval_ms=200, max_updates=3))
+    assert len(updates) == 3
+    assert updates[0].time < updates[1].time < updates[2].time
+    assert updates[0].packets <= updates[1].packets <= updates[2].packets
+    assert {u.active_version for u in updates} == {base}
+    assert {r.rule for r in updates[-1].rules} >= {"app", "sink"}
+
+
+def test_error_paths(agent, base):
+    api = agent.api
+    # INVALID_ARGUMENT, each field error in the trailer and in the message
+    err = api.error("ApplyRuleSet", yaml=INVALID, source="bad.yaml", reason="r")
+    assert err.code() == INVALID_ARGUMENT
+    v = api.violations(err)
+    assert [(x.path, x.line) for x in v] == [("rules[0].limit.pps", 3)] and v[0].message
+    assert "bad.yaml:3: rules[0].limit.pps" in err.details()
+    err = api.error("ApplyRuleSet", yaml="rules: [\n", source="broken.yaml", reason="r")
+    assert err.code() == INVALID_ARGUMENT and api.violations(err)[0].line >= 1
+    for method, fields, path in (("ApplyRuleSet", {"yaml": BASE, "reason": "  "}, "reason"),
+                                 ("Rollback", {"to_version": base, "reason": ""}, "reason")):  # fmt: skip
+        err = api.error(method, **fields)
+        assert err.code() == INVALID_ARGUMENT and [x.path for x in api.violations(err)] == [path], method
+    assert api.error("WhatIf", yaml=INVALID).code() == INVALID_ARGUMENT
+    assert api.error("TopSources", by="bytes").code() == INVALID_ARGUMENT
+    assert api.error("TopSources", window_seconds=-1).code() == INVALID_ARGUMENT
+    # validation is a query: an invalid set is an answer, not an error
+    bad = api.ValidateRuleSet(yaml=INVALID, source="bad.yaml")
+    assert not bad.valid and [(x.path, x.line) for x in bad.violations] == [("rules[0].limit.pps", 3)]
+    good = api.ValidateRuleSet(yaml=BASE)
+    assert good.valid and good.rules == 2 and len(good.digest) >= 16
+    # NOT_FOUND
+    for method, fields in (("GetVersion", {"number": 999}), ("Rollback", {"to_version": 999, "reason": "x"}),
+                           ("GetReview", {"version": 999}),
+                           ("UpdateThresholds", {"rule": "nosuch", "pps": 5, "reason": "x"})):  # fmt: skip
+        assert api.error(method, **fields).code() == NOT_FOUND, method
+    # FAILED_PRECONDITION: no shadow loaded, already active
+    for method, fields in (("PromoteShadow", {"reason": "x"}), ("ClearShadow", {"reason": "x"}),
+                           ("ShadowReport", {}), ("TopSources", {"shadow": True}),
+                           ("Rollback", {"to_version": base, "reason": "x"})):  # fmt: skip
+        assert api.error(method, **fields).code() == FAILED_PRECONDITION, method
+
+
+def _store_rows(agent) -> list:
+    db = sqlite3.connect(f"file:{agent.state_dir / 'tidegate.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        rows = [(t, db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()) for t in tables if t != "audit"]
+        # the audit log grows by design (rejections are written to it); everything else must not
+        return [(t, [r for r in rs if not (t == "sqlite_sequence" and r[0] == "audit")]) for t, rs in rows]
+    finally:
+        db.close()
+
+
+def test_rejected_inputs_leave_kernel_and_store_unchanged(agent, base):
+    api = agent.api
+    maps0 = bpftool_dump(agent.pin_dir)
+    rows0 = _store_rows(agent)
+    versions0 = api.ListVersions(limit=1000)
+    status0 = api.GetStatus()
+    rejected0 = len(api.ListAudit(limit=1000, action="rejected-apply").entries)
+    dup_keys = BASE.replace("    limit: {pps: 500, burst: 500}", "    limit: {pps: 500, burst: 500}\n    limit: {pps: 1}")
+    too_many = "rules:\n" + "".join(f"  - name: r{i}\n    protocol: udp\n    dst_ports: [{1000 + i}]\n"
+                                    for i in range(70))  # fmt: skip
+    bad_applies = [
+        "rules: [\n", INVALID, "rules:\n  - name: x\n    dst_ports: [70000]\n", "deny: ['10.0.0.0/33']\n",
+        "defaults:\n  limit: {pps: .nan}\n", "rules:\n  - name: 'bad name!'\n", dup_keys, too_many, "- 1\n- 2\n",
+        "\x00\x01binary", "defaults:\n  limit: {pps: 1e30}\n",
+    ]  # fmt: skip
+    for text in bad_applies:
+        err = api.error("ApplyRuleSet", yaml=text, reason="hostile")
+        assert err.code() == INVALID_ARGUMENT and api.violations(err), (text[:40], err.details())
+    assert api.error("ApplyRuleSet", yaml=BASE.replace("1000, burst: 1000", "2000, burst: 2000"),
+                     reason="").code() == INVALID_ARGUMENT  # fmt: skip
+    assert api.error("ApplyRuleSet", yaml=INVALID, reason="x", shadow=True).code() == INVALID_ARGUMENT
+    assert api.error("Rollback", to_version=10**6, reason="x").code() == NOT_FOUND
+    assert api.error("UpdateThresholds", rule="nosuch", pps=1, reason="x").code() == NOT_FOUND
+    assert api.error("PromoteShadow", reason="x").code() == FAILED_PRECONDITION
+
+    assert bpftool_dump(agent.pin_dir) == maps0, "the pinned rule-set maps are byte-identical"
+    assert _store_rows(agent) == rows0, "the store's versions and activations are unchanged"
+    assert api.ListVersions(limit=1000) == versions0
+    st = api.GetStatus()
+    assert (st.active_version, st.shadow_version, st.prog_id) == (status0.active_version, status0.shadow_version,
+                                                                  status0.prog_id)  # fmt: skip
+    rejected = api.ListAudit(limit=1000, action="rejected-apply").entries
+    assert len(rejected) == rejected0 + len(bad_applies) + 2, "every rejected apply is audited"
+    assert rejected[0].author == AUTHOR and rejected[0].result == "rejected"
+    assert app_delta(agent) == (20, 0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_restart_adopts_the_attached_program(agent, base, sig):
+    api = agent.api
+    v_drop = api.ApplyRuleSet(yaml=DROP_APP, source="drop-app.yaml", reason=f"before {sig.name}", force=True).version
+    prog = xdp_prog_id(agent.lab.host_if)
+    assert prog == api.GetStatus().prog_id
+    deny0 = dict((r.reason, r.packets) for r in api.GetCounters().reasons)["deny"]
+
+    agent.stop(sig)
+    # no agent: the program keeps filtering with the last rule set
+    assert xdp_prog_id(agent.lab.host_if) == prog
+    legit(agent, 20)
+    agent.start()
+
+    st = agent.api.GetStatus()
+    assert (st.active_version, st.prog_id, st.attached) == (v_drop, prog, True), "adopted, never re-attached"
+    assert xdp_prog_id(agent.lab.host_if) == prog
+    deny1 = dict((r.reason, r.packets) for r in agent.api.GetCounters().reasons)["deny"]
+    assert deny1 - deny0 == 20, "packets sent while no agent ran were dropped by the last rule set"
+    assert agent.api.ListVersions(limit=1).versions[0].number == v_drop
+    assert app_delta(agent) == (0, 20)
+    last_start = agent.log().rsplit('msg="program ready"', 1)[1]
+    assert "adopted=True" in last_start.splitlines()[0]
+
+
+def _agent_cmd(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN), "agent", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_bad_starts_leave_nothing_behind(agent, base, make_lab, tmp_path):
+    from tidegate.certs import make_lab_pki
+
+    lab = make_lab("bad")
+    pin = f"e2e-{lab.tag}"
+    common = ["--pin-name", pin, "--metrics-listen", "off"]
+    (tmp_path / "rules.yaml").write_text(BASE)
+    (tmp_path / "invalid.yaml").write_text(INVALID)
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "tidegate.db").write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    (tmp_path / "fake.pem").write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    pki = tmp_path / "pki"
+    make_lab_pki(pki, "localhost", ["alice"])
+    state = str(tmp_path / "state")
+    free = f"127.0.0.1:{free_port()}"
+    cases = [
+        (["--interface", "nosuchif0", "--listen", free, "--state-dir", state], "does not exist"),
+        (["--interface", lab.host_if, "--listen", agent.server, "--state-dir", state], "is not available"),
+        (["--interface", lab.host_if, "--listen", free, "--metrics-listen", f"127.0.0.1:{agent.metrics_port}",
+          "--state-dir", state], "metrics address"),
+        (["--interface", lab.host_if, "--listen", f"{lab.host_ip}:50999", "--state-dir", state], "without TLS"),
+        (["--interface", lab.host_if, "--listen", "0.0.0.0:50999", "--state-dir", state], "without TLS"),
+        (["--interface", lab.host_if, "--listen", free, "--state-dir", state, "--tls-cert", "x.pem"], "together"),
+        (["--interface", lab.host_if, "--listen", free, "--state-dir", state, "--tls-cert", "/nonexistent.pem",
+          "--tls-key", "/nonexistent.key", "--tls-client-ca", "/nonexistent.ca"], "cannot read --tls-key"),
+        (["--interface", lab.host_if, "--listen", free, "--state-dir", str(tmp_path / "a-file")], "state dir"),
+        (["--interface", lab.host_if, "--listen", free, "--state-dir", str(tmp_path / "corrupt")], "is damaged"),
+        (["--interface", lab.host_if, "--listen", free, "--state-dir", state, "--rules",
+          str(tmp_path / "invalid.yaml")], "invalid.yaml:3: rules[0].limit.pps"),
+        (["--interface", lab.host_if, "--listen", free, "--state-dir", state, "--rules",
+          str(tmp_path / "missing.yaml")], "missing.yaml"),
+        # --insecure gets past the TLS rule (and says so loudly); the interface check then stops it
+        (["--interface", "nosuchif0", "--listen", "0.0.0.0:50999", "--insecure", "--state-dir", state],
+         "does not exist"),
+        (["--interface", lab.host_if, "--listen", free, "--state-dir", state, "--tls-cert", str(tmp_path / "fake.pem"),
+          "--tls-key", str(tmp_path / "fake.pem"), "--tls-client-ca", str(tmp_path / "fake.pem")], "not a usable"),
+        (["--interface", lab.host_if, "--listen", free, "--state-dir", state, "--tls-cert", str(pki / "server.pem"),
+          "--tls-key", str(pki / "alice.key"), "--tls-client-ca", str(pki / "ca.pem")], "matching key"),
+        # compiles, writes the rule set, attaches, then cannot serve (the role map is missing): all undone
+        (["--interface", lab.host_if, "--listen", free, "--state-dir", str(tmp_path / "tls-state"), "--rules",
+          str(tmp_path / "rules.yaml"), "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
+          "--tls-client-ca", str(pki / "ca.pem"), "--role-map", str(tmp_path / "missing-roles.json")],
+         "missing-roles.json"),
+    ]  # fmt: skip
+    for argv, text in cases:
+        r = _agent_cmd(*common, *argv)  # a case's own --metrics-listen wins
+        assert r.returncode != 0 and text in r.stderr, (argv, r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr
+        errors = [ln for ln in r.stderr.splitlines() if not ln.startswith("ts=")]  # not the log lines
+        assert len(errors) == 1 and errors[0].startswith("tidegate agent: "), r.stderr
+        assert xdp_prog_id(lab.host_if) is None, (argv, "left a program attached")
+        assert not os.path.exists(f"{PIN_ROOT}/{pin}"), (argv, "left pinned maps")
+        if "--role-map" in argv:
+            assert 'msg="attached"' in r.stderr, "this start got as far as attaching before it failed"
+    assert "INSECURE" in _agent_cmd("--interface", "nosuchif0", "--listen", "0.0.0.0:50999", "--insecure",
+                                    "--state-dir", state, *common).stderr  # fmt: skip
+    # the running agent was never disturbed
+    st = agent.api.GetStatus()
+    assert st.attached and st.prog_id == xdp_prog_id(agent.lab.host_if)
+
+
+def test_mutual_tls_on_a_non_loopback_address(start_agent, tmp_path):
+    from tidegate.certs import make_lab_pki
+
+    agent = start_agent("tls", BASE, wait=False, host="lab")
+    pki = tmp_path / "pki"
+    make_lab_pki(pki, agent.lab.host_ip, ["alice"], role="admin")
+    make_lab_pki(pki, agent.lab.host_ip, ["grafana"], role="read")
+    agent.extra += ["--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
+                    "--tls-client-ca", str(pki / "ca.pem"), "--role-map", str(pki / "roles.json")]  # fmt: skip
+    agent.start()
+    assert "INSECURE" not in agent.log()
+    from tidegate.v1 import tidegate_pb2 as pb
+    from tidegate.v1 import tidegate_pb2_grpc as pbg
+
+    ca = (pki / "ca.pem").read_bytes()
+
+    def stub(client: str | None):
+        if client is None:
+            creds = grpc.ssl_channel_credentials(root_certificates=ca)
+        else:
+            creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=(pki / f"{client}.key").read_bytes(),
+                                                 certificate_chain=(pki / f"{client}.pem").read_bytes())  # fmt: skip
+        return pbg.FilterStub(grpc.secure_channel(agent.server, creds))
+
+    md = [("tidegate-author", "alice@tls")]
+    st = stub("alice").GetStatus(pb.GetStatusRequest(), metadata=md, timeout=20)
+    assert st.attached and st.active_version == 1
+    r = stub("alice").ApplyRuleSet(pb.ApplyRequest(yaml=DROP_APP, reason="over mTLS", force=True), metadata=md,
+                                   timeout=30)  # fmt: skip
+    assert r.version == 2
+    assert stub("grafana").GetStatus(pb.GetStatusRequest(), timeout=20).active_version == 2
+    with pytest.raises(grpc.RpcError) as e:
+        stub("grafana").Rollback(pb.RollbackRequest(reason="x"), timeout=20)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    for s in (stub(None), pbg.FilterStub(grpc.insecure_channel(agent.server))):
+        with pytest.raises(grpc.RpcError) as e:
+            s.GetStatus(pb.GetStatusRequest(), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, "no client certificate, no connection"
