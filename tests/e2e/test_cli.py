@@ -19,9 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tidegate.labnet import VethLab
-
-from .harness import BIN, AgentProc, finish, send
+from .conftest import BIN, Agent, finish, send, xdp_prog_id
 
 pytestmark = pytest.mark.e2e
 
@@ -43,27 +41,43 @@ rules:
 LOOSER = BASE.replace("pps: 500, burst: 500", "pps: 800, burst: 800")
 TIGHT_SINK = BASE.replace("pps: 1000, burst: 1000", "pps: 5, burst: 5")
 INVALID = BASE.replace("protocol: udp\n    dst_ports: [5555]", "protocol: udpx\n    dst_ports: [5555]")
+AUTHOR = "e2e-cli"
+
+
+class Cli:
+    """The installed `tidegate` against one agent, as an operator runs it:
+    the server, the token file and the author come from the environment."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+        self.lab = agent.lab
+        self.server = agent.server
+        self.state_dir = agent.state_dir
+
+    def env(self) -> dict:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("TIDEGATE_")}
+        return {**base, "TIDEGATE_SERVER": self.server, "TIDEGATE_TOKEN_FILE": str(self.state_dir / "tokens"),
+                "TIDEGATE_AUTHOR": AUTHOR}  # fmt: skip
+
+    def cli(self, *args: str, check: bool = True, json_out: bool = False, env: dict | None = None):
+        argv = [str(BIN)] + (["-o", "json"] if json_out else []) + list(args)
+        r = subprocess.run(argv, capture_output=True, text=True, env={**self.env(), **(env or {})}, timeout=120)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} -> {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}")
+        if json_out and r.returncode == 0:
+            return json.loads(r.stdout)
+        return r
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("needs root for BPF and network namespaces")
+def env(start_agent, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     for name, text in (("base", BASE), ("looser", LOOSER), ("tight-sink", TIGHT_SINK), ("invalid", INVALID)):
         (tmp / f"{name}.yaml").write_text(text)
-    lab = VethLab(f"o{os.getpid() % 100000}", subnet="10.208.3").create()
-    agent = AgentProc(lab, tmp / "state")
-    try:
-        agent.start(rules=str(tmp / "base.yaml"))
-        yield agent, tmp
-    finally:
-        agent.stop()
-        agent.cleanup_kernel()
-        lab.remove()
+    return Cli(start_agent("cli", BASE)), tmp
 
 
-def both(agent: AgentProc, *argv: str) -> tuple[str, object]:
+def both(agent: Cli, *argv: str) -> tuple[str, object]:
     """Run a read-only verb in table mode and in JSON mode: (table text, parsed JSON)."""
     table = agent.cli(*argv)
     assert table.stdout.strip(), argv
@@ -71,22 +85,22 @@ def both(agent: AgentProc, *argv: str) -> tuple[str, object]:
     return table.stdout, agent.cli(*argv, json_out=True)
 
 
-def fail(agent: AgentProc, *argv: str) -> subprocess.CompletedProcess:
+def fail(agent: Cli, *argv: str) -> subprocess.CompletedProcess:
     r = agent.cli(*argv, check=False)
     assert "Traceback" not in r.stderr, r.stderr
     return r
 
 
-def active(agent: AgentProc) -> int:
+def active(agent: Cli) -> int:
     return agent.cli("status", json_out=True)["active_version"]
 
 
-def newest(agent: AgentProc) -> int:
+def newest(agent: Cli) -> int:
     return max(v["number"] for v in agent.cli("versions", json_out=True))
 
 
-def legit(agent: AgentProc, n: int = 30, pps: int = 100) -> dict:
-    return send(agent.lab, "--src", agent.lab.peer_ip, "--dport", "5555", "--count", str(n), "--pps", str(pps))
+def legit(agent: Cli, n: int = 30, pps: int = 100) -> dict:
+    return send(agent.lab, src=agent.lab.peer_ip, dport=5555, count=n, pps=pps)
 
 
 # ----------------------------------------------------------------- reading
@@ -106,7 +120,7 @@ def test_counters_and_top_follow_traffic(env):
     agent, _ = env
     c0 = agent.cli("counters", json_out=True)
     app0 = next(r for r in c0["rules"] if r["rule"] == "app")
-    bg = send(agent.lab, "--src", agent.lab.peer_ip, "--dport", "5555", "--count", "150", "--pps", "50", wait=False)
+    bg = send(agent.lab, src=agent.lab.peer_ip, dport=5555, count=150, pps=50, wait=False)
     time.sleep(2.5)  # the agent samples per-source rates every second here
     table, top = both(agent, "top", "-n", "5")
     sent = finish(bg)["sent"]
@@ -127,7 +141,7 @@ def test_counters_and_top_follow_traffic(env):
 
 def test_watch(env):
     agent, _ = env
-    bg = send(agent.lab, "--src", agent.lab.peer_ip, "--dport", "5555", "--count", "100", "--pps", "100", wait=False)
+    bg = send(agent.lab, src=agent.lab.peer_ip, dport=5555, count=100, pps=100, wait=False)
     r = agent.cli("-o", "json", "watch", "--count", "3", "--interval", "0.3")
     updates = [json.loads(ln) for ln in r.stdout.splitlines()]
     assert len(updates) == 3
@@ -161,10 +175,10 @@ def test_apply_creates_next_version_with_author_and_reason(env):
 
     table, versions = both(agent, "versions")
     by_number = {v["number"]: v for v in versions}
-    assert by_number[n + 1]["reason"] == "raise app limit (table)" and by_number[n + 1]["author"] == "e2e-test"
+    assert by_number[n + 1]["reason"] == "raise app limit (table)" and by_number[n + 1]["author"] == AUTHOR
     assert by_number[n + 2]["active"] is True and by_number[n + 1]["active"] is False
     assert isinstance(by_number[n + 1]["activations"], int) and by_number[n + 1]["state"]
-    assert "raise app limit (table)" in table and "e2e-test" in table
+    assert "raise app limit (table)" in table and AUTHOR in table
 
     table, shown = both(agent, "show", str(n + 1))
     assert shown["info"]["number"] == n + 1 and "pps: 800, burst: 800" in shown["yaml"]
@@ -244,10 +258,10 @@ def test_review_and_audit(env):
     assert rev["version"] == v and isinstance(rev["complete"], bool) and "guard_fired" in rev
     assert f"review of version {v}" in table
     table, audit = both(agent, "audit", "--limit", "50")
-    mine = [a for a in audit if a["author"] == "e2e-test" and a["action"] == "apply"]
+    mine = [a for a in audit if a["author"] == AUTHOR and a["action"] == "apply"]
     assert mine and all(isinstance(a["version"], int) for a in audit)
     assert {"time", "action", "result", "author", "peer", "version", "detail"} <= set(audit[0])
-    assert "audit log" in table and "e2e-test" in table
+    assert "audit log" in table and AUTHOR in table
     _, rollbacks = both(agent, "audit", "--action", "rollback")
     assert rollbacks and {a["action"] for a in rollbacks} == {"rollback"}
 
@@ -255,8 +269,7 @@ def test_review_and_audit(env):
 def test_guarded_apply_rolled_back_is_exit_4(env):
     agent, tmp = env
     v0 = active(agent)
-    flood = send(agent.lab, "--src-net", "198.18.0.0/24", "--sources", "50", "--dport", "9", "--count", "30000",
-                 "--pps", "2000", wait=False)  # fmt: skip
+    flood = send(agent.lab, src_net="198.18.0.0/24", sources=50, dport=9, count=30000, pps=2000, wait=False)
     try:
         time.sleep(3)  # a baseline for the guard
         r = fail(agent, "apply", str(tmp / "tight-sink.yaml"), "--force", "--guard", "--guard-seconds", "15",
@@ -307,22 +320,18 @@ def test_error_exit_codes_and_lines(env):
 
 def test_without_a_token(env):
     agent, _ = env
-    r = subprocess.run([str(BIN), "--server", agent.server, "status"], capture_output=True, text=True,
-                       env={**agent.env(), "TIDEGATE_TOKEN_FILE": "/nonexistent/tokens"})  # fmt: skip
+    no_file = {"TIDEGATE_TOKEN_FILE": "/nonexistent/tokens"}
+    r = agent.cli("status", check=False, env=no_file)
     assert r.returncode == 1 and r.stderr.startswith("tidegate: UNAUTHENTICATED: ")
     assert "/nonexistent/tokens" in r.stderr and r.stderr.count("\n") == 1
-    read_token = [ln.split()[1] for ln in (agent.state_dir / "tokens").read_text().splitlines()
-                  if ln.startswith("read ")][0]  # fmt: skip
-    e = {**agent.env(), "TIDEGATE_TOKEN_FILE": "/nonexistent/tokens", "TIDEGATE_TOKEN": read_token}
-    r = subprocess.run([str(BIN), "rollback", "--reason", "x"], capture_output=True, text=True, env=e)
+    read_token = agent.agent.token("read")
+    r = agent.cli("rollback", "--reason", "x", check=False, env={**no_file, "TIDEGATE_TOKEN": read_token})
     assert r.returncode == 1 and r.stderr.startswith("tidegate: PERMISSION_DENIED: ")
-    r = subprocess.run([str(BIN), "versions", "--token", read_token], capture_output=True, text=True,
-                       env={**agent.env(), "TIDEGATE_TOKEN_FILE": "/nonexistent/tokens"})  # fmt: skip
-    assert r.returncode == 0
+    assert agent.cli("versions", "--token", read_token, check=False, env=no_file).returncode == 0
 
 
 # -------------------------------------------------- mTLS, certs and detach
-def test_certs_mtls_roles_and_detach(env, tmp_path):
+def test_certs_mtls_roles_and_detach(env, start_agent, tmp_path):
     agent, tmp = env
     pki = tmp_path / "pki"
     r = subprocess.run([str(BIN), "certs", "--out", str(pki), "--server-name", "localhost", "--client", "alice",
@@ -332,52 +341,40 @@ def test_certs_mtls_roles_and_detach(env, tmp_path):
                        capture_output=True, text=True)  # fmt: skip
     assert json.loads(r.stdout)["roles"] == {"alice": "admin", "grafana": "read"}
 
-    lab = VethLab(f"m{os.getpid() % 100000}", subnet="10.208.4").create()
-    tls = AgentProc(lab, tmp_path / "state", extra=[
+    tls = start_agent("clitls", BASE, extra=[
         "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
         "--tls-client-ca", str(pki / "ca.pem"), "--role-map", str(pki / "roles.json")])  # fmt: skip
-    env_ = {k: v for k, v in os.environ.items() if not k.startswith("TIDEGATE_")}
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("TIDEGATE_")}
 
     def cli(*argv, who="alice"):
         creds = ["--ca", str(pki / "ca.pem"), "--cert", str(pki / f"{who}.pem"), "--key", str(pki / f"{who}.key")]
         return subprocess.run([str(BIN), "--server", tls.server, *(creds if who else []), *argv], capture_output=True,
-                              text=True, env={**env_, "TIDEGATE_AUTHOR": "tls-test"}, timeout=60)  # fmt: skip
+                              text=True, env={**plain, "TIDEGATE_AUTHOR": "tls-test"}, timeout=60)  # fmt: skip
 
-    try:
-        tls.start(rules=str(tmp / "base.yaml"), wait=False)
-        deadline = time.monotonic() + 60
-        while cli("status").returncode != 0:
-            assert tls.proc.poll() is None and time.monotonic() < deadline, tls.log()
-            time.sleep(0.3)
-        st = json.loads(cli("-o", "json", "status").stdout)
-        assert st["interface"] == lab.host_if and st["attached"] is True
-        r = cli("apply", str(tmp / "looser.yaml"), "--reason", "over mTLS")
-        assert r.returncode == 0, r.stderr
-        versions = json.loads(cli("-o", "json", "versions").stdout)
-        assert versions[0]["reason"] == "over mTLS" and versions[0]["author"] == "tls-test"
-        # the read role reads and may not change anything
-        assert cli("versions", who="grafana").returncode == 0
-        r = cli("rollback", "--reason", "x", who="grafana")
-        assert r.returncode == 1 and r.stderr.startswith("tidegate: PERMISSION_DENIED: "), r.stderr
-        # no client certificate: the TLS handshake fails, one line, exit 3
-        r = cli("status", who=None)
-        assert r.returncode == 3 and r.stderr.count("\n") == 1, r.stderr
-        r = subprocess.run([str(BIN), "--server", tls.server, "--ca", str(pki / "ca.pem"), "status"],
-                           capture_output=True, text=True, env=env_)  # fmt: skip
-        assert r.returncode == 3 and r.stderr.count("\n") == 1 and "Handshake" not in r.stderr, r.stderr
+    r = cli("-o", "json", "status")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["interface"] == tls.lab.host_if and st["attached"] is True
+    r = cli("apply", str(tmp / "looser.yaml"), "--reason", "over mTLS")
+    assert r.returncode == 0, r.stderr
+    versions = json.loads(cli("-o", "json", "versions").stdout)
+    assert versions[0]["reason"] == "over mTLS" and versions[0]["author"] == "tls-test"
+    # the read role reads and may not change anything
+    assert cli("versions", who="grafana").returncode == 0
+    r = cli("rollback", "--reason", "x", who="grafana")
+    assert r.returncode == 1 and r.stderr.startswith("tidegate: PERMISSION_DENIED: "), r.stderr
+    # no client certificate: the TLS handshake fails, one line, exit 3
+    r = cli("status", who=None)
+    assert r.returncode == 3 and r.stderr.count("\n") == 1, r.stderr
+    r = subprocess.run([str(BIN), "--server", tls.server, "--ca", str(pki / "ca.pem"), "status"],
+                       capture_output=True, text=True, env=plain)  # fmt: skip
+    assert r.returncode == 3 and r.stderr.count("\n") == 1 and "Handshake" not in r.stderr, r.stderr
 
-        # detach: the agent stopped, its program stays attached; detach removes program and pins
-        tls.stop()
-        pin_dir = Path("/sys/fs/bpf/tidegate") / tls.pin_name
-        assert pin_dir.exists()
-        assert "xdp" in subprocess.run(["ip", "link", "show", lab.host_if], capture_output=True, text=True).stdout
-        r = subprocess.run([str(BIN), "detach", "--interface", lab.host_if, "--pin-name", tls.pin_name],
-                           capture_output=True, text=True)  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        assert f"detached tidegate from {lab.host_if}" in r.stdout
-        assert not pin_dir.exists()
-        assert "xdp" not in subprocess.run(["ip", "link", "show", lab.host_if], capture_output=True, text=True).stdout
-    finally:
-        tls.stop()
-        tls.cleanup_kernel()
-        lab.remove()
+    # detach: the agent stopped, its program stays attached; detach removes program and pins
+    tls.stop()
+    assert Path(tls.pin_dir).exists() and xdp_prog_id(tls.lab.host_if) is not None
+    r = subprocess.run([str(BIN), "detach", "--interface", tls.lab.host_if, "--pin-name", tls.pin_name],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"detached tidegate from {tls.lab.host_if}" in r.stdout
+    assert not Path(tls.pin_dir).exists() and xdp_prog_id(tls.lab.host_if) is None
