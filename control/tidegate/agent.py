@@ -36,6 +36,7 @@ log = logging.getLogger("tidegate.agent")
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS = "127.0.0.1:9640"
 DEFAULT_STATE_DIR = "/var/lib/tidegate"
+TOP_WINDOW_ROWS = 2_000_000  # per-source rows one windowed TopSources call may sum (~1 s of CPU)
 
 
 class OperationError(Exception):
@@ -167,7 +168,8 @@ class Agent:
         window 0: the sampler's last interval; otherwise the intervals of the
         last `window` seconds, summed per source and rule (entries of the set
         loaded now: a source's counts under an earlier version are not
-        included). Work is bounded by the sampler's ring, never the LRU."""
+        included). Work is bounded by TOP_WINDOW_ROWS rows of the sampler's
+        ring (fewer intervals when sources are many), never the LRU."""
         self.require_attached()
         st = self.kf.state()
         info = st.shadow if shadow else st.active
@@ -186,27 +188,41 @@ class Agent:
 
         from .kernel_layout import halves_to_address
 
-        seconds = max(1e-9, ivs[-1].t1 - ivs[0].t0)
         sels = [(iv.kind == 0) & (iv.epoch == info.epoch) for iv in ivs]
-        keys = np.empty(sum(int(np.count_nonzero(m)) for m in sels),
-                        dtype=[("hi", "<u8"), ("lo", "<u8"), ("rule", "u1")])  # fmt: skip
-        keys["hi"] = np.concatenate([iv.hi[m] for iv, m in zip(ivs, sels)])
-        keys["lo"] = np.concatenate([iv.lo[m] for iv, m in zip(ivs, sels)])
-        keys["rule"] = np.concatenate([iv.rule[m] for iv, m in zip(ivs, sels)])
-        pk = np.concatenate([iv.packets[m] for iv, m in zip(ivs, sels)]).astype(np.uint64)
-        dr = np.concatenate([iv.drops[m] for iv, m in zip(ivs, sels)]).astype(np.uint64)
-        fns = np.concatenate([iv.first_ns[m] for iv, m in zip(ivs, sels)]).astype(np.uint64)
-        if len(keys) == 0:
+        # bounded work: sum at most TOP_WINDOW_ROWS rows, newest intervals first; the
+        # response's interval_seconds says what was covered
+        rows, keep = 0, 0
+        for m in reversed(sels):
+            rows += int(np.count_nonzero(m))
+            if keep and rows > TOP_WINDOW_ROWS:
+                break
+            keep += 1
+        ivs, sels = ivs[len(ivs) - keep:], sels[len(sels) - keep:]
+        seconds = max(1e-9, ivs[-1].t1 - ivs[0].t0)
+        hi = np.concatenate([iv.hi[m] for iv, m in zip(ivs, sels)])
+        lo = np.concatenate([iv.lo[m] for iv, m in zip(ivs, sels)])
+        rule = np.concatenate([iv.rule[m] for iv, m in zip(ivs, sels)])
+        packets = np.concatenate([iv.packets[m] for iv, m in zip(ivs, sels)]).astype(np.uint64)
+        drops = np.concatenate([iv.drops[m] for iv, m in zip(ivs, sels)]).astype(np.uint64)
+        first_ns = np.concatenate([iv.first_ns[m] for iv, m in zip(ivs, sels)]).astype(np.uint64)
+        if len(hi) == 0:
             return [], seconds
-        uniq, inv = np.unique(keys, return_inverse=True)
-        packets = np.zeros(len(uniq), np.uint64)
-        drops = np.zeros(len(uniq), np.uint64)
-        first_ns = np.full(len(uniq), np.iinfo(np.uint64).max, np.uint64)
-        np.add.at(packets, inv, pk)
-        np.add.at(drops, inv, dr)
-        np.minimum.at(first_ns, inv, fns)
-        key = drops if by == "drops" else packets
-        order = np.argsort(-key.astype(np.int64), kind="stable")[: max(1, min(n, 1000))]
+        if len(ivs) > 1:  # one interval holds each entry once; a window sums them per source and rule
+            from .sampler import _hash_keys
+
+            h = _hash_keys(hi, lo, rule.astype(np.uint64))
+            srt = np.argsort(h, kind="stable")  # u64 sort: ~10x faster than np.unique on records
+            hs = h[srt]
+            starts = np.concatenate(([0], np.flatnonzero(hs[1:] != hs[:-1]) + 1))
+            packets = np.add.reduceat(packets[srt], starts)
+            drops = np.add.reduceat(drops[srt], starts)
+            # the earliest interval's row (an entry's first_ns only changes if it was evicted)
+            first = srt[starts]
+            hi, lo, rule, first_ns = hi[first], lo[first], rule[first], first_ns[first]
+        key = (drops if by == "drops" else packets).astype(np.int64)
+        n = max(1, min(n, 1000))
+        cand = np.argpartition(-key, n - 1)[:n] if len(key) > n else np.arange(len(key))
+        order = cand[np.argsort(-key[cand], kind="stable")]
         out = []
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         for i in order:
@@ -214,8 +230,8 @@ class Agent:
                 break
             out.append(
                 {
-                    "address": str(halves_to_address(int(uniq["hi"][i]), int(uniq["lo"][i]))),
-                    "rule": self.kf.rule_name(info.slot, int(uniq["rule"][i])),
+                    "address": str(halves_to_address(int(hi[i]), int(lo[i]))),
+                    "rule": self.kf.rule_name(info.slot, int(rule[i])),
                     "packets": int(packets[i]),
                     "drops": int(drops[i]),
                     "pps": float(packets[i]) / seconds,
