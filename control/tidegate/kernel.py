@@ -729,6 +729,10 @@ class KernelFilter:
             v["new_drops"], v["first_ns"], time.monotonic_ns(), count,
         )  # fmt: skip
 
+    def slot_names(self, slot: int) -> dict[int, str]:
+        """Rule index -> name for the set in a slot (empty if unknown)."""
+        return dict(self._names.get(slot, {}))
+
     def rule_name(self, slot: int, idx: int) -> str:
         return self._names.get(slot, {}).get(idx, f"rule{idx}")
 

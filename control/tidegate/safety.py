@@ -88,69 +88,80 @@ def estimate(agent, candidate) -> Estimate:
         est.summary = "no active rule set: nothing to compare against"
         return est
     active = agent.rule_set_of(st.active.version)
-    rates = agent.sampler.window_rates(opts.estimate_window, kind=0, epochs={st.active.epoch})
+    # every epoch in the window: an apply a moment ago must not blind the check
+    rates = agent.sampler.window_rates(opts.estimate_window, kind=0)
     est.window_seconds = rates.seconds
     krs = build_kernel_rule_set(candidate)
     cls = Classifier(krs)
     d = candidate.defaults
 
-    # one row per source key: offered rate, current passing rate, candidate rule
+    # Work in packets over the window, not summed per-source rates: a
+    # sparse source (one packet in the window) has no meaningful rate, but
+    # its packets count exactly. Per source: P packets, of which the active
+    # set passed P - D; the candidate passes a fraction f of them, from its
+    # per-source limit against the source's rate (P / seen) and then its
+    # prefix limit against the prefix's total rate.
     per_key: dict[str, list] = {}
-    for addr, ridx, pps, dps in zip(rates.addresses, rates.rules, rates.pps, rates.drop_pps):
-        name = agent.kf.rule_name(st.active.slot, ridx)
+    for addr, name, pk, dr, seen in zip(rates.addresses, rates.rules, rates.packets, rates.drops, rates.seen):
         rule = active.rule(name)
         proto, port = _representative(rule)
         cidx = cls.classify(addr, proto, port)
         ckey = _mask_key(addr, d.ipv4_prefix, d.ipv6_prefix)
-        row = per_key.setdefault(f"{ckey}|{cidx}", [ckey, cidx, 0.0, 0.0, []])
-        row[2] += float(pps)
-        row[3] += float(pps - dps)
+        row = per_key.setdefault(f"{ckey}|{cidx}", [ckey, cidx, 0.0, 0.0, [], 0.0])
+        row[2] += float(pk)
+        row[3] += float(pk - dr)
         row[4].append(addr)
+        row[5] = max(row[5], float(seen))
 
-    newly: dict[str, float] = {}
     prefix_groups: dict[str, list] = {}
-    cand_pass: dict[str, float] = {}
-    for k, (ckey, cidx, offered, passing, _addrs) in per_key.items():
+    frac: dict[str, float] = {}
+    for k, (ckey, cidx, packets, passing, _addrs, seen) in per_key.items():
         params = krs.rules.get(cidx)
+        rate = packets / seen if seen else 0.0
         if cidx == RULE_DENYLIST or (params and params.action == ACT_DROP):
-            allowed = 0.0
+            f = 0.0
         elif cidx == RULE_ALLOWLIST or params is None or params.action == ACT_PASS or not params.src.rate:
-            allowed = offered
+            f = 1.0
         else:
-            allowed = min(offered, float(params.src.rate))
-        cand_pass[k] = allowed
+            f = min(1.0, float(params.src.rate) / rate) if rate else 1.0
+        frac[k] = f
         if params and params.pfx.rate:
             crule = candidate.rule(krs.rule_names.get(cidx, "")) if cidx < 64 else None
             pfx = crule.prefix_limit if crule else d.prefix_limit
             if pfx:
                 a = ipaddress.ip_network(ckey).network_address
-                pk = _mask_key(str(a), pfx.ipv4_prefix, pfx.ipv6_prefix)
-                prefix_groups.setdefault(f"{pk}|{cidx}", [float(params.pfx.rate), []])[1].append(k)
+                pk_ = _mask_key(str(a), pfx.ipv4_prefix, pfx.ipv6_prefix)
+                prefix_groups.setdefault(f"{pk_}|{cidx}", [float(params.pfx.rate), []])[1].append(k)
     for _, (limit, keys) in prefix_groups.items():
-        total = sum(cand_pass[k] for k in keys)
-        if total > limit:
-            scale = limit / total
+        seen = max(per_key[k][5] for k in keys)
+        total_rate = sum(per_key[k][2] * frac[k] for k in keys) / seen if seen else 0.0
+        if total_rate > limit:
             for k in keys:
-                cand_pass[k] *= scale
+                frac[k] *= limit / total_rate
 
     by_rule: dict[str, RuleEstimate] = {}
     affected = []
     passing_total = 0.0
-    for k, (ckey, cidx, offered, passing, addrs) in per_key.items():
+    lost_total = 0.0
+    newly: dict[str, float] = {}
+    span = max(rates.seconds, 1e-9)
+    for k, (ckey, cidx, packets, passing, addrs, seen) in per_key.items():
         passing_total += passing
-        lost = max(0.0, passing - cand_pass[k])
-        if lost > max(0.01 * passing, 0.05):
+        lost = max(0.0, passing - packets * frac[k])
+        if lost > max(0.01 * passing, 0.5):
             name = krs.rule_names.get(cidx, f"rule{cidx}")
             newly[k] = lost
+            lost_total += lost
             re = by_rule.setdefault(name, RuleEstimate(name))
             re.sources_newly_dropped += len(addrs)
-            re.newly_dropped_pps += lost
-            affected.append({"address": ckey, "rule": name, "pps": offered, "drop_pps": lost})
+            re.newly_dropped_pps += lost / span
+            affected.append({"address": ckey, "rule": name, "pps": packets / seen if seen else 0.0,
+                             "drop_pps": lost / seen if seen else 0.0})  # fmt: skip
     est.sources_seen = len(rates.addresses)
     est.sources_newly_dropped = sum(len(per_key[k][4]) for k in newly)
-    est.packets_per_second = passing_total
-    est.newly_dropped_pps = sum(newly.values())
-    est.packet_share = est.newly_dropped_pps / passing_total if passing_total else 0.0
+    est.packets_per_second = passing_total / span
+    est.newly_dropped_pps = lost_total / span
+    est.packet_share = lost_total / passing_total if passing_total else 0.0
     est.source_share = est.sources_newly_dropped / est.sources_seen if est.sources_seen else 0.0
     est.within_budget = est.packet_share <= est.packet_budget and est.source_share <= est.source_budget
     est.rules = sorted(by_rule.values(), key=lambda r: -r.newly_dropped_pps)
@@ -160,7 +171,7 @@ def estimate(agent, candidate) -> Estimate:
     else:
         est.summary = (
             f"would newly drop {est.packet_share:.1%} of passing packets ({est.newly_dropped_pps:.0f} of "
-            f"{passing_total:.0f} pps) and {est.source_share:.1%} of sources ({est.sources_newly_dropped} of "
+            f"{est.packets_per_second:.0f} pps) and {est.source_share:.1%} of sources ({est.sources_newly_dropped} of "
             f"{est.sources_seen}) seen over the last {est.window_seconds:.0f} s"
         )
     return est

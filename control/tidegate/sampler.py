@@ -50,11 +50,14 @@ class SourceRates:
     """Per-source rates over a window (kind 0 entries of one epoch or all)."""
 
     addresses: list[str]
-    rules: list[int]
+    rules: list[str]  # rule names
     epochs: np.ndarray
     pps: np.ndarray
     drop_pps: np.ndarray
     seconds: float
+    packets: np.ndarray = None  # per source, over the window
+    drops: np.ndarray = None
+    seen: np.ndarray = None  # seconds from first appearance to the end of the window
 
 
 def _hash_keys(hi, lo, meta) -> np.ndarray:
@@ -92,6 +95,7 @@ class Sampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.listeners: list = []  # called after each sample (insight)
+        self.epoch_names: dict[int, dict[int, str]] = {}  # rule names of each epoch seen
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
@@ -127,6 +131,11 @@ class Sampler:
         new_drops = table.new_drops[order]
         first_ns = table.first_ns[order]
         active_epoch = state.active.epoch if state.active else None
+        for info in (state.active, state.shadow):
+            if info is not None and not self.epoch_names.get(info.epoch):
+                self.epoch_names[info.epoch] = self.kf.slot_names(info.slot)
+                while len(self.epoch_names) > 256:
+                    self.epoch_names.pop(min(self.epoch_names))
         with self._lock:
             prev = self._prev
             self._prev = (now, hkeys, packets, drops, new_drops)
@@ -178,26 +187,58 @@ class Sampler:
             return [iv for iv in self._intervals if iv.t1 > end - seconds]
 
     def window_rates(self, seconds: float | None = None, kind: int = 0, epochs: set[int] | None = None) -> SourceRates:
-        """Per (source, rule, epoch) rates summed over the window."""
+        """Per (source, rule name) rates over the window.
+
+        Rows of different rule-set epochs are joined by rule name, so an
+        apply in the middle of the window does not reset what the agent
+        knows about a source. Each source's rate is taken from its first
+        appearance to the end of the window (at least one sample interval),
+        not over the whole window: a source that started 10 s ago at 40 pps
+        is a 40 pps source, one that sent a single packet 8 s ago is not."""
         ivs = self.intervals(seconds)
         if not ivs:
-            return SourceRates([], [], np.array([], np.uint32), np.array([]), np.array([]), 0.0)
+            e = np.array([])
+            return SourceRates([], [], np.array([], np.uint32), e, e, 0.0, e, e, e)
         span = max(1e-9, ivs[-1].t1 - ivs[0].t0)
-        hi = np.concatenate([iv.hi for iv in ivs])
-        lo = np.concatenate([iv.lo for iv in ivs])
-        ep = np.concatenate([iv.epoch for iv in ivs])
-        ru = np.concatenate([iv.rule for iv in ivs])
-        kd = np.concatenate([iv.kind for iv in ivs])
-        pk = np.concatenate([iv.packets for iv in ivs])
-        dr = np.concatenate([iv.drops for iv in ivs])
+        cat = np.concatenate
+        hi, lo = cat([iv.hi for iv in ivs]), cat([iv.lo for iv in ivs])
+        ep, ru, kd = cat([iv.epoch for iv in ivs]), cat([iv.rule for iv in ivs]), cat([iv.kind for iv in ivs])
+        pk, dr = cat([iv.packets for iv in ivs]), cat([iv.drops for iv in ivs])
+        t0 = cat([np.full(len(iv.hi), iv.t0) for iv in ivs])
+        t1 = cat([np.full(len(iv.hi), iv.t1) for iv in ivs])
         sel = kd == kind
         if epochs is not None:
             sel &= np.isin(ep, np.array(sorted(epochs), dtype=np.uint32))
-        keys = _keys(hi[sel], lo[sel], ep[sel], ru[sel], kd[sel])
+        hi, lo, ep, ru, pk, dr, t0, t1 = hi[sel], lo[sel], ep[sel], ru[sel], pk[sel], dr[sel], t0[sel], t1[sel]
+        # rule names per (epoch, rule index), as they were when sampled
+        pair = (ep.astype(np.uint64) << np.uint64(8)) | ru.astype(np.uint64)
+        upairs, pinv = np.unique(pair, return_inverse=True)
+        names: list[str] = []
+        name_ids: dict[str, int] = {}
+        pair_name = np.empty(len(upairs), dtype=np.uint64)
+        for i, pv in enumerate(upairs.tolist()):
+            nm = self.epoch_names.get(pv >> 8, {}).get(pv & 0xFF, f"rule{pv & 0xFF}")
+            if nm not in name_ids:
+                name_ids[nm] = len(names)
+                names.append(nm)
+            pair_name[i] = name_ids[nm]
+        row_name = pair_name[pinv] if len(pinv) else np.array([], np.uint64)
+        keys = np.empty(len(hi), dtype=[("hi", "<u8"), ("lo", "<u8"), ("meta", "<u8")])
+        keys["hi"], keys["lo"], keys["meta"] = hi, lo, row_name
         uniq, inv = np.unique(keys, return_inverse=True)
-        pps = np.bincount(inv, weights=pk[sel].astype(float), minlength=len(uniq)) / span
-        dps = np.bincount(inv, weights=dr[sel].astype(float), minlength=len(uniq)) / span
+        n = len(uniq)
+        first = np.full(n, np.inf)
+        last = np.full(n, -np.inf)
+        np.minimum.at(first, inv, t0)
+        np.maximum.at(last, inv, t1)
+        # from its first appearance to the end of the window: right for a
+        # steady source that started recently and for a sparse one alike
+        seen = np.maximum(ivs[-1].t1 - first, self.interval)
+        del last
+        packets = np.bincount(inv, weights=pk.astype(float), minlength=n)
+        drops = np.bincount(inv, weights=dr.astype(float), minlength=n)
+        pps = packets / seen
+        dps = drops / seen
         addrs = [str(halves_to_address(int(h), int(lo_))) for h, lo_ in zip(uniq["hi"], uniq["lo"])]
-        rules = [int((m >> np.uint64(8)) & np.uint64(0xFF)) for m in uniq["meta"]]
-        epochs_out = (uniq["meta"] >> np.uint64(16)).astype(np.uint32)
-        return SourceRates(addrs, rules, epochs_out, pps, dps, span)
+        rule_names = [names[int(m)] for m in uniq["meta"]]
+        return SourceRates(addrs, rule_names, np.zeros(n, np.uint32), pps, dps, span, packets, drops, seen)

@@ -21,7 +21,7 @@ rules:
   - name: api
     protocol: udp
     dst_ports: [8080]
-    limit: {pps: 5, burst: 10}
+    limit: {pps: 3, burst: 6}
   - name: sink
     protocol: udp
     dst_ports: [9]
@@ -55,11 +55,12 @@ def reading_during(agent, *sender_args, settle=2.6):
 
 
 def test_legitimate_surge_is_read_as_a_surge(agent):
-    # 200 clients at 2 pps each, long enough to become known sources
-    send(agent.lab, "--src-net", "10.77.0.0/24", "--sources", "200", "--count", "2400", "--pps", "400",
+    # 200 clients at 1 pps each, long enough to become known sources
+    send(agent.lab, "--src-net", "10.77.0.0/24", "--sources", "200", "--count", "1600", "--pps", "200",
          "--dport", "8080", "--seed", "5")  # fmt: skip
     time.sleep(1)
-    # the same clients surge to ~10 pps each against a 5 pps per-source limit
+    # the same clients surge to ~10 pps each (at least 5 on a loaded machine)
+    # against a 3 pps per-source limit
     d = reading_during(agent, "--src-net", "10.77.0.0/24", "--sources", "200", "--count", "8000", "--pps", "2000",
                        "--dport", "8080", "--seed", "5")  # fmt: skip
     assert d["verdict"] == "surge", d["reading"]

@@ -144,6 +144,11 @@ def test_outage_is_prevented(env):
         assert metrics  # still serving
         review = agent.cli("review", str(before), json_out=True)
         assert review["version"] == before
+        # right after an apply (a new epoch, fresh buckets), the check still
+        # knows the traffic: it is not blinded by the change it follows
+        agent.cli("apply", str(tmp / "good.yaml"), "--force", "--reason", "same rules, new version")
+        est = agent.cli("whatif", str(tmp / "tight.yaml"), json_out=True)
+        assert est["within_budget"] is False and est["sources_seen"] >= 50
     finally:
         for p in procs:
             p.terminate()
