@@ -660,7 +660,7 @@ def cmd_top(args, out: Output) -> int:
     return EXIT_OK
 
 
-def _watch_frame(c, prev, top, server: str):
+def _watch_frame(c, prev, top, server: str, reading: str | None = None):
     """One refresh of the live view: rates by reason, per rule, top sources."""
     from rich.console import Group
     from rich.text import Text
@@ -693,6 +693,10 @@ def _watch_frame(c, prev, top, server: str):
         parts.append(make_table(f"top sources by drops (last {top.interval_seconds:.0f} s)",
                                 ["source", "rule", "pps", "drop pps"],
                                 [[s.address, s.rule, s.pps, s.drop_pps] for s in top.sources]))  # fmt: skip
+    if reading:
+        from rich.text import Text
+
+        parts.append(Text(f"traffic shape: {reading}"))
     return Group(*parts)
 
 
@@ -720,12 +724,19 @@ def cmd_watch(args, out: Output) -> int:
             except ClientError:
                 return None
 
+        def reading():
+            # the insight reading (surge or flood?) from the agent's last sample
+            try:
+                return cl.call("Insight", cl.pb.InsightRequest()).reading
+            except ClientError:
+                return None
+
         prev = None
-        with Live(_watch_frame(first, None, top_sources(), args.server), console=out.console,
+        with Live(_watch_frame(first, None, top_sources(), args.server, reading()), console=out.console,
                   refresh_per_second=4, auto_refresh=False) as live:  # fmt: skip
             prev = first
             for c in updates:
-                live.update(_watch_frame(c, prev, top_sources(), args.server), refresh=True)
+                live.update(_watch_frame(c, prev, top_sources(), args.server, reading()), refresh=True)
                 prev = c
         if not out.console.is_terminal:
             out.line()
