@@ -426,7 +426,10 @@ class _KeyValueFormatter(logging.Formatter):
         extra = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and ' ' in v else v}"
                          for k, v in record.__dict__.items() if k not in self._skip)  # fmt: skip
         msg = record.getMessage()
-        return f"ts={t}Z level={record.levelname.lower()} logger={record.name} msg={json.dumps(msg)} {extra}".rstrip()
+        line = f"ts={t}Z level={record.levelname.lower()} logger={record.name} msg={json.dumps(msg)} {extra}".rstrip()
+        if record.exc_info:  # the traceback stays on the line, JSON-escaped
+            line += f" exc={json.dumps(self.formatException(record.exc_info))}"
+        return line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -627,14 +630,21 @@ def run(opts: argparse.Namespace) -> int:
             if v:
                 kf.bind_names(v, agent.rule_set_of(v))
         if kver is None:
+            # the kernel has no rule set (first start, reboot, `tidegate detach`): the store's last
+            # active version wins, so a reboot never swaps an operator's change for the --rules file;
+            # --rules seeds a store that has none
             stored = store.active_version()
-            if initial is not None:
-                agent.apply_rule_set(initial, f"initial rules from {opts.rules}", boot, source="apply")
-            elif stored is not None:
+            if stored is not None:
                 rs = agent.rule_set_of(stored)
                 kf.apply(rs, stored)
                 store.commit_active(stored, "restore", "agent", "restored at start", "startup")
-                kf.attach()
+                mode = kf.attach()
+                log.info("restored", extra={"version": stored, "interface": opts.interface, "mode": mode})
+                if initial is not None:
+                    log.info("--rules not applied: restored the store's active version (use tidegate apply to "
+                             "change it)", extra={"version": stored, "rules": opts.rules})  # fmt: skip
+            elif initial is not None:
+                agent.apply_rule_set(initial, f"initial rules from {opts.rules}", boot, source="apply")
             else:
                 log.warning("no rule set: the filter is loaded but not attached until the first apply",
                             extra={"interface": opts.interface})  # fmt: skip

@@ -438,3 +438,20 @@ def test_mutual_tls_on_a_non_loopback_address(start_agent, tmp_path):
         with pytest.raises(grpc.RpcError) as e:
             s.GetStatus(pb.GetStatusRequest(), timeout=5)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE, "no client certificate, no connection"
+
+
+def test_detach_on_exit_and_restore_from_the_store(start_agent):
+    agent = start_agent("doe", BASE, extra=["--detach-on-exit"])
+    api = agent.api
+    v2 = api.ApplyRuleSet(yaml=DROP_APP, reason="the version to restore", force=True).version
+    assert xdp_prog_id(agent.lab.host_if) is not None
+    assert agent.stop(signal.SIGINT) == 0
+    assert xdp_prog_id(agent.lab.host_if) is None and not os.path.exists(agent.pin_dir), "removed as asked"
+    # the kernel has nothing now: the agent restores the store's active version (not --rules) and attaches
+    agent.start()
+    st = agent.api.GetStatus()
+    assert (st.attached, st.active_version) == (True, v2)
+    assert len(agent.api.ListVersions(limit=100).versions) == 2, "restored under its own number"
+    assert 'msg="restored" version=' + str(v2) in agent.log()
+    assert "--rules not applied" in agent.log()
+    assert app_delta(agent) == (0, 20)
