@@ -7,6 +7,7 @@ comes from the sampler's last snapshot, so a scrape does no per-source work.
 from __future__ import annotations
 
 import logging
+import time
 from http.server import ThreadingHTTPServer
 from threading import Thread
 
@@ -43,6 +44,14 @@ class FilterCollector:
                                "(from the last per-source sample)")
         ts.add_metric([], a.sampler.tracked_sources)
         yield ts
+        # the sampler's own cost: one batched read of the per-source LRU per --sample-interval
+        sd = GaugeMetricFamily("tidegate_sample_duration_seconds", "time the last per-source snapshot took")
+        sd.add_metric([], a.sampler.sample_seconds)
+        yield sd
+        if a.sampler.last_sample is not None:
+            sa = GaugeMetricFamily("tidegate_sample_age_seconds", "seconds since the last per-source snapshot")
+            sa.add_metric([], max(0.0, time.monotonic() - a.sampler.last_sample))
+            yield sa
         ch = CounterMetricFamily("tidegate_rule_set_changes", "rule-set changes by result", labels=["result"])
         for result, n in a.change_results.items():
             ch.add_metric([result], n)

@@ -455,3 +455,32 @@ def test_detach_on_exit_and_restore_from_the_store(start_agent):
     assert 'msg="restored" version=' + str(v2) in agent.log()
     assert "--rules not applied" in agent.log()
     assert app_delta(agent) == (0, 20)
+
+
+def test_watch_streams_are_capped_and_do_not_starve_other_calls(agent, base):
+    from tidegate.api import MAX_WATCHERS
+
+    api = agent.api
+    streams = [api.WatchCounters(interval_ms=60_000) for _ in range(MAX_WATCHERS)]
+    try:
+        for s in streams:
+            next(s)  # each holds a worker thread now
+        with pytest.raises(grpc.RpcError) as e:
+            next(api.WatchCounters(interval_ms=100))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        t0 = time.monotonic()
+        assert api.GetStatus().active_version == base
+        assert time.monotonic() - t0 < 5, "unary calls still get a worker"
+    finally:
+        for s in streams:
+            s.cancel()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # cancelled streams give their slots back
+        try:
+            assert len(list(api.WatchCounters(interval_ms=100, max_updates=1))) == 1
+            break
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            time.sleep(0.2)
+    else:
+        raise AssertionError("watch slots were not released")

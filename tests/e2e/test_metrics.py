@@ -181,5 +181,7 @@ def test_exposition_and_process_metrics(agent):
         assert types[name] == "gauge", name
     m = agent.scrape()
     assert m[("tidegate_agent_up", ())] == 1 and m[("tidegate_attached", ())] == 1
+    # the sampler (not the scrape) reads the LRU, once a second here; its cost is exported
+    assert 0 < m[("tidegate_sample_duration_seconds", ())] < 2 and m[("tidegate_sample_age_seconds", ())] < 5
     assert m[("process_resident_memory_bytes", ())] > 10 << 20
     assert "# HELP tidegate_packets_total" in body
