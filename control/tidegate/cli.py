@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rb = verb("rollback")
     rb.add_argument("--to", type=int, default=0, metavar="VERSION", help="version (default: the previous one)")
-    rb.add_argument("--reason", "-r", default="", help="why (recorded in the audit log)")
+    rb.add_argument("--reason", "-r", default="", help="why (required; recorded in the audit log)")
 
     vs = verb("versions")
     vs.add_argument("--limit", type=int, default=50, metavar="N", help="newest N versions (default 50)")
