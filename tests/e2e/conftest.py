@@ -315,3 +315,20 @@ def make_lab():
             )
         finally:
             lab.remove()
+
+
+# The rule set several e2e modules start from: an app rule (UDP 5555) and a
+# sink (UDP 9) for floods, both far above the tests' legitimate rates.
+BASE_RULES = """\
+defaults:
+  limit: {pps: 1000, burst: 2000}
+rules:
+  - name: app
+    protocol: udp
+    dst_ports: [5555]
+    limit: {pps: 500, burst: 500}
+  - name: sink
+    protocol: udp
+    dst_ports: [9]
+    limit: {pps: 1000, burst: 1000}
+"""

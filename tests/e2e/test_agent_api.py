@@ -22,23 +22,12 @@ import pytest
 
 from tidegate.ruleset import parse_rule_set
 
+from .conftest import BASE_RULES
 from .conftest import AUTHOR, BIN, PIN_ROOT, bpftool_dump, finish, free_port, send, xdp_prog_id
 
 pytestmark = pytest.mark.e2e
 
-BASE = """\
-defaults:
-  limit: {pps: 1000, burst: 2000}
-rules:
-  - name: app
-    protocol: udp
-    dst_ports: [5555]
-    limit: {pps: 500, burst: 500}
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 1000, burst: 1000}
-"""
+BASE = BASE_RULES
 
 DROP_APP = BASE.replace("    limit: {pps: 500, burst: 500}", "    action: drop")
 

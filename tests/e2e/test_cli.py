@@ -19,23 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import BASE_RULES
 from .conftest import BIN, Agent, finish, send, xdp_prog_id
 
 pytestmark = pytest.mark.e2e
 
-BASE = """
-defaults:
-  limit: {pps: 1000, burst: 2000}
-rules:
-  - name: app
-    protocol: udp
-    dst_ports: [5555]
-    limit: {pps: 500, burst: 500}
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 1000, burst: 1000}
-"""
+BASE = "\n" + BASE_RULES  # line numbers in the assertions below count this first empty line
+
 
 # raises a limit: never newly drops anything, so the blast-radius check lets it through
 LOOSER = BASE.replace("pps: 500, burst: 500", "pps: 800, burst: 800")

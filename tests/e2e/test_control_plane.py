@@ -14,23 +14,13 @@ import pytest
 
 from tidegate.labnet import VethLab
 
+from .conftest import BASE_RULES
 from .harness import BIN, AgentProc, finish, pinned_dump, send
 
 pytestmark = pytest.mark.e2e
 
-BASE = """
-defaults:
-  limit: {pps: 1000, burst: 2000}
-rules:
-  - name: app
-    protocol: udp
-    dst_ports: [5555]
-    limit: {pps: 500, burst: 500}
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 1000, burst: 1000}
-"""
+BASE = "\n" + BASE_RULES  # line numbers in the assertions below count this first empty line
+
 
 DROP_APP = BASE.replace("""    limit: {pps: 500, burst: 500}""", """    action: drop""")
 
@@ -176,6 +166,7 @@ def test_bad_inputs_change_nothing(env):
 
 def test_invalid_file_errors_name_line(env):
     agent, tmp = env
+    (tmp / "invalid.yaml").write_text(BASE.replace("pps: 500", "pps: 0"))
     r = agent.cli("apply", str(tmp / "invalid.yaml"), "--reason", "x", check=False)
     assert f"{tmp / 'invalid.yaml'}:8: rules[0].limit.pps" in r.stderr
 
