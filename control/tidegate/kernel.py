@@ -45,7 +45,8 @@ XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 # IFLA_XDP_ATTACHED: pyroute2 reports a number or (newer releases) a name
 XDP_ATTACHED = {0: None, 1: "native", 2: "generic", 3: "offload", 4: "multi",
-                "none": None, "xdp": "native", "drv": "native", "skb": "generic", "hw": "offload", "multi": "multi"}
+                "none": None, "xdp": "native", "drv": "native", "skb": "generic", "hw": "offload", "multi": "multi",
+                "xdpdrv": "native", "xdpgeneric": "generic", "xdpoffload": "offload", "xdpmulti": "multi"}
 BPF_NOEXIST = 1
 
 # map name -> is it per rule-set slot (cleared/rewritten on apply)
@@ -388,7 +389,11 @@ class KernelFilter:
         xdp = link.get_attr("IFLA_XDP")
         if not xdp:
             return None, None
-        mode = XDP_ATTACHED.get(xdp.get_attr("IFLA_XDP_ATTACHED") or 0)
+        raw = xdp.get_attr("IFLA_XDP_ATTACHED") or 0
+        mode = XDP_ATTACHED.get(raw.lower() if isinstance(raw, str) else raw)
+        if mode is None and xdp.get_attr("IFLA_XDP_PROG_ID"):
+            # an unknown name for the mode: tell it by which prog-id attribute is set
+            mode = "multi"
         if mode == "multi":
             mode = "native" if xdp.get_attr("IFLA_XDP_DRV_PROG_ID") else "generic"
         pid = xdp.get_attr("IFLA_XDP_PROG_ID")
