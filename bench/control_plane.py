@@ -158,15 +158,20 @@ def main() -> int:
             out["kernel_bytes_per_source"] = per
             lines += ["", f"kernel memory: per-source LRU {m.get('bytes_memlock', 0) / 2**20:.0f} MiB for "
                           f"{m.get('max_entries'):,} entries = {per:.0f} bytes per tracked source (preallocated)"]
-    finally:
+    except BaseException:
         kf.close()
+        kf.remove_pins()
+        raise
+    kf.close()
     # ---- warm restart (adopt pinned maps) vs cold start
-    t0 = time.monotonic()
     kf2 = KernelFilter(FilterConfig(interface=None, pin_name=pin, max_sources=1 << 20, max_cidrs=3 * 131072))
-    kf2.load()
-    warm = time.monotonic() - t0
-    kf2.close()
-    kf2.remove_pins()
+    try:
+        t0 = time.monotonic()
+        kf2.load()
+        warm = time.monotonic() - t0
+    finally:
+        kf2.close()
+        kf2.remove_pins()  # a benchmark leaves nothing behind, even when it fails
     out["cold_start_s"], out["warm_restart_s"] = cold, warm
     lines += ["", f"agent start: cold (compile + load, fresh maps) {cold:.2f} s; warm restart (compile + adopt "
                   f"pinned maps and their {version} versions' slots) {warm:.2f} s"]  # fmt: skip
