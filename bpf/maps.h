@@ -13,17 +13,16 @@
 #ifndef TG_MAX_CIDRS
 #define TG_MAX_CIDRS 393216
 #endif
-#ifndef TG_MAX_PORTS
-#define TG_MAX_PORTS 24576
-#endif
 
 BPF_TABLE_PINNED("array", u32, struct tg_ctl, tg_ctl, 1, TG_PIN_DIR "/tg_ctl");
 BPF_TABLE_PINNED("array", u32, struct tg_set_cfg, tg_sets, TG_SLOTS, TG_PIN_DIR "/tg_sets");
 BPF_TABLE_PINNED("array", u32, struct tg_rule_cfg, tg_rules, TG_SLOTS * TG_RULE_IDX,
 		 TG_PIN_DIR "/tg_rules");
-BPF_TABLE_PINNED("lpm_trie", struct tg_cidr_key, struct tg_cidr_val, tg_cidrs, TG_MAX_CIDRS,
-		 TG_PIN_DIR "/tg_cidrs", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("hash", struct tg_port_key, u64, tg_ports, TG_MAX_PORTS, TG_PIN_DIR "/tg_ports");
+BPF_TABLE_PINNED("lpm_trie", struct tg_cidr4_key, struct tg_cidr_val, tg_cidrs4, TG_MAX_CIDRS,
+		 TG_PIN_DIR "/tg_cidrs4", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct tg_cidr6_key, struct tg_cidr_val, tg_cidrs6, TG_MAX_CIDRS,
+		 TG_PIN_DIR "/tg_cidrs6", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("array", u32, u64, tg_ports, TG_PORT_ENTRIES, TG_PIN_DIR "/tg_ports");
 BPF_TABLE_PINNED("lru_hash", struct tg_state_key, struct tg_src, tg_state, TG_MAX_SOURCES,
 		 TG_PIN_DIR "/tg_state");
 BPF_TABLE_PINNED("percpu_array", u32, struct tg_count, tg_stats, TG_REASONS, TG_PIN_DIR "/tg_stats");

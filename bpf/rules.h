@@ -1,7 +1,7 @@
 /* Rule-set evaluation for one slot: allow/deny tries, first matching rule,
  * then the rule's per-source and per-prefix buckets.
  *
- * Rule matching costs at most one trie lookup and one hash lookup whatever
+ * Rule matching costs at most one trie lookup and one array load whatever
  * the number of rules: the control plane precomputes, for every CIDR entry,
  * the bit mask of rules whose sources contain it (the longest match then
  * carries every rule that covers the address), and for every (protocol,
@@ -35,11 +35,19 @@ static __always_inline struct tg_verdict tg_classify(__u32 slot, const struct tg
 	struct tg_verdict v = {};
 	__u64 src_mask = cfg->any_src_mask;
 	if (cfg->flags & TG_SET_HAS_TRIE) {
-		struct tg_cidr_key ck = {
-			.prefixlen = 32 + 128, .slot = slot,
-			.addr_hi = p->addr_hi, .addr_lo = p->addr_lo,
-		};
-		struct tg_cidr_val *cv = tg_cidrs.lookup(&ck);
+		struct tg_cidr_val *cv;
+		if (p->family == 4) {
+			struct tg_cidr4_key ck = {
+				.prefixlen = 32 + 32, .slot = slot, .addr = (__u32)(p->addr_lo >> 32),
+			};
+			cv = tg_cidrs4.lookup(&ck);
+		} else {
+			struct tg_cidr6_key ck = {
+				.prefixlen = 32 + 128, .slot = slot,
+				.addr_hi = p->addr_hi, .addr_lo = p->addr_lo,
+			};
+			cv = tg_cidrs6.lookup(&ck);
+		}
 		if (cv) {
 			if (cv->flags & TG_CF_ALLOW) {
 				v.reason = TG_R_ALLOW;
@@ -57,9 +65,9 @@ static __always_inline struct tg_verdict tg_classify(__u32 slot, const struct tg
 	}
 	__u64 port_mask = cfg->proto_mask[p->proto];
 	if ((cfg->flags & TG_SET_HAS_PORTS) && p->has_port) {
-		struct tg_port_key pk = { .slot = slot, .proto = p->proto, .port = p->dport };
-		__u64 *pm = tg_ports.lookup(&pk);
-		if (pm)
+		__u32 pidx = TG_PORT_IDX(slot, p->proto == IPPROTO_UDP, p->dport);
+		__u64 *pm = tg_ports.lookup(&pidx);
+		if (pm && *pm)
 			port_mask = *pm;
 	}
 	__u64 m = src_mask & port_mask;

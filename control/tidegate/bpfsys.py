@@ -294,6 +294,7 @@ class GraceWaiter:
 
 
 BPF_MAP_UPDATE_BATCH = 26
+BPF_MAP_DELETE_BATCH = 27
 
 
 def update_batch(fd: int, keys: bytes, values: bytes, count: int, chunk: int = 65536) -> int:
@@ -309,5 +310,19 @@ def update_batch(fd: int, keys: bytes, values: bytes, count: int, chunk: int = 6
         attr = _Batch(keys=ctypes.addressof(kbuf) + done * ksz, values=ctypes.addressof(vbuf) + done * vsz,
                       count=n, map_fd=fd)  # fmt: skip
         _bpf(BPF_MAP_UPDATE_BATCH, attr)
+        done += attr.count
+    return done
+
+
+def delete_batch(fd: int, keys: bytes, count: int, chunk: int = 65536) -> int:
+    """Delete `count` entries with BPF_MAP_DELETE_BATCH (a missing key fails
+    the call with ENOENT: callers delete only what they know is there)."""
+    kbuf = ctypes.create_string_buffer(keys, len(keys))
+    ksz = len(keys) // max(1, count)
+    done = 0
+    while done < count:
+        n = min(chunk, count - done)
+        attr = _Batch(keys=ctypes.addressof(kbuf) + done * ksz, count=n, map_fd=fd)
+        _bpf(BPF_MAP_DELETE_BATCH, attr)
         done += attr.count
     return done

@@ -14,6 +14,7 @@ before anything rewrites it.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import logging
@@ -31,9 +32,11 @@ from .kernel_layout import (
     RULE_IDX,
     SLOTS,
     KernelRuleSet,
-    addr_halves,
+    PORT_RANGE,
     build_kernel_rule_set,
     halves_to_address,
+    kernel_port_entries,
+    kernel_trie_entries,
 )
 
 log = logging.getLogger("tidegate.kernel")
@@ -54,7 +57,8 @@ MAP_NAMES = (
     "tg_ctl",
     "tg_sets",
     "tg_rules",
-    "tg_cidrs",
+    "tg_cidrs4",
+    "tg_cidrs6",
     "tg_ports",
     "tg_state",
     "tg_stats",
@@ -121,8 +125,7 @@ class FilterConfig:
     xdp_mode: str = "auto"  # auto | native | generic
     pin_root: str = PIN_ROOT
     max_sources: int = 1 << 20
-    max_cidrs: int = 3 * 131072
-    max_ports: int = 3 * 8192
+    max_cidrs: int = 3 * 131072  # per family trie, all three slots
     replay_clock: bool = False  # test/replay build: time comes from a map
     pin_name: str | None = None  # defaults to the interface name
 
@@ -222,8 +225,8 @@ class SourceTable:
 
 @dataclass
 class _SlotEntries:
-    cidrs: set = field(default_factory=set)
-    ports: set = field(default_factory=set)
+    cidrs: dict = field(default_factory=lambda: {4: set(), 6: set()})  # family -> raw trie keys
+    ports: set = field(default_factory=set)  # port-table indexes within the slot holding a mask
 
 
 class KernelFilter:
@@ -249,7 +252,6 @@ class KernelFilter:
             f'-DTG_PIN_DIR="{c.pin_dir}"',
             f"-DTG_MAX_SOURCES={c.max_sources}",
             f"-DTG_MAX_CIDRS={c.max_cidrs}",
-            f"-DTG_MAX_PORTS={c.max_ports}",
             "-Wno-unused-function",
         ]
         if c.replay_clock:
@@ -275,8 +277,8 @@ class KernelFilter:
             return False
         want = {
             "tg_state": self.config.max_sources,
-            "tg_cidrs": self.config.max_cidrs,
-            "tg_ports": self.config.max_ports,
+            "tg_cidrs4": self.config.max_cidrs,
+            "tg_cidrs6": self.config.max_cidrs,
         }
         for name, entries in want.items():
             p = os.path.join(d, name)
@@ -371,12 +373,25 @@ class KernelFilter:
         ctl[ctl.Key(0)] = leaf
 
     def _index_slots(self) -> None:
-        """Learn which trie and port entries each slot holds (after adoption)."""
+        """Learn which trie and port-table entries each slot holds (after
+        adoption), so the next write of a slot touches only what changes."""
         self._slot_entries = {s: _SlotEntries() for s in range(SLOTS)}
-        for k in self._tables["tg_cidrs"].keys():
-            self._slot_entries.setdefault(k.slot, _SlotEntries()).cidrs.add((k.prefixlen, k.addr_hi, k.addr_lo))
-        for k in self._tables["tg_ports"].keys():
-            self._slot_entries.setdefault(k.slot, _SlotEntries()).ports.add((k.proto, k.port))
+        for fam, name in ((4, "tg_cidrs4"), (6, "tg_cidrs6")):
+            keys, _, n = self._read_trie(name)
+            for i in range(n):
+                slot = int.from_bytes(keys[i][4:8], "little")
+                self._slot_entries.setdefault(slot, _SlotEntries()).cidrs[fam].add(keys[i])
+        t = self._tables["tg_ports"]
+        _, values, n = bpfsys.lookup_batch(t.map_fd, 4, 8, SLOTS * PORT_RANGE)
+        for idx in values.view("<u8")[:n].nonzero()[0].tolist():
+            self._slot_entries[idx // PORT_RANGE].ports.add(idx % PORT_RANGE)
+
+    def _read_trie(self, name: str) -> tuple[list[bytes], list[bytes], int]:
+        t = self._tables[name]
+        ksz, vsz = ctypes.sizeof(t.Key), ctypes.sizeof(t.Leaf)
+        keys, values, n = bpfsys.lookup_batch(t.map_fd, ksz, vsz, self.config.max_cidrs)
+        kb, vb = keys.tobytes(), values.tobytes()
+        return [kb[i * ksz:(i + 1) * ksz] for i in range(n)], [vb[i * vsz:(i + 1) * vsz] for i in range(n)], n
 
     # ---------------------------------------------------------------- attach
     def _attached_prog(self) -> tuple[int | None, str | None]:
@@ -556,39 +571,31 @@ class KernelFilter:
         """Write a complete rule set into a slot no packet reads."""
         self._harvest_slot(slot)
         sets, rules = self._tables["tg_sets"], self._tables["tg_rules"]
-        cidrs, ports = self._tables["tg_cidrs"], self._tables["tg_ports"]
+        ports = self._tables["tg_ports"]
         old = self._slot_entries.setdefault(slot, _SlotEntries())
 
-        new_cidrs = {}
-        for (addr, plen), (mask, flags) in krs.cidrs.items():
-            hi, lo = addr_halves(addr)
-            new_cidrs[(32 + plen, hi, lo)] = (mask, flags)
-        # raw bpf(2) calls with one reused key/value: ~5x faster than BCC's
-        # per-item __setitem__ on large lists
-        k, v = cidrs.Key(), cidrs.Leaf()
-        k.slot = slot
-        for key in old.cidrs - new_cidrs.keys():
-            k.prefixlen, k.addr_hi, k.addr_lo = key
-            bpfsys.map_delete(cidrs.map_fd, k)
-        for key, (mask, flags) in new_cidrs.items():
-            k.prefixlen, k.addr_hi, k.addr_lo = key
-            v.rule_mask, v.flags = mask, flags
-            bpfsys.map_update(cidrs.map_fd, k, v)
-        old.cidrs = set(new_cidrs)
+        # Batched writes: one bpf(2) call per few thousand entries instead of
+        # one per entry (the difference between ~10 ms and ~100 ms at 10,000)
+        v4, v6 = kernel_trie_entries(krs, slot)
+        for fam, name, new in ((4, "tg_cidrs4", v4), (6, "tg_cidrs6", v6)):
+            fd = self._tables[name].map_fd
+            stale = old.cidrs[fam] - new.keys()
+            if stale:
+                bpfsys.delete_batch(fd, b"".join(stale), len(stale))
+            if new:
+                bpfsys.update_batch(fd, b"".join(new), b"".join(new.values()), len(new))
+            old.cidrs[fam] = set(new)
 
-        for key in old.ports - krs.ports.keys():
-            k = ports.Key()
-            k.slot, k.proto, k.port = slot, key[0], key[1]
-            try:
-                del ports[k]
-            except KeyError:
-                pass
-        for (proto, port), mask in krs.ports.items():
-            k = ports.Key()
-            k.slot, k.proto, k.port = slot, proto, port
-            ports[k] = ports.Leaf(mask)
-        old.ports = set(krs.ports)
-
+        # port table: the new masks, and zeros where the old set had one
+        new_ports = kernel_port_entries(krs)
+        for idx in old.ports - new_ports.keys():
+            new_ports[idx] = 0
+        if new_ports:
+            base = slot * PORT_RANGE
+            idxs = sorted(new_ports)
+            bpfsys.update_batch(ports.map_fd, array.array("I", (base + i for i in idxs)).tobytes(),
+                                array.array("Q", (new_ports[i] for i in idxs)).tobytes(), len(idxs))  # fmt: skip
+        old.ports = {i for i, m in new_ports.items() if m}
         for idx in range(RULE_IDX):
             leaf = rules.Leaf()
             rp = krs.rules.get(idx)
@@ -766,9 +773,18 @@ class KernelFilter:
             for name in MAP_NAMES:
                 if name == "tg_state" and not include_state:
                     continue
-                t = self._tables[name]
-                items = sorted((bytes(k), bytes(v)) for k, v in t.items())
                 h.update(name.encode())
+                if name == "tg_ports":
+                    # 393,216 entries: one batched read, not a Python loop
+                    _, values, _ = bpfsys.lookup_batch(self._tables[name].map_fd, 4, 8, SLOTS * PORT_RANGE)
+                    h.update(values.tobytes())
+                    continue
+                if name in ("tg_cidrs4", "tg_cidrs6"):
+                    keys, values, _ = self._read_trie(name)
+                    items = sorted(zip(keys, values))
+                else:
+                    t = self._tables[name]
+                    items = sorted((bytes(k), bytes(v)) for k, v in t.items())
                 for kb, vb in items:
                     h.update(kb)
                     h.update(vb)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import struct
 from dataclasses import dataclass, field
 
 UNIT = 1_000_000_000  # bucket units per packet or byte (bpf/layout.h TG_UNIT)
@@ -39,6 +40,7 @@ ACT_LIMIT, ACT_PASS, ACT_DROP = 0, 1, 2
 RF_PKT, RF_BYTES, RF_PREFIX, RF_PFX_BYTES = 1, 2, 4, 8
 CF_ALLOW, CF_DENY = 1, 2
 SET_HAS_TRIE, SET_HAS_PORTS = 1, 2
+PORT_RANGE = 2 * 65536  # port-table entries per slot: (is_udp << 16 | port)
 
 # The byte bucket's burst is capped so that burst * UNIT fits in 64 bits
 # with room for one refill; 4 GB of burst is far beyond any real use.
@@ -268,25 +270,55 @@ def _inherit(own: dict[tuple[int, int], list[int]]) -> dict[tuple[int, int], tup
     return out
 
 
+def trie_family(addr128: int, prefixlen128: int) -> int:
+    """Which of the program's two tries holds an entry: 4 for the IPv4
+    (::ffff:0:0/96) part of the unified space, 6 for the rest."""
+    return 4 if prefixlen128 >= 96 and (addr128 >> 32) == 0xFFFF else 6
+
+
+def kernel_trie_entries(krs: KernelRuleSet, slot: int) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+    """The raw (key, value) bytes of one slot's IPv4 and IPv6 trie entries,
+    as bpf/layout.h lays out tg_cidr4_key, tg_cidr6_key and tg_cidr_val."""
+    v4: dict[bytes, bytes] = {}
+    v6: dict[bytes, bytes] = {}
+    for (addr, plen), (mask, flags) in krs.cidrs.items():
+        val = struct.pack("<QII", mask, flags, 0)
+        if trie_family(addr, plen) == 4:
+            if (addr, plen) == _BARRIER and not (mask or flags):
+                continue  # only separates the families in the unified space
+            v4[struct.pack("<II", 32 + plen - 96, slot) + (addr & 0xFFFFFFFF).to_bytes(4, "big")] = val
+        else:
+            v6[struct.pack("<II", 32 + plen, slot) + addr.to_bytes(16, "big")] = val
+    return v4, v6
+
+
+def kernel_port_entries(krs: KernelRuleSet) -> dict[int, int]:
+    """One slot's port-table entries: index within the slot's range
+    (is_udp << 16 | port, bpf/layout.h TG_PORT_IDX) -> rule mask."""
+    return {((proto == 17) << 16 | port): mask for (proto, port), mask in krs.ports.items()}
+
+
 class Classifier:
     """The program's matching, in Python, over a KernelRuleSet: used by the
     blast-radius estimate and canary checks. Longest-prefix match by one
-    dict per prefix length (at most 129 lookups)."""
+    dict per family and prefix length (at most 129 lookups)."""
 
     def __init__(self, krs: KernelRuleSet):
         self.krs = krs
-        self._by_len: dict[int, dict[int, tuple[int, int]]] = {}
+        self._by_len: dict[int, dict[int, dict[int, tuple[int, int]]]] = {4: {}, 6: {}}
         for (addr, plen), val in krs.cidrs.items():
-            self._by_len.setdefault(plen, {})[addr >> (128 - plen) if plen else 0] = val
-        self._lens = sorted(self._by_len, reverse=True)
+            fam = self._by_len[trie_family(addr, plen)]
+            fam.setdefault(plen, {})[addr >> (128 - plen) if plen else 0] = val
+        self._lens = {f: sorted(d, reverse=True) for f, d in self._by_len.items()}
 
     def classify(self, address: str, proto: int | None = None, port: int | None = None) -> int:
         """Rule index (RULE_DENYLIST / RULE_ALLOWLIST for the lists)."""
         a = ipaddress.ip_address(address)
         key = (_V4_MAPPED | int(a)) if a.version == 4 else int(a)
+        by_len = self._by_len[a.version]
         src_mask = self.krs.any_src_mask
-        for plen in self._lens:
-            val = self._by_len[plen].get(key >> (128 - plen) if plen else 0)
+        for plen in self._lens[a.version]:
+            val = by_len[plen].get(key >> (128 - plen) if plen else 0)
             if val is not None:
                 mask, flags = val
                 if flags & CF_ALLOW:

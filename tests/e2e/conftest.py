@@ -29,6 +29,8 @@ import pytest
 from tidegate.kernel import FilterConfig, KernelFilter
 from tidegate.labnet import VethLab
 
+from .harness import RULE_SET_MAPS, pinned_dump
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent / "tidegate"
 PIN_ROOT = "/sys/fs/bpf/tidegate"
@@ -61,16 +63,10 @@ def xdp_prog_id(ifname: str) -> int | None:
     return int(xdp["prog"]["id"]) if xdp and "prog" in xdp else None
 
 
-def bpftool_dump(pin_dir: str, names=("tg_ctl", "tg_sets", "tg_rules", "tg_cidrs", "tg_ports")) -> dict[str, str]:
-    """The raw JSON bpftool prints for the rule-set maps (read-only, while
+def bpftool_dump(pin_dir: str, names=RULE_SET_MAPS) -> dict[str, str]:
+    """Digests of what bpftool prints for the rule-set maps (read-only, while
     the agent owns them)."""
-    out = {}
-    for n in names:
-        r = subprocess.run(["bpftool", "-j", "map", "dump", "pinned", f"{pin_dir}/{n}"], capture_output=True,
-                           text=True)  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        out[n] = r.stdout
-    return out
+    return pinned_dump(pin_dir, names)
 
 
 def send(lab: VethLab, *, src: str | None = None, src_net: str | None = None, sources: int = 1, dport: int = 9,

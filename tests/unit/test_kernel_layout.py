@@ -45,6 +45,10 @@ def lookup(krs: kl.KernelRuleSet, addr: str, proto: int, port: int | None):
     key = kl.network_key(ipaddress.ip_network(f"{a}/{a.max_prefixlen}"))
     best = None
     for (net, plen), val in krs.cidrs.items():
+        # the program keeps one trie per family: an IPv4 source is looked up
+        # in the ::ffff:0:0/96 part only, an IPv6 source everywhere else
+        if kl.trie_family(net, plen) != a.version:
+            continue
         if kl._contains((net, plen), (key[0], 128)) and (best is None or plen > best[0]):
             best = (plen, val)
     src_mask = krs.any_src_mask
