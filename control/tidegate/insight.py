@@ -164,6 +164,9 @@ class Insight:
             "known_sources_tracked": len(self.known),
             "top_prefixes_packet_share": round(top_pfx_share, 4),
             "distinct_prefixes": int(len(uniq)),
+            # a spoofed flood drawn from a few prefixes packs many sources into
+            # each; real clients rarely share a /24 by the hundred
+            "sources_per_prefix": round(len(pk) / len(uniq), 1) if len(uniq) else 0.0,
             "median_source_pps": round(median_now, 2),
             "median_source_pps_before": round(median_then, 2) if median_then is not None else None,
             "rate_histogram": {**{f"le_{b}": hist[i] for i, b in enumerate(RATE_BUCKETS)}, "le_inf": hist[-1]},
@@ -204,8 +207,13 @@ def _reading(d: dict) -> tuple[str, str]:
     elif d["new_source_share"] >= 0.5 and d["known_source_packet_share"] < 0.5 and d["median_source_pps"] <= 10 \
             and d["active_sources"] >= 100:
         verdict = "flood"
-        hint = (f"looks like a spoofed flood: mostly new sources at a low rate each, "
-                f"{d['top_prefixes_packet_share']:.0%} of packets from the top 10 prefixes")
+        if d["sources_per_prefix"] >= 16:
+            where = (f"concentrated in {d['distinct_prefixes']:,} prefixes ({d['sources_per_prefix']:g} sources "
+                     f"each, top 10 send {d['top_prefixes_packet_share']:.0%})")  # fmt: skip
+        else:
+            where = (f"spread over {d['distinct_prefixes']:,} prefixes (random spoofing, "
+                     f"{d['sources_per_prefix']:g} sources each)")  # fmt: skip
+        hint = f"looks like a spoofed flood: mostly new sources at a low rate each, {where}"
     elif d["known_source_packet_share"] >= 0.7 and (d["drops_by_rule"] or (d["traffic_factor_2min"] or 1) >= 1.5):
         verdict = "surge"
         hint = ("looks like a legitimate surge" + (" being limited" if d["drops_by_rule"] else "") +

@@ -79,6 +79,8 @@ def test_spoofed_flood_is_read_as_a_flood(agent):
     assert d["known_source_packet_share"] <= 0.2
     assert d["median_source_pps"] <= 2
     assert d["active_sources"] >= 1000 and d["distinct_prefixes"] <= 64
+    assert d["sources_per_prefix"] >= 16 and d["top_prefixes_packet_share"] >= 10 / 64
+    assert "concentrated in" in d["reading"]
 
 
 def test_single_heavy_hitter_is_named(agent):
