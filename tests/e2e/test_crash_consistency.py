@@ -36,7 +36,11 @@ rules:
     dst_ports: [5555]
     limit: {pps: 500, burst: 500}
 """
-SET_B = SET_A.replace("pps: 500, burst: 500", "pps: 400, burst: 400")
+# B differs from A where a crafted probe can tell: 198.51.100.1 passes on
+# B's allow list (reason allow) and on A's default (reason pass)
+SET_B = SET_A.replace("pps: 500, burst: 500", "pps: 400, burst: 400").replace(
+    'deny: ["192.0.2.0/24"]', 'deny: ["192.0.2.0/24"]\nallow: ["198.51.100.0/24"]')
+B_PROBE = "198.51.100.1"
 
 
 def attached_prog_id(ifname: str) -> int | None:
@@ -58,7 +62,30 @@ def rpc(agent: AgentProc):
     return pb, pbg.FilterStub(grpc.insecure_channel(agent.server)), md
 
 
-def churn(agent: AgentProc, stop: threading.Event, done: list) -> None:
+def kernel_runs_set_b(stub, pb, md, prog_id: int) -> bool:
+    """Which rule set the attached program enforces, asked of the program
+    itself: one crafted packet through BPF_PROG_TEST_RUN, and the reason
+    counter it moved."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    from tidegate import bpfsys
+
+    def allowed() -> int:
+        c = stub.GetCounters(pb.GetCountersRequest(), metadata=md)
+        return {r.reason: r.packets for r in c.reasons}["allow"]
+
+    frame = bytes(Ether() / IP(src=B_PROBE, dst="10.0.0.1") / UDP(sport=1, dport=7777) / b"probe")
+    fd = bpfsys.prog_fd_by_id(prog_id)
+    try:
+        before = allowed()
+        bpfsys.test_run(fd, frame, 1)
+        return allowed() - before == 1
+    finally:
+        os.close(fd)
+
+
+def churn(agent: AgentProc, stop: threading.Event, done: list, acked: list) -> None:
     """Apply and roll back as fast as the agent answers until killed."""
     pb, stub, md = rpc(agent)
     i = 0
@@ -67,8 +94,9 @@ def churn(agent: AgentProc, stop: threading.Event, done: list) -> None:
             if i % 3 == 2:
                 stub.Rollback(pb.RollbackRequest(reason="churn"), metadata=md, timeout=5)
             else:
-                stub.ApplyRuleSet(pb.ApplyRequest(yaml=SET_B if i % 2 else SET_A, reason="churn", force=True,
-                                                  no_guard=True), metadata=md, timeout=5)  # fmt: skip
+                r = stub.ApplyRuleSet(pb.ApplyRequest(yaml=SET_B if i % 2 else SET_A, reason="churn", force=True,
+                                                      no_guard=True), metadata=md, timeout=5)  # fmt: skip
+                acked.append(r.version)
             done.append(i)
         except grpc.RpcError:
             if stop.is_set():
@@ -90,9 +118,10 @@ def test_sigkill_during_apply_and_rollback(tmp_path):
         prog = agent.cli("status", json_out=True)["prog_id"]
         assert attached_prog_id(lab.host_if) == prog
         deny0 = None
+        acked: list[int] = []
         for n in range(KILLS):
             stop, done = threading.Event(), []
-            t = threading.Thread(target=churn, args=(agent, stop, done))
+            t = threading.Thread(target=churn, args=(agent, stop, done, acked))
             t.start()
             time.sleep(rnd.uniform(0.05, 0.8))
             agent.stop(signal.SIGKILL)
@@ -114,6 +143,14 @@ def test_sigkill_during_apply_and_rollback(tmp_path):
             numbers = sorted(v.number for v in versions)
             assert numbers == list(range(1, len(numbers) + 1)), f"kill {n}: a version number is missing"
             assert all(v.state in ("applied", "aborted") for v in versions), f"kill {n}: pending left over"
+            state = {v.number: v.state for v in versions}
+            lost = [a for a in acked if state.get(a) != "applied"]
+            assert not lost, f"kill {n}: acknowledged applies {lost} are not kept as applied"
+            # the kernel enforces the content of the version the store calls active
+            body = stub.GetVersion(pb.GetVersionRequest(number=st.active_version), metadata=md).yaml
+            store_b = "198.51.100.0/24" in body
+            assert kernel_runs_set_b(stub, pb, md, prog) == store_b, (
+                f"kill {n}: kernel and store disagree on the content of version {st.active_version}")
             c = stub.GetCounters(pb.GetCountersRequest(), metadata=md)
             reasons = {r.reason: r.packets for r in c.reasons}
             assert reasons["noconfig"] == 0, "a packet saw no rule set"
@@ -128,6 +165,7 @@ def test_sigkill_during_apply_and_rollback(tmp_path):
                 body = stub.GetVersion(pb.GetVersionRequest(number=v.number), metadata=md)
                 assert parse_rule_set(body.yaml).digest() == body.info.digest
         assert calls > KILLS, f"only {calls} apply/rollback calls completed around {KILLS} kills"
+        assert len(acked) > KILLS / 2
     finally:
         agent.stop()
         agent.cleanup_kernel()
