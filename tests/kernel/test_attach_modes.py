@@ -31,3 +31,76 @@ def test_attach_reports_mode_and_detach_removes_it(mode):
         finally:
             kf.detach(remove_pins=True)
             kf.close()
+
+
+@pytest.mark.kernel
+def test_changed_program_replaces_the_attached_one_keeping_maps():
+    """A new agent with a changed program swaps it in with one atomic
+    replace: the interface is never without a program, the pinned maps (and
+    so the active rule set and per-source state) are the same objects."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for BPF and network namespaces")
+    import threading
+
+    from pyroute2 import IPRoute
+
+    from tidegate import bpfsys
+
+    tag = f"rp{os.getpid() % 10000}"
+    with VethLab(tag, subnet="10.211.3") as lab:
+        cfg = FilterConfig(interface=lab.host_if, pin_name=f"test-replace-{tag}", xdp_mode="native")
+        old = KernelFilter(cfg)
+        old.load()
+        new = None
+        try:
+            old.apply(parse_rule_set("deny: ['192.0.2.0/24']\n"), 7)
+            old.attach()
+            old_id, _ = old._attached_prog()
+            map_ids = _pinned_map_ids(cfg.pin_dir)
+            old.close()
+
+            seen: list = []
+            stop = threading.Event()
+
+            def watch():
+                with IPRoute() as ipr:
+                    idx = ipr.link_lookup(ifname=lab.host_if)[0]
+                    while not stop.is_set():
+                        xdp = ipr.get_links(idx)[0].get_attr("IFLA_XDP")
+                        seen.append(xdp.get_attr("IFLA_XDP_PROG_ID") if xdp else None)
+
+            t = threading.Thread(target=watch)
+            t.start()
+            try:
+                # a different program: the replay build reads its clock from a map
+                new = KernelFilter(FilterConfig(**{**cfg.__dict__, "replay_clock": True}))
+                res = new.load()
+            finally:
+                stop.set()
+                t.join()
+            new_id, mode = new._attached_prog()
+            assert res.replaced and not res.adopted
+            assert new_id != old_id and new_id == bpfsys.prog_info(new.prog_fd).id and mode == "native"
+            assert None not in seen and len(seen) > 1, "the interface was without a program during the replace"
+            assert set(seen) <= {old_id, new_id}
+            assert _pinned_map_ids(cfg.pin_dir) == map_ids, "the replace did not keep the pinned maps"
+            assert new.active_version() == 7
+        finally:
+            if new is not None:
+                new.detach(remove_pins=True)
+                new.close()
+            else:
+                old.detach(remove_pins=True)
+
+
+def _pinned_map_ids(pin_dir: str) -> dict[str, int]:
+    from tidegate import bpfsys
+
+    out = {}
+    for name in sorted(os.listdir(pin_dir)):
+        fd = bpfsys.obj_get(os.path.join(pin_dir, name))
+        try:
+            out[name] = bpfsys.map_info(fd).id
+        finally:
+            os.close(fd)
+    return out
