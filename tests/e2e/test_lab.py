@@ -29,3 +29,77 @@ def test_lab_drops_flood_passes_legit_and_cleans_up():
     assert "tg-lab" not in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout
     assert not os.path.exists("/sys/fs/bpf/tidegate/lab")
     assert subprocess.run(["ip", "link", "show", "tglabh"], capture_output=True).returncode != 0
+
+
+def test_lab_live_view_try_it_commands_and_ctrl_c():
+    """The README's "try it" flow: the live view on a terminal, the printed
+    commands run from another terminal against the lab's agent, then Ctrl-C
+    removes everything."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for BPF and network namespaces")
+    import pty
+    import select
+    import signal
+    import time
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen([str(BIN), "lab"], stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                         env={**os.environ, "COLUMNS": "120", "LINES": "60", "TERM": "xterm"})  # fmt: skip
+    os.close(slave)
+    screen = b""
+
+    def read_until(pattern: bytes, timeout: float) -> bytes:
+        nonlocal screen
+        deadline = time.monotonic() + timeout
+        while pattern not in screen and time.monotonic() < deadline and p.poll() is None:
+            r, _, _ = select.select([master], [], [], 0.5)
+            if r:
+                try:
+                    screen += os.read(master, 65536)
+                except OSError:
+                    break
+        assert pattern in screen, screen[-3000:].decode(errors="replace")
+        return screen
+
+    try:
+        text = read_until(b"Ctrl-C stops", 120).decode(errors="replace")
+        env_line = re.search(r"export (TIDEGATE_SERVER=\S+) (TIDEGATE_TOKEN_FILE=\S+)", text)
+        assert env_line, text
+        env = {**os.environ, **dict(kv.split("=", 1) for kv in env_line.groups())}
+        read_until(b"top sources by drops", 60)  # the live view is drawing
+        read_until(b"legitimate client:", 30)
+
+        def cli(*argv):
+            r = subprocess.run([str(BIN), "-o", "json", *argv], capture_output=True, text=True, env=env, timeout=60)
+            return r.returncode, r.stdout + r.stderr
+
+        code, out = cli("status")
+        assert code == 0 and '"attached": true' in out, out
+        code, out = cli("whatif", "examples/too-tight.yaml")
+        assert code == 0, out
+        code, out = cli("apply", "examples/too-tight.yaml", "--shadow", "--reason", "try it")
+        assert code == 0, out
+        code, out = cli("shadow", "report")
+        assert code == 0 and "would_drop" in out, out
+
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=60)
+        try:
+            while True:
+                r, _, _ = select.select([master], [], [], 0.5)
+                if not r:
+                    break
+                screen += os.read(master, 65536)
+        except OSError:
+            pass
+        assert p.returncode == 0, screen[-2000:].decode(errors="replace")
+        assert b"removed namespace tg-lab" in screen
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+    assert "tg-lab" not in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout
+    assert not os.path.exists("/sys/fs/bpf/tidegate/lab")
+    assert subprocess.run(["ip", "link", "show", "tglabh"], capture_output=True).returncode != 0
+    assert subprocess.run(["pgrep", "-f", "tidegate agent --interface tglabh"], capture_output=True).returncode != 0
