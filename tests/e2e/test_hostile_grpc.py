@@ -110,3 +110,72 @@ def test_hostile_messages_change_nothing(agent):
     assert len(codes) >= 1500
     assert pinned_dump(pin_dir) == maps0
     assert stub.ListVersions(pb.ListVersionsRequest(limit=1000), metadata=md) == versions0
+
+
+# Hostile documents built from the schema's own key names, so most of them
+# get past the YAML layer and exercise the validator's every branch.
+SCHEMA_KEYS = ["defaults", "limit", "pps", "burst", "bps", "burst_bytes", "allow", "deny", "rules", "name",
+               "protocol", "dst_ports", "sources", "prefix_limit", "ipv4_prefix", "ipv6_prefix", "block_seconds",
+               "action", "canaries", "description"]  # fmt: skip
+SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30),
+    st.sampled_from(["0.0.0.0/33", "10.0.0.1/8", "::/129", "fe80::1%eth0", "тест", "udp", "tcp", "any", "drop",
+                     "8000-70000", "65536", "\u202e", "a" * 300, "53", "-1", ".nan"]),
+)  # fmt: skip
+VALUES = st.recursive(SCALARS, lambda c: st.lists(c, max_size=4)
+                      | st.dictionaries(st.sampled_from(SCHEMA_KEYS) | st.text(max_size=8), c, max_size=4),
+                      max_leaves=25)  # fmt: skip
+DOCS = st.dictionaries(st.sampled_from(SCHEMA_KEYS), VALUES, min_size=1, max_size=5)
+
+
+def _store_rows(state_dir) -> dict:
+    """Every table of the store, read-only, but the audit log (rejections are
+    audited by design: counted instead) and reviews (the agent refreshes the
+    active version's review on its own schedule)."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{state_dir / 'tidegate.db'}?mode=ro", uri=True)
+    try:
+        tables = [r[0] for r in con.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT IN ('audit', 'reviews') "
+            "AND name NOT LIKE 'sqlite_%' ORDER BY name")]  # fmt: skip
+        rows = {t: con.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
+        rows["_audit_count"] = con.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
+        return rows
+    finally:
+        con.close()
+
+
+def test_ten_thousand_hostile_rule_sets_change_nothing_and_are_audited(agent):
+    import yaml
+
+    pb, stub, md = _stub(agent)
+    pin_dir = f"/sys/fs/bpf/tidegate/{agent.pin_name}"
+    maps0 = pinned_dump(pin_dir)
+    rows0 = _store_rows(agent.state_dir)
+    sent = []
+
+    @settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(DOCS)
+    def one(doc):
+        try:
+            text = yaml.safe_dump(doc, allow_unicode=True)
+        except Exception:
+            text = repr(doc)
+        if not invalid(text):
+            return  # a valid rule set (rare) is not hostile input
+        try:
+            stub.ApplyRuleSet(pb.ApplyRequest(yaml=text, reason="hostile"), metadata=md, timeout=10)
+            raise AssertionError(f"a hostile rule set was accepted:\n{text}")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details(), text)
+            assert e.details()
+        sent.append(1)
+
+    one()
+    assert len(sent) >= 9_000, f"only {len(sent)} of 10,000 generated documents were invalid"
+    assert pinned_dump(pin_dir) == maps0, "a rejected rule set changed a kernel map"
+    rows = _store_rows(agent.state_dir)
+    assert rows.pop("_audit_count") - rows0.pop("_audit_count") == len(sent), "every rejection is audited"
+    assert rows == rows0, "a rejected rule set changed the store"
