@@ -126,6 +126,7 @@ def save(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     jp = RESULTS / f"{name}.json"
     mp = RESULTS / f"{name}.md"
+    data = {"commit": git_commit(), **data}
     jp.write_text(json.dumps(data, indent=1, sort_keys=False, default=str) + "\n")
     mp.write_text(markdown.rstrip() + "\n")
     return jp, mp

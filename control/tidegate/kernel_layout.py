@@ -179,7 +179,25 @@ def _is_any_source(sources) -> bool:
     return families == {4, 6}
 
 
+# The agent builds the same rule set's entries twice in a row (the
+# blast-radius estimate, then the kernel write): the last few results are
+# kept by identity (hashing a 10,000-CIDR RuleSet would cost more than it saves).
+_RECENT: list[tuple[object, KernelRuleSet]] = []
+
+
 def build_kernel_rule_set(rule_set) -> KernelRuleSet:
+    """The kernel entries of a rule set. The result may be shared between
+    callers: treat it as read-only."""
+    for rs, krs in list(_RECENT):
+        if rs is rule_set:
+            return krs
+    krs = _build_kernel_rule_set(rule_set)
+    _RECENT.insert(0, (rule_set, krs))
+    del _RECENT[4:]
+    return krs
+
+
+def _build_kernel_rule_set(rule_set) -> KernelRuleSet:
     rules = list(rule_set.rules)
     if len(rules) > MAX_RULES:
         raise ValueError(f"{len(rules)} rules, the kernel holds at most {MAX_RULES}")

@@ -64,3 +64,24 @@ def test_too_many_rules_names_the_limit_and_line():
         parse_rule_set("rules:\n" + rules, source="many.yaml")
     e = ei.value.errors[0]
     assert e.path == "rules" and e.line == 2 and "at most 64" in e.message, str(ei.value)
+
+
+def test_canonical_cidr_lists_print_exactly_as_pyyaml_does():
+    """dump_yaml prints CIDR lists without PyYAML's emitter; the text must
+    not change (stored versions and `tidegate diff` compare it)."""
+    import ipaddress
+    import random
+
+    from tidegate.ruleset import _inline, _inline_cidrs
+
+    rnd = random.Random(5)
+    nets = ["0.0.0.0/0", "::/0", "255.255.255.255/32", "::ffff:10.0.0.0/104", "2001:db8::/32", "fe80::/10"]
+    for _ in range(2000):
+        if rnd.random() < 0.5:
+            nets.append(str(ipaddress.ip_network((rnd.getrandbits(32), 32), strict=False).supernet(rnd.randrange(33))))
+        else:
+            nets.append(str(ipaddress.ip_network((rnd.getrandbits(128), 128)).supernet(rnd.randrange(129))))
+    for i in range(0, len(nets), 37):
+        chunk = nets[i:i + 37]
+        assert _inline_cidrs(chunk) == _inline(chunk)
+    assert _inline_cidrs(nets) == _inline(nets)

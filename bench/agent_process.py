@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""The agent as an operator runs it: a real `tidegate agent` process on a
+veth pair, measured from outside through its gRPC API and /metrics.
+
+Method: a network namespace and veth pair are created for the run; the
+agent starts on the host end with a state dir of its own. Figures:
+- cold start = exec of `tidegate agent` to the first GetStatus answering
+  attached (Python start, compile, load, apply --rules, attach, serve);
+- apply over gRPC (ApplyRuleSet, blast-radius check included) of rule sets
+  with N allow-list CIDRs plus 50 rules, p50/p99;
+- the pinned per-source LRU is filled with N entries by BPF_MAP_UPDATE_BATCH
+  from this process (as if N sources had sent); after the agent's next two
+  samples: GetCounters, TopSources and a /metrics scrape (HTTP GET), medians
+  of 5, and the agent's resident memory (VmRSS, VmHWM from /proc);
+- warm restart = SIGTERM, then exec to attached again (adopting the
+  attached program and pinned maps; the interface stays filtered).
+
+    sudo .venv/bin/python bench/agent_process.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from report import header_lines, machine, save, table, use_repo_package
+
+use_repo_package()
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tidegate import bpfsys  # noqa: E402
+from tidegate.labnet import VethLab  # noqa: E402
+
+from control_plane import pct, rule_set_text  # noqa: E402
+
+BIN = Path(sys.executable).parent / "tidegate"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Agent:
+    def __init__(self, lab: VethLab, state: Path, rules: Path):
+        self.lab, self.state, self.rules = lab, state, rules
+        self.port, self.mport = free_port(), free_port()
+        self.pin = f"bench-agent-{os.getpid()}"
+        self.proc: subprocess.Popen | None = None
+        self.log = state.parent / "agent.log"
+
+    def start(self) -> float:
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [str(BIN), "agent", "--interface", self.lab.host_if, "--rules", str(self.rules),
+             "--state-dir", str(self.state), "--listen", f"127.0.0.1:{self.port}",
+             "--metrics-listen", f"127.0.0.1:{self.mport}", "--pin-name", self.pin,
+             "--sample-interval", "2", "--no-blast-check"],
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))  # fmt: skip
+        deadline = t0 + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"agent exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                pb, stub, md = self.stub()
+                if stub.GetStatus(pb.GetStatusRequest(), metadata=md, timeout=2).attached:
+                    return time.monotonic() - t0
+            except (grpc.RpcError, FileNotFoundError, IndexError):
+                pass
+            time.sleep(0.02)
+        raise SystemExit("agent did not come up in 120 s")
+
+    def stub(self):
+        from tidegate.v1 import tidegate_pb2 as pb
+        from tidegate.v1 import tidegate_pb2_grpc as pbg
+
+        token = [ln.split()[1] for ln in (self.state / "tokens").read_text().splitlines()
+                 if ln.startswith("admin ")][0]  # fmt: skip
+        ch = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        return pb, pbg.FilterStub(ch), [("authorization", f"Bearer {token}"), ("tidegate-author", "bench")]
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def memory_mb(self) -> tuple[float, float]:
+        fields = {}
+        for ln in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            k, _, v = ln.partition(":")
+            fields[k] = v.strip()
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+    def remove_kernel_objects(self) -> None:
+        subprocess.run(["ip", "link", "set", "dev", self.lab.host_if, "xdp", "off"], capture_output=True)
+        subprocess.run(["ip", "link", "set", "dev", self.lab.host_if, "xdpgeneric", "off"], capture_output=True)
+        d = Path("/sys/fs/bpf/tidegate") / self.pin
+        if d.is_dir():
+            for p in d.iterdir():
+                p.unlink()
+            d.rmdir()
+
+
+def active_epoch(pin_dir: Path) -> int:
+    """The active slot's epoch, read from the pinned maps (bpf/layout.h)."""
+    fd = bpfsys.obj_get(str(pin_dir / "tg_ctl"))
+    try:
+        _, v, _ = bpfsys.lookup_batch(fd, 4, 8, 1)
+        slot = int(v[0])
+    finally:
+        os.close(fd)
+    fd = bpfsys.obj_get(str(pin_dir / "tg_sets"))
+    try:
+        vsz = bpfsys.map_info(fd).value_size
+        _, v, _ = bpfsys.lookup_batch(fd, 4, vsz, 3)
+        return int(v[slot * vsz + 8: slot * vsz + 12].view("<u4")[0])
+    finally:
+        os.close(fd)
+
+
+def fill_sources(pin_dir: Path, n: int, epoch: int) -> None:
+    fd = bpfsys.obj_get(str(pin_dir / "tg_state"))
+    try:
+        kd = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("epoch", "<u4"), ("rule", "u1"), ("kind", "u1"),
+                       ("pad", "<u2")])  # fmt: skip
+        vd = np.dtype([(f, "<u8") for f in ("tokens", "last", "bt", "blocked", "packets", "bytes", "drops", "nd",
+                                             "first")])  # fmt: skip
+        k = np.zeros(n, kd)
+        addrs = np.arange(n, dtype=np.uint64) + np.uint64(0x0B000000)
+        k["lo"] = np.uint64(0xFFFF0000) | (addrs.byteswap() >> np.uint64(32) << np.uint64(32))
+        k["epoch"] = epoch
+        k["rule"] = 64
+        v = np.zeros(n, vd)
+        v["packets"] = np.arange(n, dtype=np.uint64) % 1000 + 1
+        v["drops"] = np.arange(n, dtype=np.uint64) % 7
+        bpfsys.update_batch(fd, k.tobytes(), v.tobytes(), n)
+    finally:
+        os.close(fd)
+
+
+def timed(fn, runs: int = 5) -> float:
+    xs = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        xs.append((time.perf_counter() - t) * 1000)
+    return statistics.median(xs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and sizes, results printed only")
+    args = ap.parse_args()
+    reps = 5 if args.quick else 20
+    sizes = [10, 1000, 10000] if args.quick else [10, 1000, 10000, 100000]
+    src_sizes = [1000, 100000] if args.quick else [1000, 1_000_000]
+    out: dict = {"machine": machine()}
+    lines = header_lines("the agent process", __doc__.split("Method:")[1].split("    sudo")[0].strip())
+
+    tmp = Path(tempfile.mkdtemp(prefix="tg-bench-agent-"))
+    rules = tmp / "rules.yaml"
+    rules.write_text(rule_set_text(10))
+    lab = VethLab(f"ba{os.getpid() % 10000}", subnet="10.213.7").create()
+    agent = Agent(lab, tmp / "state", rules)
+    try:
+        cold = agent.start()
+        pb, stub, md = agent.stub()
+
+        rows = []
+        for n in sizes:
+            text = rule_set_text(n)
+            times = []
+            for i in range(reps if n < 100000 else max(3, reps // 4)):
+                t = time.perf_counter()
+                stub.ApplyRuleSet(pb.ApplyRequest(yaml=text, reason=f"bench {n} #{i}", no_guard=True), metadata=md,
+                                  timeout=60)  # fmt: skip
+                times.append((time.perf_counter() - t) * 1000)
+            rows.append([f"{n:,} CIDRs + 50 rules", f"{pct(times, 50):.1f}", f"{pct(times, 99):.1f}", len(times)])
+            out.setdefault("apply_ms", {})[n] = {"p50": pct(times, 50), "p99": pct(times, 99), "runs": times}
+        lines += ["", "### ApplyRuleSet over gRPC (parse, validate, store, write, swap)", "",
+                  table(["rule set", "p50 ms", "p99 ms", "runs"], rows)]  # fmt: skip
+
+        pin_dir = Path("/sys/fs/bpf/tidegate") / agent.pin
+        rows = []
+        metrics_url = f"http://127.0.0.1:{agent.mport}/metrics"
+        for n in src_sizes:
+            fill_sources(pin_dir, n, active_epoch(pin_dir))
+            time.sleep(5)  # two samples of the agent's --sample-interval 2
+            counters = timed(lambda: stub.GetCounters(pb.GetCountersRequest(), metadata=md, timeout=30))
+            top = timed(lambda: stub.TopSources(pb.TopSourcesRequest(n=10, by="packets"), metadata=md, timeout=30))
+            status = stub.GetStatus(pb.GetStatusRequest(), metadata=md, timeout=30)
+            scrape = timed(lambda: urllib.request.urlopen(metrics_url, timeout=30).read())
+            rss, hwm = agent.memory_mb()
+            rows.append([f"{n:,}", f"{status.tracked_sources:,}", f"{counters:.1f}", f"{top:.1f}", f"{scrape:.1f}",
+                         f"{rss:.0f}", f"{hwm:.0f}"])  # fmt: skip
+            out.setdefault("sources", {})[n] = {"tracked": status.tracked_sources, "counters_ms": counters,
+                                                "top_ms": top, "scrape_ms": scrape, "rss_mb": rss, "hwm_mb": hwm}
+        lines += ["", "### reads against the live agent vs tracked sources", "",
+                  table(["sources filled", "tracked (GetStatus)", "GetCounters ms", "TopSources ms", "/metrics ms",
+                         "agent RSS MB", "agent peak RSS MB"], rows)]  # fmt: skip
+
+        agent.stop()
+        warm = agent.start()
+        out["cold_start_s"], out["warm_restart_s"] = cold, warm
+        lines += ["", f"agent start, exec to attached and serving: cold (fresh maps) {cold:.2f} s; warm restart "
+                      f"(adopting the attached program and pinned maps) {warm:.2f} s"]  # fmt: skip
+    finally:
+        agent.stop()
+        agent.remove_kernel_objects()
+        lab.remove()
+        subprocess.run(["rm", "-rf", str(tmp)])
+    text = "\n".join(lines)
+    print(text)
+    if not args.quick:
+        save("agent_process", out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
