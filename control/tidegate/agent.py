@@ -86,6 +86,11 @@ class Agent:
 
         self.insight = insight.Insight(self, options.insight_baseline_seconds)
         self.sampler.listeners.append(self.insight.on_sample)
+        from .review import Reviews
+
+        # every activation starts a post-deployment review; the next one (or the period's end) records it
+        self.reviews = Reviews(self)
+        self.sampler.listeners.append(self.reviews.on_sample)
         self.insight_metrics = lambda: insight.metrics(self)
         self._change = threading.RLock()
         self.change_results: dict[str, int] = {"ok": 0, "rejected": 0, "error": 0}
@@ -303,6 +308,7 @@ class Agent:
                 log.info("shadow loaded", extra={"version": version, "author": caller.author})
                 return ApplyOutcome(version, shadow=True)
             self.store.commit_active(version, source, caller.author, reason, caller.peer)
+            self.reviews.activated(version, source)
             self.change_results["ok"] += 1
             log.info("applied", extra={"version": version, "author": caller.author, "reason": reason})
             if not self.attached():
@@ -347,6 +353,7 @@ class Agent:
                 self.store.audit("rollback", "error", caller.author, caller.peer, str(e), target)
                 raise OperationError("INTERNAL", f"writing the rule set into the kernel failed: {e}") from None
             self.store.commit_active(target, "rollback", caller.author, reason or f"rollback ({cause})", caller.peer)
+            self.reviews.activated(target, "rollback", cause)
             self.rollbacks[cause] = self.rollbacks.get(cause, 0) + 1
             self.change_results["ok"] += 1
             log.info("rolled back", extra={"from": current, "to": target, "cause": cause, "author": caller.author})
@@ -389,6 +396,7 @@ class Agent:
                 raise OperationError("FAILED_PRECONDITION", "no shadow rule set is loaded (tidegate apply --shadow)")
             self.kf.promote_shadow()
             self.store.commit_active(shadow, "promote", caller.author, reason or "promote shadow", caller.peer)
+            self.reviews.activated(shadow, "promote")
             self.shadow_loaded_at = None
             self.change_results["ok"] += 1
             log.info("promoted", extra={"version": shadow, "author": caller.author})
@@ -464,7 +472,8 @@ a new agent adopts them. `tidegate detach --interface IFACE` removes them.""",
     p.add_argument("--token-file", help="role tokens for clients without TLS (default <state-dir>/tokens, "
                    "created 0600 on first start)")
     p.add_argument("--auth", choices=("token", "none"), default="token",
-                   help="'none' lets any local process change the filter (lab only)")
+                   help="'none' lets any local process change the filter (lab only; on a non-loopback "
+                   "--listen it also needs --insecure)")  # fmt: skip
     p.add_argument("--role-map", help="JSON file mapping client-certificate subjects to roles")
     p.add_argument("--sample-interval", type=float, default=5.0, help="seconds between per-source samples")
     p.add_argument("--estimate-window", type=float, default=300.0, help="seconds of history for what-if estimates")
@@ -501,6 +510,19 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _check_auth_mode(opts: argparse.Namespace, host: str) -> None:
+    """`--auth none` makes every caller admin, certificate or not: a lab
+    switch, so it never goes unnoticed and never reaches the network by
+    accident."""
+    if opts.auth != "none":
+        return
+    if not _is_loopback(host) and not opts.insecure:
+        raise SystemExit(f"tidegate agent: refusing --auth none on {host}: anyone who can reach it could "
+                         "change the filter; it is for labs on loopback (add --insecure to accept the risk)")  # fmt: skip
+    log.warning("INSECURE: --auth none: every caller is admin, no token or certificate is checked (lab use only)",
+                extra={"listen": opts.listen})  # fmt: skip
 
 
 def _check_port_free(host: str, port: int, what: str) -> None:
@@ -570,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(opts: argparse.Namespace) -> int:
-    from . import api, metrics
+    from . import api, auth, metrics
 
     if os.geteuid() != 0:
         raise SystemExit("tidegate agent: needs root (BPF programs and maps)")
@@ -590,6 +612,7 @@ def run(opts: argparse.Namespace) -> int:
             )
         log.warning("INSECURE: gRPC listens on a non-loopback address without TLS; anyone who can reach "
                     "it can change the filter", extra={"listen": opts.listen})  # fmt: skip
+    _check_auth_mode(opts, host)
     opts.tls_material = _read_tls(opts) if tls else None
     # ports first: a start that fails here has touched nothing
     _check_port_free(host, port, "gRPC")
@@ -600,6 +623,13 @@ def run(opts: argparse.Namespace) -> int:
         store = VersionStore.open(opts.state_dir)
     except StoreError as e:
         raise SystemExit(f"tidegate agent: {e}")
+    if opts.auth == "token" and not tls:
+        # before the kernel is touched, like the store: a token file nobody can use is a start-up error,
+        # not an agent that answers every call UNAUTHENTICATED
+        try:
+            auth.ensure_token_file(auth.token_path(opts))
+        except auth.TokenFileError as e:
+            raise SystemExit(f"tidegate agent: {e}")
 
     initial = None
     if opts.rules:
@@ -629,6 +659,10 @@ def run(opts: argparse.Namespace) -> int:
         for v in (kver, sver):
             if v:
                 kf.bind_names(v, agent.rule_set_of(v))
+        # a review the previous agent left open (it crashed) is closed as last written
+        agent.reviews.recover((res.store_version, kver))
+        if res.action == "followed-kernel":
+            agent.reviews.activated(kver, "reconcile")
         if kver is None:
             # the kernel has no rule set (first start, reboot, `tidegate detach`): the store's last
             # active version wins, so a reboot never swaps an operator's change for the --rules file;
@@ -638,6 +672,7 @@ def run(opts: argparse.Namespace) -> int:
                 rs = agent.rule_set_of(stored)
                 kf.apply(rs, stored)
                 store.commit_active(stored, "restore", "agent", "restored at start", "startup")
+                agent.reviews.activated(stored, "restore")
                 mode = kf.attach()
                 log.info("restored", extra={"version": stored, "interface": opts.interface, "mode": mode})
                 if initial is not None:
@@ -688,6 +723,7 @@ def run(opts: argparse.Namespace) -> int:
     agent.history.stop()
     if agent.guard is not None:
         agent.guard.cancel()
+    agent.reviews.stop()  # the active version's review ends with this agent
     if opts.detach_on_exit:
         kf.detach(remove_pins=True)
         log.info("detached", extra={"interface": opts.interface})

@@ -118,6 +118,16 @@ READ_METHODS = {
 }  # fmt: skip
 
 
+def _author(principal: str, claimed: str, limit: int = 200) -> str:
+    """The audit's author: the authenticated principal, always, and the name
+    the client says it acts for (the CLI sends the sudo user) only beside it:
+    a header is not an identity, so it can add a name but never replace one."""
+    claimed = "".join(c if c.isprintable() else "?" for c in claimed).strip()  # one audit line stays one line
+    if not claimed or claimed == principal or principal.endswith(f":{claimed}"):
+        return principal[:limit]
+    return f"{principal} (as {claimed[: max(0, limit - len(principal) - 6)]})"[:limit]
+
+
 class FilterService(pbg.FilterServicer):
     def __init__(self, agent: Agent, authorizer: Authorizer):
         self.agent = agent
@@ -137,8 +147,7 @@ class FilterService(pbg.FilterServicer):
         if need == "admin" and role != "admin":
             self.agent.store.audit("auth-denied", "permission-denied", who, peer, method)
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method} needs the admin role; {who} has {role}")
-        author = md.get("tidegate-author") or who or peer
-        return Caller(author=author[:200], peer=peer, role=role)
+        return Caller(author=_author(who or peer, md.get("tidegate-author", "")), peer=peer, role=role)
 
     def _run(self, context, method: str, fn):
         caller = self._caller(context, method)
@@ -294,7 +303,13 @@ class FilterService(pbg.FilterServicer):
 
             self.agent.get_version(request.version)
             data = safety.review(self.agent, request.version)
-            return pb.Review(version=request.version, json=json.dumps(data), complete=bool(data.get("complete")))
+            top = [pb.SourceRate(address=x["address"], rule=x["rule"], packets=x["packets"], drops=x["drops"])
+                   for x in data.get("top_newly_dropped") or []]  # fmt: skip
+            return pb.Review(version=request.version, json=json.dumps(data), complete=bool(data.get("complete")),
+                             final=bool(data.get("final")), guard_fired=bool(data.get("guard_fired")),
+                             newly_dropped_sources=data.get("newly_dropped_sources") or 0,
+                             newly_dropped_capped=bool(data.get("newly_dropped_capped")),
+                             top_newly_dropped=top)  # fmt: skip
 
         return self._run(context, "GetReview", fn)
 
@@ -331,31 +346,37 @@ def shadow_report(agent: Agent, top: int) -> pb.ShadowReportResponse:
     new = sum(s.would_drop_new for s in c.shadow.values())
     # sources: shadow entries that would newly drop, over the intervals since it was loaded
     since = loaded if loaded else None
-    src_rules: dict[str, set] = {}
-    totals: dict[tuple, list] = {}
+    top = max(1, min(top, 100))  # per rule and overall: the response stays small under a flood
+    totals: dict[tuple, list] = {}  # (source, rule) -> [packets, newly dropped]
     for iv in agent.sampler.intervals(since):
         sel = (iv.kind == 0) & (iv.epoch == st.shadow.epoch) & (iv.new_drops > 0)
         for i in np.nonzero(sel)[0]:
-            key = (int(iv.hi[i]), int(iv.lo[i]))
             name = agent.kf.rule_name(st.shadow.slot, int(iv.rule[i]))
-            src_rules.setdefault(name, set()).add(key)
-            t = totals.setdefault(key, [name, 0, 0])
-            t[1] += int(iv.packets[i])
-            t[2] += int(iv.new_drops[i])
+            t = totals.setdefault((int(iv.hi[i]), int(iv.lo[i]), name), [0, 0])
+            t[0] += int(iv.packets[i])
+            t[1] += int(iv.new_drops[i])
     from .kernel_layout import halves_to_address
 
+    def rate(k, v) -> pb.SourceRate:
+        return pb.SourceRate(address=str(halves_to_address(k[0], k[1])), rule=k[2], packets=v[0], drops=v[1])
+
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])
+    by_rule: dict[str, list] = {}
+    for k, v in ranked:
+        by_rule.setdefault(k[2], []).append((k, v))
     rules = []
     for name, sc in sorted(c.shadow.items()):
+        mine = by_rule.get(name, [])
         rules.append(pb.ShadowRule(rule=name, packets=sc.packets, would_drop=sc.would_drop,
-                                   would_drop_new=sc.would_drop_new, sources=len(src_rules.get(name, ())),
-                                   share=(sc.would_drop_new / packets) if packets else 0.0))  # fmt: skip
-    top_rows = sorted(totals.items(), key=lambda kv: -kv[1][2])[:top]
+                                   would_drop_new=sc.would_drop_new, sources=len(mine),
+                                   share=(sc.would_drop_new / packets) if packets else 0.0,
+                                   top_affected=[rate(k, v) for k, v in mine[:top]]))  # fmt: skip
+    top_rows = ranked[:top]
     return pb.ShadowReportResponse(
         shadow_version=st.shadow.version, active_version=st.active.version if st.active else 0,
         loaded_seconds=loaded, packets=packets, would_drop_new=new, share=(new / packets) if packets else 0.0,
         rules=rules,
-        top_affected=[pb.SourceRate(address=str(halves_to_address(*k)), rule=v[0], packets=v[1], drops=v[2])
-                      for k, v in top_rows],
+        top_affected=[rate(k, v) for k, v in top_rows],
     )  # fmt: skip
 
 

@@ -7,26 +7,74 @@
   from the token file, which the agent creates in its state dir on first
   start (`<state-dir>/tokens`, mode 0600, owned by root: only root can read
   the admin token). The CLI reads it from $TIDEGATE_TOKEN_FILE or
-  /var/lib/tidegate/tokens. `--auth none` turns checks off (lab use only).
+  /var/lib/tidegate/tokens. The agent refuses to start on a token file that
+  is damaged, empty, not root's or readable by anyone else.
+- `--auth none` turns checks off (lab use only; the agent says so loudly and
+  refuses it on a non-loopback address without --insecure).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import stat
+import tempfile
 from pathlib import Path
 
 ROLES = ("read", "admin")
 
 
+class TokenFileError(Exception):
+    """The token file exists but cannot be trusted or used; the message names
+    the file and what to do, and the agent stops with it at start."""
+
+
 def ensure_token_file(path: str | Path) -> dict[str, str]:
-    """Create the token file if missing; return {token: role}."""
+    """Create the token file if missing; return {token: role}. An existing
+    file must be root's, 0600 and parse: anything else stops the agent,
+    because reading it as "no tokens" would answer every call with a bare
+    UNAUTHENTICATED and nobody would know why."""
     p = Path(path)
     if not p.exists():
-        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_new_token_file(p)
+        except OSError as e:
+            raise TokenFileError(f"cannot create token file {p}: {e.strerror}") from None
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        raise TokenFileError(f"cannot read token file {p}: {e.strerror}") from None
+    try:
+        # fstat of the open file, not a second lookup of the path, is what gets read
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TokenFileError(f"token file {p} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise TokenFileError(f"token file {p} is owned by uid {st.st_uid}, not root: it holds the admin "
+                                 f"token, so only root may own it (chown root {p}, or move it aside and a new "
+                                 "one is created at the next start)")  # fmt: skip
+        if st.st_mode & 0o077:
+            raise TokenFileError(f"token file {p} is accessible by group or others (mode "
+                                 f"{stat.S_IMODE(st.st_mode):04o}): it holds the admin token and must be "
+                                 f"readable only by root (chmod 600 {p}; if others may have read it, move it "
+                                 "aside instead and a new one is created at the next start)")  # fmt: skip
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read()
+    except OSError as e:
+        raise TokenFileError(f"cannot read token file {p}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    return parse_tokens(data, p)
+
+
+def _write_new_token_file(p: Path) -> None:
+    """Atomically: a crash leaves either no token file or a complete one,
+    never an empty file that would lock every client out."""
+    p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)  # created 0600
+    try:
         with os.fdopen(fd, "w") as f:
             f.write("# tidegate API tokens: <role> <token>; keep this file readable only by root\n")
             f.write(f"admin {secrets.token_urlsafe(24)}\n")
@@ -34,19 +82,49 @@ def ensure_token_file(path: str | Path) -> dict[str, str]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
-    return read_token_file(p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)  # the rename itself survives a crash
+    finally:
+        os.close(dfd)
 
 
-def read_token_file(path: str | Path) -> dict[str, str]:
-    tokens = {}
-    for line in Path(path).read_text().splitlines():
+def parse_tokens(data: bytes | str, path: str | Path) -> dict[str, str]:
+    """{token: role} from `<role> <token>` lines; a line that is neither that,
+    blank nor a comment makes the whole file unusable (TokenFileError)."""
+    moved = f"move it aside (mv {path} {path}.bad) and a new one is created at the next start"
+    if isinstance(data, bytes):
+        try:
+            data = data.decode()
+        except UnicodeDecodeError:
+            raise TokenFileError(f"token file {path} is damaged (not text): {moved}") from None
+    tokens: dict[str, str] = {}
+    for n, line in enumerate(data.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         role, _, token = line.partition(" ")
-        if role in ROLES and token.strip():
-            tokens[token.strip()] = role
+        token = token.strip()
+        if role not in ROLES or not token or " " in token:
+            raise TokenFileError(f"token file {path} is damaged at line {n} (want '<read|admin> <token>'): {moved}")
+        if tokens.get(token, role) != role:
+            raise TokenFileError(f"token file {path} gives one token two roles (line {n}): {moved}")
+        tokens[token] = role
+    if not tokens:
+        raise TokenFileError(f"token file {path} is empty or holds no tokens: {moved}")
     return tokens
+
+
+def read_token_file(path: str | Path) -> dict[str, str]:
+    return parse_tokens(Path(path).read_bytes(), path)
+
+
+def token_path(opts) -> str:
+    return opts.token_file or os.path.join(opts.state_dir, "tokens")
 
 
 def token_for(path: str | Path, role: str = "admin") -> str | None:
@@ -54,7 +132,7 @@ def token_for(path: str | Path, role: str = "admin") -> str | None:
         for token, r in read_token_file(path).items():
             if r == role:
                 return token
-    except OSError:
+    except (OSError, TokenFileError):  # the CLI then says which file it looked at
         return None
     return None
 
@@ -72,8 +150,7 @@ class Authorizer:
         if opts.tls_cert:
             role_map = json.loads(Path(opts.role_map).read_text()) if opts.role_map else {}
             return cls("cert", role_map=role_map)
-        path = opts.token_file or os.path.join(opts.state_dir, "tokens")
-        return cls("token", tokens=ensure_token_file(path))
+        return cls("token", tokens=ensure_token_file(token_path(opts)))
 
     def authorize(self, context, metadata: dict) -> tuple[str | None, str]:
         """(role or None when unauthenticated, who)."""

@@ -175,8 +175,9 @@ VERBS: dict[str, Verb] = {
         "tidegate -o json whatif candidate.yaml | jq .packet_share"),
     "review": Verb(
         "post-deployment review of a version: before and after",
-        "Traffic before and after the version became active (pass/drop share and rates, per rule), and\n"
-        "whether a guard fired. Complete after the agent's review period (default 1 h).",
+        "Traffic before and after the version became active (pass/drop share and rates, per rule), the\n"
+        "sources it newly dropped (not dropped in the 5 min before it), and whether a guard fired. The\n"
+        "agent records it when its review period (default 1 h) ends or the version is replaced.",
         "tidegate review 4\n"
         "tidegate -o json review 4"),
     "audit": Verb(
@@ -367,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh = verb("shadow")
     sh.add_argument("action", choices=("report", "clear"), help="report or clear")
     sh.add_argument("--reason", "-r", default="", help="with clear: why")
-    sh.add_argument("--top", type=int, default=10, metavar="N", help="with report: affected sources shown")
+    sh.add_argument("--top", type=int, default=10, metavar="N",
+                    help="with report: affected sources shown per rule (default 10, at most 100)")
 
     verb("whatif").add_argument("file", metavar="FILE", help="candidate rule-set YAML file")
 
@@ -790,9 +792,10 @@ def cmd_shadow(args, out: Output) -> int:
     out.table("per rule (the candidate is counted, not enforced)",
               ["rule", "packets", "would drop", "newly dropped", "sources", "share"],
               [[x.rule, x.packets, x.would_drop, x.would_drop_new, x.sources, f"{x.share:.2%}"] for x in r.rules])  # fmt: skip
-    if r.top_affected:
-        out.table("most affected sources", ["source", "rule", "packets", "newly dropped"],
-                  [[s.address, s.rule, s.packets, s.drops] for s in r.top_affected])  # fmt: skip
+    for x in r.rules:  # who each rule would hurt: one bounded table per rule
+        if x.top_affected:
+            out.table(f"most affected sources: {x.rule} ({x.sources:,} sources)",
+                      ["source", "packets", "newly dropped"], [[s.address, s.packets, s.drops] for s in x.top_affected])
     return EXIT_OK
 
 
@@ -826,7 +829,17 @@ def cmd_review(args, out: Output) -> int:
     if out.is_json:
         out.json(data)
         return EXIT_OK
-    state = "complete" if r.complete else "in progress"
+    ended = data.get("ended") or {}
+    if r.complete:
+        state = "complete"
+    elif ended.get("kind") == "replaced":
+        how = f"{ended.get('how')}, {ended['cause']}" if ended.get("cause") else ended.get("how")
+        state = (f"ended after {ended.get('after_seconds', 0):.0f} s: replaced by version "
+                 f"{ended.get('by_version')} ({how})")
+    elif r.final:
+        state = f"ended after {ended.get('after_seconds', 0):.0f} s: {ended.get('kind', 'recorded')}"
+    else:
+        state = "in progress"
     who = f": by {data['author']} — {data.get('reason', '')}" if data.get("author") else ""
     out.line(f"review of version {args.version} ({state}){who}")
     for side in ("before", "after"):
@@ -843,6 +856,14 @@ def cmd_review(args, out: Output) -> int:
         out.table("per rule (pps)", ["rule", "pass before", "pass after", "drop before", "drop after"],
                   [[n, cell(before, n, "pass"), cell(after, n, "pass"), cell(before, n, "drop"),
                     cell(after, n, "drop")] for n in rules])  # fmt: skip
+    if data.get("newly_dropped_sources") is not None:
+        floor = "more than " if r.newly_dropped_capped else ""
+        out.line(f"  newly dropped sources: {floor}{r.newly_dropped_sources:,} (dropped after the change; not "
+                 f"among the {data.get('before_dropped_sources') or 0:,} dropped in the "
+                 f"{_duration(data.get('before_sampled_seconds') or 0)} sampled before it)")  # fmt: skip
+        if r.top_newly_dropped:
+            out.table("top newly dropped sources", ["source", "rule", "packets", "drops"],
+                      [[s.address, s.rule, s.packets, s.drops] for s in r.top_newly_dropped])  # fmt: skip
     out.line(f"  guard fired: {'YES' if data.get('guard_fired') else 'no'}")
     for g in data.get("guard") or []:
         out.line(f"    {g.get('action')}: {g.get('result')} {g.get('detail', '')}")

@@ -1,5 +1,6 @@
 """Safe change: blast-radius estimates, the guard that rolls back by
-itself, post-deployment reviews, and the counter history they read.
+itself, and the counter history they and the post-deployment reviews
+(review.py) read.
 
 The estimate asks "what would this rule set drop that the active one
 passes?" of the traffic the agent actually saw: per-source rates from the
@@ -16,7 +17,6 @@ the default rule is classified without a port.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import threading
 import time
@@ -385,45 +385,16 @@ class Guard:
             self.cause = cause
             self.agent.store.audit("guard-rollback", "rolled-back", "guard", "agent",
                                    f"{cause}; rolled back to {out.version}", self.version)  # fmt: skip
+            self.agent.reviews.guard_fired(self.version)
         except OperationError as e:
             self.outcome = "error"
             self.cause = f"{cause}; rollback failed: {e.message}"
 
 
 def review(agent, version: int) -> dict:
-    """Before/after comparison for a version over its first hour (or less)."""
-    store = agent.store
-    saved = store.get_review(version)
-    if saved:
-        data = json.loads(saved)
-        if data.get("complete"):
-            return data
-    acts = [a for a in store.activations(1000) if a[0] == version]
-    if not acts:
-        return {"version": version, "complete": False, "note": "this version was never active"}
-    rec = store.get_version(version)
-    t_wall = acts[-1][2]
-    t_mono = time.monotonic() - (time.time() - t_wall)
-    period = agent.options.review_seconds
-    before = agent.history.between(t_mono - min(period, 300), t_mono)
-    after_end = min(time.monotonic(), t_mono + period)
-    after = agent.history.between(t_mono, after_end)
-    guard_events = [a for a in store.list_audit(200) if a.version == version and a.action.startswith("guard")]
-    data = {
-        "version": version,
-        "author": rec.author,
-        "reason": rec.reason,
-        "activated": acts[-1][1],
-        "complete": time.monotonic() >= t_mono + period,
-        "before": _summary(before),
-        "after": _summary(after),
-        "guard": [{"action": g.action, "result": g.result, "detail": g.detail} for g in guard_events],
-        "guard_fired": any(g.action == "guard-rollback" for g in guard_events),
-    }
-    if before is None or after is None:
-        data["note"] = "the agent has no counter history covering this activation (restarted since?)"
-    store.save_review(version, json.dumps(data))
-    return data
+    """Before/after comparison for a version over its first hour (or less);
+    recorded by the agent itself (review.Reviews)."""
+    return agent.reviews.get(version)
 
 
 def _summary(delta: dict | None) -> dict | None:

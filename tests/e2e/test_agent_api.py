@@ -25,6 +25,9 @@ from tidegate.ruleset import parse_rule_set
 from .conftest import BASE_RULES
 from .conftest import AUTHOR, BIN, PIN_ROOT, bpftool_dump, finish, free_port, send, xdp_prog_id
 
+# the audit's author: the authenticated principal, with the name the client claims beside it
+RECORDED = f"token:admin (as {AUTHOR})"
+
 pytestmark = pytest.mark.e2e
 
 BASE = BASE_RULES
@@ -151,7 +154,7 @@ def test_apply_and_rollback_change_what_traffic_gets(agent, base):
 
     versions = {v.number: v for v in api.ListVersions(limit=1000).versions}
     assert len(versions) == n_versions + 1, "rollbacks create no versions"
-    assert (versions[v_drop].author, versions[v_drop].reason, versions[v_drop].source) == (AUTHOR, "block app",
+    assert (versions[v_drop].author, versions[v_drop].reason, versions[v_drop].source) == (RECORDED, "block app",
                                                                                              "apply")  # fmt: skip
     assert versions[v_drop].activations == 2 and not versions[v_drop].active
     assert versions[base].active and versions[base].state == "applied"
@@ -160,7 +163,7 @@ def test_apply_and_rollback_change_what_traffic_gets(agent, base):
     assert parse_rule_set(stored.yaml).digest() == api.ValidateRuleSet(yaml=DROP_APP).digest == stored.info.digest
     audit = api.ListAudit(limit=20, action="rollback").entries
     assert [a.version for a in audit[:3]] == [base, v_drop, base]
-    assert {a.author for a in audit[:3]} == {AUTHOR} and all(a.peer.startswith("ipv4:127.0.0.1") for a in audit[:3])
+    assert {a.author for a in audit[:3]} == {RECORDED} and all(a.peer.startswith("ipv4:127.0.0.1") for a in audit[:3])
 
 
 def test_update_thresholds_creates_a_version(agent, base):
@@ -171,7 +174,7 @@ def test_update_thresholds_creates_a_version(agent, base):
     assert (rs.rule("app").limit.pps, rs.rule("app").limit.burst) == (20, 20)
     assert rs.rule("sink").limit.pps == 1000, "other rules keep their limits"
     info = {v.number: v for v in api.ListVersions(limit=1000).versions}[r.version]
-    assert (info.author, info.reason, info.source) == (AUTHOR, "tighten app", "set-limit")
+    assert (info.author, info.reason, info.source) == (RECORDED, "tighten app", "set-limit")
     # 200 packets in 0.5 s from one source against 20 pps with a burst of 20: ~30 pass
     p0, d0 = app_counts(api)
     send(agent.lab, src=agent.lab.peer_ip, dport=5555, count=200, pps=400)
@@ -294,7 +297,7 @@ def test_rejected_inputs_leave_kernel_and_store_unchanged(agent, base):
                                                                   status0.prog_id)  # fmt: skip
     rejected = api.ListAudit(limit=1000, action="rejected-apply").entries
     assert len(rejected) == rejected0 + len(bad_applies) + 2, "every rejected apply is audited"
-    assert rejected[0].author == AUTHOR and rejected[0].result == "rejected"
+    assert rejected[0].author == RECORDED and rejected[0].result == "rejected"
     assert app_delta(agent) == (20, 0)
 
 
@@ -389,6 +392,60 @@ def test_bad_starts_leave_nothing_behind(agent, base, make_lab, tmp_path):
     assert st.attached and st.prog_id == xdp_prog_id(agent.lab.host_if)
 
 
+def test_unusable_token_file_and_auth_none_stop_the_start(agent, base, make_lab, tmp_path):
+    """A token file nobody could use, or one others could read, is a start-up
+    error naming the file, not an agent answering UNAUTHENTICATED; --auth none
+    never reaches the network without --insecure and is always logged."""
+    from tidegate.certs import make_lab_pki
+
+    lab = make_lab("tok")
+    pin = f"e2e-{lab.tag}"
+    pki = tmp_path / "pki"
+    make_lab_pki(pki, "localhost", ["alice"])
+    tls = ["--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
+           "--tls-client-ca", str(pki / "ca.pem")]  # fmt: skip
+    good = "admin " + "a" * 32 + "\nread " + "r" * 32 + "\n"
+    moved = "move it aside (mv {0} {0}.bad) and a new one is created at the next start"
+    files = {  # name: (content, mode, owner uid, what the error says)
+        "garbage": (b"\xff\xfe\x00tokens", 0o600, 0, "is damaged (not text): " + moved),
+        "empty": (b"", 0o600, 0, "holds no tokens: " + moved),
+        "half": (b"admin\n", 0o600, 0, "damaged at line 1"),
+        "group": (good.encode(), 0o640, 0, "accessible by group or others (mode 0640)"),
+        "world": (good.encode(), 0o604, 0, "accessible by group or others (mode 0604)"),
+        "nobody": (good.encode(), 0o600, 65534, "owned by uid 65534, not root"),
+    }
+    cases = []
+    for name, (data, mode, uid, text) in files.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        os.chmod(path, mode)
+        os.chown(path, uid, -1)
+        cases.append((["--token-file", str(path)], text.format(path)))
+    cases.append(([*tls, "--auth", "none", "--listen", f"{lab.host_ip}:{free_port()}"], "refusing --auth none"))
+    common = ["--interface", lab.host_if, "--pin-name", pin, "--metrics-listen", "off",
+              "--state-dir", str(tmp_path / "state")]  # fmt: skip
+    for argv, text in cases:
+        listen = [] if "--listen" in argv else ["--listen", f"127.0.0.1:{free_port()}"]
+        r = _agent_cmd(*common, *listen, *argv)
+        assert r.returncode != 0 and text in r.stderr, (argv, r.returncode, r.stderr)
+        errors = [ln for ln in r.stderr.splitlines() if not ln.startswith("ts=")]
+        assert len(errors) == 1 and errors[0].startswith("tidegate agent: "), r.stderr
+        if "--token-file" in argv:
+            assert argv[1] in errors[0], "the error names the file"
+        assert xdp_prog_id(lab.host_if) is None and not os.path.exists(f"{PIN_ROOT}/{pin}"), argv
+    for name, (data, mode, uid, _) in files.items():
+        st = os.stat(tmp_path / name)
+        assert (tmp_path / name).read_bytes() == data and (st.st_mode & 0o777, st.st_uid) == (mode, uid), name
+    # --auth none starts on loopback, and elsewhere with --insecure (as vagrant/ does), and always says so
+    # loudly (the missing interface stops these starts)
+    for listen in (["0.0.0.0:50999", "--insecure"], [f"127.0.0.1:{free_port()}"]):
+        r = _agent_cmd("--interface", "nosuchif0", "--listen", *listen, "--auth", "none",
+                       "--state-dir", str(tmp_path / "state"), "--metrics-listen", "off")  # fmt: skip
+        assert "does not exist" in r.stderr and "INSECURE: --auth none" in r.stderr, r.stderr
+    st = agent.api.GetStatus()
+    assert st.attached and st.prog_id == xdp_prog_id(agent.lab.host_if), "the running agent was never disturbed"
+
+
 def test_mutual_tls_on_a_non_loopback_address(start_agent, tmp_path):
     from tidegate.certs import make_lab_pki
 
@@ -419,6 +476,8 @@ def test_mutual_tls_on_a_non_loopback_address(start_agent, tmp_path):
     r = stub("alice").ApplyRuleSet(pb.ApplyRequest(yaml=DROP_APP, reason="over mTLS", force=True), metadata=md,
                                    timeout=30)  # fmt: skip
     assert r.version == 2
+    info = stub("alice").GetVersion(pb.GetVersionRequest(number=2), metadata=md, timeout=20).info
+    assert info.author == "cert:alice (as alice@tls)", "the certificate names the author; the header only adds to it"
     assert stub("grafana").GetStatus(pb.GetStatusRequest(), timeout=20).active_version == 2
     with pytest.raises(grpc.RpcError) as e:
         stub("grafana").Rollback(pb.RollbackRequest(reason="x"), timeout=20)

@@ -165,7 +165,7 @@ def test_apply_creates_next_version_with_author_and_reason(env):
 
     table, versions = both(agent, "versions")
     by_number = {v["number"]: v for v in versions}
-    assert by_number[n + 1]["reason"] == "raise app limit (table)" and by_number[n + 1]["author"] == AUTHOR
+    assert by_number[n + 1]["reason"] == "raise app limit (table)" and by_number[n + 1]["author"] == f"token:admin (as {AUTHOR})"
     assert by_number[n + 2]["active"] is True and by_number[n + 1]["active"] is False
     assert isinstance(by_number[n + 1]["activations"], int) and by_number[n + 1]["state"]
     assert "raise app limit (table)" in table and AUTHOR in table
@@ -248,7 +248,7 @@ def test_review_and_audit(env):
     assert rev["version"] == v and isinstance(rev["complete"], bool) and "guard_fired" in rev
     assert f"review of version {v}" in table
     table, audit = both(agent, "audit", "--limit", "50")
-    mine = [a for a in audit if a["author"] == AUTHOR and a["action"] == "apply"]
+    mine = [a for a in audit if a["author"] == f"token:admin (as {AUTHOR})" and a["action"] == "apply"]
     assert mine and all(isinstance(a["version"], int) for a in audit)
     assert {"time", "action", "result", "author", "peer", "version", "detail"} <= set(audit[0])
     assert "audit log" in table and AUTHOR in table
@@ -348,7 +348,7 @@ def test_certs_mtls_roles_and_detach(env, start_agent, tmp_path):
     r = cli("apply", str(tmp / "looser.yaml"), "--reason", "over mTLS")
     assert r.returncode == 0, r.stderr
     versions = json.loads(cli("-o", "json", "versions").stdout)
-    assert versions[0]["reason"] == "over mTLS" and versions[0]["author"] == "tls-test"
+    assert versions[0]["reason"] == "over mTLS" and versions[0]["author"] == "cert:alice (as tls-test)"
     # the read role reads and may not change anything
     assert cli("versions", who="grafana").returncode == 0
     r = cli("rollback", "--reason", "x", who="grafana")

@@ -77,7 +77,7 @@ def test_apply_and_rollback_change_what_traffic_gets(env):
 
     versions = agent.cli("versions", json_out=True)
     by_number = {int(v["number"]): v for v in versions}
-    assert by_number[v_new]["author"] == "e2e-test"
+    assert by_number[v_new]["author"] == "token:admin (as e2e-test)"
     assert by_number[v_new]["reason"] == "block app for the test"
     assert by_number[v_new - 1]["active"] is True
 

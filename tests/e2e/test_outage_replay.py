@@ -6,14 +6,19 @@ too tight.
   it would have dropped.
 - With --shadow, nothing is dropped and the report shows what would have been.
 - With --force --guard, the agent rolls back by itself within the window,
-  and no canary packet is dropped after the rollback.
+  and no canary packet is dropped after the rollback. The cause is in the
+  audit log and in tidegate_rollbacks_total{cause}, and the rolled-back
+  version's review says the guard fired and whom it newly dropped.
+- Reviews are recorded by the agent: the same review after a restart.
 - The shadow set survives an agent restart (the kernel keeps its slot; the
   store keeps it as 'shadow')."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
+import urllib.request
 
 import pytest
 
@@ -87,6 +92,20 @@ def canary_drops(agent) -> int:
     return sum(int(s["drops"]) for s in top.get("sources", []) if s["address"] == agent.lab.peer_ip)
 
 
+def rollbacks(agent) -> dict[str, float]:
+    """tidegate_rollbacks_total by cause, scraped from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=20).read().decode()
+    return {s.labels["cause"]: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name == "tidegate_rollbacks_total"}  # fmt: skip
+
+
+def legitimate(agent, address: str) -> bool:
+    """One of the 50 clients or the canary: the traffic the tight set hurts."""
+    return address == agent.lab.peer_ip or ipaddress.ip_address(address) in ipaddress.ip_network("10.50.0.0/24")
+
+
 def test_outage_is_prevented(env):
     agent, tmp = env
     procs = traffic(agent, 40)
@@ -115,6 +134,10 @@ def test_outage_is_prevented(env):
         shadow_api = {x["rule"]: x for x in rep["rules"]}["api"]
         assert int(shadow_api["would_drop_new"]) > 0.5 * (p1 - p0)
         assert int(shadow_api["sources"]) >= 40
+        # who each rule would hurt, per rule and bounded: the clients, under api
+        top_api = shadow_api["top_affected"]
+        assert 0 < len(top_api) <= 10 and all(x["rule"] == "api" and legitimate(agent, x["address"]) for x in top_api)
+        assert all(x["rule"] == r["rule"] for r in rep["rules"] for x in r["top_affected"])
         # the shadow set survives an agent restart
         agent.stop()
         agent.start()
@@ -124,6 +147,7 @@ def test_outage_is_prevented(env):
 
         # 3. forced with the guard: rolled back by the agent within the window
         before = agent.cli("status", json_out=True)["active_version"]
+        rb0 = rollbacks(agent)
         t0 = time.monotonic()
         r = agent.cli("apply", str(tmp / "tight.yaml"), "--force", "--guard", "--guard-seconds", "20",
                       "--reason", "forced: on-call insists", check=False, timeout=120)  # fmt: skip
@@ -133,6 +157,32 @@ def test_outage_is_prevented(env):
         assert agent.cli("status", json_out=True)["active_version"] == before
         audit = agent.cli("audit", "--action", "guard-rollback", json_out=True)
         assert audit and audit[0]["result"] == "rolled-back"
+        tight_v = audit[0]["version"]
+        cause, _, target = audit[0]["detail"].rpartition("; rolled back to ")
+        assert int(target) == before and tight_v > before
+        label = ("guard-canary" if cause.startswith("canary ") else "guard-drop-share" if cause.startswith("drop share")
+                 else "guard-dropped-sources")  # fmt: skip
+        assert label != "guard-dropped-sources" or "distinct sources dropped" in cause, cause
+        # the rollback itself is audited with the guard as author and the cause as reason
+        rb_audit = agent.cli("audit", "--action", "rollback", json_out=True)[0]
+        assert (rb_audit["version"], rb_audit["author"], rb_audit["detail"]) == (before, "guard", f"guard: {cause}")
+        rb1 = rollbacks(agent)
+        assert rb1[label] == rb0.get(label, 0) + 1, (label, rb0, rb1)
+        assert {k: v for k, v in rb1.items() if k != label} == {k: v for k, v in rb0.items() if k != label}
+        # the rolled-back version's review: recorded when it was replaced, guard fired, whom it newly dropped
+        rev = agent.cli("review", str(tight_v), json_out=True)
+        assert rev["final"] is True and rev["complete"] is False
+        assert (rev["ended"]["kind"], rev["ended"]["by_version"], rev["ended"]["how"], rev["ended"]["cause"]) == (
+            "replaced", before, "rollback", label)
+        assert rev["guard_fired"] is True
+        assert any(g["action"] == "guard-rollback" and cause in g["detail"] for g in rev["guard"])
+        assert rev["newly_dropped_sources"] >= 10 and len(rev["top_newly_dropped"]) == 10
+        # the heaviest newly dropped are the clients the tight limit hit, not flood sources
+        assert all(legitimate(agent, x["address"]) and x["rule"] == "api" and x["drops"] > 0
+                   for x in rev["top_newly_dropped"]), rev["top_newly_dropped"]  # fmt: skip
+        table = agent.cli("review", str(tight_v)).stdout
+        assert "guard fired: YES" in table and "newly dropped sources: " in table
+        assert f"replaced by version {before} (rollback, {label})" in table
         # no canary packet is dropped after the rollback
         time.sleep(2.5)
         c0 = api(agent)
@@ -149,6 +199,11 @@ def test_outage_is_prevented(env):
         agent.cli("apply", str(tmp / "good.yaml"), "--force", "--reason", "same rules, new version")
         est = agent.cli("whatif", str(tmp / "tight.yaml"), json_out=True)
         assert est["within_budget"] is False and est["sources_seen"] >= 50
+
+        # 4. reviews are kept in the store: the same review after a restart
+        agent.stop()
+        agent.start()
+        assert agent.cli("review", str(tight_v), json_out=True) == rev
     finally:
         for p in procs:
             p.terminate()

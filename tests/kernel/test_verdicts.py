@@ -186,3 +186,78 @@ def test_source_table_reports_top_talkers(replay):
         if table.epoch[i] == epoch and table.kind[i] == 0
     }
     assert rows == {"203.0.113.5": (8, 3), "203.0.113.6": (1, 0)}
+
+
+# Protocols without ports, and what a rule of each protocol class takes.
+PROTO_RULES = """
+defaults:
+  limit: {pps: 1000, burst: 1000}
+deny: ["192.0.2.0/24"]
+rules:
+  - name: ping6
+    protocol: icmpv6
+    limit: {pps: 1, burst: 2}
+  - name: ping4
+    protocol: icmp
+    limit: {pps: 1, burst: 1}
+  - name: tunnels
+    protocol: any
+    sources: ["198.51.100.0/24"]
+    limit: {pps: 1, burst: 1}
+  - name: web
+    protocol: any
+    dst_ports: [443]
+    limit: {pps: 1, burst: 3}
+"""
+
+
+def _raw4(src: str, proto: int) -> bytes:
+    from scapy.layers.inet import IP
+    from scapy.layers.l2 import Ether
+
+    return bytes(Ether() / IP(src=src, dst=f.DST4, proto=proto) / (b"\x00" * 24))
+
+
+def _icmp6(src: str) -> bytes:
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+    from scapy.layers.l2 import Ether
+
+    return bytes(Ether() / IPv6(src=src, dst=f.DST6) / ICMPv6EchoRequest())
+
+
+PROTO_CASES = {
+    "icmpv6 rule takes ICMPv6, not ICMP": [
+        (0, _icmp6("2001:db8:50::1"), P, "pass"),
+        (0, _icmp6("2001:db8:50::1"), P, "pass"),
+        (0, _icmp6("2001:db8:50::1"), D, "rate"),
+        (0, f.icmp("203.0.113.1"), P, "pass"),
+        (0, f.icmp("203.0.113.1"), D, "rate"),  # ping4's own bucket, burst 1
+    ],
+    "unknown L4 protocols (GRE, SCTP) match 'any' rules by source, else the default": [
+        (0, _raw4("198.51.100.4", 47), P, "pass"),
+        (0, _raw4("198.51.100.4", 47), D, "rate"),  # tunnels: burst 1
+        (0, _raw4("198.51.100.4", 132), D, "rate"),  # the same (rule, source) bucket
+        *[(0, _raw4("203.0.113.4", 47), P, "pass")] * 5,  # not in tunnels' sources: default
+        (0, _raw4("192.0.2.4", 132), D, "deny"),  # the deny list does not care about protocols
+    ],
+    "'any' with ports takes TCP and UDP on those ports only": [
+        *[(0, f.tcp("203.0.113.5", 443), P, "pass")] * 3,
+        (0, f.udp("203.0.113.5", 443), D, "rate"),  # web's bucket is per (rule, source)
+        *[(0, f.udp("203.0.113.5", 444), P, "pass")] * 5,  # the default
+    ],
+    "an IPv6 packet from a v4-mapped source is matched as IPv6": [
+        # IPv4 lists and rules apply to IPv4 packets; ::ffff:192.0.2.9 on
+        # the wire is an IPv6 source and gets IPv6's (here: the default)
+        (0, f.udp("::ffff:192.0.2.9", 53), P, "pass"),
+        (0, f.udp("192.0.2.9", 53), D, "deny"),
+    ],
+}
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("case", list(PROTO_CASES), ids=list(PROTO_CASES))
+def test_protocol_verdict(replay, case):
+    replay.apply(PROTO_RULES)
+    for i, (ms, frame, verdict, reason) in enumerate(PROTO_CASES[case]):
+        got = replay.at(ms).send(frame)
+        assert (got.verdict, got.reason) == (verdict, reason), f"step {i} at {ms} ms"

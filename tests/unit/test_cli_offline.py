@@ -322,6 +322,31 @@ class FakeFilter(pbg.FilterServicer):
         return pb.TopSourcesResponse(sources=[pb.SourceRate(address="198.18.0.1", rule="app", pps=5.0, drops=9)],
                                      interval_seconds=1.0, tracked_sources=1)  # fmt: skip
 
+    def GetReview(self, request, context):
+        top = [{"address": "10.50.0.7", "rule": "api", "packets": 900, "drops": 700}]
+        data = {"version": request.version, "author": "alice", "reason": "tighten", "complete": False, "final": True,
+                "ended": {"kind": "replaced", "by_version": 3, "how": "rollback", "cause": "guard-drop-share",
+                          "after_seconds": 12.0},
+                "before": {"seconds": 300, "pps": 100.0, "drop_share": 0.01, "by_rule_pps": {}},
+                "after": {"seconds": 12, "pps": 100.0, "drop_share": 0.6, "by_rule_pps": {}},
+                "guard": [{"action": "guard-rollback", "result": "rolled-back", "detail": "drop share 60%"}],
+                "guard_fired": True, "newly_dropped_sources": 51, "newly_dropped_capped": False,
+                "before_dropped_sources": 4, "before_sampled_seconds": 300.0, "top_newly_dropped": top}  # fmt: skip
+        return pb.Review(version=request.version, json=json.dumps(data), final=True, guard_fired=True,
+                         newly_dropped_sources=51, top_newly_dropped=[pb.SourceRate(**top[0])])  # fmt: skip
+
+    def ShadowReport(self, request, context):
+        def src(a, rule, d):
+            return pb.SourceRate(address=a, rule=rule, packets=2 * d, drops=d)
+
+        api = pb.ShadowRule(rule="api", packets=1000, would_drop_new=300, sources=2, share=0.3,
+                            top_affected=[src("10.50.0.1", "api", 200), src("10.50.0.2", "api", 100)][:request.top])
+        sink = pb.ShadowRule(rule="sink", packets=500, would_drop_new=50, sources=1, share=0.05,
+                             top_affected=[src("198.18.0.9", "sink", 50)])
+        return pb.ShadowReportResponse(shadow_version=5, active_version=4, packets=1500, would_drop_new=350,
+                                       share=0.23, rules=[api, sink],
+                                       top_affected=[src("10.50.0.1", "api", 200), src("10.50.0.2", "api", 100)])
+
 
 @pytest.fixture(scope="module")
 def fake_agent():
@@ -376,6 +401,30 @@ def test_apply_ok(capsys, fake_agent, files):
     code, out, _ = call(capsys, "--server", fake_agent, "-o", "json", "apply", str(files / "good.yaml"), "-r", "x")
     data = json.loads(out)
     assert code == 0 and data["version"] == 7 and data["estimate"]["summary"] == "fine" and data["shadow"] is False
+
+
+def test_review_lists_newly_dropped_sources(capsys, fake_agent):
+    code, out, _ = call(capsys, "--server", fake_agent, "review", "2")
+    assert code == 0
+    assert "replaced by version 3 (rollback, guard-drop-share)" in out
+    assert "newly dropped sources: 51 (dropped after the change; not among the 4 dropped in the 5m 0s sampled" in out
+    assert "10.50.0.7" in out and "700" in out and "guard fired: YES" in out
+    code, out, _ = call(capsys, "--server", fake_agent, "-o", "json", "review", "2")
+    data = json.loads(out)
+    assert data["newly_dropped_sources"] == 51 and data["top_newly_dropped"][0]["address"] == "10.50.0.7"
+    assert data["guard_fired"] is True and data["final"] is True
+
+
+def test_shadow_report_top_sources_per_rule(capsys, fake_agent):
+    code, out, _ = call(capsys, "--server", fake_agent, "shadow", "report", "--top", "1")
+    assert code == 0
+    assert "most affected sources: api (2 sources)" in out and "most affected sources: sink (1 sources)" in out
+    assert "10.50.0.1" in out and "10.50.0.2" not in out and "198.18.0.9" in out
+    code, out, _ = call(capsys, "--server", fake_agent, "-o", "json", "shadow", "report")
+    rules = {r["rule"]: r for r in json.loads(out)["rules"]}
+    assert [s["address"] for s in rules["api"]["top_affected"]] == ["10.50.0.1", "10.50.0.2"]
+    assert rules["sink"]["top_affected"] == [{"address": "198.18.0.9", "rule": "sink", "packets": 100, "drops": 50,
+                                              "pps": 0.0, "drop_pps": 0.0, "first_seen_seconds_ago": 0.0}]
 
 
 def test_not_found_and_diff(capsys, fake_agent):
