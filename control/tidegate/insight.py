@@ -142,7 +142,7 @@ class Insight:
         median_then = None
         if len(older) > 2:
             o = older[0]
-            osel = o.kind == 0
+            osel = o.enforced()
             if np.any(osel):
                 median_then = float(np.median(o.packets[osel] / o.seconds))
         drops_by_rule = {}

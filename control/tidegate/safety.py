@@ -296,7 +296,7 @@ class Guard:
             return 0
         keys = set()
         for iv in ivs:
-            sel = (iv.kind == 0) & (iv.drops > 0)
+            sel = iv.enforced() & (iv.drops > 0)  # a shadow set's would-drops are not drops
             keys.update(zip(iv.hi[sel].tolist(), iv.lo[sel].tolist()))
         del np
         return len(keys)

@@ -39,10 +39,18 @@ class Interval:
     drops: np.ndarray  # delta
     new_drops: np.ndarray  # delta (shadow entries)
     first_ns: np.ndarray
+    # the shadow set's epoch when the interval was taken (-1: none). Its
+    # entries count the same packets a second time, and their drops are
+    # would-drops: nothing that measures enforced traffic may add them in.
+    shadow_epoch: int = -1
 
     @property
     def seconds(self) -> float:
         return max(1e-9, self.t1 - self.t0)
+
+    def enforced(self) -> np.ndarray:
+        """Mask of per-source (kind 0) rows of enforcing rule sets."""
+        return (self.kind == 0) & (self.epoch.astype(np.int64) != self.shadow_epoch)
 
 
 @dataclass
@@ -168,6 +176,7 @@ class Sampler:
                     t0, now, keys["hi"][moved], keys["lo"][moved],
                     (meta >> np.uint64(16)).astype(np.uint32), ((meta >> np.uint64(8)) & np.uint64(0xFF)).astype(np.uint8),
                     (meta & np.uint64(0xFF)).astype(np.uint8), dpk[moved], ddr[moved], dnd[moved], first_ns[moved],
+                    state.shadow.epoch if state.shadow else -1,
                 )  # fmt: skip
             )
             while self._intervals and self._intervals[0].t1 < now - self.window:
@@ -187,7 +196,8 @@ class Sampler:
             return [iv for iv in self._intervals if iv.t1 > end - seconds]
 
     def window_rates(self, seconds: float | None = None, kind: int = 0, epochs: set[int] | None = None) -> SourceRates:
-        """Per (source, rule name) rates over the window.
+        """Per (source, rule name) rates over the window, of the enforcing
+        rule sets (a shadow set's rows are left out: see Interval).
 
         Rows of different rule-set epochs are joined by rule name, so an
         apply in the middle of the window does not reset what the agent
@@ -206,7 +216,8 @@ class Sampler:
         pk, dr = cat([iv.packets for iv in ivs]), cat([iv.drops for iv in ivs])
         t0 = cat([np.full(len(iv.hi), iv.t0) for iv in ivs])
         t1 = cat([np.full(len(iv.hi), iv.t1) for iv in ivs])
-        sel = kd == kind
+        shadow = cat([np.full(len(iv.hi), iv.shadow_epoch, dtype=np.int64) for iv in ivs])
+        sel = (kd == kind) & (ep.astype(np.int64) != shadow)
         if epochs is not None:
             sel &= np.isin(ep, np.array(sorted(epochs), dtype=np.uint32))
         hi, lo, ep, ru, pk, dr, t0, t1 = hi[sel], lo[sel], ep[sel], ru[sel], pk[sel], dr[sel], t0[sel], t1[sel]

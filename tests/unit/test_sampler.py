@@ -1,0 +1,50 @@
+"""Per-source rates from sampler intervals: what enforced traffic is.
+
+A loaded shadow set keeps per-source entries of its own for the same
+packets; its would-drops must not be read as drops, nor its packets
+counted twice, by the blast-radius estimate or the guard's baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tidegate.kernel_layout import RULE_DEFAULT
+from tidegate.sampler import Interval, Sampler
+
+ACTIVE, SHADOW = 7, 8
+
+
+def interval(t0: float, rows: list[tuple[int, int, int, int]], shadow_epoch: int) -> Interval:
+    """rows: (source number, epoch, packets, drops)."""
+    n = len(rows)
+    lo = np.array([0xFFFF0000 | (int.from_bytes((0x0A000000 + r[0]).to_bytes(4, "big"), "little") << 32)
+                   for r in rows], np.uint64)  # fmt: skip
+    return Interval(
+        t0, t0 + 5, np.zeros(n, np.uint64), lo, np.array([r[1] for r in rows], np.uint32),
+        np.full(n, RULE_DEFAULT, np.uint8), np.zeros(n, np.uint8), np.array([r[2] for r in rows], np.uint64),
+        np.array([r[3] for r in rows], np.uint64), np.zeros(n, np.uint64), np.zeros(n, np.uint64), shadow_epoch,
+    )  # fmt: skip
+
+
+def sampler_with(*ivs: Interval) -> Sampler:
+    s = Sampler(kf=None, interval=5, window=300)
+    s.epoch_names = {ACTIVE: {RULE_DEFAULT: "default"}, SHADOW: {RULE_DEFAULT: "default"}}
+    s._intervals.extend(ivs)
+    return s
+
+
+def test_shadow_rows_are_neither_packets_nor_drops():
+    # two sources send 100 packets each; the shadow set would drop all of source 1's
+    iv = interval(0, [(1, ACTIVE, 100, 0), (2, ACTIVE, 100, 0), (1, SHADOW, 100, 100), (2, SHADOW, 100, 0)], SHADOW)
+    r = sampler_with(iv).window_rates(300)
+    assert sorted(r.addresses) == ["10.0.0.1", "10.0.0.2"]
+    assert int(r.packets.sum()) == 200 and int(r.drops.sum()) == 0
+    assert iv.enforced().tolist() == [True, True, False, False]
+
+
+def test_a_promoted_shadow_counts_once_it_enforces():
+    # interval 1: epoch 8 is the shadow; interval 2: it was promoted
+    before = interval(0, [(1, ACTIVE, 50, 0), (1, SHADOW, 50, 50)], SHADOW)
+    after = interval(5, [(1, SHADOW, 50, 40)], -1)
+    r = sampler_with(before, after).window_rates(300)
+    assert int(r.packets.sum()) == 100 and int(r.drops.sum()) == 40
