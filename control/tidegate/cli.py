@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import itertools
 import json
 import os
 import re
@@ -143,8 +144,10 @@ VERBS: dict[str, Verb] = {
     "watch": Verb(
         "live view: pass/drop by reason, per rule, top sources",
         "Refreshes in place every --interval seconds: packet rates by verdict and reason, per-rule pass and\n"
-        "drop rates, and the top sources by drops. Ctrl-C leaves (exit 0). With -o json, prints one JSON\n"
-        "object (the counters) per line per update, for scripts and log shippers.",
+        "drop rates, the top sources by drops, and the traffic shape (active and new sources, share from\n"
+        "known sources, prefix concentration, per-source rate spread) with its plain reading: surge or\n"
+        "flood. Ctrl-C leaves (exit 0). With -o json, prints one JSON object per line per update (the\n"
+        "counters, and the shape under \"insight\"), for scripts and log shippers.",
         "tidegate watch\n"
         "tidegate watch --interval 0.5\n"
         "tidegate -o json watch --count 10 > counters.jsonl"),
@@ -662,7 +665,39 @@ def cmd_top(args, out: Output) -> int:
     return EXIT_OK
 
 
-def _watch_frame(c, prev, top, server: str, reading: str | None = None):
+def _shape_table(d: dict):
+    """The insight figures behind the reading (see `tidegate insight`)."""
+    def share(k):
+        return f"{d[k]:.0%}" if d.get(k) is not None else "-"
+
+    hist = d.get("rate_histogram") or {}
+    spread = ", ".join(f"{k.removeprefix('le_')}: {v:,}" for k, v in hist.items())
+    rows = [
+        ["active sources", f"{d.get('active_sources', 0):,}", "new in the last interval", share("new_source_share")],
+        ["packets from known sources", share("known_source_packet_share"), "top 10 prefixes' share",
+         share("top_prefixes_packet_share")],
+        ["distinct /24 and /48 prefixes", f"{d.get('distinct_prefixes', 0):,}", "sources per prefix",
+         f"{d.get('sources_per_prefix', 0):g}"],
+        ["median pps per source", f"{d.get('median_source_pps', 0):g}", "traffic vs 2 min ago",
+         f"x{d['traffic_factor_2min']:g}" if d.get("traffic_factor_2min") else "-"],
+    ]  # fmt: skip
+    if spread:
+        rows.append(["sources by pps (<= bucket)", spread, "", ""])
+    return make_table(f"traffic shape: {d.get('verdict', '?')}", ["figure", "value", "figure", "value"], rows)
+
+
+def _insight(cl) -> dict | None:
+    """The agent's last insight figures, or None when it has none to give."""
+    try:
+        r = cl.call("Insight", cl.pb.InsightRequest())
+    except ClientError:
+        return None
+    d = json.loads(r.json or "{}")
+    d.setdefault("reading", r.reading)
+    return d
+
+
+def _watch_frame(c, prev, top, server: str, shape: dict | None = None):
     """One refresh of the live view: rates by reason, per rule, top sources."""
     from rich.console import Group
     from rich.text import Text
@@ -695,10 +730,10 @@ def _watch_frame(c, prev, top, server: str, reading: str | None = None):
         parts.append(make_table(f"top sources by drops (last {top.interval_seconds:.0f} s)",
                                 ["source", "rule", "pps", "drop pps"],
                                 [[s.address, s.rule, s.pps, s.drop_pps] for s in top.sources]))  # fmt: skip
-    if reading:
-        from rich.text import Text
-
-        parts.append(Text(f"traffic shape: {reading}"))
+    if shape:
+        if "active_sources" in shape:
+            parts.append(_shape_table(shape))
+        parts.append(Text(shape.get("reading", "")))
     return Group(*parts)
 
 
@@ -712,9 +747,10 @@ def cmd_watch(args, out: Output) -> int:
         if first is None:
             return EXIT_OK
         if out.is_json:
-            out.json_line(message_to_dict(first))
-            for c in updates:
-                out.json_line(message_to_dict(c))
+            # each line: the counters, and the traffic-shape figures of the
+            # agent's last sample under "insight"
+            for c in itertools.chain([first], updates):
+                out.json_line({**message_to_dict(c), "insight": _insight(cl)})
             return EXIT_OK
         from rich.live import Live
 
@@ -726,19 +762,12 @@ def cmd_watch(args, out: Output) -> int:
             except ClientError:
                 return None
 
-        def reading():
-            # the insight reading (surge or flood?) from the agent's last sample
-            try:
-                return cl.call("Insight", cl.pb.InsightRequest()).reading
-            except ClientError:
-                return None
-
         prev = None
-        with Live(_watch_frame(first, None, top_sources(), args.server, reading()), console=out.console,
+        with Live(_watch_frame(first, None, top_sources(), args.server, _insight(cl)), console=out.console,
                   refresh_per_second=4, auto_refresh=False) as live:  # fmt: skip
             prev = first
             for c in updates:
-                live.update(_watch_frame(c, prev, top_sources(), args.server, reading()), refresh=True)
+                live.update(_watch_frame(c, prev, top_sources(), args.server, _insight(cl)), refresh=True)
                 prev = c
         if not out.console.is_terminal:
             out.line()

@@ -318,6 +318,13 @@ class FakeFilter(pbg.FilterServicer):
                               rules=[pb.RuleCount(rule="app", pass_packets=90 * (i + 1), drop_packets=10 * i)])  # fmt: skip
             time.sleep(request.interval_ms / 1000.0)
 
+    def Insight(self, request, context):
+        d = {"verdict": "flood", "active_sources": 12000, "new_source_share": 0.97, "known_source_packet_share": 0.02,
+             "top_prefixes_packet_share": 0.16, "distinct_prefixes": 64, "sources_per_prefix": 187.5,
+             "median_source_pps": 0.4, "traffic_factor_2min": None, "rate_histogram": {"le_1": 11900, "le_inf": 12000},
+             "reading": "looks like a spoofed flood (a hint, not a verdict)"}  # fmt: skip
+        return pb.InsightResponse(reading=d["reading"], json=json.dumps(d))
+
     def TopSources(self, request, context):
         return pb.TopSourcesResponse(sources=[pb.SourceRate(address="198.18.0.1", rule="app", pps=5.0, drops=9)],
                                      interval_seconds=1.0, tracked_sources=1)  # fmt: skip
@@ -457,8 +464,12 @@ def test_watch_json_lines_and_table(capsys, fake_agent):
     assert code == 0 and len(lines) == 3
     updates = [json.loads(ln) for ln in lines]
     assert [u["packets"] for u in updates] == [100, 200, 300]
+    assert all(u["insight"]["verdict"] == "flood" and u["insight"]["sources_per_prefix"] == 187.5 for u in updates)
     code, out, _ = call(capsys, "--server", fake_agent, "watch", "--count", "3", "--interval", "0.1")
     assert code == 0 and "per rule" in out and "198.18.0.1" in out and "active v2" in out
+    # the traffic shape, live: the figures behind the reading, and the reading
+    assert "traffic shape: flood" in out and "12,000" in out and "97%" in out and "187.5" in out
+    assert "looks like a spoofed flood" in out
 
 
 @pytest.mark.parametrize("mode", ["table", "json"])
