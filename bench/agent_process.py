@@ -36,12 +36,11 @@ from report import header_lines, machine, save, table, use_repo_package
 use_repo_package()
 
 import grpc  # noqa: E402
-import numpy as np  # noqa: E402
 
 from tidegate import bpfsys  # noqa: E402
 from tidegate.labnet import VethLab  # noqa: E402
 
-from control_plane import pct, rule_set_text  # noqa: E402
+from control_plane import fill_sources_fd, pct, rule_set_text  # noqa: E402
 
 BIN = Path(sys.executable).parent / "tidegate"
 
@@ -138,19 +137,7 @@ def active_epoch(pin_dir: Path) -> int:
 def fill_sources(pin_dir: Path, n: int, epoch: int) -> None:
     fd = bpfsys.obj_get(str(pin_dir / "tg_state"))
     try:
-        kd = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("epoch", "<u4"), ("rule", "u1"), ("kind", "u1"),
-                       ("pad", "<u2")])  # fmt: skip
-        vd = np.dtype([(f, "<u8") for f in ("tokens", "last", "bt", "blocked", "packets", "bytes", "drops", "nd",
-                                             "first")])  # fmt: skip
-        k = np.zeros(n, kd)
-        addrs = np.arange(n, dtype=np.uint64) + np.uint64(0x0B000000)
-        k["lo"] = np.uint64(0xFFFF0000) | (addrs.byteswap() >> np.uint64(32) << np.uint64(32))
-        k["epoch"] = epoch
-        k["rule"] = 64
-        v = np.zeros(n, vd)
-        v["packets"] = np.arange(n, dtype=np.uint64) % 1000 + 1
-        v["drops"] = np.arange(n, dtype=np.uint64) % 7
-        bpfsys.update_batch(fd, k.tobytes(), v.tobytes(), n)
+        fill_sources_fd(fd, n, epoch)
     finally:
         os.close(fd)
 

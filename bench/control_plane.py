@@ -54,9 +54,13 @@ def pct(xs, p):
 
 def fill_sources(kf: KernelFilter, n: int, epoch: int) -> None:
     kf.clear_sources()
-    if n == 0:
-        return
-    t = kf._tables["tg_state"]
+    if n:
+        fill_sources_fd(kf._tables["tg_state"].map_fd, n, epoch)
+
+
+def fill_sources_fd(fd: int, n: int, epoch: int) -> None:
+    """n per-source entries (10.0.0.0 upwards, default rule) written into the
+    LRU behind fd with BPF_MAP_UPDATE_BATCH, as if n sources had sent."""
     kd = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("epoch", "<u4"), ("rule", "u1"), ("kind", "u1"), ("pad", "<u2")])
     vd = np.dtype([(f, "<u8") for f in ("tokens", "last", "bt", "blocked", "packets", "bytes", "drops", "nd", "first")])
     k = np.zeros(n, kd)
@@ -67,7 +71,7 @@ def fill_sources(kf: KernelFilter, n: int, epoch: int) -> None:
     v = np.zeros(n, vd)
     v["packets"] = np.arange(n, dtype=np.uint64) % 1000 + 1
     v["drops"] = np.arange(n, dtype=np.uint64) % 7
-    bpfsys.update_batch(t.map_fd, k.tobytes(), v.tobytes(), n)
+    bpfsys.update_batch(fd, k.tobytes(), v.tobytes(), n)
 
 
 def main() -> int:

@@ -145,9 +145,9 @@ CASES = {
 
 @pytest.mark.kernel
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_verdict(replay, case):
-    replay.apply(RULES)
-    for i, (ms, frame, verdict, reason) in enumerate(CASES[case]):
+def test_verdict(replay, case, rules=RULES, cases=CASES):
+    replay.apply(rules)
+    for i, (ms, frame, verdict, reason) in enumerate(cases[case]):
         got = replay.at(ms).send(frame)
         assert (got.verdict, got.reason) == (verdict, reason), f"step {i} at {ms} ms"
 
@@ -257,7 +257,4 @@ PROTO_CASES = {
 @pytest.mark.kernel
 @pytest.mark.parametrize("case", list(PROTO_CASES), ids=list(PROTO_CASES))
 def test_protocol_verdict(replay, case):
-    replay.apply(PROTO_RULES)
-    for i, (ms, frame, verdict, reason) in enumerate(PROTO_CASES[case]):
-        got = replay.at(ms).send(frame)
-        assert (got.verdict, got.reason) == (verdict, reason), f"step {i} at {ms} ms"
+    test_verdict(replay, case, PROTO_RULES, PROTO_CASES)
