@@ -505,8 +505,10 @@ def _prefix_limit(node: _Node, path: str, col: _Collector) -> PrefixLimit | None
         return None
     _check_keys(node, PREFIX_KEYS, path, col)
     m = node.value
-    v4 = _int(m["ipv4_prefix"], f"{path}.ipv4_prefix", col, 1, 32) if "ipv4_prefix" in m else 24
-    v6 = _int(m["ipv6_prefix"], f"{path}.ipv6_prefix", col, 1, 128) if "ipv6_prefix" in m else 48
+    # 0 is allowed here: one bucket per rule and family, the aggregate limit
+    # that still holds when a flood's sources are random over the whole space
+    v4 = _int(m["ipv4_prefix"], f"{path}.ipv4_prefix", col, 0, 32) if "ipv4_prefix" in m else 24
+    v6 = _int(m["ipv6_prefix"], f"{path}.ipv6_prefix", col, 0, 128) if "ipv6_prefix" in m else 48
     limit_node = _Node({k: v for k, v in m.items() if k in LIMIT_KEYS}, node.line, "map")
     lim = _limit(limit_node, path, col, keys=PREFIX_KEYS)
     if v4 is None or v6 is None or lim is None:

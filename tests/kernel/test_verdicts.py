@@ -208,6 +208,11 @@ rules:
     protocol: any
     dst_ports: [443]
     limit: {pps: 1, burst: 3}
+  - name: ssh
+    protocol: tcp
+    dst_ports: [22]
+    limit: {pps: 100, burst: 100}
+    prefix_limit: {ipv4_prefix: 0, ipv6_prefix: 0, pps: 5, burst: 5}
 """
 
 
@@ -244,6 +249,12 @@ PROTO_CASES = {
         *[(0, f.tcp("203.0.113.5", 443), P, "pass")] * 3,
         (0, f.udp("203.0.113.5", 443), D, "rate"),  # web's bucket is per (rule, source)
         *[(0, f.udp("203.0.113.5", 444), P, "pass")] * 5,  # the default
+    ],
+    "a /0 prefix limit is one aggregate bucket per family: random sources share it": [
+        *[(0, f.tcp(f"{i * 40 + 1}.{i}.{i}.{i}", 22), P, "pass") for i in range(1, 6)],
+        *[(0, f.tcp(f"{i * 40 + 2}.9.9.{i}", 22), D, "prefix") for i in range(1, 4)],
+        (0, f.tcp("2001:db8:77::1", 22), P, "pass"),  # IPv6 has its own aggregate
+        (200, f.tcp("203.0.113.222", 22), P, "pass"),  # refill: 5 pps
     ],
     "an IPv6 packet from a v4-mapped source is matched as IPv6": [
         # IPv4 lists and rules apply to IPv4 packets; ::ffff:192.0.2.9 on
