@@ -683,6 +683,10 @@ def _shape_table(d: dict):
     ]  # fmt: skip
     if spread:
         rows.append(["sources by pps (<= bucket)", spread, "", ""])
+    heavy = ", ".join(f"{p['prefix']} ({p['packet_share']:.0%}, {p['sources']:,} src)"
+                      for p in d.get("top_prefixes", [])[:3])
+    if heavy:
+        rows.append(["heaviest prefixes", heavy, "", ""])
     return make_table(f"traffic shape: {d.get('verdict', '?')}", ["figure", "value", "figure", "value"], rows)
 
 

@@ -22,6 +22,7 @@ from .kernel_layout import halves_to_address
 
 MAX_KNOWN = 2_000_000
 RATE_BUCKETS = (1, 10, 100, 1000, 10000)  # per-source pps upper bounds; +Inf implied
+TOP_PREFIXES = 5  # /24 and /48 prefixes named in a reading
 
 
 def _hash(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
@@ -128,6 +129,19 @@ class Insight:
         uniq, inv = np.unique(pfx_key, return_inverse=True)
         per_pfx = np.bincount(inv, weights=pk, minlength=len(uniq)) if len(uniq) else np.array([])
         top_pfx_share = float(np.sort(per_pfx)[::-1][:10].sum() / total) if total else 0.0
+        # the heaviest prefixes by name: what an operator would put on a deny
+        # list or give a prefix limit, if the reading says flood
+        top_prefixes = []
+        if total and len(uniq):
+            srcs = np.bincount(inv, minlength=len(uniq))
+            for j in np.argsort(per_pfx)[::-1][:TOP_PREFIXES].tolist():
+                key = int(uniq[j])
+                if key >> 63:
+                    net = f"{halves_to_address(key & ((1 << 63) - 1), 0)}/48"
+                else:
+                    net = f"{halves_to_address(0, key)}/24"
+                top_prefixes.append({"prefix": net, "packet_share": round(float(per_pfx[j] / total), 4),
+                                     "sources": int(srcs[j])})
         top_i = int(np.argmax(pk)) if len(pk) else -1
         top_share = float(pk[top_i] / total) if total and top_i >= 0 else 0.0
         hist = [int(np.count_nonzero(pps <= b)) for b in RATE_BUCKETS] + [len(pps)]
@@ -163,6 +177,7 @@ class Insight:
             "known_source_packet_share": round(known_share, 4),
             "known_sources_tracked": len(self.known),
             "top_prefixes_packet_share": round(top_pfx_share, 4),
+            "top_prefixes": top_prefixes,
             "distinct_prefixes": int(len(uniq)),
             # a spoofed flood drawn from a few prefixes packs many sources into
             # each; real clients rarely share a /24 by the hundred
@@ -208,8 +223,9 @@ def _reading(d: dict) -> tuple[str, str]:
             and d["active_sources"] >= 100:
         verdict = "flood"
         if d["sources_per_prefix"] >= 16:
+            heaviest = ", ".join(p["prefix"] for p in d["top_prefixes"][:3])
             where = (f"concentrated in {d['distinct_prefixes']:,} prefixes ({d['sources_per_prefix']:g} sources "
-                     f"each, top 10 send {d['top_prefixes_packet_share']:.0%})")  # fmt: skip
+                     f"each, top 10 send {d['top_prefixes_packet_share']:.0%}; heaviest {heaviest})")  # fmt: skip
         else:
             where = (f"spread over {d['distinct_prefixes']:,} prefixes (random spoofing, "
                      f"{d['sources_per_prefix']:g} sources each)")  # fmt: skip

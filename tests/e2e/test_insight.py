@@ -81,6 +81,12 @@ def test_spoofed_flood_is_read_as_a_flood(agent):
     assert d["active_sources"] >= 1000 and d["distinct_prefixes"] <= 64
     assert d["sources_per_prefix"] >= 16 and d["top_prefixes_packet_share"] >= 10 / 64
     assert "concentrated in" in d["reading"]
+    import ipaddress
+
+    flood_net = ipaddress.ip_network("198.18.0.0/18")
+    top = d["top_prefixes"]
+    assert len(top) == 5 and all(ipaddress.ip_network(p["prefix"]).subnet_of(flood_net) for p in top)
+    assert all(p["sources"] >= 50 for p in top) and top[0]["prefix"] in d["reading"]
 
 
 def test_single_heavy_hitter_is_named(agent):

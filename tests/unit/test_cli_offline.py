@@ -322,6 +322,7 @@ class FakeFilter(pbg.FilterServicer):
         d = {"verdict": "flood", "active_sources": 12000, "new_source_share": 0.97, "known_source_packet_share": 0.02,
              "top_prefixes_packet_share": 0.16, "distinct_prefixes": 64, "sources_per_prefix": 187.5,
              "median_source_pps": 0.4, "traffic_factor_2min": None, "rate_histogram": {"le_1": 11900, "le_inf": 12000},
+             "top_prefixes": [{"prefix": "198.18.7.0/24", "packet_share": 0.02, "sources": 190}],
              "reading": "looks like a spoofed flood (a hint, not a verdict)"}  # fmt: skip
         return pb.InsightResponse(reading=d["reading"], json=json.dumps(d))
 
@@ -469,7 +470,7 @@ def test_watch_json_lines_and_table(capsys, fake_agent):
     assert code == 0 and "per rule" in out and "198.18.0.1" in out and "active v2" in out
     # the traffic shape, live: the figures behind the reading, and the reading
     assert "traffic shape: flood" in out and "12,000" in out and "97%" in out and "187.5" in out
-    assert "looks like a spoofed flood" in out
+    assert "looks like a spoofed flood" in out and "198.18.7.0/24 (2%, 190 src)" in out
 
 
 @pytest.mark.parametrize("mode", ["table", "json"])
