@@ -105,6 +105,14 @@ struct tg_set_cfg {
 	__u64 proto_mask[256];
 	struct tg_mask key4;             /* per-source key masks (ipv4_prefix, ipv6_prefix) */
 	struct tg_mask key6;
+	/* Shadow slots only: the active slot whose matching (tries, port table,
+	 * protocol and any-source masks) is identical to this set's, so a packet
+	 * reuses the active set's classification instead of repeating it; the
+	 * usual candidate changes limits, not what matches. TG_NO_SLOT when they
+	 * differ. A value naming a slot that is not the active one is ignored,
+	 * so it can only go stale towards "classify again". */
+	__u32 same_match_as;
+	__u32 pad;
 };
 
 /* Source CIDR tries, one per family: an IPv4 lookup walks a 64-bit key

@@ -17,7 +17,10 @@
  * Shadow: when sel names a shadow slot, every packet is evaluated by both
  * sets; only the active verdict is enforced, the shadow one is counted per
  * rule (would-drop, and would-drop where the active set passed) and per
- * source (its own state entries, keyed by the shadow set's epoch).
+ * source (its own state entries, keyed by the shadow set's epoch). A shadow
+ * set that matches exactly like the active one (same_match_as, the common
+ * "same rules, other limits" candidate) reuses its classification and pays
+ * only for its own buckets and counters.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/in.h>
@@ -96,6 +99,7 @@ int tidegate_xdp(struct xdp_md *ctx)
 
 	__u64 now = tg_now();
 	struct tg_verdict v = tg_classify(aslot, acfg, &p);
+	struct tg_verdict matched = v;
 	if (v.reason == TG_R_PASS)
 		v = tg_limit(aslot, acfg, &p, now, v, 0, 0);
 	tg_count_rule(tg_rule_counter(aslot, v.rule), v, p.len);
@@ -104,7 +108,8 @@ int tidegate_xdp(struct xdp_md *ctx)
 	if (sslot < TG_SLOTS) {
 		struct tg_set_cfg *scfg = tg_sets.lookup(&sslot);
 		if (scfg) {
-			struct tg_verdict sv = tg_classify(sslot, scfg, &p);
+			struct tg_verdict sv = scfg->same_match_as == aslot ? matched
+									      : tg_classify(sslot, scfg, &p);
 			if (sv.reason == TG_R_PASS)
 				sv = tg_limit(sslot, scfg, &p, now, sv, 1, v.drop);
 			struct tg_rule_count *sc = tg_rule_counter(sslot, sv.rule);

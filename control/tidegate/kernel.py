@@ -37,6 +37,7 @@ from .kernel_layout import (
     halves_to_address,
     kernel_port_entries,
     kernel_trie_entries,
+    same_matching,
 )
 
 log = logging.getLogger("tidegate.kernel")
@@ -241,6 +242,7 @@ class KernelFilter:
         self._grace: bpfsys.GraceWaiter | None = None
         self._slot_entries: dict[int, _SlotEntries] = {}
         self._names: dict[int, dict[int, str]] = {}  # slot -> rule index -> name
+        self._krs: dict[int, KernelRuleSet] = {}  # slot -> what it holds, where known
         self._retired_rules: dict[str, RuleCounters] = {}
         self._retired_shadow: dict[str, ShadowCounters] = {}
         self._tables: dict[str, object] = {}
@@ -550,11 +552,12 @@ class KernelFilter:
         """Tell the filter the rule names of a version already in the kernel
         (after an agent restart), so counters are reported by name."""
         with self._lock:
-            names = build_kernel_rule_set(rule_set).rule_names
+            krs = build_kernel_rule_set(rule_set)
             for slot in range(SLOTS):
                 info = self._slot_info(slot)
                 if info and info.version == version:
-                    self._names[slot] = names
+                    self._names[slot] = krs.rule_names
+                    self._krs[slot] = krs
 
     def _free_slot(self) -> int:
         a, s = self._sel()
@@ -617,8 +620,23 @@ class KernelFilter:
             cfg.proto_mask[i] = m
         cfg.key4.hi, cfg.key4.lo = krs.key4.hi, krs.key4.lo
         cfg.key6.hi, cfg.key6.lo = krs.key6.hi, krs.key6.lo
+        cfg.same_match_as = NO_SLOT
         sets[sets.Key(slot)] = cfg
         self._names[slot] = dict(krs.rule_names)
+        self._krs[slot] = krs
+
+    def _link_shadow(self, shadow: int, active: int) -> None:
+        """Let the shadow slot reuse the active slot's classification if the
+        two match alike (bpf/layout.h same_match_as). Called before a flip
+        makes `active` active: until then the value names a slot that is not
+        active, which the program ignores."""
+        a, b = self._krs.get(active), self._krs.get(shadow)
+        same = active if a is not None and b is not None and same_matching(a, b) else NO_SLOT
+        sets = self._tables["tg_sets"]
+        cfg = sets[sets.Key(shadow)]
+        if cfg.same_match_as != same:
+            cfg.same_match_as = same  # one byte differs: a concurrent reader sees old or new
+            sets[sets.Key(shadow)] = cfg
 
     def _harvest_slot(self, slot: int) -> None:
         """Fold a retired slot's per-rule counters into the running totals,
@@ -643,6 +661,8 @@ class KernelFilter:
             slot = self._free_slot()
             self._write_slot(slot, krs, version)
             _, shadow = self._sel()
+            if shadow != NO_SLOT:
+                self._link_shadow(shadow, slot)
             self._set_sel(slot, shadow)
 
     def load_shadow(self, rule_set, version: int) -> None:
@@ -654,6 +674,8 @@ class KernelFilter:
                 self._set_sel(active, NO_SLOT)
             slot = self._free_slot()
             self._write_slot(slot, krs, version)
+            if active != NO_SLOT:
+                self._link_shadow(slot, active)
             self._set_sel(active, slot)
 
     def clear_shadow(self) -> None:

@@ -288,6 +288,13 @@ def _inherit(own: dict[tuple[int, int], list[int]]) -> dict[tuple[int, int], tup
     return out
 
 
+def same_matching(a: KernelRuleSet, b: KernelRuleSet) -> bool:
+    """True if every packet gets the same rule index (or list verdict) from
+    both: the shadow set may then reuse the active set's classification."""
+    return (a.flags == b.flags and a.any_src_mask == b.any_src_mask and a.proto_mask == b.proto_mask
+            and a.ports == b.ports and a.cidrs == b.cidrs)  # fmt: skip
+
+
 def trie_family(addr128: int, prefixlen128: int) -> int:
     """Which of the program's two tries holds an entry: 4 for the IPv4
     (::ffff:0:0/96) part of the unified space, 6 for the rest."""

@@ -70,6 +70,10 @@ def test_swap_is_atomic_under_load(replay_kf):
                 kf.apply(b, 2)
             else:
                 kf.apply(a, 1)
+            if i % 50 == 0:
+                # on a loaded 2-CPU host the traffic thread can be starved
+                # for a whole run of swaps: give it the CPU now and then
+                time.sleep(0.002)
     finally:
         stop.set()
         t.join()

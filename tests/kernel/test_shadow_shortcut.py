@@ -1,0 +1,146 @@
+"""A shadow set that matches like the active one reuses its classification
+(bpf/layout.h same_match_as). It must count exactly what a shadow set that
+classifies on its own counts, and never borrow the classification of a set
+it does not match like, even while the active set is swapped under it."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tidegate.kernel_layout import NO_SLOT
+from tidegate.ruleset import parse_rule_set
+
+from . import frames as f
+
+ACTIVE = """
+defaults:
+  limit: {pps: 1000, burst: 1000}
+  prefix_limit: {ipv4_prefix: 24, ipv6_prefix: 48, pps: 5000, burst: 5000}
+allow: ["10.1.0.0/16"]
+deny: ["192.0.2.0/24"]
+rules:
+  - name: dns
+    protocol: udp
+    dst_ports: [53]
+    limit: {pps: 100, burst: 100}
+  - name: web
+    protocol: tcp
+    dst_ports: [443]
+    sources: ["198.51.100.0/24"]
+    limit: {pps: 100, burst: 100}
+"""
+# the usual candidate: the same matching, ten times tighter
+TIGHT = ACTIVE.replace("pps: 100, burst: 100", "pps: 10, burst: 10")
+# the same limits, plus a deny entry no test packet comes from: it matches
+# differently, so it must classify on its own
+TIGHT_OWN = TIGHT.replace('deny: ["192.0.2.0/24"]', 'deny: ["192.0.2.0/24", "203.0.113.250/32"]')
+
+TRAFFIC = [
+    *[f.udp("203.0.113.1", 53)] * 30,
+    *[f.tcp("198.51.100.9", 443)] * 30,
+    *[f.tcp("203.0.113.2", 443)] * 30,  # web's sources do not cover it: default
+    *[f.udp("10.1.2.3", 53)] * 5,
+    *[f.udp("192.0.2.7", 53)] * 5,
+    *[f.udp("2001:db8::1", 53)] * 20,
+]
+
+
+def _shadow_counts(replay, shadow_text: str) -> dict:
+    replay.apply(ACTIVE)
+    kf = replay.kf
+    replay.version += 1
+    kf.load_shadow(parse_rule_set(shadow_text, "<shadow>"), replay.version)
+    before = kf.counters().shadow
+    for frame in TRAFFIC:
+        kf.test_run(frame)
+    after = kf.counters().shadow
+    out = {}
+    for name, sc in after.items():
+        b = before.get(name)
+        out[name] = (sc.packets - (b.packets if b else 0), sc.would_drop - (b.would_drop if b else 0),
+                     sc.would_drop_new - (b.would_drop_new if b else 0))  # fmt: skip
+    return {k: v for k, v in out.items() if any(v)}
+
+
+def _same_match_as(kf) -> int:
+    st = kf.state()
+    sets = kf._tables["tg_sets"]
+    return int(sets[sets.Key(st.shadow.slot)].same_match_as), st.active.slot
+
+
+@pytest.mark.kernel
+def test_shortcut_counts_what_a_full_evaluation_counts(replay):
+    shortcut = _shadow_counts(replay, TIGHT)
+    linked, active = _same_match_as(replay.kf)
+    assert linked == active, "a candidate that only changes limits reuses the active classification"
+    replay.kf.clear_shadow()
+    own = _shadow_counts(replay, TIGHT_OWN)
+    linked, _ = _same_match_as(replay.kf)
+    assert linked == NO_SLOT
+    replay.kf.clear_shadow()
+    assert shortcut == own
+    assert shortcut["dns"] == (50, 30, 30) and shortcut["web"] == (30, 20, 20)
+    assert shortcut["allow-list"][0] == 5 and shortcut["deny-list"] == (5, 5, 0)
+
+
+SWAP_B = """
+defaults:
+  limit: {pps: 1000, burst: 1000}
+rules:
+  - name: b-drop
+    protocol: udp
+    dst_ports: [53]
+    sources: ["10.1.0.0/16"]
+    action: drop
+"""
+
+
+@pytest.mark.kernel
+def test_shortcut_never_borrows_another_sets_classification(replay):
+    """Shadow = ACTIVE's matching. While the active set swaps between ACTIVE
+    and B (which classifies the probe as its drop rule), the shadow must
+    count the probe on its own allow list every time, never on B's rule."""
+    kf = replay.kf
+    a, b = parse_rule_set(ACTIVE, "A"), parse_rule_set(SWAP_B, "B")
+    kf.apply(a, 1)
+    kf.load_shadow(parse_rule_set(TIGHT, "S"), 2)
+    probe = f.udp("10.1.2.3", 53)
+    before = kf.counters().shadow
+    stop, runs = threading.Event(), []
+
+    def traffic():
+        while not stop.is_set():
+            kf.test_run(probe, repeat=200)
+            runs.append(200)
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        for i in range(400):
+            kf.apply(b if i % 2 == 0 else a, 3 + i)
+    finally:
+        stop.set()
+        t.join()
+    after = kf.counters().shadow
+    moved = {n: sc.packets - (before[n].packets if n in before else 0) for n, sc in after.items()}
+    moved = {n: v for n, v in moved.items() if v}
+    assert moved == {"allow-list": sum(runs)}, moved
+    assert len(runs) > 10
+
+    # a value naming a slot that is not the active one is ignored by the
+    # program: force one while B (which matches differently) is active
+    kf.apply(b, 1000)
+    st = kf.state()
+    sets = kf._tables["tg_sets"]
+    cfg = sets[sets.Key(st.shadow.slot)]
+    stale = next(s for s in range(3) if s not in (st.active.slot, st.shadow.slot))
+    cfg.same_match_as = stale
+    sets[sets.Key(st.shadow.slot)] = cfg
+    before = kf.counters().shadow
+    kf.test_run(probe, repeat=10)
+    after = kf.counters().shadow
+    moved = {n: sc.packets - (before[n].packets if n in before else 0) for n, sc in after.items()}
+    assert {n: v for n, v in moved.items() if v} == {"allow-list": 10}
+    kf.clear_shadow()
