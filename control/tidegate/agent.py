@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 from . import __version__
-from .kernel import FilterConfig, KernelError, KernelFilter, NotAttachedError
+from .kernel import FilterConfig, InterfaceError, KernelError, KernelFilter, NotAttachedError
 from .ruleset import FieldError, Limit, RuleSet, RuleSetError, dump_yaml, load_rule_set, parse_rule_set
 from .sampler import Sampler
 from .store import StoreError, VersionNotFound, VersionStore
@@ -98,6 +98,8 @@ class Agent:
         self.guard = None  # set by safety.Guard when a guarded apply is watched
         self._rule_sets: dict[int, RuleSet] = {}
         self.shadow_loaded_at: float | None = None
+        self.reattaches = 0  # times the watchdog found the program detached and attached it again
+        self._watchdog_note: str | None = None  # what the watchdog last logged, so it logs a state once
 
     # ------------------------------------------------------------- helpers
     def rule_set_of(self, version: int) -> RuleSet:
@@ -134,6 +136,38 @@ class Agent:
             return self.kf.state().attached
         except NotAttachedError:
             return False
+
+    def check_attachment(self) -> None:
+        """The agent's watchdog: the gate must not stay open because something
+        removed the program (a recreated interface, a driver reload, a stray
+        `ip link set dev IF xdp off`). Re-attaches while a rule set is active
+        and the pins exist; `tidegate detach` removes the pins and so is
+        respected."""
+        if self.kf.active_version() is None:
+            return
+        if not os.path.exists(os.path.join(self.kf.config.pin_dir, "tg_ctl")):
+            if self._watchdog_note != "unpinned":
+                log.warning("the pinned maps are gone (tidegate detach?): not re-attaching",
+                            extra={"pin_dir": self.kf.config.pin_dir})  # fmt: skip
+                self._watchdog_note = "unpinned"
+            return
+        try:
+            mode = self.kf.ensure_attached()
+        except InterfaceError as e:
+            if self._watchdog_note != "missing":
+                log.warning("interface missing: will attach again when it is back", extra={"error": str(e)})
+                self._watchdog_note = "missing"
+            return
+        except KernelError as e:
+            log.error("re-attaching failed", extra={"error": str(e)})
+            return
+        self._watchdog_note = None
+        if mode is not None:
+            self.reattaches += 1
+            log.warning("the program was detached from the interface: attached it again",
+                        extra={"interface": self.kf.config.interface, "mode": mode})  # fmt: skip
+            self.store.audit("reattach", "ok", "agent", "watchdog",
+                             f"program found detached from {self.kf.config.interface}; attached again ({mode})")
 
     def require_attached(self) -> None:
         if not self.attached():
@@ -491,6 +525,8 @@ a new agent adopts them. `tidegate detach --interface IFACE` removes them.""",
     p.add_argument("--insight-baseline-seconds", type=float, default=120.0,
                    help="a source counts as known when first seen at least this long ago (default 120)")
     p.add_argument("--review-seconds", type=float, default=3600.0, help="post-deployment review period")
+    p.add_argument("--attach-check-seconds", type=float, default=2.0,
+                   help="how often to check that the program is still attached, and attach it again if not")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -715,7 +751,11 @@ def run(opts: argparse.Namespace) -> int:
     st = kf.state()
     log.info("serving", extra={"listen": opts.listen, "metrics": opts.metrics_listen, "attached": st.attached,
                                "mode": st.mode, "active_version": st.active.version if st.active else 0})  # fmt: skip
-    stop.wait()
+    while not stop.wait(opts.attach_check_seconds):
+        try:
+            agent.check_attachment()
+        except Exception as e:  # the watchdog must never take the agent down
+            log.error("attachment check failed", extra={"error": str(e)})
     server.stop(grace=2).wait()
     if msrv is not None:
         msrv.shutdown()

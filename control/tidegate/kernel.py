@@ -400,9 +400,13 @@ class KernelFilter:
         if self._ifindex is None:
             return None, None
         from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
 
-        with IPRoute() as ipr:
-            link = ipr.get_links(self._ifindex)[0]
+        try:
+            with IPRoute() as ipr:
+                link = ipr.get_links(self._ifindex)[0]
+        except NetlinkError:
+            return None, None  # the interface is gone (deleted, or recreated with a new index)
         xdp = link.get_attr("IFLA_XDP")
         if not xdp:
             return None, None
@@ -451,6 +455,20 @@ class KernelFilter:
                 raise KernelError(f"xdp mode must be auto, native or generic, not {want!r}")
             self._attach_fd(self._fn.fd, want)
             return want
+
+    def ensure_attached(self) -> str | None:
+        """Attach again if something removed the program (the interface was
+        recreated, `ip link set dev IF xdp off`). Returns the mode when it
+        re-attached, None when the program was attached already; raises
+        InterfaceError while the interface does not exist."""
+        with self._lock:
+            self._require_loaded()
+            if self.config.interface is None:
+                return None
+            self._check_interface()  # the index changes when the interface is recreated
+            if self._attached_prog()[0]:
+                return None
+            return self.attach()
 
     def detach(self, remove_pins: bool = False) -> None:
         """Remove the program from the interface (and optionally the maps)."""

@@ -61,6 +61,9 @@ class FilterCollector:
                                                 "guard-canary"}):  # fmt: skip
             rb.add_metric([cause], a.rollbacks.get(cause, 0))
         yield rb
+        ra = CounterMetricFamily("tidegate_reattaches", "times the program was found detached and attached again")
+        ra.add_metric([], getattr(a, "reattaches", 0))
+        yield ra
         gw = GaugeMetricFamily("tidegate_guard_active", "1 while a guarded apply is being watched")
         gw.add_metric([], 1 if (a.guard and a.guard.watching) else 0)
         yield gw

@@ -532,3 +532,45 @@ def test_watch_streams_are_capped_and_do_not_starve_other_calls(agent, base):
             time.sleep(0.2)
     else:
         raise AssertionError("watch slots were not released")
+
+
+def test_watchdog_attaches_again_after_the_program_is_removed(start_agent):
+    """Never fail open: a stray `ip link set dev IF xdp off`, or the interface
+    going away and coming back (driver reload, recreated veth), leaves the
+    gate open only until the agent's next check; `tidegate detach` (which
+    removes the pins) is respected."""
+    agent = start_agent("wd", DROP_APP, extra=["--attach-check-seconds", "0.5"])
+    lab = agent.lab
+    first = xdp_prog_id(lab.host_if)
+    assert first is not None and app_delta(agent) == (0, 20)
+
+    def wait_attached(timeout: float = 15) -> int | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = xdp_prog_id(lab.host_if)
+            if pid is not None:
+                return pid
+            time.sleep(0.1)
+        return None
+
+    for off in ("xdp", "xdpgeneric"):
+        subprocess.run(["ip", "link", "set", "dev", lab.host_if, off, "off"], check=True)
+    assert wait_attached() == first, "the same program is attached again"
+    assert app_delta(agent) == (0, 20), "and filters with the active rule set"
+
+    # the interface disappears and comes back with a new index
+    lab.remove()
+    time.sleep(1.5)
+    assert agent.proc.poll() is None, "the agent survives its interface going away"
+    lab.create()
+    assert wait_attached() == first
+    assert app_delta(agent) == (0, 20)
+
+    audit = agent.api.ListAudit(limit=50, action="reattach").entries
+    assert len(audit) == 2 and all(e.result == "ok" for e in audit)
+    assert agent.scrape()[("tidegate_reattaches_total", ())] == 2
+
+    # tidegate detach removes the pins: the agent does not fight it
+    agent.cleanup_kernel()
+    time.sleep(1.5)
+    assert xdp_prog_id(lab.host_if) is None
