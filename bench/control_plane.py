@@ -60,7 +60,12 @@ def fill_sources(kf: KernelFilter, n: int, epoch: int) -> None:
 
 def fill_sources_fd(fd: int, n: int, epoch: int) -> None:
     """n per-source entries (10.0.0.0 upwards, default rule) written into the
-    LRU behind fd with BPF_MAP_UPDATE_BATCH, as if n sources had sent."""
+    LRU behind fd with BPF_MAP_UPDATE_BATCH, as if n sources had sent.
+
+    The LRU keeps one list per CPU (bpf/maps.h): an entry comes from the
+    list of the CPU that inserts it, so the writes are spread over every CPU,
+    as a NIC's receive queues spread sources, or one CPU's share would cap
+    the fill at max_entries / CPUs."""
     kd = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("epoch", "<u4"), ("rule", "u1"), ("kind", "u1"), ("pad", "<u2")])
     vd = np.dtype([(f, "<u8") for f in ("tokens", "last", "bt", "blocked", "packets", "bytes", "drops", "nd", "first")])
     k = np.zeros(n, kd)
@@ -71,7 +76,17 @@ def fill_sources_fd(fd: int, n: int, epoch: int) -> None:
     v = np.zeros(n, vd)
     v["packets"] = np.arange(n, dtype=np.uint64) % 1000 + 1
     v["drops"] = np.arange(n, dtype=np.uint64) % 7
-    bpfsys.update_batch(fd, k.tobytes(), v.tobytes(), n)
+    cpus = sorted(os.sched_getaffinity(0))
+    per = -(-n // len(cpus))
+    try:
+        for i, cpu in enumerate(cpus):
+            part = slice(i * per, min(n, (i + 1) * per))
+            if part.start >= part.stop:
+                break
+            os.sched_setaffinity(0, {cpu})
+            bpfsys.update_batch(fd, k[part].tobytes(), v[part].tobytes(), part.stop - part.start)
+    finally:
+        os.sched_setaffinity(0, cpus)
 
 
 def main() -> int:
@@ -141,7 +156,8 @@ def main() -> int:
                 generate_latest(reg)
                 scrapes.append((time.perf_counter() - t) * 1000)
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            rows.append([f"{n:,}", f"{counters_ms:.1f}", f"{sample_ms:.0f}", f"{top_ms:.1f}",
+            rows.append([f"{n:,} ({agent.sampler.tracked_entries:,} in the map)", f"{counters_ms:.1f}",
+                         f"{sample_ms:.0f}", f"{top_ms:.1f}",
                          f"{statistics.median(scrapes):.1f}", f"{rss:.0f}"])  # fmt: skip
             out.setdefault("sources", {})[n] = {"counters_ms": counters_ms, "sample_ms": sample_ms, "top_ms": top_ms,
                                                 "scrape_ms": statistics.median(scrapes), "max_rss_mb": rss}  # fmt: skip

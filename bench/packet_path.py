@@ -558,10 +558,10 @@ def cost_breakdown(results: dict) -> str:
         ("tidegate defaults-only over the floor", "tg_defaults", "parse"),
         ("per-prefix bucket (prefix limit on)", "tg_prefix", "tg_defaults"),
         ("allow/deny tries, 2x10k CIDRs (trie lookup)", "tg_lists", "tg_prefix"),
-        ("50 rules, any source (port hash + rule bit)", "tg_rules_any", "tg_prefix"),
+        ("50 rules, any source (port table + rule bit)", "tg_rules_any", "tg_prefix"),
         ("50 rules, 10 with source CIDRs (+ small trie)", "tg_rules", "tg_prefix"),
         ("full set over defaults+prefix", "tg_full", "tg_prefix"),
-        ("shadow set loaded (second evaluation)", "tg_shadow", "tg_full"),
+        ("shadow set loaded (its own buckets; same matching)", "tg_shadow", "tg_full"),
     ]
     rows = []
     for label, a, b in pairs:
