@@ -5,7 +5,9 @@ clock instead of sleeping; the code path is otherwise the same program."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -79,3 +81,24 @@ def replay(replay_kf) -> ReplayFilter:
     f = ReplayFilter(replay_kf)
     f.at(0)
     return f
+
+
+@contextlib.contextmanager
+def background_traffic(kf: KernelFilter, frame: bytes, repeat: int):
+    """Push `frame` through the program (BPF_PROG_TEST_RUN, `repeat` per
+    call) from another thread until the block ends; yields the list of
+    batch sizes run, so a test can tell how many packets were seen."""
+    stop, runs = threading.Event(), []
+
+    def traffic():
+        while not stop.is_set():
+            kf.test_run(frame, repeat=repeat)
+            runs.append(repeat)
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        yield runs
+    finally:
+        stop.set()
+        t.join()

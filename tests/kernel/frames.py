@@ -5,6 +5,7 @@ from __future__ import annotations
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
+from scapy.utils import wrpcap
 
 DST4 = "10.0.0.1"
 DST6 = "2001:db8::1"
@@ -58,3 +59,15 @@ def _frame(l3, vlans: int) -> bytes:
     for _ in range(vlans - 1):
         tags = tags / Dot1AD(vlan=30)
     return bytes(tags / Dot1Q(vlan=10) / l3)
+
+
+def write_capture(path, schedule, dst_ip: str = "192.0.2.200") -> int:
+    """A pcap of 60-byte UDP frames: schedule = [(seconds, source, dport)],
+    stamped from a fixed epoch so replay buckets follow those times."""
+    pkts = []
+    for t, src, dport in sorted(schedule):
+        p = Ether(dst="02:00:00:00:00:02") / IP(src=src, dst=dst_ip) / UDP(sport=1000, dport=dport) / (b"x" * 18)
+        p.time = 1_700_000_000 + t
+        pkts.append(p)
+    wrpcap(str(path), pkts)
+    return len(pkts)

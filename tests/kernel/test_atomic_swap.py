@@ -10,7 +10,6 @@ through the program; afterwards only allow and deny may have moved."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from tidegate.ruleset import parse_rule_set
 
 from . import frames as f
+from .conftest import background_traffic
 
 SET_A = """
 defaults:
@@ -53,18 +53,8 @@ def test_swap_is_atomic_under_load(replay_kf):
     kf.apply(a, 1)
     probe = f.udp("198.51.100.7", 53)
     before = {k: v[0] for k, v in kf.counters().reasons.items()}
-    stop = threading.Event()
-    runs = []
-
-    def traffic():
-        while not stop.is_set():
-            kf.test_run(probe, repeat=500)
-            runs.append(500)
-
-    t = threading.Thread(target=traffic)
-    t.start()
     started = time.monotonic()
-    try:
+    with background_traffic(kf, probe, 500) as runs:
         for i in range(SWAPS):
             if i % 2 == 0:
                 kf.apply(b, 2)
@@ -74,9 +64,6 @@ def test_swap_is_atomic_under_load(replay_kf):
                 # on a loaded 2-CPU host the traffic thread can be starved
                 # for a whole run of swaps: give it the CPU now and then
                 time.sleep(0.002)
-    finally:
-        stop.set()
-        t.join()
     elapsed = time.monotonic() - started
     after = {k: v[0] for k, v in kf.counters().reasons.items()}
     delta = {k: after[k] - before[k] for k in after}

@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from scapy.layers.inet import IP, UDP
-from scapy.layers.l2 import Ether
-from scapy.utils import wrpcap
+
+from .frames import write_capture
 
 BIN = Path(sys.executable).parent / "tidegate"
 
@@ -44,13 +43,7 @@ def capture(path: Path) -> int:
     sched += [(0.1 + i * 10e-6, B, 7) for i in range(200)]  # a burst of 200
     sched += [(0.3 + i * 0.001, C, 7) for i in range(30)]  # on the candidate's deny list only
     sched += [(0.5 + i * 0.001, D, 53) for i in range(20)]  # the default rule, far below its limit
-    pkts = []
-    for t, src, dport in sorted(sched):
-        p = Ether(dst="02:00:00:00:00:02") / IP(src=src, dst="192.0.2.200") / UDP(sport=1000, dport=dport) / (b"x" * 18)
-        p.time = 1_700_000_000 + t
-        pkts.append(p)
-    wrpcap(str(path), pkts)
-    return len(pkts)
+    return write_capture(path, sched)
 
 
 @pytest.mark.kernel

@@ -14,14 +14,13 @@ import os
 import sys
 
 import pytest
-from scapy.layers.inet import IP, UDP
-from scapy.layers.l2 import Ether
-from scapy.utils import wrpcap
 
 from tidegate.kernel import FilterConfig, KernelFilter
 from tidegate.labnet import VethLab
 from tidegate.replay import replay
 from tidegate.ruleset import parse_rule_set
+
+from .frames import write_capture
 
 RULES = """
 defaults:
@@ -42,13 +41,7 @@ def capture(path, dst_ip: str):
         sched.append((i / 300, "198.51.100.2"))
     for i in range(200):  # C: a burst of 200 within 0.2 s, then quiet
         sched.append((0.5 + i / 1000, "198.51.100.3"))
-    pkts = []
-    for t, src in sorted(sched):
-        p = Ether(dst="02:00:00:00:00:02") / IP(src=src, dst=dst_ip) / UDP(sport=1000, dport=7) / (b"x" * 18)
-        p.time = 1_700_000_000 + t
-        pkts.append(p)
-    wrpcap(str(path), pkts)
-    return len(pkts)
+    return write_capture(path, [(t, src, 7) for t, src in sched], dst_ip)
 
 
 @pytest.mark.kernel

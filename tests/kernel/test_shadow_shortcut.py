@@ -5,14 +5,13 @@ it does not match like, even while the active set is swapped under it."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from tidegate.kernel_layout import NO_SLOT
 from tidegate.ruleset import parse_rule_set
 
 from . import frames as f
+from .conftest import background_traffic
 
 ACTIVE = """
 defaults:
@@ -108,21 +107,9 @@ def test_shortcut_never_borrows_another_sets_classification(replay):
     kf.load_shadow(parse_rule_set(TIGHT, "S"), 2)
     probe = f.udp("10.1.2.3", 53)
     before = kf.counters().shadow
-    stop, runs = threading.Event(), []
-
-    def traffic():
-        while not stop.is_set():
-            kf.test_run(probe, repeat=200)
-            runs.append(200)
-
-    t = threading.Thread(target=traffic)
-    t.start()
-    try:
+    with background_traffic(kf, probe, 200) as runs:
         for i in range(400):
             kf.apply(b if i % 2 == 0 else a, 3 + i)
-    finally:
-        stop.set()
-        t.join()
     after = kf.counters().shadow
     moved = {n: sc.packets - (before[n].packets if n in before else 0) for n, sc in after.items()}
     moved = {n: v for n, v in moved.items() if v}
