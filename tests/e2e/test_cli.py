@@ -242,7 +242,10 @@ def test_shadow_report_promote_clear(env):
 
 
 def test_review_and_audit(env):
-    agent, _ = env
+    agent, tmp = env
+    # its own apply and rollback, so the audit has both whatever ran before
+    agent.cli("apply", str(tmp / "looser.yaml"), "--reason", "for the audit")
+    agent.cli("rollback", "--reason", "for the audit")
     v = active(agent)
     table, rev = both(agent, "review", str(v))
     assert rev["version"] == v and isinstance(rev["complete"], bool) and "guard_fired" in rev
