@@ -180,6 +180,9 @@ class VersionStore:
             if user_version > SCHEMA_VERSION:
                 raise StoreError(f"{path} was written by a newer tidegate (schema {user_version})")
             if user_version < SCHEMA_VERSION:
+                if existed:
+                    # an older store: keep it as it was before the migration touches it
+                    _backup(conn, Path(str(path) + ".bak"))
                 # CREATE ... IF NOT EXISTS throughout: safe to re-run after a crash here
                 conn.executescript(_SCHEMA)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -402,18 +405,24 @@ class VersionStore:
 
     def backup(self, dest: str | Path) -> None:
         with self._lock:
-            tmp = Path(str(dest) + ".tmp")
-            target = sqlite3.connect(str(tmp))
-            try:
-                self._conn.backup(target)
-            finally:
-                target.close()
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, dest)
+            _backup(self._conn, dest)
+
+
+def _backup(conn: sqlite3.Connection, dest: str | Path) -> None:
+    """A consistent copy of the store at dest: SQLite's online backup into a
+    temporary file, fsync, then an atomic rename (never a half-written copy)."""
+    tmp = Path(str(dest) + ".tmp")
+    target = sqlite3.connect(str(tmp))
+    try:
+        conn.backup(target)
+    finally:
+        target.close()
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, dest)
 
 
 class _Tx:

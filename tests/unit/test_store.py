@@ -117,6 +117,31 @@ def test_backup_restores(store, tmp_path):
     assert r.get_version(1).reason == "kept" and r.active_version() == 1
 
 
+def test_an_older_store_is_backed_up_before_its_migration(tmp_path):
+    """A store of an older schema (user_version below the current one) is
+    copied to tidegate.db.bak, as it was, before the migration touches it;
+    a store already current is not copied again."""
+    import sqlite3
+
+    s = VersionStore.open(tmp_path / "state")
+    apply(s, reason="from the old agent")
+    s.close()
+    db = tmp_path / "state" / "tidegate.db"
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA user_version = 0")  # what an older tidegate wrote
+    con.close()
+    s = VersionStore.open(tmp_path / "state")
+    assert s.get_version(1).reason == "from the old agent"
+    s.close()
+    bak = sqlite3.connect(tmp_path / "state" / "tidegate.db.bak")
+    assert bak.execute("PRAGMA user_version").fetchone()[0] == 0, "the copy is the store before migrating"
+    assert bak.execute("SELECT reason FROM versions").fetchall() == [("from the old agent",)]
+    bak.close()
+    os.unlink(tmp_path / "state" / "tidegate.db.bak")
+    VersionStore.open(tmp_path / "state").close()
+    assert not (tmp_path / "state" / "tidegate.db.bak").exists()
+
+
 def test_survives_sigkill_at_random_points(tmp_path):
     d = tmp_path / "state"
     VersionStore.open(d).close()
