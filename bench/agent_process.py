@@ -38,9 +38,10 @@ use_repo_package()
 import grpc  # noqa: E402
 
 from tidegate import bpfsys  # noqa: E402
+from tidegate.kernel import FilterConfig, KernelFilter  # noqa: E402
 from tidegate.labnet import VethLab  # noqa: E402
 
-from control_plane import fill_sources_fd, pct, rule_set_text  # noqa: E402
+from control_plane import apply_latency, fill_sources_fd, rule_set_text  # noqa: E402
 
 BIN = Path(sys.executable).parent / "tidegate"
 
@@ -108,13 +109,8 @@ class Agent:
         return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
     def remove_kernel_objects(self) -> None:
-        subprocess.run(["ip", "link", "set", "dev", self.lab.host_if, "xdp", "off"], capture_output=True)
-        subprocess.run(["ip", "link", "set", "dev", self.lab.host_if, "xdpgeneric", "off"], capture_output=True)
-        d = Path("/sys/fs/bpf/tidegate") / self.pin
-        if d.is_dir():
-            for p in d.iterdir():
-                p.unlink()
-            d.rmdir()
+        """What `tidegate detach` does: the program off the interface, the pins gone."""
+        KernelFilter(FilterConfig(interface=self.lab.host_if, pin_name=self.pin)).detach(remove_pins=True)
 
 
 def active_epoch(pin_dir: Path) -> int:
@@ -170,17 +166,11 @@ def main() -> int:
         cold = agent.start()
         pb, stub, md = agent.stub()
 
-        rows = []
-        for n in sizes:
-            text = rule_set_text(n)
-            times = []
-            for i in range(reps if n < 100000 else max(3, reps // 4)):
-                t = time.perf_counter()
-                stub.ApplyRuleSet(pb.ApplyRequest(yaml=text, reason=f"bench {n} #{i}", no_guard=True), metadata=md,
-                                  timeout=60)  # fmt: skip
-                times.append((time.perf_counter() - t) * 1000)
-            rows.append([f"{n:,} CIDRs + 50 rules", f"{pct(times, 50):.1f}", f"{pct(times, 99):.1f}", len(times)])
-            out.setdefault("apply_ms", {})[n] = {"p50": pct(times, 50), "p99": pct(times, 99), "runs": times}
+        def apply_one(text, n, i):
+            stub.ApplyRuleSet(pb.ApplyRequest(yaml=text, reason=f"bench {n} #{i}", no_guard=True), metadata=md,
+                              timeout=60)  # fmt: skip
+
+        rows = apply_latency(sizes, reps, apply_one, out)
         lines += ["", "### ApplyRuleSet over gRPC (parse, validate, store, write, swap)", "",
                   table(["rule set", "p50 ms", "p99 ms", "runs"], rows)]  # fmt: skip
 

@@ -176,7 +176,8 @@ def main() -> int:
         ])]  # fmt: skip
         text = "\n".join(lines)
         print(text)
-        save("under_attack", data, text)
+        if not args.quick:  # --quick runs are printed only (bench/README.md)
+            save("under_attack", data, text)
         return 0
     finally:
         for p in procs:
