@@ -53,13 +53,15 @@ def _source_keys(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return _hash_keys(hi.astype(np.uint64), lo.astype(np.uint64), np.uint64(0))
 
 
-def _dropped_before(ivs, epochs: set[int]) -> np.ndarray:
-    """Sources dropped in `ivs` by the active sets of `epochs` (a shadow
-    set's entries count what it would drop: not drops)."""
+def _dropped_before(ivs, exclude_epoch: int | None = None) -> np.ndarray:
+    """Sources the enforcing sets dropped in `ivs` (Interval.enforced: a
+    shadow set's entries count what it would drop, not drops), leaving out
+    the rows of `exclude_epoch` (the version being reviewed)."""
     parts = [np.array([], np.uint64)]
-    ep = np.array(sorted(epochs), dtype=np.uint32)
     for iv in ivs:
-        sel = (iv.kind == 0) & (iv.drops > 0) & np.isin(iv.epoch, ep)
+        sel = iv.enforced() & (iv.drops > 0)
+        if exclude_epoch is not None:
+            sel &= iv.epoch != exclude_epoch
         parts.append(_source_keys(iv.hi[sel], iv.lo[sel]))
     return np.unique(np.concatenate(parts))
 
@@ -102,7 +104,6 @@ class Reviews:
         self.agent = agent
         self._lock = threading.Lock()
         self._watch: _Watch | None = None
-        self._active_epochs: set[int] = set()  # epochs seen active (shadow epochs are not)
 
     @property
     def period(self) -> float:
@@ -132,20 +133,16 @@ class Reviews:
                 return
             st = self.agent.kf.state()
             ivs = self.agent.sampler.intervals(min(self.period, BEFORE_SECONDS))
-            before = _dropped_before(ivs, self._active_epochs)
+            before = _dropped_before(ivs)
             w = _Watch(version, kind, st.active.epoch if st.active else 0, now, time.time(), before,
                        last_t1=ivs[-1].t1 if ivs else 0.0,
                        before_seconds=(ivs[-1].t1 - ivs[0].t0) if ivs else 0.0)  # fmt: skip
-            self._note_epoch(w.epoch)
             self._watch = w
             self._save(w, now, final=False)
 
     def on_sample(self) -> None:
         try:
-            st = self.agent.kf.state()
             with self._lock:
-                if st.active is not None:
-                    self._note_epoch(st.active.epoch)
                 w = self._watch
                 if w is None:
                     return
@@ -233,11 +230,6 @@ class Reviews:
         return data
 
     # ------------------------------------------------------------ internals
-    def _note_epoch(self, epoch: int) -> None:
-        self._active_epochs.add(epoch)
-        while len(self._active_epochs) > 256:  # far more than the estimate window can hold
-            self._active_epochs.discard(min(self._active_epochs))
-
     def _stored_final(self, version: int) -> bool:
         saved = self.agent.store.get_review(version)
         return bool(saved and json.loads(saved).get("final"))
@@ -251,7 +243,7 @@ class Reviews:
             if iv.t1 <= w.t_mono:
                 continue
             if iv.t0 < w.t_mono:  # straddles the activation: the earlier sets' drops in it happened before
-                w.before = np.union1d(w.before, _dropped_before([iv], self._active_epochs - {w.epoch}))
+                w.before = np.union1d(w.before, _dropped_before([iv], exclude_epoch=w.epoch))
             sel = (iv.kind == 0) & (iv.epoch == w.epoch) & (iv.drops > 0)
             if np.any(sel):  # interval deltas: summed
                 self._merge(w, iv.hi[sel], iv.lo[sel], iv.rule[sel], iv.packets[sel], iv.drops[sel], np.add)

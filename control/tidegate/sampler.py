@@ -39,18 +39,23 @@ class Interval:
     drops: np.ndarray  # delta
     new_drops: np.ndarray  # delta (shadow entries)
     first_ns: np.ndarray
-    # the shadow set's epoch when the interval was taken (-1: none). Its
+    # the shadow sets' epochs at the interval's start and end (a shadow set
+    # cleared or promoted in between counted as one for part of it). Their
     # entries count the same packets a second time, and their drops are
     # would-drops: nothing that measures enforced traffic may add them in.
-    shadow_epoch: int = -1
+    shadow_epochs: tuple[int, ...] = ()
 
     @property
     def seconds(self) -> float:
         return max(1e-9, self.t1 - self.t0)
 
+    def not_shadow(self) -> np.ndarray:
+        """Mask of rows of rule sets that enforced throughout the interval."""
+        return ~np.isin(self.epoch, np.array(self.shadow_epochs, dtype=np.uint32))
+
     def enforced(self) -> np.ndarray:
         """Mask of per-source (kind 0) rows of enforcing rule sets."""
-        return (self.kind == 0) & (self.epoch.astype(np.int64) != self.shadow_epoch)
+        return (self.kind == 0) & self.not_shadow()
 
 
 @dataclass
@@ -94,7 +99,7 @@ class Sampler:
         self.interval = interval
         self.window = window
         self._lock = threading.Lock()
-        self._prev = None  # (t, sorted keys, packets, drops, new_drops)
+        self._prev = None  # (t, sorted keys, packets, drops, new_drops, shadow epoch or None)
         self._intervals: deque[Interval] = deque()
         self.tracked_sources = 0
         self.tracked_entries = 0
@@ -146,7 +151,8 @@ class Sampler:
                     self.epoch_names.pop(min(self.epoch_names))
         with self._lock:
             prev = self._prev
-            self._prev = (now, hkeys, packets, drops, new_drops)
+            shadow_now = state.shadow.epoch if state.shadow else None
+            self._prev = (now, hkeys, packets, drops, new_drops, shadow_now)
             mask_src = keys["meta"] & np.uint64(0xFF) == 0
             if active_epoch is not None:
                 ep = keys["meta"] >> np.uint64(16)
@@ -158,7 +164,7 @@ class Sampler:
             self.sample_seconds = now - started
             if prev is None:
                 return
-            t0, pkeys, ppk, pdr, pnd = prev
+            t0, pkeys, ppk, pdr, pnd, shadow_then = prev
             idx = np.searchsorted(pkeys, hkeys)
             idx_c = np.minimum(idx, max(0, len(pkeys) - 1))
             found = (pkeys[idx_c] == hkeys) if len(pkeys) else np.zeros(len(hkeys), bool)
@@ -176,7 +182,7 @@ class Sampler:
                     t0, now, keys["hi"][moved], keys["lo"][moved],
                     (meta >> np.uint64(16)).astype(np.uint32), ((meta >> np.uint64(8)) & np.uint64(0xFF)).astype(np.uint8),
                     (meta & np.uint64(0xFF)).astype(np.uint8), dpk[moved], ddr[moved], dnd[moved], first_ns[moved],
-                    state.shadow.epoch if state.shadow else -1,
+                    tuple({e for e in (shadow_then, shadow_now) if e is not None}),
                 )  # fmt: skip
             )
             while self._intervals and self._intervals[0].t1 < now - self.window:
@@ -216,8 +222,7 @@ class Sampler:
         pk, dr = cat([iv.packets for iv in ivs]), cat([iv.drops for iv in ivs])
         t0 = cat([np.full(len(iv.hi), iv.t0) for iv in ivs])
         t1 = cat([np.full(len(iv.hi), iv.t1) for iv in ivs])
-        shadow = cat([np.full(len(iv.hi), iv.shadow_epoch, dtype=np.int64) for iv in ivs])
-        sel = (kd == kind) & (ep.astype(np.int64) != shadow)
+        sel = (kd == kind) & cat([iv.not_shadow() for iv in ivs])
         if epochs is not None:
             sel &= np.isin(ep, np.array(sorted(epochs), dtype=np.uint32))
         hi, lo, ep, ru, pk, dr, t0, t1 = hi[sel], lo[sel], ep[sel], ru[sel], pk[sel], dr[sel], t0[sel], t1[sel]

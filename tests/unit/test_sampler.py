@@ -22,7 +22,8 @@ def interval(t0: float, rows: list[tuple[int, int, int, int]], shadow_epoch: int
     return Interval(
         t0, t0 + 5, np.zeros(n, np.uint64), lo, np.array([r[1] for r in rows], np.uint32),
         np.full(n, RULE_DEFAULT, np.uint8), np.zeros(n, np.uint8), np.array([r[2] for r in rows], np.uint64),
-        np.array([r[3] for r in rows], np.uint64), np.zeros(n, np.uint64), np.zeros(n, np.uint64), shadow_epoch,
+        np.array([r[3] for r in rows], np.uint64), np.zeros(n, np.uint64), np.zeros(n, np.uint64),
+        (shadow_epoch,) if shadow_epoch >= 0 else (),
     )  # fmt: skip
 
 
