@@ -69,6 +69,9 @@ optional_install() {
 # --- system packages --------------------------------------------------------
 apt_install python3 python3-venv python3-pip python3-bpfcc iproute2 nftables iptables \
     ca-certificates kmod
+# the fleet's engine: etcdctl for operators, etcd itself for the fleet tests (they start their own
+# members on free loopback ports) and for a lab's single-member fleet
+apt_install etcd-client etcd-server
 optional_install netsniff-ng xdp-tools bpftool
 if [ "${TIDEGATE_MINIMAL:-0}" != "1" ]; then
     # developer and CI tools: lint, captures, `vagrant validate`, the VM box builder

@@ -528,6 +528,9 @@ a new agent adopts them. `tidegate detach --interface IFACE` removes them.""",
     p.add_argument("--attach-check-seconds", type=float, default=2.0,
                    help="how often to check that the program is still attached, and attach it again if not")
     p.add_argument("--log-level", default="info")
+    from .fleet.hostagent import add_arguments as fleet_arguments
+
+    fleet_arguments(p)
     return p
 
 
@@ -649,6 +652,9 @@ def run(opts: argparse.Namespace) -> int:
         log.warning("INSECURE: gRPC listens on a non-loopback address without TLS; anyone who can reach "
                     "it can change the filter", extra={"listen": opts.listen})  # fmt: skip
     _check_auth_mode(opts, host)
+    from .fleet import hostagent
+
+    hostagent.check_options(opts)
     opts.tls_material = _read_tls(opts) if tls else None
     # ports first: a start that fails here has touched nothing
     _check_port_free(host, port, "gRPC")
@@ -740,6 +746,7 @@ def run(opts: argparse.Namespace) -> int:
         raise SystemExit(msg) from None
     agent.sampler.start()
     agent.history.start()
+    fleet = hostagent.start(agent, opts)  # after serving: the local API works whatever etcd does
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -756,6 +763,8 @@ def run(opts: argparse.Namespace) -> int:
             agent.check_attachment()
         except Exception as e:  # the watchdog must never take the agent down
             log.error("attachment check failed", extra={"error": str(e)})
+    if fleet is not None:
+        fleet.stop()
     server.stop(grace=2).wait()
     if msrv is not None:
         msrv.shutdown()

@@ -235,6 +235,13 @@ VERBS: dict[str, Verb] = {
         "tidegate completion bash > /etc/bash_completion.d/tidegate\n"
         "tidegate completion zsh > \"${fpath[1]}/_tidegate\"",
         remote=False),
+    "fleet": Verb(
+        "roll rule sets out across many hosts through etcd (tidegate fleet --help)",
+        "Fleet-wide shadow, waves with bake time, halt and revert on any host's failure; status, history,\n"
+        "rollback and resume. Talks to etcd, not to an agent. Every option: `tidegate fleet VERB --help`.",
+        "tidegate fleet --etcd http://etcd1:2379 --fleet edge rollout rules.yaml --reason 'raise api limit'\n"
+        "tidegate fleet -o json status --fleet edge",
+        remote=False),
     "version": Verb(
         "print tidegate's version, and the agent's when it is reachable",
         "Never fails because the agent is away: its version is then shown as unknown.",
@@ -413,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     verb("completion").add_argument("shell", choices=("bash", "zsh"))
 
+    verb("fleet").add_argument("args", nargs=argparse.REMAINDER, help="VERB and its options (tidegate fleet --help)")
+
     verb("version")
 
     for name, sp in made:
@@ -423,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.usage = textwrap.fill(text, 96, subsequent_indent=" " * 7, break_on_hyphens=False).replace("\0", " ")
         if VERBS[name].remote or name == "version":
             _global_options(sp, suppress=True)
-        elif name != "agent":
+        elif name not in ("agent", "fleet"):
             sp.add_argument("-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS,
                             help="table (default) or json")  # fmt: skip
     return p
@@ -482,6 +491,12 @@ def cmd_agent(args, out: Output) -> int:
     from .agent import main as agent_main
 
     return agent_main(args.args)
+
+
+def cmd_fleet(args, out: Output) -> int:
+    from .fleet.cli import main as fleet_main
+
+    return fleet_main(["-o", args.output, *args.args])
 
 
 def cmd_validate(args, out: Output) -> int:
@@ -1147,6 +1162,7 @@ COMMANDS = {
     "promote": cmd_promote, "shadow": cmd_shadow, "whatif": cmd_whatif, "review": cmd_review,
     "audit": cmd_audit, "insight": cmd_insight, "replay": cmd_replay, "detach": cmd_detach,
     "version": cmd_version, "completion": cmd_completion, "certs": cmd_certs, "lab": cmd_lab,
+    "fleet": cmd_fleet,
 }  # fmt: skip
 
 
@@ -1182,6 +1198,11 @@ def main(argv: list[str] | None = None) -> int:
         from .agent import main as agent_main
 
         return agent_main(argv[1:])
+    if "fleet" in argv[:3] and argv[:argv.index("fleet")] in ([], ["-o", "json"], ["-o", "table"]):
+        # the fleet verbs have their own parser (tidegate/fleet/cli.py) and talk to etcd, not to an agent
+        from .fleet.cli import main as fleet_main
+
+        return fleet_main(argv[:argv.index("fleet")] + argv[argv.index("fleet") + 1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

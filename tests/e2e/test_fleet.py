@@ -1,0 +1,275 @@
+"""The fleet on a real etcd with five real agents, each on its own veth pair
+in its own namespace with its own legitimate traffic (20 clients and a
+canary on the api port).
+
+Scenarios (the order matters: they share the agents and go on from the
+fleet's state the one before left):
+  7. an invalid rule set written into etcd by hand: every agent NACKs with the
+     parser's message and nothing changes on any host;
+  1. a good rule set in waves of 1, 2 and the rest: order and bake time hold
+     (timestamps), every host converges, each host's audit names the rollout;
+  2. the outage fleet-wide: refused at the shadow stage with the numbers;
+     forced past it, the first wave's guard rolls back, the rollout halts,
+     the canary host is back on the last good version within 30 s, and no
+     later-wave host ever had it active (kernel active version, drop counters);
+  then drift, one driver at a time, the driver SIGKILLed mid-wave and
+  `fleet resume`, an agent SIGKILLed mid-wave, etcd stopped mid-rollout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tidegate.fleet.etcd import Etcd
+from tidegate.fleet.keys import Keys, encode
+
+from .conftest import BIN, send
+from .fleet_harness import EtcdCluster
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+HOSTS = 5
+CANARY = "10.99.0.2"
+GOOD = """\
+defaults:
+  limit: {pps: 200, burst: 400}
+canaries: ["10.99.0.2"]
+rules:
+  - name: api
+    protocol: udp
+    dst_ports: [8080]
+    limit: {pps: 100, burst: 200}
+  - name: sink
+    protocol: udp
+    dst_ports: [9]
+    limit: {pps: 50, burst: 100}
+"""
+BETTER = GOOD.replace("pps: 100, burst: 200", "pps: 150, burst: 300")
+# the outage: the api limit ten times below a client's rate (10 pps)
+TIGHT = GOOD.replace("pps: 100, burst: 200", "pps: 1, burst: 2").replace("pps: 200, burst: 400", "pps: 20, burst: 40")
+TRAFFIC_SECONDS = 600  # upper bound; the module stops it when done
+
+
+def digest_of(text: str) -> str:
+    from tidegate.ruleset import parse_rule_set
+
+    return parse_rule_set(text, "t").digest()
+
+
+class Fleet:
+    def __init__(self, etcd: EtcdCluster, agents: list, name: str, tmp: Path):
+        self.etcd = etcd
+        self.agents = agents
+        self.name = name
+        self.tmp = tmp
+        self.keys = Keys(name)
+
+    def host(self, i: int) -> str:
+        return f"h{i + 1}"
+
+    def cli(self, *args: str, timeout: float = 180, wait: bool = True):
+        argv = [str(BIN), "fleet", *args, "--etcd", self.etcd.endpoints, "--fleet", self.name]
+        env = {**os.environ, "TIDEGATE_AUTHOR": "fleet-op@test"}
+        if not wait:
+            return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+
+    def rollout(self, text: str, *extra: str, name: str = "cand.yaml", wait: bool = True):
+        path = self.tmp / name
+        path.write_text(text)
+        return self.cli("rollout", str(path), "-o", "json", "--ack-timeout", "20", "--heartbeat-deadline", "6",
+                        "--lock-ttl", "3", *extra, wait=wait)  # fmt: skip
+
+    def status(self) -> dict:
+        r = self.cli("status", "-o", "json")
+        assert r.returncode == 0, r.stderr
+        return {h["host"]: h for h in json.loads(r.stdout)["hosts"]}
+
+    def etcd_client(self) -> Etcd:
+        return Etcd(self.etcd.endpoints)
+
+    def wait_hosts(self, pred, timeout: float = 30, what: str = "") -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if pred(st):
+                return st
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fleet not {what} after {timeout}s: {json.dumps(st, indent=1)[:3000]}")
+            time.sleep(0.3)
+
+
+def _traffic(agent) -> list[subprocess.Popen]:
+    """20 clients at 10 pps each and the canary at 20 pps, on the api port."""
+    n = TRAFFIC_SECONDS
+    return [
+        send(agent.lab, src_net="10.50.0.0/24", sources=20, count=200 * n, pps=200, dport=8080, wait=False),
+        send(agent.lab, src=CANARY, count=20 * n, pps=20, dport=8080, wait=False),
+    ]
+
+
+@pytest.fixture(scope="module")
+def fleet(start_agent, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fleet")
+    etcd = EtcdCluster(tmp, 1, tag="f").start()
+    name = f"t{os.getpid() % 100000}"
+    good = tmp / "good.yaml"
+    good.write_text(GOOD)
+    agents = []
+    for i in range(HOSTS):
+        extra = ["--fleet-etcd", etcd.endpoints, "--fleet", name, "--host-id", f"h{i + 1}", "--label", "role=edge",
+                 "--label", f"zone={'a' if i < 3 else 'b'}", "--fleet-heartbeat", "0.5", "--fleet-lease-ttl", "3"]  # fmt: skip
+        agents.append(start_agent(f"fl{i}", GOOD, extra, wait=False))
+    errors = []
+
+    def start(a):
+        try:
+            a.start(timeout=240)
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(a,)) for a in agents]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    procs = []
+    try:
+        assert not errors, errors
+        for a in agents:
+            procs += _traffic(a)
+        f = Fleet(etcd, agents, name, tmp)
+        f.wait_hosts(lambda st: len([h for h in st.values() if h["alive"]]) == HOSTS, what="all reporting")
+        time.sleep(6)  # the samplers learn each host's traffic
+        yield f
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for a in agents:
+            a.stop()
+        etcd.stop()
+
+
+def active_digest(agent) -> str:
+    st = agent.api.GetStatus()
+    return agent.api.GetVersion(number=st.active_version).info.digest
+
+
+def counters(agent) -> dict:
+    c = agent.api.GetCounters()
+    return {r.rule: (r.pass_packets, r.drop_packets) for r in c.rules}
+
+
+# ------------------------------------------------------------------ scenario 7
+def test_invalid_set_written_by_hand_is_nacked_everywhere(fleet):
+    before = {a.lab.tag: (active_digest(a), len(a.api.ListVersions(limit=100).versions)) for a in fleet.agents}
+    bad = "defaults:\n  limit: {pps: -5, burst: 10}\nrules: []\n"
+    digest = hashlib.sha256(bad.encode()).hexdigest()
+    e = fleet.etcd_client()
+    e.put(fleet.keys.version(digest), encode({"digest": digest, "yaml": bad}))
+    revs = {}
+    for i in range(HOSTS):
+        h = fleet.host(i)
+        revs[h] = e.put(fleet.keys.desired(h), encode({"seq": "hand:1", "rollout": "by-hand", "operator": "test",
+                                                        "reason": "typo", "active": digest, "guard_seconds": 5}))  # fmt: skip
+    st = fleet.wait_hosts(lambda st: all((st[h]["rollout"] == "by-hand") for h in revs), what="answered")
+    for h in revs:
+        assert st[h]["result"] == "NACK", st[h]
+        assert "invalid rule set" in st[h]["message"] and "defaults.limit.pps" in st[h]["message"], st[h]["message"]
+    for a in fleet.agents:
+        assert (active_digest(a), len(a.api.ListVersions(limit=100).versions)) == before[a.lab.tag]
+        audit = a.api.ListAudit(limit=20).entries
+        assert any(x.action == "rejected-fleet-apply" and "by-hand" in x.author for x in audit)
+    e.close()
+
+
+# ------------------------------------------------------------------ scenario 1
+def test_good_set_rolls_out_in_waves_with_bake(fleet):
+    bake = 3.0
+    r = fleet.rollout(BETTER, "--reason", "raise api limit", "--waves", "1,3,100%", "--bake", str(bake),
+                      "--shadow-first", "3")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["phase"] == "completed" and rec["operator"] == "fleet-op@test"
+    assert [len(w) for w in rec["waves"]] == [1, 2, 2]
+    assert rec["shadow"]["within_budget"] and rec["shadow"]["total"]["packets"] > 0
+    ev = rec["events"]
+    starts = {e["wave"]: e["t"] for e in ev if e["event"] == "wave-start"}
+    acked = {e["wave"]: e["acks"] for e in ev if e["event"] == "wave-acked"}
+    baked = {e["wave"]: e["t"] for e in ev if e["event"] == "wave-baked"}
+    assert sorted(starts) == sorted(baked) == [0, 1, 2]
+    for i in range(3):
+        hosts = rec["waves"][i]
+        assert sorted(acked[i]) == sorted(hosts)
+        assert all(starts[i] <= t for t in acked[i].values())
+        assert baked[i] - max(acked[i].values()) >= bake - 0.1  # the bake ran after the last ACK
+        if i < 2:
+            assert starts[i + 1] >= baked[i]
+            assert min(acked[i + 1].values()) > baked[i]  # no host of the next wave before the bake ended
+    want = digest_of(BETTER)
+    for a in fleet.agents:
+        assert active_digest(a) == want
+        audit = a.api.ListAudit(limit=30).entries
+        assert any(x.action == "fleet-apply" and rec["id"] in x.author and "raise api limit" in x.detail
+                   for x in audit), [(x.action, x.author) for x in audit]  # fmt: skip
+    # the last wave's guards end on their own (guard window = max(bake, 5 s)), then all are in sync
+    fleet.wait_hosts(lambda st: all(st[h]["state"] == "in-sync" and st[h]["active_digest"] == want for h in st),
+                     timeout=20, what="in sync")  # fmt: skip
+
+
+# ------------------------------------------------------------------ scenario 2
+def test_outage_refused_at_shadow_then_guard_halts_and_reverts(fleet):
+    good = digest_of(BETTER)  # what scenario 1 left
+    before = {a.lab.tag: counters(a) for a in fleet.agents}
+    r = fleet.rollout(TIGHT, "--reason", "tighten everything", "--waves", "1,3,100%", "--bake", "10",
+                      "--shadow-first", "3")  # fmt: skip
+    assert r.returncode == 5, r.stdout + r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["phase"] == "refused" and "over budget" in rec["cause"]
+    tot = rec["shadow"]["total"]
+    assert tot["packet_share"] > 0.2 and tot["would_drop_new"] > 0 and len(rec["shadow"]["hosts"]) == HOSTS
+    assert f"{tot['packet_share']:.2%}" in rec["cause"]
+    assert all(n["packets"] > 0 and n["would_drop_new"] > 0 for n in rec["shadow"]["hosts"].values())
+    for a in fleet.agents:
+        assert active_digest(a) == good
+        assert a.api.GetStatus().shadow_version == 0
+    # forced past the shadow stage: the canary host's guard rolls back, the rollout halts
+    r = fleet.rollout(TIGHT, "--reason", "tighten everything (forced)", "--waves", "1,3,100%", "--bake", "10",
+                      "--shadow-first", "2", "--force")  # fmt: skip
+    assert r.returncode == 4, r.stdout + r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["phase"] == "halted"
+    canary_host = rec["waves"][0][0]
+    assert [f["host"] for f in rec["failures"]] == [canary_host]
+    assert rec["failures"][0]["kind"] == "ROLLED_BACK" and "guard" in rec["failures"][0]["message"]
+    assert rec["enforced"] == [canary_host] and not rec["unconfirmed"]
+    ev = {e["event"]: e for e in rec["events"]}
+    assert ev["reverted"]["t"] - ev["wave-start"]["t"] < 30
+    tight = digest_of(TIGHT)
+    for a in fleet.agents:
+        host = next(h for h in fleet.status() if h == _host_of(fleet, a))
+        assert active_digest(a) == good, host
+        versions = a.api.ListVersions(limit=100).versions
+        had = [v for v in versions if v.digest == tight and v.state == "applied"]
+        after = counters(a)
+        if host == canary_host:
+            assert had, "the canary host enforced it"
+        else:
+            assert not had, f"{host} enforced the tight set"
+            # the api rule dropped nothing on hosts that never enforced it
+            assert after["api"][1] == before[a.lab.tag]["api"][1], host
+
+
+def _host_of(fleet, agent) -> str:
+    return fleet.host(fleet.agents.index(agent))
