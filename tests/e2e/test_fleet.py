@@ -121,7 +121,7 @@ def _traffic(agent) -> list[subprocess.Popen]:
 @pytest.fixture(scope="module")
 def fleet(start_agent, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fleet")
-    etcd = EtcdCluster(tmp, 1, tag="f").start()
+    etcd = EtcdCluster(tmp, 3, tag="f").start()  # three members: scenario 6 kills the leader
     name = f"t{os.getpid() % 100000}"
     good = tmp / "good.yaml"
     good.write_text(GOOD)
@@ -273,3 +273,80 @@ def test_outage_refused_at_shadow_then_guard_halts_and_reverts(fleet):
 
 def _host_of(fleet, agent) -> str:
     return fleet.host(fleet.agents.index(agent))
+
+
+def wait_rollout(fleet, pred, timeout: float = 60, what: str = "") -> dict:
+    from tidegate.fleet.views import current_rollout
+
+    e = fleet.etcd_client()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            rec = current_rollout(e, fleet.keys)
+            if rec and pred(rec):
+                return rec
+            if time.monotonic() > deadline:
+                raise AssertionError(f"rollout not {what} after {timeout}s: {json.dumps(rec)[:2000]}")
+            time.sleep(0.2)
+    finally:
+        e.close()
+
+
+def versions_with(agent, digest: str) -> list:
+    return [v for v in agent.api.ListVersions(limit=200).versions if v.digest == digest and v.state == "applied"]
+
+
+def variant(pps: int) -> str:
+    return GOOD.replace("pps: 100, burst: 200", f"pps: {pps}, burst: {2 * pps}")
+
+
+# ------------------------------------------------------------------- drift
+def test_local_change_shows_as_drift_and_is_not_overwritten(fleet):
+    a = fleet.agents[4]
+    host = _host_of(fleet, a)
+    a.api.ApplyRuleSet(yaml=variant(170), reason="local hotfix on one host", source="hotfix.yaml")
+    st = fleet.wait_hosts(lambda st: st[host]["state"] == "drift", what="drifting")
+    d = st[host]["drift"]
+    assert d["desired_digest"] == digest_of(BETTER) and d["active_digest"] == digest_of(variant(170))
+    assert d["change"]["reason"] == "local hotfix on one host" and d["change"]["author"]
+    assert all(st[h]["state"] != "drift" for h in st if h != host)
+    time.sleep(2)  # nothing puts it back behind the operator's back
+    assert active_digest(a) == digest_of(variant(170))
+    r = fleet.cli("status")
+    assert r.returncode == 0 and "drift" in r.stdout and "fleet asked" in r.stdout, r.stdout
+
+
+# -------------------------------------------------------------- scenario 5
+def test_driver_killed_mid_wave_resume_finishes_and_one_driver_at_a_time(fleet):
+    text = variant(180)
+    p = fleet.rollout(text, "--reason", "driver dies", "--waves", "1,3,100%", "--bake", "4", "--shadow-first", "0",
+                      wait=False)  # fmt: skip
+    try:
+        wait_rollout(fleet, lambda r: r["phase"] == "wave" and r["wave"] == 1 and
+                     any(e["event"] == "wave-start" and e["wave"] == 1 for e in r["events"]), what="in wave 2")  # fmt: skip
+        # a second driver is refused while the first is alive, with who holds it
+        for argv in (("resume", "-o", "json", "--lock-ttl", "3"),):
+            r = fleet.cli(*argv)
+            assert r.returncode == 3, r.stdout + r.stderr
+            assert "another driver holds the fleet" in r.stderr and "fleet-op@test" in r.stderr
+        r = fleet.rollout(variant(190), "--reason", "second driver", "--shadow-first", "0", name="other.yaml")
+        assert r.returncode == 3, r.stdout + r.stderr
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    finally:
+        if p.poll() is None:
+            p.kill()
+    rec = wait_rollout(fleet, lambda r: True)
+    assert rec["phase"] == "wave"
+    r = fleet.cli("resume", "-o", "json", "--wait-lock", "15", "--lock-ttl", "3", "--ack-timeout", "20")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["phase"] == "completed" and rec["reason"] == "driver dies"
+    starts = [e["wave"] for e in rec["events"] if e["event"] == "wave-start"]
+    assert starts[:2] == [0, 1] and starts[-1] == 2  # wave 2 was run again by the resumed driver
+    want = digest_of(text)
+    for a in fleet.agents:
+        assert active_digest(a) == want
+        assert len(versions_with(a, want)) == 1  # run again, applied once
+    st = fleet.status()
+    assert all(st[h]["state"] in ("in-sync", "guarding") for h in st), st  # the drifting host was rolled too
