@@ -350,3 +350,124 @@ def test_driver_killed_mid_wave_resume_finishes_and_one_driver_at_a_time(fleet):
         assert len(versions_with(a, want)) == 1  # run again, applied once
     st = fleet.status()
     assert all(st[h]["state"] in ("in-sync", "guarding") for h in st), st  # the drifting host was rolled too
+
+
+# -------------------------------------------------------------- scenario 4
+def test_agent_killed_mid_wave_restarts_and_converges(fleet):
+    victim = fleet.agents[2]  # h3: in the second wave of 1,3,100%
+    text = variant(200)
+    p = fleet.rollout(text, "--reason", "agent dies", "--waves", "1,3,100%", "--bake", "3", "--shadow-first", "0",
+                      wait=False)  # fmt: skip
+    try:
+        wait_rollout(fleet, lambda r: r["reason"] == "agent dies" and r["wave"] == 1, what="in wave 2")
+        victim.stop(signal.SIGKILL)
+        time.sleep(1)
+        victim.start(timeout=120)  # adopts the pinned program, resumes after its last etcd revision
+        out, err = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out + err
+    rec = json.loads(out)
+    assert rec["phase"] == "completed" and not rec["failures"]
+    want = digest_of(text)
+    for a in fleet.agents:
+        assert active_digest(a) == want
+        assert len(versions_with(a, want)) == 1  # never applied twice, restart or not
+
+
+def test_agent_gone_fails_its_wave_after_the_deadline_and_nothing_is_stuck(fleet):
+    victim = fleet.agents[4]  # h5: last wave
+    host = _host_of(fleet, victim)
+    before = digest_of(variant(200))
+    text = variant(210)
+    p = fleet.rollout(text, "--reason", "agent gone", "--waves", "1,100%", "--bake", "2", "--shadow-first", "0",
+                      "--ack-timeout", "8", wait=False)  # fmt: skip
+    try:
+        wait_rollout(fleet, lambda r: r["reason"] == "agent gone" and r["phase"] == "wave", what="started")
+        victim.stop(signal.SIGKILL)
+        out, err = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    rec = json.loads(out)
+    # the wave failed when h5 did not answer; every host asked was reverted, h5 could not confirm
+    assert p.returncode == 6, out + err
+    assert rec["phase"] == "halted" and [f["host"] for f in rec["failures"]] == [host]
+    assert rec["failures"][0]["kind"] in ("timeout", "heartbeat")
+    assert rec["unconfirmed"] == [host]
+    for a in fleet.agents:
+        if a is not victim:
+            assert active_digest(a) == before
+    victim.start(timeout=120)  # back: it reads the newest desired state (the revert) and answers it
+    st = fleet.wait_hosts(lambda st: st[host]["alive"] and st[host]["rollout"] == rec["id"] and
+                          st[host]["result"] == "ACK", what="h5 answering the revert")  # fmt: skip
+    assert active_digest(victim) == before and st[host]["state"] != "drift"
+    assert not versions_with(victim, digest_of(text))
+
+
+# -------------------------------------------------------------- scenario 6
+def test_etcd_leader_killed_mid_rollout_completes(fleet):
+    text = variant(220)
+    p = fleet.rollout(text, "--reason", "leader dies", "--waves", "1,3,100%", "--bake", "3", "--shadow-first", "0",
+                      wait=False)  # fmt: skip
+    leader = None
+    try:
+        wait_rollout(fleet, lambda r: r["reason"] == "leader dies" and r["wave"] == 1, what="in wave 2")
+        leader = fleet.etcd.leader()
+        leader.stop(signal.SIGKILL)
+        out, err = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        if leader is not None:
+            leader.start(fleet.etcd.cluster, fleet.etcd.token)  # rejoins from its data dir
+    assert p.returncode == 0, out + err
+    assert json.loads(out)["phase"] == "completed"
+    for a in fleet.agents:
+        assert active_digest(a) == digest_of(text)
+    fleet.etcd.wait_ready()
+
+
+# -------------------------------------------------------------- scenario 3
+def test_etcd_stopped_mid_rollout_hosts_keep_filtering(fleet):
+    before = digest_of(variant(220))
+    text = variant(230)
+    p = fleet.rollout(text, "--reason", "etcd dies", "--waves", "1,3,100%", "--bake", "4", "--shadow-first", "0",
+                      "--etcd-patience", "90", wait=False)  # fmt: skip
+    try:
+        wait_rollout(fleet, lambda r: r["reason"] == "etcd dies" and r["wave"] == 1, what="in wave 2")
+        for m in fleet.etcd.members:
+            m.stop()
+        # every host keeps filtering with what it runs, and its API answers
+        time.sleep(3)
+        for a in fleet.agents:
+            st = a.api.GetStatus()
+            assert st.attached and st.active_version
+            assert active_digest(a) in (before, digest_of(text))
+            assert a.api.GetCounters().rules
+        fleet.etcd.start()
+        out, err = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode in (0, 4), out + err
+    rec = json.loads(out)
+    final = digest_of(text) if rec["phase"] == "completed" else before
+    st = fleet.wait_hosts(lambda st: all(h["alive"] for h in st.values()) and len(st) == HOSTS, what="all back")
+    for a in fleet.agents:
+        assert active_digest(a) == final, (rec["phase"], rec.get("cause"))
+    assert all(h["state"] in ("in-sync", "guarding") for h in st.values()), st
+
+
+# ------------------------------------------------------------------ security
+def test_no_api_token_in_etcd(fleet):
+    e = fleet.etcd_client()
+    kvs, _ = e.get_prefix(fleet.keys.prefix)
+    e.close()
+    blob = b"\n".join(kv.value for kv in kvs)
+    assert kvs
+    for a in fleet.agents:
+        for line in (a.state_dir / "tokens").read_text().splitlines():
+            token = line.split()[1]
+            assert token.encode() not in blob
