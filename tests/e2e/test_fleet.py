@@ -316,6 +316,40 @@ def test_local_change_shows_as_drift_and_is_not_overwritten(fleet):
     assert r.returncode == 0 and "drift" in r.stdout and "fleet asked" in r.stdout, r.stdout
 
 
+def test_exporter_shows_hosts_by_state_and_version_and_the_halted_rollout(fleet):
+    from .conftest import free_port, parse_metrics
+
+    port = free_port()
+    p = fleet.cli("exporter", "--listen", f"127.0.0.1:{port}", wait=False)
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and p.poll() is None, p.stderr.read() if p.poll() else ""
+                time.sleep(0.2)
+    finally:
+        p.terminate()
+        p.wait(timeout=20)
+    m = parse_metrics(text)
+    f = fleet.name
+
+    def g(name, **labels):
+        return m.get((name, tuple(sorted({"fleet": f, **labels}.items()))))
+
+    assert g("tidegate_fleet_etcd_up") == 1
+    assert g("tidegate_fleet_hosts", state="drift") == 1 and g("tidegate_fleet_hosts", state="in-sync") == HOSTS - 1
+    assert g("tidegate_fleet_host_drift", host="h5") == 1
+    assert g("tidegate_fleet_hosts_by_version", digest=digest_of(BETTER)[:12]) == HOSTS - 1
+    assert g("tidegate_fleet_rollout_phase", phase="halted") == 1  # scenario 2's forced rollout
+    assert g("tidegate_fleet_rollout_phase", phase="completed") == 0
+    assert g("tidegate_fleet_rollout_failed_hosts") == 1
+
+
 # -------------------------------------------------------------- scenario 5
 def test_driver_killed_mid_wave_resume_finishes_and_one_driver_at_a_time(fleet):
     text = variant(180)

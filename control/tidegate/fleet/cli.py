@@ -33,6 +33,7 @@ DESCRIPTION = """tidegate fleet — staged rule-set rollouts across edge hosts, 
   rollback       roll the fleet back (to each host's version before the last rollout, or --to V), in waves
   status         hosts: labels, active and shadow version, state, heartbeat age, drift
   history        rollouts: who, why, phase, waves, cause
+  exporter       serve fleet metrics for Prometheus (hosts by state and version, rollout phase, shadow sums)
 
 Agents join with `tidegate agent ... --fleet-etcd URL --fleet NAME --host-id ID --label k=v`."""
 
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(rb)
     st = sub.add_parser("status", help="hosts and the current rollout")
     _common(st)
+    ex = sub.add_parser("exporter", help="serve fleet metrics for Prometheus (read from etcd at each scrape)")
+    ex.add_argument("--listen", default="127.0.0.1:9641", metavar="HOST:PORT", help="default 127.0.0.1:9641")
+    _common(ex)
     hi = sub.add_parser("history", help="rollouts, newest first")
     hi.add_argument("--limit", type=int, default=20)
     _common(hi)
@@ -331,5 +335,29 @@ def cmd_history(args, etcd, keys) -> int:
     return EXIT_OK
 
 
-VERBS = {"rollout": cmd_rollout, "resume": cmd_resume, "rollback": cmd_rollback, "status": cmd_status,
+def cmd_exporter(args, etcd, keys) -> int:
+    import signal
+    import threading
+
+    from .metrics import serve
+
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise FleetError(f"--listen must be HOST:PORT, got {args.listen!r}")
+    try:
+        srv = serve(etcd, keys, host.strip("[]"), int(port))
+    except OSError as e:
+        raise FleetError(f"cannot listen on {args.listen}: {e.strerror}") from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _progress(f"fleet {keys.fleet}: metrics on http://{args.listen}/metrics")
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    srv.shutdown()
+    return EXIT_OK
+
+
+VERBS = {"exporter": cmd_exporter, "rollout": cmd_rollout, "resume": cmd_resume, "rollback": cmd_rollback, "status": cmd_status,
          "history": cmd_history}  # fmt: skip
