@@ -270,7 +270,7 @@ def main() -> int:
         hosts = [f"sim{i:05d}" for i in range(args.hosts)]
         waves = plan_waves(hosts, args.waves)
         drv = Driver(drv_etcd, keys, "bench", Settings(ack_timeout=120, heartbeat_deadline=max(30, 3 * args.heartbeat),
-                                                       poll=0.25))  # fmt: skip
+                                                       poll=1.0))  # fmt: skip
         rec = new_record(new_rollout_id(), "rollout", "bench", "scale", waves, {h: digest for h in hosts},
                          {h: "" for h in hosts}, candidate=digest, bake=args.bake, shadow_first=0, max_failures=0,
                          force=False, packet_budget=0.01, source_budget=0.05, guard_seconds=0)  # fmt: skip

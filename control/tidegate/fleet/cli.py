@@ -16,6 +16,15 @@ from .keys import FINAL, FleetError, Keys, matches, new_rollout_id, parse_labels
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUSY, EXIT_HALTED, EXIT_REFUSED, EXIT_UNCONFIRMED = 0, 1, 2, 3, 4, 5, 6
 
+EXAMPLES = """EXAMPLES
+  tidegate fleet rollout rules.yaml --etcd https://etcd1:2379 --fleet edge --reason 'raise api limit'
+  tidegate fleet rollout rules.yaml --fleet edge --reason R --selector zone=fra --waves 1,3,rest --bake 120
+  tidegate fleet resume --fleet edge --wait-lock 30
+  tidegate fleet rollback --fleet edge --reason 'users blocked'
+  tidegate fleet -o json status --fleet edge
+
+"""
+
 EXIT_STATUS = """EXIT STATUS
   0  rollout completed (or: the read verbs answered)
   1  etcd unreachable for longer than --etcd-patience, or an unexpected error
@@ -81,7 +90,7 @@ def _driver_settings(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tidegate fleet", description=DESCRIPTION, epilog=EXIT_STATUS,
+    p = argparse.ArgumentParser(prog="tidegate fleet", description=DESCRIPTION, epilog=EXAMPLES + EXIT_STATUS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)  # fmt: skip
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     sub = p.add_subparsers(dest="fverb", metavar="VERB")
