@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # always fullmatch: `$` accepts a final newline
 
 
 class CertsError(Exception):
@@ -42,7 +42,7 @@ def make_lab_pki(out: str | os.PathLike, server_name: str, clients: list[str], r
     if role not in ("admin", "read"):
         raise CertsError(f"role must be admin or read, not {role!r}")
     for n in [server_name, *clients]:
-        if not NAME_RE.match(n):
+        if not NAME_RE.fullmatch(n):
             raise CertsError(f"{n!r} is not a usable name (letters, digits, . _ - @; up to 64)")
     if "ca" in clients or "server" in clients:
         raise CertsError("client names `ca` and `server` would overwrite the CA or server files")

@@ -23,7 +23,7 @@ import yaml
 
 PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6", "any")
 ACTIONS = ("limit", "pass", "drop")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")  # always fullmatch: `$` accepts a final newline
 RESERVED_NAMES = {"default", "deny-list", "allow-list"}
 MAX_FILE_BYTES = 16 << 20
 MAX_ERRORS = 100
@@ -679,7 +679,7 @@ def _rule(node: _Node, path: str, col: _Collector, defaults: Defaults, cap: Capa
     else:
         name = _str(m["name"], f"{path}.name", col)
         if name is not None:
-            if not NAME_RE.match(name) or len(name) > cap.max_name_len:
+            if not NAME_RE.fullmatch(name) or len(name) > cap.max_name_len:
                 col.add(f"{path}.name", m["name"], f"{name[:40]!r} is not a valid rule name: 1-32 ASCII letters, "
                         "digits, '_', '.', '-', starting with a letter or digit")  # fmt: skip
                 ok = False
