@@ -459,14 +459,21 @@ def _from_dict_or_error(data: dict) -> RuleSet:
 
 # ------------------------------------------------------------------ daemon
 class _KeyValueFormatter(logging.Formatter):
-    """One line per event: time level msg key=value..."""
+    """One line per event: time level msg key=value... Every value but a
+    number or a boolean is quoted and JSON-escaped, so a value a caller
+    chose (a reason, a rule name) cannot end the line and forge another."""
 
     _skip = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
+    @staticmethod
+    def _value(v) -> str:
+        if isinstance(v, (bool, int, float)) or v is None:
+            return str(v)
+        return json.dumps(v if isinstance(v, str) else str(v))
+
     def format(self, record: logging.LogRecord) -> str:
         t = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        extra = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) and ' ' in v else v}"
-                         for k, v in record.__dict__.items() if k not in self._skip)  # fmt: skip
+        extra = " ".join(f"{k}={self._value(v)}" for k, v in record.__dict__.items() if k not in self._skip)
         msg = record.getMessage()
         line = f"ts={t}Z level={record.levelname.lower()} logger={record.name} msg={json.dumps(msg)} {extra}".rstrip()
         if record.exc_info:  # the traceback stays on the line, JSON-escaped

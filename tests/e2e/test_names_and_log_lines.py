@@ -7,6 +7,7 @@ real log."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 
 import grpc
@@ -53,3 +54,26 @@ def test_a_rule_name_with_a_newline_is_refused_by_the_server(agent):
     assert bpftool_dump(agent.pin_dir) == maps0, "nothing reached the kernel"
     assert _versions(agent) == versions0, "nothing reached the store"
     assert api.GetStatus().active_version == active0
+
+
+FORGED = 'ts=2099-01-01T00:00:00Z level=error logger=tidegate.agent msg="forged"'
+LINE = re.compile(r'^ts=\S+Z level=[a-z]+ logger=\S+ msg="(?:[^"\\]|\\.)*"( [A-Za-z_]+=("(?:[^"\\]|\\.)*"|[^\s"]+))*$')
+
+
+@pytest.mark.parametrize("reason", [f"ok\n{FORGED}", "ok\n" + FORGED.replace(" ", "\t"), "a\rb\x1b[2Kc"],
+                         ids=["newline", "newline-no-spaces", "control-chars"])  # fmt: skip
+def test_a_reason_cannot_forge_a_log_line(agent, reason):
+    api = agent.api
+    before = agent.log()
+    version = api.ApplyRuleSet(yaml=BASE_RULES, reason=reason, force=True).version
+    api.Rollback(reason=f"back\n{FORGED}")
+    new = agent.log()[len(before):]
+    lines = new.splitlines()
+    assert lines, "the agent logged the apply"
+    for line in lines:
+        assert LINE.match(line), f"not one well-formed log line: {line!r}"
+        assert not line.startswith(FORGED[:30]) and "\t" not in line and "\r" not in line and "\x1b" not in line
+    applied = [ln for ln in lines if 'msg="applied"' in ln and f"version={version}" in ln]
+    assert len(applied) == 1
+    assert f"reason={json.dumps(reason)}" in applied[0], "the reason is kept, quoted and escaped"
+    assert api.GetVersion(number=version).info.reason == reason, "the store keeps it as given"
