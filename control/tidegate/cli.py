@@ -220,11 +220,12 @@ VERBS: dict[str, Verb] = {
         remote=False),
     "certs": Verb(
         "make a lab CA, a server certificate and client certificates (mTLS)",
-        "Writes into --out: ca.pem/ca.key (reused when present, so clients can be added later),\n"
-        "server.pem/server.key for --server-name, <client>.pem/<client>.key per --client, and\n"
-        "roles.json mapping client names to --role (the agent's --role-map). Keys are mode 0600.\n"
-        "Uses the Python `cryptography` package, or the openssl command when it is missing.\n"
-        "For labs: a production CA belongs elsewhere.",
+        "Writes into --out: ca.pem/ca.key and server.pem/server.key for --server-name (both made\n"
+        "only when missing: adding a client never replaces them), <client>.pem/<client>.key per\n"
+        "--client, and roles.json mapping client names to --role (the agent's --role-map). Keys\n"
+        "are mode 0600. --out must be a directory only you can write (not /tmp); links in it are\n"
+        "never followed. Uses the Python `cryptography` package, or the openssl command when it\n"
+        "is missing. For labs: a production CA belongs elsewhere.",
         "tidegate certs --out /etc/tidegate/pki --server-name edge1 --client alice --role admin\n"
         "tidegate certs --out /etc/tidegate/pki --client grafana --role read",
         remote=False),
@@ -411,8 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = verb("certs")
     c.add_argument("--out", required=True, metavar="DIR", help="directory for the files (created)")
-    c.add_argument("--server-name", default="tidegate", metavar="NAME",
-                   help="the agent's DNS name (also valid: localhost, 127.0.0.1)")  # fmt: skip
+    c.add_argument("--server-name", default=None, metavar="NAME",
+                   help="the agent's DNS name (also valid: localhost, 127.0.0.1); default tidegate, or the "
+                   "name of the server certificate already in --out")  # fmt: skip
     c.add_argument("--client", action="append", default=[], metavar="NAME",
                    help="client common name (repeatable; default: admin)")  # fmt: skip
     c.add_argument("--role", choices=("admin", "read"), default="admin", help="role of these clients")
@@ -1137,14 +1139,16 @@ def cmd_certs(args, out: Output) -> int:
     if out.is_json:
         out.json(made)
         return EXIT_OK
-    for path in made["files"]:
+    for path in made["written"]:
         out.line(path)
     d = made["dir"]
     first = (args.client or ["admin"])[0]
+    if made["kept"]:
+        out.note("kept as they were: " + ", ".join(os.path.basename(p) for p in made["kept"]))
     out.note(f"""
 agent:  tidegate agent --interface IFACE --listen 0.0.0.0:50051 --tls-cert {d}/server.pem \\
           --tls-key {d}/server.key --tls-client-ca {d}/ca.pem --role-map {d}/roles.json
-client: tidegate --server {args.server_name}:50051 --ca {d}/ca.pem --cert {d}/{first}.pem \\
+client: tidegate --server {made["server_name"]}:50051 --ca {d}/ca.pem --cert {d}/{first}.pem \\
           --key {d}/{first}.key status""")
     return EXIT_OK
 
