@@ -9,6 +9,13 @@ Writes into one directory:
 Keys are EC P-256 and mode 0600. Uses the `cryptography` package when it is
 importable, otherwise the openssl command. For labs: a production CA is run
 elsewhere, with its key offline.
+
+The directory holds keys, so nobody else may be able to write it: one that
+another user owns or can write (group or others), such as /tmp, is refused.
+It is opened once and every file is read and written through that handle:
+files are written to a fresh temporary name (O_EXCL | O_NOFOLLOW) and
+renamed into place, and files it reads (the CA, the role map) are opened
+with O_NOFOLLOW, so a link planted in the directory is never followed.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -38,9 +47,20 @@ class _OutDir:
         self.path = path
         try:
             path.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError as e:
             raise CertsError(f"{path}: cannot create or open: {e.strerror}") from None
+        st = os.fstat(self.fd)
+        who = [w for w, bit in (("group", stat.S_IWGRP), ("others", stat.S_IWOTH)) if st.st_mode & bit]
+        problem = None
+        if st.st_uid != os.geteuid():
+            problem = f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+        elif who:
+            problem = f"is writable by {' and '.join(who)} (mode {stat.S_IMODE(st.st_mode):04o})"
+        if problem:
+            self.close()
+            raise CertsError(f"{path} {problem}: another user could replace the keys or plant links there; "
+                             "use a directory only you can write (e.g. mkdir -m 700 DIR)")  # fmt: skip
 
     def close(self) -> None:
         os.close(self.fd)
@@ -54,7 +74,7 @@ class _OutDir:
 
     def read(self, name: str) -> bytes:
         try:
-            fd = os.open(name, os.O_RDONLY, dir_fd=self.fd)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.fd)
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise CertsError(f"{self.path / name} is a symbolic link: refusing to follow it") from None
@@ -65,8 +85,8 @@ class _OutDir:
     def write(self, name: str, data: bytes, private: bool = False) -> None:
         """A fresh temporary file (never an existing file or a link), then an
         atomic rename over `name` (which replaces a link, never follows it)."""
-        tmp = f"{name}.tmp"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(tmp, flags, 0o600 if private else 0o644, dir_fd=self.fd)
         except OSError as e:

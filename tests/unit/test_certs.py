@@ -4,6 +4,7 @@ so that nobody else on the host can plant or swap them."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -78,3 +79,72 @@ def test_the_certs_verb_adds_a_client_without_touching_the_server(tmp_path):
     assert {n: _tree(out)[n] for n in KEPT} == {n: before[n] for n in KEPT}
     assert str(out / "bob.pem") in r.stdout.splitlines() and str(out / "server.pem") not in r.stdout.splitlines()
     _verify(out, "server", "alice", "bob")
+
+
+@pytest.mark.parametrize("mode, uid, words", [
+    (0o777, 0, "writable by group and others (mode 0777)"),
+    (0o1777, 0, "writable by group and others (mode 1777)"),
+    (0o775, 0, "writable by group (mode 0775)"),
+    (0o757, 0, "writable by others (mode 0757)"),
+    (0o755, 65534, "owned by uid 65534"),
+], ids=["0777", "1777-like-tmp", "0775", "0757", "another-owner"])  # fmt: skip
+def test_an_output_directory_another_user_can_write_is_refused(tmp_path, mode, uid, words):
+    if os.geteuid() != 0 and uid != os.geteuid():
+        pytest.skip("chown to another user needs root")
+    out = tmp_path / "shared"
+    out.mkdir()
+    os.chmod(out, mode)
+    os.chown(out, uid, -1)
+    with pytest.raises(CertsError, match=words.replace("(", r"\(").replace(")", r"\)")) as e:
+        make_lab_pki(out, "edge1", ["alice"])
+    assert str(out) in str(e.value)
+    assert list(out.iterdir()) == [], "nothing was written"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_planted_links_are_not_followed(tmp_path, backend):
+    """A link left where certs writes (a final name, or the temporary name an
+    older version used) is replaced, never written through; a link where it
+    reads (the CA, the role map) is refused."""
+    out = tmp_path / "pki"
+    out.mkdir(mode=0o700)
+    make_lab_pki(out, "edge1", ["admin"], backend=backend)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    planted = ["alice.pem", "alice.key", "alice.pem.tmp", "alice.key.tmp", "roles.json.tmp"]
+    for name in planted:
+        (out / name).symlink_to(victim)
+    make_lab_pki(out, "edge1", ["alice"], backend=backend)
+    assert victim.read_bytes() == b"precious\n"
+    for name in ("alice.pem", "alice.key"):
+        assert not (out / name).is_symlink() and (out / name).stat().st_size > 100
+    _verify(out, "alice")
+
+    for name in ("ca.key", "roles.json"):
+        saved = (out / name).read_bytes()
+        (out / name).unlink()
+        (out / name).symlink_to(victim)
+        with pytest.raises(CertsError, match=f"{name} is a symbolic link"):
+            make_lab_pki(out, "edge1", ["bob"], backend=backend)
+        assert victim.read_bytes() == b"precious\n" and not (out / "bob.pem").exists()
+        (out / name).unlink()
+        (out / name).write_bytes(saved)
+
+
+def test_temporary_files_are_created_exclusively_and_without_following_links(tmp_path, monkeypatch):
+    from tidegate import certs
+
+    out = tmp_path / "pki"
+    out.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    monkeypatch.setattr(certs.secrets, "token_hex", lambda n=None: "fixed")
+    (out / ".ca.key.fixed.tmp").symlink_to(victim)  # exactly where the first temporary file goes
+    with pytest.raises(CertsError, match=r"\.ca\.key\.fixed\.tmp"):
+        make_lab_pki(out, "edge1", ["alice"])
+    assert victim.read_bytes() == b"precious\n"
+    (out / ".ca.key.fixed.tmp").unlink()
+    (out / ".ca.key.fixed.tmp").write_bytes(b"left by a crash")  # a plain file there is not truncated either
+    with pytest.raises(CertsError, match="already exists"):
+        make_lab_pki(out, "edge1", ["alice"])
+    assert (out / ".ca.key.fixed.tmp").read_bytes() == b"left by a crash"
