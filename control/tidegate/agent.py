@@ -624,6 +624,9 @@ def _undo_start(kf: KernelFilter, loaded) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # everything the agent creates (the store and its -wal/-shm/.bak, tokens, backups) is root's alone,
+    # whatever umask the shell or service manager gave it
+    os.umask(0o077)
     opts = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_KeyValueFormatter())
