@@ -496,7 +496,8 @@ The program stays attached and its maps stay pinned when the agent stops;
 a new agent adopts them. `tidegate detach --interface IFACE` removes them.""",
     )
     p.add_argument("--interface", "-i", required=True, help="network interface to filter")
-    p.add_argument("--rules", help="rule set to apply at start when the kernel and the store have none")
+    p.add_argument("--rules", help="rule set to apply at start when the kernel and the store have none (read "
+                   "only then: ignored, with a warning, while the store holds an active version)")
     p.add_argument("--listen", default=DEFAULT_LISTEN, help=f"gRPC address (default {DEFAULT_LISTEN})")
     p.add_argument("--metrics-listen", default=DEFAULT_METRICS,
                    help=f"Prometheus /metrics address (default {DEFAULT_METRICS}; 'off' to disable)")  # fmt: skip
@@ -685,12 +686,19 @@ def run(opts: argparse.Namespace) -> int:
 
     initial = None
     if opts.rules:
-        try:
-            initial = load_rule_set(opts.rules)
-        except RuleSetError as e:
-            if len(e.errors) == 1:  # one line, e.g. rules.yaml: (document): no such file
-                raise SystemExit(f"tidegate agent: --rules {e}")
-            raise SystemExit(f"tidegate agent: --rules is not a valid rule set ({len(e.errors)} errors):\n{e}")
+        # the seed file is read only when it would be used, on a store with no active version: a
+        # missing or broken seed never stops a restart on the store's good version
+        stored = store.active_version()
+        if stored is None:
+            try:
+                initial = load_rule_set(opts.rules)
+            except RuleSetError as e:
+                if len(e.errors) == 1:  # one line, e.g. rules.yaml: (document): no such file
+                    raise SystemExit(f"tidegate agent: --rules {e}")
+                raise SystemExit(f"tidegate agent: --rules is not a valid rule set ({len(e.errors)} errors):\n{e}")
+        else:
+            log.warning("--rules not applied (not even read): the store holds an active version, which this start "
+                        "runs; use `tidegate apply` to change it", extra={"version": stored, "rules": opts.rules})
 
     kf = KernelFilter(FilterConfig(interface=opts.interface, xdp_mode=opts.xdp_mode, pin_root=opts.pin_root,
                                    max_sources=opts.max_sources, pin_name=opts.pin_name))  # fmt: skip
@@ -727,9 +735,6 @@ def run(opts: argparse.Namespace) -> int:
                 agent.reviews.activated(stored, "restore")
                 mode = kf.attach()
                 log.info("restored", extra={"version": stored, "interface": opts.interface, "mode": mode})
-                if initial is not None:
-                    log.info("--rules not applied: restored the store's active version (use tidegate apply to "
-                             "change it)", extra={"version": stored, "rules": opts.rules})  # fmt: skip
             elif initial is not None:
                 agent.apply_rule_set(initial, f"initial rules from {opts.rules}", boot, source="apply")
             else:
@@ -737,7 +742,7 @@ def run(opts: argparse.Namespace) -> int:
                             extra={"interface": opts.interface})  # fmt: skip
         elif not agent.attached():
             kf.attach()
-        elif initial is not None and store.active_version() is not None:
+        elif initial is not None:  # a first apply that crashed after the swap: the kernel's version wins
             log.info("--rules ignored: the kernel already runs a rule set", extra={"version": kver})
     except (StoreError, KernelError, OperationError) as e:
         _undo_start(kf, loaded)

@@ -31,6 +31,49 @@ def _status(agent) -> tuple:
     return st.attached, st.active_version
 
 
+# ------------------------------------------------------------- seed file
+def test_a_missing_or_broken_seed_file_does_not_stop_a_restart(start_agent):
+    agent = start_agent("seed", BASE_RULES)
+    seed = agent.rules
+    v2 = agent.api.ApplyRuleSet(yaml=DROP_APP, reason="the operator's change", force=True).version
+    assert _status(agent) == (True, v2)
+    prog = xdp_prog_id(agent.lab.host_if)
+
+    for damage in ("broken", "missing"):
+        agent.stop()
+        if damage == "broken":
+            with open(seed, "w") as f:
+                f.write("rules: [\n  - {name: app\n")  # a YAML syntax error
+        else:
+            os.unlink(seed)
+        offset = len(agent.log())
+        agent.start()
+        assert _status(agent) == (True, v2), f"{damage} seed: the store's active version runs"
+        assert xdp_prog_id(agent.lab.host_if) == prog, "the attached program was adopted"
+        log = agent.log()[offset:]
+        assert "--rules not applied" in log and "level=warning" in log
+        assert "Traceback" not in log
+
+    # the kernel empty (detached and unpinned), the store good, the seed still missing: the store wins
+    agent.stop()
+    agent.cleanup_kernel()
+    assert xdp_prog_id(agent.lab.host_if) is None
+    agent.start()
+    assert _status(agent) == (True, v2), "restored from the store, not from the seed"
+    assert len(agent.api.ListVersions(limit=100).versions) == 2
+    assert 'msg="restored"' in agent.log()
+
+    # a seed that would be used (a new store, an empty kernel) is still checked: one clear line
+    agent.stop()
+    agent.cleanup_kernel()
+    argv = agent.argv()
+    argv[argv.index("--state-dir") + 1] = str(agent.workdir / "new-state")
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=90)
+    errors = [ln for ln in r.stderr.splitlines() if not ln.startswith("ts=")]
+    assert r.returncode != 0 and errors == [f"tidegate agent: --rules {seed}: (document): no such file"], r.stderr
+    assert xdp_prog_id(agent.lab.host_if) is None and not os.path.exists(agent.pin_dir)
+
+
 # -------------------------------------------------------- state-dir modes
 def test_the_state_dir_files_are_private(start_agent):
     old = os.umask(0o022)  # what a shell or systemd (without UMask=) gives the agent
