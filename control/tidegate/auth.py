@@ -137,6 +137,27 @@ def token_for(path: str | Path, role: str = "admin") -> str | None:
     return None
 
 
+class RoleMapError(Exception):
+    """The --role-map file cannot be used; the agent does not start on it."""
+
+
+def load_role_map(path: str | Path) -> dict[str, str]:
+    """{certificate common name: role}. Every role must be one of ROLES: a
+    typo ('admn') would otherwise give that client a role nothing grants."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except OSError as e:
+        raise RoleMapError(f"cannot read: {e.strerror}") from None
+    except ValueError as e:
+        raise RoleMapError(f"not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise RoleMapError('must be a JSON object of certificate name: role, e.g. {"alice": "admin"}')
+    for name, role in data.items():
+        if role not in ROLES:
+            raise RoleMapError(f"unknown role {role!r} for {name!r} (a role is {' or '.join(ROLES)})")
+    return data
+
+
 class Authorizer:
     def __init__(self, mode: str, tokens: dict[str, str] | None = None, role_map: dict[str, str] | None = None):
         self.mode = mode  # none | token | cert
@@ -148,7 +169,10 @@ class Authorizer:
         if getattr(opts, "auth", "token") == "none":
             return cls("none")
         if opts.tls_cert:
-            role_map = json.loads(Path(opts.role_map).read_text()) if opts.role_map else {}
+            try:
+                role_map = load_role_map(opts.role_map) if opts.role_map else {}
+            except RoleMapError as e:
+                raise SystemExit(f"tidegate agent: --role-map {opts.role_map}: {e}") from None
             return cls("cert", role_map=role_map)
         return cls("token", tokens=ensure_token_file(token_path(opts)))
 

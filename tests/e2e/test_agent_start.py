@@ -100,3 +100,49 @@ def test_the_state_dir_files_are_private(start_agent):
 
 def _modes(d) -> dict[str, str]:
     return {p.name: f"{os.stat(p).st_mode & 0o777:04o}" for p in d.iterdir()}
+
+
+# ------------------------------------------------------------- role map
+def _agent_until_serving_or_exit(argv: list[str], timeout: float = 90) -> tuple[int | None, str]:
+    """Run an agent; return (exit code, stderr), or (None, stderr) if it came up (it is then stopped)."""
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        for line in p.stderr:
+            lines.append(line)
+            if 'msg="serving"' in line or time.monotonic() > deadline:
+                p.terminate()
+                p.wait(timeout=30)
+                return None, "".join(lines)
+        return p.wait(timeout=30), "".join(lines)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.parametrize("roles, words", [
+    ({"alice": "admin", "grafana": "raed"}, "unknown role 'raed' for 'grafana' (a role is read or admin)"),
+    (["alice"], 'must be a JSON object of certificate name: role, e.g. {"alice": "admin"}'),
+], ids=["typo", "list"])  # fmt: skip
+def test_a_role_map_with_an_unknown_role_stops_the_start(make_lab, tmp_path, roles, words):
+    from tidegate.certs import make_lab_pki
+
+    lab = make_lab("rmap")
+    pki = tmp_path / "pki"
+    make_lab_pki(pki, "localhost", ["alice"])
+    role_map = tmp_path / "roles.json"
+    role_map.write_text(json.dumps(roles))
+    (tmp_path / "rules.yaml").write_text(BASE_RULES)
+    pin = f"e2e-{lab.tag}"
+    argv = [str(BIN), "agent", "--interface", lab.host_if, "--pin-name", pin, "--metrics-listen", "off",
+            "--listen", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "state"),
+            "--rules", str(tmp_path / "rules.yaml"), "--tls-cert", str(pki / "server.pem"),
+            "--tls-key", str(pki / "server.key"), "--tls-client-ca", str(pki / "ca.pem"),
+            "--role-map", str(role_map)]  # fmt: skip
+    code, stderr = _agent_until_serving_or_exit(argv)
+    assert code not in (None, 0), f"the agent started with role map {roles}:\n{stderr}"
+    errors = [ln for ln in stderr.splitlines() if not ln.startswith("ts=")]
+    assert errors == [f"tidegate agent: --role-map {role_map}: {words}"], stderr
+    assert xdp_prog_id(lab.host_if) is None and not os.path.exists(f"{PIN_ROOT}/{pin}"), "nothing left behind"

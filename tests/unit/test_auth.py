@@ -6,6 +6,7 @@ message naming it, the authenticated principal is always the author, and
 from __future__ import annotations
 
 import logging
+import re
 import os
 import stat
 
@@ -176,3 +177,26 @@ def test_token_auth_is_not_affected(caplog):
     with caplog.at_level(logging.WARNING, logger="tidegate.agent"):
         _check_auth_mode(opts_for("--listen", "0.0.0.0:50051"), "0.0.0.0")
     assert not caplog.records
+
+
+@pytest.mark.parametrize("content, says", [
+    ('{"alice": "admn"}', "unknown role 'admn' for 'alice' (a role is read or admin)"),
+    ('{"alice": "Admin"}', "unknown role 'Admin' for 'alice'"),
+    ('{"alice": "admin", "grafana": null}', "unknown role None for 'grafana'"),
+    ('{"alice": ["admin"]}', "unknown role ['admin'] for 'alice'"),
+    ('["alice"]', "must be a JSON object of certificate name: role"),
+    ('{"alice": "admin",}', "not JSON"),
+], ids=["typo", "case", "null", "list-value", "list", "bad-json"])  # fmt: skip
+def test_a_role_map_names_only_known_roles(tmp_path, content, says):
+    path = tmp_path / "roles.json"
+    path.write_text(content)
+    with pytest.raises(auth.RoleMapError, match=re.escape(says)):
+        auth.load_role_map(path)
+
+
+def test_a_good_role_map_loads(tmp_path):
+    path = tmp_path / "roles.json"
+    path.write_text('{"alice": "admin", "grafana": "read"}')
+    assert auth.load_role_map(path) == {"alice": "admin", "grafana": "read"}
+    with pytest.raises(auth.RoleMapError, match="cannot read: No such file"):
+        auth.load_role_map(tmp_path / "missing.json")
