@@ -100,6 +100,7 @@ class Agent:
         self.shadow_loaded_at: float | None = None
         self.reattaches = 0  # times the watchdog found the program detached and attached it again
         self._watchdog_note: str | None = None  # what the watchdog last logged, so it logs a state once
+        self.health = None  # readiness.FilterHealth, set when the API serves
 
     # ------------------------------------------------------------- helpers
     def rule_set_of(self, version: int) -> RuleSet:
@@ -348,6 +349,8 @@ class Agent:
             if not self.attached():
                 mode = self.kf.attach()
                 log.info("attached", extra={"interface": self.kf.config.interface, "mode": mode})
+                if self.health is not None:
+                    self.health.refresh()
             outcome = ApplyOutcome(version, estimate=estimate)
             use_guard = self.options.guard_default if guard is None else guard
             if use_guard and active is not None:
@@ -775,11 +778,14 @@ def run(opts: argparse.Namespace) -> int:
                                "mode": st.mode, "active_version": st.active.version if st.active else 0})  # fmt: skip
     while not stop.wait(opts.attach_check_seconds):
         try:
+            agent.health.refresh()  # health watchers hear of a detached filter before it is attached again
             agent.check_attachment()
+            agent.health.refresh()
         except Exception as e:  # the watchdog must never take the agent down
             log.error("attachment check failed", extra={"error": str(e)})
     if fleet is not None:
         fleet.stop()
+    agent.health.enter_graceful_shutdown()
     server.stop(grace=2).wait()
     if msrv is not None:
         msrv.shutdown()

@@ -9,13 +9,14 @@ import time
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import safety
 from .agent import Agent, Caller, OperationError
 from .auth import Authorizer
 from .kernel import KernelError, NotAttachedError
+from .readiness import FilterHealth
 from .ruleset import RuleSetError, dump_yaml
 from .store import StoreError
 from .v1 import tidegate_pb2 as pb
@@ -391,10 +392,9 @@ def serve(agent: Agent, opts) -> grpc.Server:
                          options=[("grpc.max_receive_message_length", 64 << 20)])  # fmt: skip
     authorizer = Authorizer.from_options(opts)
     pbg.add_FilterServicer_to_server(FilterService(agent, authorizer), server)
-    hs = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    hs.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    hs.set("", health_pb2.HealthCheckResponse.SERVING)
+    # SERVING only while the filter is attached (readiness.py)
+    agent.health = FilterHealth(agent.kf.program_attached, (SERVICE,))
+    health_pb2_grpc.add_HealthServicer_to_server(agent.health, server)
     names = (pb.DESCRIPTOR.services_by_name["Filter"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     tls = getattr(opts, "tls_material", None)

@@ -456,6 +456,11 @@ class KernelFilter:
             self._attach_fd(self._fn.fd, want)
             return want
 
+    def program_attached(self) -> bool:
+        """Whether an XDP program is on the interface: one netlink query and
+        no lock, so a long apply does not delay a health check."""
+        return bool(self._attached_prog()[0])
+
     def ensure_attached(self) -> str | None:
         """Attach again if something removed the program (the interface was
         recreated, `ip link set dev IF xdp off`). Returns the mode when it

@@ -76,7 +76,9 @@ class AgentProc:
             try:
                 with grpc.insecure_channel(self.server) as ch:
                     r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                # the agent answers only once it has attached what it attaches at start: SERVING, or
+                # NOT_SERVING when it runs without a rule set (loaded, not attached)
+                if r.status in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING):
                     return
             except grpc.RpcError:
                 pass

@@ -115,7 +115,8 @@ def test_starts_unattached_without_a_rule_set_and_attaches_on_first_apply(start_
     assert app_delta(agent) == (20, 0)
 
 
-def test_health_and_reflection(agent):
+def test_health_and_reflection(agent, base):
+    """SERVING with a rule set attached (test_agent_start.py: NOT_SERVING while detached)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

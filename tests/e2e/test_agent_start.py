@@ -146,3 +146,58 @@ def test_a_role_map_with_an_unknown_role_stops_the_start(make_lab, tmp_path, rol
     errors = [ln for ln in stderr.splitlines() if not ln.startswith("ts=")]
     assert errors == [f"tidegate agent: --role-map {role_map}: {words}"], stderr
     assert xdp_prog_id(lab.host_if) is None and not os.path.exists(f"{PIN_ROOT}/{pin}"), "nothing left behind"
+
+
+# ----------------------------------------------------------------- health
+def _health(agent, service: str = "") -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(agent.server) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def _until(what, want, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = what()
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def test_health_is_not_serving_while_the_filter_is_detached(start_agent):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tidegate.readiness import CHECK_MAX_AGE
+
+    SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    agent = start_agent("hlth", extra=["--attach-check-seconds", "5"])  # no rule set: loaded, not attached
+    assert _status(agent) == (False, 0)
+    for service in ("", "tidegate.v1.Filter"):
+        assert _health(agent, service) == NOT_SERVING, service
+    channel = grpc.insecure_channel(agent.server)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+    try:
+        assert next(watch).status == NOT_SERVING
+
+        agent.api.ApplyRuleSet(yaml=BASE_RULES, reason="attach")
+        for service in ("", "tidegate.v1.Filter"):
+            assert _health(agent, service) == SERVING, service
+        assert next(watch).status == SERVING, "a watcher hears of the attach"
+    finally:
+        channel.close()
+
+    # something removes the program: NOT_SERVING until the watchdog has attached it again
+    for attempt in range(5):
+        reattaches = len(agent.api.ListAudit(limit=100, action="reattach").entries)
+        subprocess.run(["ip", "link", "set", "dev", agent.lab.host_if, "xdp", "off"], check=True)
+        time.sleep(CHECK_MAX_AGE + 0.05)  # a Check answers from a status at most this old
+        seen = _health(agent)
+        if len(agent.api.ListAudit(limit=100, action="reattach").entries) == reattaches:
+            break  # the watchdog did not run in between: `seen` was taken while detached
+    else:
+        pytest.fail("the watchdog reattached before every health check (5 s period)")
+    assert seen == NOT_SERVING
+    assert _until(lambda: _health(agent), SERVING) == SERVING, "SERVING again once the watchdog reattached"
+    assert _status(agent)[0] is True and xdp_prog_id(agent.lab.host_if) is not None
+    assert len(agent.api.ListAudit(limit=100, action="reattach").entries) == reattaches + 1
