@@ -411,8 +411,9 @@ class Agent:
                         r["limit"] = {k: v for k, v in dataclasses.asdict(lim).items() if v is not None}
             limit = {"pps": pps, "burst": burst or pps}
             if bps:
-                limit["bps"] = bps
+                limit["bps"] = bps  # bits per second, as in rule sets
             if rule == "default":
+                keep_byte_limit(limit, data["defaults"].get("limit"))
                 data["defaults"]["limit"] = limit
             else:
                 match = [r for r in data["rules"] if r["name"] == rule]
@@ -422,6 +423,7 @@ class Agent:
                                          "use 'default' for the default limit)")  # fmt: skip
                 if match[0].get("action", "limit") != "limit":
                     raise OperationError("FAILED_PRECONDITION", f"rule {rule!r} has action {match[0]['action']}")
+                keep_byte_limit(limit, match[0].get("limit"))
                 match[0]["limit"] = limit
             text = dump_yaml(_from_dict_or_error(data))
         return self.apply(text, f"set-limit {rule}", reason, caller, force=force, action="set-limit")
@@ -449,6 +451,14 @@ class Agent:
             self.store.audit("shadow-clear", "ok", caller.author, caller.peer, reason, shadow)
             self.shadow_loaded_at = None
             return shadow
+
+
+def keep_byte_limit(new: dict, old: dict | None) -> None:
+    """set-limit without --bps keeps the byte limit the rule had."""
+    if "bps" not in new and old and old.get("bps"):
+        new["bps"] = old["bps"]
+        if old.get("burst_bytes"):
+            new["burst_bytes"] = old["burst_bytes"]
 
 
 def _from_dict_or_error(data: dict) -> RuleSet:

@@ -154,9 +154,11 @@ VERBS: dict[str, Verb] = {
     "set-limit": Verb(
         "change one rule's (or the default) rate limit as a new version",
         "Copies the active rule set, changes the limit of RULE (or of the defaults with `default`) and\n"
-        "applies it like any apply: validated, blast-radius checked, versioned, audited.",
+        "applies it like any apply: validated, blast-radius checked, versioned, audited. --bps is in\n"
+        "bits per second, as `bps` in rule sets; without it the rule keeps its byte limit.",
         "tidegate set-limit dns --pps 200 --burst 400 --reason 'more resolvers'\n"
-        "tidegate set-limit default --pps 50 --reason 'tighten during incident' --force"),
+        "tidegate set-limit default --pps 50 --reason 'tighten during incident' --force\n"
+        "tidegate set-limit bulk --pps 5000 --bps 80000000 --reason 'at most 10 MB/s per source'"),
     "promote": Verb(
         "make the shadow rule set the active one",
         "Atomically activates the rule set loaded with `apply --shadow` (its version becomes active) and\n"
@@ -367,8 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     sl = verb("set-limit")
     sl.add_argument("rule", metavar="RULE", help="rule name, or `default` for the defaults")
     sl.add_argument("--pps", type=int, required=True, help="packets per second per source")
-    sl.add_argument("--burst", type=int, default=0, help="bucket size in packets (default: keep, or = pps)")
-    sl.add_argument("--bps", type=int, default=0, help="bytes per second per source (default: keep)")
+    sl.add_argument("--burst", type=int, default=0, help="bucket size in packets (default: the new --pps)")
+    sl.add_argument("--bps", type=int, default=0, metavar="BITS",
+                    help="byte-rate limit in bits per second per source, like the rule set's `bps` "
+                    "(e.g. 80000000 for 10 MB/s; default: keep the rule's current byte limit)")  # fmt: skip
     sl.add_argument("--reason", "-r", default="", help="why (required)")
     sl.add_argument("--force", action="store_true", help="override the blast-radius check (audited)")
 
@@ -808,7 +812,8 @@ def cmd_set_limit(args, out: Output) -> int:
         out.json(message_to_dict(r))
     else:
         burst = f", burst {args.burst}" if args.burst else ""
-        out.line(f"limit of {args.rule} set to {args.pps} pps{burst}: version {r.version} is active")
+        bps = f", {args.bps} bits/s" if args.bps else ""
+        out.line(f"limit of {args.rule} set to {args.pps} pps{burst}{bps}: version {r.version} is active")
         _print_estimate(out, r.estimate, sys.stdout)
     return EXIT_OK
 
