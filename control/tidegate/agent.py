@@ -334,6 +334,11 @@ class Agent:
                 self.store.abort_version(version, str(e))
                 self.change_results["error"] += 1
                 self.store.audit(source, "error", caller.author, caller.peer, str(e), version)
+                old_shadow = self.store.shadow_version()
+                if shadow and old_shadow is not None and self.kf.shadow_version() is None:
+                    # the shadow set it was to replace is unloaded already: the store follows the kernel
+                    self.store.abort_version(old_shadow, f"unloaded: loading version {version} in its place failed")
+                    self.shadow_loaded_at = None
                 raise OperationError("INTERNAL", f"writing the rule set into the kernel failed: {e}") from None
             self._rule_sets[version] = rs
             if shadow:
@@ -433,7 +438,12 @@ class Agent:
             shadow = self.kf.shadow_version()
             if shadow is None:
                 raise OperationError("FAILED_PRECONDITION", "no shadow rule set is loaded (tidegate apply --shadow)")
-            self.kf.promote_shadow()
+            try:
+                self.kf.promote_shadow()
+            except KernelError as e:
+                self.change_results["error"] += 1
+                self.store.audit("promote", "error", caller.author, caller.peer, str(e), shadow)
+                raise OperationError("INTERNAL", f"promoting the shadow set failed: {e}") from None
             self.store.commit_active(shadow, "promote", caller.author, reason or "promote shadow", caller.peer)
             self.reviews.activated(shadow, "promote")
             self.shadow_loaded_at = None

@@ -296,6 +296,26 @@ class GraceWaiter:
 BPF_MAP_UPDATE_BATCH = 26
 BPF_MAP_DELETE_BATCH = 27
 
+# Test hook: TIDEGATE_FAIL_BATCH_WRITE=N[,M...] makes this process's Nth (and
+# Mth...) batched map write (an update or a delete, counted per bpf(2) call)
+# write the first half of its entries and then fail with EIO, like a write
+# that fails partway through a batch. Tests set it in a real agent's
+# environment; unset, it costs one integer comparison per batch.
+_fail_batch_writes_at = {int(n) for n in (os.environ.get("TIDEGATE_FAIL_BATCH_WRITE") or "").split(",") if n.strip()}
+_batch_writes = 0
+
+
+def _batch_write(cmd: int, attr: _Batch) -> None:
+    global _batch_writes
+    _batch_writes += 1
+    if _batch_writes in _fail_batch_writes_at:
+        attr.count //= 2
+        if attr.count:
+            _bpf(cmd, attr)
+        raise BpfError(errno.EIO, f"bpf cmd {cmd}: injected failure after {attr.count} entries "
+                       f"(TIDEGATE_FAIL_BATCH_WRITE, write {_batch_writes})")  # fmt: skip
+    _bpf(cmd, attr)
+
 
 def update_batch(fd: int, keys: bytes, values: bytes, count: int, chunk: int = 65536) -> int:
     """Write `count` entries with BPF_MAP_UPDATE_BATCH (benchmarks and tests
@@ -309,7 +329,7 @@ def update_batch(fd: int, keys: bytes, values: bytes, count: int, chunk: int = 6
         n = min(chunk, count - done)
         attr = _Batch(keys=ctypes.addressof(kbuf) + done * ksz, values=ctypes.addressof(vbuf) + done * vsz,
                       count=n, map_fd=fd)  # fmt: skip
-        _bpf(BPF_MAP_UPDATE_BATCH, attr)
+        _batch_write(BPF_MAP_UPDATE_BATCH, attr)
         done += attr.count
     return done
 
@@ -323,6 +343,6 @@ def delete_batch(fd: int, keys: bytes, count: int, chunk: int = 65536) -> int:
     while done < count:
         n = min(chunk, count - done)
         attr = _Batch(keys=ctypes.addressof(kbuf) + done * ksz, count=n, map_fd=fd)
-        _bpf(BPF_MAP_DELETE_BATCH, attr)
+        _batch_write(BPF_MAP_DELETE_BATCH, attr)
         done += attr.count
     return done

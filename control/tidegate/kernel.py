@@ -82,6 +82,13 @@ class NotAttachedError(KernelError):
     """The filter is not loaded/attached."""
 
 
+class MapWriteError(KernelError):
+    """Writing a rule set into the maps failed partway. The selection was not
+    changed (packets still see the sets they saw), and what the written slot
+    holds has been read back from the kernel, so the next write of that slot
+    starts from what is really there."""
+
+
 def bpf_source_dir() -> Path:
     env = os.environ.get("TIDEGATE_BPF_DIR")
     if env:
@@ -539,7 +546,10 @@ class KernelFilter:
         ctl = self._tables["tg_ctl"]
         leaf = ctl.Leaf()
         leaf.sel = (active & 0xFF) | ((shadow & 0xFF) << 8)
-        ctl[ctl.Key(0)] = leaf
+        try:
+            ctl[ctl.Key(0)] = leaf  # one word: the old selection or the new one
+        except Exception as e:
+            raise MapWriteError(f"switching the rule-set selection failed ({e}); it is unchanged") from e
         # every packet that could have read the old selection has finished
         self._grace.wait()
 
@@ -675,20 +685,42 @@ class KernelFilter:
                 _add_rule_counts(rc, sc, rs.getvalue(key))
             rs[key] = rs.Leaf()  # per-CPU array of zeroed values
 
+    def _write_or_reread(self, slot: int, krs: KernelRuleSet, version: int) -> None:
+        """_write_slot; on any failure (a bpf(2) error from a batch, BCC's
+        error from a single update) re-read what the slot holds and raise
+        MapWriteError. The slot is not selected, so no packet saw it."""
+        try:
+            self._write_slot(slot, krs, version)
+        except Exception as e:
+            self._names.pop(slot, None)
+            self._krs.pop(slot, None)
+            try:
+                self._index_slots()
+            except Exception as again:  # noqa: BLE001 - report both
+                raise MapWriteError(f"writing version {version} into rule-set slot {slot} failed ({e}), and "
+                                    f"reading the slot back failed too ({again}); restart the agent") from e
+            log.error("map write failed: the slot was read back from the kernel",
+                      extra={"version": version, "slot": slot, "error": str(e)})  # fmt: skip
+            raise MapWriteError(f"writing version {version} into the maps failed partway ({e}); the filter "
+                                "keeps the rule set it had") from e
+
     def apply(self, rule_set, version: int) -> None:
         """Make rule_set the active set, atomically. Validates before writing:
-        if building the kernel entries fails, no map is touched."""
+        if building the kernel entries fails, no map is touched; if a write
+        fails partway, MapWriteError and the active set stays."""
         krs = build_kernel_rule_set(rule_set)
         with self._lock:
             self._require_loaded()
             slot = self._free_slot()
-            self._write_slot(slot, krs, version)
+            self._write_or_reread(slot, krs, version)
             _, shadow = self._sel()
             if shadow != NO_SLOT:
                 self._link_shadow(shadow, slot)
             self._set_sel(slot, shadow)
 
     def load_shadow(self, rule_set, version: int) -> None:
+        """Replace the shadow set. If the write fails partway
+        (MapWriteError), no shadow set is loaded afterwards."""
         krs = build_kernel_rule_set(rule_set)
         with self._lock:
             self._require_loaded()
@@ -696,7 +728,7 @@ class KernelFilter:
             if shadow != NO_SLOT:
                 self._set_sel(active, NO_SLOT)
             slot = self._free_slot()
-            self._write_slot(slot, krs, version)
+            self._write_or_reread(slot, krs, version)
             if active != NO_SLOT:
                 self._link_shadow(slot, active)
             self._set_sel(active, slot)
