@@ -9,6 +9,8 @@ from scapy.utils import wrpcap
 
 DST4 = "10.0.0.1"
 DST6 = "2001:db8::1"
+# fixed addresses: scapy would otherwise look the MAC up (ARP, neighbour solicitation) on the host's network
+ETH = {"dst": "02:00:00:00:00:01", "src": "02:00:00:00:00:02"}
 
 
 def _l3(src: str):
@@ -24,7 +26,7 @@ def tcp(src: str, dport: int = 80, payload: int = 0, vlans: int = 0) -> bytes:
 
 
 def icmp(src: str) -> bytes:
-    return bytes(Ether() / IP(src=src, dst=DST4) / ICMP())
+    return bytes(Ether(**ETH) / IP(src=src, dst=DST4) / ICMP())
 
 
 def arp() -> bytes:
@@ -33,29 +35,29 @@ def arp() -> bytes:
 
 def fragment4(src: str, dport: int = 53, first: bool = True) -> bytes:
     ip = IP(src=src, dst=DST4, flags="MF", frag=0 if first else 100)
-    return bytes(Ether() / ip / UDP(sport=40000, dport=dport) / (b"x" * 16))
+    return bytes(Ether(**ETH) / ip / UDP(sport=40000, dport=dport) / (b"x" * 16))
 
 
 def ipv6_ext_chain(src: str, n: int, dport: int = 53) -> bytes:
     pkt = IPv6(src=src, dst=DST6)
     for i in range(n):
         pkt = pkt / (IPv6ExtHdrHopByHop() if i == 0 else IPv6ExtHdrDestOpt())
-    return bytes(Ether() / pkt / UDP(sport=40000, dport=dport) / b"x")
+    return bytes(Ether(**ETH) / pkt / UDP(sport=40000, dport=dport) / b"x")
 
 
 def ipv6_fragment(src: str, dport: int = 53, offset: int = 0) -> bytes:
     pkt = IPv6(src=src, dst=DST6) / IPv6ExtHdrFragment(offset=offset, m=1) / UDP(sport=1, dport=dport) / b"x"
-    return bytes(Ether() / pkt)
+    return bytes(Ether(**ETH) / pkt)
 
 
 def _frame(l3, vlans: int) -> bytes:
     if vlans == 0:
-        return bytes(Ether() / l3)
+        return bytes(Ether(**ETH) / l3)
     if vlans == 1:
-        return bytes(Ether() / Dot1Q(vlan=10) / l3)
+        return bytes(Ether(**ETH) / Dot1Q(vlan=10) / l3)
     if vlans == 2:
-        return bytes(Ether(type=0x88A8) / Dot1AD(vlan=20) / Dot1Q(vlan=10) / l3)
-    tags = Ether(type=0x88A8)
+        return bytes(Ether(type=0x88A8, **ETH) / Dot1AD(vlan=20) / Dot1Q(vlan=10) / l3)
+    tags = Ether(type=0x88A8, **ETH)
     for _ in range(vlans - 1):
         tags = tags / Dot1AD(vlan=30)
     return bytes(tags / Dot1Q(vlan=10) / l3)

@@ -220,14 +220,14 @@ def _raw4(src: str, proto: int) -> bytes:
     from scapy.layers.inet import IP
     from scapy.layers.l2 import Ether
 
-    return bytes(Ether() / IP(src=src, dst=f.DST4, proto=proto) / (b"\x00" * 24))
+    return bytes(Ether(**f.ETH) / IP(src=src, dst=f.DST4, proto=proto) / (b"\x00" * 24))
 
 
 def _icmp6(src: str) -> bytes:
     from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
     from scapy.layers.l2 import Ether
 
-    return bytes(Ether() / IPv6(src=src, dst=f.DST6) / ICMPv6EchoRequest())
+    return bytes(Ether(**f.ETH) / IPv6(src=src, dst=f.DST6) / ICMPv6EchoRequest())
 
 
 PROTO_CASES = {
