@@ -20,6 +20,7 @@
 #define TG_RULE_DEFAULT 64
 #define TG_RULE_DENYLIST 65
 #define TG_RULE_ALLOWLIST 66
+#define TG_RULE_EXTHDR 67    /* IPv6 packets whose extension headers were not all walked */
 #define TG_RULE_IDX 68
 
 /* One packet of token-bucket credit, in the bucket's fixed-point unit.
@@ -36,11 +37,19 @@
 #define TG_R_BLOCKED 5   /* source inside its block_seconds penalty */
 #define TG_R_UNPARSED 6  /* not Ethernet/IPv4/IPv6 the program can read: passed */
 #define TG_R_NOCONFIG 7  /* no active rule set (never after a normal start) */
-#define TG_REASONS 8
+/* IPv6 packets with more extension headers than the parser walks (so no L4
+ * header, no port), decided by the rule set's ipv6_unparsed_extensions
+ * policy: passed or dropped by it, or by the default rule's limits. Allow
+ * and deny lists still decide first (and count as allow / deny). */
+#define TG_R_EXT_PASS 8
+#define TG_R_EXT_DROP 9
+#define TG_REASONS 10
 
 /* set_cfg.flags */
 #define TG_SET_HAS_TRIE 1   /* at least one CIDR entry: look the source up */
 #define TG_SET_HAS_PORTS 2  /* at least one (protocol, port) entry */
+#define TG_SET_EXT_DEFAULT 4 /* unwalked IPv6 extension chains go to the default rule,
+			      * not to TG_RULE_EXTHDR (whose action is pass or drop) */
 
 /* rule_cfg.action */
 #define TG_ACT_LIMIT 0

@@ -1,7 +1,8 @@
-/* Packet parsing: Ethernet, up to two 802.1Q/802.1ad tags, IPv4, IPv6.
- * Only the source address (fixed header), the L4 protocol and the
- * destination port are extracted. Anything not readable returns -1 and the
- * caller passes it, counted as "unparsed". */
+/* Packet parsing: Ethernet, up to two 802.1Q/802.1ad tags, IPv4, IPv6 (and
+ * up to TG_IPV6_EXT_MAX extension headers). Only the source address (fixed
+ * header), the L4 protocol and the destination port are extracted. Anything
+ * not readable returns -1 and the caller passes it, counted as "unparsed";
+ * an IPv6 packet whose extension chain is longer is marked ext_unparsed. */
 #ifndef TIDEGATE_PARSE_H
 #define TIDEGATE_PARSE_H
 
@@ -9,7 +10,7 @@
 #define TG_ETH_P_IPV6 0x86DD
 #define TG_ETH_P_8021Q 0x8100
 #define TG_ETH_P_8021AD 0x88A8
-#define TG_IPV6_EXT_MAX 4
+#define TG_IPV6_EXT_MAX 8
 
 struct tg_pkt {
 	__u64 addr_hi;
@@ -19,7 +20,7 @@ struct tg_pkt {
 	__u8 proto;
 	__u8 family;
 	__u8 has_port;
-	__u8 pad;
+	__u8 ext_unparsed;   /* IPv6: the extension chain was not walked to its end */
 };
 
 struct tg_vlan_hdr {
@@ -47,34 +48,45 @@ static __always_inline void tg_l4(struct tg_pkt *p, void *l4, void *end, int fir
 	p->has_port = 1;
 }
 
+/* The IPv6 extension header types (IANA), but ESP (50): what follows ESP
+ * is encrypted, so ESP is the packet's protocol as far as rules go. */
+static __always_inline int tg_is_ipv6_ext(__u8 nh)
+{
+	return nh == 0 || nh == 43 || nh == 44 || nh == 51 || nh == 60 || nh == 135 || nh == 139 ||
+	       nh == 140 || nh == 253 || nh == 254;
+}
+
 static __always_inline int tg_parse_ipv6_ext(struct tg_pkt *p, void **cur, void *end)
 {
-	/* Walk a bounded number of extension headers to find the L4 header. A
-	 * longer chain keeps the last next-header value: the packet is still
-	 * filtered on its address, just without a port. */
+	/* Walk at most TG_IPV6_EXT_MAX extension headers to the L4 header. A
+	 * longer (or truncated) chain leaves an extension type in p->proto: the
+	 * packet is marked ext_unparsed and the rule set's
+	 * ipv6_unparsed_extensions policy decides it, so a port rule cannot be
+	 * dodged by stacking headers. */
 	int first = 1;
 #pragma unroll
 	for (int i = 0; i < TG_IPV6_EXT_MAX; i++) {
 		__u8 nh = p->proto;
-		if (nh == 0 || nh == 43 || nh == 60) {
-			__u8 *h = *cur;
-			if ((void *)(h + 2) > end)
-				return 0;
-			p->proto = h[0];
-			*cur = h + ((__u32)h[1] + 1) * 8;
-		} else if (nh == 44) {
-			__u8 *h = *cur;
+		__u8 *h = *cur;
+		if (nh == 44) {
 			if ((void *)(h + 8) > end)
-				return 0;
+				break;
 			p->proto = h[0];
 			__u16 off = ((__u16)h[2] << 8 | h[3]) & 0xfff8;
 			if (off)
 				first = 0;
 			*cur = h + 8;
+		} else if (tg_is_ipv6_ext(nh)) {
+			if ((void *)(h + 2) > end)
+				break;
+			p->proto = h[0];
+			/* AH counts 4-octet units minus 2, the others 8-octet units minus 1 */
+			*cur = h + (nh == 51 ? ((__u32)h[1] + 2) * 4 : ((__u32)h[1] + 1) * 8);
 		} else {
 			break;
 		}
 	}
+	p->ext_unparsed = tg_is_ipv6_ext(p->proto);
 	return first;
 }
 

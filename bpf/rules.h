@@ -63,6 +63,12 @@ static __always_inline struct tg_verdict tg_classify(__u32 slot, const struct tg
 			src_mask |= cv->rule_mask;
 		}
 	}
+	if (p->ext_unparsed) {
+		/* no L4 header: no rule can be matched on protocol or port */
+		v.rule = (cfg->flags & TG_SET_EXT_DEFAULT) ? TG_RULE_DEFAULT : TG_RULE_EXTHDR;
+		v.reason = TG_R_PASS;
+		return v;
+	}
 	__u64 port_mask = cfg->proto_mask[p->proto];
 	if ((cfg->flags & TG_SET_HAS_PORTS) && p->has_port) {
 		__u32 pidx = TG_PORT_IDX(slot, p->proto == IPPROTO_UDP, p->dport);

@@ -103,7 +103,10 @@ int tidegate_xdp(struct xdp_md *ctx)
 	if (v.reason == TG_R_PASS)
 		v = tg_limit(aslot, acfg, &p, now, v, 0, 0);
 	tg_count_rule(tg_rule_counter(aslot, v.rule), v, p.len);
-	tg_count_reason(v.reason, p.len);
+	__u32 reason = v.reason;
+	if (p.ext_unparsed && (v.rule == TG_RULE_EXTHDR || v.rule == TG_RULE_DEFAULT))
+		reason = v.drop ? TG_R_EXT_DROP : TG_R_EXT_PASS;
+	tg_count_reason(reason, p.len);
 
 	if (sslot < TG_SLOTS) {
 		struct tg_set_cfg *scfg = tg_sets.lookup(&sslot);

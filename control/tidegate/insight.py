@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from .kernel_layout import halves_to_address
+from .kernel_layout import DROP_REASONS, halves_to_address
 
 MAX_KNOWN = 2_000_000
 RATE_BUCKETS = (1, 10, 100, 1000, 10000)  # per-source pps upper bounds; +Inf implied
@@ -189,7 +189,7 @@ class Insight:
             "heaviest_source_share": round(top_share, 4),
             "drops_by_rule": drops_by_rule,
             "drop_reasons_pps": {k: round(v / hist_now["_seconds"], 1) for k, v in (hist_now or {}).items()
-                                 if k in ("deny", "rate", "prefix", "blocked") and v} if hist_now else {},
+                                 if k in DROP_REASONS and v} if hist_now else {},
         })  # fmt: skip
         data["verdict"], data["reading"] = _reading(data)
         return data

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from . import bpfsys
 from .kernel_layout import (
+    DROP_REASONS,
     NO_SLOT,
     REASONS,
     RULE_IDX,
@@ -68,6 +69,8 @@ MAP_NAMES = (
     "tg_debruijn",
 )
 _DEBRUIJN = 0x022FDD63CC95386D
+# pinned maps that only count: when their size changes (a new reason), they are made anew
+RESIZABLE_COUNTERS = {"tg_stats": len(REASONS)}
 
 
 class KernelError(Exception):
@@ -186,7 +189,7 @@ class Counters:
 
     @property
     def dropped(self) -> int:
-        return sum(self.reasons[r][0] for r in ("deny", "rate", "prefix", "blocked"))
+        return sum(self.reasons[r][0] for r in DROP_REASONS)
 
 
 @dataclass
@@ -293,17 +296,21 @@ class KernelFilter:
             p = os.path.join(d, name)
             if not os.path.exists(p):
                 continue
-            fd = bpfsys.obj_get(p)
-            try:
-                info = bpfsys.map_info(fd)
-            finally:
-                os.close(fd)
-            if info.max_entries != entries:
+            info_entries = _pinned_entries(p)
+            if info_entries != entries:
                 raise KernelError(
-                    f"pinned map {p} holds {info.max_entries} entries but this agent is configured for "
+                    f"pinned map {p} holds {info_entries} entries but this agent is configured for "
                     f"{entries}; run `tidegate detach --interface {self.config.interface}` to start over "
                     "with the new size (this removes the filter while it runs)"
                 )
+        for name, entries in RESIZABLE_COUNTERS.items():
+            # counters only: a new program with more reasons gets a new map (BCC would silently reuse
+            # the old, smaller one); the attached program keeps its own until the new one replaces it
+            p = os.path.join(d, name)
+            if os.path.exists(p) and _pinned_entries(p) != entries:
+                log.warning("the pinned counter map has another size: it is made anew and its counts restart "
+                            "from zero", extra={"map": p, "entries": entries})  # fmt: skip
+                os.unlink(p)
         return True
 
     def load(self) -> LoadResult:
@@ -866,6 +873,14 @@ class KernelFilter:
                     h.update(kb)
                     h.update(vb)
             return h.hexdigest()
+
+
+def _pinned_entries(path: str) -> int:
+    fd = bpfsys.obj_get(path)
+    try:
+        return bpfsys.map_info(fd).max_entries
+    finally:
+        os.close(fd)
 
 
 def _copy(rc: RuleCounters) -> RuleCounters:

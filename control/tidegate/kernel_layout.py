@@ -32,6 +32,7 @@ MAX_RULES = 64
 RULE_DEFAULT = 64
 RULE_DENYLIST = 65
 RULE_ALLOWLIST = 66
+RULE_EXTHDR = 67  # IPv6 packets whose extension headers the parser did not walk to the end
 RULE_IDX = 68
 SLOTS = 3
 NO_SLOT = 0xFF
@@ -39,14 +40,17 @@ NO_SLOT = 0xFF
 ACT_LIMIT, ACT_PASS, ACT_DROP = 0, 1, 2
 RF_PKT, RF_BYTES, RF_PREFIX, RF_PFX_BYTES = 1, 2, 4, 8
 CF_ALLOW, CF_DENY = 1, 2
-SET_HAS_TRIE, SET_HAS_PORTS = 1, 2
+SET_HAS_TRIE, SET_HAS_PORTS, SET_EXT_DEFAULT = 1, 2, 4
 PORT_RANGE = 2 * 65536  # port-table entries per slot: (is_udp << 16 | port)
 
 # The byte bucket's burst is capped so that burst * UNIT fits in 64 bits
 # with room for one refill; 4 GB of burst is far beyond any real use.
 MAX_BYTE_BURST = 4_000_000_000
 
-REASONS = ("pass", "allow", "deny", "rate", "prefix", "blocked", "unparsed", "noconfig")
+# the program's per-reason counters, in bpf/layout.h's TG_R_* order
+REASONS = ("pass", "allow", "deny", "rate", "prefix", "blocked", "unparsed", "noconfig", "ipv6-ext-pass",
+           "ipv6-ext-drop")  # fmt: skip
+DROP_REASONS = ("deny", "rate", "prefix", "blocked", "ipv6-ext-drop")  # the reasons whose verdict is drop
 
 PROTO_NUMBERS = {"tcp": (6,), "udp": (17,), "icmp": (1,), "icmpv6": (58,), "any": tuple(range(256))}
 PORT_PROTOS = {"tcp": (6,), "udp": (17,), "any": (6, 17)}
@@ -247,9 +251,13 @@ def _build_kernel_rule_set(rule_set) -> KernelRuleSet:
     params[RULE_DEFAULT] = rule_params("default", "limit", d.limit, d.prefix_limit, d.block_seconds)
     params[RULE_DENYLIST] = RuleParams("deny-list", ACT_DROP)
     params[RULE_ALLOWLIST] = RuleParams("allow-list", ACT_PASS)
-    names.update({RULE_DEFAULT: "default", RULE_DENYLIST: "deny-list", RULE_ALLOWLIST: "allow-list"})
+    # defaults.ipv6_unparsed_extensions: pass or drop by this pseudo-rule, or "default": the default rule
+    ext = d.ipv6_unparsed_extensions
+    params[RULE_EXTHDR] = RuleParams("ipv6-ext", ACT_DROP if ext == "drop" else ACT_PASS)
+    names.update({RULE_DEFAULT: "default", RULE_DENYLIST: "deny-list", RULE_ALLOWLIST: "allow-list",
+                  RULE_EXTHDR: "ipv6-ext"})  # fmt: skip
 
-    flags = (SET_HAS_TRIE if cidrs else 0) | (SET_HAS_PORTS if ports else 0)
+    flags = (SET_HAS_TRIE if cidrs else 0) | (SET_HAS_PORTS if ports else 0) | (SET_EXT_DEFAULT if ext == "default" else 0)
     return KernelRuleSet(
         flags=flags,
         any_src_mask=any_src_mask,

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, PlatformColle
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import MetricsHandler
 
-from .safety import DROP_REASONS
+from .kernel_layout import DROP_REASONS
 
 log = logging.getLogger("tidegate.metrics")
 

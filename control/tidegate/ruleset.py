@@ -24,7 +24,9 @@ import yaml
 PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6", "any")
 ACTIONS = ("limit", "pass", "drop")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")  # always fullmatch: `$` accepts a final newline
-RESERVED_NAMES = {"default", "deny-list", "allow-list"}
+RESERVED_NAMES = {"default", "deny-list", "allow-list", "ipv6-ext"}  # the kernel's pseudo-rules
+# defaults.ipv6_unparsed_extensions: IPv6 packets with more extension headers than the program walks
+IPV6_EXT_POLICIES = ("drop", "pass", "default")
 MAX_FILE_BYTES = 16 << 20
 MAX_ERRORS = 100
 
@@ -110,6 +112,7 @@ class Defaults:
     ipv6_prefix: int = 64
     prefix_limit: PrefixLimit | None = None
     block_seconds: int = 0
+    ipv6_unparsed_extensions: str = "drop"  # IPV6_EXT_POLICIES
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,8 @@ class RuleSet:
             dd["prefix_limit"] = _prefix_dict(self.defaults.prefix_limit)
         if self.defaults.block_seconds:
             dd["block_seconds"] = self.defaults.block_seconds
+        if self.defaults.ipv6_unparsed_extensions != "drop":  # the default stays out: digests stay as they were
+            dd["ipv6_unparsed_extensions"] = self.defaults.ipv6_unparsed_extensions
         d["defaults"] = dd
         if self.allow:
             d["allow"] = [str(n) for n in self.allow]
@@ -429,7 +434,7 @@ class _NoAliasLoader(yaml.SafeLoader):
 
 # --------------------------------------------------------------------- build
 TOP_KEYS = ("defaults", "allow", "deny", "rules", "canaries", "description")
-DEFAULT_KEYS = ("limit", "ipv4_prefix", "ipv6_prefix", "prefix_limit", "block_seconds")
+DEFAULT_KEYS = ("limit", "ipv4_prefix", "ipv6_prefix", "prefix_limit", "block_seconds", "ipv6_unparsed_extensions")
 RULE_KEYS = ("name", "protocol", "dst_ports", "sources", "action", "limit", "prefix_limit", "block_seconds")
 LIMIT_KEYS = ("pps", "burst", "bps", "burst_bytes")
 PREFIX_KEYS = ("ipv4_prefix", "ipv6_prefix") + LIMIT_KEYS
@@ -608,7 +613,14 @@ def _build(root: _Node | None, col: _Collector, cap: Capacity) -> RuleSet:
                 if "block_seconds" in dm
                 else 0
             )
-            defaults = Defaults(lim, v4 or 32, v6 or 64, pl, bs or 0)
+            ext = "drop"
+            if "ipv6_unparsed_extensions" in dm:
+                ev = _str(dm["ipv6_unparsed_extensions"], "defaults.ipv6_unparsed_extensions", col)
+                if ev is not None and ev not in IPV6_EXT_POLICIES:
+                    col.add("defaults.ipv6_unparsed_extensions", dm["ipv6_unparsed_extensions"],
+                            f"must be one of {', '.join(IPV6_EXT_POLICIES)}, got {ev[:40]!r}")  # fmt: skip
+                ext = ev if ev in IPV6_EXT_POLICIES else ext
+            defaults = Defaults(lim, v4 or 32, v6 or 64, pl, bs or 0, ext)
 
     allow = _networks(m.get("allow"), "allow", col)
     deny = _networks(m.get("deny"), "deny", col)

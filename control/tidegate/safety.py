@@ -23,9 +23,10 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
-from .kernel_layout import (
+from .kernel_layout import (  # DROP_REASONS is read from here by metrics and api
     ACT_DROP,
     ACT_PASS,
+    DROP_REASONS,
     RULE_ALLOWLIST,
     RULE_DEFAULT,
     RULE_DENYLIST,
@@ -255,7 +256,6 @@ class CounterHistory:
         return out
 
 
-DROP_REASONS = ("deny", "rate", "prefix", "blocked")
 
 
 def drop_share(delta: dict | None) -> tuple[float, int]:

@@ -45,6 +45,27 @@ def ipv6_ext_chain(src: str, n: int, dport: int = 53) -> bytes:
     return bytes(Ether(**ETH) / pkt / UDP(sport=40000, dport=dport) / b"x")
 
 
+def ipv6_ext_tcp(src: str, n: int, dport: int = 22, mixed: bool = False, payload: int = 0) -> bytes:
+    """TCP behind n IPv6 extension headers: destination options, or (mixed)
+    hop-by-hop first, then routing (no segments left), atomic fragment,
+    authentication (AH) and destination options in turn: every header a
+    receiving stack walks through to the TCP header."""
+    from scapy.layers.inet6 import IPv6ExtHdrRouting
+    from scapy.layers.ipsec import AH
+
+    kinds = [("hbh" if i == 0 else ("rt", "frag", "ah", "dst")[(i - 1) % 4]) if mixed else "dst" for i in range(n)]
+    numbers = {"hbh": 0, "rt": 43, "frag": 44, "ah": 51, "dst": 60}
+    pkt = IPv6(src=src, dst=DST6)
+    for i, kind in enumerate(kinds):
+        following = numbers[kinds[i + 1]] if i + 1 < n else 6
+        pkt = pkt / {"hbh": IPv6ExtHdrHopByHop, "dst": IPv6ExtHdrDestOpt,
+                     "rt": lambda: IPv6ExtHdrRouting(segleft=0),
+                     "frag": lambda: IPv6ExtHdrFragment(offset=0, m=0),
+                     # scapy fills in neither the next header nor the length of AH: 24 bytes = (4 + 2) * 4
+                     "ah": lambda: AH(nh=following, payloadlen=4, spi=1, seq=1, icv=b"\0" * 12)}[kind]()  # fmt: skip
+    return bytes(Ether(**ETH) / pkt / TCP(sport=40000, dport=dport, flags="S") / (b"x" * payload))
+
+
 def ipv6_fragment(src: str, dport: int = 53, offset: int = 0) -> bytes:
     pkt = IPv6(src=src, dst=DST6) / IPv6ExtHdrFragment(offset=offset, m=1) / UDP(sport=1, dport=dport) / b"x"
     return bytes(Ether(**ETH) / pkt)

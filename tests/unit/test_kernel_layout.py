@@ -128,3 +128,46 @@ def test_rule_bits(n):
     krs = kl.build_kernel_rule_set(rs)
     assert krs.ports[(17, 1000 + n - 1)] == 1 << (n - 1)
     assert krs.flags == kl.SET_HAS_PORTS
+
+
+# ------------------------------------------------- the contract with layout.h
+def _layout_defines() -> dict[str, int]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "bpf" / "layout.h").read_text()
+    return {m[1]: int(m[2], 0) for m in re.finditer(r"^#define (TG_\w+) (0x[0-9a-fA-F]+|\d+)\b", text, re.M)}
+
+
+def test_reasons_and_pseudo_rules_match_layout_h():
+    d = _layout_defines()
+    reasons = {n: v for n, v in d.items() if n.startswith("TG_R_")}
+    assert d["TG_REASONS"] == len(kl.REASONS) == len(reasons)
+    names = {"PASS": "pass", "ALLOW": "allow", "DENY": "deny", "RATE": "rate", "PREFIX": "prefix",
+             "BLOCKED": "blocked", "UNPARSED": "unparsed", "NOCONFIG": "noconfig", "EXT_PASS": "ipv6-ext-pass",
+             "EXT_DROP": "ipv6-ext-drop"}  # fmt: skip
+    assert {kl.REASONS[v]: k[len("TG_R_"):] for k, v in reasons.items()} == {v: k for k, v in names.items()}
+    assert set(kl.DROP_REASONS) == {"deny", "rate", "prefix", "blocked", "ipv6-ext-drop"}
+    assert (d["TG_RULE_DEFAULT"], d["TG_RULE_DENYLIST"], d["TG_RULE_ALLOWLIST"], d["TG_RULE_EXTHDR"],
+            d["TG_RULE_IDX"]) == (kl.RULE_DEFAULT, kl.RULE_DENYLIST, kl.RULE_ALLOWLIST, kl.RULE_EXTHDR,
+                                  kl.RULE_IDX)  # fmt: skip
+    assert (d["TG_SET_HAS_TRIE"], d["TG_SET_HAS_PORTS"], d["TG_SET_EXT_DEFAULT"]) == (
+        kl.SET_HAS_TRIE, kl.SET_HAS_PORTS, kl.SET_EXT_DEFAULT)
+
+
+def test_other_modules_use_the_layouts_drop_reasons():
+    from tidegate import kernel, metrics, safety
+
+    assert safety.DROP_REASONS is kl.DROP_REASONS and metrics.DROP_REASONS is kl.DROP_REASONS
+    c = kernel.Counters({r: (i + 1, 0) for i, r in enumerate(kl.REASONS)}, {}, {}, 0, 0)
+    assert c.dropped == sum(kl.REASONS.index(r) + 1 for r in kl.DROP_REASONS)
+
+
+@pytest.mark.parametrize("policy, action, flag", [(None, kl.ACT_DROP, 0), ("drop", kl.ACT_DROP, 0),
+                                                  ("pass", kl.ACT_PASS, 0),
+                                                  ("default", kl.ACT_PASS, kl.SET_EXT_DEFAULT)])  # fmt: skip
+def test_the_ipv6_extension_policy_reaches_the_kernel_entries(policy, action, flag):
+    text = "defaults:\n  limit: {pps: 10, burst: 10}\n" + (f"  ipv6_unparsed_extensions: {policy}\n" if policy else "")
+    krs = kl.build_kernel_rule_set(parse_rule_set(text + "rules: []\n"))
+    assert krs.rules[kl.RULE_EXTHDR].action == action and krs.flags & kl.SET_EXT_DEFAULT == flag
+    assert krs.rule_names[kl.RULE_EXTHDR] == "ipv6-ext"

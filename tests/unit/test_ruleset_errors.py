@@ -35,6 +35,11 @@ CASES = [
     ("dst_ports: [53]", 'dst_ports: "53"', "rules[0].dst_ports", 7, "list"),
     ("    protocol: tcp", "    protocl: tcp", "rules[1].protocl", 10, "protocol"),
     ("limit: {pps: 100, burst: 100}", "limit: {pps: true, burst: 100}", "defaults.limit.pps", 2, "number"),
+    ("limit: {pps: 100, burst: 100}", "limit: {pps: 100, burst: 100}\n  ipv6_unparsed_extensions: allow",
+     "defaults.ipv6_unparsed_extensions", 3, "must be one of drop, pass, default, got 'allow'"),
+    ("limit: {pps: 100, burst: 100}", "limit: {pps: 100, burst: 100}\n  ipv6_unparsed_extensions: 1",
+     "defaults.ipv6_unparsed_extensions", 3, "must be text"),
+    ("name: web", "name: ipv6-ext", "rules[1].name", 9, "'ipv6-ext' is reserved"),
 ]
 
 
@@ -85,3 +90,17 @@ def test_canonical_cidr_lists_print_exactly_as_pyyaml_does():
         chunk = nets[i:i + 37]
         assert _inline_cidrs(chunk) == _inline(chunk)
     assert _inline_cidrs(nets) == _inline(nets)
+
+
+@pytest.mark.parametrize("policy", ["drop", "pass", "default"])
+def test_the_ipv6_extension_policy_round_trips_and_the_default_stays_out_of_the_text(policy):
+    from tidegate.ruleset import dump_yaml
+
+    plain = parse_rule_set(BASE)
+    rs = parse_rule_set(BASE.replace("  limit: {pps: 100, burst: 100}\n",
+                                     f"  limit: {{pps: 100, burst: 100}}\n  ipv6_unparsed_extensions: {policy}\n"))
+    assert rs.defaults.ipv6_unparsed_extensions == policy and plain.defaults.ipv6_unparsed_extensions == "drop"
+    text = dump_yaml(rs)
+    assert parse_rule_set(text) == rs
+    assert ("ipv6_unparsed_extensions" in text) == (policy != "drop")
+    assert (rs.digest() == plain.digest()) == (policy == "drop"), "an explicit default is the same rule set"
