@@ -213,8 +213,9 @@ class _Crypto:
     def _pem(key, cert) -> tuple[bytes, bytes]:
         from cryptography.hazmat.primitives import serialization
 
-        return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()), cert.public_bytes(serialization.Encoding.PEM))  # fmt: skip
+        private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())  # fmt: skip
+        return private, cert.public_bytes(serialization.Encoding.PEM)
 
     def _builder(self, subject, issuer, public_key):
         import datetime

@@ -257,7 +257,8 @@ def _build_kernel_rule_set(rule_set) -> KernelRuleSet:
     names.update({RULE_DEFAULT: "default", RULE_DENYLIST: "deny-list", RULE_ALLOWLIST: "allow-list",
                   RULE_EXTHDR: "ipv6-ext"})  # fmt: skip
 
-    flags = (SET_HAS_TRIE if cidrs else 0) | (SET_HAS_PORTS if ports else 0) | (SET_EXT_DEFAULT if ext == "default" else 0)
+    flags = (SET_HAS_TRIE if cidrs else 0) | (SET_HAS_PORTS if ports else 0)
+    flags |= SET_EXT_DEFAULT if ext == "default" else 0
     return KernelRuleSet(
         flags=flags,
         any_src_mask=any_src_mask,
