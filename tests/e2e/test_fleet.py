@@ -7,7 +7,8 @@ fleet's state the one before left):
   7. an invalid rule set written into etcd by hand: every agent NACKs with the
      parser's message and nothing changes on any host;
   1. a good rule set in waves of 1, 2 and the rest: order and bake time hold
-     (timestamps), every host converges, each host's audit names the rollout;
+     (timestamps), every host converges, each host's audit names the rollout
+     (one desired state per etcd transaction: a wave spans several revisions);
   2. the outage fleet-wide: refused at the shadow stage with the numbers;
      forced past it, the first wave's guard rolls back, the rollout halts,
      the canary host is back on the last good version within 30 s, and no
@@ -197,8 +198,10 @@ def test_invalid_set_written_by_hand_is_nacked_everywhere(fleet):
 # ------------------------------------------------------------------ scenario 1
 def test_good_set_rolls_out_in_waves_with_bake(fleet):
     bake = 3.0
+    # --txn-ops 1: each host's desired state is its own etcd revision, so a wave's hosts answer different
+    # revisions (as a wave of more than 100 hosts does with the default)
     r = fleet.rollout(BETTER, "--reason", "raise api limit", "--waves", "1,3,100%", "--bake", str(bake),
-                      "--shadow-first", "3")  # fmt: skip
+                      "--shadow-first", "3", "--txn-ops", "1")  # fmt: skip
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)
     assert rec["phase"] == "completed" and rec["operator"] == "fleet-op@test"

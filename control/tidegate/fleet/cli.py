@@ -87,6 +87,18 @@ def _driver_settings(p: argparse.ArgumentParser) -> None:
                    help="wait this long for another driver's lock (default 0: refuse at once)")  # fmt: skip
     p.add_argument("--etcd-patience", type=float, default=60.0, metavar="S",
                    help="how long to wait out an etcd outage before exiting 1 (default 60)")  # fmt: skip
+    p.add_argument("--txn-ops", type=_positive_int, default=100, metavar="N",
+                   help="desired states written per etcd transaction; at most etcd's --max-txn-ops (default 100)")  # fmt: skip
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +177,7 @@ def _driver(args, etcd, keys):
     from .driver import Driver, Settings
 
     s = Settings(ack_timeout=args.ack_timeout, heartbeat_deadline=args.heartbeat_deadline, lock_ttl=args.lock_ttl,
-                 etcd_patience=args.etcd_patience)  # fmt: skip
+                 etcd_patience=args.etcd_patience, txn_ops=args.txn_ops)  # fmt: skip
     return Driver(etcd, keys, default_author(), s, progress=_progress)
 
 

@@ -30,7 +30,7 @@ from .etcd import Etcd, EtcdUnavailable
 from .keys import (ACK, COMPLETED, FAILED, FINAL, HALTED, HALTING, NACK, REFUSED, ROLLED_BACK, SHADOW, WAVE,
                    Keys, decode, encode)  # fmt: skip
 
-BATCH = 100  # puts per transaction (etcd's default --max-txn-ops is 128)
+TXN_OPS = 100  # puts per transaction (etcd's default --max-txn-ops is 128)
 
 
 class DriverBusy(Exception):
@@ -52,6 +52,7 @@ class Settings:
     poll: float = 0.5
     lock_ttl: int = 10
     etcd_patience: float = 60.0  # how long the driver waits for etcd before giving up (resume later)
+    txn_ops: int = TXN_OPS  # desired states written per etcd transaction
 
 
 class Driver:
@@ -120,16 +121,22 @@ class Driver:
                     said = True
                 time.sleep(1.0)
 
-    def _fenced_put(self, items: list[tuple[str, bytes]]) -> int:
+    def _fenced_put(self, items: list[tuple[str, bytes]]) -> dict[str, int]:
+        """Write in transactions of txn_ops keys; {key: the revision it was written at}.
+        Each batch is its own revision: a host of the first batch answers the
+        first batch's revision, never a later one."""
         if self.lost:
             raise LostLock("the driver lost its lock (lease expired): stopping; see `tidegate fleet status`")
-        rev = 0
-        for i in range(0, len(items), BATCH):
-            rev = self._retry(lambda: self.etcd.put_many(items[i:i + BATCH], if_value=(self.keys.driver, self.me)))
+        revs = {}
+        step = max(1, self.s.txn_ops)
+        for i in range(0, len(items), step):
+            batch = items[i:i + step]
+            rev = self._retry(lambda: self.etcd.put_many(batch, if_value=(self.keys.driver, self.me)))
             if not rev:
                 self.lost = True
                 raise LostLock("another driver holds the fleet now: stopping")
-        return rev
+            revs.update((k, rev) for k, _ in batch)
+        return revs
 
     def save(self, rec: dict) -> None:
         rec["updated"] = time.time()
@@ -172,7 +179,8 @@ class Driver:
             self._revert(rec)
         return rec
 
-    def _write_desired(self, rec: dict, hosts: list[str], step: str, **fields) -> int:
+    def _write_desired(self, rec: dict, hosts: list[str], step: str, **fields) -> dict[str, int]:
+        """Write each host's desired state; {host: the revision of its write}."""
         items = []
         for h in hosts:
             d = {"seq": f"{rec['id']}:{step}", "rollout": rec["id"], "operator": rec["operator"],
@@ -180,21 +188,23 @@ class Driver:
             for k, v in fields.items():  # a dict value is per host (a rollback's targets differ)
                 d[k] = v[h] if isinstance(v, dict) else v
             items.append((self.keys.desired(h), encode(d)))
-        return self._fenced_put(items)
+        revs = self._fenced_put(items)
+        return {h: revs[self.keys.desired(h)] for h in hosts}
 
-    def _wait_results(self, hosts: list[str], revision: int, timeout: float, watch: list[str] | None = None,
+    def _wait_results(self, hosts: list[str], revs: dict[str, int], timeout: float, watch: list[str] | None = None,
                       rec: dict | None = None) -> tuple[dict, dict]:  # fmt: skip
-        """Wait until every host answered the desired state written at
-        `revision` (or `timeout`). Returns ({host: result}, {host: status})."""
+        """Wait until every host answered the desired state written for it at
+        revs[host] (or `timeout`). Returns ({host: result}, {host: status})."""
         deadline = time.monotonic() + timeout
         results: dict[str, dict] = {}
         while True:
             sts = self.statuses()
             for h in hosts:
                 last = (sts.get(h) or {}).get("last") or {}
-                if h not in results and last.get("desired_revision", 0) >= revision:
+                if h not in results and last.get("desired_revision", 0) >= revs[h]:
                     results[h] = last
-                    self.progress(f"  {h}: {last['result']} {last.get('message', '').splitlines()[0][:100]}")
+                    first = str(last.get("message") or "").split("\n")[0]
+                    self.progress(f"  {h}: {last.get('result')} {first[:100]}")
             if len(results) == len(hosts) or time.monotonic() >= deadline:
                 return results, sts
             if watch and rec is not None and self._health(rec, watch, sts):
@@ -207,8 +217,8 @@ class Driver:
         self.event(rec, "shadow-start", hosts=len(hosts))
         self.save(rec)
         self.progress(f"shadow: loading the candidate as shadow on {len(hosts)} host(s) for {rec['shadow_first']:.0f} s")
-        rev = self._write_desired(rec, hosts, "shadow", shadow={h: targets[h] for h in hosts})
-        results, _ = self._wait_results(hosts, rev, self.s.ack_timeout)
+        revs = self._write_desired(rec, hosts, "shadow", shadow={h: targets[h] for h in hosts})
+        results, _ = self._wait_results(hosts, revs, self.s.ack_timeout)
         bad = {h: r for h, r in results.items() if r["result"] != ACK}
         missing = [h for h in hosts if h not in results]
         if bad or missing:
@@ -243,8 +253,8 @@ class Driver:
         self.save(rec)
 
     def _clear_shadow(self, rec: dict, hosts: list[str]) -> None:
-        rev = self._write_desired(rec, hosts, "shadow-clear", shadow="")
-        self._wait_results(hosts, rev, min(self.s.ack_timeout, 15.0))
+        revs = self._write_desired(rec, hosts, "shadow-clear", shadow="")
+        self._wait_results(hosts, revs, min(self.s.ack_timeout, 15.0))
 
     def _wave(self, rec: dict, i: int) -> bool:
         hosts = rec["waves"][i]
@@ -255,10 +265,10 @@ class Driver:
         self.event(rec, "wave-start", wave=i, hosts=hosts)
         self.save(rec)  # enforced is recorded before any host is asked: a halt reverts it
         self.progress(f"wave {i + 1}/{n}: {len(hosts)} host(s): {', '.join(hosts[:8])}{' ...' if len(hosts) > 8 else ''}")
-        rev = self._write_desired(rec, hosts, f"w{i}", active={h: rec["targets"][h] for h in hosts},
+        revs = self._write_desired(rec, hosts, f"w{i}", active={h: rec["targets"][h] for h in hosts},
                                   guard_seconds=rec["guard_seconds"], force=rec["force"])  # fmt: skip
         watch = [h for h in rec["enforced"] if h not in hosts]
-        results, sts = self._wait_results(hosts, rev, self.s.ack_timeout, watch=watch, rec=rec)
+        results, sts = self._wait_results(hosts, revs, self.s.ack_timeout, watch=watch, rec=rec)
         for h in hosts:
             r = results.get(h)
             if r is None:
@@ -319,8 +329,8 @@ class Driver:
         self.progress(f"reverting {len(hosts)} host(s) that were asked to enforce it")
         self.event(rec, "revert-start", hosts=hosts)
         self.save(rec)
-        rev = self._write_desired(rec, hosts, "revert", active={h: rec["previous"][h] for h in hosts}, revert=True)
-        results, _ = self._wait_results(hosts, rev, self.s.ack_timeout)
+        revs = self._write_desired(rec, hosts, "revert", active={h: rec["previous"][h] for h in hosts}, revert=True)
+        results, _ = self._wait_results(hosts, revs, self.s.ack_timeout)
         unconfirmed = sorted(h for h in hosts if results.get(h, {}).get("result") != ACK) + skipped
         rec["unconfirmed"] = unconfirmed
         self.event(rec, "reverted", acks={h: r.get("time") for h, r in results.items()}, unconfirmed=unconfirmed)
@@ -359,4 +369,5 @@ def new_record(rid: str, kind: str, operator: str, reason: str, waves: list[list
             "cause": "", "events": [], "phase": SHADOW if settings.get("shadow_first") else WAVE, **settings}  # fmt: skip
 
 
-__all__ = ["Driver", "DriverBusy", "LostLock", "Settings", "new_record", "sum_shadow", "FINAL", "FAILED", "NACK"]
+__all__ = ["Driver", "DriverBusy", "LostLock", "Settings", "new_record", "sum_shadow", "FINAL", "FAILED",
+           "NACK"]

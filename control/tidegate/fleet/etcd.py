@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from urllib.parse import urlparse
 
 import requests
@@ -43,6 +44,14 @@ def _range_end(prefix: str) -> str:
     b = bytearray(prefix.encode())
     b[-1] += 1
     return _b64(bytes(b))
+
+
+def _why(e: Exception | None) -> str:
+    """What went wrong, in a line (etcd3gw keeps the text in detail_text, not in str())."""
+    if e is None:
+        return "no endpoint tried"
+    text = getattr(e, "detail_text", None) or str(e) or type(e).__name__
+    return f"{type(e).__name__}: {' '.join(str(text).split())[:300]}"
 
 
 class KV:
@@ -95,19 +104,22 @@ class Etcd:
         for i in range(n):
             idx = (start + i) % n
             c = self._clients[idx]
-            with self._lock:
-                self.requests += 1
-                self.bytes_out += len(data)
+            self._tally(1, len(data), 0)
             try:
                 out = c.post(c.get_url(path), data=data)
             except Etcd3Exception as e:  # refused, timed out, 5xx (no leader, leader changed)
                 last = e
                 continue
             self._current = idx
-            with self._lock:
-                self.bytes_in += len(json.dumps(out))
+            self._tally(0, 0, len(json.dumps(out)))
             return out
-        raise EtcdUnavailable(f"etcd unreachable at {', '.join(self.endpoints)}: {str(last)[:200]}")
+        raise EtcdUnavailable(f"etcd unreachable at {', '.join(self.endpoints)}: {_why(last)}")
+
+    def _tally(self, requests: int, bytes_out: int, bytes_in: int) -> None:
+        with self._lock:
+            self.requests += requests
+            self.bytes_out += bytes_out
+            self.bytes_in += bytes_in
 
     def close(self) -> None:
         for c in self._clients:
@@ -202,10 +214,10 @@ class Etcd:
         create = {"key": _b64(key), "start_revision": after_revision + 1}
         if prefix:
             create["range_end"] = _range_end(key)
-        with self._lock:
-            self.requests += 1
+        body = json.dumps({"create_request": create})
+        self._tally(1, len(body), 0)
         try:
-            resp = c.session.post(c.get_url("watch"), json={"create_request": create}, stream=True,
+            resp = c.session.post(c.get_url("watch"), data=body, stream=True,
                                   timeout=(min(3.0, self.timeout), timeout))  # fmt: skip
         except requests.RequestException as e:
             self._current = (self._current + 1) % len(self._clients)
@@ -214,14 +226,15 @@ class Etcd:
             if resp.status_code != 200:
                 self._current = (self._current + 1) % len(self._clients)
                 raise EtcdUnavailable(f"etcd watch answered {resp.status_code}")
+            deadline = time.monotonic() + timeout
             for line in resp.iter_lines():
-                if not line:
-                    continue
-                with self._lock:
-                    self.bytes_in += len(line)
-                result = json.loads(line).get("result") or {}
-                if result.get("events") or result.get("canceled") or result.get("compact_revision"):
-                    return True
+                if line:
+                    self._tally(0, 0, len(line))
+                    result = json.loads(line).get("result") or {}
+                    if result.get("events") or result.get("canceled") or result.get("compact_revision"):
+                        return True
+                if time.monotonic() >= deadline:  # a stream that trickles (progress, keep-alives) never times out
+                    return False
             return True  # the stream ended (member stopping): read again
         except (requests.RequestException, ValueError):
             return False  # read timeout: nothing changed
