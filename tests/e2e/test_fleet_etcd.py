@@ -1,6 +1,7 @@
 """The fleet's etcd client and the driver's bookkeeping against a real
-single-member etcd (no agents): a wave written over several transactions,
-and a watch that cannot outlive its timeout."""
+single-member etcd (no agents): the driver's incremental status view, a
+wave written over several transactions, and a watch that cannot outlive
+its timeout."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from tidegate.fleet.driver import Driver, Settings
+from tidegate.fleet.driver import Driver, Settings, StatusView
 from tidegate.fleet.etcd import Etcd
 from tidegate.fleet.keys import Keys, decode, encode
 
@@ -28,6 +29,35 @@ def etcd(tmp_path_factory):
 
 def status(host: str, **fields) -> bytes:
     return encode({"host": host, "heartbeat": time.time(), **fields})
+
+
+def test_status_view_reads_only_what_changed_and_drops_expired_hosts(etcd):
+    keys = Keys("view")
+    e = Etcd(etcd.endpoints)
+    lease = e.grant(30)
+    for i in range(20):
+        e.put(keys.status(f"h{i:02d}"), status(f"h{i:02d}", pad="x" * 500), lease=lease if i == 7 else 0)
+    view = StatusView(e, keys.status_prefix)
+    b = e.bytes_in
+    sts = view.refresh()
+    full = e.bytes_in - b
+    assert sorted(sts) == [f"h{i:02d}" for i in range(20)]
+    e.put(keys.status("h03"), status("h03", pad="y" * 500, last={"result": "ACK"}))
+    b = e.bytes_in
+    sts = view.refresh()
+    one = e.bytes_in - b
+    assert sts["h03"]["last"] == {"result": "ACK"} and sts["h04"]["pad"] == "x" * 500 and len(sts) == 20
+    assert one * 10 < full, (one, full)  # one record, not twenty
+    b = e.bytes_in
+    assert view.refresh() == sts  # nothing changed: nothing read but the header
+    assert (e.bytes_in - b) * 20 < full
+    e.revoke(lease)  # h07's status goes with its lease, as a dead host's does
+    e.put(keys.status("h20"), status("h20"))  # and a new host joins in the same interval
+    sts = view.refresh()
+    assert "h07" not in sts and "h20" in sts and len(sts) == 20
+    e.put(keys.status("h05"), b"not json")
+    assert "h05" not in view.refresh() and len(view.refresh()) == 19
+    e.close()
 
 
 def test_a_wave_over_several_transactions_is_answered_per_revision(etcd):

@@ -182,20 +182,10 @@ def _driver(args, etcd, keys):
 
 
 def _select(etcd, keys, selector: dict) -> dict[str, dict]:
-    from .driver import Driver
+    from .driver import StatusView
 
-    sts = Driver.statuses(_Reader(etcd, keys))
+    sts = StatusView(etcd, keys.status_prefix).refresh()
     return {h: st for h, st in sts.items() if matches(st.get("labels", {}), selector)}
-
-
-class _Reader:
-    """Enough of a Driver to read statuses without holding the lock."""
-
-    def __init__(self, etcd, keys):
-        self.etcd, self.keys = etcd, keys
-
-    def _retry(self, fn):
-        return fn()
 
 
 def _publish_version(etcd, keys, text: str, source: str, reason: str, operator: str) -> str:

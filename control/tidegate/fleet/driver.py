@@ -68,6 +68,7 @@ class Driver:
         self._stop = threading.Event()
         self.lost = False
         self.etcd_ok_since = time.monotonic()
+        self.view = StatusView(etcd, keys.status_prefix)
 
     # ---------------------------------------------------------------- lock
     def acquire(self, wait: float = 0.0) -> None:
@@ -143,15 +144,8 @@ class Driver:
         self._fenced_put([(self.keys.rollout(rec["id"]), encode(rec)), (self.keys.current, rec["id"].encode())])
 
     def statuses(self) -> dict[str, dict]:
-        kvs, _ = self._retry(lambda: self.etcd.get_prefix(self.keys.status_prefix))
-        out = {}
-        for kv in kvs:
-            try:
-                st = decode(kv.value)
-            except ValueError:
-                continue
-            out[kv.key[len(self.keys.status_prefix):]] = st
-        return out
+        """Every live host's status, {host: record}, as of now (see StatusView)."""
+        return self._retry(self.view.refresh)
 
     def event(self, rec: dict, what: str, **fields) -> None:
         rec.setdefault("events", []).append({"t": time.time(), "event": what, **fields})
@@ -345,6 +339,38 @@ class Driver:
         self.progress(f"rollout {rec['id']} {phase}" + (f": {cause}" if cause else ""))
 
 
+class StatusView:
+    """The status keys as last read, refreshed cheaply: the first read takes
+    the whole prefix, each later one only the keys modified since the last
+    read (etcd's min_mod_revision) plus the prefix's key count; when that
+    count is below what the view holds, hosts' leases expired and one
+    keys-only read finds which. A poll costs the statuses that changed
+    (heartbeats and results), not the whole fleet's."""
+
+    def __init__(self, etcd: Etcd, prefix: str):
+        self.etcd = etcd
+        self.prefix = prefix
+        self.revision = 0
+        self._sts: dict[str, dict | None] = {}  # None: a value that is not a status record
+
+    def refresh(self) -> dict[str, dict]:
+        kvs, count, rev = self.etcd.get_prefix_since(self.prefix, self.revision)
+        if not self.revision:
+            self._sts = {}
+        for kv in kvs:
+            try:
+                st = decode(kv.value)
+            except ValueError:
+                st = None
+            self._sts[kv.key[len(self.prefix):]] = st if isinstance(st, dict) else None
+        if count < len(self._sts):
+            live, _ = self.etcd.get_prefix(self.prefix, keys_only=True)
+            keep = {kv.key[len(self.prefix):] for kv in live}
+            self._sts = {h: st for h, st in self._sts.items() if h in keep}
+        self.revision = rev
+        return {h: st for h, st in self._sts.items() if st is not None}
+
+
 def sum_shadow(hosts: list[str], sts: dict) -> dict:
     """Per host and fleet-wide would-drops of the shadow stage."""
     per = {}
@@ -369,5 +395,5 @@ def new_record(rid: str, kind: str, operator: str, reason: str, waves: list[list
             "cause": "", "events": [], "phase": SHADOW if settings.get("shadow_first") else WAVE, **settings}  # fmt: skip
 
 
-__all__ = ["Driver", "DriverBusy", "LostLock", "Settings", "new_record", "sum_shadow", "FINAL", "FAILED",
+__all__ = ["Driver", "DriverBusy", "LostLock", "Settings", "StatusView", "new_record", "sum_shadow", "FINAL", "FAILED",
            "NACK"]

@@ -139,6 +139,17 @@ class Etcd:
         out = self._post("kv/range", body)
         return [KV(k) for k in out.get("kvs") or []], int(out["header"]["revision"])
 
+    def get_prefix_since(self, prefix: str, after_revision: int) -> tuple[list[KV], int, int]:
+        """The keys under `prefix` modified after `after_revision` (0: all),
+        with the number of keys the prefix holds now and the store's revision:
+        (kvs, count, revision). etcd counts before the revision filter, so a
+        count below what the caller knows means keys were deleted."""
+        body = {"key": _b64(prefix), "range_end": _range_end(prefix)}
+        if after_revision:
+            body["min_mod_revision"] = after_revision + 1
+        out = self._post("kv/range", body)
+        return [KV(k) for k in out.get("kvs") or []], int(out.get("count", 0)), int(out["header"]["revision"])
+
     def put(self, key: str, value: bytes, lease: int = 0) -> int:
         body = {"key": _b64(key), "value": _b64(value)}
         if lease:
