@@ -1,6 +1,7 @@
 """Real etcd for the fleet tests: one member or a three-member cluster on
 free loopback ports with temporary data directories, started and stopped
-(or SIGKILLed) by the test; and fleet agents on their own veth pairs."""
+(or SIGKILLed) by the test, optionally serving clients over TLS with client
+certificates required (--client-cert-auth)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,44 @@ from .conftest import free_port
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
 
+class EtcdPKI:
+    """A lab CA made by tidegate.certs (`tidegate certs`) with a client certificate for the
+    fleet (agents and driver), etcd's own certificate signed by it with
+    openssl, and a client certificate from another CA (a stranger).
+
+    etcd's certificate allows server *and* client auth: etcd's JSON gateway
+    dials etcd itself with it, and with --client-cert-auth that dial must
+    pass as a client."""
+
+    def __init__(self, d: Path):
+        from tidegate.certs import make_lab_pki
+
+        self.dir = d
+        make_lab_pki(d, "etcd", ["fleet"])
+        make_lab_pki(d / "other", "other", ["stranger"])
+        self.ca, self.cert, self.key = d / "ca.pem", d / "fleet.pem", d / "fleet.key"
+        self.stranger = (d / "other" / "stranger.pem", d / "other" / "stranger.key")
+        self.etcd_cert, self.etcd_key = d / "etcd.pem", d / "etcd.key"
+        ext = d / "etcd.ext"
+        ext.write_text("basicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\n"
+                       "subjectAltName=IP:127.0.0.1,DNS:localhost\n")  # fmt: skip
+        for argv in (["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out",
+                      str(self.etcd_key)],
+                     ["req", "-new", "-key", str(self.etcd_key), "-subj", "/CN=etcd", "-out", str(d / "etcd.csr")],
+                     ["x509", "-req", "-in", str(d / "etcd.csr"), "-CA", str(self.ca), "-CAkey", str(d / "ca.key"),
+                      "-CAcreateserial", "-days", "2", "-sha256", "-extfile", str(ext), "-out", str(self.etcd_cert)]):  # fmt: skip
+            subprocess.run(["openssl", *argv], check=True, capture_output=True)
+
+    def client_options(self) -> dict:
+        """Keyword arguments for tidegate.fleet.etcd.Etcd."""
+        return {"ca": str(self.ca), "cert": str(self.cert), "key": str(self.key)}
+
+
 class EtcdMember:
-    def __init__(self, name: str, data_dir: Path):
+    def __init__(self, name: str, data_dir: Path, pki: EtcdPKI | None = None):
         self.name = name
         self.data_dir = data_dir
+        self.pki = pki
         self.client_port = free_port()
         self.peer_port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -27,7 +62,7 @@ class EtcdMember:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.pki else 'http'}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -40,6 +75,9 @@ class EtcdMember:
                 "--initial-cluster-token", token, "--initial-cluster-state", "new",
                 "--heartbeat-interval", "50", "--election-timeout", "500", "--logger", "zap",
                 "--log-outputs", "stderr"]  # fmt: skip
+        if self.pki:
+            argv += ["--cert-file", str(self.pki.etcd_cert), "--key-file", str(self.pki.etcd_key),
+                     "--client-cert-auth", "--trusted-ca-file", str(self.pki.ca)]  # fmt: skip
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "ab"))
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -53,17 +91,39 @@ class EtcdMember:
 
 
 class EtcdCluster:
-    """`size` members on loopback; `endpoints` is the comma list for --etcd."""
+    """`size` members on loopback; `endpoints` is the comma list for --etcd.
+    With a `pki`, clients talk TLS and need a certificate of its CA."""
 
-    def __init__(self, workdir: Path, size: int = 1, tag: str = "e"):
+    def __init__(self, workdir: Path, size: int = 1, tag: str = "e", pki: EtcdPKI | None = None):
         self.workdir = workdir
+        self.pki = pki
         self.token = f"tg-{tag}-{os.getpid()}"
-        self.members = [EtcdMember(f"{tag}{i}", workdir / f"{tag}{i}.etcd") for i in range(size)]
+        self.members = [EtcdMember(f"{tag}{i}", workdir / f"{tag}{i}.etcd", pki) for i in range(size)]
         self.cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
 
     @property
     def endpoints(self) -> str:
         return ",".join(m.url for m in self.members)
+
+    def client(self, endpoints: str | None = None, timeout: float = 5.0):
+        from tidegate.fleet.etcd import Etcd
+
+        return Etcd(endpoints or self.endpoints, timeout=timeout, **(self.pki.client_options() if self.pki else {}))
+
+    def cli_options(self) -> list[str]:
+        """`tidegate fleet` options to reach it."""
+        opts = ["--etcd", self.endpoints]
+        if self.pki:
+            opts += ["--etcd-ca", str(self.pki.ca), "--etcd-cert", str(self.pki.cert), "--etcd-key", str(self.pki.key)]
+        return opts
+
+    def agent_options(self) -> list[str]:
+        """`tidegate agent` options to reach it."""
+        opts = ["--fleet-etcd", self.endpoints]
+        if self.pki:
+            opts += ["--fleet-etcd-ca", str(self.pki.ca), "--fleet-etcd-cert", str(self.pki.cert),
+                     "--fleet-etcd-key", str(self.pki.key)]  # fmt: skip
+        return opts
 
     def start(self, timeout: float = 30) -> "EtcdCluster":
         for m in self.members:
@@ -73,9 +133,9 @@ class EtcdCluster:
         return self
 
     def wait_ready(self, timeout: float = 30) -> None:
-        from tidegate.fleet.etcd import Etcd, EtcdUnavailable
+        from tidegate.fleet.etcd import EtcdUnavailable
 
-        e = Etcd(self.endpoints, timeout=2)
+        e = self.client(timeout=2)
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:
@@ -90,12 +150,10 @@ class EtcdCluster:
         raise RuntimeError(f"etcd not ready after {timeout}s:\n{logs}")
 
     def leader(self) -> EtcdMember:
-        from tidegate.fleet.etcd import Etcd
-
         for m in self.members:
             if m.proc is None or m.proc.poll() is not None:
                 continue
-            e = Etcd(m.url, timeout=2)
+            e = self.client(m.url, timeout=2)
             try:
                 st = e.status()
                 if st.get("leader") == st.get("header", {}).get("member_id"):

@@ -1,6 +1,8 @@
 """The fleet on a real etcd with five real agents, each on its own veth pair
 in its own namespace with its own legitimate traffic (20 clients and a
-canary on the api port).
+canary on the api port). etcd serves clients over TLS and requires client
+certificates (--client-cert-auth): every agent and every `tidegate fleet`
+run talk to it with --fleet-etcd-ca/cert/key and --etcd-ca/cert/key.
 
 Scenarios (the order matters: they share the agents and go on from the
 fleet's state the one before left):
@@ -9,12 +11,15 @@ fleet's state the one before left):
   1. a good rule set in waves of 1, 2 and the rest: order and bake time hold
      (timestamps), every host converges, each host's audit names the rollout
      (one desired state per etcd transaction: a wave spans several revisions);
+  `fleet rollback` in waves (to each host's version before scenario 1), then
+  `fleet rollback --to V` in waves (back to scenario 1's version);
   2. the outage fleet-wide: refused at the shadow stage with the numbers;
      forced past it, the first wave's guard rolls back, the rollout halts,
      the canary host is back on the last good version within 30 s, and no
      later-wave host ever had it active (kernel active version, drop counters);
   then drift, one driver at a time, the driver SIGKILLed mid-wave and
-  `fleet resume`, an agent SIGKILLed mid-wave, etcd stopped mid-rollout.
+  `fleet resume`, an agent SIGKILLed mid-wave, etcd stopped mid-rollout;
+  and etcd refusing a client without a certificate of its CA.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from tidegate.fleet.etcd import Etcd
 from tidegate.fleet.keys import Keys, encode
 
 from .conftest import BIN, send
-from .fleet_harness import EtcdCluster
+from .fleet_harness import EtcdCluster, EtcdPKI
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -79,7 +84,7 @@ class Fleet:
         return f"h{i + 1}"
 
     def cli(self, *args: str, timeout: float = 180, wait: bool = True):
-        argv = [str(BIN), "fleet", *args, "--etcd", self.etcd.endpoints, "--fleet", self.name]
+        argv = [str(BIN), "fleet", *args, *self.etcd.cli_options(), "--fleet", self.name]
         env = {**os.environ, "TIDEGATE_AUTHOR": "fleet-op@test"}
         if not wait:
             return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -88,8 +93,11 @@ class Fleet:
     def rollout(self, text: str, *extra: str, name: str = "cand.yaml", wait: bool = True):
         path = self.tmp / name
         path.write_text(text)
-        return self.cli("rollout", str(path), "-o", "json", "--ack-timeout", "20", "--heartbeat-deadline", "6",
-                        "--lock-ttl", "3", *extra, wait=wait)  # fmt: skip
+        return self.drive("rollout", str(path), *extra, wait=wait)
+
+    def drive(self, verb: str, *extra: str, wait: bool = True):
+        return self.cli(verb, *extra, "-o", "json", "--ack-timeout", "20", "--heartbeat-deadline", "6", "--lock-ttl",
+                        "3", wait=wait)  # fmt: skip
 
     def status(self) -> dict:
         r = self.cli("status", "-o", "json")
@@ -97,7 +105,7 @@ class Fleet:
         return {h["host"]: h for h in json.loads(r.stdout)["hosts"]}
 
     def etcd_client(self) -> Etcd:
-        return Etcd(self.etcd.endpoints)
+        return self.etcd.client()
 
     def wait_hosts(self, pred, timeout: float = 30, what: str = "") -> dict:
         deadline = time.monotonic() + timeout
@@ -122,13 +130,13 @@ def _traffic(agent) -> list[subprocess.Popen]:
 @pytest.fixture(scope="module")
 def fleet(start_agent, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fleet")
-    etcd = EtcdCluster(tmp, 3, tag="f").start()  # three members: scenario 6 kills the leader
+    etcd = EtcdCluster(tmp, 3, tag="f", pki=EtcdPKI(tmp / "pki")).start()  # 3 members: scenario 6 kills the leader
     name = f"t{os.getpid() % 100000}"
     good = tmp / "good.yaml"
     good.write_text(GOOD)
     agents = []
     for i in range(HOSTS):
-        extra = ["--fleet-etcd", etcd.endpoints, "--fleet", name, "--host-id", f"h{i + 1}", "--label", "role=edge",
+        extra = [*etcd.agent_options(), "--fleet", name, "--host-id", f"h{i + 1}", "--label", "role=edge",
                  "--label", f"zone={'a' if i < 3 else 'b'}", "--fleet-heartbeat", "0.5", "--fleet-lease-ttl", "3"]  # fmt: skip
         agents.append(start_agent(f"fl{i}", GOOD, extra, wait=False))
     errors = []
@@ -207,27 +215,71 @@ def test_good_set_rolls_out_in_waves_with_bake(fleet):
     assert rec["phase"] == "completed" and rec["operator"] == "fleet-op@test"
     assert [len(w) for w in rec["waves"]] == [1, 2, 2]
     assert rec["shadow"]["within_budget"] and rec["shadow"]["total"]["packets"] > 0
+    assert_waves_in_order(rec, bake)
+    want = digest_of(BETTER)
+    for a in fleet.agents:
+        assert active_digest(a) == want
+        assert_audit_names(a, rec["id"], "raise api limit")
+    # the last wave's guards end on their own (guard window = max(bake, 5 s)), then all are in sync
+    fleet.wait_hosts(lambda st: all(st[h]["state"] == "in-sync" and st[h]["active_digest"] == want for h in st),
+                     timeout=20, what="in sync")  # fmt: skip
+
+
+def assert_waves_in_order(rec: dict, bake: float) -> None:
+    """Every host of each wave ACKed after its wave started; the bake ran
+    after the wave's last ACK; no host of the next wave before it ended."""
     ev = rec["events"]
     starts = {e["wave"]: e["t"] for e in ev if e["event"] == "wave-start"}
     acked = {e["wave"]: e["acks"] for e in ev if e["event"] == "wave-acked"}
     baked = {e["wave"]: e["t"] for e in ev if e["event"] == "wave-baked"}
-    assert sorted(starts) == sorted(baked) == [0, 1, 2]
-    for i in range(3):
-        hosts = rec["waves"][i]
-        assert sorted(acked[i]) == sorted(hosts)
+    n = len(rec["waves"])
+    assert sorted(starts) == sorted(baked) == list(range(n)), ev
+    for i in range(n):
+        assert sorted(acked[i]) == sorted(rec["waves"][i])
         assert all(starts[i] <= t for t in acked[i].values())
         assert baked[i] - max(acked[i].values()) >= bake - 0.1  # the bake ran after the last ACK
-        if i < 2:
+        if i < n - 1:
             assert starts[i + 1] >= baked[i]
             assert min(acked[i + 1].values()) > baked[i]  # no host of the next wave before the bake ended
-    want = digest_of(BETTER)
+
+
+def assert_audit_names(agent, rollout_id: str, reason: str) -> None:
+    audit = agent.api.ListAudit(limit=30).entries
+    assert any(x.action == "fleet-apply" and rollout_id in x.author and reason in x.detail
+               for x in audit), [(x.action, x.author, x.detail) for x in audit]  # fmt: skip
+
+
+# ------------------------------------------------------------------ rollback
+def test_rollback_in_waves_then_rollback_to_a_version(fleet):
+    good, better = digest_of(GOOD), digest_of(BETTER)  # before and after scenario 1
+    hosts = sorted(fleet.host(i) for i in range(HOSTS))
+    # no --to: each host goes back to what it ran before the newest rollout (the agents' start-up set,
+    # never published in etcd: each host takes it from its own store)
+    r = fleet.drive("rollback", "--reason", "undo the raise", "--waves", "1,100%", "--bake", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    back = json.loads(r.stdout)
+    assert back["kind"] == "rollback" and back["phase"] == "completed" and not back["failures"]
+    assert back["targets"] == {h: good for h in hosts} and [len(w) for w in back["waves"]] == [1, HOSTS - 1]
+    assert_waves_in_order(back, 1.0)
     for a in fleet.agents:
-        assert active_digest(a) == want
-        audit = a.api.ListAudit(limit=30).entries
-        assert any(x.action == "fleet-apply" and rec["id"] in x.author and "raise api limit" in x.detail
-                   for x in audit), [(x.action, x.author) for x in audit]  # fmt: skip
-    # the last wave's guards end on their own (guard window = max(bake, 5 s)), then all are in sync
-    fleet.wait_hosts(lambda st: all(st[h]["state"] == "in-sync" and st[h]["active_digest"] == want for h in st),
+        assert active_digest(a) == good
+        assert_audit_names(a, back["id"], "undo the raise")
+    # --to a version (a digest prefix, as `fleet history` shows it): forward again, in waves of 2 and the rest
+    r = fleet.drive("rollback", "--to", better[:12], "--reason", "redo the raise", "--waves", "2,100%", "--bake", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    to = json.loads(r.stdout)
+    assert to["kind"] == "rollback" and to["phase"] == "completed" and to["candidate"] == better
+    assert to["targets"] == {h: better for h in hosts} and [len(w) for w in to["waves"]] == [2, HOSTS - 2]
+    assert to["previous"] == {h: good for h in hosts}
+    assert_waves_in_order(to, 1.0)
+    for a in fleet.agents:
+        assert active_digest(a) == better
+        assert_audit_names(a, to["id"], "redo the raise")
+    r = fleet.cli("history", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    kinds = [(x["id"], x["kind"]) for x in json.loads(r.stdout)["rollouts"]][:2]
+    assert kinds == [(to["id"], "rollback"), (back["id"], "rollback")]
+    fleet.wait_hosts(lambda st: all(st[h]["state"] == "in-sync" and st[h]["active_digest"] == better for h in st),
                      timeout=20, what="in sync")  # fmt: skip
 
 
@@ -508,3 +560,31 @@ def test_no_api_token_in_etcd(fleet):
         for line in (a.state_dir / "tokens").read_text().splitlines():
             token = line.split()[1]
             assert token.encode() not in blob
+
+
+def test_etcd_refuses_a_client_without_a_certificate_of_its_ca(fleet):
+    """The fleet's etcd requires client certificates: a rollout without one,
+    or with one from another CA, fails with etcd's TLS refusal (exit 1) and
+    writes nothing: no version, no rollout record, no desired state."""
+    pki = fleet.etcd.pki
+    text = variant(240)
+    path = fleet.tmp / "no-cert.yaml"
+    path.write_text(text)
+    e = fleet.etcd_client()
+    current, rev = e.get(fleet.keys.current)
+    base = [str(BIN), "fleet", "rollout", str(path), "--reason", "who am I", "--shadow-first", "0", "--etcd",
+            fleet.etcd.endpoints, "--fleet", fleet.name, "--etcd-ca", str(pki.ca)]  # fmt: skip
+    cert, key = pki.stranger
+    for extra in ([], ["--etcd-cert", str(cert), "--etcd-key", str(key)]):
+        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "etcd unreachable" in r.stderr and "certificate" in r.stderr.lower(), r.stderr
+    # a certificate without its key is a usage error, before any connection
+    r = subprocess.run(base + ["--etcd-cert", str(pki.cert)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--etcd-cert and --etcd-key go together" in r.stderr, r.stderr
+    assert e.get(fleet.keys.version(digest_of(text)))[0] is None
+    kvs, _ = e.get_prefix(fleet.keys.prefix)
+    e.close()
+    assert [kv.key for kv in kvs if kv.mod_revision > rev and "/status/" not in kv.key] == []
+    assert current is not None and json.loads(fleet.cli("status", "-o", "json").stdout)["rollout"]["id"] == \
+        current.value.decode()

@@ -143,6 +143,9 @@ def main(argv: list[str]) -> int:
         return EXIT_USAGE
     from .etcd import Etcd, EtcdUnavailable
 
+    if bool(args.etcd_cert) != bool(args.etcd_key):
+        print("tidegate fleet: --etcd-cert and --etcd-key go together", file=sys.stderr)
+        return EXIT_USAGE
     try:
         keys = Keys(args.fleet)
         etcd = Etcd(args.etcd, ca=args.etcd_ca, cert=args.etcd_cert, key=args.etcd_key)

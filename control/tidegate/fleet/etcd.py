@@ -89,6 +89,9 @@ class Etcd:
             p = urlparse(u)
             self._clients.append(Etcd3Client(host=p.hostname, port=p.port, protocol=p.scheme, ca_cert=ca,
                                              cert_key=key, cert_cert=cert, timeout=timeout, api_path=API_PATH))  # fmt: skip
+        # the CA goes with every request: requests lets $REQUESTS_CA_BUNDLE / $CURL_CA_BUNDLE override a
+        # session's own CA, and a host with one of those set would then fail (or trust the wrong CAs)
+        self._tls = {"verify": ca} if ca else {}
         self._current = 0
         self._lock = threading.Lock()
         self.requests = 0
@@ -106,7 +109,7 @@ class Etcd:
             c = self._clients[idx]
             self._tally(1, len(data), 0)
             try:
-                out = c.post(c.get_url(path), data=data)
+                out = c.post(c.get_url(path), data=data, **self._tls)
             except Etcd3Exception as e:  # refused, timed out, 5xx (no leader, leader changed)
                 last = e
                 continue
@@ -228,7 +231,7 @@ class Etcd:
         body = json.dumps({"create_request": create})
         self._tally(1, len(body), 0)
         try:
-            resp = c.session.post(c.get_url("watch"), data=body, stream=True,
+            resp = c.session.post(c.get_url("watch"), data=body, stream=True, **self._tls,
                                   timeout=(min(3.0, self.timeout), timeout))  # fmt: skip
         except requests.RequestException as e:
             self._current = (self._current + 1) % len(self._clients)

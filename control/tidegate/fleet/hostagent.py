@@ -202,9 +202,15 @@ class FleetMember:
                 "rollout": desired.get("rollout", ""), "numbers": numbers or {}, "time": time.time()}  # fmt: skip
 
     def _text(self, digest: str) -> str:
+        """The rule set with this digest: from etcd, or else from this host's
+        own store (a `fleet rollback` to what a host ran before the fleet
+        published anything); the caller checks the digest of what it parses."""
         kv, _ = self.etcd.get(self.keys.version(digest))
         if kv is None:
-            raise _Nack(f"version {digest[:12]} is not in etcd ({self.keys.version(digest)})")
+            rec = self._local_record(digest)
+            if rec is not None and rec.content:
+                return rec.content
+            raise _Nack(f"version {digest[:12]} is not in etcd ({self.keys.version(digest)}) nor in this host's store")
         try:
             return decode(kv.value)["yaml"]
         except (ValueError, KeyError, TypeError):
@@ -289,11 +295,16 @@ class FleetMember:
     def _shadow_digest(self) -> str:
         return self._digest_of(self.agent.status()["shadow_version"])
 
-    def _local_version(self, digest: str) -> int:
+    def _local_record(self, digest: str):
+        """The newest version of this host's store with this digest that was applied or shadowed."""
         for rec in self.agent.store.list_versions(1000, 0):
             if rec.digest == digest and rec.state in ("applied", "shadow"):
-                return rec.number
-        return 0
+                return rec
+        return None
+
+    def _local_version(self, digest: str) -> int:
+        rec = self._local_record(digest)
+        return rec.number if rec is not None else 0
 
     # -------------------------------------------------------------- report
     def status_record(self) -> dict:
