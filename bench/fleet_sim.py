@@ -1,20 +1,28 @@
 """Fleet scale by simulation: ~1,000 simulated hosts against a real etcd.
 
 Each simulated host runs the agent's real fleet code (tidegate.fleet.hostagent.
-FleetMember: the same keys, leases, watch and status records) on an in-memory
-stand-in for the change service (no kernel, no BPF): many hosts per process,
-several processes. The real driver (tidegate.fleet.driver.Driver) rolls a rule
-set out over all of them in waves.
+FleetMember: the same keys, leases, watch and status records, one etcd client
+per host) on an in-memory stand-in for the change service (no kernel, no BPF):
+many hosts per process, several processes. The real driver
+(tidegate.fleet.driver.Driver, default settings: 0.5 s poll, 100 puts per
+transaction) rolls a rule set out over all of them in waves, no shadow stage.
 
 Measured, in the same run:
-  - the driver's overhead per wave beyond the bake time (wave start -> bake end - bake);
-  - etcd requests and bytes per host per rollout, net of the heartbeats an idle
-    fleet sends over the same time (the reference, measured first);
-  - p99 from the desired-state write to the host's ACK;
+  - the driver's overhead per wave beyond the bake time: wave start (before
+    the desired states are written) -> bake end, minus the bake;
+  - etcd requests and bytes per host per rollout: each host's calls are sorted
+    as the rollout's (the watch event, the read of the new desired state and
+    of the version, the result report: keepalive + status put) or as the
+    background's (heartbeats, watch renewals when nothing changed), which is
+    given per host per second;
+  - desired-state write -> host ACK: the wave's start to the time in the
+    host's ACK (an upper bound: it includes writing the whole wave), p50/p99/max;
+  - the driver's own etcd traffic, next to what reading the whole status
+    prefix at each poll (the driver before its incremental view) would read;
   - etcd's memory (RSS) and database size: empty, with the fleet joined, after the rollout.
 
-    sudo .venv/bin/python bench/fleet_sim.py --hosts 1000 --procs 4 --bake 5
-    sudo .venv/bin/python bench/fleet_sim.py --quick      # 200 hosts
+    sudo .venv/bin/python bench/fleet_sim.py                 # 1,000 hosts, saves results/fleet_sim.{json,md}
+    sudo .venv/bin/python bench/fleet_sim.py --quick         # 200 hosts, printed only
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "control"))
+from report import header_lines, save, table, use_repo_package
+
+use_repo_package()
 
 RULES = """\
 defaults:
@@ -138,25 +148,98 @@ class SimAgent:
         self.shadow = 0
 
 
-def _child(endpoints: str, fleet: str, first: int, count: int, heartbeat: float, ttl: int, conn) -> None:
+_local = threading.local()
+COST_KINDS = ("rollout", "background")
+
+
+def _sim_etcd_class():
     from tidegate.fleet.etcd import Etcd
+
+    class SimEtcd(Etcd):
+        """A host's etcd client that sorts its calls: the rollout's or the background's."""
+
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.cost = {kind: [0, 0, 0] for kind in COST_KINDS}  # requests, bytes out, bytes in
+            self._seen: dict[str, int] = {}
+            self._reported = None  # the desired revision in the last status put
+
+        def _tally(self, requests, bytes_out, bytes_in):
+            super()._tally(requests, bytes_out, bytes_in)
+            acc = getattr(_local, "acc", None)
+            if acc is not None:
+                acc[0] += requests
+                acc[1] += bytes_out
+                acc[2] += bytes_in
+
+        def _measured(self, fn):
+            _local.acc = [0, 0, 0]
+            try:
+                return fn(), _local.acc
+            finally:
+                _local.acc = None
+
+        def _add(self, kind, acc):
+            with self._lock:
+                c = self.cost[kind]
+                for i in range(3):
+                    c[i] += acc[i]
+
+        def get(self, key):
+            (kv, rev), acc = self._measured(lambda: Etcd.get(self, key))
+            new = kv is not None and self._seen.get(key) != kv.mod_revision
+            if kv is not None:
+                self._seen[key] = kv.mod_revision
+            self._add("rollout" if new or "/versions/" in key else "background", acc)
+            return kv, rev
+
+        def wait_change(self, key, after_revision, timeout, prefix=False):
+            changed, acc = self._measured(lambda: Etcd.wait_change(self, key, after_revision, timeout, prefix))
+            self._add("rollout" if changed else "background", acc)
+            return changed
+
+        def _lease_call(self, fn):
+            out, acc = self._measured(fn)
+            prev = getattr(_local, "lease_acc", None) or [0, 0, 0]
+            _local.lease_acc = [a + b for a, b in zip(prev, acc)]
+            return out
+
+        def keepalive(self, lease):
+            return self._lease_call(lambda: Etcd.keepalive(self, lease))
+
+        def grant(self, ttl):
+            return self._lease_call(lambda: Etcd.grant(self, ttl))
+
+        def put(self, key, value, lease=0):
+            rev, acc = self._measured(lambda: Etcd.put(self, key, value, lease))
+            lease_acc = getattr(_local, "lease_acc", None) or [0, 0, 0]
+            _local.lease_acc = None
+            done = int((json.loads(value).get("last") or {}).get("desired_revision", 0))
+            kind = "rollout" if self._reported is not None and done != self._reported else "background"
+            self._reported = done
+            self._add(kind, [a + b for a, b in zip(acc, lease_acc)])  # a report is keepalive + put
+            return rev
+
+    return SimEtcd
+
+
+def _child(endpoints: str, fleet: str, ids: range, heartbeat: float, ttl: int, conn) -> None:
     from tidegate.fleet.hostagent import FleetMember
     from tidegate.fleet.keys import Keys
 
+    SimEtcd = _sim_etcd_class()
     seed = RULES % (100, 200)
     members = []
-    for i in range(first, first + count):
-        m = FleetMember(SimAgent(seed), Etcd(endpoints, timeout=10), Keys(fleet), f"sim{i:05d}", {"zone": f"z{i % 4}"},
-                        heartbeat=heartbeat, lease_ttl=ttl)  # fmt: skip
+    for i in ids:
+        m = FleetMember(SimAgent(seed), SimEtcd(endpoints, timeout=10), Keys(fleet), f"sim{i:05d}",
+                        {"zone": f"z{i % 4}"}, heartbeat=heartbeat, lease_ttl=ttl)  # fmt: skip
         m.start()
         members.append(m)
     conn.send("ready")
     while True:
         cmd = conn.recv()
         if cmd == "stats":
-            conn.send({"requests": sum(m.etcd.requests for m in members),
-                       "bytes_in": sum(m.etcd.bytes_in for m in members),
-                       "bytes_out": sum(m.etcd.bytes_out for m in members)})  # fmt: skip
+            conn.send({kind: [sum(m.etcd.cost[kind][i] for m in members) for i in range(3)] for kind in COST_KINDS})
         elif cmd == "stop":
             for m in members:
                 m._stop.set()
@@ -208,40 +291,34 @@ def etcd_memory(pid: int, url: str) -> dict:
 
 
 # ------------------------------------------------------------------- main
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hosts", type=int, default=1000)
-    ap.add_argument("--procs", type=int, default=4)
-    ap.add_argument("--bake", type=float, default=5.0)
-    ap.add_argument("--waves", default="1,10%,50%,100%")
-    ap.add_argument("--heartbeat", type=float, default=5.0)
-    ap.add_argument("--lease-ttl", type=int, default=15)
-    ap.add_argument("--quick", action="store_true", help="200 hosts, 2 processes")
-    ap.add_argument("--json", help="write the figures here too")
-    args = ap.parse_args()
-    if args.quick:
-        args.hosts, args.procs = 200, 2
+METHOD = "measured in the same run:\n" + __doc__.split("Measured, in the same run:\n")[1].split("\n\n")[0]
+
+
+def _progress(text: str) -> None:
+    if not text.startswith("  ") or "FAILED" in text:  # waves, not every host's answer
+        print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
+def run(args) -> dict:
     from tidegate.fleet.driver import Driver, Settings, new_record
     from tidegate.fleet.etcd import Etcd
     from tidegate.fleet.keys import Keys, encode, new_rollout_id, plan_waves
+    from tidegate.ruleset import parse_rule_set
 
     tmp = tempfile.mkdtemp(prefix="tg-fleet-sim-")
     etcd_proc, url = start_etcd(tmp)
     fleet = "sim"
     keys = Keys(fleet)
     out: dict = {"hosts": args.hosts, "procs": args.procs, "bake_s": args.bake, "waves": args.waves,
-                 "heartbeat_s": args.heartbeat}  # fmt: skip
+                 "heartbeat_s": args.heartbeat, "lease_ttl_s": args.lease_ttl, "driver_poll_s": args.poll}  # fmt: skip
     kids = []
     try:
         out["etcd_empty"] = etcd_memory(etcd_proc.pid, url)
-        per = -(-args.hosts // args.procs)
         t0 = time.monotonic()
-        for k in range(args.procs):
-            n = min(per, args.hosts - k * per)
-            if n <= 0:
-                break
+        for k in range(min(args.procs, args.hosts)):
             a, b = mp.Pipe()
-            p = mp.Process(target=_child, args=(url, fleet, k * per, n, args.heartbeat, args.lease_ttl, b), daemon=True)
+            ids = range(k, args.hosts, args.procs)  # round robin: each wave is spread over every process
+            p = mp.Process(target=_child, args=(url, fleet, ids, args.heartbeat, args.lease_ttl, b), daemon=True)
             p.start()
             kids.append((p, a))
         for _, a in kids:
@@ -250,27 +327,33 @@ def main() -> int:
         while len(drv_etcd.get_prefix(keys.status_prefix, keys_only=True)[0]) < args.hosts:
             time.sleep(0.5)
         out["join_s"] = round(time.monotonic() - t0, 1)
+        time.sleep(args.heartbeat)  # every host past its first heartbeat
         out["etcd_joined"] = etcd_memory(etcd_proc.pid, url)
 
         def stats() -> dict:
-            tot = {"requests": 0, "bytes_in": 0, "bytes_out": 0}
+            tot = {kind: [0, 0, 0] for kind in COST_KINDS}
             for _, a in kids:
                 a.send("stats")
-                s = a.recv()
-                for k in tot:
-                    tot[k] += s[k]
+                got = a.recv()
+                for kind in COST_KINDS:
+                    tot[kind] = [x + y for x, y in zip(tot[kind], got[kind])]
             return tot
 
-        # reference: an idle fleet's heartbeats over the rollout's length, measured after it
         text = RULES % (150, 300)
-        from tidegate.ruleset import parse_rule_set
-
         digest = parse_rule_set(text, "sim").digest()
         drv_etcd.create(keys.version(digest), encode({"digest": digest, "yaml": text, "author": "bench"}))
         hosts = [f"sim{i:05d}" for i in range(args.hosts)]
         waves = plan_waves(hosts, args.waves)
         drv = Driver(drv_etcd, keys, "bench", Settings(ack_timeout=120, heartbeat_deadline=max(30, 3 * args.heartbeat),
-                                                       poll=1.0))  # fmt: skip
+                                                       poll=args.poll), progress=_progress)  # fmt: skip
+        polls = [0]
+        refresh = drv.view.refresh
+
+        def counted_refresh():
+            polls[0] += 1
+            return refresh()
+
+        drv.view.refresh = counted_refresh
         rec = new_record(new_rollout_id(), "rollout", "bench", "scale", waves, {h: digest for h in hosts},
                          {h: "" for h in hosts}, candidate=digest, bake=args.bake, shadow_first=0, max_failures=0,
                          force=False, packet_budget=0.01, source_budget=0.05, guard_seconds=0)  # fmt: skip
@@ -282,29 +365,35 @@ def main() -> int:
         roll_s = time.monotonic() - t_roll
         s1, d1 = stats(), (drv_etcd.requests, drv_etcd.bytes_in, drv_etcd.bytes_out)
         drv.release()
-        assert rec["phase"] == "completed", rec.get("cause")
+        out["phase"] = rec["phase"]
+        out["rollout_record_kb"] = round(len(encode(rec)) / 1e3, 1)
+        out["cause"] = rec.get("cause", "")
         out["etcd_after_rollout"] = etcd_memory(etcd_proc.pid, url)
-        time.sleep(0.5)
-        s2 = stats()
-        time.sleep(roll_s)
-        s3 = stats()  # idle over the same length: the heartbeat reference
+        b = drv_etcd.bytes_in
+        drv_etcd.get_prefix(keys.status_prefix)
+        full_read = drv_etcd.bytes_in - b
         ev = rec["events"]
         starts = {e["wave"]: e["t"] for e in ev if e["event"] == "wave-start"}
         baked = {e["wave"]: e["t"] for e in ev if e["event"] == "wave-baked"}
         acks = {e["wave"]: e["acks"] for e in ev if e["event"] == "wave-acked"}
         out["waves_hosts"] = [len(w) for w in waves]
-        out["wave_overhead_s"] = [round(baked[i] - starts[i] - args.bake, 2) for i in sorted(starts)]
+        out["wave_overhead_s"] = [round(baked[i] - starts[i] - args.bake, 2) for i in sorted(baked)]
+        out["wave_ack_p99_s"] = [round(_pct(sorted(t - starts[i] for t in acks[i].values()), 0.99), 3)
+                                 for i in sorted(acks)]  # fmt: skip
         lat = sorted(t - starts[i] for i in acks for t in acks[i].values())
-        out["ack_latency_s"] = {"p50": round(lat[len(lat) // 2], 3), "p99": round(lat[int(len(lat) * 0.99) - 1], 3),
-                                "max": round(lat[-1], 3)}  # fmt: skip
+        out["acks"] = len(lat)
+        out["ack_latency_s"] = {"p50": round(_pct(lat, 0.5), 3), "p99": round(_pct(lat, 0.99), 3),
+                                "max": round(lat[-1], 3) if lat else None}  # fmt: skip
         out["rollout_s"] = round(roll_s, 1)
         n = args.hosts
-        roll = {k: s1[k] - s0[k] for k in s0}
-        idle = {k: s3[k] - s2[k] for k in s2}
-        out["per_host_during_rollout"] = {k: round(v / n, 1) for k, v in roll.items()}
-        out["per_host_idle_same_time"] = {k: round(v / n, 1) for k, v in idle.items()}
-        out["per_host_per_rollout_net"] = {k: round((roll[k] - idle[k]) / n, 1) for k in roll}
-        out["driver_total"] = {"requests": d1[0] - d0[0], "bytes_in": d1[1] - d0[1], "bytes_out": d1[2] - d0[2]}
+        names = ("requests", "bytes_out", "bytes_in")
+        roll = [s1["rollout"][i] - s0["rollout"][i] for i in range(3)]
+        bg = [s1["background"][i] - s0["background"][i] for i in range(3)]
+        out["per_host_per_rollout"] = {k: round(roll[i] / n, 1) for i, k in enumerate(names)}
+        out["per_host_background_per_s"] = {k: round(bg[i] / n / roll_s, 2) for i, k in enumerate(names)}
+        out["driver"] = {"requests": d1[0] - d0[0], "bytes_in": d1[1] - d0[1], "bytes_out": d1[2] - d0[2],
+                         "status_polls": polls[0], "full_status_read_bytes": full_read,
+                         "full_reads_would_be_bytes": full_read * polls[0]}  # fmt: skip
         drv_etcd.close()
     finally:
         for _, a in kids:
@@ -319,11 +408,71 @@ def main() -> int:
         etcd_proc.terminate()
         etcd_proc.wait(timeout=20)
         shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps(out, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-    return 0
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, max(0, int(round(q * len(xs))) - 1))]
+
+
+def markdown(o: dict, command: str) -> str:
+    lines = header_lines(f"fleet simulation: {o['hosts']} hosts", METHOD)
+    lines += [f"Command: `{command}`", "",
+              f"{o['hosts']} simulated hosts in {o['procs']} processes, one etcd 3.4 member on loopback, waves "
+              f"`{o['waves']}` ({', '.join(map(str, o['waves_hosts']))} hosts), bake {o['bake_s']:.0f} s, "
+              f"heartbeat {o['heartbeat_s']:.0f} s (lease {o['lease_ttl_s']} s), driver poll {o['driver_poll_s']} s. "
+              f"Rollout: **{o['phase']}**" + (f" ({o['cause']})" if o.get("cause") else "") +
+              f" in {o['rollout_s']} s; {o['acks']} ACKs; hosts joined in {o['join_s']} s.", ""]  # fmt: skip
+    lines += ["### per wave", "", table(
+        ["wave", "hosts", "overhead beyond bake s", "write -> ACK p99 s"],
+        [[i + 1, o["waves_hosts"][i], o["wave_overhead_s"][i] if i < len(o["wave_overhead_s"]) else "n/a",
+          o["wave_ack_p99_s"][i] if i < len(o["wave_ack_p99_s"]) else "n/a"] for i in range(len(o["waves_hosts"]))]),
+        ""]  # fmt: skip
+    a, r, b, d = o["ack_latency_s"], o["per_host_per_rollout"], o["per_host_background_per_s"], o["driver"]
+    lines += ["### figures", "", table(["figure", "value"], [
+        ["desired write -> ACK p50 / p99 / max", f"{a['p50']} / {a['p99']} / {a['max']} s"],
+        ["etcd per host per rollout (the rollout's calls)",
+         f"{r['requests']} requests, {r['bytes_out'] / 1e3:.2f} kB out, {r['bytes_in'] / 1e3:.2f} kB in"],
+        ["etcd per host per second in the background (heartbeats, watch renewals)",
+         f"{b['requests']} requests, {b['bytes_out'] / 1e3:.2f} kB out, {b['bytes_in'] / 1e3:.2f} kB in"],
+        ["driver, whole rollout", f"{d['requests']} requests, {d['bytes_in'] / 1e6:.2f} MB in, "
+                                  f"{d['bytes_out'] / 1e6:.2f} MB out; {d['status_polls']} status polls"],
+        ["the same polls reading the whole status prefix", f"{d['full_reads_would_be_bytes'] / 1e6:.1f} MB in "
+                                                           f"({d['full_status_read_bytes'] / 1e3:.0f} kB a read)"],
+        ["rollout record (rewritten at each step)", f"{o['rollout_record_kb']} kB"],
+        ["etcd RSS empty -> joined -> after", f"{o['etcd_empty']['rss_mb']} -> {o['etcd_joined']['rss_mb']} -> "
+                                              f"{o['etcd_after_rollout']['rss_mb']} MB"],
+        ["etcd db size empty -> joined -> after", f"{o['etcd_empty']['db_mb']} -> {o['etcd_joined']['db_mb']} -> "
+                                                  f"{o['etcd_after_rollout']['db_mb']} MB"],
+    ]), ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hosts", type=int, default=1000)
+    ap.add_argument("--procs", type=int, default=4, help="processes the simulated hosts are spread over")
+    ap.add_argument("--bake", type=float, default=5.0)
+    ap.add_argument("--waves", default="1,10%,50%,100%")
+    ap.add_argument("--heartbeat", type=float, default=5.0)
+    ap.add_argument("--lease-ttl", type=int, default=15)
+    ap.add_argument("--poll", type=float, default=0.5, help="the driver's poll interval (its default: 0.5 s)")
+    ap.add_argument("--quick", action="store_true", help="200 hosts in 2 processes, printed only")
+    ap.add_argument("--save", action="store_true", help="save a --quick run too (as fleet_sim-quick)")
+    ap.add_argument("--no-save", action="store_true", help="print a full run without saving it")
+    args = ap.parse_args()
+    if args.quick:
+        args.hosts, args.procs = 200, 2
+    command = "sudo .venv/bin/python bench/fleet_sim.py " + " ".join(sys.argv[1:])
+    o = run(args)
+    text = markdown(o, command.strip())
+    print(text)
+    if (args.quick and args.save) or not (args.quick or args.no_save):
+        jp, mp_ = save("fleet_sim-quick" if args.quick else "fleet_sim", o | {"command": command.strip()}, text)
+        print(f"saved {jp} and {mp_}")
+    return 0 if o["phase"] == "completed" else 1
 
 
 if __name__ == "__main__":
