@@ -261,7 +261,7 @@ def start_etcd(tmp: str) -> tuple[subprocess.Popen, str]:
     argv = [shutil.which("etcd") or "/usr/bin/etcd", "--name", "sim", "--data-dir", os.path.join(tmp, "sim.etcd"),
             "--listen-client-urls", url, "--advertise-client-urls", url,
             "--listen-peer-urls", f"http://127.0.0.1:{pp}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{pp}",
-            "--initial-cluster", f"sim=http://127.0.0.1:{pp}", "--log-level", "error"]  # fmt: skip
+            "--initial-cluster", f"sim=http://127.0.0.1:{pp}", "--log-level", "warn"]  # fmt: skip
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "etcd.log"), "ab"))
     from tidegate.fleet.etcd import Etcd, EtcdUnavailable
 
@@ -395,6 +395,9 @@ def run(args) -> dict:
                          "status_polls": polls[0], "full_status_read_bytes": full_read,
                          "full_reads_would_be_bytes": full_read * polls[0]}  # fmt: skip
         drv_etcd.close()
+        out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+        with open(os.path.join(tmp, "etcd.log"), errors="replace") as f:
+            out["etcd_slow_request_warnings"] = sum("took too long" in line for line in f)
     finally:
         for _, a in kids:
             try:
@@ -442,6 +445,8 @@ def markdown(o: dict, command: str) -> str:
         ["the same polls reading the whole status prefix", f"{d['full_reads_would_be_bytes'] / 1e6:.1f} MB in "
                                                            f"({d['full_status_read_bytes'] / 1e3:.0f} kB a read)"],
         ["rollout record (rewritten at each step)", f"{o['rollout_record_kb']} kB"],
+        ["etcd 'took too long' warnings during the run", o["etcd_slow_request_warnings"]],
+        ["load average at the end (1, 5, 15 min)", ", ".join(map(str, o["loadavg_after"]))],
         ["etcd RSS empty -> joined -> after", f"{o['etcd_empty']['rss_mb']} -> {o['etcd_joined']['rss_mb']} -> "
                                               f"{o['etcd_after_rollout']['rss_mb']} MB"],
         ["etcd db size empty -> joined -> after", f"{o['etcd_empty']['db_mb']} -> {o['etcd_joined']['db_mb']} -> "
