@@ -227,6 +227,11 @@ def _child(endpoints: str, fleet: str, ids: range, heartbeat: float, ttl: int, c
     from tidegate.fleet.hostagent import FleetMember
     from tidegate.fleet.keys import Keys
 
+    # hundreds of threads per process wait for the GIL at once when a wave lands; each waiter wakes up every
+    # switch interval (5 ms) to ask for it, which on 2 cores turned into a storm of runnable threads (load
+    # average > 100) that starved etcd and the hosts' heartbeats. 50 ms keeps the waiting quiet; a real
+    # agent runs one fleet member per process and is not concerned.
+    sys.setswitchinterval(0.05)
     SimEtcd = _sim_etcd_class()
     seed = RULES % (100, 200)
     members = []
