@@ -425,8 +425,8 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, int(round(q * len(xs))) - 1))]
 
 
-def markdown(o: dict, command: str) -> str:
-    lines = header_lines(f"fleet simulation: {o['hosts']} hosts", METHOD)
+def markdown(o: dict, command: str, header: list[str]) -> str:
+    lines = list(header)
     lines += [f"Command: `{command}`", "",
               f"{o['hosts']} simulated hosts in {o['procs']} processes, one etcd 3.4 member on loopback, waves "
               f"`{o['waves']}` ({', '.join(map(str, o['waves_hosts']))} hosts), bake {o['bake_s']:.0f} s, "
@@ -476,8 +476,9 @@ def main() -> int:
     if args.quick:
         args.hosts, args.procs = 200, 2
     command = "sudo .venv/bin/python bench/fleet_sim.py " + " ".join(sys.argv[1:])
+    header = header_lines(f"fleet simulation: {args.hosts} hosts", METHOD)  # the load average before the run
     o = run(args)
-    text = markdown(o, command.strip())
+    text = markdown(o, command.strip(), header)
     print(text)
     if (args.quick and args.save) or not (args.quick or args.no_save):
         jp, mp_ = save("fleet_sim-quick" if args.quick else "fleet_sim", o | {"command": command.strip()}, text)
