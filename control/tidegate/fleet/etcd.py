@@ -51,7 +51,11 @@ def _why(e: Exception | None) -> str:
     if e is None:
         return "no endpoint tried"
     text = getattr(e, "detail_text", None) or str(e) or type(e).__name__
-    return f"{type(e).__name__}: {' '.join(str(text).split())[:300]}"
+    why = f"{type(e).__name__}: {' '.join(str(text).split())[:300]}"
+    if "SSL" in why:  # TLS 1.3 reports a refused client certificate as a bare EOF: say what to check
+        why += (" (TLS refused: etcd wants a client certificate signed by its CA, --etcd-cert/--etcd-key, "
+                "and its own certificate must verify against --etcd-ca)")
+    return why
 
 
 class KV:
