@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""The agent's start-up and memory, measured from outside the process.
+
+Method: a network namespace and veth pair are created for the run and a
+real `tidegate agent` starts on the host end (its own state dir and pins,
+--max-sources 1,048,576, a 10-CIDR + 50-rule set). Figures:
+- fresh start = exec of `tidegate agent` with nothing attached or pinned
+  to the first GetStatus that answers attached (compile, load, apply,
+  attach, serve);
+- idle RSS = VmRSS of the agent from /proc/PID/status after two samples
+  (--sample-interval 2) with no traffic;
+- RSS with 1M sources = the pinned LRU filled with 1,048,576 entries by
+  BPF_MAP_UPDATE_BATCH from this process, then two samples; VmRSS and
+  VmHWM (peak) from /proc/PID/status;
+- restart = SIGTERM, then exec to the first GetStatus again, with the same
+  program attached and pinned (median of --restarts runs);
+- the start-up lines the agent logged (its progress) are counted, and
+  whether a start compiled (a `program compiled` line: a compile child ran).
+
+    sudo .venv/bin/python bench/agent_start.py [--out FILE] [--before FILE]
+
+--before FILE prints the figures of an earlier run (e.g. of the previous
+commit) beside this one's, as one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from report import header_lines, machine, save, table, use_repo_package
+
+use_repo_package()
+
+from agent_process import Agent, active_epoch, fill_sources  # noqa: E402
+from control_plane import rule_set_text  # noqa: E402
+from tidegate.labnet import VethLab  # noqa: E402
+
+ROWS = (
+    ("fresh_start_s", "fresh start to serving (s)", "{:.2f}"),
+    ("restart_s", "restart to serving, same program attached (s)", "{:.2f}"),
+    ("compiled_at_restart", "compile children at restart", "{}"),
+    ("idle_rss_mb", "agent RSS idle (MB)", "{:.0f}"),
+    ("lru_rss_mb", "agent RSS, 1M-entry LRU full (MB)", "{:.0f}"),
+    ("lru_hwm_mb", "agent peak RSS, 1M-entry LRU full (MB)", "{:.0f}"),
+    ("startup_log_lines", "start-up log lines (progress)", "{}"),
+)
+
+
+def log_since(path: Path, offset: int) -> list[str]:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace").splitlines()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", help="also write the figures as JSON to this file")
+    ap.add_argument("--before", help="JSON of an earlier run, printed beside this one")
+    ap.add_argument("--restarts", type=int, default=3)
+    args = ap.parse_args()
+    out: dict = {"machine": machine(), "uptime": Path("/proc/loadavg").read_text().split()[:3]}
+    tmp = Path(tempfile.mkdtemp(prefix="tg-bench-start-"))
+    rules = tmp / "rules.yaml"
+    rules.write_text(rule_set_text(10))
+    lab = VethLab(f"bs{os.getpid() % 10000}", subnet="10.213.9").create()
+    agent = Agent(lab, tmp / "state", rules)
+    try:
+        agent.remove_kernel_objects()
+        off = 0
+        out["fresh_start_s"] = agent.start()
+        lines = log_since(agent.log, off)
+        out["startup_log_lines"] = len(lines)
+        out["compiled_at_fresh_start"] = sum("program compiled" in ln for ln in lines)
+        time.sleep(5)
+        out["idle_rss_mb"] = agent.memory_mb()[0]
+        pin_dir = Path("/sys/fs/bpf/tidegate") / agent.pin
+        fill_sources(pin_dir, 1 << 20, active_epoch(pin_dir))
+        time.sleep(5)
+        out["lru_rss_mb"], out["lru_hwm_mb"] = agent.memory_mb()
+        restarts, compiled = [], 0
+        for _ in range(args.restarts):
+            agent.stop()
+            off = agent.log.stat().st_size
+            restarts.append(agent.start())
+            compiled += sum("program compiled" in ln for ln in log_since(agent.log, off))
+        out["restart_s"] = statistics.median(restarts)
+        out["restart_runs_s"] = restarts
+        out["compiled_at_restart"] = compiled
+        out["log_tail"] = log_since(agent.log, off)
+    finally:
+        agent.stop()
+        agent.remove_kernel_objects()
+        lab.remove()
+        subprocess.run(["rm", "-rf", str(tmp)])
+    text = "\n".join(header_lines("agent start-up and memory", __doc__.split("Method:")[1].split("    sudo")[0].strip()))
+    before = json.loads(Path(args.before).read_text()) if args.before else None
+    heads = ["measure", "this run"] if before is None else ["measure", "before", "after"]
+    rows = []
+    for key, label, fmt in ROWS:
+        row = [label] + ([fmt.format(before.get(key, "-"))] if before else []) + [fmt.format(out[key])]
+        rows.append(row)
+    load = f"load average at the run: {' '.join(out['uptime'])}"
+    if before:
+        load += f" (before: {' '.join(before.get('uptime', ['?']))}, commit {before.get('commit', '?')})"
+    text += "\n\n" + table(heads, rows) + "\n\n" + load + "\n\nthe last restart's log:\n\n" + "\n".join(
+        "    " + ln for ln in out["log_tail"])
+    print(text)
+    if args.out:
+        import report
+
+        Path(args.out).write_text(json.dumps({"commit": report.git_commit()["commit"][:12], **out}, indent=1) + "\n")
+    else:
+        save("agent_start", {**out, "before": before}, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
