@@ -99,7 +99,8 @@ def main() -> int:
         agent.remove_kernel_objects()
         lab.remove()
         subprocess.run(["rm", "-rf", str(tmp)])
-    text = "\n".join(header_lines("agent start-up and memory", __doc__.split("Method:")[1].split("    sudo")[0].strip()))
+    method = __doc__.split("Method:")[1].split("    sudo")[0].strip()
+    text = "\n".join(header_lines("agent start-up and memory", method))
     before = json.loads(Path(args.before).read_text()) if args.before else None
     heads = ["measure", "this run"] if before is None else ["measure", "before", "after"]
     rows = []

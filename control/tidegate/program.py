@@ -25,16 +25,17 @@ log = logging.getLogger("tidegate.kernel")
 PROG_PIN_PREFIX = "prog_"
 
 
+# the agent's view of the map layouts is part of what it can adopt
+LAYOUTS_DIGEST = repr(sorted((n, k.__name__, v.__name__, p) for n, (k, v, p) in LAYOUTS.items()))
+
+
 def program_digest(source: str, cflags: list[str]) -> str:
+    """What names a program: its inlined source, build options, the kernel."""
     h = hashlib.sha256()
-    for part in (source, "\0".join(cflags), platform.release(), (LAYOUTS_DIGEST)):
+    for part in (source, "\0".join(cflags), platform.release(), LAYOUTS_DIGEST):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:32]
-
-
-# the agent's view of the layouts is part of what it can adopt
-LAYOUTS_DIGEST = repr(sorted((n, k.__name__, v.__name__, p) for n, (k, v, p) in LAYOUTS.items()))
 
 
 def prog_pin_path(pin_dir: str, digest: str) -> str:
@@ -105,10 +106,11 @@ def repin(fd: int, pin_dir: str, digest: str) -> None:
 
 def drop_other_pins(pin_dir: str, digest: str) -> None:
     """Unpin programs of other digests (replaced ones): the kernel frees them
-    once nothing else holds them."""
+    once nothing else holds them. Called by the one agent of a pin dir."""
     keep = PROG_PIN_PREFIX + digest
-    for name in program_pins(pin_dir):
-        if name != keep:
+    for name in os.listdir(pin_dir):
+        # and pins a compile child left half-way (killed before its rename)
+        if name.startswith(PROG_PIN_PREFIX) and name != keep:
             try:
                 os.unlink(os.path.join(pin_dir, name))
             except FileNotFoundError:
