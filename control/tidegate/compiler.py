@@ -28,7 +28,10 @@ class CompileError(Exception):
 def compile_in_child(source: str, cflags: list[str], prog_pin: str, timeout: float = 300) -> dict:
     """Run the compile child; returns what it printed ({prog_id, tag, compile_s, pid})."""
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "tidegate.compiler", prog_pin, json.dumps(cflags)],
+    # the child imports this very package, wherever it was imported from (a bench's sys.path too)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "tidegate.compiler", prog_pin, json.dumps(cflags)], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
         out, err = proc.communicate(source.encode(), timeout=timeout)
