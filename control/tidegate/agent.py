@@ -729,8 +729,8 @@ def run(opts: argparse.Namespace) -> int:
         loaded = kf.load()
     except KernelError as e:
         raise SystemExit(f"tidegate agent: {e}")
-    log.info("program ready", extra={"interface": opts.interface, "adopted": loaded.adopted,
-                                     "replaced": loaded.replaced, "compile_s": round(loaded.compile_seconds, 2)})  # fmt: skip
+    log.info("program ready", extra={"interface": opts.interface, "adopted": loaded.adopted, "replaced": loaded.replaced,
+                                     "compiled": loaded.compiled, "compile_s": round(loaded.compile_seconds, 2)})  # fmt: skip
     agent = Agent(kf, store, opts)
     boot = Caller(author="agent", peer="startup")
     try:

@@ -21,6 +21,7 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
@@ -162,6 +163,25 @@ def prog_fd_by_id(prog_id: int) -> int:
     return _bpf(BPF_PROG_GET_FD_BY_ID, _GetById(id=prog_id))
 
 
+def map_fd_by_id(map_id: int) -> int:
+    return _bpf(BPF_MAP_GET_FD_BY_ID, _GetById(id=map_id))
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pin a program or map at a path on bpffs (the path must not exist)."""
+    p = ctypes.create_string_buffer(os.fsencode(path))
+    _bpf(BPF_OBJ_PIN, _ObjGet(pathname=ctypes.addressof(p), bpf_fd=fd))
+
+
+def prog_map_ids(fd: int) -> list[int]:
+    """The ids of the maps a loaded program uses."""
+    n = prog_info(fd).nr_map_ids
+    ids = (ctypes.c_uint32 * max(1, n))()
+    info = ProgInfo(nr_map_ids=n, map_ids=ctypes.addressof(ids))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoByFd(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)))
+    return list(ids[: min(n, info.nr_map_ids)])
+
+
 def prog_info(fd: int) -> ProgInfo:
     info = ProgInfo()
     _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoByFd(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)))
@@ -197,6 +217,25 @@ def test_run(prog_fd: int, data: bytes, repeat: int = 1) -> tuple[int, int]:
 def map_update(fd: int, key: ctypes.Array | ctypes.Structure, value, flags: int = 0) -> None:
     attr = _MapElem(map_fd=fd, key=ctypes.addressof(key), value=ctypes.addressof(value), flags=flags)
     _bpf(BPF_MAP_UPDATE_ELEM, attr)
+
+
+def map_lookup(fd: int, key, value) -> None:
+    """Read one entry into value (BpfError ENOENT when it is not there)."""
+    attr = _MapElem(map_fd=fd, key=ctypes.addressof(key), value=ctypes.addressof(value))
+    _bpf(BPF_MAP_LOOKUP_ELEM, attr)
+
+
+def map_next_key(fd: int, key, next_key) -> bool:
+    """The key after `key` (the first one when key is None) into next_key;
+    False at the end."""
+    attr = _MapElem(map_fd=fd, key=0 if key is None else ctypes.addressof(key), value=ctypes.addressof(next_key))
+    try:
+        _bpf(BPF_MAP_GET_NEXT_KEY, attr)
+    except BpfError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
 
 
 def map_delete(fd: int, key) -> bool:

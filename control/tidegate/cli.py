@@ -1203,7 +1203,7 @@ def _report(e: ClientError, verb: str, fallback_source: str = "") -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "agent":
-        # the agent has its own parser (and needs bcc): no client code on that path
+        # the agent has its own parser (and its compile child needs bcc): no client code on that path
         from .agent import main as agent_main
 
         return agent_main(argv[1:])

@@ -1,6 +1,7 @@
 """The kernel layer: the one owner of tidegate's BPF program and maps.
 
-`KernelFilter` compiles bpf/tidegate.c with BCC, pins its maps under
+`KernelFilter` has bpf/tidegate.c compiled with BCC in a child process
+(program.py, compiler.py; BCC never loads into this process), pins its maps under
 /sys/fs/bpf/tidegate/<iface>/, attaches the program (native, generic, or
 auto with a fallback), writes rule sets into the maps with an atomic swap,
 reads counters and per-source state, and detaches. Everything above this
@@ -25,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bpfsys
+from . import bpfsys, program
+from .compiler import CompileError
 from .kernel_layout import (
     DROP_REASONS,
     NO_SLOT,
@@ -153,6 +155,7 @@ class LoadResult:
     compile_seconds: float
     prog_id: int
     mode: str | None
+    compiled: bool = True  # a compile child ran (False: the pinned program of the same digest was used)
 
 
 @dataclass
@@ -245,8 +248,7 @@ class KernelFilter:
 
     def __init__(self, config: FilterConfig):
         self.config = config
-        self._bpf = None
-        self._fn = None
+        self._prog: program.Program | None = None
         self._ifindex: int | None = None
         self._lock = threading.RLock()
         self._grace: bpfsys.GraceWaiter | None = None
@@ -314,65 +316,81 @@ class KernelFilter:
         return True
 
     def load(self) -> LoadResult:
-        """Compile and load the program, adopt pinned maps and an attached program.
+        """Load the program (compiled in a child process, or the pinned one
+        of the same digest without compiling), adopt pinned maps and an
+        attached program.
 
         Does not attach a program that is not attached yet: the caller first
         writes a rule set (apply) and then calls attach(), so the gate never
         opens with empty maps."""
-        from bcc import BPF
-
         with self._lock:
             self._check_interface()
             ensure_bpffs()
             os.makedirs(self.config.pin_dir, mode=0o700, exist_ok=True)
             existed = self._check_pinned_sizes()
+            attached_id, mode = self._attached_prog()
+            attached_tag = self._attached_tidegate_tag(attached_id)
             src = inline_source(bpf_source_dir() / "tidegate.c")
-            t0 = time.monotonic()
             try:
-                self._bpf = BPF(text=src.encode(), cflags=self.cflags())
-                self._fn = self._bpf.load_func(PROG_NAME.encode(), BPF.XDP)
-            except Exception as e:
+                prog = program.open_or_compile(src, self.cflags(), self.config.pin_dir)
+            except (CompileError, bpfsys.BpfError, OSError) as e:
                 raise KernelError(
                     f"compiling/loading the XDP program failed: {e}. Kernel headers and BCC are set up by "
                     "`make install`; a map layout change needs `tidegate detach` first"
                 ) from e
-            compile_s = time.monotonic() - t0
-            self._tables = {n: self._bpf[n.encode()] for n in MAP_NAMES}
-            if self.config.replay_clock:
-                self._tables["tg_clock"] = self._bpf[b"tg_clock"]
+            self._prog = prog
+            self._tables = program.open_maps(prog.fd)
+            missing = [n for n in MAP_NAMES if n not in self._tables]
+            if missing:
+                raise KernelError(f"the loaded program lacks the maps {missing}; run `tidegate detach` first")
             self._grace = bpfsys.GraceWaiter()
             fresh = not existed or self._debruijn_empty()
             if fresh:
                 self._init_maps()
             self._index_slots()
-            new_id = bpfsys.prog_info(self._fn.fd).id
+            info = bpfsys.prog_info(prog.fd)
+            new_id = info.id
             adopted = replaced = False
-            mode = None
-            attached_id, mode = self._attached_prog()
             if attached_id:
-                fd = bpfsys.prog_fd_by_id(attached_id)
-                try:
-                    info = bpfsys.prog_info(fd)
-                finally:
-                    os.close(fd)
-                name = info.name.decode(errors="replace")
-                if name != PROG_NAME[:15]:
-                    raise KernelError(
-                        f"interface {self.config.interface} already runs another XDP program "
-                        f"({name!r}, id {attached_id}); detach it first (`ip link set dev "
-                        f"{self.config.interface} xdp off`)"
-                    )
-                if bytes(info.tag) == bytes(bpfsys.prog_info(self._fn.fd).tag):
+                if attached_id == new_id or attached_tag == bytes(info.tag):
                     adopted = True
-                    new_id = attached_id
+                    if attached_id != new_id:  # the same instructions attached by an older agent: keep that one
+                        self._adopt_attached(attached_id)
+                        new_id = attached_id
                 else:
-                    self._attach_fd(self._fn.fd, mode, replace=True)
+                    self._attach_fd(prog.fd, mode, replace=True)
                     replaced = True
+            program.drop_other_pins(self.config.pin_dir, prog.digest)  # replaced or never attached
             log.info(
                 "program loaded",
-                extra={"compile_s": round(compile_s, 3), "adopted": adopted, "replaced": replaced, "fresh": fresh},
+                extra={"compiled": prog.compiled, "compile_s": round(prog.compile_seconds, 3), "adopted": adopted,
+                       "replaced": replaced, "fresh": fresh, "prog_id": new_id},
+            )  # fmt: skip
+            return LoadResult(adopted, replaced, fresh, prog.compile_seconds, new_id, mode, prog.compiled)
+
+    def _attached_tidegate_tag(self, attached_id: int | None) -> bytes | None:
+        """The tag of the attached program; refuses another XDP program."""
+        if not attached_id:
+            return None
+        fd = bpfsys.prog_fd_by_id(attached_id)
+        try:
+            info = bpfsys.prog_info(fd)
+        finally:
+            os.close(fd)
+        name = info.name.decode(errors="replace")
+        if name != PROG_NAME[:15]:
+            raise KernelError(
+                f"interface {self.config.interface} already runs another XDP program "
+                f"({name!r}, id {attached_id}); detach it first (`ip link set dev "
+                f"{self.config.interface} xdp off`)"
             )
-            return LoadResult(adopted, replaced, fresh, compile_s, new_id, mode)
+        return bytes(info.tag)
+
+    def _adopt_attached(self, attached_id: int) -> None:
+        fd = bpfsys.prog_fd_by_id(attached_id)
+        os.close(self._prog.fd)
+        self._prog.fd = fd
+        program.repin(fd, self.config.pin_dir, self._prog.digest)
 
     def _debruijn_empty(self) -> bool:
         t = self._tables["tg_debruijn"]
@@ -437,15 +455,21 @@ class KernelFilter:
         return (pid or None), mode
 
     def _attach_fd(self, fd: int, mode: str | None, replace: bool = False) -> None:
-        from bcc.libbcc import lib
+        """Attach (fd >= 0) or detach (fd -1) over netlink; with replace the
+        kernel swaps the attached program for this one in one step."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
 
         flags = XDP_FLAGS_SKB_MODE if mode == "generic" else XDP_FLAGS_DRV_MODE
-        if not replace:
+        if not replace and fd >= 0:
             flags |= XDP_FLAGS_UPDATE_IF_NOEXIST
-        ret = lib.bpf_attach_xdp(self.config.interface.encode(), fd, flags)
-        if ret < 0:
-            err = ctypes.get_errno() or -ret
-            raise KernelError(f"attaching XDP ({mode}) to {self.config.interface} failed: {os.strerror(err)}")
+        try:
+            with IPRoute() as ipr:
+                ipr.link("set", index=self._ifindex, xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", flags)]})
+        except NetlinkError as e:
+            what = "attaching" if fd >= 0 else "detaching"
+            raise KernelError(f"{what} XDP ({mode}) {'to' if fd >= 0 else 'from'} {self.config.interface} failed: "
+                              f"{os.strerror(e.code)}") from e  # fmt: skip
 
     def attach(self) -> str:
         """Attach in the configured mode; returns the mode in use."""
@@ -459,15 +483,15 @@ class KernelFilter:
             want = self.config.xdp_mode
             if want == "auto":
                 try:
-                    self._attach_fd(self._fn.fd, "native")
+                    self._attach_fd(self._prog.fd, "native")
                     return "native"
                 except KernelError as e:
                     log.warning("native XDP failed, falling back to generic: %s", e)
-                    self._attach_fd(self._fn.fd, "generic")
+                    self._attach_fd(self._prog.fd, "generic")
                     return "generic"
             if want not in ("native", "generic"):
                 raise KernelError(f"xdp mode must be auto, native or generic, not {want!r}")
-            self._attach_fd(self._fn.fd, want)
+            self._attach_fd(self._prog.fd, want)
             return want
 
     def program_attached(self) -> bool:
@@ -497,12 +521,7 @@ class KernelFilter:
             if self._ifindex is not None:
                 pid, mode = self._attached_prog()
                 if pid:
-                    from bcc.libbcc import lib
-
-                    flags = XDP_FLAGS_SKB_MODE if mode == "generic" else XDP_FLAGS_DRV_MODE
-                    ret = lib.bpf_attach_xdp(self.config.interface.encode(), -1, flags)
-                    if ret < 0:
-                        raise KernelError(f"detaching XDP from {self.config.interface} failed: {os.strerror(-ret)}")
+                    self._attach_fd(-1, mode)
             if remove_pins:
                 self.remove_pins()
 
@@ -525,23 +544,21 @@ class KernelFilter:
             if self._grace:
                 self._grace.close()
                 self._grace = None
-            if self._bpf is not None:
-                try:
-                    self._bpf.cleanup()
-                except Exception:  # cleanup of a half-loaded module
-                    pass
-            self._bpf = None
-            self._fn = None
+            for t in self._tables.values():
+                t.close()
             self._tables = {}
+            if self._prog is not None:
+                os.close(self._prog.fd)
+                self._prog = None
 
     def _require_loaded(self) -> None:
-        if self._bpf is None:
+        if self._prog is None:
             raise NotAttachedError("the XDP program is not loaded")
 
     @property
     def prog_fd(self) -> int:
         self._require_loaded()
-        return self._fn.fd
+        return self._prog.fd
 
     # -------------------------------------------------------------- rule sets
     def _sel(self) -> tuple[int, int]:
@@ -841,7 +858,7 @@ class KernelFilter:
     def test_run(self, frame: bytes, repeat: int = 1) -> tuple[int, int]:
         """BPF_PROG_TEST_RUN: (XDP verdict, ns per run)."""
         self._require_loaded()
-        return bpfsys.test_run(self._fn.fd, frame, repeat)
+        return bpfsys.test_run(self._prog.fd, frame, repeat)
 
     def set_clock(self, ns: int) -> None:
         t = self._tables.get("tg_clock")

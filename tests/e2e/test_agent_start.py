@@ -3,6 +3,7 @@ what it creates and what it reports while the filter is (not) attached.
 
 - the --rules seed file is read only when it is used (store and kernel
   empty): a missing or broken one never stops a restart on a good store;
+- a restart with the same program attached and pinned does not compile;
 - the state dir's files (store, -wal, -shm, .bak, tokens) are private;
 - a role map naming an unknown role stops the start with one clear line;
 - gRPC health is NOT_SERVING while the filter is not attached.
@@ -53,6 +54,9 @@ def test_a_missing_or_broken_seed_file_does_not_stop_a_restart(start_agent):
         log = agent.log()[offset:]
         assert "--rules not applied" in log and "level=warning" in log
         assert "Traceback" not in log
+        # the same program attached and pinned: adopted without a compile child
+        assert 'msg="program found pinned: not compiling"' in log and "compiled=False" in log
+        assert 'msg="compiling the program in a child process"' not in log
 
     # the kernel empty (detached and unpinned), the store good, the seed still missing: the store wins
     agent.stop()
@@ -62,6 +66,7 @@ def test_a_missing_or_broken_seed_file_does_not_stop_a_restart(start_agent):
     assert _status(agent) == (True, v2), "restored from the store, not from the seed"
     assert len(agent.api.ListVersions(limit=100).versions) == 2
     assert 'msg="restored"' in agent.log()
+    assert 'msg="program compiled"' in agent.log(), "nothing pinned: compiled (in a child)"
 
     # a seed that would be used (a new store, an empty kernel) is still checked: one clear line
     agent.stop()

@@ -34,30 +34,53 @@ def test_attach_reports_mode_and_detach_removes_it(mode):
 
 
 @pytest.mark.kernel
-def test_changed_program_replaces_the_attached_one_keeping_maps():
-    """A new agent with a changed program swaps it in with one atomic
-    replace: the interface is never without a program, the pinned maps (and
-    so the active rule set and per-source state) are the same objects."""
+def test_restart_adopts_the_same_program_without_compiling_and_a_changed_one_replaces_it(monkeypatch, caplog):
+    """BCC never runs in the agent: a compile is a child process, and a new
+    agent that finds the program of the same digest pinned and attached
+    adopts it without one. A changed program is compiled (in a child) and
+    swapped in with one atomic replace: the interface is never without a
+    program, the pinned maps (and so the active rule set and per-source
+    state) are the same objects, and the replaced program's pin is gone."""
     if os.geteuid() != 0:
         pytest.skip("needs root for BPF and network namespaces")
+    import logging
+    import sys
     import threading
 
     from pyroute2 import IPRoute
 
-    from tidegate import bpfsys
+    from tidegate import bpfsys, program
 
+    caplog.set_level(logging.INFO, logger="tidegate.kernel")
     tag = f"rp{os.getpid() % 10000}"
     with VethLab(tag, subnet="10.211.3") as lab:
         cfg = FilterConfig(interface=lab.host_if, pin_name=f"test-replace-{tag}", xdp_mode="native")
         old = KernelFilter(cfg)
-        old.load()
+        first = old.load()
         new = None
         try:
+            assert first.compiled and "bcc" not in sys.modules, "compiled in a child, not in this process"
             old.apply(parse_rule_set("deny: ['192.0.2.0/24']\n"), 7)
             old.attach()
             old_id, _ = old._attached_prog()
             map_ids = _pinned_map_ids(cfg.pin_dir)
             old.close()
+
+            # the same program: adopted from its pin, no compile child may run
+            compiles: list = []
+            real_compile = program.compile_in_child
+            monkeypatch.setattr(program, "compile_in_child", lambda *a: compiles.append(a) or real_compile(*a))
+            caplog.clear()
+            same = KernelFilter(cfg)
+            res = same.load()
+            try:
+                assert compiles == [] and not res.compiled, "a restart with the same program attached compiled"
+                assert "compiling the program in a child process" not in caplog.text
+                assert "program found pinned: not compiling" in caplog.text
+                assert res.adopted and not res.replaced and res.prog_id == old_id == same._attached_prog()[0]
+                assert same.active_version() == 7 and _pinned_map_ids(cfg.pin_dir) == map_ids
+            finally:
+                same.close()
 
             seen: list = []
             stop = threading.Event()
@@ -79,12 +102,15 @@ def test_changed_program_replaces_the_attached_one_keeping_maps():
                 stop.set()
                 t.join()
             new_id, mode = new._attached_prog()
+            assert len(compiles) == 1 and res.compiled, "the changed program was compiled (in a child)"
             assert res.replaced and not res.adopted
             assert new_id != old_id and new_id == bpfsys.prog_info(new.prog_fd).id and mode == "native"
             assert None not in seen and len(seen) > 1, "the interface was without a program during the replace"
             assert set(seen) <= {old_id, new_id}
             assert _pinned_map_ids(cfg.pin_dir) == map_ids, "the replace did not keep the pinned maps"
             assert new.active_version() == 7
+            assert len(program.program_pins(cfg.pin_dir)) == 1, "the replaced program is still pinned"
+            assert "bcc" not in sys.modules
         finally:
             if new is not None:
                 new.detach(remove_pins=True)
@@ -94,10 +120,12 @@ def test_changed_program_replaces_the_attached_one_keeping_maps():
 
 
 def _pinned_map_ids(pin_dir: str) -> dict[str, int]:
-    from tidegate import bpfsys
+    from tidegate import bpfsys, program
 
     out = {}
     for name in sorted(os.listdir(pin_dir)):
+        if name.startswith(program.PROG_PIN_PREFIX):
+            continue
         fd = bpfsys.obj_get(os.path.join(pin_dir, name))
         try:
             out[name] = bpfsys.map_info(fd).id

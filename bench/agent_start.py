@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""The agent's start-up and memory, measured from outside the process.
+
+Method: a network namespace and veth pair are created for the run and a
+real `tidegate agent` starts on the host end (its own state dir and pins,
+--max-sources 1,048,576, a 10-CIDR + 50-rule set). Figures:
+- fresh start = exec of `tidegate agent` with nothing attached or pinned
+  to the first GetStatus that answers attached (compile, load, apply,
+  attach, serve);
+- idle RSS = VmRSS of the agent from /proc/PID/status after two samples
+  (--sample-interval 2) with no traffic;
+- RSS with 1M sources = the pinned LRU filled with 1,048,576 entries by
+  BPF_MAP_UPDATE_BATCH from this process, then two samples; VmRSS (median
+  of 20 readings over 10 s) and VmHWM (peak) from /proc/PID/status;
+- restart = SIGTERM, then exec to the first GetStatus again, with the same
+  program attached and pinned (median of --restarts runs), and as a ratio
+  to a same-run reference: exec of Python importing the agent's modules;
+- the start-up lines the agent logged (its progress) are counted, and
+  how many starts compiled (from the log's `program compiled` lines; an
+  agent that compiles in process at every start logs `program loaded`
+  without `compiled=`).
+
+    sudo .venv/bin/python bench/agent_start.py [--out FILE] [--before FILE]
+
+--before FILE prints the figures of an earlier run (e.g. of the previous
+commit) beside this one's, as one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from report import header_lines, machine, save, table, use_repo_package
+
+use_repo_package()
+
+from agent_process import Agent, active_epoch, fill_sources  # noqa: E402
+from control_plane import rule_set_text  # noqa: E402
+from tidegate.labnet import VethLab  # noqa: E402
+
+ROWS = (
+    ("fresh_start_s", "fresh start to serving (s)", "{:.2f}"),
+    ("restart_s", "restart to serving, same program attached (s)", "{:.2f}"),
+    ("import_floor_s", "reference: exec + import of the agent's modules, no work (s)", "{:.2f}"),
+    ("restart_over_floor", "restart / that reference", "{:.2f}"),
+    ("compiled_at_restart", "compiles at the restarts", "{}"),
+    ("idle_rss_mb", "agent RSS idle (MB)", "{:.0f}"),
+    ("lru_rss_mb", "agent RSS, 1M-entry LRU full, median over 10 s (MB)", "{:.0f}"),
+    ("lru_hwm_mb", "agent peak RSS, 1M-entry LRU full (MB)", "{:.0f}"),
+    ("startup_log_lines", "start-up log lines (progress)", "{}"),
+)
+
+
+def compiles(lines: list[str]) -> int:
+    """Compiles a start's log shows: a compile child, or (agents that compiled
+    in process at every start) a `program loaded` line without `compiled=`."""
+    return sum('msg="program compiled"' in ln or ('msg="program loaded"' in ln and "compiled=" not in ln)
+               for ln in lines)  # fmt: skip
+
+
+def log_since(path: Path, offset: int) -> list[str]:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace").splitlines()
+
+
+def _fmt(fmt: str, v) -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def import_floor() -> float:
+    """The same-run reference: a Python process that imports what the agent
+    imports and exits (what any restart of a Python agent pays)."""
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import tidegate.agent, tidegate.api, tidegate.metrics"], check=True,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
+    return time.monotonic() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", help="also write the figures as JSON to this file")
+    ap.add_argument("--before", help="JSON of an earlier run, printed beside this one")
+    ap.add_argument("--restarts", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="one restart, results printed only")
+    args = ap.parse_args()
+    if args.quick:
+        args.restarts = 1
+    out: dict = {"machine": machine(), "uptime": Path("/proc/loadavg").read_text().split()[:3]}
+    tmp = Path(tempfile.mkdtemp(prefix="tg-bench-start-"))
+    rules = tmp / "rules.yaml"
+    rules.write_text(rule_set_text(10))
+    lab = VethLab(f"bs{os.getpid() % 10000}", subnet="10.213.9").create()
+    agent = Agent(lab, tmp / "state", rules)
+    try:
+        agent.remove_kernel_objects()
+        off = 0
+        out["fresh_start_s"] = agent.start()
+        lines = log_since(agent.log, off)
+        out["startup_log_lines"] = len(lines)
+        out["compiled_at_fresh_start"] = compiles(lines)
+        time.sleep(5)
+        out["idle_rss_mb"] = agent.memory_mb()[0]
+        pin_dir = Path("/sys/fs/bpf/tidegate") / agent.pin
+        fill_sources(pin_dir, 1 << 20, active_epoch(pin_dir))
+        time.sleep(5)
+        rss = []
+        for _ in range(20):  # the sampler's snapshots come and go: the median over 10 s, and the peak
+            rss.append(agent.memory_mb()[0])
+            time.sleep(0.5)
+        out["lru_rss_mb"], out["lru_hwm_mb"] = statistics.median(rss), agent.memory_mb()[1]
+        restarts, compiled = [], 0
+        for _ in range(args.restarts):
+            agent.stop()
+            off = agent.log.stat().st_size
+            restarts.append(agent.start())
+            compiled += compiles(log_since(agent.log, off))
+        out["restart_s"] = statistics.median(restarts)
+        out["import_floor_s"] = statistics.median(import_floor() for _ in range(args.restarts))
+        out["restart_over_floor"] = out["restart_s"] / out["import_floor_s"]
+        out["restart_runs_s"] = restarts
+        out["compiled_at_restart"] = compiled
+        out["log_tail"] = log_since(agent.log, off)
+    finally:
+        agent.stop()
+        agent.remove_kernel_objects()
+        lab.remove()
+        subprocess.run(["rm", "-rf", str(tmp)])
+    method = __doc__.split("Method:")[1].split("    sudo")[0].strip()
+    text = "\n".join(header_lines("agent start-up and memory", method))
+    before = json.loads(Path(args.before).read_text()) if args.before else None
+    heads = ["measure", "this run"] if before is None else ["measure", "before", "after"]
+    rows = []
+    for key, label, fmt in ROWS:
+        row = [label] + ([_fmt(fmt, before.get(key))] if before else []) + [_fmt(fmt, out[key])]
+        rows.append(row)
+    load = f"load average at the run: {' '.join(out['uptime'])}"
+    if before:
+        load += f" (before: {' '.join(before.get('uptime', ['?']))}, commit {before.get('commit', '?')})"
+    text += "\n\n" + table(heads, rows) + "\n\n" + load + "\n\nthe last restart's log:\n\n" + "\n".join(
+        "    " + ln for ln in out["log_tail"])
+    print(text)
+    if args.quick:
+        return 0
+    if args.out:
+        import report
+
+        Path(args.out).write_text(json.dumps({"commit": report.git_commit()["commit"][:12], **out}, indent=1) + "\n")
+    else:
+        save("agent_start", {**out, "before": before}, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
