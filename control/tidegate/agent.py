@@ -667,8 +667,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(opts: argparse.Namespace) -> int:
     from . import api, auth, metrics
 
-    if os.geteuid() != 0:
-        raise SystemExit("tidegate agent: needs root (BPF programs and maps)")
+    from .privileges import check_agent_privileges
+
+    check_agent_privileges()
     try:
         host, port = _split_addr(opts.listen)
         mhost, mport = _split_addr(opts.metrics_listen) if opts.metrics_listen != "off" else (None, None)
