@@ -520,7 +520,8 @@ a new agent adopts them. `tidegate detach --interface IFACE` removes them.""",
     )
     p.add_argument("--interface", "-i", required=True, help="network interface to filter")
     p.add_argument("--rules", help="rule set to apply at start when the kernel and the store have none (read "
-                   "only then: ignored, with a warning, while the store holds an active version)")
+                   "only then: ignored, with a warning, while the store holds an active version); re-read and applied "
+                   "as a new version on SIGHUP (systemctl reload), through the blast-radius check")
     p.add_argument("--listen", default=DEFAULT_LISTEN, help=f"gRPC address (default {DEFAULT_LISTEN})")
     p.add_argument("--metrics-listen", default=DEFAULT_METRICS,
                    help=f"Prometheus /metrics address (default {DEFAULT_METRICS}; 'off' to disable)")  # fmt: skip
@@ -559,6 +560,8 @@ a new agent adopts them. `tidegate detach --interface IFACE` removes them.""",
     p.add_argument("--attach-check-seconds", type=float, default=2.0,
                    help="how often to check that the program is still attached, and attach it again if not")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", choices=("logfmt", "json"), default="logfmt",
+                   help="stderr lines as key=value (default) or one JSON object each")
     from .fleet.hostagent import add_arguments as fleet_arguments
 
     fleet_arguments(p)
@@ -653,7 +656,12 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)
     opts = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_KeyValueFormatter())
+    if opts.log_format == "json":
+        from .logjson import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(_KeyValueFormatter())
     logging.basicConfig(level=getattr(logging, opts.log_level.upper(), logging.INFO), handlers=[handler])
     try:
         return run(opts)
@@ -794,6 +802,9 @@ def run(opts: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    from .reload import Reloader
+
+    signal.signal(signal.SIGHUP, Reloader(agent, opts.rules).on_signal)  # systemctl reload
     st = kf.state()
     log.info("serving", extra={"listen": opts.listen, "metrics": opts.metrics_listen, "attached": st.attached,
                                "mode": st.mode, "active_version": st.active.version if st.active else 0})  # fmt: skip

@@ -74,3 +74,54 @@ def test_systemd_analyze_counts_the_hardening():
     lines = {ln.split()[1]: ln.split()[0] for ln in r.stdout.splitlines() if len(ln.split()) > 1}
     for setting in ("UMask=", "ProtectKernelTunables=", "ProtectKernelLogs=", "RestrictSUIDSGID=", "NoNewPrivileges="):
         assert lines.get(setting) == "✓", (setting, r.stdout[-3000:])
+
+
+def _template() -> configparser.SectionProxy:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(ROOT / "deploy" / "tidegate-agent@.service")
+    return unit["Service"]
+
+
+def test_template_unit_runs_as_the_service_user_with_the_measured_capabilities():
+    from tidegate.privileges import AGENT_NEEDS
+
+    svc = _template()
+    assert (svc["User"], svc["Group"]) == ("tidegate", "tidegate")
+    assert set(svc["CapabilityBoundingSet"].split()) == set(AGENT_NEEDS)
+    assert set(svc["AmbientCapabilities"].split()) == set(AGENT_NEEDS)
+    assert svc["NoNewPrivileges"] == "yes" and svc["ProtectSystem"] == "strict"
+    # one agent per interface: its own env file, state dir and pin directory
+    assert svc["EnvironmentFile"] == "/etc/tidegate/%i.env"
+    assert svc["StateDirectory"] == "tidegate/%i"
+    start = svc["ExecStart"]
+    for arg in ("--interface %I", "--state-dir /var/lib/tidegate/%i", "--pin-name %i", "--rules ${RULES}"):
+        assert arg in start, arg
+    assert svc["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert "/sys/fs/bpf/tidegate/%i" in svc["ReadWritePaths"]
+
+
+def test_example_env_sets_every_variable_the_template_reads():
+    import re
+
+    used = set(re.findall(r"\$\{?([A-Z_]+)\}?", _template()["ExecStart"])) - {"MAINPID"}
+    env = dict(ln.split("=", 1) for ln in (ROOT / "deploy" / "example.env").read_text().splitlines()
+               if ln and not ln.startswith("#"))  # fmt: skip
+    assert used == set(env), (used, env)
+    assert env["RULES"] == "/etc/tidegate/rules.yaml"
+
+
+def test_template_unit_exposure_is_below_the_root_unit():
+    _need("systemd-analyze")
+    import tempfile
+
+    def score(path: Path) -> float:
+        r = subprocess.run(["systemd-analyze", "security", "--offline=true", str(path)], capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+        if "--offline" in r.stderr:
+            pytest.skip("this systemd-analyze has no --offline (systemd < 250)")
+        return float(r.stdout.strip().splitlines()[-1].split("level for")[1].split(":")[1].split()[0])
+
+    with tempfile.TemporaryDirectory() as d:
+        inst = Path(d) / "tidegate-agent@eth0.service"
+        inst.write_text((ROOT / "deploy" / "tidegate-agent@.service").read_text())
+        assert score(inst) < score(ROOT / "deploy" / "tidegate-agent.service")

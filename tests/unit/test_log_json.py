@@ -1,0 +1,27 @@
+"""`tidegate agent --log-format json`: one JSON object a line, the same
+fields as the logfmt line, a caller's newline cannot start another line."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from tidegate.agent import build_parser
+from tidegate.logjson import JsonFormatter
+
+
+def test_one_object_per_line_with_the_event_fields():
+    rec = logging.makeLogRecord({"name": "tidegate.agent", "levelname": "INFO", "msg": "applied",
+                                 "version": 3, "reason": "evil\n{\"msg\": \"forged\"}", "guarded": False})  # fmt: skip
+    line = JsonFormatter().format(rec)
+    assert "\n" not in line
+    obj = json.loads(line)
+    assert (obj["level"], obj["logger"], obj["msg"], obj["version"], obj["guarded"]) == (
+        "info", "tidegate.agent", "applied", 3, False)
+    assert obj["reason"] == "evil\n{\"msg\": \"forged\"}" and obj["ts"].endswith("Z")
+
+
+def test_the_agent_offers_both_formats():
+    p = build_parser()
+    assert p.parse_args(["-i", "eth0"]).log_format == "logfmt"
+    assert p.parse_args(["-i", "eth0", "--log-format", "json"]).log_format == "json"
