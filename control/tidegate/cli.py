@@ -19,7 +19,13 @@ Exit codes:
      file, invalid rule set in `validate`)
   3  the agent cannot be reached (one line on stderr, never a traceback)
   4  a guarded apply was rolled back by the agent
+  5  `whatif`, `validate --against-agent`: the agent's check would refuse the
+     file (over the blast-radius budget, or a canary would be dropped)
+  6  `validate --strict`: valid, with warnings
 130  interrupted (Ctrl-C), except `watch`, where Ctrl-C is the normal way out (0)
+`diff FILE` follows `diff(1)`: 0 same as the active version, 1 different, 2 error.
+With -o json (or yaml), an error is one JSON object (YAML document) on stderr:
+{"error": {"message", "code", "exit_code", "violations", "source"}}.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from dataclasses import dataclass
 
 from . import __version__
 from .client import DEFAULT_SERVER, ClientError
+from .checks import EXIT_CHECK_REFUSED
 from .output import Output, colour_diff, make_table, message_to_dict, per_second, use_colour
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_ROLLED_BACK, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -46,7 +53,10 @@ EXIT_STATUS = """EXIT STATUS
   2    usage error or bad local input (missing file, invalid rule set)
   3    the agent cannot be reached
   4    a guarded apply was rolled back by the agent
-  130  interrupted (Ctrl-C); `watch` exits 0 on Ctrl-C"""
+  5    whatif, validate --against-agent: the agent's check would refuse it (budget, canary)
+  6    validate --strict: valid, with warnings
+  130  interrupted (Ctrl-C); `watch` exits 0 on Ctrl-C
+  diff FILE: 0 same as the active version, 1 different, 2 error"""
 
 ENVIRONMENT = """ENVIRONMENT
   TIDEGATE_SERVER      agent address (default 127.0.0.1:50051)
@@ -85,9 +95,14 @@ VERBS: dict[str, Verb] = {
         "check a rule-set file offline (no agent needed)",
         "Parses and validates FILE exactly as the agent would, without contacting it. Every problem is\n"
         "printed on its own line as FILE:LINE: path: message. FILE may be - for standard input.\n"
-        "Exit status 0 when the rule set is valid, 2 when it is not or cannot be read.",
+        "Warnings (FILE:LINE: path: warning: ...): no default limit (unmatched traffic passes unlimited),\n"
+        "a deny entry inside an allow entry (never fires), a rule an earlier rule hides (never matches).\n"
+        "--against-agent also asks the agent for its blast-radius estimate (like whatif).\n"
+        "Exit status 0 when the rule set is valid, 2 when it is not or cannot be read, 6 with --strict\n"
+        "and warnings, 5 when the agent's check would refuse it.",
         "tidegate validate examples/edge-default.yaml\n"
         "tidegate -o json validate rules.yaml | jq .errors\n"
+        "tidegate validate --strict --against-agent rules.yaml && tidegate apply rules.yaml -r ...\n"
         "git show HEAD:rules.yaml | tidegate validate -",
         remote=False),
     "apply": Verb(
@@ -124,10 +139,13 @@ VERBS: dict[str, Verb] = {
         "tidegate show 4\n"
         "tidegate show 4 > rules.yaml   # edit, then: tidegate apply rules.yaml --reason ..."),
     "diff": Verb(
-        "compare two versions' rule sets (unified diff)",
-        "A unified diff of the canonical YAML of version A and version B, coloured on a terminal.",
+        "compare two versions, or a file with the active version (unified diff)",
+        "A unified diff of the canonical YAML of version A and version B, coloured on a terminal.\n"
+        "With one FILE: FILE's canonical YAML against the active version (comments, order and\n"
+        "spelling do not count); exit 0 when the same, 1 when different, 2 on an error (kubectl diff).",
         "tidegate diff 3 4\n"
-        "tidegate diff 3 4 | less -R"),
+        "tidegate diff 3 4 | less -R\n"
+        "tidegate diff /etc/tidegate/rules.yaml || echo 'the file is not what runs'"),
     "counters": Verb(
         "packets by verdict and reason, per rule, and shadow would-drops",
         "Totals since the program was loaded: pass/drop by reason, per rule (passed, dropped by rate,\n"
@@ -175,7 +193,8 @@ VERBS: dict[str, Verb] = {
         "estimate what a rule set would newly drop, without applying it",
         "Asks the agent what FILE would newly drop compared with the active set, from the per-source\n"
         "rates it observed over its estimate window, and whether an apply would pass the blast-radius\n"
-        "check. Nothing is changed.",
+        "check. Nothing is changed. Exit 5 when the check would refuse it (over budget, or a canary\n"
+        "would be dropped).",
         "tidegate whatif candidate.yaml\n"
         "tidegate -o json whatif candidate.yaml | jq .packet_share"),
     "review": Verb(
@@ -245,6 +264,13 @@ VERBS: dict[str, Verb] = {
         "tidegate fleet --etcd http://etcd1:2379 --fleet edge rollout rules.yaml --reason 'raise api limit'\n"
         "tidegate fleet -o json status --fleet edge",
         remote=False),
+    "schema": Verb(
+        "print the JSON Schema of rule-set files (for editors)",
+        "Built from the validator's model; editors with a YAML language server use it for completion and\n"
+        "checks as you type. `tidegate validate` remains the full check.",
+        "tidegate schema > /etc/tidegate/rules.schema.json\n"
+        "# first line of a rule set: # yaml-language-server: $schema=/etc/tidegate/rules.schema.json",
+        remote=False),
     "version": Verb(
         "print tidegate's version, and the agent's when it is reachable",
         "Never fails because the agent is away: its version is then shown as unknown.",
@@ -268,8 +294,8 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     g = p.add_argument_group("global options")
     g.add_argument("--server", metavar="ADDR", default=d(os.environ.get("TIDEGATE_SERVER", DEFAULT_SERVER)),
                    help="agent address host:port (default $TIDEGATE_SERVER or 127.0.0.1:50051)")  # fmt: skip
-    g.add_argument("-o", "--output", choices=("table", "json"), default=d("table"),
-                   help="table for people (default), json for scripts")  # fmt: skip
+    g.add_argument("-o", "--output", choices=("table", "json", "yaml"), default=d("table"),
+                   help="table for people (default), json or yaml for scripts (errors too, on stderr)")  # fmt: skip
     g.add_argument("--timeout", type=float, metavar="S", default=d(30.0), help="seconds per call (default 30)")
     g.add_argument("--ca", metavar="PEM", default=d(None), help="CA that signed the agent's certificate (TLS)")
     g.add_argument("--cert", metavar="PEM", default=d(None), help="client certificate (mTLS)")
@@ -327,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = verb("validate")
     v.add_argument("file", metavar="FILE", help="rule-set YAML file, or - for standard input")
+    from .checks import add_validate_options
+
+    add_validate_options(v)
 
     ap = verb("apply")
     ap.add_argument("file", metavar="FILE", help="rule-set YAML file")
@@ -351,8 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     verb("show").add_argument("version", type=int, metavar="VERSION")
 
     d = verb("diff")
-    d.add_argument("a", type=int, metavar="A", help="old version")
-    d.add_argument("b", type=int, metavar="B", help="new version")
+    d.add_argument("a", metavar="A|FILE", help="old version, or a rule-set file to compare with the active version")
+    d.add_argument("b", type=int, nargs="?", metavar="B", help="new version")
 
     verb("counters")
 
@@ -428,19 +457,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     verb("fleet").add_argument("args", nargs=argparse.REMAINDER, help="VERB and its options (tidegate fleet --help)")
 
+    verb("schema")
+
     verb("version")
 
     for name, sp in made:
         # usage shows the verb's own arguments; the connection options are listed under "global options"
         words = sp.format_usage().split()[1:]
-        glob = ["[global options]"] if VERBS[name].remote or name == "version" else []
+        glob = ["[global options]"] if VERBS[name].remote or name in ("version", "validate") else []
         text = re.sub(r"\[[^\]]*\]", lambda m: m.group(0).replace(" ", "\0"), " ".join(words[:2] + glob + words[2:]))
         sp.usage = textwrap.fill(text, 96, subsequent_indent=" " * 7, break_on_hyphens=False).replace("\0", " ")
-        if VERBS[name].remote or name == "version":
+        if VERBS[name].remote or name in ("version", "validate"):  # validate --against-agent calls the agent
             _global_options(sp, suppress=True)
         elif name not in ("agent", "fleet"):
-            sp.add_argument("-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS,
-                            help="table (default) or json")  # fmt: skip
+            sp.add_argument("-o", "--output", choices=("table", "json", "yaml"), default=argparse.SUPPRESS,
+                            help="table (default), json or yaml")  # fmt: skip
     return p
 
 
@@ -506,25 +537,10 @@ def cmd_fleet(args, out: Output) -> int:
 
 
 def cmd_validate(args, out: Output) -> int:
-    from .ruleset import RuleSetError, parse_rule_set
+    from .checks import cmd_validate_checked
 
     source = "<stdin>" if args.file == "-" else args.file
-    text = _read_file(args.file)
-    try:
-        rs = parse_rule_set(text, source)
-    except RuleSetError as e:
-        if out.is_json:
-            out.json({"file": source, "valid": False, "rules": 0, "digest": None,
-                      "errors": [{"path": x.path, "line": x.line or 0, "message": x.message} for x in e.errors]})  # fmt: skip
-        for line in str(e).splitlines():
-            print(line, file=sys.stderr)
-        return EXIT_USAGE
-    if out.is_json:
-        out.json({"file": source, "valid": True, "rules": len(rs.rules), "allow": len(rs.allow),
-                  "deny": len(rs.deny), "digest": rs.digest(), "errors": []})  # fmt: skip
-    else:
-        out.line(f"{source}: valid ({len(rs.rules)} rules, {len(rs.allow)} allow, {len(rs.deny)} deny)")
-    return EXIT_OK
+    return cmd_validate_checked(args, out, source, _read_file(args.file), _client)
 
 
 def cmd_status(args, out: Output) -> int:
@@ -629,6 +645,15 @@ def cmd_show(args, out: Output) -> int:
 
 
 def cmd_diff(args, out: Output) -> int:
+    if args.b is None and args.a.isdigit() and not os.path.exists(args.a):
+        raise LocalError(f"diff: {args.a}: two version numbers, or one rule-set file")
+    if args.b is None:
+        from .checks import cmd_diff_file
+
+        return cmd_diff_file(args, out, _client(args), _read_file)
+    if not args.a.isdigit():
+        raise LocalError(f"diff: {args.a!r}: two version numbers, or one rule-set file")
+    args.a = int(args.a)
     cl = _client(args)
     a = cl.call("GetVersion", cl.pb.GetVersionRequest(number=args.a))
     b = cl.call("GetVersion", cl.pb.GetVersionRequest(number=args.b))
@@ -859,9 +884,10 @@ def cmd_whatif(args, out: Output) -> int:
     cl = _client(args)
     with out.progress(f"estimating {args.file} against the observed traffic ..."):
         e = cl.call("WhatIf", cl.pb.RuleSetText(yaml=text, source=args.file))
+    refused = EXIT_OK if e.within_budget else EXIT_CHECK_REFUSED
     if out.is_json:
         out.json(message_to_dict(e))
-        return EXIT_OK
+        return refused
     verdict = "within budget" if e.within_budget else "OVER BUDGET (an apply would be refused without --force)"
     out.line(f"{args.file}: {verdict}")
     out.line(f"  {e.summary}" if e.summary else "")
@@ -874,7 +900,7 @@ def cmd_whatif(args, out: Output) -> int:
     if e.top_affected:
         out.table("most affected sources", ["source", "rule", "pps", "drop pps"],
                   [[s.address, s.rule, s.pps, s.drop_pps] for s in e.top_affected])  # fmt: skip
-    return EXIT_OK
+    return refused
 
 
 def cmd_review(args, out: Output) -> int:
@@ -1164,6 +1190,12 @@ def cmd_lab(args, out: Output) -> int:
     return run_lab(args, out)
 
 
+def cmd_schema(args, out: Output) -> int:
+    from .schema import cmd_schema as print_schema
+
+    return print_schema(args, out)
+
+
 COMMANDS = {
     "agent": cmd_agent, "status": cmd_status, "validate": cmd_validate, "apply": cmd_apply,
     "rollback": cmd_rollback, "versions": cmd_versions, "show": cmd_show, "diff": cmd_diff,
@@ -1171,7 +1203,7 @@ COMMANDS = {
     "promote": cmd_promote, "shadow": cmd_shadow, "whatif": cmd_whatif, "review": cmd_review,
     "audit": cmd_audit, "insight": cmd_insight, "replay": cmd_replay, "detach": cmd_detach,
     "version": cmd_version, "completion": cmd_completion, "certs": cmd_certs, "lab": cmd_lab,
-    "fleet": cmd_fleet,
+    "fleet": cmd_fleet, "schema": cmd_schema,
 }  # fmt: skip
 
 
@@ -1229,10 +1261,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.verb](args, out)
     except ClientError as e:
-        _report(e, args.verb, getattr(args, "file", "") or "")
+        if out.is_json:
+            from .checks import error_document, print_error
+
+            print_error(error_document(e.message, e.exit_code, e.code, e.violations, e.source, e.estimate), out.mode)
+        else:
+            _report(e, args.verb, getattr(args, "file", "") or "")
         return e.exit_code
     except LocalError as e:
-        print(f"tidegate: {e}", file=sys.stderr)
+        if out.is_json:
+            from .checks import error_document, print_error
+
+            print_error(error_document(str(e), EXIT_USAGE), out.mode)
+        else:
+            print(f"tidegate: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("tidegate: interrupted", file=sys.stderr)

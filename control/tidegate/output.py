@@ -92,15 +92,22 @@ class Output:
 
     @property
     def is_json(self) -> bool:
-        return self.mode == "json"
+        """Structured output for scripts: json, or yaml (the same document)."""
+        return self.mode in ("json", "yaml")
 
     # ------------------------------------------------------------- JSON
     def json(self, data) -> None:
-        """One JSON document on stdout."""
+        """One JSON (or YAML) document on stdout."""
+        if self.mode == "yaml":
+            print(_yaml(data), end="", flush=True)
+            return
         print(json.dumps(data, indent=2, sort_keys=True, default=str), flush=True)
 
     def json_line(self, data) -> None:
-        """One JSON object on one line (streams: `watch -o json`)."""
+        """One JSON object on one line (streams: `watch -o json`); with yaml, one document each."""
+        if self.mode == "yaml":
+            print("---\n" + _yaml(data), end="", flush=True)
+            return
         print(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str), flush=True)
 
     # ------------------------------------------------------------ people
@@ -144,3 +151,10 @@ def make_table(title: str, columns: list[str], rows: list[list], caption: str | 
     for r in rows:
         t.add_row(*[fmt(x) for x in r])
     return t
+
+
+def _yaml(data) -> str:
+    import yaml
+
+    # through JSON first: the same values as -o json (numbers, strings for anything else)
+    return yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=True, allow_unicode=True)

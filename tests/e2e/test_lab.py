@@ -76,7 +76,7 @@ def test_lab_live_view_try_it_commands_and_ctrl_c():
         code, out = cli("status")
         assert code == 0 and '"attached": true' in out, out
         code, out = cli("whatif", "examples/too-tight.yaml")
-        assert code == 0, out
+        assert code in (0, 5) and (code == 5) == ('"within_budget": false' in out), out  # 5: over budget
         code, out = cli("apply", "examples/too-tight.yaml", "--shadow", "--reason", "try it")
         assert code == 0, out
         code, out = cli("shadow", "report")

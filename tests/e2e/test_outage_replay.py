@@ -16,6 +16,7 @@ too tight.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import time
 import urllib.request
@@ -117,7 +118,9 @@ def test_outage_is_prevented(env):
         assert "refused by the blast-radius check" in r.stderr and "of passing packets" in r.stderr
         share = float(r.stderr.split("would newly drop ")[1].split("%")[0])
         assert share > 30, r.stderr
-        est = agent.cli("whatif", str(tmp / "tight.yaml"), json_out=True)
+        r = agent.cli("whatif", str(tmp / "tight.yaml"), json_out=True, check=False)
+        assert r.returncode == 5, r.stderr  # over budget: a pipeline's gate fails
+        est = json.loads(r.stdout)
         assert est["within_budget"] is False and est["packet_share"] > 0.3
         api_est = {x["rule"]: x for x in est["rules"]}["api"]
         # 51 clients at 40 pps against 10 pps: ~30 pps each newly dropped
@@ -197,7 +200,9 @@ def test_outage_is_prevented(env):
         # right after an apply (a new epoch, fresh buckets), the check still
         # knows the traffic: it is not blinded by the change it follows
         agent.cli("apply", str(tmp / "good.yaml"), "--force", "--reason", "same rules, new version")
-        est = agent.cli("whatif", str(tmp / "tight.yaml"), json_out=True)
+        r = agent.cli("whatif", str(tmp / "tight.yaml"), json_out=True, check=False)
+        assert r.returncode == 5, r.stderr  # over budget: a pipeline's gate fails
+        est = json.loads(r.stdout)
         assert est["within_budget"] is False and est["sources_seen"] >= 50
 
         # 4. reviews are kept in the store: the same review after a restart

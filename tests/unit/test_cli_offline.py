@@ -147,8 +147,11 @@ def test_unreachable_agent_is_exit_3_and_one_line(argv):
     port = free_port()
     r = run("--server", f"127.0.0.1:{port}", *argv)
     assert r.returncode == 3, (r.stdout, r.stderr)
-    assert r.stderr == (f"tidegate: cannot reach the agent at 127.0.0.1:{port} (connection refused)"
-                        " — is `tidegate agent` running?\n")  # fmt: skip
+    message = f"cannot reach the agent at 127.0.0.1:{port} (connection refused) — is `tidegate agent` running?"
+    if "json" in argv:  # -o json: the error is one JSON object too
+        assert r.stderr.count("\n") == 1 and json.loads(r.stderr)["error"]["message"] == message
+    else:
+        assert r.stderr == f"tidegate: {message}\n"
     assert r.stdout == ""
 
 
@@ -191,7 +194,7 @@ def test_usage_errors_exit_2(capsys):
     assert call(capsys)[0] == 2
     assert call(capsys, "set-limit", "app", "--reason", "x")[0] == 2  # --pps is required
     assert call(capsys, "show", "three")[0] == 2
-    assert call(capsys, "-o", "yaml", "status")[0] == 2
+    assert call(capsys, "-o", "xml", "status")[0] == 2
     assert call(capsys, "rollback", "--tok", "1")[0] == 2  # no abbreviations: --to is not --token
 
 
