@@ -115,7 +115,7 @@ def counters_pb(agent: Agent) -> pb.Counters:
 
 READ_METHODS = {
     "GetStatus", "ValidateRuleSet", "ListVersions", "GetVersion", "GetCounters", "TopSources", "WatchCounters",
-    "ShadowReport", "WhatIf", "GetReview", "ListAudit", "Insight",
+    "ShadowReport", "WhatIf", "GetReview", "ListAudit", "Insight", "DenyList",
 }  # fmt: skip
 
 
@@ -391,11 +391,16 @@ def serve(agent: Agent, opts) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS), maximum_concurrent_rpcs=64,
                          options=[("grpc.max_receive_message_length", 64 << 20)])  # fmt: skip
     authorizer = Authorizer.from_options(opts)
-    pbg.add_FilterServicer_to_server(FilterService(agent, authorizer), server)
+    service = FilterService(agent, authorizer)
+    pbg.add_FilterServicer_to_server(service, server)
+    from . import blocklist
+
+    blocklist_name = blocklist.register(server, service, agent)  # tidegate deny add|remove|list
     # SERVING only while the filter is attached (readiness.py)
     agent.health = FilterHealth(agent.kf.program_attached, (SERVICE,))
     health_pb2_grpc.add_HealthServicer_to_server(agent.health, server)
-    names = (pb.DESCRIPTOR.services_by_name["Filter"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    names = (pb.DESCRIPTOR.services_by_name["Filter"].full_name, blocklist_name, health.SERVICE_NAME,
+             reflection.SERVICE_NAME)  # fmt: skip
     reflection.enable_server_reflection(names, server)
     tls = getattr(opts, "tls_material", None)
     if tls is None and opts.tls_cert:

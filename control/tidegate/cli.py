@@ -264,6 +264,16 @@ VERBS: dict[str, Verb] = {
         "tidegate fleet --etcd http://etcd1:2379 --fleet edge rollout rules.yaml --reason 'raise api limit'\n"
         "tidegate fleet -o json status --fleet edge",
         remote=False),
+    "deny": Verb(
+        "quick block list: deny a CIDR for a while, remove it, list with expiry",
+        "`add CIDR --ttl 10m --reason R` makes a new version: the active rule set with CIDR on its deny\n"
+        "list, through the same checks as apply (validated, audited, blast-radius checked: a canary cannot\n"
+        "be denied; --force overrides, audited). After --ttl the agent removes it again as a new version\n"
+        "by agent:ttl. `remove CIDR --reason R` removes any deny entry as a new version. `list` shows the\n"
+        "active deny list, who added each quick entry and when it expires.",
+        "tidegate deny add 203.0.113.0/24 --ttl 10m --reason 'scanner, INC-42'\n"
+        "tidegate deny list\n"
+        "tidegate deny remove 203.0.113.0/24 --reason 'scanner gone'"),
     "schema": Verb(
         "print the JSON Schema of rule-set files (for editors)",
         "Built from the validator's model; editors with a YAML language server use it for completion and\n"
@@ -456,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     verb("completion").add_argument("shell", choices=("bash", "zsh"))
 
     verb("fleet").add_argument("args", nargs=argparse.REMAINDER, help="VERB and its options (tidegate fleet --help)")
+
+    from .blocklist import add_arguments as deny_arguments
+
+    deny_arguments(verb("deny"))
 
     verb("schema")
 
@@ -1190,6 +1204,12 @@ def cmd_lab(args, out: Output) -> int:
     return run_lab(args, out)
 
 
+def cmd_deny(args, out: Output) -> int:
+    from .blocklist import cmd_deny as deny
+
+    return deny(args, out, _client, LocalError)
+
+
 def cmd_schema(args, out: Output) -> int:
     from .schema import cmd_schema as print_schema
 
@@ -1203,7 +1223,7 @@ COMMANDS = {
     "promote": cmd_promote, "shadow": cmd_shadow, "whatif": cmd_whatif, "review": cmd_review,
     "audit": cmd_audit, "insight": cmd_insight, "replay": cmd_replay, "detach": cmd_detach,
     "version": cmd_version, "completion": cmd_completion, "certs": cmd_certs, "lab": cmd_lab,
-    "fleet": cmd_fleet, "schema": cmd_schema,
+    "fleet": cmd_fleet, "schema": cmd_schema, "deny": cmd_deny,
 }  # fmt: skip
 
 
