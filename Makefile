@@ -2,7 +2,7 @@
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-unit test-kernel proto lab bench lint clean vagrant-box vagrant-e2e
+.PHONY: install test test-unit test-kernel test-package deb proto lab bench lint clean vagrant-box vagrant-e2e
 
 install:
 	bash scripts/install.sh
@@ -15,6 +15,14 @@ test-unit:
 
 test-kernel:
 	$(PY) -m pytest -q tests/kernel
+
+# dist/tidegate_<version>_<arch>.deb (packaging/build-deb.sh)
+deb:
+	bash packaging/build-deb.sh
+
+# the .deb installed, run, removed and purged in a clean debootstrap root (not part of `make test`)
+test-package: deb
+	TIDEGATE_DEB="$$(ls -t dist/tidegate_*.deb | head -1)" $(PY) -m pytest -q tests/package
 
 proto:
 	bash scripts/gen_proto.sh $(PY)
@@ -32,7 +40,7 @@ vagrant-e2e:
 	bash vagrant/e2e.sh
 
 lint:
-	shellcheck scripts/*.sh .ci/run $(wildcard vagrant/*.sh) $(wildcard bench/*.sh)
+	shellcheck scripts/*.sh packaging/*.sh .ci/run $(wildcard vagrant/*.sh) $(wildcard bench/*.sh)
 
 clean:
-	rm -rf $(VENV) control/tidegate/v1 control/*.egg-info
+	rm -rf $(VENV) control/tidegate/v1 control/*.egg-info dist
