@@ -96,7 +96,7 @@ finish() {
     set +e
     if [ "${rc}" -ne 0 ]; then
         echo "vagrant-e2e: FAILED (exit ${rc}); the edge's agent log:" >&2
-        timeout 60 vagrant ssh edge -c 'sudo journalctl -u tidegate-agent --no-pager | tail -40' 2>/dev/null >&2
+        timeout 60 vagrant ssh edge -c "sudo journalctl -u 'tidegate-agent@*' --no-pager | tail -40" 2>/dev/null >&2
     fi
     if [ "${TIDEGATE_E2E_KEEP:-0}" = "1" ]; then
         step "keeping the VMs (TIDEGATE_E2E_KEEP=1): cd vagrant && vagrant destroy -f"
@@ -131,6 +131,8 @@ if ! vagrant box list 2>/dev/null | grep -q "^${box} "; then
     step "building the box"
     bash "${here}/build-box.sh"
 fi
+step "make deb (the edge installs the package)"
+make -C "${repo}" deb >"${work}/deb.log" 2>&1 || { tail -20 "${work}/deb.log" >&2; die "make deb failed"; }
 step "vagrant up edge"
 vagrant up edge
 step "vagrant up client"
