@@ -2,18 +2,19 @@
 
 Measured on Linux 6.18 by starting the agent as an unprivileged user with
 one capability fewer at a time, a first start and a restart that adopts the
-running program (tests/e2e/test_service_user.py filters real traffic with
-exactly these):
+running program, again after the compile moved into a child process
+(tests/e2e/test_service_user.py filters real traffic with exactly these):
 
 - CAP_BPF: create maps, load the XDP program, pin objects in bpffs.
 - CAP_PERFMON: the parser's pointer arithmetic (`R9 pointer -= pointer
   prohibited` from the verifier without it).
 - CAP_NET_ADMIN: attach XDP to the interface (`Attaching prog: Operation
   not permitted` without it).
-- CAP_SYS_ADMIN: a restart adopts the pinned maps, and BCC opens a pinned map
-  by id (BPF_MAP_GET_FD_BY_ID), which the kernel allows only with
-  CAP_SYS_ADMIN (`could not open bpf map: tg_debruijn, error: Operation not
-  permitted` at the second start without it). The kernel's bpf_capable() and
+- CAP_SYS_ADMIN: the agent takes the program and maps the compile child
+  loaded (and, after a restart, the pinned ones) by id:
+  BPF_PROG_GET_FD_BY_ID / BPF_MAP_GET_FD_BY_ID (bpfsys.py), which the
+  kernel allows only with CAP_SYS_ADMIN (`bpf cmd 14: Operation not
+  permitted` at start without it). The kernel's bpf_capable() and
   perfmon_capable() also accept CAP_SYS_ADMIN, so on this kernel the first
   two are implied; they stay in the set so it says what each step needs.
 

@@ -93,7 +93,7 @@ def test_agent_filters_traffic_as_a_service_user_with_the_unit_capabilities(serv
     assert res["sent"] == 300
     assert sink.drop_packets >= 200 and sink.pass_packets >= 20, sink
 
-    # a restart adopts the pinned maps (the step that needs CAP_SYS_ADMIN) and keeps the same program
+    # a restart adopts the pinned program and maps (opened by id: CAP_SYS_ADMIN) and keeps the same program
     assert agent.stop() == 0
     agent.start()
     assert xdp_prog_id(agent.lab.host_if) == prog
