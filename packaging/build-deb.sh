@@ -35,7 +35,7 @@ rm -rf "${lib:?}/bin" "${root:?}/build"
 find "${lib}" -name '__pycache__' -prune -exec rm -rf {} +
 find "${lib}" -name '*.pyi' -delete
 find "${lib}" -type d -name tests -path '*/numpy/*' -prune -exec rm -rf {} +
-find "${lib}" -name '*.so*' -type f -exec strip --strip-unneeded {} +
+# no strip: auditwheel-repaired libraries (numpy's OpenBLAS) stop loading when stripped
 find "${lib}" -type d -exec chmod 0755 {} + && find "${lib}" -type f -exec chmod 0644 {} +
 "${py}" -m compileall -q -j 0 --invalidation-mode unchecked-hash "${lib}" >/dev/null
 
