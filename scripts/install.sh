@@ -76,6 +76,8 @@ optional_install netsniff-ng xdp-tools bpftool
 if [ "${TIDEGATE_MINIMAL:-0}" != "1" ]; then
     # developer and CI tools: lint, captures, `vagrant validate`, the VM box builder
     optional_install shellcheck tcpdump vagrant vagrant-libvirt debootstrap qemu-utils
+    # the rule-set JSON Schema's tests, and `make deb`'s package check
+    optional_install python3-jsonschema lintian
 fi
 if [ "${TIDEGATE_NO_PROMETHEUS:-0}" != "1" ]; then
     optional_install prometheus
