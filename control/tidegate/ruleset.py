@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from .ruleset_yaml import MAX_DEPTH, Node, TextError, compose, depth_error
+
 PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6", "any")
 ACTIONS = ("limit", "pass", "drop")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")  # always fullmatch: `$` accepts a final newline
@@ -49,6 +51,14 @@ class Capacity:
     max_cidrs: int = 131072
     max_port_entries: int = 8192
     max_name_len: int = 32
+
+    @property
+    def max_values(self) -> int:
+        """Values (keys, list items, entries) a rule-set text may hold: what
+        the largest rule set this capacity holds needs (every CIDR, twice the
+        port entries, every rule with all its keys), and some room. More is
+        refused before anything is built from it."""
+        return self.max_cidrs + 2 * self.max_port_entries + 64 * self.max_rules + 1024
 
 
 @dataclass(frozen=True)
@@ -227,15 +237,7 @@ def dump_yaml(rule_set: RuleSet) -> str:
 
 
 # --------------------------------------------------------------------- parse
-class _Node:
-    """A value with the line it came from (None for plain data input)."""
-
-    __slots__ = ("value", "line", "kind")
-
-    def __init__(self, value, line, kind):
-        self.value = value
-        self.line = line
-        self.kind = kind  # map | seq | scalar
+_Node = Node  # values with their lines: from the YAML layer, or from plain data (line None)
 
 
 class _Collector:
@@ -248,63 +250,9 @@ class _Collector:
             self.errors.append(FieldError(path, node.line if node is not None else None, message))
 
 
-_INT_TAG = "tag:yaml.org,2002:int"
-_FLOAT_TAG = "tag:yaml.org,2002:float"
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-_NULL_TAG = "tag:yaml.org,2002:null"
-_STR_TAG = "tag:yaml.org,2002:str"
-
-
-def _from_yaml_node(node, col: _Collector, path: str = "", depth: int = 0) -> _Node | None:
-    line = node.start_mark.line + 1
-    if depth > 8:
-        col.add(path, _Node(None, line, "scalar"), "nested too deeply for a rule set")
-        return None
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, _Node] = {}
-        for k, v in node.value:
-            if not isinstance(k, yaml.ScalarNode):
-                col.add(path, _Node(None, k.start_mark.line + 1, "scalar"), "mapping keys must be plain names")
-                continue
-            key = k.value
-            kp = f"{path}.{key}" if path else key
-            if key in out:
-                col.add(kp, _Node(None, k.start_mark.line + 1, "scalar"),
-                        f"duplicate key (first on line {out[key].line})")  # fmt: skip
-                continue
-            child = _from_yaml_node(v, col, kp, depth + 1)
-            if child is not None:
-                out[key] = child
-        return _Node(out, line, "map")
-    if isinstance(node, yaml.SequenceNode):
-        items = []
-        for i, v in enumerate(node.value):
-            child = _from_yaml_node(v, col, f"{path}[{i}]", depth + 1)
-            items.append(child if child is not None else _Node(None, v.start_mark.line + 1, "scalar"))
-        return _Node(items, line, "seq")
-    # scalar: resolve like YAML 1.1 safe loading, but keep the type honest
-    tag = node.tag
-    text = node.value
-    if tag == _INT_TAG:
-        try:
-            return _Node(_SCALARS.construct_yaml_int(node), line, "scalar")
-        except Exception:
-            return _Node(text, line, "scalar")
-    if tag == _FLOAT_TAG:
-        try:
-            return _Node(float(_SCALARS.construct_yaml_float(node)), line, "scalar")
-        except Exception:
-            return _Node(text, line, "scalar")
-    if tag == _BOOL_TAG:
-        return _Node(text.lower() in ("yes", "true", "on", "y"), line, "scalar")
-    if tag == _NULL_TAG:
-        return _Node(None, line, "scalar")
-    return _Node(text, line, "scalar")
-
-
-def _from_data(value, col: _Collector, path: str = "", depth: int = 0) -> _Node | None:
-    if depth > 8:
-        col.add(path, None, "nested too deeply for a rule set")
+def _from_data(value, col: _Collector, path: str = "", depth: int = 1) -> _Node | None:
+    if depth > MAX_DEPTH and isinstance(value, (dict, list, tuple)):
+        col.add(path, None, depth_error(None).message)
         return None
     if isinstance(value, dict):
         out = {}
@@ -355,12 +303,9 @@ def parse_rule_set(text: str, source: str = "<string>", capacity: Capacity | Non
     if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise RuleSetError([FieldError("", None, f"document larger than {MAX_FILE_BYTES} bytes")], source)
     try:
-        docs = list(yaml.compose_all(text, Loader=_COMPOSER))
-        for d in docs:
-            _reject_aliases(d)
-    except _AliasError as e:
-        raise RuleSetError([FieldError("", e.line, "YAML anchors and aliases are not allowed in rule sets")],
-                           source) from None  # fmt: skip
+        root = compose(text, col.add, max_values=(capacity or Capacity()).max_values)
+    except TextError as e:
+        raise RuleSetError([FieldError("", e.line, e.message)], source) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
@@ -368,17 +313,8 @@ def parse_rule_set(text: str, source: str = "<string>", capacity: Capacity | Non
         raise RuleSetError([FieldError("", line, f"YAML syntax error{col_no}: {e.problem or e}")], source) from None
     except yaml.YAMLError as e:
         raise RuleSetError([FieldError("", None, f"YAML error: {e}")], source) from None
-    except RecursionError:
-        raise RuleSetError([FieldError("", None, "nested too deeply for a rule set")], source) from None
-    docs = [d for d in docs if d is not None]
-    if not docs:
+    if root is None:
         raise RuleSetError([FieldError("", None, "empty document: a rule set needs at least `rules:`")], source)
-    if len(docs) > 1:
-        raise RuleSetError([FieldError("", docs[1].start_mark.line + 1, "more than one YAML document")], source)
-    try:
-        root = _from_yaml_node(docs[0], col)
-    except RecursionError:
-        raise RuleSetError([FieldError("", None, "nested too deeply for a rule set")], source) from None
     return _build(root, col, capacity or Capacity())
 
 
@@ -389,47 +325,6 @@ def rule_set_from_dict(data: Any, source: str = "<message>", capacity: Capacity 
     except RecursionError:
         raise RuleSetError([FieldError("", None, "nested too deeply for a rule set")], source) from None
     return _build(root, col, capacity or Capacity())
-
-
-# libyaml's composer is ~10x faster than the pure-Python one on large lists
-_COMPOSER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_SCALARS = yaml.SafeLoader("")
-
-
-def _reject_aliases(root) -> None:
-    """An alias makes the composer hand back the anchored node again: any
-    node reached twice is an alias (anchors alone are harmless)."""
-    if root is None:
-        return
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            raise _AliasError(node.start_mark.line + 1)
-        seen.add(id(node))
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                stack.append(k)
-                stack.append(v)
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
-
-
-class _AliasError(Exception):
-    def __init__(self, line):
-        self.line = line
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise _AliasError(event.start_mark.line + 1)
-        event = self.peek_event()
-        if getattr(event, "anchor", None):
-            raise _AliasError(event.start_mark.line + 1)
-        return super().compose_node(parent, index)
 
 
 # --------------------------------------------------------------------- build
