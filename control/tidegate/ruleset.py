@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .ruleset_yaml import MAX_DEPTH, Node, TextError, compose, depth_error
+from .ruleset_yaml import MAX_DEPTH, Node, TextError, compose, depth_error, shown_key as _shown_key
 
 PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6", "any")
 ACTIONS = ("limit", "pass", "drop")
@@ -29,7 +29,10 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")  # always fullmatch: `$
 RESERVED_NAMES = {"default", "deny-list", "allow-list", "ipv6-ext"}  # the kernel's pseudo-rules
 # defaults.ipv6_unparsed_extensions: IPv6 packets with more extension headers than the program walks
 IPV6_EXT_POLICIES = ("drop", "pass", "default")
-MAX_FILE_BYTES = 16 << 20
+# The largest rule set the kernel holds (Capacity: 131,072 CIDRs) is 2.1 MB of YAML with IPv4 /24s
+# in a flow list and 7.1 MB with full-length IPv6 addresses one a line; the API's message limit
+# (admission.MAX_MESSAGE_BYTES) is this plus room for the request's other fields.
+MAX_FILE_BYTES = 8 << 20
 MAX_ERRORS = 100
 
 MAX_PPS = 10**9
@@ -71,7 +74,7 @@ class FieldError:
 class RuleSetError(Exception):
     def __init__(self, errors: list[FieldError], source: str = "<string>"):
         self.errors = errors[:MAX_ERRORS]
-        self.source = source
+        self.source = source[:200]  # a name: it is repeated on every error line
         super().__init__(str(self))
 
     def __str__(self) -> str:
@@ -203,14 +206,17 @@ def _inline(value) -> str:
 
 
 _PLAIN_V4 = re.compile(r"[0-9.]+/[0-9]+")
+_QUOTED_V6 = re.compile(r"[0-9a-f.]*:[0-9a-f:.]*/[0-9]+")
 
 
 def _inline_cidrs(cidrs: list[str]) -> str:
     """_inline of a list of CIDR strings, without PyYAML's emitter per item
-    (40 us each: most of a 10,000-entry apply). IPv4 CIDRs are plain scalars
-    in a flow sequence; anything else (IPv6 has ':') is left to PyYAML, so the
-    text is exactly what _inline prints (tests/unit/test_ruleset_errors.py)."""
-    return "[" + ", ".join(c if _PLAIN_V4.fullmatch(c) else _inline([c])[1:-1] for c in cidrs) + "]"
+    (40 us each: most of a 10,000-entry apply, 3 s for 131,072 IPv6 ones).
+    IPv4 CIDRs are plain scalars in a flow sequence, IPv6 ones (':' is a flow
+    indicator) single-quoted; anything else is left to PyYAML, so the text is
+    exactly what _inline prints (tests/unit/test_ruleset_errors.py)."""
+    return "[" + ", ".join(c if _PLAIN_V4.fullmatch(c) else f"'{c}'" if _QUOTED_V6.fullmatch(c)
+                           else _inline([c])[1:-1] for c in cidrs) + "]"  # fmt: skip
 
 
 def dump_yaml(rule_set: RuleSet) -> str:
@@ -245,6 +251,11 @@ class _Collector:
         self.source = source
         self.errors: list[FieldError] = []
 
+    @property
+    def full(self) -> bool:
+        """MAX_ERRORS are collected: more would not be shown, so are not worked out."""
+        return len(self.errors) >= MAX_ERRORS
+
     def add(self, path: str, node: _Node | None, message: str) -> None:
         if len(self.errors) < MAX_ERRORS:
             self.errors.append(FieldError(path, node.line if node is not None else None, message))
@@ -276,7 +287,9 @@ def load_rule_set(path: str | Path, capacity: Capacity | None = None) -> RuleSet
     try:
         size = p.stat().st_size
         if size > MAX_FILE_BYTES:
-            raise RuleSetError([FieldError("", None, f"file is {size} bytes, more than {MAX_FILE_BYTES}")], str(p))
+            raise RuleSetError([FieldError("", None, f"file is {size:,} bytes, more than {MAX_FILE_BYTES:,} "
+                                                     f"({MAX_FILE_BYTES >> 20} MiB), the limit for a rule set")],
+                               str(p))  # fmt: skip
         data = p.read_bytes()
     except RuleSetError:
         raise
@@ -300,8 +313,10 @@ def parse_rule_set(text: str, source: str = "<string>", capacity: Capacity | Non
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
             raise RuleSetError([FieldError("", None, f"not valid UTF-8 (byte {e.start})")], source) from None
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
-        raise RuleSetError([FieldError("", None, f"document larger than {MAX_FILE_BYTES} bytes")], source)
+    if len(text) > MAX_FILE_BYTES or (len(text) * 4 > MAX_FILE_BYTES
+                                      and len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES):  # fmt: skip
+        raise RuleSetError([FieldError("", None, f"rule-set text larger than {MAX_FILE_BYTES:,} bytes "
+                                                 f"({MAX_FILE_BYTES >> 20} MiB), the limit for a rule set")], source)
     try:
         root = compose(text, col.add, max_values=(capacity or Capacity()).max_values)
     except TextError as e:
@@ -338,9 +353,11 @@ PREFIX_KEYS = ("ipv4_prefix", "ipv6_prefix") + LIMIT_KEYS
 def _check_keys(node: _Node, allowed: tuple[str, ...], path: str, col: _Collector) -> None:
     for key, child in node.value.items():
         if key not in allowed:
-            hint = difflib.get_close_matches(key, allowed, n=1)
+            if col.full:  # a suggestion costs a fuzzy match against every known key: not for errors never shown
+                return
+            hint = difflib.get_close_matches(key[:64], allowed, n=1)
             extra = f" (did you mean `{hint[0]}`?)" if hint else f" (known: {', '.join(allowed)})"
-            col.add(f"{path}.{key}" if path else key, child, f"unknown key{extra}")
+            col.add(f"{path}.{_shown_key(key)}" if path else _shown_key(key), child, f"unknown key{extra}")
 
 
 def _want_map(node: _Node | None, path: str, col: _Collector) -> bool:
@@ -358,11 +375,17 @@ def _kind(node: _Node | None) -> str:
     v = node.value
     if isinstance(v, bool):
         return f"a boolean ({str(v).lower()})"
-    if isinstance(v, int):
-        return f"a number ({v})"
-    if isinstance(v, float):
-        return f"a number ({v})"
-    return f"text ({str(v)[:40]!r})"
+    if isinstance(v, (int, float)):
+        return f"a number ({_shown(v)})"
+    return f"text ({_shown(str(v))})"
+
+
+def _shown(v, limit: int = 40) -> str:
+    """A value as an error message echoes it: at most `limit` characters of it."""
+    if isinstance(v, str):
+        return repr(v) if len(v) <= limit else repr(v[:limit]) + "..."
+    text = str(v)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _int(node: _Node | None, path: str, col: _Collector, lo: int, hi: int) -> int | None:
@@ -374,7 +397,7 @@ def _int(node: _Node | None, path: str, col: _Collector, lo: int, hi: int) -> in
             col.add(path, node, f"must be a whole number, not {_kind(node)}")
         return None
     if v < lo or v > hi:
-        col.add(path, node, f"must be between {lo} and {hi}, got {v}")
+        col.add(path, node, f"must be between {lo} and {hi}, got {_shown(v)}")
         return None
     return v
 
@@ -426,9 +449,10 @@ def _network(node: _Node, path: str, col: _Collector) -> Network | None:
     except ValueError as e:
         try:
             net = ipaddress.ip_network(v.strip(), strict=False)
-            col.add(path, node, f"{v!r} has host bits set; did you mean {net}?")
+            col.add(path, node, f"{_shown(v)} has host bits set; did you mean {net}?")
         except ValueError:
-            col.add(path, node, f"{v!r} is not a valid address or CIDR ({e})")
+            why = str(e) if len(v) <= 40 else "see the value"  # ipaddress's messages quote the whole value
+            col.add(path, node, f"{_shown(v)} is not a valid address or CIDR ({why})")
         return None
 
 
@@ -599,7 +623,7 @@ def _rule(node: _Node, path: str, col: _Collector, defaults: Defaults, cap: Capa
     if "protocol" in m:
         pv = _str(m["protocol"], f"{path}.protocol", col)
         if pv is not None and pv.lower() not in PROTOCOLS:
-            col.add(f"{path}.protocol", m["protocol"], f"must be one of {', '.join(PROTOCOLS)}, got {pv!r}")
+            col.add(f"{path}.protocol", m["protocol"], f"must be one of {', '.join(PROTOCOLS)}, got {_shown(pv)}")
             ok = False
         elif pv is None:
             ok = False
@@ -615,7 +639,7 @@ def _rule(node: _Node, path: str, col: _Collector, defaults: Defaults, cap: Capa
         av = _str(m["action"], f"{path}.action", col)
         if av not in ACTIONS:
             if av is not None:
-                col.add(f"{path}.action", m["action"], f"must be one of {', '.join(ACTIONS)}, got {av!r}")
+                col.add(f"{path}.action", m["action"], f"must be one of {', '.join(ACTIONS)}, got {_shown(av)}")
             ok = False
         else:
             action = av

@@ -154,7 +154,7 @@ def _compose(loader, add_error: AddError, max_values: int) -> Node | None:
                 stack.append(_Open(node, top.path, False))
             else:
                 dropped = top.key is _SKIP
-                at = len(top.node.value) if top.node.kind == "seq" else "" if dropped else _shown_key(top.key)
+                at = len(top.node.value) if top.node.kind == "seq" else "" if dropped else shown_key(top.key)
                 stack.append(_Open(node, top.path if dropped else top.child_path(at), top.report and not dropped))
         elif t is yaml.MappingEndEvent or t is yaml.SequenceEndEvent:
             done = stack.pop()
@@ -175,7 +175,7 @@ def _key(top: _Open, key: str, line: int, add_error: AddError) -> None:
     m = top.node.value
     if key in m:
         if top.report:
-            add_error(top.child_path(_shown_key(key)), Node(None, line, "scalar"),
+            add_error(top.child_path(shown_key(key)), Node(None, line, "scalar"),
                       f"duplicate key (first on line {m[key].line})")  # fmt: skip
         top.key = _SKIP
     else:
@@ -194,6 +194,6 @@ def _attach(top: _Open, node: Node) -> None:
     top.key = None
 
 
-def _shown_key(key: str, limit: int = 64) -> str:
+def shown_key(key: str, limit: int = 64) -> str:
     """A key as it appears in an error's path: long keys are cut."""
     return key if len(key) <= limit else key[:limit] + "..."
