@@ -315,7 +315,8 @@ class Reviews:
         w.persisted = time.monotonic()
 
     def _guard_events(self, version: int) -> tuple[list[dict], bool]:
-        events = [a for a in self.agent.store.list_audit(200) if a.version == version and a.action.startswith("guard")]
+        # by version, not among the latest rows: a burst of other rows must not push them out of the review
+        events = self.agent.store.list_audit(1000, version=version, action_prefix="guard")
         return ([{"action": g.action, "result": g.result, "detail": g.detail} for g in events],
                 any(g.action == "guard-rollback" for g in events))  # fmt: skip
 

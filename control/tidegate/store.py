@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: audit rows indexed by version (a review reads its version's guard events)
 DB_NAME = "tidegate.db"
 
 _SCHEMA = """
@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS audit (
     version INTEGER,
     detail TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS audit_version ON audit (version);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS reviews (version INTEGER PRIMARY KEY, review TEXT NOT NULL, time REAL NOT NULL);
 CREATE TRIGGER IF NOT EXISTS audit_append_only_u BEFORE UPDATE ON audit
@@ -360,9 +361,16 @@ class VersionStore:
                 (time.time(), action, result, author, peer, version, detail),
             )
 
-    def list_audit(self, limit: int = 100, since: float | None = None, action: str | None = None) -> list[AuditRecord]:
+    def list_audit(self, limit: int = 100, since: float | None = None, action: str | None = None,
+                   version: int | None = None, action_prefix: str | None = None) -> list[AuditRecord]:  # fmt: skip
         q = "SELECT id, time, action, result, author, peer, version, detail FROM audit WHERE 1=1"
         args: list = []
+        if version is not None:  # indexed: a version's rows, however many others came after them
+            q += " AND version = ?"
+            args.append(version)
+        if action_prefix:
+            q += " AND substr(action, 1, ?) = ?"
+            args += [len(action_prefix), action_prefix]
         if since is not None:
             q += " AND time >= ?"
             args.append(since)
