@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import ipaddress
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 from . import __version__
+from .auth import is_loopback as _is_loopback
 from .kernel import FilterConfig, InterfaceError, KernelError, KernelFilter, NotAttachedError
 from .ruleset import FieldError, Limit, RuleSet, RuleSetError, dump_yaml, load_rule_set, parse_rule_set
 from .sampler import Sampler
@@ -99,6 +99,7 @@ class Agent:
         self._rule_sets: dict[int, RuleSet] = {}
         self.shadow_loaded_at: float | None = None
         self.reattaches = 0  # times the watchdog found the program detached and attached it again
+        self.admission = None  # the API's admission (api.serve): refused-call counts and audit
         self._watchdog_note: str | None = None  # what the watchdog last logged, so it logs a state once
         self.health = None  # readiness.FilterHealth, set when the API serves
 
@@ -541,6 +542,11 @@ a new agent adopts them. `tidegate detach --interface IFACE` removes them.""",
                    help="'none' lets any local process change the filter (lab only; on a non-loopback "
                    "--listen it also needs --insecure)")  # fmt: skip
     p.add_argument("--role-map", help="JSON file mapping client-certificate subjects to roles")
+    p.add_argument("--read-call-rate", type=float, default=1.0,
+                   help="expensive read calls (whatif, validate, shadow report, top --window) a read caller may "
+                   "make per second once its burst is used (default 1; admins are not limited)")  # fmt: skip
+    p.add_argument("--read-call-burst", type=int, default=10,
+                   help="expensive read calls a read caller may make at once (default 10)")
     p.add_argument("--sample-interval", type=float, default=5.0, help="seconds between per-source samples")
     p.add_argument("--estimate-window", type=float, default=300.0, help="seconds of history for what-if estimates")
     p.add_argument("--packet-budget", type=float, default=0.01,
@@ -574,15 +580,6 @@ def _split_addr(addr: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise ValueError(f"address must be HOST:PORT, got {addr!r}")
     return host, int(port)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_auth_mode(opts: argparse.Namespace, host: str) -> None:
@@ -819,6 +816,7 @@ def run(opts: argparse.Namespace) -> int:
         fleet.stop()
     agent.health.enter_graceful_shutdown()
     server.stop(grace=2).wait()
+    agent.admission.close()  # the refused-call counts of the last minute
     if msrv is not None:
         msrv.shutdown()
     agent.sampler.stop()

@@ -3,6 +3,7 @@ the Agent, and between OperationError and gRPC status codes."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -13,24 +14,29 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import safety
+from .admission import EXPENSIVE_READS, MAX_MESSAGE_BYTES, SERVICE, Admission, Refusal, busy
 from .agent import Agent, Caller, OperationError
 from .auth import Authorizer
 from .kernel import KernelError, NotAttachedError
 from .readiness import FilterHealth
-from .ruleset import RuleSetError, dump_yaml
+from .ruleset import MAX_ERRORS, RuleSetError, dump_yaml
 from .store import StoreError
 from .v1 import tidegate_pb2 as pb
 from .v1 import tidegate_pb2_grpc as pbg
 
 log = logging.getLogger("tidegate.api")
 ERRORS_KEY = "tidegate-errors-bin"
-SERVICE = "tidegate.v1.Filter"
-WORKERS = 16
-MAX_WATCHERS = 8  # WatchCounters streams at once (each holds one of WORKERS threads)
+# each WatchCounters stream and each expensive read call holds a worker thread: capped apart
+# (MAX_WATCHERS, admission.MAX_EXPENSIVE_IN_FLIGHT) so that at least 8 are always left for the rest
+WORKERS = 24
+MAX_WATCHERS = 8
+MAX_LIST = 1000  # versions or audit rows in one answer (an audit row's detail is at most 4,000 characters)
 
 
 def _violations(errors) -> list[pb.FieldViolation]:
-    return [pb.FieldViolation(path=e.path, line=e.line or 0, message=e.message) for e in errors]
+    """At most MAX_ERRORS, each cut like the trailer's: a ValidateResponse stays within ~60 KB."""
+    return [pb.FieldViolation(path=e.path[:200], line=e.line or 0, message=e.message[:300])
+            for e in errors[:MAX_ERRORS]]  # fmt: skip
 
 
 # Clients refuse responses whose metadata exceeds 8 KiB (grpc's default
@@ -113,12 +119,6 @@ def counters_pb(agent: Agent) -> pb.Counters:
     return msg
 
 
-READ_METHODS = {
-    "GetStatus", "ValidateRuleSet", "ListVersions", "GetVersion", "GetCounters", "TopSources", "WatchCounters",
-    "ShadowReport", "WhatIf", "GetReview", "ListAudit", "Insight", "DenyList",
-}  # fmt: skip
-
-
 def _author(principal: str, claimed: str, limit: int = 200) -> str:
     """The audit's author: the authenticated principal, always, and the name
     the client says it acts for (the CLI sends the sudo user) only beside it:
@@ -130,30 +130,32 @@ def _author(principal: str, claimed: str, limit: int = 200) -> str:
 
 
 class FilterService(pbg.FilterServicer):
-    def __init__(self, agent: Agent, authorizer: Authorizer):
+    def __init__(self, agent: Agent, admission: Admission):
         self.agent = agent
-        self.auth = authorizer
+        self.admission = admission
         self._watchers = threading.BoundedSemaphore(MAX_WATCHERS)
 
     # ------------------------------------------------------------ plumbing
-    def _caller(self, context, method: str) -> Caller:
+    def _caller(self, context, method: str) -> tuple[Caller, str]:
+        """The caller and its principal (who), or the call ends refused."""
         md = dict(context.invocation_metadata())
-        role, who = self.auth.authorize(context, md)
-        need = "read" if method in READ_METHODS else "admin"
-        peer = context.peer()
-        if role is None:
-            self.agent.store.audit("auth-denied", "unauthenticated", who or "?", peer, method)
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "no valid credentials: use a client certificate or the token file (--token-file)")  # fmt: skip
-        if need == "admin" and role != "admin":
-            self.agent.store.audit("auth-denied", "permission-denied", who, peer, method)
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method} needs the admin role; {who} has {role}")
-        return Caller(author=_author(who or peer, md.get("tidegate-author", "")), peer=peer, role=role)
-
-    def _run(self, context, method: str, fn):
-        caller = self._caller(context, method)
         try:
-            return fn(caller)
+            role, who = self.admission.authorize(method, md, context)
+        except Refusal as r:
+            self.admission.refuse(r, context, method)
+        peer = context.peer()
+        return Caller(author=_author(who or peer, md.get("tidegate-author", "")), peer=peer, role=role), who
+
+    def _run(self, context, method: str, fn, expensive: bool | None = None):
+        caller, who = self._caller(context, method)
+        if expensive is None:
+            expensive = method in EXPENSIVE_READS
+        limits = self.admission.expensive(caller.role, who, method) if expensive else contextlib.nullcontext()
+        try:
+            with limits:
+                return fn(caller)
+        except Refusal as r:
+            self.admission.refuse(r, context, method)
         except OperationError as e:
             trailers = []
             if e.violations:
@@ -206,7 +208,7 @@ class FilterService(pbg.FilterServicer):
 
     def ListVersions(self, request, context):
         def fn(c):
-            rows = self.agent.list_versions(request.limit, request.offset)
+            rows = self.agent.list_versions(min(request.limit or 50, MAX_LIST), request.offset)
             return pb.ListVersionsResponse(versions=[_version_info(v) for v in rows])
 
         return self._run(context, "ListVersions", fn)
@@ -233,14 +235,15 @@ class FilterService(pbg.FilterServicer):
             return pb.TopSourcesResponse(sources=[pb.SourceRate(**r) for r in rows], interval_seconds=secs,
                                          tracked_sources=self.agent.sampler.tracked_sources)  # fmt: skip
 
-        return self._run(context, "TopSources", fn)
+        # the last interval is a few ms at any number of sources; a window sums up to TOP_WINDOW_ROWS rows
+        return self._run(context, "TopSources", fn, expensive=request.window_seconds != 0)
 
     def WatchCounters(self, request, context):
-        self._caller(context, "WatchCounters")
+        _, who = self._caller(context, "WatchCounters")
         # each stream holds a worker thread: cap them so watchers cannot starve other calls
         if not self._watchers.acquire(blocking=False):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{MAX_WATCHERS} watch streams are open already; try again later")  # fmt: skip
+            self.admission.refuse(busy(f"{MAX_WATCHERS} watch streams are open already; try again later", who),
+                                  context, "WatchCounters")  # fmt: skip
         try:
             interval = max(0.1, (request.interval_ms or 1000) / 1000.0)
             gone = threading.Event()  # wakes the wait below when the client goes away
@@ -316,7 +319,7 @@ class FilterService(pbg.FilterServicer):
 
     def ListAudit(self, request, context):
         def fn(c):
-            rows = self.agent.store.list_audit(request.limit or 100, action=request.action or None)
+            rows = self.agent.store.list_audit(min(request.limit or 100, MAX_LIST), action=request.action or None)
             return pb.ListAuditResponse(entries=[
                 pb.AuditEntry(time=r.time_iso, action=r.action, result=r.result, author=r.author, peer=r.peer,
                               version=r.version or 0, detail=r.detail) for r in rows])  # fmt: skip
@@ -388,10 +391,14 @@ def _version_info(v) -> pb.VersionInfo:
 
 
 def serve(agent: Agent, opts) -> grpc.Server:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS), maximum_concurrent_rpcs=64,
-                         options=[("grpc.max_receive_message_length", 64 << 20)])  # fmt: skip
-    authorizer = Authorizer.from_options(opts)
-    service = FilterService(agent, authorizer)
+    admission = Admission(Authorizer.from_options(opts), agent.store, rate=getattr(opts, "read_call_rate", 1.0),
+                          burst=getattr(opts, "read_call_burst", 10))  # fmt: skip
+    agent.admission = admission  # metrics read its counts; the agent closes it (last summary rows) at stop
+    # one message at most: a rule set at its size limit and the request's other fields, both ways
+    limits = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS), interceptors=[admission],
+                         maximum_concurrent_rpcs=64, options=limits)  # fmt: skip
+    service = FilterService(agent, admission)
     pbg.add_FilterServicer_to_server(service, server)
     from . import blocklist
 

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -117,6 +118,16 @@ def parse_tokens(data: bytes | str, path: str | Path) -> dict[str, str]:
     if not tokens:
         raise TokenFileError(f"token file {path} is empty or holds no tokens: {moved}")
     return tokens
+
+
+def is_loopback(host: str) -> bool:
+    """An address only this host can reach: a loopback IP, or "localhost"."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def read_token_file(path: str | Path) -> dict[str, str]:

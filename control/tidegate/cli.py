@@ -62,7 +62,9 @@ ENVIRONMENT = """ENVIRONMENT
   TIDEGATE_SERVER      agent address (default 127.0.0.1:50051)
   TIDEGATE_AUTHOR      recorded as the author of every change (default user@host)
   TIDEGATE_TOKEN       API token (instead of the token file)
-  TIDEGATE_TOKEN_FILE  token file (default /var/lib/tidegate/tokens, readable by root)
+  TIDEGATE_TOKEN_FILE  token file (default /var/lib/tidegate/tokens, readable by root); read on its
+                       own only for a loopback --server. A token is never sent in clear text to
+                       any other address: that is refused (exit 2); remote agents use mTLS
   TIDEGATE_CA, TIDEGATE_CERT, TIDEGATE_KEY
                        TLS: CA of the agent, client certificate and key (mTLS)
   NO_COLOR             no colour in `diff`"""
@@ -312,9 +314,11 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     g.add_argument("--key", metavar="PEM", default=d(None), help="client private key (mTLS)")
     g.add_argument("--server-name", metavar="NAME", default=d(None),
                    help="name expected in the agent's certificate (default: the host in --server)")  # fmt: skip
-    g.add_argument("--token", default=d(None), help="API token (prefer $TIDEGATE_TOKEN: arguments show in ps)")
+    g.add_argument("--token", default=d(None), help="API token (prefer $TIDEGATE_TOKEN: arguments show in ps); "
+                   "never sent in clear text to a non-loopback --server")  # fmt: skip
     g.add_argument("--token-file", metavar="FILE", default=d(None),
-                   help="token file (default $TIDEGATE_TOKEN_FILE or /var/lib/tidegate/tokens)")  # fmt: skip
+                   help="token file (default $TIDEGATE_TOKEN_FILE or /var/lib/tidegate/tokens, read on its own "
+                   "only for a loopback --server)")  # fmt: skip
 
 
 def _epilog(v: Verb) -> str:

@@ -10,7 +10,10 @@ Credentials, in this order:
   checked against the CA and the client certificate is presented (mTLS).
 - A bearer token: --token or $TIDEGATE_TOKEN, else the first admin (then
   read) token in --token-file / $TIDEGATE_TOKEN_FILE /
-  /var/lib/tidegate/tokens (readable by root only).
+  /var/lib/tidegate/tokens (readable by root only). The token file is read
+  on its own only when the server is a loopback address, and a token is
+  never sent in clear text to any other address: asking for that is an
+  error that names TLS (exit 2).
 Every call carries `tidegate-author`: $TIDEGATE_AUTHOR or user@host (under
 sudo, the user who ran sudo).
 
@@ -32,6 +35,9 @@ DEFAULT_TOKEN_FILE = "/var/lib/tidegate/tokens"
 ERRORS_KEY = "tidegate-errors-bin"
 ESTIMATE_KEY = "tidegate-estimate-bin"
 EXIT_FAILED, EXIT_UNREACHABLE = 1, 3
+# the agent's message limit both ways (admission.MAX_MESSAGE_BYTES: an 8 MiB rule set and the
+# request's other fields): the largest rule set's canonical text comes back through GetVersion
+MAX_MESSAGE_BYTES = (8 << 20) + (64 << 10)
 
 
 class ClientError(Exception):
@@ -75,6 +81,21 @@ def find_token(token_file: str | None = None) -> tuple[str | None, str]:
     return token_for(path, "admin") or token_for(path, "read"), path
 
 
+def server_host(server: str) -> str:
+    """The host of a gRPC target: "edge1:50051", "[::1]:50051", "dns:///edge1:50051", "ipv4:127.0.0.1:1"."""
+    target = server
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target[len(scheme):]
+            break
+    if target.startswith("["):
+        return target[1:].partition("]")[0]
+    host, sep, port = target.rpartition(":")
+    if not sep or ":" in host:  # no port, or a bare IPv6 address
+        return target
+    return host
+
+
 def _grpc():
     """grpc, imported on first use: gRPC core's own log lines (TLS handshake
     failures...) would break the one-line errors, so they are off unless
@@ -110,20 +131,31 @@ class Client:
         self.tls = bool(ca or cert or key)
         if (cert is None) != (key is None):
             raise ClientError("--cert and --key go together (the client certificate and its key)", 2, code="LOCAL")
+        from .auth import is_loopback
+
+        self.loopback = is_loopback(server_host(server))
+        self.token_file = ""
+        if token is None:
+            token = os.environ.get("TIDEGATE_TOKEN")
+        if token is None and token_file is not None and not self.tls:
+            token, self.token_file = find_token(token_file)
+        elif token is None and self.loopback and not self.tls:  # the token file, on its own: this host only
+            token, self.token_file = find_token(None)
+        if token and not (self.tls or self.loopback):
+            raise ClientError(f"refusing to send the API token in clear text to {server} (not a loopback address): "
+                              "a remote agent needs TLS (--ca, --cert, --key; see `tidegate certs`); or leave "
+                              "--token, --token-file and $TIDEGATE_TOKEN out", 2, code="LOCAL")  # fmt: skip
+        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]  # fmt: skip
         if self.tls:
             creds = grpc.ssl_channel_credentials(_read(ca, "CA certificate") if ca else None,
                                                  _read(key, "client key") if key else None,
                                                  _read(cert, "client certificate") if cert else None)  # fmt: skip
-            opts = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+            opts += [("grpc.ssl_target_name_override", server_name)] if server_name else []
             self.channel = grpc.secure_channel(server, creds, options=opts)
         else:
-            self.channel = grpc.insecure_channel(server)
+            self.channel = grpc.insecure_channel(server, options=opts)
         self.stub = pbg.FilterStub(self.channel)
-        self.token_file = ""
-        if token is None:
-            token = os.environ.get("TIDEGATE_TOKEN")
-        if token is None and not self.tls:
-            token, self.token_file = find_token(token_file)
         self.metadata = [("tidegate-author", default_author())]
         if token:
             self.metadata.append(("authorization", f"Bearer {token}"))
@@ -178,9 +210,12 @@ class Client:
             elif k == ESTIMATE_KEY:
                 estimate = self.pb.Estimate.FromString(v)
         message = f"{code.name}: {details}"
-        if code == grpc.StatusCode.UNAUTHENTICATED and not self.tls and not self.has_token:
+        if code == grpc.StatusCode.UNAUTHENTICATED and not self.tls and not self.has_token and self.loopback:
             message += (f" (no token: {self.token_file} is missing or unreadable — run as root, "
                         "or pass --token-file / $TIDEGATE_TOKEN)")  # fmt: skip
+        elif code == grpc.StatusCode.UNAUTHENTICATED and not self.tls:
+            message += (f" ({self.server} is not a loopback address: a remote agent needs TLS with a client "
+                        "certificate, --ca/--cert/--key)")  # fmt: skip
         return ClientError(message, EXIT_FAILED, violations, source, estimate, code=code.name, details=details)
 
     def _reachable(self, wait: float = 0.5) -> bool:

@@ -64,6 +64,12 @@ class FilterCollector:
         ra = CounterMetricFamily("tidegate_reattaches", "times the program was found detached and attached again")
         ra.add_metric([], getattr(a, "reattaches", 0))
         yield ra
+        if a.admission is not None:
+            rf = CounterMetricFamily("tidegate_api_refused", "API calls refused before they ran, by reason",
+                                     labels=["reason"])  # fmt: skip
+            for reason, n in a.admission.refused_total.items():
+                rf.add_metric([reason], n)
+            yield rf
         gw = GaugeMetricFamily("tidegate_guard_active", "1 while a guarded apply is being watched")
         gw.add_metric([], 1 if (a.guard and a.guard.watching) else 0)
         yield gw

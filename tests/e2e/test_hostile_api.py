@@ -21,9 +21,13 @@ INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 DEPTH_WORDS = f"depth limit of a rule set is {MAX_DEPTH}"
 
 
+# the bulk tests send hundreds of expensive calls as a read caller: the limits have their own test
+UNLIMITED = ["--read-call-rate", "100000", "--read-call-burst", "100000"]
+
+
 @pytest.fixture(scope="module")
 def agent(start_agent):
-    return start_agent("hapi", BASE_RULES)
+    return start_agent("hapi", BASE_RULES, UNLIMITED)
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +115,111 @@ def test_legitimate_depth_still_validates(reader):
     v = reader.ValidateRuleSet(yaml=BASE_RULES.replace("limit: {pps: 500, burst: 500}",
                                                        "limit: {pps: 500, burst: 500}\n    sources: ['0.0.0.0/0']"))
     assert v.valid, v
+
+
+# ----------------------------------------------------------------- sizes
+def _raw(agent, method: str, token: str | None = None, max_bytes: int = 64 << 20):
+    """A unary call of `method` sending raw bytes (the client's own limits out of the way)."""
+    ch = grpc.insecure_channel(agent.server, options=[("grpc.max_send_message_length", max_bytes),
+                                                      ("grpc.max_receive_message_length", max_bytes)])  # fmt: skip
+    call = ch.unary_unary(f"/tidegate.v1.Filter/{method}", request_serializer=None, response_deserializer=None)
+    md = [("authorization", f"Bearer {token}")] if token else []
+    return ch, lambda body: call(body, metadata=md, timeout=60)
+
+
+def _code(fn, body) -> grpc.StatusCode:
+    try:
+        fn(body)
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+def test_refused_callers_bodies_are_never_read(agent):
+    """Authentication, and the role admin methods need, are checked before
+    the body is received: a body over the receive limit, or one that is not
+    even protobuf, is answered UNAUTHENTICATED / PERMISSION_DENIED, not with
+    the errors reading it would give (RESOURCE_EXHAUSTED, INTERNAL)."""
+    from tidegate.admission import MAX_MESSAGE_BYTES
+    from tidegate.v1 import tidegate_pb2 as pb
+
+    before = Unchanged(agent)
+    oversized = pb.ApplyRequest(yaml="#" * (MAX_MESSAGE_BYTES + 1), reason="big").SerializeToString()
+    junk = b"\xff\xfe not protobuf" * 1000
+    read, admin = agent.token("read"), agent.token("admin")
+    for method in ("ValidateRuleSet", "WhatIf", "ApplyRuleSet", "GetStatus"):
+        ch, call = _raw(agent, method)
+        assert _code(call, oversized) == grpc.StatusCode.UNAUTHENTICATED, method
+        assert _code(call, junk) == grpc.StatusCode.UNAUTHENTICATED, method
+        ch.close()
+    ch, call = _raw(agent, "ApplyRuleSet", read)
+    assert _code(call, oversized) == grpc.StatusCode.PERMISSION_DENIED
+    assert _code(call, junk) == grpc.StatusCode.PERMISSION_DENIED
+    ch.close()
+    # the same bodies from a caller who may send them: now they are read, and refused for what they are
+    ch, call = _raw(agent, "ApplyRuleSet", admin)
+    assert _code(call, oversized) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _code(call, junk) == grpc.StatusCode.INTERNAL  # grpc: the request could not be deserialized
+    ch.close()
+    # a server-streaming method too
+    from tidegate.v1 import tidegate_pb2_grpc as pbg
+
+    with grpc.insecure_channel(agent.server) as ch:
+        stream = pbg.FilterStub(ch).WatchCounters(pb.WatchRequest(max_updates=1), timeout=20)
+        with pytest.raises(grpc.RpcError) as e:
+            list(stream)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    before.check()
+
+
+def test_size_limits_are_clear_and_agree(agent, reader):
+    """The rule-set size limit is the parser's and, with room for the other
+    fields, the server's receive limit: a text just over it is refused by the
+    parser with its limit named; a message over the receive limit by gRPC.
+    The largest legitimate rule set validates and its canonical text comes
+    back within the CLI client's receive limit."""
+    from tidegate import client
+    from tidegate.admission import MAX_MESSAGE_BYTES
+    from tidegate.ruleset import MAX_FILE_BYTES, Capacity
+
+    assert client.MAX_MESSAGE_BYTES == MAX_MESSAGE_BYTES < 16 << 20
+    before = Unchanged(agent)
+    over = "#" * (MAX_FILE_BYTES + 1)
+    v = reader.ValidateRuleSet(yaml=over)
+    assert not v.valid and f"larger than {MAX_FILE_BYTES:,} bytes" in v.violations[0].message
+    e = reader.error("WhatIf", yaml=over)
+    assert e.code() == INVALID_ARGUMENT and f"{MAX_FILE_BYTES:,}" in e.details()
+    e = agent.api.error("ApplyRuleSet", yaml="#" * MAX_MESSAGE_BYTES, reason="too big")
+    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in e.details()
+    # more values than the largest rule set needs
+    cap = Capacity()
+    many = "rules: [" + "1," * cap.max_values + "1]\n"
+    v = reader.ValidateRuleSet(yaml=many)
+    assert not v.valid and f"more than {cap.max_values:,} values" in v.violations[0].message
+    # the largest legitimate rule set: 131,072 full-length IPv6 CIDRs one a line, 64 rules
+    text = largest_rule_set()
+    assert len(text) <= MAX_FILE_BYTES
+    cl = client.Client(agent.server, token=agent.token("read"), timeout=120)
+    try:
+        v = cl.call("ValidateRuleSet", cl.pb.RuleSetText(yaml=text, source="largest.yaml"))
+    finally:
+        cl.close()
+    assert v.valid and v.rules == cap.max_rules, v.violations
+    assert v.canonical_yaml.count("'ffff:") == cap.max_cidrs
+    before.check()
+
+
+def largest_rule_set() -> str:
+    from tidegate.ruleset import Capacity
+
+    cap = Capacity()
+    per_rule = cap.max_cidrs // cap.max_rules
+    lines = ["defaults:", "  limit: {pps: 1000, burst: 2000}", "rules:"]
+    n = 0
+    for r in range(cap.max_rules):
+        lines += [f"  - name: rule-{r:02d}", "    protocol: udp", f"    dst_ports: [{1000 + r}]",
+                  "    limit: {pps: 100, burst: 200}", "    sources:"]  # fmt: skip
+        for _ in range(per_rule):
+            lines.append(f"      - 'ffff:{n >> 16:04x}:{n & 0xFFFF:04x}:ffff:ffff:ffff:ffff:ffff/128'")
+            n += 1
+    return "\n".join(lines) + "\n"
