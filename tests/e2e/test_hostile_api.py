@@ -223,3 +223,218 @@ def largest_rule_set() -> str:
             lines.append(f"      - 'ffff:{n >> 16:04x}:{n & 0xFFFF:04x}:ffff:ffff:ffff:ffff:ffff/128'")
             n += 1
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------- error answers
+def _small_answer(v) -> None:
+    """An invalid rule set's answer: at most MAX_ERRORS, each cut; far under any client's receive limit."""
+    from tidegate.ruleset import MAX_ERRORS
+
+    assert not v.valid and 1 <= len(v.violations) <= MAX_ERRORS
+    assert v.ByteSize() < 64 << 10, v.ByteSize()
+    assert all(len(x.message) <= 300 and len(x.path) <= 200 for x in v.violations)
+
+
+def _small_error(e: grpc.RpcError) -> None:
+    assert e.code() == INVALID_ARGUMENT, (e.code(), e.details()[:300])
+    assert len(e.details()) <= 1600
+    trailer = dict(e.trailing_metadata() or ()).get("tidegate-errors-bin", b"")
+    assert 0 < len(trailer) <= 2500
+
+
+ECHOES = {  # a huge value where errors echo values, names or keys
+    "protocol": lambda n: f"rules:\n  - name: a\n    protocol: '{'p' * n}'\n    action: drop\n",
+    "action": lambda n: f"rules:\n  - name: a\n    action: '{'d' * n}'\n",
+    "cidr": lambda n: f"allow: ['10.0.0.0/8{'0' * n}']\nrules: []\n",
+    "key": lambda n: f"rules:\n  - name: a\n    {'k' * n}: 1\n    action: drop\n",
+    "top key": lambda n: f"{'t' * n}: 1\nrules: []\n",
+    "number": lambda n: f"defaults:\n  limit: {{pps: {'9' * min(n, 4000)}}}\nrules: []\n",
+    "many bad CIDRs": lambda n: "deny: [" + ", ".join(f"'{i}{'z' * 60}'" for i in range(min(n, 100_000))) + "]\n",
+    "many unknown keys": lambda n: "".join(f"key{i}: 1\n" for i in range(min(n, 100_000))) + "rules: []\n",
+}
+
+
+def test_error_answers_stay_small_whatever_the_text(agent, reader):
+    """Values echoed in errors are cut, at most 100 errors are worked out
+    (no suggestions past them), and the answer stays far under the client's
+    receive limit however big the text and its values."""
+    before = Unchanged(agent)
+    for name, make in ECHOES.items():
+        text = make(7_000_000 if "many" not in name else 100_000)
+        v = reader.ValidateRuleSet(yaml=text, source="s" * 100_000)
+        _small_answer(v)
+        _small_error(reader.error("WhatIf", yaml=text, source="s" * 100_000))
+        _small_error(agent.api.error("ApplyRuleSet", yaml=text, source="s" * 100_000, reason="echo"))
+    before.check()
+
+
+# ------------------------------------------------- property-based classes
+def _hostile_texts():
+    from hypothesis import strategies as st
+
+    from tidegate.ruleset import MAX_FILE_BYTES, Capacity
+
+    max_values = Capacity().max_values
+    depth = st.tuples(st.just("depth"), st.sampled_from(STYLES[:3]),
+                      st.builds(lambda e, j: min(100_000, 2**e + j), st.integers(0, 17), st.integers(0, 7)))
+    size = st.tuples(st.just("size"), st.just(""), st.integers(-64, 64).map(lambda d: MAX_FILE_BYTES + d))
+    values = st.tuples(st.just("values"), st.just(""), st.integers(-3, 3).map(lambda d: max_values + d))
+    echo = st.tuples(st.just("echo"), st.sampled_from(sorted(ECHOES)),
+                     st.builds(lambda e, j: min(7_000_000, 2**e + j), st.integers(0, 23), st.integers(0, 9)))
+    return st.one_of(depth, size, values, echo)
+
+
+def _text(kind: str, style: str, n: int) -> str:
+    if kind == "depth":
+        return nested(style, n)
+    if kind == "size":  # a valid rule set padded to exactly n bytes with a comment
+        return BASE_RULES + "#" + "x" * (n - len(BASE_RULES) - 2) + "\n"
+    if kind == "values":  # the document's mapping, `rules` and the list are values too
+        return "rules: [" + "1," * (n - 4) + "1]\n"
+    return ECHOES[style](n)
+
+
+def test_generated_depth_size_value_and_echo_classes_through_the_server(agent, reader):
+    """Hypothesis picks the class and its size around each limit (depth 1 to
+    100,000 in three styles, text length within 64 bytes of the size limit,
+    value counts within 3 of the value limit, echoed values of 1 byte to
+    7 MB); each text goes to ValidateRuleSet as a read caller, and to WhatIf
+    and ApplyRuleSet when invalid. The answer is exact at the limits and
+    always small, and nothing changes."""
+    from hypothesis import HealthCheck, given, settings
+
+    from tidegate.ruleset import MAX_FILE_BYTES, Capacity
+
+    before = Unchanged(agent)
+    seen: dict[str, int] = {}
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(_hostile_texts())
+    def one(case):
+        kind, style, n = case
+        seen[kind] = seen.get(kind, 0) + 1
+        text = _text(kind, style, n)
+        v = reader.ValidateRuleSet(yaml=text, source="gen.yaml")
+        msgs = " | ".join(x.message for x in v.violations)
+        if kind == "depth":
+            assert (DEPTH_WORDS in msgs) == (n + 1 > MAX_DEPTH), (style, n, msgs)
+        elif kind == "size":
+            assert len(text.encode()) == n
+            assert v.valid == (n <= MAX_FILE_BYTES), (n, msgs)
+            assert v.valid or f"larger than {MAX_FILE_BYTES:,} bytes" in msgs
+        elif kind == "values":
+            assert (f"more than {Capacity().max_values:,} values" in msgs) == (n > Capacity().max_values), (n, msgs)
+        if v.valid:
+            return
+        _small_answer(v)
+        _small_error(reader.error("WhatIf", yaml=text, source="gen.yaml"))
+        _small_error(agent.api.error("ApplyRuleSet", yaml=text, source="gen.yaml", reason="generated"))
+
+    one()
+    assert set(seen) == {"depth", "size", "values", "echo"}, seen
+    before.check()
+
+
+# ------------------------------------------------------------ concurrency
+GUARDED = BASE_RULES.replace("rules:\n", "canaries: ['{canary}']\nrules:\n", 1)
+TIGHT = GUARDED.replace("    limit: {pps: 500, burst: 500}", "    action: drop")  # drops the canary's app traffic
+
+
+def test_admin_apply_and_guard_rollback_while_sixteen_hostile_calls_run(start_agent, tmp_path):
+    """16 callers send hostile calls back to back (unauthenticated 8 MiB
+    bodies, a read caller's 100,000-deep nesting and largest legitimate rule
+    sets, a read caller's 8 MiB applies) with the agent's default limits.
+    Meanwhile an admin's `apply --guard` completes and keeps its version,
+    and a forced `apply --guard` that drops the canary's traffic is rolled
+    back by the guard within its window (exit 4: the guard acted, not the
+    window running out). Every hostile call gets a clear status."""
+    import os
+    import subprocess
+    import threading
+
+    from tidegate.ruleset import MAX_FILE_BYTES
+    from tidegate.v1 import tidegate_pb2 as pb
+    from tidegate.v1 import tidegate_pb2_grpc as pbg
+
+    from .conftest import BIN, finish, send
+
+    agent = start_agent("hcon", BASE_RULES, ["--guard-seconds", "20"])
+    lab = agent.lab
+    good = GUARDED.replace("{canary}", lab.peer_ip)
+    (tmp_path / "good.yaml").write_text(good.replace("pps: 1000, burst: 1000", "pps: 900, burst: 1000"))
+    (tmp_path / "tight.yaml").write_text(TIGHT.replace("{canary}", lab.peer_ip))
+    base_v = agent.api.ApplyRuleSet(yaml=good, reason="canary", force=True).version
+    canary = send(lab, src=lab.peer_ip, dport=5555, count=40 * 55, pps=40, wait=False)
+
+    read_md = [("authorization", f"Bearer {agent.token('read')}")]
+    big = "#" * (MAX_FILE_BYTES - 10)
+    largest = largest_rule_set()
+    kinds = {
+        "unauthenticated 8 MiB": lambda s: s.ValidateRuleSet(pb.RuleSetText(yaml=big), timeout=60),
+        "read: 100,000 deep": lambda s: s.WhatIf(pb.RuleSetText(yaml=nested("flow-seq", 100_000)), metadata=read_md,
+                                                 timeout=60),
+        "read: largest rule set": lambda s: s.ValidateRuleSet(pb.RuleSetText(yaml=largest), metadata=read_md,
+                                                              timeout=60),
+        "read: 8 MiB apply": lambda s: s.ApplyRuleSet(pb.ApplyRequest(yaml=big, reason="x"), metadata=read_md,
+                                                      timeout=60),
+    }  # fmt: skip
+    allowed = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED,
+               grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED}  # fmt: skip
+    stop = threading.Event()
+    calls: dict[str, int] = dict.fromkeys(kinds, 0)
+    bad: list = []
+    lock = threading.Lock()
+
+    def hostile(kind: str) -> None:
+        opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        with grpc.insecure_channel(agent.server, options=opts) as ch:
+            stub = pbg.FilterStub(ch)
+            while not stop.is_set():
+                try:
+                    kinds[kind](stub)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as e:
+                    code = e.code()
+                with lock:
+                    calls[kind] += 1
+                    if code not in allowed:
+                        bad.append((kind, code))
+
+    threads = [threading.Thread(target=hostile, args=(k,), daemon=True) for k in kinds for _ in range(4)]
+    env = {**os.environ, "TIDEGATE_SERVER": agent.server, "TIDEGATE_TOKEN_FILE": str(agent.state_dir / "tokens"),
+           "TIDEGATE_AUTHOR": "e2e-concurrency"}  # fmt: skip
+
+    def cli(*args):
+        return subprocess.run([str(BIN), *args], capture_output=True, text=True, env=env, timeout=120)
+
+    for t in threads:
+        t.start()
+    try:
+        while min(calls.values()) == 0:  # every kind under way
+            stop.wait(0.2)
+        before = dict(calls)
+        r = cli("apply", str(tmp_path / "good.yaml"), "--guard", "--guard-seconds", "4", "--reason", "under load")
+        assert r.returncode == 0 and "guard: kept" in r.stdout, r.stdout + r.stderr
+        kept_v = agent.api.GetStatus().active_version
+        assert kept_v > base_v
+        r = cli("apply", str(tmp_path / "tight.yaml"), "--force", "--guard", "--guard-seconds", "20",
+                "--reason", "drops the canary, under load")  # fmt: skip
+        # the only traffic is the canary's: the drop share or the canary, whichever the guard sees first
+        assert r.returncode == 4 and f"GUARD ROLLED BACK to version {kept_v}" in r.stdout, r.stdout + r.stderr
+        during = {k: calls[k] - before[k] for k in kinds}
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=90)
+        canary.terminate()
+        try:
+            finish(canary, timeout=10)
+        except Exception:
+            pass
+    assert not bad, bad[:10]
+    assert all(n > 0 for n in during.values()), during  # the hostile load ran all along
+    assert agent.proc.poll() is None
+    st = agent.api.GetStatus()
+    assert st.attached and st.active_version == kept_v
+    rb = agent.api.ListAudit(limit=10, action="guard-rollback").entries
+    assert rb and rb[0].detail.endswith(f"rolled back to {kept_v}") and rb[0].version == kept_v + 1
