@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from . import cidrs
 from .ruleset_yaml import MAX_DEPTH, Node, TextError, compose, depth_error, shown_key as _shown_key
 
 PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6", "any")
@@ -444,15 +445,18 @@ def _network(node: _Node, path: str, col: _Collector) -> Network | None:
     if not isinstance(v, str) or isinstance(v, bool):
         col.add(path, node, f"must be an address or CIDR in quotes, not {_kind(node)}")
         return None
+    net = cidrs.parse(v.strip())
+    if net is not None:
+        return net
     try:
         return ipaddress.ip_network(v.strip(), strict=True)
     except ValueError as e:
-        try:
-            net = ipaddress.ip_network(v.strip(), strict=False)
-            col.add(path, node, f"{_shown(v)} has host bits set; did you mean {net}?")
-        except ValueError:
+        if "has host bits set" not in str(e):  # anything else: one parse is enough to say so
             why = str(e) if len(v) <= 40 else "see the value"  # ipaddress's messages quote the whole value
             col.add(path, node, f"{_shown(v)} is not a valid address or CIDR ({why})")
+            return None
+        net = ipaddress.ip_network(v.strip(), strict=False)
+        col.add(path, node, f"{_shown(v)} has host bits set; did you mean {net}?")
         return None
 
 

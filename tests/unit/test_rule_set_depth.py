@@ -118,3 +118,45 @@ def test_echoed_values_are_cut():
             parse_rule_set(text, "s" * 10_000)
         assert all(len(x.message) < 300 and len(x.path) < 120 for x in e.value.errors), e.value.errors
         assert len(str(e.value)) < 1000
+
+
+# ------------------------------------------------------- CIDR fast path
+def _forms(draw_int, v6: bool, plen: int, style: int) -> str:
+    import ipaddress
+
+    net = (ipaddress.IPv6Network if v6 else ipaddress.IPv4Network)((draw_int, plen), strict=False)
+    a = net.network_address if style % 3 else ipaddress.ip_address(draw_int if not v6 else draw_int)
+    text = [str(a), a.exploded, str(a).upper(), str(a).replace(".", ".0", 1)][style % 4]
+    return text + ("" if style % 5 == 0 else f"/{plen}" if style % 7 else f"/0{plen}")
+
+
+@settings(max_examples=3000, deadline=None, database=None)
+@given(st.one_of(
+    st.builds(lambda i, p, s: _forms(i, False, p, s), st.integers(0, 2**32 - 1), st.integers(0, 32), st.integers(0, 99)),
+    st.builds(lambda i, p, s: _forms(i, True, p, s), st.integers(0, 2**128 - 1), st.integers(0, 128),
+              st.integers(0, 99)),
+    st.text(alphabet="0123456789abcdefABCDEF:./", max_size=50),
+))  # fmt: skip
+def test_the_cidr_fast_path_makes_what_ipaddress_makes(text):
+    """Whatever cidrs.parse takes, ipaddress takes too, as the same network;
+    what it leaves (None) ipaddress judges on its own."""
+    import ipaddress
+
+    from tidegate import cidrs
+
+    net = cidrs.parse(text)
+    if net is None:
+        return
+    ref = ipaddress.ip_network(text, strict=True)
+    assert (type(net), net, str(net), hash(net)) == (type(ref), ref, str(ref), hash(ref))
+
+
+def test_the_cidr_fast_path_takes_the_usual_shapes():
+    from tidegate import cidrs
+
+    for text in ("10.0.0.0/8", "192.0.2.7", "0.0.0.0/0", "2001:db8::/32", "::/0", "::1",
+                 "ffff:0000:0001:ffff:ffff:ffff:ffff:ffff/128", "fe80::/10"):  # fmt: skip
+        assert cidrs.parse(text) is not None, text
+    for text in ("10.0.0.1/8", "010.0.0.0/8", "256.0.0.0/8", "10.0.0.0/33", "2001:DB8::/32", "::1/129",
+                 "1:2:3:4:5:6:7::", "::ffff:1.2.3.4/128", "10.0.0.0/255.0.0.0"):  # fmt: skip
+        assert cidrs.parse(text) is None, text  # ipaddress decides (and words any error)
