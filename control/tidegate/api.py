@@ -27,7 +27,7 @@ from .v1 import tidegate_pb2_grpc as pbg
 log = logging.getLogger("tidegate.api")
 ERRORS_KEY = "tidegate-errors-bin"
 # each WatchCounters stream and each expensive read call holds a worker thread: capped apart
-# (MAX_WATCHERS, admission.MAX_EXPENSIVE_IN_FLIGHT) so that at least 8 are always left for the rest
+# (MAX_WATCHERS, admission.MAX_EXPENSIVE_IN_FLIGHT) so that at least 12 are always left for the rest
 WORKERS = 24
 MAX_WATCHERS = 8
 MAX_LIST = 1000  # versions or audit rows in one answer (an audit row's detail is at most 4,000 characters)

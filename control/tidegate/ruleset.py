@@ -220,6 +220,11 @@ def _inline_cidrs(cidrs: list[str]) -> str:
                            else _inline([c])[1:-1] for c in cidrs) + "]"  # fmt: skip
 
 
+def _inline_ports(ports: list) -> str:
+    """_inline of dst_ports (ints and "lo-hi" strings, both plain scalars) without the emitter per item."""
+    return "[" + ", ".join(str(p) for p in ports) + "]"
+
+
 def dump_yaml(rule_set: RuleSet) -> str:
     """Canonical YAML text of a rule set (round-trips through parse_rule_set):
     block style for sections and rules, flow style for values."""
@@ -239,7 +244,8 @@ def dump_yaml(rule_set: RuleSet) -> str:
         for r in d["rules"]:
             items = list(r.items())
             out.append(f"  - {items[0][0]}: {_inline(items[0][1])}")
-            out += [f"    {k}: {_inline_cidrs(v) if k == 'sources' else _inline(v)}" for k, v in items[1:]]
+            inline = {"sources": _inline_cidrs, "dst_ports": _inline_ports}
+            out += [f"    {k}: {inline.get(k, _inline)(v)}" for k, v in items[1:]]
     return "\n".join(out) + "\n"
 
 
@@ -247,19 +253,20 @@ def dump_yaml(rule_set: RuleSet) -> str:
 _Node = Node  # values with their lines: from the YAML layer, or from plain data (line None)
 
 
+class _Capped(Exception):
+    """MAX_ERRORS are collected: validation stops (the answer is those errors)."""
+
+
 class _Collector:
     def __init__(self, source: str):
         self.source = source
         self.errors: list[FieldError] = []
 
-    @property
-    def full(self) -> bool:
-        """MAX_ERRORS are collected: more would not be shown, so are not worked out."""
-        return len(self.errors) >= MAX_ERRORS
-
     def add(self, path: str, node: _Node | None, message: str) -> None:
         if len(self.errors) < MAX_ERRORS:
             self.errors.append(FieldError(path, node.line if node is not None else None, message))
+        if len(self.errors) >= MAX_ERRORS:  # the rest would not be shown: stop working them out
+            raise _Capped
 
 
 def _from_data(value, col: _Collector, path: str = "", depth: int = 1) -> _Node | None:
@@ -320,6 +327,8 @@ def parse_rule_set(text: str, source: str = "<string>", capacity: Capacity | Non
                                                  f"({MAX_FILE_BYTES >> 20} MiB), the limit for a rule set")], source)
     try:
         root = compose(text, col.add, max_values=(capacity or Capacity()).max_values)
+    except _Capped:
+        raise RuleSetError(col.errors, source) from None
     except TextError as e:
         raise RuleSetError([FieldError("", e.line, e.message)], source) from None
     except yaml.MarkedYAMLError as e:
@@ -331,7 +340,14 @@ def parse_rule_set(text: str, source: str = "<string>", capacity: Capacity | Non
         raise RuleSetError([FieldError("", None, f"YAML error: {e}")], source) from None
     if root is None:
         raise RuleSetError([FieldError("", None, "empty document: a rule set needs at least `rules:`")], source)
-    return _build(root, col, capacity or Capacity())
+    return _build_capped(root, col, capacity or Capacity())
+
+
+def _build_capped(root: _Node | None, col: _Collector, cap: Capacity) -> RuleSet:
+    try:
+        return _build(root, col, cap)
+    except _Capped:
+        raise RuleSetError(col.errors, col.source) from None
 
 
 def rule_set_from_dict(data: Any, source: str = "<message>", capacity: Capacity | None = None) -> RuleSet:
@@ -340,7 +356,7 @@ def rule_set_from_dict(data: Any, source: str = "<message>", capacity: Capacity 
         root = _from_data(data, col)
     except RecursionError:
         raise RuleSetError([FieldError("", None, "nested too deeply for a rule set")], source) from None
-    return _build(root, col, capacity or Capacity())
+    return _build_capped(root, col, capacity or Capacity())
 
 
 # --------------------------------------------------------------------- build
@@ -354,8 +370,6 @@ PREFIX_KEYS = ("ipv4_prefix", "ipv6_prefix") + LIMIT_KEYS
 def _check_keys(node: _Node, allowed: tuple[str, ...], path: str, col: _Collector) -> None:
     for key, child in node.value.items():
         if key not in allowed:
-            if col.full:  # a suggestion costs a fuzzy match against every known key: not for errors never shown
-                return
             hint = difflib.get_close_matches(key[:64], allowed, n=1)
             extra = f" (did you mean `{hint[0]}`?)" if hint else f" (known: {', '.join(allowed)})"
             col.add(f"{path}.{_shown_key(key)}" if path else _shown_key(key), child, f"unknown key{extra}")

@@ -160,3 +160,22 @@ def test_the_cidr_fast_path_takes_the_usual_shapes():
     for text in ("10.0.0.1/8", "010.0.0.0/8", "256.0.0.0/8", "10.0.0.0/33", "2001:DB8::/32", "::1/129",
                  "1:2:3:4:5:6:7::", "::ffff:1.2.3.4/128", "10.0.0.0/255.0.0.0"):  # fmt: skip
         assert cidrs.parse(text) is None, text  # ipaddress decides (and words any error)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.lists(st.one_of(st.integers(1, 65535), st.builds(lambda a, b: f"{min(a, b)}-{max(a, b)}",
+                                                               st.integers(1, 65535), st.integers(1, 65535))),
+                max_size=50))  # fmt: skip
+def test_port_lists_print_as_the_emitter_prints_them(ports):
+    from tidegate.ruleset import _inline, _inline_ports
+
+    assert _inline_ports(ports) == _inline(ports)
+
+
+def test_validation_stops_at_the_error_cap():
+    """Past MAX_ERRORS nothing more is worked out: a text of 150,000 bad
+    CIDRs answers with the first 100, the same as when every one was checked."""
+    text = "rules: 5\ndeny: [" + ", ".join(f"'{i}zz'" for i in range(150_000)) + "]\n"
+    with pytest.raises(RuleSetError) as e:
+        parse_rule_set(text)
+    assert [x.path for x in e.value.errors] == [f"deny[{i}]" for i in range(MAX_ERRORS)]
