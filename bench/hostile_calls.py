@@ -163,8 +163,13 @@ class Bench:
 
     def measure(self, caller: str, name: str, size: int, call, concurrent: int = 1) -> None:
         """call(stub, read_metadata) is made `reps` times against a fresh agent."""
+        from tidegate.v1 import tidegate_pb2_grpc as pbg
+
         self.fresh_agent()
         fn = lambda: call(self.stub, self.read)  # noqa: E731
+        opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.insecure_channel(f"127.0.0.1:{self.agent.port}", options=opts) for _ in range(concurrent)]
+        stubs = [pbg.FilterStub(ch) for ch in channels] if concurrent > 1 else []
         cpus, idles, peaks, codes = [], [], [], set()
         for _ in range(self.reps):
             time.sleep(1.5)
@@ -179,14 +184,16 @@ class Bench:
             c0, t0 = cpu_ns(self.pid), time.monotonic()
             if concurrent == 1:
                 codes.add(self.call(fn))
-            else:
+            else:  # that many callers, each on a connection of its own
                 with ThreadPoolExecutor(concurrent) as ex:
-                    codes.update(ex.map(lambda _: self.call(fn), range(concurrent)))
+                    codes.update(ex.map(lambda stub: self.call(lambda: call(stub, self.read)), stubs))
             took = time.monotonic() - t0
             cpus.append((cpu_ns(self.pid) - c0) / 1e9)
             idles.append(idle * took)
             peaks.append((status_kb(self.pid, "VmHWM") - rss0) / 1024)
             self.data.append({"wall_s": took})
+        for ch in channels:
+            ch.close()
         row = {"caller": caller, "call": name, "bytes": size, "concurrent": concurrent, "status": sorted(codes),
                "cpu_s": cpus, "idle_cpu_s": idles, "peak_rss_delta_mb": peaks}  # fmt: skip
         self.data[-1].update(row)

@@ -394,8 +394,11 @@ def serve(agent: Agent, opts) -> grpc.Server:
     admission = Admission(Authorizer.from_options(opts), agent.store, rate=getattr(opts, "read_call_rate", 1.0),
                           burst=getattr(opts, "read_call_burst", 10))  # fmt: skip
     agent.admission = admission  # metrics read its counts; the agent closes it (last summary rows) at stop
-    # one message at most: a rule set at its size limit and the request's other fields, both ways
-    limits = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    # one message at most: a rule set at its size limit and the request's other fields, both ways; and a
+    # fixed 256 KiB receive window a stream (no BDP probing, which grew it to megabytes): a refused caller's
+    # body that is never read costs the agent that much buffering at most, not the whole message
+    limits = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+              ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 256 << 10)]  # fmt: skip
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS), interceptors=[admission],
                          maximum_concurrent_rpcs=64, options=limits)  # fmt: skip
     service = FilterService(agent, admission)

@@ -386,19 +386,20 @@ def test_admin_apply_and_guard_rollback_while_sixteen_hostile_calls_run(start_ag
     lock = threading.Lock()
 
     def hostile(kind: str) -> None:
-        opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.use_local_subchannel_pool", 1)]  # a connection of its own: 16 callers, not 16 streams of one
         with grpc.insecure_channel(agent.server, options=opts) as ch:
             stub = pbg.FilterStub(ch)
             while not stop.is_set():
                 try:
                     kinds[kind](stub)
-                    code = grpc.StatusCode.OK
+                    code, details = grpc.StatusCode.OK, ""
                 except grpc.RpcError as e:
-                    code = e.code()
+                    code, details = e.code(), e.details()
                 with lock:
                     calls[kind] += 1
                     if code not in allowed:
-                        bad.append((kind, code))
+                        bad.append((kind, code, details))
 
     threads = [threading.Thread(target=hostile, args=(k,), daemon=True) for k in kinds for _ in range(4)]
     env = {**os.environ, "TIDEGATE_SERVER": agent.server, "TIDEGATE_TOKEN_FILE": str(agent.state_dir / "tokens"),
