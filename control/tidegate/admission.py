@@ -47,7 +47,7 @@ READ_METHODS = {
     "ShadowReport", "WhatIf", "GetReview", "ListAudit", "Insight", "DenyList",
 }  # fmt: skip
 # measured at 100,000 tracked sources: WhatIf 2 s of CPU, ShadowReport 0.6 s, TopSources over a window
-# 0.1 s (at most ~1 s by design), ValidateRuleSet up to ~1 s for the largest text; Insight, GetReview,
+# 0.1 s (at most ~1 s by design), ValidateRuleSet up to ~1.6 s for the largest text; Insight, GetReview,
 # TopSources of the last interval, counters, versions and audit stay within a few ms
 EXPENSIVE_READS = {"ValidateRuleSet", "WhatIf", "ShadowReport", "TopSources"}
 # They are CPU-bound Python (one GIL): more at once would not finish sooner, only hold more memory
