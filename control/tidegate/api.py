@@ -30,7 +30,21 @@ ERRORS_KEY = "tidegate-errors-bin"
 # (MAX_WATCHERS, admission.MAX_EXPENSIVE_IN_FLIGHT) so that at least 12 are always left for the rest
 WORKERS = 24
 MAX_WATCHERS = 8
-MAX_LIST = 1000  # versions or audit rows in one answer (an audit row's detail is at most 4,000 characters)
+# a list answer (versions, audit rows) stops before this many bytes: under any client's default receive
+# limit (4 MiB); the rows read for it are bounded too (versions only admins make; audit rows by count)
+MAX_LIST_BYTES = (4 << 20) - (64 << 10)
+MAX_AUDIT_ROWS = 10_000
+
+
+def _bounded(items, max_bytes: int = MAX_LIST_BYTES) -> list:
+    """The first messages of `items` that fit in max_bytes together (the newest first: the caller pages on)."""
+    out, size = [], 0
+    for m in items:
+        size += m.ByteSize() + 4  # + the field's tag and length
+        if size > max_bytes:
+            break
+        out.append(m)
+    return out
 
 
 def _violations(errors) -> list[pb.FieldViolation]:
@@ -208,8 +222,8 @@ class FilterService(pbg.FilterServicer):
 
     def ListVersions(self, request, context):
         def fn(c):
-            rows = self.agent.list_versions(min(request.limit or 50, MAX_LIST), request.offset)
-            return pb.ListVersionsResponse(versions=[_version_info(v) for v in rows])
+            rows = self.agent.list_versions(request.limit or 50, request.offset)
+            return pb.ListVersionsResponse(versions=_bounded(_version_info(v) for v in rows))
 
         return self._run(context, "ListVersions", fn)
 
@@ -319,10 +333,10 @@ class FilterService(pbg.FilterServicer):
 
     def ListAudit(self, request, context):
         def fn(c):
-            rows = self.agent.store.list_audit(min(request.limit or 100, MAX_LIST), action=request.action or None)
-            return pb.ListAuditResponse(entries=[
+            rows = self.agent.store.list_audit(min(request.limit or 100, MAX_AUDIT_ROWS), action=request.action or None)
+            return pb.ListAuditResponse(entries=_bounded(
                 pb.AuditEntry(time=r.time_iso, action=r.action, result=r.result, author=r.author, peer=r.peer,
-                              version=r.version or 0, detail=r.detail) for r in rows])  # fmt: skip
+                              version=r.version or 0, detail=r.detail) for r in rows))  # fmt: skip
 
         return self._run(context, "ListAudit", fn)
 

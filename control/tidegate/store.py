@@ -275,10 +275,13 @@ class VersionStore:
             return self._record(row, self.active_version())
 
     def list_versions(self, limit: int = 50, offset: int = 0) -> list[VersionRecord]:
+        """The newest versions, without their text (content is ''): a listing of large rule sets must
+        not read megabytes a version; get_version reads one version's text."""
+        cols = self._COLS.replace("content", "'' AS content")
         with self._lock:
             active = self.active_version()
             rows = self._conn.execute(
-                f"SELECT {self._COLS} FROM versions ORDER BY number DESC LIMIT ? OFFSET ?", (limit, offset)
+                f"SELECT {cols} FROM versions ORDER BY number DESC LIMIT ? OFFSET ?", (limit, offset)
             ).fetchall()
             return [self._record(r, active) for r in rows]
 

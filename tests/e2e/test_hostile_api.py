@@ -268,6 +268,24 @@ def test_error_answers_stay_small_whatever_the_text(agent, reader):
     before.check()
 
 
+def test_list_answers_fit_a_default_client_whatever_the_limit_asked(agent, reader):
+    """A read caller asking for every audit row and every version gets the
+    newest that fit under gRPC's default 4 MiB receive limit (the channel
+    here keeps that default), never an answer the client must refuse."""
+    from tidegate.api import MAX_LIST_BYTES
+
+    before = Unchanged(agent)
+    long = "rules:\n" + "".join(f"  - name: r{i}\n    bad{'x' * 30}: 1\n" for i in range(60))
+    for i in range(1200):  # ~4,000-character audit details: ~5 MB of rows
+        agent.api.error("ApplyRuleSet", yaml=long, reason=f"noise {i}")
+    audit = reader.ListAudit(limit=2**32 - 1)
+    assert 3 << 20 < audit.ByteSize() <= MAX_LIST_BYTES, audit.ByteSize()
+    assert 500 < len(audit.entries) < 1200 and audit.entries[0].detail.count("rules[") > 10
+    versions = reader.ListVersions(limit=2**32 - 1)
+    assert [v.number for v in versions.versions] == sorted((v.number for v in versions.versions), reverse=True)
+    before.check()
+
+
 # ------------------------------------------------- property-based classes
 def _hostile_texts():
     from hypothesis import strategies as st
