@@ -733,13 +733,14 @@ def _shape_table(d: dict):
     hist = d.get("rate_histogram") or {}
     spread = ", ".join(f"{k.removeprefix('le_')}: {v:,}" for k, v in hist.items())
     rows = [
-        ["active sources", f"{d.get('active_sources', 0):,}", "new in the last interval", share("new_source_share")],
+        ["sources in the window", f"{d.get('sources', 0):,}", "first seen within the baseline", share("new_source_share")],
         ["packets from known sources", share("known_source_packet_share"), "top 10 prefixes' share",
          share("top_prefixes_packet_share")],
         ["distinct /24 and /48 prefixes", f"{d.get('distinct_prefixes', 0):,}", "sources per prefix",
          f"{d.get('sources_per_prefix', 0):g}"],
-        ["median pps per source", f"{d.get('median_source_pps', 0):g}", "traffic vs 2 min ago",
-         f"x{d['traffic_factor_2min']:g}" if d.get("traffic_factor_2min") else "-"],
+        ["median pps per source", f"{d.get('median_source_pps', 0):g}", "traffic vs its baseline",
+         f"x{d['traffic_factor']:g}" if d.get("traffic_factor") else "-"],
+        ["spoof-only address space", share("impossible_source_share"), "confidence", share("confidence")],
     ]  # fmt: skip
     if spread:
         rows.append(["sources by pps (<= bucket)", spread, "", ""])
@@ -795,7 +796,7 @@ def _watch_frame(c, prev, top, server: str, shape: dict | None = None):
                                 ["source", "rule", "pps", "drop pps"],
                                 [[s.address, s.rule, s.pps, s.drop_pps] for s in top.sources]))  # fmt: skip
     if shape:
-        if "active_sources" in shape:
+        if "sources" in shape:
             parts.append(_shape_table(shape))
         parts.append(Text(shape.get("reading", "")))
     return Group(*parts)

@@ -1,5 +1,8 @@
-"""Insight on real traffic: a legitimate surge, a spoofed flood and a single
-heavy hitter are told apart, and the numbers behind each reading hold."""
+"""Insight on real traffic through the real agent on veth: a surge of known
+clients, the lab's /16 flood, a spoofed flood spread over the whole space
+whose sources repeat, and a single heavy hitter are told apart, and the
+numbers behind each reading hold. (Every shape at every agent age is read
+from synthesized intervals in tests/unit/test_insight_reading.py.)"""
 
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ def agent(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("insight")
     (tmp / "rules.yaml").write_text(RULES)
     lab = VethLab(f"i{os.getpid() % 100000}", subnet="10.203.9").create()
-    a = AgentProc(lab, tmp / "state", extra=["--insight-baseline-seconds", "3"])
+    a = AgentProc(lab, tmp / "state", extra=["--insight-baseline-seconds", "3",
+                                                "--insight-window-seconds", "3"])
     try:
         a.start(rules=str(tmp / "rules.yaml"))
         yield a
@@ -46,7 +50,7 @@ def agent(tmp_path_factory):
         lab.remove()
 
 
-def reading_during(agent, *sender_args, settle=2.6):
+def reading_during(agent, *sender_args, settle=3.2):
     bg = send(agent.lab, *sender_args, wait=False)
     time.sleep(settle)
     data = agent.cli("insight", json_out=True)
@@ -67,26 +71,40 @@ def test_legitimate_surge_is_read_as_a_surge(agent):
     assert d["known_source_packet_share"] >= 0.9
     assert d["new_source_share"] <= 0.05
     assert d["drops_by_rule"]["api"]["sources"] >= 150
-    assert "legitimate surge" in d["reading"] and "not a verdict" in d["reading"]
+    assert d["known_traffic_factor"] >= 1.5
+    assert "surge of known clients being limited, not an attack" in d["reading"] and "not a verdict" in d["reading"]
+    assert 0 < d["confidence"] <= 1 and f"confidence {d['confidence']:.0%}" in d["reading"]
 
 
-def test_spoofed_flood_is_read_as_a_flood(agent):
-    # every packet from a fresh address, all inside 64 /24 prefixes
-    d = reading_during(agent, "--src-net", "198.18.0.0/18", "--sources", "12000", "--count", "12000",
-                       "--pps", "3000", "--dport", "9", "--seed", "9")  # fmt: skip
+def test_the_labs_slash16_flood_is_read_as_a_flood(agent):
+    # tidegate lab's flood: 2 kpps from a pool of 20,000 in 198.18.0.0/16
+    d = reading_during(agent, "--src-net", "198.18.0.0/16", "--sources", "20000", "--count", "8000",
+                       "--pps", "2000", "--dport", "9", "--seed", "9", settle=3.8)  # fmt: skip
     assert d["verdict"] == "flood", d["reading"]
     assert d["new_source_share"] >= 0.8
     assert d["known_source_packet_share"] <= 0.2
-    assert d["median_source_pps"] <= 2
-    assert d["active_sources"] >= 1000 and d["distinct_prefixes"] <= 64
-    assert d["sources_per_prefix"] >= 16 and d["top_prefixes_packet_share"] >= 10 / 64
-    assert "concentrated in" in d["reading"]
+    assert d["sources"] >= 1000 and d["distinct_16s"] <= 3
+    assert d["dense_prefix_packet_share"] >= 0.5 and d["impossible_source_share"] == 0
+    assert "concentrated" in d["reading"]
     import ipaddress
 
-    flood_net = ipaddress.ip_network("198.18.0.0/18")
+    flood_net = ipaddress.ip_network("198.18.0.0/16")
+    assert d["top_16s"][0]["prefix"] == "198.18.0.0/16" and d["top_16s"][0]["packet_share"] >= 0.9
     top = d["top_prefixes"]
     assert len(top) == 5 and all(ipaddress.ip_network(p["prefix"]).subnet_of(flood_net) for p in top)
-    assert all(p["sources"] >= 50 for p in top) and top[0]["prefix"] in d["reading"]
+
+
+def test_repeating_spoofed_flood_over_the_whole_space_is_a_flood(agent):
+    # the outage's flood, scaled down: 10,000 random sources anywhere in IPv4,
+    # each repeating (so after its first second none is new "per interval")
+    d = reading_during(agent, "--src-net", "0.0.0.0/0", "--sources", "10000", "--count", "40000",
+                       "--pps", "8000", "--dport", "9", "--seed", "11", settle=4.0)  # fmt: skip
+    assert d["verdict"] == "flood", d["reading"]
+    assert d["new_source_share"] >= 0.8 and d["known_source_packet_share"] <= 0.2
+    assert d["packets_per_source"] >= 2  # they repeat within the window
+    # 0/8, 127/8 and 224/3 are an eighth of the space; no client sends from there
+    assert d["impossible_source_share"] >= 0.05
+    assert "space no client sends from" in d["reading"]
 
 
 def test_single_heavy_hitter_is_named(agent):
@@ -105,5 +123,10 @@ def test_insight_metrics_exported(agent):
 
     body = urllib.request.urlopen(f"http://127.0.0.1:{agent.metrics_port}/metrics", timeout=10).read().decode()
     for name in ("tidegate_insight_known_source_share", "tidegate_source_rate_sources",
-                 "tidegate_insight_new_sources"):  # fmt: skip
+                 "tidegate_insight_new_sources", "tidegate_insight_confidence"):  # fmt: skip
         assert name in body
+    # one verdict series per verdict, the latest reading's set to 1
+    verdicts = {ln.split('"')[1]: float(ln.rsplit(" ", 1)[1]) for ln in body.splitlines()
+                if ln.startswith("tidegate_insight_verdict{")}  # fmt: skip
+    assert {"normal", "flood", "surge", "flash-crowd", "heavy-hitter"} <= set(verdicts)
+    assert sum(verdicts.values()) == 1.0
