@@ -216,6 +216,7 @@ VERBS: dict[str, Verb] = {
         "A hint from the counters (not a verdict): known versus new sources, concentration in prefixes,\n"
         "heavy hitters.",
         "tidegate insight\n"
+        "tidegate insight --propose --out proposal.yaml   # then: tidegate apply proposal.yaml --shadow\n"
         "tidegate -o json insight"),
     "replay": Verb(
         "run a pcap through the real XDP program offline",
@@ -433,7 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--limit", type=int, default=50, metavar="N", help="newest N entries (default 50)")
     au.add_argument("--action", default="", help="only this action (apply, rollback, guard-rollback, auth-denied, ...)")
 
-    verb("insight")
+    ins = verb("insight")
+    ins.add_argument("--propose", action="store_true",
+                     help="also propose a rule-set change from the reading, with its what-if (nothing is applied)")
+    ins.add_argument("--out", metavar="FILE", default="proposal.yaml",
+                     help="with --propose: write the candidate rule set here (default proposal.yaml)")
 
     r = verb("replay")
     r.add_argument("--pcap", required=True, metavar="FILE", help="capture to replay")
@@ -982,11 +987,27 @@ def cmd_audit(args, out: Output) -> int:
 
 def cmd_insight(args, out: Output) -> int:
     cl = _client(args)
-    r = cl.call("Insight", cl.pb.InsightRequest())
+    r = cl.call("Insight", cl.pb.InsightRequest(propose=args.propose))
+    data = json.loads(r.json or "{}")
+    if args.propose:
+        from .propose import words, write_rule_set
+
+        p = data.get("proposal") or {"action": "none", "reason": "no reading yet"}
+        if p.get("rule_set"):
+            try:
+                write_rule_set(args.out, p)
+            except OSError as e:
+                raise LocalError(f"{args.out}: cannot write the proposal: {e.strerror}") from None
+            p["written_to"] = args.out
     if out.is_json:
-        out.json(json.loads(r.json or "{}"))
-    else:
-        out.line(r.reading)
+        out.json(data)
+        return EXIT_OK
+    out.line(r.reading)
+    if args.propose:
+        out.line(words(p))
+        if p.get("written_to"):
+            out.line(f"written to {args.out}: tidegate apply {args.out} --shadow --reason '{p['verdict']}: "
+                     f"{p['action']}'")  # fmt: skip
     return EXIT_OK
 
 

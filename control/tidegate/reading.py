@@ -110,7 +110,9 @@ class Baseline:
         constant), so a crowd that stays becomes the new normal."""
         if verdict in ATTACKS and self.pps is not None:
             if self.episode_start is None:
-                self.episode_start = fig["newest_interval_start"]
+                # it may have ramped up unseen through the window before it
+                # read as a flood: its first sources must not turn known
+                self.episode_start = fig["window_start"]
             return
         self.episode_start = None
         w = min(1.0, fig["interval_seconds"] / 300.0) if self.pps is not None else 1.0
@@ -234,6 +236,12 @@ def figures(intervals: list, known: KnownSources, known_before: float, now: floa
             "drop_pps": round(float(dr_rows[m].sum() / secs), 1),
             "drop_share_of_rule": round(float(dr_rows[m].sum() / max(1.0, pk_rows[m].sum())), 4)}
     fig["drops_by_rule"] = drops_by_rule
+    # which rules the new sources' packets hit (the rule a flood hits)
+    new_rows = new[inv] if n else np.zeros(0, bool)
+    new_total = float(pk_rows[new_rows].sum())
+    fig["new_packets_by_rule"] = {rule_name(int(r)): round(float(pk_rows[new_rows & (rule_rows == r)].sum() / new_total), 4)
+                                  for r in np.unique(rule_rows[new_rows]).tolist()} if new_total else {}  # fmt: skip
+    fig["known_before"] = known_before
     return fig
 
 
@@ -370,10 +378,11 @@ class Reader:
 
     def known_before(self, now: float) -> float:
         eff = min(self.baseline_seconds, self.covered(now))
-        cut = max(now - eff, self.first_sample if self.first_sample is not None else now)
+        cut = now - eff
         if self.baseline.episode_start is not None:
             cut = min(cut, self.baseline.episode_start)
-        return cut
+        # the first sample's sources are the agent's first baseline
+        return max(cut, self.first_sample if self.first_sample is not None else now)
 
     def add(self, iv, rule_name=lambda r: f"rule{r}") -> dict:
         """Fold one interval in; returns the reading as of its end."""
