@@ -110,9 +110,10 @@ class Baseline:
         constant), so a crowd that stays becomes the new normal."""
         if verdict in ATTACKS and self.pps is not None:
             if self.episode_start is None:
-                # it may have ramped up unseen through the window before it
+                # it may have ramped up unseen for a window or two before it
                 # read as a flood: its first sources must not turn known
-                self.episode_start = fig["window_start"]
+                # (sources that new are new by the baseline window anyway)
+                self.episode_start = fig["window_start"] - fig["window_seconds"]
             return
         self.episode_start = None
         w = min(1.0, fig["interval_seconds"] / 300.0) if self.pps is not None else 1.0
