@@ -47,7 +47,11 @@ class Insight:
     def read(self) -> dict:
         """The reading as of now: a reading whose newest sample is older
         than two sample intervals says so."""
-        return self.reader.read(time.monotonic(), self._rule_name())
+        d = self.reader.read(time.monotonic(), self._rule_name())
+        s = self.agent.sampler
+        d["sampler"] = {"interval_seconds": s.interval, "cpu_seconds": round(s.cpu_seconds, 3),
+                        "last_sample_seconds": round(s.sample_seconds, 4)}
+        return d
 
 
 def read(agent) -> dict:

@@ -79,6 +79,9 @@ def test_legitimate_surge_is_read_as_a_surge(agent):
     assert d["known_traffic_factor"] >= 1.5
     assert "surge of known clients being limited, not an attack" in d["reading"] and "not a verdict" in d["reading"]
     assert 0 < d["confidence"] <= 1 and f"confidence {d['confidence']:.0%}" in d["reading"]
+    # how fresh it is: the newest sample's age, and the sampler's own CPU time
+    assert d["sample_age_seconds"] >= 0 and d["stale"] == (d["sample_age_seconds"] > 2)
+    assert d["sampler"]["interval_seconds"] == 1 and d["sampler"]["cpu_seconds"] > 0
 
 
 def test_the_labs_slash16_flood_is_read_as_a_flood(agent):
