@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -136,7 +135,8 @@ def main() -> int:
                              .split("    sudo")[0].strip())  # fmt: skip
         a = data["sample_age_s"]
         lines += ["", table(["figure", "value"], [
-            ["flood at the agent", f"{data['flood_pps_at_agent']:,} pps for {data['seconds']} s ({args.senders} senders)"],
+            ["flood at the agent",
+             f"{data['flood_pps_at_agent']:,} pps for {data['seconds']} s ({args.senders} senders)"],
             ["sample age p50 / p99 / max", f"{a['p50']} / {a['p99']} / {a['max']} s (two intervals: {a['limit']:g} s)"],
             ["readings that said STALE", f"{stale} of {len(ages)}"],
             ["verdicts", ", ".join(f"{k} {v}" for k, v in verdicts.most_common())],

@@ -65,8 +65,8 @@ def metrics(agent):
     d = agent.insight.latest
     if not d or "sources" not in d:
         return
-    vm = GaugeMetricFamily("tidegate_insight_verdict", "the latest insight reading: 1 for its verdict, 0 for the others",
-                          labels=["verdict"])
+    vm = GaugeMetricFamily("tidegate_insight_verdict",
+                           "the latest insight reading: 1 for its verdict, 0 for the others", labels=["verdict"])
     for name in VERDICTS:
         vm.add_metric([name], 1.0 if d["verdict"] == name else 0.0)
     yield vm

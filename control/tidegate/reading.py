@@ -34,8 +34,8 @@ WINDOW_SECONDS = 30.0
 RATE_BUCKETS = (1, 10, 100, 1000, 10000)  # per-source pps upper bounds; +Inf implied
 TOP_PREFIXES = 5
 MAX_KNOWN = 2_000_000
-HUMAN_PPS = 5.0
-DENSE_PREFIX = 16  # sources in one /24 that no set of real clients reaches  # a person's client rarely keeps above this for a window
+HUMAN_PPS = 5.0  # a person's client rarely keeps above this for a window
+DENSE_PREFIX = 16  # sources in one /24 that no set of real clients reaches
 ATTACKS = ("flood", "mixed")
 VERDICTS = ("learning", "normal", "unusual", "flood", "mixed", "flash-crowd", "surge", "heavy-hitter", "quiet")
 
@@ -185,7 +185,8 @@ def figures(intervals: list, known: KnownSources, known_before: float, now: floa
     present = np.bincount(inv, minlength=n)  # intervals each source sent in
     total = float(pk.sum())
     fig: dict = {"window_seconds": round(secs, 1), "window_start": t0, "interval_seconds": round(ivs[-1].seconds, 2),
-                 "intervals": len(ivs), "newest_interval_start": ivs[-1].t0, "sample_age_seconds": round(max(0.0, now - t1), 1),
+                 "intervals": len(ivs), "newest_interval_start": ivs[-1].t0,
+                 "sample_age_seconds": round(max(0.0, now - t1), 1),
                  "pps": round(total / secs, 1), "sources": n}  # fmt: skip
     first = known.first_seen(hi_u, lo_u)
     new = first > known_before
@@ -240,8 +241,9 @@ def figures(intervals: list, known: KnownSources, known_before: float, now: floa
     # which rules the new sources' packets hit (the rule a flood hits)
     new_rows = new[inv] if n else np.zeros(0, bool)
     new_total = float(pk_rows[new_rows].sum())
-    fig["new_packets_by_rule"] = {rule_name(int(r)): round(float(pk_rows[new_rows & (rule_rows == r)].sum() / new_total), 4)
-                                  for r in np.unique(rule_rows[new_rows]).tolist()} if new_total else {}  # fmt: skip
+    fig["new_packets_by_rule"] = {
+        rule_name(int(r)): round(float(pk_rows[new_rows & (rule_rows == r)].sum() / new_total), 4)
+        for r in np.unique(rule_rows[new_rows]).tolist()} if new_total else {}  # fmt: skip
     fig["known_before"] = known_before
     return fig
 
@@ -289,8 +291,9 @@ def judge(fig: dict, base: Baseline, baseline_seconds: float, baseline_covered: 
         if concentrated:
             where = ", ".join(p["prefix"] for p in (f["top_16s"] if f["top_16_packet_share"] >= 0.5
                                                     else f["top_prefixes"])[:3])  # fmt: skip
-            why.append(f"concentrated: {f['dense_prefix_sources']:,} new sources packed {DENSE_PREFIX} or more to a "
-                       f"/24 send {f['dense_prefix_packet_share']:.0%} of their packets (heaviest {where})")  # fmt: skip
+            why.append(f"concentrated: {f['dense_prefix_sources']:,} new sources packed {DENSE_PREFIX} or more "
+                       f"to a /24 send {f['dense_prefix_packet_share']:.0%} of their packets "
+                       f"(heaviest {where})")  # fmt: skip
         if never_repeat:
             why.append(f"sources never repeat ({f['packets_per_source']:g} packets each in "
                        f"{f['window_seconds']:g} s)")  # fmt: skip

@@ -69,7 +69,8 @@ def load_shape(path: Path) -> Shape:
         space = g.get("space", list(CLIENT_NETS))
         groups.append(Group(kind=g["kind"], pps=float(g["pps"]), sources=int(g.get("sources", 0)),
                             space=[space] if isinstance(space, str) else list(space),
-                            drop_share=float(g.get("drop_share", 0.0)), rule=int(g.get("rule", RULE_DEFAULT))))  # fmt: skip
+                            drop_share=float(g.get("drop_share", 0.0)),
+                            rule=int(g.get("rule", RULE_DEFAULT))))  # fmt: skip
     return Shape(d["name"], d["expect"], groups, float(d.get("seconds", 20.0)), str(path))
 
 
