@@ -14,8 +14,10 @@ reading, written as a whole rule set ready for `tidegate apply --shadow`:
 The what-if reuses safety.estimate on the traffic the agent saw (the
 sampler's window), split by the reading's notion of known: the share of
 the flood's passing packets the change would drop, and the share of known
-sources' packets and of known sources it would newly drop. Nothing is
-applied here.
+sources' packets and of known sources it would newly drop. A /0 or prefix
+limit is one bucket the flood and the known clients share, so for those
+the split comes from the bucket (everyone on it loses the same share)
+rather than from two separate estimates. Nothing is applied here.
 """
 
 from __future__ import annotations
@@ -136,6 +138,35 @@ def candidate(rs: RuleSet, reading: dict, rates: SourceRates, known: np.ndarray)
     return None, {"action": "none", "reason": why}
 
 
+def _limit_pps(data: dict, rule: str) -> int:
+    entry = _rule_entry(data, rule)
+    return int(entry["prefix_limit"]["pps"])
+
+
+def shared_bucket_loss(rates: SourceRates, rule: str, pps: float, prefixes: list[str] | None) -> np.ndarray:
+    """Packets each source would lose to a limit its packets share: one bucket
+    per prefix in `prefixes` (or one over the whole space) for the sources on
+    `rule`; a full bucket drops the same share of everyone's packets."""
+    on = np.array([r == rule for r in rates.rules], bool)
+    groups = np.full(len(rates.addresses), -1)
+    if prefixes:
+        nets = [ipaddress.ip_network(p) for p in prefixes]
+        for i, a in enumerate(rates.addresses):
+            if on[i]:
+                ip = ipaddress.ip_address(a)
+                groups[i] = next((j for j, n in enumerate(nets) if ip in n), -1)
+    else:
+        groups[on] = 0
+    lost = np.zeros(len(groups))
+    span = max(rates.seconds, 1e-9)
+    for g in np.unique(groups[groups >= 0]).tolist():
+        m = groups == g
+        rate = float(rates.packets[m].sum() / span)
+        if rate > pps:
+            lost[m] = rates.packets[m] * (1 - pps / rate)
+    return lost
+
+
 def propose(agent, reading: dict) -> dict:
     """The proposal for a reading: the change, its what-if, the rule set as YAML."""
     st = agent.kf.state()
@@ -156,13 +187,23 @@ def propose(agent, reading: dict) -> dict:
     flood = safety.estimate(agent, cand, _subset(rates, ~known))
     kn = safety.estimate(agent, cand, _subset(rates, known))
     problems = safety.check(agent, cand, whole)
+    flood_share, known_pk, known_src = flood.packet_share, kn.packet_share, kn.source_share
+    if out["action"] in ("aggregate-limit", "prefix-limit"):
+        # a shared bucket: the flood's packets use up what the known clients'
+        # would have passed, so the two halves cannot be estimated apart
+        lost = shared_bucket_loss(rates, out["rule"], out.get("pps") or _limit_pps(data, out["rule"]),
+                                  out.get("prefixes"))  # fmt: skip
+        pk = rates.packets
+        flood_share = float(lost[~known].sum() / max(1.0, pk[~known].sum()))
+        known_pk = float(lost[known].sum() / max(1.0, pk[known].sum()))
+        known_src = float(np.count_nonzero(known & (lost > 0.01 * pk)) / max(1, known.sum()))
     out["what_if"] = {
         "window_seconds": round(whole.window_seconds, 1),
         "flood_sources": int((~known).sum()),
-        "flood_packet_share_dropped": round(flood.packet_share, 4),
+        "flood_packet_share_dropped": round(flood_share, 4),
         "known_sources": int(known.sum()),
-        "known_packet_share_dropped": round(kn.packet_share, 4),
-        "known_source_share_dropped": round(kn.source_share, 4),
+        "known_packet_share_dropped": round(known_pk, 4),
+        "known_source_share_dropped": round(known_src, 4),
         "within_budget": whole.within_budget and not problems,
         "summary": "; ".join(problems) if problems else whole.summary,
     }

@@ -81,3 +81,21 @@ def test_a_surge_proposes_nothing_and_says_why():
     r = rates(CLIENTS)
     data, why = candidate(RS, {"verdict": "surge"}, r, np.ones(len(CLIENTS), bool))
     assert data is None and why["action"] == "none" and "legitimate" in why["reason"]
+
+
+def test_an_aggregate_limit_shared_with_known_clients_costs_them_their_share():
+    from tidegate.propose import shared_bucket_loss
+
+    # 20 known clients at 10 pps on 'sink' and a 10x bigger flood there: a
+    # 400 pps bucket for 2,200 pps drops 82% of everyone's packets
+    r = rates([(f"81.2.0.{i}", "sink", 100) for i in range(1, 21)]
+              + [(f"{i}.1.2.3", "sink", 100) for i in range(1, 201)] + CLIENTS)  # fmt: skip
+    lost = shared_bucket_loss(r, "sink", 400, None)
+    known = np.array([a.startswith("81.2.") for a in r.addresses])
+    on_sink = np.array([x == "sink" for x in r.rules])
+    assert np.allclose(lost[on_sink] / r.packets[on_sink], 1 - 400 / 2200)
+    assert not lost[~on_sink].any()  # 'api' has its own buckets
+    assert lost[known].sum() > 0
+    # per prefix: only the bucket over the limit loses packets
+    lost16 = shared_bucket_loss(r, "sink", 400, ["81.2.0.0/16", "1.0.0.0/8"])
+    assert not lost16[[a.startswith("81.2.") for a in r.addresses]].any()
