@@ -84,7 +84,8 @@ class Agent:
         self.history = CounterHistory(kf, keep_seconds=options.review_seconds + 300)
         from . import insight
 
-        self.insight = insight.Insight(self, options.insight_baseline_seconds)
+        self.insight = insight.Insight(self, options.insight_baseline_seconds,
+                                       getattr(options, "insight_window_seconds", 30.0))
         self.sampler.listeners.append(self.insight.on_sample)
         from .review import Reviews
 
@@ -562,6 +563,8 @@ a new agent adopts them. `tidegate detach --interface IFACE` removes them.""",
                    help="roll back when this many more distinct sources are dropped than before (default 50)")  # fmt: skip
     p.add_argument("--insight-baseline-seconds", type=float, default=120.0,
                    help="a source counts as known when first seen at least this long ago (default 120)")
+    p.add_argument("--insight-window-seconds", type=float, default=30.0,
+                   help="the insight reading's window: packets per source, persistence, prefixes (default 30)")
     p.add_argument("--review-seconds", type=float, default=3600.0, help="post-deployment review period")
     p.add_argument("--attach-check-seconds", type=float, default=2.0,
                    help="how often to check that the program is still attached, and attach it again if not")

@@ -347,6 +347,10 @@ class FilterService(pbg.FilterServicer):
             from . import insight
 
             data = insight.read(self.agent)
+            if request.propose:
+                from .propose import propose
+
+                data["proposal"] = propose(self.agent, data)
             return pb.InsightResponse(reading=data["reading"], json=json.dumps(data))
 
         return self._run(context, "Insight", fn)

@@ -218,6 +218,7 @@ VERBS: dict[str, Verb] = {
         "A hint from the counters (not a verdict): known versus new sources, concentration in prefixes,\n"
         "heavy hitters.",
         "tidegate insight\n"
+        "tidegate insight --propose --out proposal.yaml   # then: tidegate apply proposal.yaml --shadow\n"
         "tidegate -o json insight"),
     "replay": Verb(
         "run a pcap through the real XDP program offline",
@@ -437,7 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--limit", type=int, default=50, metavar="N", help="newest N entries (default 50)")
     au.add_argument("--action", default="", help="only this action (apply, rollback, guard-rollback, auth-denied, ...)")
 
-    verb("insight")
+    ins = verb("insight")
+    ins.add_argument("--propose", action="store_true",
+                     help="also propose a rule-set change from the reading, with its what-if (nothing is applied)")
+    ins.add_argument("--out", metavar="FILE", default="proposal.yaml",
+                     help="with --propose: write the candidate rule set here (default proposal.yaml)")
 
     r = verb("replay")
     r.add_argument("--pcap", required=True, metavar="FILE", help="capture to replay")
@@ -737,13 +742,14 @@ def _shape_table(d: dict):
     hist = d.get("rate_histogram") or {}
     spread = ", ".join(f"{k.removeprefix('le_')}: {v:,}" for k, v in hist.items())
     rows = [
-        ["active sources", f"{d.get('active_sources', 0):,}", "new in the last interval", share("new_source_share")],
+        ["sources in the window", f"{d.get('sources', 0):,}", "first seen within the baseline", share("new_source_share")],
         ["packets from known sources", share("known_source_packet_share"), "top 10 prefixes' share",
          share("top_prefixes_packet_share")],
         ["distinct /24 and /48 prefixes", f"{d.get('distinct_prefixes', 0):,}", "sources per prefix",
          f"{d.get('sources_per_prefix', 0):g}"],
-        ["median pps per source", f"{d.get('median_source_pps', 0):g}", "traffic vs 2 min ago",
-         f"x{d['traffic_factor_2min']:g}" if d.get("traffic_factor_2min") else "-"],
+        ["median pps per source", f"{d.get('median_source_pps', 0):g}", "traffic vs its baseline",
+         f"x{d['traffic_factor']:g}" if d.get("traffic_factor") else "-"],
+        ["spoof-only address space", share("impossible_source_share"), "confidence", share("confidence")],
     ]  # fmt: skip
     if spread:
         rows.append(["sources by pps (<= bucket)", spread, "", ""])
@@ -799,7 +805,7 @@ def _watch_frame(c, prev, top, server: str, shape: dict | None = None):
                                 ["source", "rule", "pps", "drop pps"],
                                 [[s.address, s.rule, s.pps, s.drop_pps] for s in top.sources]))  # fmt: skip
     if shape:
-        if "active_sources" in shape:
+        if "sources" in shape:
             parts.append(_shape_table(shape))
         parts.append(Text(shape.get("reading", "")))
     return Group(*parts)
@@ -985,11 +991,27 @@ def cmd_audit(args, out: Output) -> int:
 
 def cmd_insight(args, out: Output) -> int:
     cl = _client(args)
-    r = cl.call("Insight", cl.pb.InsightRequest())
+    r = cl.call("Insight", cl.pb.InsightRequest(propose=args.propose))
+    data = json.loads(r.json or "{}")
+    if args.propose:
+        from .propose import words, write_rule_set
+
+        p = data.get("proposal") or {"action": "none", "reason": "no reading yet"}
+        if p.get("rule_set"):
+            try:
+                write_rule_set(args.out, p)
+            except OSError as e:
+                raise LocalError(f"{args.out}: cannot write the proposal: {e.strerror}") from None
+            p["written_to"] = args.out
     if out.is_json:
-        out.json(json.loads(r.json or "{}"))
-    else:
-        out.line(r.reading)
+        out.json(data)
+        return EXIT_OK
+    out.line(r.reading)
+    if args.propose:
+        out.line(words(p))
+        if p.get("written_to"):
+            out.line(f"written to {args.out}: tidegate apply {args.out} --shadow --reason '{p['verdict']}: "
+                     f"{p['action']}'")  # fmt: skip
     return EXIT_OK
 
 

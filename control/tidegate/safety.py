@@ -81,7 +81,9 @@ def _mask_key(address: str, v4: int, v6: int) -> str:
     return str(ipaddress.ip_network(f"{a}/{v4 if a.version == 4 else v6}", strict=False))
 
 
-def estimate(agent, candidate) -> Estimate:
+def estimate(agent, candidate, rates=None) -> Estimate:
+    """`rates`: per-source rates to estimate against (a subset of the
+    sampler's window, e.g. only known sources); the whole window if None."""
     opts = agent.options
     est = Estimate(packet_budget=opts.packet_budget, source_budget=opts.source_budget)
     st = agent.kf.state()
@@ -90,7 +92,8 @@ def estimate(agent, candidate) -> Estimate:
         return est
     active = agent.rule_set_of(st.active.version)
     # every epoch in the window: an apply a moment ago must not blind the check
-    rates = agent.sampler.window_rates(opts.estimate_window, kind=0)
+    if rates is None:
+        rates = agent.sampler.window_rates(opts.estimate_window, kind=0)
     est.window_seconds = rates.seconds
     krs = build_kernel_rule_set(candidate)
     cls = Classifier(krs)

@@ -43,6 +43,42 @@ def test_alert_rules_pass_promtool():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+FLOOD_ALERT_TEST = """
+rule_files: [tidegate-alerts.yml]
+evaluation_interval: 30s
+tests:
+  - interval: 30s
+    input_series:
+      # a flood read for 5 minutes on one host; a 1-minute flood reading on another
+      - series: 'tidegate_insight_verdict{instance="a", verdict="flood"}'
+        values: '0 0 1 1 1 1 1 1 1 1 1 1'
+      - series: 'tidegate_insight_verdict{instance="b", verdict="flood"}'
+        values: '0 0 1 1 0 0 0 0 0 0 0 0'
+      - series: 'tidegate_insight_verdict{instance="b", verdict="surge"}'
+        values: '1 1 0 0 1 1 1 1 1 1 1 1'
+    alert_rule_test:
+      - eval_time: 2m
+        alertname: TidegateFloodReading
+        exp_alerts: []
+      - eval_time: 5m
+        alertname: TidegateFloodReading
+        exp_alerts:
+          - exp_labels: {severity: page, instance: a}
+            exp_annotations:
+              summary: "tidegate insight has read a flood on a for 3 minutes"
+              description: "Run `tidegate insight --propose` for a candidate mitigation and its what-if; apply it with `--shadow` first."
+"""
+
+
+def test_flood_reading_alert_fires_only_for_a_flood_that_lasts(tmp_path):
+    if not shutil.which("promtool"):
+        pytest.skip("promtool is installed by `make install` (Debian package prometheus)")
+    shutil.copy(DEPLOY / "tidegate-alerts.yml", tmp_path / "tidegate-alerts.yml")
+    (tmp_path / "flood-test.yml").write_text(FLOOD_ALERT_TEST)
+    r = subprocess.run(["promtool", "test", "rules", "flood-test.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
     if os.geteuid() != 0:

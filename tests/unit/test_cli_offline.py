@@ -322,9 +322,9 @@ class FakeFilter(pbg.FilterServicer):
             time.sleep(request.interval_ms / 1000.0)
 
     def Insight(self, request, context):
-        d = {"verdict": "flood", "active_sources": 12000, "new_source_share": 0.97, "known_source_packet_share": 0.02,
+        d = {"verdict": "flood", "sources": 12000, "new_source_share": 0.97, "known_source_packet_share": 0.02,
              "top_prefixes_packet_share": 0.16, "distinct_prefixes": 64, "sources_per_prefix": 187.5,
-             "median_source_pps": 0.4, "traffic_factor_2min": None, "rate_histogram": {"le_1": 11900, "le_inf": 12000},
+             "median_source_pps": 0.4, "traffic_factor": None, "rate_histogram": {"le_1": 11900, "le_inf": 12000},
              "top_prefixes": [{"prefix": "198.18.7.0/24", "packet_share": 0.02, "sources": 190}],
              "reading": "looks like a spoofed flood (a hint, not a verdict)"}  # fmt: skip
         return pb.InsightResponse(reading=d["reading"], json=json.dumps(d))
