@@ -45,10 +45,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if not n:
+            return out
+
+
 def new_lab(prefix: str) -> VethLab:
     """A veth pair with its peer in a fresh namespace, unique to this process."""
     n = next(_seq)
-    tag = f"{prefix}{os.getpid() % 100000}{n}"
+    # base 36 keeps pid and sequence short however many labs one run makes
+    tag = f"{prefix}{_base36(os.getpid() % 1_000_000)}{_base36(n)}"
     assert len(tag) <= 12, f"prefix {prefix!r} too long for an interface name"  # tg<tag>h fits IFNAMSIZ
     subnet = f"10.200.{(os.getpid() * 7 + n * 31) % 250 + 2}"
     return VethLab(tag, subnet=subnet).create()
