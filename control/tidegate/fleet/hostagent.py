@@ -297,9 +297,9 @@ class FleetMember:
 
     def _local_record(self, digest: str):
         """The newest version of this host's store with this digest that was applied or shadowed."""
-        for rec in self.agent.store.list_versions(1000, 0):
+        for rec in self.agent.store.list_versions(1000, 0):  # a listing carries no text: read the one found
             if rec.digest == digest and rec.state in ("applied", "shadow"):
-                return rec
+                return self.agent.store.get_version(rec.number)
         return None
 
     def _local_version(self, digest: str) -> int:
