@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from tidegate.auth import read_token_file
 from tidegate.fleet.etcd import Etcd
 from tidegate.fleet.keys import Keys, encode
 
@@ -563,8 +564,9 @@ def test_no_api_token_in_etcd(fleet):
     blob = b"\n".join(kv.value for kv in kvs)
     assert kvs
     for a in fleet.agents:
-        for line in (a.state_dir / "tokens").read_text().splitlines():
-            token = line.split()[1]
+        tokens = read_token_file(a.state_dir / "tokens")  # the tokens, not the file's comment words
+        assert len(tokens) == 2
+        for token in tokens:
             assert token.encode() not in blob
 
 
