@@ -129,6 +129,42 @@ def test_authorizer_uses_the_checked_file(tmp_path):
     assert auth.token_path(opts) == str(tmp_path / "tokens")
 
 
+@pytest.mark.parametrize(
+    "metadata",
+    [{}, {"authorization": ""}, {"authorization": "Bearer "}, {"authorization": "Bearer nope"},
+     {"authorization": "a" * 32}, {"authorization": "Basic " + "a" * 32}, {"authorization": "Bearer" + "a" * 32}],
+)  # fmt: skip
+def test_no_valid_token_is_no_role(metadata):
+    a = Authorizer("token", tokens={"a" * 32: "admin", "r" * 32: "read"})
+    assert a.authorize(None, metadata) == (None, "")
+    assert a.authorize(None, {"authorization": "bearer  " + "a" * 32}) == ("admin", "token:admin")
+
+
+class PeerCertificate:
+    """What grpc's servicer context says about a TLS peer: its auth context."""
+
+    def __init__(self, *names: bytes):
+        self.names = list(names)
+
+    def auth_context(self) -> dict:
+        return {"x509_common_name": self.names} if self.names else {}
+
+
+def test_certificate_names_map_to_roles_and_an_unmapped_name_reads():
+    a = Authorizer("cert", role_map={"alice": "admin", "grafana": "read"})
+    assert a.authorize(PeerCertificate(b"alice"), {}) == ("admin", "cert:alice")
+    assert a.authorize(PeerCertificate(b"grafana"), {}) == ("read", "cert:grafana")
+    assert a.authorize(PeerCertificate(b"mallory"), {}) == ("read", "cert:mallory"), "unmapped: read, never admin"
+    assert a.authorize(PeerCertificate(b"Alice"), {}) == ("read", "cert:Alice")
+    assert a.authorize(PeerCertificate(), {}) == (None, "")
+    # a token is no substitute for a certificate once TLS decides
+    assert a.authorize(PeerCertificate(), {"authorization": "Bearer " + "a" * 32}) == (None, "")
+
+
+def test_auth_none_makes_everyone_admin():
+    assert Authorizer("none").authorize(None, {}) == ("admin", "anonymous")
+
+
 # ------------------------------------------------------------ audit author
 @pytest.mark.parametrize(
     "principal, claimed, recorded",
