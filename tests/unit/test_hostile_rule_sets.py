@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import ipaddress
-import math
 import re
 
 import yaml
