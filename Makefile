@@ -29,6 +29,11 @@ test-package: deb
 mutants:
 	$(PY) tests/mutants/run.py
 
+# mutmut on the pure logic the unit tests drive (not part of `make test`)
+mutmut:
+	$(PY) -m pip install -q "mutmut>=3.8,<4"
+	$(PY) tests/mutants/mutmut_run.py
+
 proto:
 	bash scripts/gen_proto.sh $(PY)
 

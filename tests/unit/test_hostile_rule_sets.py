@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import os
 import re
 
 import yaml
@@ -249,7 +250,15 @@ def run(fn, *args):
         return e
 
 
-SETTINGS = settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+# TIDEGATE_HYPOTHESIS_SCALE scales every example count (mutmut runs these tests once per mutant)
+SCALE = float(os.environ.get("TIDEGATE_HYPOTHESIS_SCALE", "1"))
+
+
+def examples(n: int) -> int:
+    return max(20, int(n * SCALE))
+
+
+SETTINGS = settings(max_examples=examples(3000), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 
 @SETTINGS
@@ -274,26 +283,26 @@ def test_mutated_documents_as_yaml(path, value, mode):
         assert any(e.line for e in res.errors) or all(not e.path for e in res.errors)
 
 
-@settings(max_examples=2500, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=examples(2500), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(st.text(max_size=400))
 def test_random_text(text):
     check(run(parse_rule_set, text, "r.yaml"))
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=examples(1500), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(st.binary(max_size=300))
 def test_random_bytes(data):
     check(run(parse_rule_set, data, "b.yaml"))
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=examples(500), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(st.integers(min_value=1, max_value=2000), st.sampled_from(["[", "{", "- "]))
 def test_deep_nesting(depth, opener):
     text = "rules: " + opener * depth
     check(run(parse_rule_set, text, "deep.yaml"))
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=examples(500), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(st.sampled_from(["pps", "burst", "block_seconds", "ipv4_prefix"]),
        st.sampled_from(["1.0", ".nan", "-.inf", "1e400", "true", "0x1F", "99999999999999999999999", "-0", "1_000"]))  # fmt: skip
 def test_numbers_that_are_not_whole_numbers(field, literal):
