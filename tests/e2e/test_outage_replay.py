@@ -52,8 +52,6 @@ TIGHT = (GOOD.replace("pps: 200, burst: 400", "pps: 20, burst: 40")
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("needs root for BPF and network namespaces")
     tmp = tmp_path_factory.mktemp("outage")
     lab = VethLab(f"o{os.getpid() % 100000}", subnet="10.208.6").create()
     (tmp / "good.yaml").write_text(GOOD.replace("{canary}", lab.peer_ip))
