@@ -43,8 +43,9 @@ def rates(rows, seconds=100.0) -> SourceRates:
     pk = np.array([r[2] for r in rows], float)
     dr = np.array([r[3] for r in rows], float)
     seen = np.array([r[4] for r in rows], float)
-    return SourceRates(addrs, [r[1] for r in rows], np.zeros(len(rows), np.uint32), pk / seen, dr / seen, seconds,
-                       pk, dr, seen)  # fmt: skip
+    with np.errstate(divide="ignore", invalid="ignore"):  # a source seen for no time yet has no rate
+        pps, dps = pk / seen, dr / seen
+    return SourceRates(addrs, [r[1] for r in rows], np.zeros(len(rows), np.uint32), pps, dps, seconds, pk, dr, seen)
 
 
 def estimating_agent(rows, active=ACTIVE, packet_budget=0.01, source_budget=0.05, seconds=100.0):
@@ -266,15 +267,16 @@ class Watched:
         self.table, self.ivs, self.epoch, self.active = list(table), list(intervals), epoch, active
         text = ACTIVE + (f"canaries: {list(canaries)}\n" if canaries else "")
         self.rs = parse_rule_set(text.replace("'", '"'), "v7")
-        self.rollbacks, self.audits, self.fired = [], [], []
+        self.rollbacks, self.audits, self.fired, self.windows, self.asked = [], [], [], [], []
         self.history = NS(between=self.between)
-        self.sampler = NS(intervals=lambda seconds: self.ivs)
+        self.sampler = NS(intervals=lambda seconds: self.asked.append(seconds) or self.ivs)
         self.kf = NS(active_version=lambda: self.active, read_sources=lambda: source_table(self.table),
                      state=lambda: NS(active=NS(epoch=self.epoch)))  # fmt: skip
         self.store = NS(audit=lambda *a: self.audits.append(a))
         self.reviews = NS(guard_fired=self.fired.append)
 
     def between(self, t0, t1):
+        self.windows.append((t0 - self.started, t1 - self.started))
         return delta(*(self.before if t1 <= self.started else self.after))
 
     def rule_set_of(self, version):
@@ -283,6 +285,7 @@ class Watched:
 
     def rollback(self, to, reason, caller, cause="manual"):
         self.rollbacks.append((to, reason, caller.author, cause))
+        self.rollback_peer = caller.peer
         self.active = 6
         return NS(version=6)
 
@@ -408,3 +411,200 @@ def test_counter_history_between(monkeypatch):
     d = h.between(1001.2, 1003.4)  # nearest samples: 1001 and 1003
     assert d == {"pass": 200, "rate": 20, "_seconds": 2.0, "_rules": {"api": (100, 10)}}
     assert h.between(1003.0, 1001.0) is None
+
+
+# ------------------------------------------- the estimate's finer points
+def test_the_estimate_reads_the_active_version_and_the_enforced_window():
+    agent = estimating_agent(CLIENTS + HEAVY)
+    asked = []
+    agent.rule_set_of = lambda v: asked.append(v) or parse_rule_set(ACTIVE, "active")
+    safety.estimate(agent, parse_rule_set(TIGHT_API, "t"))
+    assert asked == [1], "the active version's rule set, by its number"
+
+
+def test_each_rule_and_the_heaviest_sources_first():
+    sink_tight = TIGHT_API.replace("pps: 1000, burst: 1000}\n\"\"\"", "").replace(
+        "    dst_ports: [9]\n    limit: {pps: 1000, burst: 1000}", "    dst_ports: [9]\n    limit: {pps: 500, burst: 500}")
+    rows = [(f"10.50.0.{i}", "api", 1000 * (i + 2), 0, 100.0) for i in range(1, 13)] + HEAVY  # 30..140 pps on api
+    est = safety.estimate(estimating_agent(rows), parse_rule_set(sink_tight, "both"))
+    # api: each source loses what it sends above 10 pps; sink: the heavy source loses 500 of its 1,000 pps
+    api_loss = sum(1000 * (i + 2) / 100 - 10 for i in range(1, 13))
+    assert [(r.rule, r.sources_newly_dropped) for r in est.rules] == [("api", 12), ("sink", 1)]
+    assert est.rules[0].newly_dropped_pps == pytest.approx(api_loss) and est.rules[1].newly_dropped_pps == 500
+    assert len(est.top_affected) == 10, "the ten heaviest of the 13 sources hurt"
+    assert [a["drop_pps"] for a in est.top_affected] == sorted((a["drop_pps"] for a in est.top_affected), reverse=True)
+    assert est.top_affected[0] == {"address": "198.51.100.1/32", "rule": "sink", "pps": 1000.0, "drop_pps": 500.0}
+    assert est.top_affected[1]["address"] == "10.50.0.12/32" and est.top_affected[-1]["address"] == "10.50.0.4/32"
+
+
+def test_a_rule_that_takes_any_protocol_on_a_port_is_traffic_on_tcp():
+    # the active rule says 'any' with a port: its traffic is classified as TCP to that port
+    active = ACTIVE.replace("protocol: udp\n    dst_ports: [8080]", "protocol: any\n    dst_ports: [8080]")
+    tcp_only = active.replace("protocol: any\n    dst_ports: [8080]\n    limit: {pps: 100, burst: 100}",
+                              "protocol: tcp\n    dst_ports: [8080]\n    limit: {pps: 10, burst: 10}")  # fmt: skip
+    est = safety.estimate(estimating_agent(CLIENTS + HEAVY, active=active), parse_rule_set(tcp_only, "t"))
+    assert est.sources_newly_dropped == 10
+    # and a rule without ports is classified without one (icmp here)
+    icmp = ACTIVE.replace("protocol: udp\n    dst_ports: [8080]", "protocol: icmp")
+    est = safety.estimate(estimating_agent(CLIENTS + HEAVY, active=icmp),
+                          parse_rule_set(icmp.replace("pps: 100, burst: 100", "pps: 10, burst: 10"), "t"))  # fmt: skip
+    assert est.sources_newly_dropped == 10
+
+
+def test_ipv6_sources_are_keyed_by_the_ipv6_prefix():
+    # two sources in one /64 (one key) and one in another /64 of the same /32, 40 pps each against 30
+    rows = [("2001:db8:0:1::1", "api", 4000, 0, 100.0), ("2001:db8:0:1::2", "api", 4000, 0, 100.0),
+            ("2001:db8:0:2::1", "api", 4000, 0, 100.0)] + HEAVY  # fmt: skip
+    cand = ACTIVE.replace("pps: 100, burst: 100", "pps: 30, burst: 30")
+    est = safety.estimate(estimating_agent(rows), parse_rule_set(cand, "v6"))
+    # the /64 with two sources sends 80 pps against 30; the other 40 against 30
+    assert est.newly_dropped_pps == pytest.approx(50 + 10)
+    assert {a["address"] for a in est.top_affected} == {"2001:db8:0:1::/64", "2001:db8:0:2::/64"}
+
+
+def test_prefix_limits_of_ipv6_the_default_rule_and_limited_sources():
+    # v6: three /64s of one /48 at 40 pps under a 100 pps /48 limit: 120 in, 100 pass
+    rows = [(f"2001:db8:7:{i}::1", "api", 4000, 0, 100.0) for i in range(3)] + HEAVY
+    cand = ACTIVE.replace("    limit: {pps: 100, burst: 100}\n",
+                          "    limit: {pps: 100, burst: 100}\n    prefix_limit: {ipv4_prefix: 24, ipv6_prefix: 48, pps: "
+                          "100}\n")  # fmt: skip
+    assert safety.estimate(estimating_agent(rows), parse_rule_set(cand, "p")).newly_dropped_pps == pytest.approx(20)
+    # the default rule with the defaults' prefix limit: ten sources on no rule's port, 40 pps each, /24 at 100
+    rows = [(f"10.80.0.{i}", "default", 4000, 0, 100.0) for i in range(1, 11)] + HEAVY
+    cand = ACTIVE.replace("defaults:\n", "defaults:\n  prefix_limit: {ipv4_prefix: 24, pps: 100}\n")
+    cand = cand.replace("    limit: {pps: 100, burst: 100}\n", "    limit: {pps: 100, burst: 100}\n    prefix_limit: null\n")
+    cand = cand.replace("    limit: {pps: 1000, burst: 1000}\n", "    limit: {pps: 1000, burst: 1000}\n    prefix_limit: null\n")
+    assert safety.estimate(estimating_agent(rows), parse_rule_set(cand, "d")).newly_dropped_pps == pytest.approx(300)
+    # sources already over their own limit: the prefix sees what they would pass, not what they send
+    rows = [(f"10.50.0.{i}", "api", 4000, 1000, 100.0) for i in range(1, 6)] + HEAVY  # 40 pps, 10 dropped already
+    cand = ACTIVE.replace("    limit: {pps: 100, burst: 100}\n",
+                          "    limit: {pps: 20, burst: 20}\n    prefix_limit: {ipv4_prefix: 24, pps: 50}\n")  # fmt: skip
+    est = safety.estimate(estimating_agent(rows), parse_rule_set(cand, "p"))
+    # each would pass 20 of 40; together 100 against 50: each passes 10 of the 30 it passed before
+    assert est.newly_dropped_pps == pytest.approx(5 * 20)
+    # under the prefix limit: nothing newly dropped, whatever the per-source limit leaves room for
+    rows = [("10.50.0.1", "api", 4000, 0, 100.0), ("10.50.0.2", "api", 4000, 0, 100.0)] + HEAVY
+    cand = ACTIVE.replace("    limit: {pps: 100, burst: 100}\n",
+                          "    limit: {pps: 100, burst: 100}\n    prefix_limit: {ipv4_prefix: 24, pps: 100}\n")  # fmt: skip
+    assert safety.estimate(estimating_agent(rows), parse_rule_set(cand, "p")).sources_newly_dropped == 0
+
+
+def test_allowed_sources_are_never_held_by_a_default_prefix_limit():
+    rows = [(f"10.50.0.{i}", "api", 4000, 0, 100.0) for i in range(1, 11)] + HEAVY
+    cand = ACTIVE.replace("defaults:\n", "defaults:\n  prefix_limit: {ipv4_prefix: 16, pps: 10}\n")
+    cand += 'allow: ["10.50.0.0/24", "198.51.100.0/24"]\n'
+    assert safety.estimate(estimating_agent(rows), parse_rule_set(cand, "a")).sources_newly_dropped == 0
+
+
+def test_small_windows_and_sources_seen_briefly():
+    # a window shorter than a second: rates over it, not over one second
+    est = safety.estimate(estimating_agent([("10.50.0.1", "api", 20, 0, 0.5)] + [("198.51.100.1", "sink", 100, 0, 0.5)],
+                                           seconds=0.5), parse_rule_set(TIGHT_API, "t"))  # fmt: skip
+    assert est.packets_per_second == pytest.approx(240.0) and est.newly_dropped_pps == pytest.approx(30.0)
+    # a source not seen for any time yet has no rate: it is kept
+    est = safety.estimate(estimating_agent([("10.50.0.2", "api", 50, 0, 0.0)] + HEAVY), parse_rule_set(TIGHT_API, "t"))
+    assert est.sources_newly_dropped == 0
+    # small sources the candidate does not hurt are not counted as losing a packet
+    rows = [(f"10.50.1.{i}", "api", 50, 0, 100.0) for i in range(1, 5)] + HEAVY
+    assert safety.estimate(estimating_agent(rows), parse_rule_set(TIGHT_API, "t")).sources_newly_dropped == 0
+
+
+def test_what_counts_as_newly_dropped_at_the_edges():
+    # losing exactly 1% of a source's passing packets is not newly dropping it
+    rows = [("10.50.2.1", "api", 10_000, 0, 100.0)] + HEAVY  # 100 pps against 99
+    cand = ACTIVE.replace("pps: 100, burst: 100", "pps: 99, burst: 99")
+    assert safety.estimate(estimating_agent(rows), parse_rule_set(cand, "c")).sources_newly_dropped == 0
+    # a source that passed 51 of 100 packets and would pass 50 loses one packet: newly dropped
+    rows = [("10.50.2.2", "api", 100, 49, 50.0)] + HEAVY  # 2 pps, the active set passed 51
+    cand = ACTIVE.replace("pps: 100, burst: 100", "pps: 1, burst: 1")
+    est = safety.estimate(estimating_agent(rows), parse_rule_set(cand, "c"))
+    assert est.sources_newly_dropped == 1 and est.newly_dropped_pps == pytest.approx(1 / 100)
+
+
+def test_budgets_hold_at_their_limits():
+    # one of 20 sources (5%) loses 100 of 10,000 passing packets (1%): within both budgets, just
+    hurt = [("10.50.3.1", "api", 200, 0, 100.0)]  # 2 pps against 1
+    rest = [(f"10.60.0.{i}", "sink", 9800 // 19 + (1 if i <= 9800 % 19 else 0), 0, 100.0) for i in range(1, 20)]
+    cand = ACTIVE.replace("pps: 100, burst: 100", "pps: 1, burst: 1")
+    est = safety.estimate(estimating_agent(hurt + rest), parse_rule_set(cand, "edge"))
+    assert (est.packet_share, est.source_share) == (0.01, 0.05)
+    assert est.within_budget is True
+
+
+def test_the_summary_when_nothing_was_seen():
+    est = safety.estimate(estimating_agent([]), parse_rule_set(TIGHT_API, "t"))
+    assert est.summary == "no per-source traffic observed in the window yet: nothing to estimate"
+
+
+def test_what_the_guard_reads_and_when(clock):
+    agent = Watched(clock, before=(1000, 100), after=(1000, 120))
+    agent.started = clock.now
+    g = safety.Guard(agent, 7, 3, NS(author="alice"))
+    assert (g.watching, g.outcome, g.cause, g.rolled_back_to) == (False, "watching", "", 0)
+    g.start()
+    assert g.wait(10)
+    assert (g.watching, g.outcome, g.rolled_back_to) == (False, "kept", 0)
+    # the baseline: the 30 s before the change; each check: the last 5 s, never before the change
+    assert agent.windows == [(-30.0, 0.0), (0.0, 1.0), (0.0, 2.0), (0.0, 3.0)]
+    assert agent.asked == [60], "dropped sources before: the sampler's last minute"
+    clock.sleep(10)
+    agent = Watched(clock, before=(1000, 100), after=(1000, 120))
+    guard(agent, seconds=7)
+    assert agent.windows[-1] == (2.0, 7.0)
+
+
+def test_the_drop_share_limit_is_exclusive(clock):
+    assert guard(Watched(clock, before=(0, 0), after=(1000, 50))).outcome == "kept", "exactly +5 points"
+
+
+def test_dropped_sources_before_tell_ipv6_sources_apart(clock):
+    # two sources whose addresses share the low 64 bits: two sources
+    ivs = [interval([("2001:db8:1::5", 39, 1, 0), ("2001:db8:2::5", 39, 1, 0)])]
+    assert guard(Watched(clock, intervals=ivs)).baseline_sources == 2
+
+
+def test_a_guard_that_fails_says_so(clock):
+    agent = Watched(clock, before=(1000, 100), after=(1000, 120))
+
+    def broken():
+        raise RuntimeError("the source table is gone")
+
+    agent.kf.read_sources = broken
+    g = guard(agent)
+    assert (g.outcome, g.cause, g.watching, agent.rollbacks) == ("error", "the source table is gone", False, [])
+
+
+def test_a_rollback_the_guard_cannot_make_is_an_error(clock):
+    from tidegate.agent import OperationError
+
+    agent = Watched(clock, before=(1000, 100), after=(1000, 400))
+
+    def refuse(to, reason, caller, cause="manual"):
+        raise OperationError("FAILED_PRECONDITION", "there is no earlier version to roll back to")
+
+    agent.rollback = refuse
+    g = guard(agent)
+    assert g.outcome == "error" and g.rolled_back_to == 0
+    assert g.cause == ("drop share 40.0% vs 10.0% before the change (limit +5%); rollback failed: there is no earlier "
+                       "version to roll back to")  # fmt: skip
+
+
+def test_the_rollback_names_the_guard_and_whom_it_acts_after(clock):
+    agent = Watched(clock, before=(1000, 100), after=(1000, 400))
+    guard(agent)
+    assert agent.rollback_peer == "agent (after alice)"
+
+
+def test_counter_history_edges(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(safety, "time", clock)
+    state = {"reasons": {"pass": (10, 0)}, "rules": {}}
+    h = safety.CounterHistory(NS(counters=lambda: NS(reasons=state["reasons"], rules=state["rules"])))
+    h.take()
+    clock.sleep(1.0)
+    # a reason and a rule the first sample did not have (a new rule set) count from zero
+    state["reasons"] = {"pass": (30, 0), "deny": (5, 0)}
+    state["rules"] = {"web": NS(pass_packets=7, drop_packets=2)}
+    h.take()
+    assert h.between(1000.0, 1001.0) == {"pass": 20, "deny": 5, "_seconds": 1.0, "_rules": {"web": (7, 2)}}
+    assert h.between(1000.9, 1001.2) is None, "both ends nearest to the same sample: no interval"
