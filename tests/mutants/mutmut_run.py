@@ -44,7 +44,8 @@ SELECTION = {
     "ruleset.py": ["_int", "_limit", "_prefix_limit", "_network", "_networks", "_ports", "_str", "_check_keys",
                    "_want_map"],
 }  # fmt: skip
-TESTS = ["tests/unit/test_safety.py", "tests/unit/test_kernel_layout.py", "tests/unit/test_auth.py",
+TESTS = ["tests/unit/test_safety.py", "tests/unit/test_kernel_layout.py", "tests/unit/test_kernel_entries.py",
+         "tests/unit/test_auth.py",
          "tests/unit/test_ruleset_errors.py", "tests/unit/test_hostile_rule_sets.py"]  # fmt: skip
 # the hypothesis tests at 2% of their examples (at least 20): each mutant runs the tests covering its function
 ENV = {"TIDEGATE_HYPOTHESIS_SCALE": "0.02"}

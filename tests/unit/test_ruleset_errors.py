@@ -190,6 +190,10 @@ def test_what_the_field_validators_fill_in():
     d = rule_set_from_dict({"defaults": {"prefix_limit": {"pps": 5}, "limit": {"pps": 5, "bps": 800}}, "rules": None})
     assert d.defaults.prefix_limit == PrefixLimit(24, 48, Limit(5, 5)), "a prefix limit's prefixes default to /24, /48"
     assert d.defaults.limit == Limit(5, 5, 800, 100), "burst defaults to pps, burst_bytes to a second of bps"
+    d = rule_set_from_dict({"defaults": {"prefix_limit": {"ipv4_prefix": 0, "ipv6_prefix": 0, "pps": 5}}})
+    assert d.defaults.prefix_limit == PrefixLimit(0, 0, Limit(5, 5)), "/0: one aggregate bucket per family"
+    d = rule_set_from_dict({"defaults": {"prefix_limit": {"ipv4_prefix": 32, "ipv6_prefix": 128, "pps": 5}}})
+    assert (d.defaults.prefix_limit.ipv4_prefix, d.defaults.prefix_limit.ipv6_prefix) == (32, 128)
     d = rule_set_from_dict({"defaults": {"limit": {"pps": 5, "burst": 7, "bps": 800, "burst_bytes": 300}}})
     assert d.defaults.limit == Limit(5, 7, 800, 300)
     d = rule_set_from_dict({"defaults": {"limit": {"pps": 5}}, "rules": [
