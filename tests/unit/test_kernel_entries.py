@@ -234,6 +234,20 @@ def test_trie_and_port_entries_as_bytes():
                                            (1 << 16) | 61: 0b10001, 53: 0b10010}  # fmt: skip
 
 
+def test_the_kernel_layer_refuses_more_rules_than_a_slot_holds():
+    import dataclasses
+
+    rs = parse_rule_set(RULES, "t")
+    many = dataclasses.replace(rs, rules=tuple(dataclasses.replace(rs.rules[0], name=f"r{i}") for i in range(65)))
+    with pytest.raises(ValueError, match="^65 rules, the kernel holds at most 64$"):
+        kl._build_kernel_rule_set(many)
+    # 64 is fine, and the 64th rule's bit (the top one of the mask) is written
+    text = "rules:\n" + "".join(f"  - {{name: r{i}, sources: ['10.{i}.0.0/16'], action: drop}}\n" for i in range(64))
+    krs = kl._build_kernel_rule_set(parse_rule_set(text, "t"))
+    v4, _ = kl.kernel_trie_entries(krs, 0)
+    assert (1 << 63).to_bytes(8, "little") + bytes(8) in v4.values()
+
+
 def test_trie_family():
     assert kl.trie_family(0xFFFF << 32, 96) == 4
     assert kl.trie_family((0xFFFF << 32) | 0x0A000000, 104) == 4
@@ -254,10 +268,13 @@ def test_same_matching_means_every_field_of_matching():
 
 @pytest.mark.parametrize("proto, port", [(None, None), (17, 53), (17, 60), (6, 53), (1, None), (58, None), (6, 80)])
 def test_the_estimates_classifier_matches_like_the_program(proto, port):
-    rs = parse_rule_set(RULES, "t")
+    rs = parse_rule_set(RULES.replace('deny: ["192.0.2.0/24", "10.9.0.0/16"]',
+                                      'deny: ["192.0.2.0/24", "10.9.0.0/16", "::/0"]\nallow: ["10.1.0.0/16", '
+                                      '"2001:db8::/112"]').replace('allow: ["10.1.0.0/16"]\n', ""), "t")  # fmt: skip
     cls = kl.Classifier(kl._build_kernel_rule_set(rs))
     rnd = random.Random(proto or 0)
-    addrs = ["10.1.2.3", "10.9.1.1", "192.0.2.9", "198.51.100.5", "203.0.113.1", "2001:db8::1", "::ffff:10.1.2.3"]
+    addrs = ["10.1.2.3", "10.9.1.1", "192.0.2.9", "198.51.100.5", "203.0.113.1", "2001:db8::1", "::ffff:10.1.2.3",
+             "2001:db8::1:1", "2001:db9::1"]
     addrs += [str(ipaddress.IPv4Address(rnd.getrandbits(32))) for _ in range(100)]
     names = {"tcp": {6}, "udp": {17}, "icmp": {1}, "icmpv6": {58}, "any": set(range(256))}
     p = 0 if proto is None else proto

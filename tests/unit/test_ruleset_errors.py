@@ -173,6 +173,10 @@ MESSAGES = {
     "not text": ("defaults: {limit: {pps: 5}}\nrules: [{name: 5, protocol: [tcp]}]\n", [
         ("rules[0].name", 2, "must be text, not a number (5)"), ("rules[0].protocol", 2, "must be text, not a list")]),
     "defaults not a mapping": ("defaults: 5" + R, [("defaults", 1, "must be a mapping, not a number (5)")]),
+    "unknown top-level key": ("zzz: 1" + R, [("zzz", 1, "unknown key (known: defaults, allow, deny, rules, canaries, "
+                                                      "description)")]),
+    "prefix limit without pps": ("defaults:\n  prefix_limit: {ipv4_prefix: 24}" + R,
+                                 [("defaults.prefix_limit.pps", 2, "is required")]),
 }  # fmt: skip
 
 
@@ -194,11 +198,14 @@ def test_what_the_field_validators_fill_in():
     assert d.defaults.prefix_limit == PrefixLimit(0, 0, Limit(5, 5)), "/0: one aggregate bucket per family"
     d = rule_set_from_dict({"defaults": {"prefix_limit": {"ipv4_prefix": 32, "ipv6_prefix": 128, "pps": 5}}})
     assert (d.defaults.prefix_limit.ipv4_prefix, d.defaults.prefix_limit.ipv6_prefix) == (32, 128)
+    d = rule_set_from_dict({"defaults": {"limit": {"pps": 5, "bps": 804}}})
+    assert d.defaults.limit.burst_bytes == 100 and isinstance(d.defaults.limit.burst_bytes, int), "whole bytes"
     d = rule_set_from_dict({"defaults": {"limit": {"pps": 5, "burst": 7, "bps": 800, "burst_bytes": 300}}})
     assert d.defaults.limit == Limit(5, 7, 800, 300)
     d = rule_set_from_dict({"defaults": {"limit": {"pps": 5}}, "rules": [
-        {"name": "a", "protocol": "TCP", "dst_ports": [1, 65535, " 10 - 20 ", "30-30"]}]})  # fmt: skip
+        {"name": "a", "protocol": "TCP", "dst_ports": [1, 65535, " 10 - 20 ", "30-30", "1-2", "65000-65535"]}]})  # fmt: skip
     assert d.rules[0].protocol == "tcp"
-    assert d.rules[0].dst_ports == (PortRange(1, 1), PortRange(65535, 65535), PortRange(10, 20), PortRange(30, 30))
+    assert d.rules[0].dst_ports == (PortRange(1, 1), PortRange(65535, 65535), PortRange(10, 20), PortRange(30, 30),
+                                    PortRange(1, 2), PortRange(65000, 65535))  # fmt: skip
     d = rule_set_from_dict({"allow": [" 10.0.0.0/8 ", "2001:db8::/32"], "deny": None, "rules": []})
     assert [str(n) for n in d.allow] == ["10.0.0.0/8", "2001:db8::/32"] and d.deny == ()
