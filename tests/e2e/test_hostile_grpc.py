@@ -139,7 +139,8 @@ PORT_ITEMS = [("rules", 0, "dst_ports", 0), ("rules", 1, "dst_ports", 0), ("rule
 MAPPINGS = [(), ("defaults",), ("defaults", "limit"), ("rules", 0), ("rules", 0, "limit"), ("rules", 1),
             ("rules", 1, "prefix_limit")]  # fmt: skip
 KEYS_AT = {(): {"defaults", "allow", "deny", "rules", "canaries", "description"},
-           ("defaults",): {"limit", "ipv4_prefix", "ipv6_prefix", "prefix_limit", "block_seconds"},
+           ("defaults",): {"limit", "ipv4_prefix", "ipv6_prefix", "prefix_limit", "block_seconds",
+                           "ipv6_unparsed_extensions"},
            ("defaults", "limit"): {"pps", "burst", "bps", "burst_bytes"},
            ("rules", 0): {"name", "protocol", "dst_ports", "sources", "action", "limit", "prefix_limit",
                           "block_seconds"},

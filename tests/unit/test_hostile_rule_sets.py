@@ -174,7 +174,7 @@ def _valid(doc) -> None:
     default_limit = None
     d = doc.get("defaults")
     if d is not None:
-        _keys(d, {"limit", "ipv4_prefix", "ipv6_prefix", "prefix_limit", "block_seconds"})
+        _keys(d, {"limit", "ipv4_prefix", "ipv6_prefix", "prefix_limit", "block_seconds", "ipv6_unparsed_extensions"})
         if "limit" in d:
             default_limit = _limit(d["limit"])
         if "ipv4_prefix" in d:
@@ -185,6 +185,8 @@ def _valid(doc) -> None:
             _prefix_limit(d["prefix_limit"])
         if "block_seconds" in d:
             _whole(d["block_seconds"], 0, 86400)
+        if "ipv6_unparsed_extensions" in d:
+            _need(d["ipv6_unparsed_extensions"] in ("drop", "pass", "default"))
     allow, deny, canaries = _cidrs(doc.get("allow")), _cidrs(doc.get("deny")), _cidrs(doc.get("canaries"))
     _need(not set(allow) & set(deny))
     if doc.get("description") is not None:
@@ -197,7 +199,7 @@ def _valid(doc) -> None:
         _keys(r, {"name", "protocol", "dst_ports", "sources", "action", "limit", "prefix_limit", "block_seconds"})
         name = r.get("name")
         _need(isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}", name) is not None)
-        _need(name not in ("default", "deny-list", "allow-list") and name not in names)
+        _need(name not in ("default", "deny-list", "allow-list", "ipv6-ext") and name not in names)
         names.add(name)
         protocol = r.get("protocol", "any")
         _need(isinstance(protocol, str) and protocol.lower() in ("tcp", "udp", "icmp", "icmpv6", "any"))

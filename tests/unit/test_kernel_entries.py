@@ -143,7 +143,7 @@ def test_a_rule_set_compiles_to_exactly_these_entries():
     krs = kl._build_kernel_rule_set(rs)
     dns, web, ping, six, all_ = (1 << i for i in range(5))
     assert krs.rule_names == {0: "dns", 1: "web", 2: "ping", 3: "six", 4: "all", 64: "default", 65: "deny-list",
-                              66: "allow-list"}  # fmt: skip
+                              66: "allow-list", 67: "ipv6-ext"}  # fmt: skip
     assert krs.flags == kl.SET_HAS_TRIE | kl.SET_HAS_PORTS
     assert krs.any_src_mask == ping | six | all_
     assert krs.key4 == kl.mask_halves(96 + 24) and krs.key6 == kl.mask_halves(56)
@@ -171,6 +171,7 @@ def test_a_rule_set_compiles_to_exactly_these_entries():
                           kl.bucket_params(900, 950, None, None), kl.mask_halves(96 + 16), kl.mask_halves(40)),
         65: kl.RuleParams("deny-list", kl.ACT_DROP),
         66: kl.RuleParams("allow-list", kl.ACT_PASS),
+        67: kl.RuleParams("ipv6-ext", kl.ACT_DROP),  # defaults.ipv6_unparsed_extensions: drop
     }  # fmt: skip
     assert krs.rules[0].flags == kl.RF_PKT | kl.RF_PREFIX
 
