@@ -223,8 +223,9 @@ def test_every_cli_verb_in_both_modes(env):
             import json
 
             json.loads(js.stdout)
-    bg = send(agent.lab, "--src", agent.lab.peer_ip, "--dport", "5555", "--count", "200", "--pps", "50", wait=False)
-    top = wait_for_top(agent)
+    # a source of its own, so its entry (and first-seen time) is this flow's
+    bg = send(agent.lab, "--src", FRESH, "--dport", "5555", "--count", "200", "--pps", "50", wait=False)
+    top = wait_for_top(agent, FRESH)
     res = finish(bg)
     rate = res["sent"] / res["seconds"]  # what the sender managed, not what it was asked for
     assert 0.5 * rate <= top["pps"] <= 1.5 * rate and top["rule"] == "app", (top, res)
@@ -234,13 +235,17 @@ def test_every_cli_verb_in_both_modes(env):
     assert "complete -F _tidegate tidegate" in comp
 
 
-def wait_for_top(agent, deadline_s: float = 20) -> dict:
-    """The peer's row in `top` once the sampler has a full interval of it."""
+FRESH = "198.51.100.77"
+
+
+def wait_for_top(agent, address: str, deadline_s: float = 20) -> dict:
+    """The source's row in `top` once the last sample interval lies wholly
+    inside its traffic (it was first seen two intervals ago or more)."""
     deadline = time.monotonic() + deadline_s
     while True:
         top = agent.cli("top", "-n", "5", json_out=True)
-        mine = [s for s in top.get("sources", []) if s["address"] == agent.lab.peer_ip]
-        if mine and mine[0]["packets"] >= 20:
+        mine = [s for s in top.get("sources", []) if s["address"] == address]
+        if mine and mine[0]["first_seen_seconds_ago"] >= 2 * top["interval_seconds"] + 0.3:
             return mine[0]
         assert time.monotonic() < deadline, top
         time.sleep(0.3)

@@ -141,7 +141,7 @@ def probe_while_running(prog_id: int, stop: threading.Event, runs: list) -> None
         os.close(fd)
 
 
-RECONCILED = re.compile(r'msg="store reconciled" .*action=(\S+) aborted=\[([^\]]*)\]')
+RECONCILED = re.compile(r'msg="store reconciled" .*action="?([\w-]+)"? aborted="?\[([^\]]*)\]')
 
 
 def test_sigkill_during_apply_and_rollback(tmp_path, make_lab):
