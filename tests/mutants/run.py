@@ -94,6 +94,9 @@ def check_copy_is_used(copy: Path) -> None:
         raise SystemExit(f"the scratch copy is not what gets imported: {out}")
 
 
+SHOW_OUTPUT = False
+
+
 def run_tests(copy: Path, tests: list[str], env: dict, timeout: float) -> tuple[str, str]:
     """(status, detail) of one pytest run from the copy."""
     xml = copy / ".mutant-junit.xml"
@@ -104,6 +107,8 @@ def run_tests(copy: Path, tests: list[str], env: dict, timeout: float) -> tuple[
         r = subprocess.run(argv, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "error", f"timed out after {timeout:.0f} s"
+    if SHOW_OUTPUT:
+        print("\n".join((r.stdout + r.stderr).strip().splitlines()[-40:]), flush=True)
     failed, errored, passed = [], [], 0
     if xml.exists():
         for case in ET.parse(xml).iter("testcase"):
@@ -141,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", action="store_true",
                     help="first run each mutant's tests unmutated: they must pass (a failing test proves nothing)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch copy")
+    ap.add_argument("--output", action="store_true", help="print the end of each pytest run's output")
     args = ap.parse_args(argv)
+    global SHOW_OUTPUT
+    SHOW_OUTPUT = args.output
 
     mutants = load()
     if args.only:
