@@ -52,6 +52,7 @@ ENV = {"TIDEGATE_HYPOTHESIS_SCALE": "0.02"}
 PYPROJECT = """\
 [tool.mutmut]
 source_paths = ["src"]
+also_copy = ["bpf"]
 only_mutate = [{only}]
 pytest_add_cli_args_test_selection = [{tests}]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]
@@ -97,6 +98,7 @@ def mark_unselected(path: Path, names: list[str]) -> int:
 def layout(dest: Path) -> None:
     shutil.copytree(ROOT / "control" / "tidegate", dest / "src" / "tidegate",
                     ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    shutil.copytree(ROOT / "bpf", dest / "bpf")  # tests that read the C layout find it beside tests/
     (dest / "tests" / "unit").mkdir(parents=True)
     shutil.copy(ROOT / "tests" / "conftest.py", dest / "tests" / "conftest.py")
     for t in TESTS:
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         stale = sorted(set(known) - set(survivors))
         by_module: dict[str, list[int]] = {}
         for n, st in status.items():
-            mod = n.split(".x_")[0].split(".xǁ")[0].rsplit(".", 1)[0] if ".x" in n else n
+            mod = n.split(".x_")[0].split(".xǁ")[0]  # tidegate.safety.x_estimate__mutmut_3 -> tidegate.safety
             row = by_module.setdefault(mod, [0, 0])
             row[0] += 1
             row[1] += st == "killed"
