@@ -326,12 +326,26 @@ READ_CALLS = {
 }  # fmt: skip
 
 
+# and the Blocklist service's
+DENY_ADMIN_CALLS = {"DenyAdd": {"cidr": "203.0.113.0/24", "reason": "r"}, "DenyRemove": {"cidr": "192.0.2.0/24",
+                                                                                        "reason": "r"}}  # fmt: skip
+DENY_READ_CALLS = {"DenyList": {}}
+
+
+def refused(agent) -> dict:
+    return {dict(k[1])["reason"]: v for k, v in agent.scrape().items() if k[0] == "tidegate_api_refused_total"}
+
+
 def test_every_admin_method_needs_the_admin_role_and_every_method_credentials(agent, base):
+    from tidegate.v1 import blocklist_pb2 as bpb
+    from tidegate.v1 import blocklist_pb2_grpc as bpbg
     from tidegate.v1 import tidegate_pb2 as pb
 
     api = agent.api
     methods = set(pb.DESCRIPTOR.services_by_name["Filter"].methods_by_name)
     assert methods == set(ADMIN_CALLS) | set(READ_CALLS) | {"WatchCounters"}, "every method has a role here"
+    deny_methods = set(bpb.DESCRIPTOR.services_by_name["Blocklist"].methods_by_name)
+    assert deny_methods == set(DENY_ADMIN_CALLS) | set(DENY_READ_CALLS)
     shadow_v = api.ApplyRuleSet(yaml=BASE.replace("pps: 500, burst: 500", "pps: 5, burst: 5"), reason="a shadow",
                                 shadow=True).version  # fmt: skip
     try:
@@ -339,26 +353,46 @@ def test_every_admin_method_needs_the_admin_role_and_every_method_credentials(ag
         nobody = Api(agent, role="none")  # no such role in the token file: no authorization header
         forged = Api(agent, role="none")
         forged.md.append(("authorization", "Bearer " + agent.token("admin")[:-1] + "x"))
+
+        def deny_call(client, method, fields):
+            stub = bpbg.BlocklistStub(client.channel)
+            req = getattr(bpb, f"{method}Request")(**fields)
+            return getattr(stub, method)(req, metadata=client.md, timeout=60)
+
+        def deny_error(client, method, fields) -> grpc.RpcError:
+            with pytest.raises(grpc.RpcError) as e:
+                deny_call(client, method, fields)
+            return e.value
+
         maps0, rows0 = bpftool_dump(agent.pin_dir), _store_rows(agent)
-        denied0 = len(api.ListAudit(limit=1000, action="auth-denied").entries)
+        refused0 = refused(agent)
         for method, fields in ADMIN_CALLS.items():
             err = reader.error(method, **fields)
             assert err.code() == grpc.StatusCode.PERMISSION_DENIED, (method, err.code(), err.details())
             assert f"{method} needs the admin role; token:read has read" in err.details()
+        for method, fields in DENY_ADMIN_CALLS.items():
+            err = deny_error(reader, method, fields)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, (method, err.code(), err.details())
         for method, fields in READ_CALLS.items():
             getattr(reader, method)(**fields)  # the read role reads
+        deny_call(reader, "DenyList", {})
         assert len(list(reader.WatchCounters(interval_ms=100, max_updates=1))) == 1
         for client in (nobody, forged):
             for method, fields in {**ADMIN_CALLS, **READ_CALLS}.items():
                 assert client.error(method, **fields).code() == grpc.StatusCode.UNAUTHENTICATED, method
+            for method, fields in {**DENY_ADMIN_CALLS, **DENY_READ_CALLS}.items():
+                assert deny_error(client, method, fields).code() == grpc.StatusCode.UNAUTHENTICATED, method
             with pytest.raises(grpc.RpcError) as e:
                 list(client.WatchCounters(interval_ms=100, max_updates=1))
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert bpftool_dump(agent.pin_dir) == maps0 and _store_rows(agent) == rows0, "refused calls changed nothing"
         st = api.GetStatus()
         assert (st.active_version, st.shadow_version) == (base, shadow_v)
-        denied = api.ListAudit(limit=1000, action="auth-denied").entries
-        assert len(denied) - denied0 == len(ADMIN_CALLS) + 2 * (len(ADMIN_CALLS) + len(READ_CALLS) + 1)
+        r = refused(agent)
+        admin_n = len(ADMIN_CALLS) + len(DENY_ADMIN_CALLS)
+        every_n = admin_n + len(READ_CALLS) + len(DENY_READ_CALLS) + 1
+        assert r.get("permission-denied", 0) - refused0.get("permission-denied", 0) == admin_n
+        assert r.get("unauthenticated", 0) - refused0.get("unauthenticated", 0) == 2 * every_n
         for c in (reader, nobody, forged):
             c.close()
     finally:
