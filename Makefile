@@ -2,7 +2,8 @@
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-unit test-kernel test-package deb proto lab bench lint clean vagrant-box vagrant-e2e
+.PHONY: install test test-unit test-kernel test-package deb proto lab bench lint clean vagrant-box vagrant-e2e \
+	mutants mutmut
 
 install:
 	bash scripts/install.sh
@@ -23,6 +24,15 @@ deb:
 # the .deb installed, run, removed and purged in a clean debootstrap root (not part of `make test`)
 test-package: deb
 	TIDEGATE_DEB="$$(ls -t dist/tidegate_*.deb | head -1)" $(PY) -m pytest -q tests/package
+
+# named mutants of the safety properties (as root; not part of `make test`)
+mutants:
+	$(PY) tests/mutants/run.py
+
+# mutmut on the pure logic the unit tests drive (not part of `make test`)
+mutmut:
+	$(PY) -m pip install -q "mutmut>=3.8,<4"
+	$(PY) tests/mutants/mutmut_run.py
 
 proto:
 	bash scripts/gen_proto.sh $(PY)

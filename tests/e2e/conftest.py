@@ -273,8 +273,6 @@ def start_agent(tmp_path_factory):
     Agent on a new veth lab (host "lab": gRPC listens on the lab's host-end
     address instead of loopback). Everything it started is removed at the
     end of the module."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root for BPF and network namespaces")
     started: list[Agent] = []
     labs: list[VethLab] = []
 
@@ -305,8 +303,6 @@ def start_agent(tmp_path_factory):
 @pytest.fixture(scope="module")
 def make_lab():
     """Factory for bare veth labs (no agent), removed at the end of the module."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root for BPF and network namespaces")
     labs: list[VethLab] = []
 
     def make(prefix: str) -> VethLab:

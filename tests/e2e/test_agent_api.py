@@ -11,6 +11,7 @@ burst of 500), so each count is exact.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -23,7 +24,7 @@ import pytest
 from tidegate.ruleset import parse_rule_set
 
 from .conftest import BASE_RULES
-from .conftest import AUTHOR, BIN, PIN_ROOT, bpftool_dump, finish, free_port, send, xdp_prog_id
+from .conftest import AUTHOR, BIN, PIN_ROOT, Api, bpftool_dump, finish, free_port, send, xdp_prog_id
 
 # the audit's author: the authenticated principal, with the name the client claims beside it
 RECORDED = f"token:admin (as {AUTHOR})"
@@ -175,12 +176,13 @@ def test_update_thresholds_creates_a_version(agent, base):
     assert rs.rule("sink").limit.pps == 1000, "other rules keep their limits"
     info = {v.number: v for v in api.ListVersions(limit=1000).versions}[r.version]
     assert (info.author, info.reason, info.source) == (RECORDED, "tighten app", "set-limit")
-    # 200 packets in 0.5 s from one source against 20 pps with a burst of 20: ~30 pass
+    # 200 packets at (asked for) 400 pps from one source against 20 pps with a burst of 20: the burst and
+    # 20 pps for as long as the sender took pass (one more for the 4 ms clock)
     p0, d0 = app_counts(api)
-    send(agent.lab, src=agent.lab.peer_ip, dport=5555, count=200, pps=400)
+    res = send(agent.lab, src=agent.lab.peer_ip, dport=5555, count=200, pps=400)
     p1, d1 = app_counts(api)
     assert p1 - p0 + d1 - d0 == 200
-    assert 20 <= p1 - p0 <= 60, (p1 - p0, d1 - d0)
+    assert 20 <= p1 - p0 <= 20 + 20 * (res["seconds"] + 0.004) + 1, (p1 - p0, d1 - d0, res)
 
     r2 = api.UpdateThresholds(rule="default", pps=300, reason="default limit", force=True)
     rs2 = parse_rule_set(api.GetVersion(number=r2.version).yaml)
@@ -196,16 +198,23 @@ def test_update_thresholds_creates_a_version(agent, base):
 def test_top_sources_and_watch(agent, base):
     api = agent.api
     # 100 pps for 3 s from the peer; the agent samples every second
-    bg = send(agent.lab, src=agent.lab.peer_ip, dport=5555, count=300, pps=100, wait=False)
-    time.sleep(2.6)
-    top = api.TopSources(n=5, by="packets")
-    wide = api.TopSources(n=5, by="packets", window_seconds=60)
-    finish(bg)
-    mine = [s for s in top.sources if s.address == agent.lab.peer_ip]
-    assert mine, top
-    assert mine[0].rule == "app" and 60 <= mine[0].pps <= 140 and mine[0].drops == 0
+    fresh = "198.51.100.78"  # a source of its own: its entry (and first-seen time) is this flow's
+    bg = send(agent.lab, src=fresh, dport=5555, count=300, pps=100, wait=False)
+    deadline = time.monotonic() + 20
+    while True:  # until the last sample interval lies wholly inside the peer's traffic, and the window is wider
+        top = api.TopSources(n=5, by="packets")
+        wide = api.TopSources(n=5, by="packets", window_seconds=60)
+        mine = [s for s in top.sources if s.address == fresh]
+        if (mine and mine[0].first_seen_seconds_ago >= 2 * top.interval_seconds + 0.3
+                and wide.interval_seconds > top.interval_seconds):
+            break
+        assert time.monotonic() < deadline, (top, wide)
+        time.sleep(0.2)
+    res = finish(bg)
+    rate = res["sent"] / res["seconds"]  # what the sender reached, not what it was asked for
+    assert mine[0].rule == "app" and 0.5 * rate <= mine[0].pps <= 1.5 * rate and mine[0].drops == 0, (mine, res)
     assert 0.5 <= top.interval_seconds <= 2.5 and top.tracked_sources >= 1
-    wmine = [s for s in wide.sources if s.address == agent.lab.peer_ip][0]
+    wmine = [s for s in wide.sources if s.address == fresh][0]
     assert wide.interval_seconds > top.interval_seconds and wmine.packets >= mine[0].packets
     assert all(s.drops > 0 for s in api.TopSources(n=5, by="drops").sources)
     st = api.GetStatus()
@@ -299,6 +308,152 @@ def test_rejected_inputs_leave_kernel_and_store_unchanged(agent, base):
     assert len(rejected) == rejected0 + len(bad_applies) + 2, "every rejected apply is audited"
     assert rejected[0].author == RECORDED and rejected[0].result == "rejected"
     assert app_delta(agent) == (20, 0)
+
+
+# The roles, written out here rather than read from the agent: a method the
+# agent counted as a read method by mistake must fail this test.
+ADMIN_CALLS = {  # each call would succeed, and change something, with the admin role
+    "ApplyRuleSet": {"yaml": BASE.replace("pps: 500, burst: 500", "pps: 600, burst: 600"), "reason": "r"},
+    "Rollback": {"reason": "r"},
+    "UpdateThresholds": {"rule": "app", "pps": 600, "reason": "r"},
+    "PromoteShadow": {"reason": "r"},
+    "ClearShadow": {"reason": "r"},
+}
+READ_CALLS = {
+    "GetStatus": {}, "ValidateRuleSet": {"yaml": BASE}, "ListVersions": {"limit": 5}, "GetVersion": {"number": 1},
+    "GetCounters": {}, "TopSources": {"n": 5}, "ShadowReport": {}, "WhatIf": {"yaml": BASE}, "GetReview": {"version": 1},
+    "ListAudit": {"limit": 5}, "Insight": {},
+}  # fmt: skip
+
+
+# and the Blocklist service's
+DENY_ADMIN_CALLS = {"DenyAdd": {"cidr": "203.0.113.0/24", "reason": "r"}, "DenyRemove": {"cidr": "192.0.2.0/24",
+                                                                                        "reason": "r"}}  # fmt: skip
+DENY_READ_CALLS = {"DenyList": {}}
+
+
+def refused(agent) -> dict:
+    return {dict(k[1])["reason"]: v for k, v in agent.scrape().items() if k[0] == "tidegate_api_refused_total"}
+
+
+def test_every_admin_method_needs_the_admin_role_and_every_method_credentials(agent, base):
+    from tidegate.v1 import blocklist_pb2 as bpb
+    from tidegate.v1 import blocklist_pb2_grpc as bpbg
+    from tidegate.v1 import tidegate_pb2 as pb
+
+    api = agent.api
+    methods = set(pb.DESCRIPTOR.services_by_name["Filter"].methods_by_name)
+    assert methods == set(ADMIN_CALLS) | set(READ_CALLS) | {"WatchCounters"}, "every method has a role here"
+    deny_methods = set(bpb.DESCRIPTOR.services_by_name["Blocklist"].methods_by_name)
+    assert deny_methods == set(DENY_ADMIN_CALLS) | set(DENY_READ_CALLS)
+    shadow_v = api.ApplyRuleSet(yaml=BASE.replace("pps: 500, burst: 500", "pps: 5, burst: 5"), reason="a shadow",
+                                shadow=True).version  # fmt: skip
+    try:
+        reader = Api(agent, role="read")
+        nobody = Api(agent, role="none")  # no such role in the token file: no authorization header
+        forged = Api(agent, role="none")
+        forged.md.append(("authorization", "Bearer " + agent.token("admin")[:-1] + "x"))
+
+        def deny_call(client, method, fields):
+            stub = bpbg.BlocklistStub(client.channel)
+            req = getattr(bpb, f"{method}Request")(**fields)
+            return getattr(stub, method)(req, metadata=client.md, timeout=60)
+
+        def deny_error(client, method, fields) -> grpc.RpcError:
+            with pytest.raises(grpc.RpcError) as e:
+                deny_call(client, method, fields)
+            return e.value
+
+        maps0, rows0 = bpftool_dump(agent.pin_dir), _store_rows(agent)
+        refused0 = refused(agent)
+        for method, fields in ADMIN_CALLS.items():
+            err = reader.error(method, **fields)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, (method, err.code(), err.details())
+            assert f"{method} needs the admin role; token:read has read" in err.details()
+        for method, fields in DENY_ADMIN_CALLS.items():
+            err = deny_error(reader, method, fields)
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, (method, err.code(), err.details())
+        for method, fields in READ_CALLS.items():
+            getattr(reader, method)(**fields)  # the read role reads
+        deny_call(reader, "DenyList", {})
+        assert len(list(reader.WatchCounters(interval_ms=100, max_updates=1))) == 1
+        for client in (nobody, forged):
+            for method, fields in {**ADMIN_CALLS, **READ_CALLS}.items():
+                assert client.error(method, **fields).code() == grpc.StatusCode.UNAUTHENTICATED, method
+            for method, fields in {**DENY_ADMIN_CALLS, **DENY_READ_CALLS}.items():
+                assert deny_error(client, method, fields).code() == grpc.StatusCode.UNAUTHENTICATED, method
+            with pytest.raises(grpc.RpcError) as e:
+                list(client.WatchCounters(interval_ms=100, max_updates=1))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert bpftool_dump(agent.pin_dir) == maps0 and _store_rows(agent) == rows0, "refused calls changed nothing"
+        st = api.GetStatus()
+        assert (st.active_version, st.shadow_version) == (base, shadow_v)
+        r = refused(agent)
+        admin_n = len(ADMIN_CALLS) + len(DENY_ADMIN_CALLS)
+        every_n = admin_n + len(READ_CALLS) + len(DENY_READ_CALLS) + 1
+        assert r.get("permission-denied", 0) - refused0.get("permission-denied", 0) == admin_n
+        assert r.get("unauthenticated", 0) - refused0.get("unauthenticated", 0) == 2 * every_n
+        for c in (reader, nobody, forged):
+            c.close()
+    finally:
+        api.ClearShadow(reason="done")
+
+
+def test_a_blast_radius_refusal_changes_nothing(agent, base):
+    """Refused for the traffic it would drop: FAILED_PRECONDITION with the
+    estimate, the kernel maps and the store's versions as they were, and
+    the refusal audited."""
+    from tidegate.v1 import tidegate_pb2 as pb
+
+    api = agent.api
+    drop_app = BASE.replace("    limit: {pps: 500, burst: 500}", "    action: drop")
+    # the sampler must have seen app traffic (it samples every second here)
+    deadline = time.monotonic() + 20
+    while api.WhatIf(yaml=drop_app).sources_newly_dropped < 1:
+        assert time.monotonic() < deadline, "the agent never saw the app traffic"
+        legit(agent, 40)
+    maps0, rows0 = bpftool_dump(agent.pin_dir), _store_rows(agent)
+    versions0 = api.ListVersions(limit=1000)
+    rejected0 = len(api.ListAudit(limit=1000, action="rejected-apply").entries)
+    err = api.error("ApplyRuleSet", yaml=drop_app, reason="drop app, unforced")
+    assert err.code() == FAILED_PRECONDITION and "refused by the blast-radius check" in err.details()
+    est = pb.Estimate.FromString(dict(err.trailing_metadata())["tidegate-estimate-bin"])
+    assert not est.within_budget and est.sources_newly_dropped >= 1 and est.rules[0].rule == "app"
+    assert bpftool_dump(agent.pin_dir) == maps0, "the kernel maps are as they were"
+    assert _store_rows(agent) == rows0 and api.ListVersions(limit=1000) == versions0, "no version was recorded"
+    assert api.GetStatus().active_version == base
+    rejected = api.ListAudit(limit=1000, action="rejected-apply").entries
+    assert len(rejected) == rejected0 + 1 and "blast-radius" in rejected[0].detail
+    assert app_delta(agent) == (20, 0)
+
+
+def test_a_failed_start_after_adopting_leaves_the_filter_attached(agent, base, tmp_path):
+    """A start that adopted the running program and then failed (here: it
+    cannot serve, the role map is missing) must not detach what it adopted:
+    the filter keeps running the last rule set while no agent runs."""
+    from tidegate.certs import make_lab_pki
+
+    prog = xdp_prog_id(agent.lab.host_if)
+    assert prog == agent.api.GetStatus().prog_id
+    # the kernel's per-reason counters (per-rule ones of retired slots live in the agent that harvested them)
+    pass0 = dict((r.reason, r.packets) for r in agent.api.GetCounters().reasons)["pass"]
+    pki = tmp_path / "pki"
+    make_lab_pki(pki, "localhost", ["alice"])
+    agent.stop()
+    try:
+        r = _agent_cmd(*agent.argv()[2:], "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
+                       "--tls-client-ca", str(pki / "ca.pem"), "--role-map", str(tmp_path / "missing-roles.json"))  # fmt: skip
+        assert r.returncode != 0 and "missing-roles.json" in r.stderr, r.stderr
+        assert "adopted=True" in r.stderr, "this start adopted the attached program before it failed"
+        assert xdp_prog_id(agent.lab.host_if) == prog, "the adopted program is still attached"
+        assert os.path.exists(f"{agent.pin_dir}/tg_ctl"), "and its maps are still pinned"
+        legit(agent, 20)  # no agent runs: the program filters (and counts) with the last rule set
+    finally:
+        agent.start()
+    st = agent.api.GetStatus()
+    assert (st.prog_id, st.active_version, st.attached) == (prog, base, True)
+    passed = dict((r.reason, r.packets) for r in agent.api.GetCounters().reasons)["pass"] - pass0
+    assert passed >= 20, "the app packets sent meanwhile went through the filter"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
@@ -453,6 +608,10 @@ def test_mutual_tls_on_a_non_loopback_address(start_agent, tmp_path):
     pki = tmp_path / "pki"
     make_lab_pki(pki, agent.lab.host_ip, ["alice"], role="admin")
     make_lab_pki(pki, agent.lab.host_ip, ["grafana"], role="read")
+    make_lab_pki(pki, agent.lab.host_ip, ["mallory"], role="admin")  # then left out of the role map
+    roles = json.loads((pki / "roles.json").read_text())
+    del roles["mallory"]
+    (pki / "roles.json").write_text(json.dumps(roles))
     agent.extra += ["--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
                     "--tls-client-ca", str(pki / "ca.pem"), "--role-map", str(pki / "roles.json")]  # fmt: skip
     agent.start()
@@ -482,6 +641,11 @@ def test_mutual_tls_on_a_non_loopback_address(start_agent, tmp_path):
     with pytest.raises(grpc.RpcError) as e:
         stub("grafana").Rollback(pb.RollbackRequest(reason="x"), timeout=20)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # a valid certificate whose name the role map does not know reads, and is never admin
+    assert stub("mallory").GetStatus(pb.GetStatusRequest(), timeout=20).active_version == 2
+    with pytest.raises(grpc.RpcError) as e:
+        stub("mallory").Rollback(pb.RollbackRequest(reason="x"), timeout=20)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "cert:mallory has read" in e.value.details()
     for s in (stub(None), pbg.FilterStub(grpc.insecure_channel(agent.server))):
         with pytest.raises(grpc.RpcError) as e:
             s.GetStatus(pb.GetStatusRequest(), timeout=5)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -110,14 +111,21 @@ def test_counters_and_top_follow_traffic(env):
     agent, _ = env
     c0 = agent.cli("counters", json_out=True)
     app0 = next(r for r in c0["rules"] if r["rule"] == "app")
-    bg = send(agent.lab, src=agent.lab.peer_ip, dport=5555, count=150, pps=50, wait=False)
-    time.sleep(2.5)  # the agent samples per-source rates every second here
-    table, top = both(agent, "top", "-n", "5")
-    sent = finish(bg)["sent"]
-    mine = [s for s in top["sources"] if s["address"] == agent.lab.peer_ip]
-    assert mine and mine[0]["rule"] == "app" and 25 <= mine[0]["pps"] <= 75, top
+    fresh = "198.51.100.79"  # a source of its own: its entry (and first-seen time) is this flow's
+    bg = send(agent.lab, src=fresh, dport=5555, count=150, pps=50, wait=False)
+    deadline = time.monotonic() + 20
+    while True:  # until the last sample interval (one second here) lies wholly inside the flow
+        table, top = both(agent, "top", "-n", "5")
+        mine = [s for s in top["sources"] if s["address"] == fresh]
+        if mine and mine[0]["first_seen_seconds_ago"] >= 2 * top["interval_seconds"] + 0.3:
+            break
+        assert time.monotonic() < deadline, top
+        time.sleep(0.3)
+    res = finish(bg)
+    sent, rate = res["sent"], res["sent"] / res["seconds"]  # the rate the sender reached
+    assert mine[0]["rule"] == "app" and 0.5 * rate <= mine[0]["pps"] <= 1.5 * rate, (top, res)
     assert isinstance(top["tracked_sources"], int) and isinstance(top["interval_seconds"], float)
-    assert agent.lab.peer_ip in table and "top sources by packets" in table
+    assert fresh in table and "top sources by packets" in table
     _, drops = both(agent, "top", "--by", "drops", "-n", "3")
     assert isinstance(drops["sources"], list)
 
@@ -259,29 +267,80 @@ def test_review_and_audit(env):
     assert rollbacks and {a["action"] for a in rollbacks} == {"rollback"}
 
 
+def rollbacks_by_cause(agent: Cli) -> dict:
+    return {dict(k[1])["cause"]: v for k, v in agent.agent.scrape().items() if k[0] == "tidegate_rollbacks_total"}
+
+
+GUARD_CAUSE = re.compile(r"drop share \d+\.\d% vs \d+\.\d% before the change \(limit \+5%\)")
+
+
 def test_guarded_apply_rolled_back_is_exit_4(env):
+    """50 sources at about 40 pps each on the sink, none dropped; the tight
+    sink (5 pps) drops most of their packets: the drop share rises far past
+    the 5-point limit. 50 newly dropped sources are not more than the 50
+    allowed, so the drop share, and nothing else, is the cause."""
     agent, tmp = env
     v0 = active(agent)
+    rb0 = rollbacks_by_cause(agent)
     flood = send(agent.lab, src_net="198.18.0.0/24", sources=50, dport=9, count=30000, pps=2000, wait=False)
     try:
         time.sleep(3)  # a baseline for the guard
         r = fail(agent, "apply", str(tmp / "tight-sink.yaml"), "--force", "--guard", "--guard-seconds", "15",
                  "--reason", "tight sink, guarded")  # fmt: skip
         assert r.returncode == 4, (r.stdout, r.stderr)
-        assert f"GUARD ROLLED BACK to version {v0}:" in r.stdout
+        line = next(ln for ln in r.stdout.splitlines() if ln.startswith("GUARD ROLLED BACK"))
+        assert line.startswith(f"GUARD ROLLED BACK to version {v0}: drop share "), line
+        assert GUARD_CAUSE.fullmatch(line.split(": ", 1)[1]), line
         assert active(agent) == v0
         time.sleep(1)
         r = fail(agent, "-o", "json", "apply", str(tmp / "tight-sink.yaml"), "--force", "--guard", "--guard-seconds",
                  "15", "--reason", "tight sink, guarded (json)")  # fmt: skip
         assert r.returncode == 4, (r.stdout, r.stderr)
         out = json.loads(r.stdout)
-        assert out["guard_outcome"] == "rolled-back" and out["rolled_back_to"] == v0 and out["guard_cause"]
+        assert out["guard_outcome"] == "rolled-back" and out["rolled_back_to"] == v0
+        assert GUARD_CAUSE.fullmatch(out["guard_cause"]), out["guard_cause"]
     finally:
         flood.kill()
         flood.communicate()
     assert active(agent) == v0
     guard = agent.cli("audit", "--action", "guard-rollback", json_out=True)
-    assert len(guard) >= 2
+    assert len(guard) >= 2 and all(GUARD_CAUSE.match(g["detail"]) for g in guard[:2]), guard[:2]
+    rb1 = rollbacks_by_cause(agent)
+    assert rb1.get("guard-drop-share", 0) - rb0.get("guard-drop-share", 0) == 2, (rb0, rb1)
+    assert {k: v for k, v in rb1.items() if k != "guard-drop-share"} == {
+        k: v for k, v in rb0.items() if k != "guard-drop-share"}
+
+
+def test_guarded_benign_change_is_kept(env, start_agent):
+    """Drops before and after the change (a denied flood next to the
+    legitimate stream, the same share throughout): a guard watching a change
+    that only raises a limit keeps it. Its own agent, so the guard's 30 s
+    baseline holds this traffic and nothing an earlier test sent."""
+    _, tmp = env
+    deny = BASE + 'deny: ["198.18.7.0/24"]\n'
+    (tmp / "deny-looser.yaml").write_text(deny.replace("pps: 500, burst: 500", "pps: 800, burst: 800"))
+    agent = Cli(start_agent("kept", deny))
+    flood = send(agent.lab, src_net="198.18.7.0/24", sources=10, dport=9, count=4000, pps=300, wait=False)
+    stream = send(agent.lab, src=agent.lab.peer_ip, dport=5555, count=1200, pps=100, wait=False, seed=2)
+    try:
+        deadline = time.monotonic() + 20
+        while agent.cli("counters", json_out=True)["dropped"] < 300:  # the guard's baseline has drops in it
+            assert time.monotonic() < deadline, "the denied flood did not arrive"
+            time.sleep(0.5)
+        time.sleep(2)  # and more than one history sample of them
+        r = agent.cli("-o", "json", "apply", str(tmp / "deny-looser.yaml"), "--guard", "--guard-seconds", "4",
+                      "--reason", "raise app, guarded", check=False)  # fmt: skip
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        out = json.loads(r.stdout)
+        assert (out["guarded"], out["guard_outcome"], out["guard_cause"]) == (True, "kept", ""), out
+        assert active(agent) == out["version"] == 2
+    finally:
+        for p in (flood, stream):
+            p.kill()
+            p.communicate()
+    kept = agent.cli("audit", "--action", "guard", json_out=True)
+    assert [(k["version"], k["detail"]) for k in kept] == [(2, "kept after 4s")]
+    agent.agent.stop()
 
 
 # ------------------------------------------------------------------ errors
@@ -334,7 +393,7 @@ def test_certs_mtls_roles_and_detach(env, start_agent, tmp_path):
                        capture_output=True, text=True)  # fmt: skip
     assert json.loads(r.stdout)["roles"] == {"alice": "admin", "grafana": "read"}
 
-    tls = start_agent("clitls", BASE, extra=[
+    tls = start_agent("ctls", BASE, extra=[
         "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
         "--tls-client-ca", str(pki / "ca.pem"), "--role-map", str(pki / "roles.json")])  # fmt: skip
     plain = {k: v for k, v in os.environ.items() if not k.startswith("TIDEGATE_")}

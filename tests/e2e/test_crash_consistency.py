@@ -3,13 +3,20 @@
 After each restart: the kernel's active rule set and the store's active
 version are the same one, no version is lost or half-written, and the XDP
 program was never detached (same program id on the interface at every
-check, no packet ever saw an empty configuration, and traffic sent while
-no agent ran was filtered by the last rule set)."""
+check, no packet ever saw an empty configuration). The program is probed
+all along: while the agent runs and changes rule sets, packets from a
+network both sets deny are pushed through it and every one must be denied;
+while no agent runs, probes that the two sets treat differently (each
+denies a network the other passes) must be filtered by the very set the
+restarted agent then reports, i.e. the last one. The test counts the kills
+that landed in the middle of a change (a version recorded but not yet
+active at the kill) and requires some, so it proves what it claims."""
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -17,7 +24,6 @@ import time
 import grpc
 import pytest
 
-from tidegate.labnet import VethLab
 from tidegate.ruleset import parse_rule_set
 
 from .harness import AgentProc, send
@@ -26,21 +32,39 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 KILLS = int(os.environ.get("TIDEGATE_CRASH_KILLS", "100"))
 
-SET_A = """
+BOTH_DENY = "198.18.99.0/24"  # the probe while the agent runs: denied by A and by B
+SET_A = f"""
 defaults:
-  limit: {pps: 1000, burst: 1000}
-deny: ["192.0.2.0/24"]
+  limit: {{pps: 1000, burst: 1000}}
+deny: ["192.0.2.0/24", "{BOTH_DENY}"]
 rules:
   - name: app
     protocol: udp
     dst_ports: [5555]
-    limit: {pps: 500, burst: 500}
+    limit: {{pps: 500, burst: 500}}
 """
-# B differs from A where a crafted probe can tell: 198.51.100.1 passes on
-# B's allow list (reason allow) and on A's default (reason pass)
-SET_B = SET_A.replace("pps: 500, burst: 500", "pps: 400, burst: 400").replace(
-    'deny: ["192.0.2.0/24"]', 'deny: ["192.0.2.0/24"]\nallow: ["198.51.100.0/24"]')
+# B denies 203.0.113.0/24 where A denies 192.0.2.0/24 (each passes the
+# other's on app); 198.51.100.1 passes on B's allow list (reason allow) and
+# on A's default (reason pass)
+SET_B = f"""
+defaults:
+  limit: {{pps: 1000, burst: 1000}}
+deny: ["203.0.113.0/24", "{BOTH_DENY}"]
+allow: ["198.51.100.0/24"]
+rules:
+  - name: app
+    protocol: udp
+    dst_ports: [5555]
+    limit: {{pps: 400, burst: 400}}
+"""
 B_PROBE = "198.51.100.1"
+
+
+def frame(src: str, dport: int = 5555) -> bytes:
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    return bytes(Ether() / IP(src=src, dst="10.0.0.1") / UDP(sport=1, dport=dport) / b"probe")
 
 
 def attached_prog_id(ifname: str) -> int | None:
@@ -66,20 +90,16 @@ def kernel_runs_set_b(stub, pb, md, prog_id: int) -> bool:
     """Which rule set the attached program enforces, asked of the program
     itself: one crafted packet through BPF_PROG_TEST_RUN, and the reason
     counter it moved."""
-    from scapy.layers.inet import IP, UDP
-    from scapy.layers.l2 import Ether
-
     from tidegate import bpfsys
 
     def allowed() -> int:
         c = stub.GetCounters(pb.GetCountersRequest(), metadata=md)
         return {r.reason: r.packets for r in c.reasons}["allow"]
 
-    frame = bytes(Ether() / IP(src=B_PROBE, dst="10.0.0.1") / UDP(sport=1, dport=7777) / b"probe")
     fd = bpfsys.prog_fd_by_id(prog_id)
     try:
         before = allowed()
-        bpfsys.test_run(fd, frame, 1)
+        bpfsys.test_run(fd, frame(B_PROBE, 7777), 1)
         return allowed() - before == 1
     finally:
         os.close(fd)
@@ -105,34 +125,63 @@ def churn(agent: AgentProc, stop: threading.Event, done: list, acked: list) -> N
         i += 1
 
 
-def test_sigkill_during_apply_and_rollback(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root for BPF and network namespaces")
+def probe_while_running(prog_id: int, stop: threading.Event, runs: list) -> None:
+    """Push packets from the network both sets deny through the attached
+    program (BPF_PROG_TEST_RUN) until stopped; runs records how many."""
+    from tidegate import bpfsys
+
+    fd = bpfsys.prog_fd_by_id(prog_id)
+    try:
+        probe = frame("198.18.99.7")
+        while not stop.is_set():
+            bpfsys.test_run(fd, probe, 20)
+            runs.append(20)
+            time.sleep(0.02)
+    finally:
+        os.close(fd)
+
+
+RECONCILED = re.compile(r'msg="store reconciled" .*action="?([\w-]+)"? aborted="?\[([^\]]*)\]')
+
+
+def test_sigkill_during_apply_and_rollback(tmp_path, make_lab):
+    from tidegate import bpfsys
+
     (tmp_path / "a.yaml").write_text(SET_A)
-    lab = VethLab(f"c{os.getpid() % 100000}", subnet="10.206.4").create()
+    lab = make_lab("c")
     agent = AgentProc(lab, tmp_path / "state", extra=["--sample-interval", "30"])
     rnd = random.Random(11)
     calls = 0
+    mid_change = {"recorded, not swapped": 0, "swapped, not committed": 0}
     try:
         agent.start(rules=str(tmp_path / "a.yaml"))
         prog = agent.cli("status", json_out=True)["prog_id"]
         assert attached_prog_id(lab.host_if) == prog
-        deny0 = None
+        pb, stub, md = rpc(agent)
+        prev = {r.reason: r.packets for r in stub.GetCounters(pb.GetCountersRequest(), metadata=md).reasons}
         acked: list[int] = []
+        fd = bpfsys.prog_fd_by_id(prog)
         for n in range(KILLS):
-            stop, done = threading.Event(), []
-            t = threading.Thread(target=churn, args=(agent, stop, done, acked))
-            t.start()
+            stop, done, runs = threading.Event(), [], []
+            threads = [threading.Thread(target=churn, args=(agent, stop, done, acked)),
+                       threading.Thread(target=probe_while_running, args=(prog, stop, runs))]  # fmt: skip
+            for t in threads:
+                t.start()
             time.sleep(rnd.uniform(0.05, 0.8))
             agent.stop(signal.SIGKILL)
             stop.set()
-            t.join()
+            for t in threads:
+                t.join()
             calls += len(done)
             # no agent: still attached, the same program
             assert attached_prog_id(lab.host_if) == prog, f"kill {n}: program changed or detached"
-            probe = n % 10 == 0
-            if probe:
+            # probes the two sets tell apart: A denies the first, B the two others
+            bpfsys.test_run(fd, frame("192.0.2.7"), 1)
+            bpfsys.test_run(fd, frame("203.0.113.7"), 2)
+            real = n % 10 == 0
+            if real:  # and real traffic, now and then: A denies it, B passes it
                 send(lab, "--src", "192.0.2.7", "--dport", "5555", "--count", "10", "--pps", "500")
+            offset = len(agent.log())
             agent.start()
             pb, stub, md = rpc(agent)
             st = stub.GetStatus(pb.GetStatusRequest(), metadata=md)
@@ -149,15 +198,23 @@ def test_sigkill_during_apply_and_rollback(tmp_path):
             # the kernel enforces the content of the version the store calls active
             body = stub.GetVersion(pb.GetVersionRequest(number=st.active_version), metadata=md).yaml
             store_b = "198.51.100.0/24" in body
-            assert kernel_runs_set_b(stub, pb, md, prog) == store_b, (
-                f"kill {n}: kernel and store disagree on the content of version {st.active_version}")
+            runs_b = kernel_runs_set_b(stub, pb, md, prog)
+            assert runs_b == store_b, f"kill {n}: kernel and store disagree on the content of version {st.active_version}"
             c = stub.GetCounters(pb.GetCountersRequest(), metadata=md)
             reasons = {r.reason: r.packets for r in c.reasons}
             assert reasons["noconfig"] == 0, "a packet saw no rule set"
-            if probe:
-                if deny0 is not None:
-                    assert reasons["deny"] - deny0 >= 10, "traffic while no agent ran was not filtered"
-                deny0 = reasons["deny"]
+            # every probe while the agent ran was denied; the ones while it was away by the last set
+            away = 2 if runs_b else 1 + (10 if real else 0)
+            assert reasons["deny"] - prev["deny"] == sum(runs) + away, (
+                f"kill {n}: {reasons['deny'] - prev['deny']} denied, {sum(runs)} probes while running + {away} "
+                f"while away under set {'B' if runs_b else 'A'}")
+            prev = reasons
+            m = RECONCILED.search(agent.log()[offset:])
+            if m and m.group(2).strip():
+                mid_change["recorded, not swapped"] += 1
+            elif m and m.group(1) == "followed-kernel":
+                mid_change["swapped, not committed"] += 1
+        os.close(fd)
         # every applied version's content is whole: it parses and matches its digest
         pb, stub, md = rpc(agent)
         for v in stub.ListVersions(pb.ListVersionsRequest(limit=100000), metadata=md).versions:
@@ -166,7 +223,8 @@ def test_sigkill_during_apply_and_rollback(tmp_path):
                 assert parse_rule_set(body.yaml).digest() == body.info.digest
         assert calls > KILLS, f"only {calls} apply/rollback calls completed around {KILLS} kills"
         assert len(acked) > KILLS / 2
+        print(f"kills in the middle of a change: {mid_change} of {KILLS}")
+        assert sum(mid_change.values()) >= max(1, KILLS // 10), mid_change
     finally:
         agent.stop()
         agent.cleanup_kernel()
-        lab.remove()

@@ -34,8 +34,6 @@ rules:
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("needs root for BPF and network namespaces")
     tmp = tmp_path_factory.mktemp("insight")
     (tmp / "rules.yaml").write_text(RULES)
     lab = VethLab(f"i{os.getpid() % 100000}", subnet="10.203.9").create()

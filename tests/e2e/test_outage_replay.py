@@ -52,8 +52,6 @@ TIGHT = (GOOD.replace("pps: 200, burst: 400", "pps: 20, burst: 40")
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("needs root for BPF and network namespaces")
     tmp = tmp_path_factory.mktemp("outage")
     lab = VethLab(f"o{os.getpid() % 100000}", subnet="10.208.6").create()
     (tmp / "good.yaml").write_text(GOOD.replace("{canary}", lab.peer_ip))
@@ -123,16 +121,24 @@ def test_outage_is_prevented(env):
         est = json.loads(r.stdout)
         assert est["within_budget"] is False and est["packet_share"] > 0.3
         api_est = {x["rule"]: x for x in est["rules"]}["api"]
-        # 51 clients at 40 pps against 10 pps: ~30 pps each newly dropped
+        # 51 clients at (asked for) 40 pps against 10 pps: each newly loses what it sends above 10 pps;
+        # what it sends is what the agent saw of it (the senders may not keep up on a loaded machine)
+        seen = [s for s in agent.cli("top", "-n", "1000", json_out=True)["sources"] if s["rule"] == "api"]
+        assert len(seen) >= 45 and all(s["pps"] > 15 for s in seen), seen
+        over = sum(s["pps"] - 10 for s in seen)
         assert api_est["sources_newly_dropped"] >= 45
-        assert 1200 < api_est["newly_dropped_pps"] < 1800
+        assert 0.7 * over < api_est["newly_dropped_pps"] < 1.3 * over, (api_est, over)
 
         # 2. shadow: nothing is dropped, the report shows what would have been
         p0, d0 = api(agent)
         agent.cli("apply", str(tmp / "tight.yaml"), "--shadow", "--reason", "try it on live traffic")
-        time.sleep(3)
+        deadline = time.monotonic() + 30
+        while (p1 := api(agent)[0]) - p0 < 2000:  # the clients' traffic under the shadow set
+            assert time.monotonic() < deadline, "the clients' traffic did not arrive"
+            time.sleep(0.5)
+        time.sleep(1.5)  # and a sample of it for the report
         p1, d1 = api(agent)
-        assert d1 == d0 and p1 - p0 > 3000, "the shadow set enforces nothing"
+        assert d1 == d0 and p1 - p0 >= 2000, "the shadow set enforces nothing"
         rep = agent.cli("shadow", "report", json_out=True)
         shadow_api = {x["rule"]: x for x in rep["rules"]}["api"]
         assert int(shadow_api["would_drop_new"]) > 0.5 * (p1 - p0)

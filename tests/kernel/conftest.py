@@ -20,11 +20,6 @@ XDP_DROP, XDP_PASS = 1, 2
 VERDICTS = {XDP_DROP: "drop", XDP_PASS: "pass"}
 
 
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("kernel tests need root (BPF programs, bpffs, netns)")
-
-
 @dataclass
 class Step:
     verdict: str
@@ -66,7 +61,6 @@ class ReplayFilter:
 
 @pytest.fixture(scope="session")
 def replay_kf():
-    _require_root()
     kf = KernelFilter(
         FilterConfig(interface=None, pin_name=f"test-replay-{os.getpid()}", replay_clock=True, max_sources=65536)
     )

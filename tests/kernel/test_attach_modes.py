@@ -14,8 +14,6 @@ from tidegate.ruleset import parse_rule_set
 @pytest.mark.kernel
 @pytest.mark.parametrize("mode", ["native", "generic"])
 def test_attach_reports_mode_and_detach_removes_it(mode):
-    if os.geteuid() != 0:
-        pytest.skip("needs root for BPF and network namespaces")
     tag = f"m{mode[0]}{os.getpid() % 10000}"
     with VethLab(tag, subnet="10.211.1") as lab:
         kf = KernelFilter(FilterConfig(interface=lab.host_if, pin_name=f"test-mode-{tag}", xdp_mode=mode))
@@ -41,8 +39,6 @@ def test_restart_adopts_the_same_program_without_compiling_and_a_changed_one_rep
     swapped in with one atomic replace: the interface is never without a
     program, the pinned maps (and so the active rule set and per-source
     state) are the same objects, and the replaced program's pin is gone."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root for BPF and network namespaces")
     import logging
     import sys
     import threading

@@ -94,22 +94,39 @@ rules:
     sources: ["10.1.0.0/16"]
     action: drop
 """
+# a third active set, matching unlike both: the probe lands on its deny list
+SWAP_C = """
+defaults:
+  limit: {pps: 1000, burst: 1000}
+deny: ["10.1.2.0/24"]
+rules:
+  - name: c-web
+    protocol: tcp
+    dst_ports: [443]
+    limit: {pps: 10, burst: 10}
+"""
 
 
 @pytest.mark.kernel
 def test_shortcut_never_borrows_another_sets_classification(replay):
-    """Shadow = ACTIVE's matching. While the active set swaps between ACTIVE
-    and B (which classifies the probe as its drop rule), the shadow must
-    count the probe on its own allow list every time, never on B's rule."""
+    """Shadow = ACTIVE's matching. While the active set rotates ACTIVE, B, C
+    (B classifies the probe as its drop rule, C as its deny list; the
+    rotation over the two free slots makes every write replace the set a
+    slot held with another), the shadow must count the probe on its own
+    allow list every time, never on B's rule or C's list."""
     kf = replay.kf
-    a, b = parse_rule_set(ACTIVE, "A"), parse_rule_set(SWAP_B, "B")
-    kf.apply(a, 1)
+    sets = [parse_rule_set(ACTIVE, "A"), parse_rule_set(SWAP_B, "B"), parse_rule_set(SWAP_C, "C")]
+    kf.apply(sets[0], 1)
     kf.load_shadow(parse_rule_set(TIGHT, "S"), 2)
     probe = f.udp("10.1.2.3", 53)
     before = kf.counters().shadow
+    held: dict[int, int] = {}
     with background_traffic(kf, probe, 200) as runs:
-        for i in range(400):
-            kf.apply(b if i % 2 == 0 else a, 3 + i)
+        for i in range(1, 402):
+            kf.apply(sets[i % 3], 3 + i)
+            slot = kf.state().active.slot
+            assert held.get(slot) != i % 3, f"slot {slot} rewritten with the set it held"
+            held[slot] = i % 3
     after = kf.counters().shadow
     moved = {n: sc.packets - (before[n].packets if n in before else 0) for n, sc in after.items()}
     moved = {n: v for n, v in moved.items() if v}
@@ -118,16 +135,72 @@ def test_shortcut_never_borrows_another_sets_classification(replay):
 
     # a value naming a slot that is not the active one is ignored by the
     # program: force one while B (which matches differently) is active
-    kf.apply(b, 1000)
+    kf.apply(sets[1], 1000)
     st = kf.state()
-    sets = kf._tables["tg_sets"]
-    cfg = sets[sets.Key(st.shadow.slot)]
+    sets_map = kf._tables["tg_sets"]
+    cfg = sets_map[sets_map.Key(st.shadow.slot)]
     stale = next(s for s in range(3) if s not in (st.active.slot, st.shadow.slot))
     cfg.same_match_as = stale
-    sets[sets.Key(st.shadow.slot)] = cfg
+    sets_map[sets_map.Key(st.shadow.slot)] = cfg
     before = kf.counters().shadow
     kf.test_run(probe, repeat=10)
     after = kf.counters().shadow
     moved = {n: sc.packets - (before[n].packets if n in before else 0) for n, sc in after.items()}
     assert {n: v for n, v in moved.items() if v} == {"allow-list": 10}
     kf.clear_shadow()
+
+
+# A candidate that classifies on its own and would drop nearly everything:
+# a deny list over the test sources, a drop rule for web, a tiny default.
+HARSH = """
+defaults:
+  limit: {pps: 1, burst: 1}
+deny: ["203.0.113.0/24"]
+rules:
+  - name: dns
+    protocol: udp
+    dst_ports: [53]
+    limit: {pps: 1, burst: 1}
+  - name: web
+    protocol: tcp
+    dst_ports: [443]
+    action: drop
+"""
+
+# (ms, frame): traffic the active set limits, passes and denies
+STEPS = [
+    *[(0, f.udp("203.0.113.1", 53))] * 120,  # dns: 100 pass, then rate drops
+    *[(0, f.tcp("198.51.100.9", 443))] * 30,  # web: all pass
+    *[(0, f.tcp("203.0.113.2", 8080))] * 20,  # the default: all pass
+    *[(0, f.udp("192.0.2.7", 53))] * 5,  # the active deny list
+    *[(2000, f.udp("203.0.113.1", 53))] * 3,  # dns refilled
+    *[(0, f.udp("2001:db8::1", 53))] * 10,
+]
+
+
+@pytest.mark.kernel
+def test_a_shadow_that_classifies_on_its_own_enforces_nothing(replay):
+    """Every verdict and reason is the active set's, packet for packet, with
+    or without a shadow set that matches differently and would drop
+    nearly all of it; and the shadow really evaluated the traffic."""
+
+    def verdicts(shadow: str | None) -> list:
+        replay.apply(ACTIVE)
+        if shadow is not None:
+            replay.version += 1
+            replay.kf.load_shadow(parse_rule_set(shadow, "<shadow>"), replay.version)
+            linked, _ = _same_match_as(replay.kf)
+            assert linked == NO_SLOT, "this shadow classifies on its own"
+        out = [(s.verdict, s.reason) for s in (replay.at(ms).send(frame) for ms, frame in STEPS)]
+        return out
+
+    alone = verdicts(None)
+    before = replay.kf.counters().shadow
+    with_shadow = verdicts(HARSH)
+    after = replay.kf.counters().shadow
+    replay.kf.clear_shadow()
+    assert with_shadow == alone
+    assert alone.count(("drop", "rate")) == 20 and alone.count(("drop", "deny")) == 5, alone
+    would = {n: sc.would_drop - (before[n].would_drop if n in before else 0) for n, sc in after.items()}
+    # the harsh candidate would have dropped (and so did evaluate) all but a handful
+    assert would.get("deny-list", 0) == 143 and would.get("web", 0) == 30, would

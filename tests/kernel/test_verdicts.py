@@ -44,6 +44,10 @@ rules:
     protocol: tcp
     dst_ports: [23]
     action: drop
+  - name: bytes
+    protocol: udp
+    dst_ports: [7001]
+    limit: {pps: 10, burst: 1000, bps: 80000, burst_bytes: 1000}
 """
 
 P, D = "pass", "drop"
@@ -109,6 +113,21 @@ CASES = {
         (0, f.udp("203.0.113.70", 7000, payload=400), P, "pass"),
         (0, f.udp("203.0.113.70", 7000, payload=400), D, "rate"),
     ],
+    # 442-byte frames against 10,000 bytes/s with a 1,000-byte burst (and 10
+    # pps, far from limiting here): the byte bucket refills at its own rate
+    "byte bucket refills at its byte rate (bytes: 10,000 B/s, burst 1,000 B)": [
+        (0, f.udp("203.0.113.71", 7001, payload=400), P, "pass"),
+        (0, f.udp("203.0.113.71", 7001, payload=400), P, "pass"),
+        (0, f.udp("203.0.113.71", 7001, payload=400), D, "rate"),  # 116 bytes left
+        (20, f.udp("203.0.113.71", 7001, payload=400), D, "rate"),  # +200: 316
+        (33, f.udp("203.0.113.71", 7001, payload=400), P, "pass"),  # +130: 446
+        (33, f.udp("203.0.113.71", 7001, payload=400), D, "rate"),
+    ],
+    "a bucket holds at most its burst, however long it idled (web: burst 3)": [
+        (0, f.tcp("198.51.100.8", 8050), P, "pass"),
+        *[(1000, f.tcp("198.51.100.8", 8050), P, "pass")] * 3,
+        (1000, f.tcp("198.51.100.8", 8050), D, "rate"),
+    ],
     "icmp rule": [
         (0, f.icmp("203.0.113.80"), P, "pass"),
         (0, f.icmp("203.0.113.80"), D, "rate"),
@@ -160,6 +179,8 @@ def test_per_rule_counters_follow_verdicts(replay):
     for _ in range(7):
         replay.send(f.udp("203.0.113.5", 53))
     replay.send(f.tcp("203.0.113.9", 23))
+    for i in range(12):  # spread: ten pass its /24 bucket, two are prefix drops
+        replay.send(f.udp(f"198.18.9.{i + 1}", 9999))
     after = kf.counters().rules
 
     def delta(rule, field):
@@ -170,6 +191,9 @@ def test_per_rule_counters_follow_verdicts(replay):
     assert delta("dns", "drop_rate") == 1
     assert delta("dns", "drop_blocked") == 1
     assert delta("telnet", "drop_deny") == 1
+    assert (delta("spread", "pass_packets"), delta("spread", "drop_packets")) == (10, 2)
+    assert (delta("spread", "drop_prefix"), delta("spread", "drop_rate")) == (2, 0)
+    assert (delta("dns", "drop_prefix"), delta("dns", "drop_deny")) == (0, 0)
 
 
 @pytest.mark.kernel

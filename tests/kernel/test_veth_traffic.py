@@ -43,8 +43,6 @@ LEGIT = 100
 
 @pytest.fixture(scope="module")
 def lab():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for BPF and network namespaces")
     tag = f"k{os.getpid() % 100000}"
     with VethLab(tag, subnet="10.201.7") as lab:
         kf = KernelFilter(FilterConfig(interface=lab.host_if, pin_name=f"test-veth-{tag}", xdp_mode="native"))

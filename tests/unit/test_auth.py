@@ -89,8 +89,12 @@ def test_damaged_files_are_refused_with_the_way_out(tmp_path, data, says):
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o660, 0o644])
 def test_files_others_can_reach_are_refused(tmp_path, mode):
     path = write(tmp_path / "tokens", GOOD, mode)
-    with pytest.raises(TokenFileError, match=rf"accessible by group or others \(mode {mode:04o}\).*chmod 600"):
+    with pytest.raises(TokenFileError) as e:
         ensure_token_file(path)
+    assert str(e.value) == (
+        f"token file {path} is accessible by group or others (mode {mode:04o}): it holds the admin token and must "
+        f"be readable only by root (chmod 600 {path}; if others may have read it, move it aside instead and a new "
+        "one is created at the next start)")
     os.chmod(path, 0o600)
     assert sorted(ensure_token_file(path).values()) == ["admin", "read"]
 
@@ -99,8 +103,11 @@ def test_files_others_can_reach_are_refused(tmp_path, mode):
 def test_files_not_owned_by_root_are_refused(tmp_path):
     path = write(tmp_path / "tokens", GOOD)
     os.chown(path, 65534, -1)
-    with pytest.raises(TokenFileError, match=f"token file {path} is owned by uid 65534, not root"):
+    with pytest.raises(TokenFileError) as e:
         ensure_token_file(path)
+    assert str(e.value) == (
+        f"token file {path} is owned by uid 65534, not root: it holds the admin token, so only root may own it "
+        f"(chown root {path}, or move it aside and a new one is created at the next start)")
 
 
 def test_a_symlink_or_a_directory_is_not_a_token_file(tmp_path):
@@ -115,6 +122,13 @@ def test_a_symlink_or_a_directory_is_not_a_token_file(tmp_path):
 
 def test_parse_tokens_reads_roles():
     assert parse_tokens(GOOD, "tokens") == {"a" * 32: "admin", "r" * 32: "read"}
+    # the role is the first word; spaces around the token do not count
+    assert parse_tokens("admin   " + "a" * 32 + "  \n  read " + "r" * 32, "t") == {"a" * 32: "admin", "r" * 32: "read"}
+
+
+def test_token_for_is_the_admin_token_unless_asked(tmp_path):
+    path = write(tmp_path / "tokens", GOOD)
+    assert (token_for(path), token_for(path, "read"), token_for(path, "nobody")) == ("a" * 32, "r" * 32, None)
 
 
 def test_authorizer_uses_the_checked_file(tmp_path):
@@ -127,6 +141,44 @@ def test_authorizer_uses_the_checked_file(tmp_path):
     assert a.authorize(None, {"authorization": "Bearer " + "r" * 32}) == ("read", "token:read")
     assert a.authorize(None, {"authorization": "Bearer nope"}) == (None, "")
     assert auth.token_path(opts) == str(tmp_path / "tokens")
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [{}, {"authorization": ""}, {"authorization": "Bearer "}, {"authorization": "Bearer nope"},
+     {"authorization": "a" * 32}, {"authorization": "Basic " + "a" * 32}, {"authorization": "Bearer" + "a" * 32},
+     {"authorization": "Basic  " + "a" * 32}, {"authorization": "Token: " + "a" * 32}],
+)  # fmt: skip
+def test_no_valid_token_is_no_role(metadata):
+    a = Authorizer("token", tokens={"a" * 32: "admin", "r" * 32: "read"})
+    assert a.authorize(None, metadata) == (None, "")
+    assert a.authorize(None, {"authorization": "bearer  " + "a" * 32}) == ("admin", "token:admin")
+
+
+class PeerCertificate:
+    """What grpc's servicer context says about a TLS peer: its auth context."""
+
+    def __init__(self, *names: bytes):
+        self.names = list(names)
+
+    def auth_context(self) -> dict:
+        return {"x509_common_name": self.names} if self.names else {}
+
+
+def test_certificate_names_map_to_roles_and_an_unmapped_name_reads():
+    a = Authorizer("cert", role_map={"alice": "admin", "grafana": "read"})
+    assert a.authorize(PeerCertificate(b"alice"), {}) == ("admin", "cert:alice")
+    assert a.authorize(PeerCertificate(b"grafana"), {}) == ("read", "cert:grafana")
+    assert a.authorize(PeerCertificate(b"mallory"), {}) == ("read", "cert:mallory"), "unmapped: read, never admin"
+    assert a.authorize(PeerCertificate(b"Alice"), {}) == ("read", "cert:Alice")
+    assert a.authorize(PeerCertificate(b"al\xffce"), {}) == ("read", "cert:al\ufffdce"), "not UTF-8: shown, not fatal"
+    assert a.authorize(PeerCertificate(), {}) == (None, "")
+    # a token is no substitute for a certificate once TLS decides
+    assert a.authorize(PeerCertificate(), {"authorization": "Bearer " + "a" * 32}) == (None, "")
+
+
+def test_auth_none_makes_everyone_admin():
+    assert Authorizer("none").authorize(None, {}) == ("admin", "anonymous")
 
 
 # ------------------------------------------------------------ audit author

@@ -1,12 +1,14 @@
 """The rule-set -> kernel entries translation, checked without a kernel.
 
 A reference matcher written the slow, obvious way (scan rules in order)
-must agree with what the precomputed masks give for many addresses."""
+must agree, for many addresses, with what the program would decide on the
+bytes the kernel layer writes into its maps, decoded here independently."""
 
 from __future__ import annotations
 
 import ipaddress
 import random
+import struct
 
 import pytest
 
@@ -39,31 +41,53 @@ rules:
 """
 
 
-def lookup(krs: kl.KernelRuleSet, addr: str, proto: int, port: int | None):
-    """What the XDP program does, on the precomputed entries."""
+SLOT = 1
+
+
+def kernel_entries(krs: kl.KernelRuleSet) -> dict:
+    """What the program's maps will hold for one slot, decoded from the raw
+    bytes the kernel layer writes (bpf/layout.h: tg_cidr4_key, tg_cidr6_key,
+    tg_cidr_val, TG_PORT_IDX) with nothing but struct and ipaddress: no
+    helper of the module under test interprets them."""
+    v4, v6 = kl.kernel_trie_entries(krs, SLOT)
+    tries = {4: [], 6: []}
+    for fam, entries in ((4, v4), (6, v6)):
+        for key, val in entries.items():
+            plen, slot = struct.unpack_from("<II", key)
+            assert slot == SLOT
+            raw = key[8:]
+            net = (ipaddress.IPv4Network if fam == 4 else ipaddress.IPv6Network)((raw, plen - 32))
+            mask, flags, _ = struct.unpack("<QII", val)
+            tries[fam].append((net, mask, flags))
+    ports = {}
+    for idx, mask in kl.kernel_port_entries(krs).items():
+        ports[(17 if idx >> 16 else 6, idx & 0xFFFF)] = mask
+    return {"tries": tries, "ports": ports}
+
+
+def lookup(krs: kl.KernelRuleSet, entries: dict, addr: str, proto: int, port: int | None):
+    """What the XDP program does (bpf/rules.h tg_classify) on those entries:
+    the longest prefix of the packet's own family, the allow and deny flags,
+    the rule masks of source and (protocol, port), the lowest bit."""
     a = ipaddress.ip_address(addr)
-    key = kl.network_key(ipaddress.ip_network(f"{a}/{a.max_prefixlen}"))
     best = None
-    for (net, plen), val in krs.cidrs.items():
-        # the program keeps one trie per family: an IPv4 source is looked up
-        # in the ::ffff:0:0/96 part only, an IPv6 source everywhere else
-        if kl.trie_family(net, plen) != a.version:
-            continue
-        if kl._contains((net, plen), (key[0], 128)) and (best is None or plen > best[0]):
-            best = (plen, val)
+    for net, mask, flags in entries["tries"][a.version]:
+        if a in net and (best is None or net.prefixlen > best[0].prefixlen):
+            best = (net, mask, flags)
     src_mask = krs.any_src_mask
     if best:
-        mask, flags = best[1]
-        if flags & kl.CF_ALLOW:
+        if best[2] & 1:  # TG_CF_ALLOW
             return "allow"
-        if flags & kl.CF_DENY:
+        if best[2] & 2:  # TG_CF_DENY
             return "deny"
-        src_mask |= mask
+        src_mask |= best[1]
     port_mask = krs.proto_mask[proto]
-    if port is not None and (proto, port) in krs.ports:
-        port_mask = krs.ports[(proto, port)]
+    if port is not None and entries["ports"].get((proto, port)):
+        port_mask = entries["ports"][(proto, port)]
     m = src_mask & port_mask
-    return krs.rule_names[(m & -m).bit_length() - 1] if m else "default"
+    if not m:
+        return "default"
+    return krs.rule_names[next(i for i in range(64) if m >> i & 1)]
 
 
 def reference(rs, addr: str, proto: int, port: int | None):
@@ -89,23 +113,30 @@ def reference(rs, addr: str, proto: int, port: int | None):
 def test_precomputed_masks_agree_with_reference():
     rs = parse_rule_set(RULES, "t")
     krs = kl.build_kernel_rule_set(rs)
+    entries = kernel_entries(krs)
     rnd = random.Random(7)
     addrs = [
         "10.1.2.3", "10.1.5.9", "192.0.2.1", "198.51.100.9", "198.51.7.7", "203.0.113.1",
-        "2001:db8:1::1", "2001:db8:2::5", "2001:db8:3::1", "8.8.8.8",
-    ] + [str(ipaddress.IPv4Address(rnd.getrandbits(32))) for _ in range(200)]  # fmt: skip
+        "2001:db8:1::1", "2001:db8:2::5", "2001:db8:3::1", "8.8.8.8", "::ffff:198.51.100.9", "::ffff:10.1.2.3",
+        "198.51.100.0", "198.51.100.255", "198.51.101.0", "198.50.255.255", "10.1.5.0", "10.1.4.255",
+    ] + [str(ipaddress.IPv4Address(rnd.getrandbits(32))) for _ in range(200)] + [
+        str(ipaddress.IPv6Address(rnd.getrandbits(128))) for _ in range(50)]  # fmt: skip
     for addr in addrs:
         for proto, port in ((17, 53), (17, 61), (6, 53), (6, 80), (1, None), (58, None), (47, None)):
-            assert lookup(krs, addr, proto, port) == reference(rs, addr, proto, port), (addr, proto, port)
+            assert lookup(krs, entries, addr, proto, port) == reference(rs, addr, proto, port), (addr, proto, port)
 
 
 def test_ipv6_default_route_does_not_cover_ipv4():
     rs = parse_rule_set(RULES, "t")
     krs = kl.build_kernel_rule_set(rs)
-    # deny ::/0 denies every IPv6 source but no IPv4 one
-    assert lookup(krs, "2001:db8:9::1", 17, 53) == "deny"
-    assert lookup(krs, "203.0.113.1", 17, 53) == "a" or lookup(krs, "203.0.113.1", 17, 53) != "deny"
-    assert (kl._V4_MAPPED, 96) in krs.cidrs
+    entries = kernel_entries(krs)
+    # deny ::/0 denies every IPv6 source, v4-mapped ones on the wire included, but no IPv4 one
+    assert lookup(krs, entries, "2001:db8:9::1", 17, 53) == "deny"
+    assert lookup(krs, entries, "::ffff:203.0.113.1", 17, 53) == "deny"
+    assert lookup(krs, entries, "203.0.113.1", 17, 53) == "default"
+    assert lookup(krs, entries, "203.0.113.1", 6, 53) == "c"
+    denied4 = [n for n in rs.deny if n.version == 4]
+    assert all(any(net.subnet_of(d) for d in denied4) for net, _, flags in entries["tries"][4] if flags & 2)
 
 
 def test_masks_and_buckets():
