@@ -266,8 +266,10 @@ def _store_rows(agent) -> list:
     db = sqlite3.connect(f"file:{agent.state_dir / 'tidegate.db'}?mode=ro", uri=True, timeout=10)
     try:
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
-        rows = [(t, db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()) for t in tables if t != "audit"]
-        # the audit log grows by design (rejections are written to it); everything else must not
+        rows = [(t, db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()) for t in tables
+                if t not in ("audit", "reviews")]  # fmt: skip
+        # the audit log grows by design (rejections are written to it) and the active version's
+        # review is rewritten once a minute on its own schedule; everything else must not change
         return [(t, [r for r in rs if not (t == "sqlite_sequence" and r[0] == "audit")]) for t, rs in rows]
     finally:
         db.close()
