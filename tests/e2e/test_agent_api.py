@@ -354,7 +354,8 @@ def test_every_admin_method_needs_the_admin_role_and_every_method_credentials(ag
         reader = Api(agent, role="read")
         nobody = Api(agent, role="none")  # no such role in the token file: no authorization header
         forged = Api(agent, role="none")
-        forged.md.append(("authorization", "Bearer " + agent.token("admin")[:-1] + "x"))
+        admin_token = agent.token("admin")  # forged: the admin token with its last character changed
+        forged.md.append(("authorization", "Bearer " + admin_token[:-1] + ("y" if admin_token.endswith("x") else "x")))
 
         def deny_call(client, method, fields):
             stub = bpbg.BlocklistStub(client.channel)
