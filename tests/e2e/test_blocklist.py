@@ -21,7 +21,7 @@ FLOOD_SRC = "198.51.100.9"
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
     if os.geteuid() != 0:
-        pytest.skip("needs root for BPF and network namespaces")
+        pytest.fail("needs root for BPF and network namespaces: run make test as root")
     tmp = tmp_path_factory.mktemp("deny")
     lab = new_lab("dny")
     (tmp / "rules.yaml").write_text(BASE_RULES + f'canaries: ["{lab.peer_ip}"]\n')

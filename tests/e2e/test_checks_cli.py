@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
     if os.geteuid() != 0:
-        pytest.skip("needs root for BPF and network namespaces")
+        pytest.fail("needs root for BPF and network namespaces: run make test as root")
     tmp = tmp_path_factory.mktemp("checks")
     (tmp / "rules.yaml").write_text(BASE_RULES)
     lab = new_lab("chk")

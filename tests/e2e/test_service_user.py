@@ -55,7 +55,7 @@ def proc_status(pid: int) -> dict[str, str]:
 @pytest.fixture
 def service_agent():
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv")
+        pytest.fail("needs root and setpriv (util-linux): run make test as root")
     # not under pytest's tmp dir: that is root's alone (0700), and the service user needs a way in
     tmp_path = Path(tempfile.mkdtemp(prefix="tidegate-svc-"))
     tmp_path.chmod(0o755)
