@@ -37,9 +37,9 @@ use_repo_package()
 
 import grpc  # noqa: E402
 
-from tidegate import bpfsys  # noqa: E402
-from tidegate.kernel import FilterConfig, KernelFilter  # noqa: E402
-from tidegate.labnet import VethLab  # noqa: E402
+from tidegate.kernel import bpfsys  # noqa: E402
+from tidegate.kernel.filter import FilterConfig, KernelFilter  # noqa: E402
+from tidegate.lab.veth import VethLab  # noqa: E402
 
 from control_plane import apply_latency, fill_sources_fd, rule_set_text  # noqa: E402
 

@@ -44,7 +44,7 @@ use_repo_package()
 
 from agent_process import Agent, active_epoch, fill_sources  # noqa: E402
 from control_plane import rule_set_text  # noqa: E402
-from tidegate.labnet import VethLab  # noqa: E402
+from tidegate.lab.veth import VethLab  # noqa: E402
 
 ROWS = (
     ("fresh_start_s", "fresh start to serving (s)", "{:.2f}"),
@@ -80,7 +80,7 @@ def import_floor() -> float:
     """The same-run reference: a Python process that imports what the agent
     imports and exits (what any restart of a Python agent pays)."""
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import tidegate.agent, tidegate.api, tidegate.metrics"], check=True,
+    subprocess.run([sys.executable, "-c", "import tidegate.daemon.agent, tidegate.api.service, tidegate.observation.metrics"], check=True,
                    env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
     return time.monotonic() - t0
 

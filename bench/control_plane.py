@@ -33,9 +33,9 @@ use_repo_package()
 
 import numpy as np  # noqa: E402
 
-from tidegate import bpfsys  # noqa: E402
-from tidegate.kernel import FilterConfig, KernelFilter  # noqa: E402
-from tidegate.ruleset import parse_rule_set  # noqa: E402
+from tidegate.kernel import bpfsys  # noqa: E402
+from tidegate.kernel.filter import FilterConfig, KernelFilter  # noqa: E402
+from tidegate.ruleset.model import parse_rule_set  # noqa: E402
 
 
 def rule_set_text(cidrs: int, rules: int = 50) -> str:
@@ -134,8 +134,8 @@ def main() -> int:
                   table(["rule set", "p50 ms", "p99 ms", "runs"], rows)]  # fmt: skip
 
         # ---- reads vs tracked sources
-        from tidegate.agent import Agent, build_parser
-        from tidegate.metrics import build_registry
+        from tidegate.daemon.agent import Agent, build_parser
+        from tidegate.observation.metrics import build_registry
         from tidegate.store import VersionStore
         from prometheus_client import generate_latest
 

@@ -113,7 +113,7 @@ class SimAgent:
         return self.store.versions[n - 1]
 
     def validate(self, text, source):
-        from tidegate.ruleset import parse_rule_set
+        from tidegate.ruleset.model import parse_rule_set
 
         with _parse_lock:  # the same text on 250 hosts of a process: parse once
             rs = _parsed.get(text)
@@ -122,7 +122,7 @@ class SimAgent:
         return rs
 
     def apply(self, text, source, reason, caller, *, shadow=False, **kw):
-        from tidegate.agent import ApplyOutcome
+        from tidegate.daemon.agent import ApplyOutcome
 
         n = self._new(self.validate(text, source), caller.author)
         if shadow:
@@ -132,13 +132,13 @@ class SimAgent:
         return ApplyOutcome(n, shadow=shadow)
 
     def apply_rule_set(self, rs, reason, caller, **kw):
-        from tidegate.agent import ApplyOutcome
+        from tidegate.daemon.agent import ApplyOutcome
 
         self.active = self._new(rs, caller.author)
         return ApplyOutcome(self.active)
 
     def rollback(self, to, reason, caller, cause="manual"):
-        from tidegate.agent import ApplyOutcome
+        from tidegate.daemon.agent import ApplyOutcome
 
         self.active = to
         self.store.acts.append((to, "rollback", time.time(), caller.author, reason))
@@ -308,7 +308,7 @@ def run(args) -> dict:
     from tidegate.fleet.driver import Driver, Settings, new_record
     from tidegate.fleet.etcd import Etcd
     from tidegate.fleet.keys import Keys, encode, new_rollout_id, plan_waves
-    from tidegate.ruleset import parse_rule_set
+    from tidegate.ruleset.model import parse_rule_set
 
     tmp = tempfile.mkdtemp(prefix="tg-fleet-sim-")
     etcd_proc, url = start_etcd(tmp)

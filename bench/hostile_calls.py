@@ -41,7 +41,7 @@ use_repo_package()
 
 import grpc  # noqa: E402
 
-from tidegate.labnet import VethLab  # noqa: E402
+from tidegate.lab.veth import VethLab  # noqa: E402
 
 from agent_process import Agent  # noqa: E402
 
@@ -121,7 +121,7 @@ def hostile_texts(max_values: int, max_bytes: int) -> dict[str, str]:
 # ------------------------------------------------------------- the calls
 class Bench:
     def __init__(self, lab: VethLab, tmp: Path, reps: int):
-        from tidegate.admission import MAX_MESSAGE_BYTES
+        from tidegate.api.admission import MAX_MESSAGE_BYTES
         from tidegate.v1 import tidegate_pb2 as pb
 
         self.lab, self.tmp, self.reps, self.pb = lab, tmp, reps, pb
@@ -210,7 +210,7 @@ def main() -> int:
     args = ap.parse_args()
     require_root()
     require_bcc()
-    from tidegate.ruleset import MAX_FILE_BYTES, Capacity
+    from tidegate.ruleset.model import MAX_FILE_BYTES, Capacity
 
     reps = 1 if args.quick else args.reps
     lines = header_lines("hostile calls", __doc__.split("Method:")[1].split("    sudo")[0].strip())

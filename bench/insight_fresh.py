@@ -32,8 +32,8 @@ from report import header_lines, machine, save, table, use_repo_package
 
 use_repo_package()
 
-from tidegate.kernel import FilterConfig, KernelFilter  # noqa: E402
-from tidegate.labnet import VethLab  # noqa: E402
+from tidegate.kernel.filter import FilterConfig, KernelFilter  # noqa: E402
+from tidegate.lab.veth import VethLab  # noqa: E402
 
 RULES = """
 defaults:
@@ -88,7 +88,7 @@ def main() -> int:
                 time.sleep(0.3)
         time.sleep(3 * args.sample_interval)  # a baseline of silence
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "control")}
-        base = [sys.executable, "-m", "tidegate.traffic", "--iface", lab.peer_if, "--dst-mac", lab.host_mac(),
+        base = [sys.executable, "-m", "tidegate.lab.traffic", "--iface", lab.peer_if, "--dst-mac", lab.host_mac(),
                 "--dst-ip", lab.host_ip]  # fmt: skip
         c0 = cl.call("GetCounters", cl.pb.GetCountersRequest())
         for i in range(args.senders):

@@ -173,7 +173,7 @@ def realistic_rules(limit, prefix_limit, any_source_only: bool = False, seed: in
     them restricted to source CIDRs, a few pass/drop rules, and the rule the
     bench's frames hit (udp/443, 'quic') at index 40. Only 'quic' covers
     udp/443, so every tidegate row sends the frames through the same rule."""
-    from tidegate.ruleset import Limit, PortRange, PrefixLimit, Rule  # noqa: F401
+    from tidegate.ruleset.model import Limit, PortRange, PrefixLimit, Rule  # noqa: F401
 
     rnd = random.Random(seed)
     rules = []
@@ -208,7 +208,7 @@ def realistic_rules(limit, prefix_limit, any_source_only: bool = False, seed: in
 
 def rule_set(variant: str, mode: str, lists):
     """variant: defaults | prefix | lists | rules | rules-any | full; mode: pass | over."""
-    from tidegate.ruleset import Defaults, Limit, PrefixLimit, RuleSet
+    from tidegate.ruleset.model import Defaults, Limit, PrefixLimit, RuleSet
 
     n = BIG if mode == "pass" else SMALL
     limit = Limit(n, n)
@@ -253,7 +253,7 @@ class Bench:
     def load_ref(self, path: str, cflags=(), attach_type: int = -1):
         from bcc import BPF
 
-        from tidegate.kernel import inline_source
+        from tidegate.kernel.filter import inline_source
 
         b = BPF(text=inline_source(REF / path).encode(), cflags=["-Wno-unused-function", *cflags])
         fn = b.load_func(b"bench_xdp", BPF.XDP, attach_type=attach_type)
@@ -290,7 +290,7 @@ class Bench:
             subprocess.run(["xdp-filter", "port", p], capture_output=True, timeout=30)
         from pyroute2 import IPRoute
 
-        from tidegate import bpfsys
+        from tidegate.kernel import bpfsys
 
         with IPRoute() as ipr:
             link = ipr.get_links(ipr.link_lookup(ifname=self.veth[0])[0])[0]
@@ -301,7 +301,7 @@ class Bench:
         self.rows["xdpf"] = Row("xdpf", f"xdp-filter ({name})", self.xdp_filter_fd, "xdp-filter", "xdp")
 
     def load_tidegate(self, key, label, variant, mode, lists, shadow=False):
-        from tidegate.kernel import FilterConfig, KernelFilter
+        from tidegate.kernel.filter import FilterConfig, KernelFilter
 
         kf = KernelFilter(FilterConfig(interface=None, pin_name=f"bench-{self.tag}-{key}", max_sources=MAP_SIZE))
         self.kfs.append(kf)
@@ -322,7 +322,7 @@ class Bench:
     def load_probes(self, full_rule_set):
         """Single lookups with tidegate's layouts and alternatives, filled with
         the entries the full rule set puts in tidegate's trie and port table."""
-        from tidegate.kernel_layout import addr_halves, build_kernel_rule_set
+        from tidegate.kernel.layout import addr_halves, build_kernel_rule_set
 
         krs = build_kernel_rule_set(full_rule_set)
         v4 = {}
@@ -383,7 +383,7 @@ class Bench:
 
     # ------------------------------------------------------------ measuring
     def run(self, row: Row, frame: bytes, repeat: int, cycle: tuple[str, int] | None = None):
-        from tidegate import bpfsys
+        from tidegate.kernel import bpfsys
 
         if cycle is None:
             return bpfsys.test_run(row.fd, frame, repeat)
@@ -434,7 +434,7 @@ class Bench:
     def map_entries(self, row: Row) -> int | None:
         if row.lru_fd is None:
             return None
-        from tidegate import bpfsys
+        from tidegate.kernel import bpfsys
 
         info = bpfsys.map_info(row.lru_fd)
         _, _, n = bpfsys.lookup_batch(row.lru_fd, info.key_size, info.value_size, info.max_entries)
@@ -451,7 +451,7 @@ class Bench:
 
     # ------------------------------------------------------------ load time
     def load_times(self, runs: int) -> dict:
-        from tidegate.kernel import FilterConfig, KernelFilter
+        from tidegate.kernel.filter import FilterConfig, KernelFilter
 
         res = []
         rs = rule_set("defaults", "pass", ((), ()))

@@ -21,7 +21,7 @@ the end, also on Ctrl-C or failure):
   backpressure instead of an abort. Without gcc, the bench falls back to
   restarting trafgen in bounded bursts and says so in the results.
 - Legitimate stream: --legit-pps UDP packets/s to port 7000 from the
-  generator namespace's own address (tidegate.traffic, AF_PACKET, CPU 0),
+  generator namespace's own address (tidegate.lab.traffic, AF_PACKET, CPU 0),
   counted on arrival by a UDP socket in the receiver namespace.
 - Receiver: GRO is switched on for the receiving veth and TSO off for the
   sending one, so veth receives every packet through its NAPI poll (by
@@ -327,7 +327,7 @@ class Filters:
     def load(self, rows: list[str]) -> dict:
         from bcc import BPF
 
-        from tidegate.kernel import FilterConfig, KernelFilter, inline_source
+        from tidegate.kernel.filter import FilterConfig, KernelFilter, inline_source
 
         info = {}
         lim = self.args.limit
@@ -354,7 +354,7 @@ class Filters:
         return info
 
     def rule_set(self, variant: str):
-        from tidegate.ruleset import Defaults, Limit, PrefixLimit, RuleSet
+        from tidegate.ruleset.model import Defaults, Limit, PrefixLimit, RuleSet
 
         lim = Limit(self.args.limit, 2 * self.args.limit)
         if variant == "simple":
@@ -531,7 +531,7 @@ class Generator:
         return out if r.returncode == 0 else None
 
     def _write_cfg(self) -> None:
-        from tidegate.traffic import spoofed_sources, udp_frame
+        from tidegate.lab.traffic import spoofed_sources, udp_frame
 
         rx_mac = self.lab.mac(self.lab.rx_ns, self.lab.rx_if)
         gen_mac = self.lab.mac(self.lab.gen_ns, self.lab.gen_if)
@@ -560,7 +560,7 @@ class Generator:
         env = dict(os.environ, PYTHONPATH=str(report.CONTROL))
         n = int(self.args.legit_pps * seconds)
         argv = ["ip", "netns", "exec", self.lab.gen_ns, "taskset", "-c", str(self.args.gen_cpu),
-                sys.executable, "-m", "tidegate.traffic", "--iface", self.lab.gen_if,
+                sys.executable, "-m", "tidegate.lab.traffic", "--iface", self.lab.gen_if,
                 "--dst-mac", self.lab.mac(self.lab.rx_ns, self.lab.rx_if), "--dst-ip", self.lab.rx_ip,
                 "--dport", str(LEGIT_PORT), "--src", self.lab.gen_ip, "--count", str(n),
                 "--pps", str(self.args.legit_pps), "--time-limit", f"{seconds + 2:.1f}"]

@@ -50,8 +50,8 @@ install -D -m 0644 "${root}/deploy/tidegate-rules.schema.json" "${stage}/usr/sha
 run() { PYTHONPATH="${lib}" PYTHONDONTWRITEBYTECODE=1 /usr/bin/python3 -P -s "$@"; }
 install -d "${stage}/usr/share/bash-completion/completions" "${stage}/usr/share/zsh/vendor-completions" \
     "${stage}/usr/share/man/man1" "${stage}/usr/share/doc/tidegate"
-run -m tidegate.cli completion bash >"${stage}/usr/share/bash-completion/completions/tidegate"
-run -m tidegate.cli completion zsh >"${stage}/usr/share/zsh/vendor-completions/_tidegate"
+run -m tidegate.cli.main completion bash >"${stage}/usr/share/bash-completion/completions/tidegate"
+run -m tidegate.cli.main completion zsh >"${stage}/usr/share/zsh/vendor-completions/_tidegate"
 run "${root}/packaging/manpage.py" | gzip -9n >"${stage}/usr/share/man/man1/tidegate.1.gz"
 install -m 0644 "${root}/packaging/debian/copyright" "${stage}/usr/share/doc/tidegate/copyright"
 install -m 0644 "${root}/README.md" "${stage}/usr/share/doc/tidegate/README.md"

@@ -12,7 +12,7 @@ import re
 import time
 
 from tidegate import __version__
-from tidegate.cli import VERBS, build_parser
+from tidegate.cli.main import VERBS, build_parser
 
 
 def _roff(text: str) -> str:

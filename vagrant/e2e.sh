@@ -155,9 +155,9 @@ step "legitimate stream and spoofed flood from the client (20 s)"
 # (benchmarking range) addressed to the edge's private IP and MAC
 # shellcheck disable=SC2016
 vagrant ssh client -c 'set -a; . /etc/default/tidegate-client; set +a; cd /opt/tidegate
-  sudo .venv/bin/python -m tidegate.traffic --iface "$IFACE" --dst-mac "$EDGE_MAC" --dst-ip "$EDGE_IP" \
+  sudo .venv/bin/python -m tidegate.lab.traffic --iface "$IFACE" --dst-mac "$EDGE_MAC" --dst-ip "$EDGE_IP" \
       --src "$(ip -o -4 addr show dev "$IFACE" | awk "{print \$4}" | cut -d/ -f1)" --dport 5555 --count 400 --pps 20 &
-  sudo .venv/bin/python -m tidegate.traffic --iface "$IFACE" --dst-mac "$EDGE_MAC" --dst-ip "$EDGE_IP" \
+  sudo .venv/bin/python -m tidegate.lab.traffic --iface "$IFACE" --dst-mac "$EDGE_MAC" --dst-ip "$EDGE_IP" \
       --src-net 198.18.0.0/16 --sources 20000 --dport 9 --count 40000 --pps 2000 --time-limit 20
   wait'
 

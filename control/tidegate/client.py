@@ -75,7 +75,7 @@ def default_author() -> str:
 
 def find_token(token_file: str | None = None) -> tuple[str | None, str]:
     """(token or None, the file looked at)."""
-    from .auth import token_for
+    from tidegate.access.auth import token_for
 
     path = token_file or os.environ.get("TIDEGATE_TOKEN_FILE") or DEFAULT_TOKEN_FILE
     return token_for(path, "admin") or token_for(path, "read"), path
@@ -119,8 +119,8 @@ class Client:
                  cert: str | None = None, key: str | None = None, token: str | None = None,
                  token_file: str | None = None, server_name: str | None = None):  # fmt: skip
         grpc = _grpc()
-        from .v1 import tidegate_pb2 as pb
-        from .v1 import tidegate_pb2_grpc as pbg
+        from tidegate.v1 import tidegate_pb2 as pb
+        from tidegate.v1 import tidegate_pb2_grpc as pbg
 
         self.pb = pb
         self.server = server
@@ -131,7 +131,7 @@ class Client:
         self.tls = bool(ca or cert or key)
         if (cert is None) != (key is None):
             raise ClientError("--cert and --key go together (the client certificate and its key)", 2, code="LOCAL")
-        from .auth import is_loopback
+        from tidegate.access.auth import is_loopback
 
         self.loopback = is_loopback(server_host(server))
         self.token_file = ""

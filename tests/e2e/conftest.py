@@ -26,8 +26,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tidegate.kernel import FilterConfig, KernelFilter
-from tidegate.labnet import VethLab
+from tidegate.kernel.filter import FilterConfig, KernelFilter
+from tidegate.lab.veth import VethLab
 
 from .harness import RULE_SET_MAPS, pinned_dump
 
@@ -86,7 +86,7 @@ def send(lab: VethLab, *, src: str | None = None, src_net: str | None = None, so
     namespace to the host end, from `src` or from `sources` addresses spread
     over `src_net`. Bounded by count and a 60 s limit. Returns the sender's
     {"sent", "errors", "seconds"} (or the Popen with wait=False)."""
-    argv = [sys.executable, "-m", "tidegate.traffic", "--iface", lab.peer_if, "--dst-mac", lab.host_mac(),
+    argv = [sys.executable, "-m", "tidegate.lab.traffic", "--iface", lab.peer_if, "--dst-mac", lab.host_mac(),
             "--dst-ip", lab.host_ip, "--dport", str(dport), "--count", str(count), "--pps", str(pps),
             "--time-limit", "60", "--seed", str(seed)]  # fmt: skip
     argv += ["--src", src] if src else ["--src-net", src_net, "--sources", str(sources)]

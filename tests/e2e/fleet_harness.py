@@ -18,7 +18,7 @@ ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
 
 class EtcdPKI:
-    """A lab CA made by tidegate.certs (`tidegate certs`) with a client certificate for the
+    """A lab CA made by tidegate.access.certs (`tidegate certs`) with a client certificate for the
     fleet (agents and driver), etcd's own certificate signed by it with
     openssl, and a client certificate from another CA (a stranger).
 
@@ -27,7 +27,7 @@ class EtcdPKI:
     pass as a client."""
 
     def __init__(self, d: Path):
-        from tidegate.certs import make_lab_pki
+        from tidegate.access.certs import make_lab_pki
 
         self.dir = d
         make_lab_pki(d, "etcd", ["fleet"])

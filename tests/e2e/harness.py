@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tidegate.kernel import FilterConfig, KernelFilter
-from tidegate.labnet import VethLab
+from tidegate.kernel.filter import FilterConfig, KernelFilter
+from tidegate.lab.veth import VethLab
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent / "tidegate"
@@ -112,7 +112,7 @@ class AgentProc:
 
 
 def send(lab: VethLab, *args: str, wait: bool = True, timeout: float = 60):
-    argv = [sys.executable, "-m", "tidegate.traffic", "--iface", lab.peer_if, "--dst-mac", lab.host_mac(),
+    argv = [sys.executable, "-m", "tidegate.lab.traffic", "--iface", lab.peer_if, "--dst-mac", lab.host_mac(),
             "--dst-ip", lab.host_ip, *args]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT / "control")}
     p = lab.popen_in_ns(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

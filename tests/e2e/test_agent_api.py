@@ -21,7 +21,7 @@ import time
 import grpc
 import pytest
 
-from tidegate.ruleset import parse_rule_set
+from tidegate.ruleset.model import parse_rule_set
 
 from .conftest import BASE_RULES
 from .conftest import AUTHOR, BIN, PIN_ROOT, Api, bpftool_dump, finish, free_port, send, xdp_prog_id
@@ -434,7 +434,7 @@ def test_a_failed_start_after_adopting_leaves_the_filter_attached(agent, base, t
     """A start that adopted the running program and then failed (here: it
     cannot serve, the role map is missing) must not detach what it adopted:
     the filter keeps running the last rule set while no agent runs."""
-    from tidegate.certs import make_lab_pki
+    from tidegate.access.certs import make_lab_pki
 
     prog = xdp_prog_id(agent.lab.host_if)
     assert prog == agent.api.GetStatus().prog_id
@@ -489,7 +489,7 @@ def _agent_cmd(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
 
 
 def test_bad_starts_leave_nothing_behind(agent, base, make_lab, tmp_path):
-    from tidegate.certs import make_lab_pki
+    from tidegate.access.certs import make_lab_pki
 
     lab = make_lab("bad")
     pin = f"e2e-{lab.tag}"
@@ -554,7 +554,7 @@ def test_unusable_token_file_and_auth_none_stop_the_start(agent, base, make_lab,
     """A token file nobody could use, or one others could read, is a start-up
     error naming the file, not an agent answering UNAUTHENTICATED; --auth none
     never reaches the network without --insecure and is always logged."""
-    from tidegate.certs import make_lab_pki
+    from tidegate.access.certs import make_lab_pki
 
     lab = make_lab("tok")
     pin = f"e2e-{lab.tag}"
@@ -605,7 +605,7 @@ def test_unusable_token_file_and_auth_none_stop_the_start(agent, base, make_lab,
 
 
 def test_mutual_tls_on_a_non_loopback_address(start_agent, tmp_path):
-    from tidegate.certs import make_lab_pki
+    from tidegate.access.certs import make_lab_pki
 
     agent = start_agent("tls", BASE, wait=False, host="lab")
     pki = tmp_path / "pki"
@@ -673,7 +673,7 @@ def test_detach_on_exit_and_restore_from_the_store(start_agent):
 
 
 def test_watch_streams_are_capped_and_do_not_starve_other_calls(agent, base):
-    from tidegate.api import MAX_WATCHERS
+    from tidegate.api.service import MAX_WATCHERS
 
     api = agent.api
     streams = [api.WatchCounters(interval_ms=60_000) for _ in range(MAX_WATCHERS)]

@@ -132,7 +132,7 @@ def _agent_until_serving_or_exit(argv: list[str], timeout: float = 90) -> tuple[
     (["alice"], 'must be a JSON object of certificate name: role, e.g. {"alice": "admin"}'),
 ], ids=["typo", "list"])  # fmt: skip
 def test_a_role_map_with_an_unknown_role_stops_the_start(make_lab, tmp_path, roles, words):
-    from tidegate.certs import make_lab_pki
+    from tidegate.access.certs import make_lab_pki
 
     lab = make_lab("rmap")
     pki = tmp_path / "pki"
@@ -173,7 +173,7 @@ def _until(what, want, timeout: float = 30.0):
 def test_health_is_not_serving_while_the_filter_is_detached(start_agent):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from tidegate.readiness import CHECK_MAX_AGE
+    from tidegate.api.readiness import CHECK_MAX_AGE
 
     SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     agent = start_agent("hlth", extra=["--attach-check-seconds", "5"])  # no rule set: loaded, not attached

@@ -12,7 +12,7 @@ import urllib.request
 import grpc
 import pytest
 
-from tidegate.labnet import VethLab
+from tidegate.lab.veth import VethLab
 
 from .conftest import BASE_RULES
 from .harness import BIN, AgentProc, finish, pinned_dump, send

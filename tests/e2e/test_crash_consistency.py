@@ -24,7 +24,7 @@ import time
 import grpc
 import pytest
 
-from tidegate.ruleset import parse_rule_set
+from tidegate.ruleset.model import parse_rule_set
 
 from .harness import AgentProc, send
 
@@ -90,7 +90,7 @@ def kernel_runs_set_b(stub, pb, md, prog_id: int) -> bool:
     """Which rule set the attached program enforces, asked of the program
     itself: one crafted packet through BPF_PROG_TEST_RUN, and the reason
     counter it moved."""
-    from tidegate import bpfsys
+    from tidegate.kernel import bpfsys
 
     def allowed() -> int:
         c = stub.GetCounters(pb.GetCountersRequest(), metadata=md)
@@ -128,7 +128,7 @@ def churn(agent: AgentProc, stop: threading.Event, done: list, acked: list) -> N
 def probe_while_running(prog_id: int, stop: threading.Event, runs: list) -> None:
     """Push packets from the network both sets deny through the attached
     program (BPF_PROG_TEST_RUN) until stopped; runs records how many."""
-    from tidegate import bpfsys
+    from tidegate.kernel import bpfsys
 
     fd = bpfsys.prog_fd_by_id(prog_id)
     try:
@@ -145,7 +145,7 @@ RECONCILED = re.compile(r'msg="store reconciled" .*action="?([\w-]+)"? aborted="
 
 
 def test_sigkill_during_apply_and_rollback(tmp_path, make_lab):
-    from tidegate import bpfsys
+    from tidegate.kernel import bpfsys
 
     (tmp_path / "a.yaml").write_text(SET_A)
     lab = make_lab("c")

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from tidegate.auth import read_token_file
+from tidegate.access.auth import read_token_file
 from tidegate.fleet.etcd import Etcd
 from tidegate.fleet.keys import Keys, encode
 
@@ -69,7 +69,7 @@ TRAFFIC_SECONDS = 600  # upper bound; the module stops it when done
 
 
 def digest_of(text: str) -> str:
-    from tidegate.ruleset import parse_rule_set
+    from tidegate.ruleset.model import parse_rule_set
 
     return parse_rule_set(text, "t").digest()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from tidegate.ruleset_yaml import MAX_DEPTH
+from tidegate.ruleset.yaml_events import MAX_DEPTH
 
 from .conftest import BASE_RULES, Api, bpftool_dump, xdp_prog_id
 
@@ -140,7 +140,7 @@ def test_refused_callers_bodies_are_never_read(agent):
     the body is received: a body over the receive limit, or one that is not
     even protobuf, is answered UNAUTHENTICATED / PERMISSION_DENIED, not with
     the errors reading it would give (RESOURCE_EXHAUSTED, INTERNAL)."""
-    from tidegate.admission import MAX_MESSAGE_BYTES
+    from tidegate.api.admission import MAX_MESSAGE_BYTES
     from tidegate.v1 import tidegate_pb2 as pb
 
     before = Unchanged(agent)
@@ -179,8 +179,8 @@ def test_size_limits_are_clear_and_agree(agent, reader):
     The largest legitimate rule set validates and its canonical text comes
     back within the CLI client's receive limit."""
     from tidegate import client
-    from tidegate.admission import MAX_MESSAGE_BYTES
-    from tidegate.ruleset import MAX_FILE_BYTES, Capacity
+    from tidegate.api.admission import MAX_MESSAGE_BYTES
+    from tidegate.ruleset.model import MAX_FILE_BYTES, Capacity
 
     assert client.MAX_MESSAGE_BYTES == MAX_MESSAGE_BYTES < 16 << 20
     before = Unchanged(agent)
@@ -210,7 +210,7 @@ def test_size_limits_are_clear_and_agree(agent, reader):
 
 
 def largest_rule_set() -> str:
-    from tidegate.ruleset import Capacity
+    from tidegate.ruleset.model import Capacity
 
     cap = Capacity()
     per_rule = cap.max_cidrs // cap.max_rules
@@ -228,7 +228,7 @@ def largest_rule_set() -> str:
 # --------------------------------------------------------- error answers
 def _small_answer(v) -> None:
     """An invalid rule set's answer: at most MAX_ERRORS, each cut; far under any client's receive limit."""
-    from tidegate.ruleset import MAX_ERRORS
+    from tidegate.ruleset.model import MAX_ERRORS
 
     assert not v.valid and 1 <= len(v.violations) <= MAX_ERRORS
     assert v.ByteSize() < 64 << 10, v.ByteSize()
@@ -272,7 +272,7 @@ def test_list_answers_fit_a_default_client_whatever_the_limit_asked(agent, reade
     """A read caller asking for every audit row and every version gets the
     newest that fit under gRPC's default 4 MiB receive limit (the channel
     here keeps that default), never an answer the client must refuse."""
-    from tidegate.api import MAX_LIST_BYTES
+    from tidegate.api.service import MAX_LIST_BYTES
 
     before = Unchanged(agent)
     long = "rules:\n" + "".join(f"  - name: r{i}\n    bad{'x' * 30}: 1\n" for i in range(60))
@@ -290,7 +290,7 @@ def test_list_answers_fit_a_default_client_whatever_the_limit_asked(agent, reade
 def _hostile_texts():
     from hypothesis import strategies as st
 
-    from tidegate.ruleset import MAX_FILE_BYTES, Capacity
+    from tidegate.ruleset.model import MAX_FILE_BYTES, Capacity
 
     max_values = Capacity().max_values
     depth = st.tuples(st.just("depth"), st.sampled_from(STYLES[:3]),
@@ -321,7 +321,7 @@ def test_generated_depth_size_value_and_echo_classes_through_the_server(agent, r
     always small, and nothing changes."""
     from hypothesis import HealthCheck, given, settings
 
-    from tidegate.ruleset import MAX_FILE_BYTES, Capacity
+    from tidegate.ruleset.model import MAX_FILE_BYTES, Capacity
 
     before = Unchanged(agent)
     seen: dict[str, int] = {}
@@ -370,7 +370,7 @@ def test_admin_apply_and_guard_rollback_while_sixteen_hostile_calls_run(start_ag
     import subprocess
     import threading
 
-    from tidegate.ruleset import MAX_FILE_BYTES
+    from tidegate.ruleset.model import MAX_FILE_BYTES
     from tidegate.v1 import tidegate_pb2 as pb
     from tidegate.v1 import tidegate_pb2_grpc as pbg
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tidegate.labnet import VethLab
+from tidegate.lab.veth import VethLab
 
 from .harness import AgentProc, pinned_dump
 

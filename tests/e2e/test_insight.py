@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tidegate.labnet import VethLab
+from tidegate.lab.veth import VethLab
 
 from .harness import AgentProc, finish, send
 

@@ -16,9 +16,9 @@ import sqlite3
 import grpc
 import pytest
 
-from tidegate import bpfsys
-from tidegate.kernel_layout import PORT_RANGE, build_kernel_rule_set, kernel_port_entries, kernel_trie_entries
-from tidegate.ruleset import parse_rule_set
+from tidegate.kernel import bpfsys
+from tidegate.kernel.layout import PORT_RANGE, build_kernel_rule_set, kernel_port_entries, kernel_trie_entries
+from tidegate.ruleset.model import parse_rule_set
 
 from .conftest import BASE_RULES
 

@@ -56,7 +56,7 @@ def test_a_rule_name_with_a_newline_is_refused_by_the_server(agent):
     assert api.GetStatus().active_version == active0
 
 
-FORGED = 'ts=2099-01-01T00:00:00Z level=error logger=tidegate.agent msg="forged"'
+FORGED = 'ts=2099-01-01T00:00:00Z level=error logger=tidegate.daemon.agent msg="forged"'
 LINE = re.compile(r'^ts=\S+Z level=[a-z]+ logger=\S+ msg="(?:[^"\\]|\\.)*"( [A-Za-z_]+=("(?:[^"\\]|\\.)*"|[^\s"]+))*$')
 
 

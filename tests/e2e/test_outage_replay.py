@@ -23,7 +23,7 @@ import urllib.request
 
 import pytest
 
-from tidegate.labnet import VethLab
+from tidegate.lab.veth import VethLab
 
 from .harness import AgentProc, finish, send
 

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from tidegate.labnet import VethLab
+from tidegate.lab.veth import VethLab
 
 from .harness import ROOT, AgentProc, finish, free_port, send
 

@@ -14,7 +14,7 @@ import time
 import grpc
 import pytest
 
-from tidegate.admission import MAX_PEERS_A_MINUTE, REASONS
+from tidegate.api.admission import MAX_PEERS_A_MINUTE, REASONS
 
 from .conftest import BASE_RULES, Api
 

@@ -1,5 +1,5 @@
 """The agent as an unprivileged service user with exactly the capabilities of
-the shipped unit (tidegate.privileges.AGENT_NEEDS), started through setpriv:
+the shipped unit (tidegate.daemon.privileges.AGENT_NEEDS), started through setpriv:
 it loads, attaches and drops a flood; a restart adopts the running program;
 one capability fewer is a clear start-up error that attaches nothing."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tidegate.privileges import AGENT_NEEDS, CAPABILITIES
+from tidegate.daemon.privileges import AGENT_NEEDS, CAPABILITIES
 
 from .conftest import Agent, new_lab, send, xdp_prog_id
 

@@ -14,10 +14,10 @@ import subprocess
 import pytest
 import yaml
 
-from tidegate import bpfsys
-from tidegate.kernel import FilterConfig, KernelFilter
-from tidegate.kernel_layout import RULE_IDX, UNIT
-from tidegate.ruleset import parse_rule_set
+from tidegate.kernel import bpfsys
+from tidegate.kernel.filter import FilterConfig, KernelFilter
+from tidegate.kernel.layout import RULE_IDX, UNIT
+from tidegate.ruleset.model import parse_rule_set
 
 from .conftest import BASE_RULES, BIN
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from tidegate.kernel import FilterConfig, KernelFilter
-from tidegate.kernel_layout import REASONS
-from tidegate.ruleset import parse_rule_set
+from tidegate.kernel.filter import FilterConfig, KernelFilter
+from tidegate.kernel.layout import REASONS
+from tidegate.ruleset.model import parse_rule_set
 
 XDP_DROP, XDP_PASS = 1, 2
 VERDICTS = {XDP_DROP: "drop", XDP_PASS: "pass"}

@@ -23,8 +23,8 @@ import time
 
 import pytest
 
-from tidegate.kernel_layout import NO_SLOT
-from tidegate.ruleset import parse_rule_set
+from tidegate.kernel.layout import NO_SLOT
+from tidegate.ruleset.model import parse_rule_set
 
 from . import frames as f
 from .conftest import background_traffic

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from tidegate.kernel import FilterConfig, KernelFilter
-from tidegate.labnet import VethLab
-from tidegate.ruleset import parse_rule_set
+from tidegate.kernel.filter import FilterConfig, KernelFilter
+from tidegate.lab.veth import VethLab
+from tidegate.ruleset.model import parse_rule_set
 
 
 @pytest.mark.kernel
@@ -45,9 +45,10 @@ def test_restart_adopts_the_same_program_without_compiling_and_a_changed_one_rep
 
     from pyroute2 import IPRoute
 
-    from tidegate import bpfsys, program
+    from tidegate.kernel import bpfsys
+    from tidegate.kernel import program
 
-    caplog.set_level(logging.INFO, logger="tidegate.kernel")
+    caplog.set_level(logging.INFO, logger="tidegate.kernel.filter")
     tag = f"rp{os.getpid() % 10000}"
     with VethLab(tag, subnet="10.211.3") as lab:
         cfg = FilterConfig(interface=lab.host_if, pin_name=f"test-replace-{tag}", xdp_mode="native")
@@ -116,7 +117,8 @@ def test_restart_adopts_the_same_program_without_compiling_and_a_changed_one_rep
 
 
 def _pinned_map_ids(pin_dir: str) -> dict[str, int]:
-    from tidegate import bpfsys, program
+    from tidegate.kernel import bpfsys
+    from tidegate.kernel import program
 
     out = {}
     for name in sorted(os.listdir(pin_dir)):

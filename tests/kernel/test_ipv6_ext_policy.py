@@ -115,7 +115,7 @@ def test_esp_is_a_protocol_not_a_header_to_walk(replay):
 def test_the_shadow_set_applies_its_own_policy(replay, active, shadow):
     """The shadow set may reuse the active set's classification (same
     matching): its own policy still decides (bpf/layout.h same_match_as)."""
-    from tidegate.ruleset import parse_rule_set
+    from tidegate.ruleset.model import parse_rule_set
 
     replay.apply(rules(active))
     kf = replay.kf
@@ -142,9 +142,9 @@ def test_pins_of_a_program_with_fewer_reasons_are_taken_over(tmp_path, monkeypat
     import os
     import shutil
 
-    from tidegate import bpfsys
-    from tidegate.kernel import FilterConfig, KernelFilter, bpf_source_dir
-    from tidegate.ruleset import parse_rule_set
+    from tidegate.kernel import bpfsys
+    from tidegate.kernel.filter import FilterConfig, KernelFilter, bpf_source_dir
+    from tidegate.ruleset.model import parse_rule_set
 
     old_src = tmp_path / "bpf"
     shutil.copytree(bpf_source_dir(), old_src)

@@ -15,10 +15,10 @@ import sys
 
 import pytest
 
-from tidegate.kernel import FilterConfig, KernelFilter
-from tidegate.labnet import VethLab
-from tidegate.replay import replay
-from tidegate.ruleset import parse_rule_set
+from tidegate.kernel.filter import FilterConfig, KernelFilter
+from tidegate.lab.veth import VethLab
+from tidegate.lab.replay import replay
+from tidegate.ruleset.model import parse_rule_set
 
 from .frames import write_capture
 
@@ -59,7 +59,7 @@ def test_replay_matches_live(tmp_path):
         try:
             kf.apply(rs, 1)
             kf.attach()
-            p = lab.popen_in_ns([sys.executable, "-m", "tidegate.traffic", "--iface", lab.peer_if, "--dst-mac",
+            p = lab.popen_in_ns([sys.executable, "-m", "tidegate.lab.traffic", "--iface", lab.peer_if, "--dst-mac",
                                  lab.host_mac(), "--dst-ip", lab.host_ip, "--pcap", str(pcap)],
                                 stdout=-1, stderr=-1, text=True,
                                 env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip

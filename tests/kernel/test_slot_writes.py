@@ -15,8 +15,8 @@ import os
 
 import pytest
 
-from tidegate.kernel import FilterConfig, KernelFilter
-from tidegate.ruleset import parse_rule_set
+from tidegate.kernel.filter import FilterConfig, KernelFilter
+from tidegate.ruleset.model import parse_rule_set
 
 from . import frames as f
 

@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from tidegate.kernel import FilterConfig, KernelFilter
-from tidegate.labnet import VethLab
-from tidegate.ruleset import parse_rule_set
+from tidegate.kernel.filter import FilterConfig, KernelFilter
+from tidegate.lab.veth import VethLab
+from tidegate.ruleset.model import parse_rule_set
 
 RULES = """
 defaults:
@@ -58,7 +58,7 @@ def lab():
 
 def _sender(lab: VethLab, *args: str):
     return lab.popen_in_ns(
-        [sys.executable, "-m", "tidegate.traffic", "--iface", lab.peer_if, "--dst-mac", lab.host_mac(),
+        [sys.executable, "-m", "tidegate.lab.traffic", "--iface", lab.peer_if, "--dst-mac", lab.host_mac(),
          "--dst-ip", lab.host_ip, *args],
         stdout=-1, stderr=-1, text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},

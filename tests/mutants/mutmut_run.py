@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         stale = sorted(set(known) - set(survivors))
         by_module: dict[str, list[int]] = {}
         for n, st in status.items():
-            mod = n.split(".x_")[0].split(".xǁ")[0]  # tidegate.safety.x_estimate__mutmut_3 -> tidegate.safety
+            mod = n.split(".x_")[0].split(".xǁ")[0]  # tidegate.safety.estimate.x_estimate__mutmut_3 -> tidegate.safety.estimate
             row = by_module.setdefault(mod, [0, 0])
             row[0] += 1
             row[1] += st == "killed"

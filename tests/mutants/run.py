@@ -87,7 +87,7 @@ def env_for(copy: Path, extra: dict) -> dict:
 def check_copy_is_used(copy: Path) -> None:
     """The copy's package, not the editable install of the real tree, is what
     the tests and the agent import; and BCC reads the copy's bpf/."""
-    code = "import tidegate, tidegate.kernel as k; print(tidegate.__file__); print(k.bpf_source_dir())"
+    code = "import tidegate, tidegate.kernel.filter as k; print(tidegate.__file__); print(k.bpf_source_dir())"
     out = subprocess.run([sys.executable, "-c", code], cwd=copy, env=env_for(copy, {}), capture_output=True,
                          text=True, check=True).stdout.split()  # fmt: skip
     if not all(p.startswith(str(copy)) for p in out):

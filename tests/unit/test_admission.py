@@ -9,7 +9,7 @@ import threading
 import grpc
 import pytest
 
-from tidegate.admission import MAX_EXPENSIVE_IN_FLIGHT, MAX_PEERS_A_MINUTE, PER_CALLER_IN_FLIGHT, ReadLimits, \
+from tidegate.api.admission import MAX_EXPENSIVE_IN_FLIGHT, MAX_PEERS_A_MINUTE, PER_CALLER_IN_FLIGHT, ReadLimits, \
     Refusal, RefusalLog, _peer_address  # fmt: skip
 from tidegate.client import server_host
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tidegate.certs import CertsError, make_lab_pki
+from tidegate.access.certs import CertsError, make_lab_pki
 
 BACKENDS = ["cryptography", pytest.param("openssl", marks=pytest.mark.skipif(
     not shutil.which("openssl"), reason="the openssl command is not installed"))]  # fmt: skip
@@ -132,7 +132,7 @@ def test_planted_links_are_not_followed(tmp_path, backend):
 
 
 def test_temporary_files_are_created_exclusively_and_without_following_links(tmp_path, monkeypatch):
-    from tidegate import certs
+    from tidegate.access import certs
 
     out = tmp_path / "pki"
     out.mkdir(mode=0o700)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tidegate.checks import EXIT_WARNINGS, warnings
-from tidegate.ruleset import parse_rule_set
+from tidegate.ruleset.checks import EXIT_WARNINGS, warnings
+from tidegate.ruleset.model import parse_rule_set
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent / "tidegate"

@@ -21,8 +21,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tidegate import __version__, cli
-from tidegate.output import message_to_dict
+from tidegate import __version__
+from tidegate.cli import main as cli
+from tidegate.cli.output import message_to_dict
 from tidegate.v1 import tidegate_pb2 as pb
 from tidegate.v1 import tidegate_pb2_grpc as pbg
 
@@ -244,7 +245,7 @@ def test_completion_scripts(capsys):
 # ------------------------------------------------------------------ certs
 @pytest.mark.parametrize("backend", ["cryptography", "openssl"])
 def test_certs(tmp_path, backend):
-    from tidegate.certs import make_lab_pki
+    from tidegate.access.certs import make_lab_pki
 
     if backend == "openssl" and not shutil.which("openssl"):
         pytest.skip("no openssl command")

@@ -85,7 +85,7 @@ def _template() -> configparser.SectionProxy:
 
 
 def test_template_unit_runs_as_the_service_user_with_the_measured_capabilities():
-    from tidegate.privileges import AGENT_NEEDS
+    from tidegate.daemon.privileges import AGENT_NEEDS
 
     svc = _template()
     assert (svc["User"], svc["Group"]) == ("tidegate", "tidegate")

@@ -4,7 +4,7 @@ Every one must either parse into a valid RuleSet or be rejected with a
 RuleSetError that names a field (or the document) and says why; nothing
 else may escape (no TypeError, RecursionError, ...). Which of the two is
 not the parser's call: the mutated documents are judged by `expected`, the
-README's rule-set schema written out independently of tidegate.ruleset,
+README's rule-set schema written out independently of tidegate.ruleset.model,
 and the parser must agree with it on every one (a validator that accepted
 everything, or one missing a range check, would not)."""
 
@@ -19,7 +19,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tidegate.ruleset import RuleSet, RuleSetError, parse_rule_set, rule_set_from_dict
+from tidegate.ruleset.model import RuleSet, RuleSetError, parse_rule_set, rule_set_from_dict
 
 VALID = {
     "defaults": {"limit": {"pps": 1000, "burst": 2000}, "ipv4_prefix": 32, "ipv6_prefix": 64},

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tidegate import shapes
-from tidegate.reading import Reader
-from tidegate.shapes import Group, Shape, baseline_reader, interval, v4_halves
+from tidegate.observation import shapes
+from tidegate.observation.reading import Reader
+from tidegate.observation.shapes import Group, Shape, baseline_reader, interval, v4_halves
 
 _BASELINES: dict = {}
 
@@ -110,7 +110,7 @@ def test_no_samples_yet_says_wait():
 
 
 def test_shape_files_must_name_a_verdict(tmp_path):
-    from tidegate.shapes import load_shape
+    from tidegate.observation.shapes import load_shape
 
     p = tmp_path / "bad.yaml"
     p.write_text("name: x\nexpect: attack\ngroups: []\n")

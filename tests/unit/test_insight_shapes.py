@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tidegate.shapes import confusion_table, load_library, run_library
+from tidegate.observation.shapes import confusion_table, load_library, run_library
 
 SHAPES = Path(__file__).resolve().parents[2] / "examples" / "shapes"
 
 
 def test_every_shape_in_the_library_reads_right_at_every_age(capsys):
-    from tidegate.shapes import confusion_table, load_library, run_library
+    from tidegate.observation.shapes import confusion_table, load_library, run_library
 
     shapes = load_library(SHAPES)
     assert len(shapes) >= 14

@@ -12,8 +12,8 @@ import random
 
 import pytest
 
-from tidegate import kernel_layout as kl
-from tidegate.ruleset import Limit, PrefixLimit, parse_rule_set
+from tidegate.kernel import layout as kl
+from tidegate.ruleset.model import Limit, PrefixLimit, parse_rule_set
 
 G = 1_000_000_000
 

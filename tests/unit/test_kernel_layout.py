@@ -12,8 +12,8 @@ import struct
 
 import pytest
 
-from tidegate import kernel_layout as kl
-from tidegate.ruleset import parse_rule_set
+from tidegate.kernel import layout as kl
+from tidegate.ruleset.model import parse_rule_set
 
 RULES = """
 defaults:
@@ -187,7 +187,9 @@ def test_reasons_and_pseudo_rules_match_layout_h():
 
 
 def test_other_modules_use_the_layouts_drop_reasons():
-    from tidegate import kernel, metrics, safety
+    from tidegate.kernel import filter as kernel
+    from tidegate.observation import metrics
+    from tidegate.safety import estimate as safety
 
     assert safety.DROP_REASONS is kl.DROP_REASONS and metrics.DROP_REASONS is kl.DROP_REASONS
     c = kernel.Counters({r: (i + 1, 0) for i, r in enumerate(kl.REASONS)}, {}, {}, 0, 0)

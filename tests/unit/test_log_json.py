@@ -6,18 +6,18 @@ from __future__ import annotations
 import json
 import logging
 
-from tidegate.agent import build_parser
-from tidegate.logjson import JsonFormatter
+from tidegate.daemon.agent import build_parser
+from tidegate.daemon.logjson import JsonFormatter
 
 
 def test_one_object_per_line_with_the_event_fields():
-    rec = logging.makeLogRecord({"name": "tidegate.agent", "levelname": "INFO", "msg": "applied",
+    rec = logging.makeLogRecord({"name": "tidegate.daemon.agent", "levelname": "INFO", "msg": "applied",
                                  "version": 3, "reason": "evil\n{\"msg\": \"forged\"}", "guarded": False})  # fmt: skip
     line = JsonFormatter().format(rec)
     assert "\n" not in line
     obj = json.loads(line)
     assert (obj["level"], obj["logger"], obj["msg"], obj["version"], obj["guarded"]) == (
-        "info", "tidegate.agent", "applied", 3, False)
+        "info", "tidegate.daemon.agent", "applied", 3, False)
     assert obj["reason"] == "evil\n{\"msg\": \"forged\"}" and obj["ts"].endswith("Z")
 
 

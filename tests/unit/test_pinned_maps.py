@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ctypes
 
-from tidegate.pinned_maps import LAYOUTS, layout_mismatch, tg_cidr_val, tg_ctl, tg_state_key
+from tidegate.kernel.pinned_maps import LAYOUTS, layout_mismatch, tg_cidr_val, tg_ctl, tg_state_key
 
 u8, u16, u32, u64 = ctypes.c_ubyte, ctypes.c_ushort, ctypes.c_uint, ctypes.c_ulonglong
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import yaml
 
-from tidegate.propose import candidate
-from tidegate.ruleset import parse_rule_set
-from tidegate.sampler import SourceRates
+from tidegate.safety.propose import candidate
+from tidegate.ruleset.model import parse_rule_set
+from tidegate.observation.sampler import SourceRates
 
 RULES = """
 defaults:
@@ -84,7 +84,7 @@ def test_a_surge_proposes_nothing_and_says_why():
 
 
 def test_an_aggregate_limit_shared_with_known_clients_costs_them_their_share():
-    from tidegate.propose import shared_bucket_loss
+    from tidegate.safety.propose import shared_bucket_loss
 
     # 20 known clients at 10 pps on 'sink' and a 10x bigger flood there: a
     # 400 pps bucket for 2,200 pps drops 82% of everyone's packets

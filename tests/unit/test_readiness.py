@@ -8,8 +8,8 @@ import time
 
 from grpc_health.v1 import health_pb2
 
-from tidegate import readiness
-from tidegate.readiness import NOT_SERVING, SERVING, FilterHealth
+from tidegate.api import readiness
+from tidegate.api.readiness import NOT_SERVING, SERVING, FilterHealth
 
 
 class _Context:

@@ -14,8 +14,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tidegate.ruleset import MAX_ERRORS, Capacity, RuleSetError, parse_rule_set
-from tidegate.ruleset_yaml import MAX_DEPTH
+from tidegate.ruleset.model import MAX_ERRORS, Capacity, RuleSetError, parse_rule_set
+from tidegate.ruleset.yaml_events import MAX_DEPTH
 
 STYLES = {
     "flow-seq": lambda d: "rules: " + "[" * d + "]" * d,
@@ -35,7 +35,7 @@ def test_the_text_that_crashed_the_agent_is_refused_in_a_child_process():
     """50,000 '[' made libyaml's recursive composer overflow the C stack
     (SIGSEGV). Run in a child so a regression fails this test instead of
     killing pytest."""
-    code = ("from tidegate.ruleset import parse_rule_set, RuleSetError\n"
+    code = ("from tidegate.ruleset.model import parse_rule_set, RuleSetError\n"
             "try:\n    parse_rule_set('rules: ' + '[' * 50000 + ']' * 50000)\n"
             "except RuleSetError as e:\n    print(e)\n")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -142,7 +142,7 @@ def test_the_cidr_fast_path_makes_what_ipaddress_makes(text):
     what it leaves (None) ipaddress judges on its own."""
     import ipaddress
 
-    from tidegate import cidrs
+    from tidegate.ruleset import cidrs
 
     net = cidrs.parse(text)
     if net is None:
@@ -152,7 +152,7 @@ def test_the_cidr_fast_path_makes_what_ipaddress_makes(text):
 
 
 def test_the_cidr_fast_path_takes_the_usual_shapes():
-    from tidegate import cidrs
+    from tidegate.ruleset import cidrs
 
     for text in ("10.0.0.0/8", "192.0.2.7", "0.0.0.0/0", "2001:db8::/32", "::/0", "::1",
                  "ffff:0000:0001:ffff:ffff:ffff:ffff:ffff/128", "fe80::/10"):  # fmt: skip
@@ -167,7 +167,7 @@ def test_the_cidr_fast_path_takes_the_usual_shapes():
                                                                st.integers(1, 65535), st.integers(1, 65535))),
                 max_size=50))  # fmt: skip
 def test_port_lists_print_as_the_emitter_prints_them(ports):
-    from tidegate.ruleset import _inline, _inline_ports
+    from tidegate.ruleset.model import _inline, _inline_ports
 
     assert _inline_ports(ports) == _inline(ports)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tidegate.ruleset import RuleSetError, parse_rule_set
+from tidegate.ruleset.model import RuleSetError, parse_rule_set
 
 BASE = """\
 defaults:
@@ -77,7 +77,7 @@ def test_canonical_cidr_lists_print_exactly_as_pyyaml_does():
     import ipaddress
     import random
 
-    from tidegate.ruleset import _inline, _inline_cidrs
+    from tidegate.ruleset.model import _inline, _inline_cidrs
 
     rnd = random.Random(5)
     nets = ["0.0.0.0/0", "::/0", "255.255.255.255/32", "::ffff:10.0.0.0/104", "2001:db8::/32", "fe80::/10"]
@@ -94,7 +94,7 @@ def test_canonical_cidr_lists_print_exactly_as_pyyaml_does():
 
 @pytest.mark.parametrize("policy", ["drop", "pass", "default"])
 def test_the_ipv6_extension_policy_round_trips_and_the_default_stays_out_of_the_text(policy):
-    from tidegate.ruleset import dump_yaml
+    from tidegate.ruleset.model import dump_yaml
 
     plain = parse_rule_set(BASE)
     rs = parse_rule_set(BASE.replace("  limit: {pps: 100, burst: 100}\n",
@@ -189,7 +189,7 @@ def test_every_field_message(case):
 
 
 def test_what_the_field_validators_fill_in():
-    from tidegate.ruleset import Limit, PortRange, PrefixLimit, rule_set_from_dict
+    from tidegate.ruleset.model import Limit, PortRange, PrefixLimit, rule_set_from_dict
 
     d = rule_set_from_dict({"defaults": {"prefix_limit": {"pps": 5}, "limit": {"pps": 5, "bps": 800}}, "rules": None})
     assert d.defaults.prefix_limit == PrefixLimit(24, 48, Limit(5, 5)), "a prefix limit's prefixes default to /24, /48"

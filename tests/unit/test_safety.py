@@ -16,9 +16,9 @@ from types import SimpleNamespace as NS
 import numpy as np
 import pytest
 
-from tidegate import safety
-from tidegate.ruleset import parse_rule_set
-from tidegate.sampler import Interval, SourceRates
+from tidegate.safety import estimate as safety
+from tidegate.ruleset.model import parse_rule_set
+from tidegate.observation.sampler import Interval, SourceRates
 
 ACTIVE = """
 defaults:
@@ -575,7 +575,7 @@ def test_a_guard_that_fails_says_so(clock):
 
 
 def test_a_rollback_the_guard_cannot_make_is_an_error(clock):
-    from tidegate.agent import OperationError
+    from tidegate.daemon.agent import OperationError
 
     agent = Watched(clock, before=(1000, 100), after=(1000, 400))
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tidegate.kernel_layout import RULE_DEFAULT
-from tidegate.sampler import Interval, Sampler
+from tidegate.kernel.layout import RULE_DEFAULT
+from tidegate.observation.sampler import Interval, Sampler
 
 ACTIVE, SHADOW = 7, 8
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tidegate import ruleset
-from tidegate.ruleset import RuleSetError, parse_rule_set
-from tidegate.schema import rule_set_schema, schema_text
+from tidegate.ruleset import model as ruleset
+from tidegate.ruleset.model import RuleSetError, parse_rule_set
+from tidegate.ruleset.schema import rule_set_schema, schema_text
 
 jsonschema = pytest.importorskip("jsonschema", reason="Debian's python3-jsonschema (make install)")
 

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from .keys import FINAL, FleetError, Keys, matches, new_rollout_id, parse_labels, plan_waves
+from tidegate.fleet.keys import FINAL, FleetError, Keys, matches, new_rollout_id, parse_labels, plan_waves
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUSY, EXIT_HALTED, EXIT_REFUSED, EXIT_UNCONFIRMED = 0, 1, 2, 3, 4, 5, 6
 
@@ -141,7 +141,7 @@ def main(argv: list[str]) -> int:
     if not args.fverb:
         p.print_help(sys.stderr)
         return EXIT_USAGE
-    from .etcd import Etcd, EtcdUnavailable
+    from tidegate.fleet.etcd import Etcd, EtcdUnavailable
 
     if bool(args.etcd_cert) != bool(args.etcd_key):
         print("tidegate fleet: --etcd-cert and --etcd-key go together", file=sys.stderr)
@@ -176,8 +176,8 @@ def _progress(text: str) -> None:
 
 
 def _driver(args, etcd, keys):
-    from ..client import default_author
-    from .driver import Driver, Settings
+    from tidegate.client import default_author
+    from tidegate.fleet.driver import Driver, Settings
 
     s = Settings(ack_timeout=args.ack_timeout, heartbeat_deadline=args.heartbeat_deadline, lock_ttl=args.lock_ttl,
                  etcd_patience=args.etcd_patience, txn_ops=args.txn_ops)  # fmt: skip
@@ -185,15 +185,15 @@ def _driver(args, etcd, keys):
 
 
 def _select(etcd, keys, selector: dict) -> dict[str, dict]:
-    from .driver import StatusView
+    from tidegate.fleet.driver import StatusView
 
     sts = StatusView(etcd, keys.status_prefix).refresh()
     return {h: st for h, st in sts.items() if matches(st.get("labels", {}), selector)}
 
 
 def _publish_version(etcd, keys, text: str, source: str, reason: str, operator: str) -> str:
-    from ..ruleset import RuleSetError, parse_rule_set
-    from .keys import encode
+    from tidegate.ruleset.model import RuleSetError, parse_rule_set
+    from tidegate.fleet.keys import encode
 
     try:
         rs = parse_rule_set(text, source)
@@ -206,7 +206,7 @@ def _publish_version(etcd, keys, text: str, source: str, reason: str, operator: 
 
 
 def _run(args, etcd, keys, driver, rec: dict) -> int:
-    from .driver import DriverBusy, LostLock
+    from tidegate.fleet.driver import DriverBusy, LostLock
 
     try:
         driver.acquire(args.wait_lock)
@@ -229,7 +229,7 @@ def _run(args, etcd, keys, driver, rec: dict) -> int:
 
 
 def _finish(args, rec: dict) -> int:
-    from .views import summary
+    from tidegate.fleet.views import summary
 
     if _json(args):
         print(json.dumps(rec | {"summary": summary(rec)}, indent=1, sort_keys=True))
@@ -240,7 +240,7 @@ def _finish(args, rec: dict) -> int:
 
 
 def _new_rollout(args, etcd, keys, kind: str, targets_for) -> int:
-    from .driver import new_record
+    from tidegate.fleet.driver import new_record
 
     if not args.reason.strip():
         raise FleetError("a reason is required (--reason TEXT): it is recorded in the rollout and on every host")
@@ -276,7 +276,7 @@ def cmd_rollout(args, etcd, keys) -> int:
 
 
 def cmd_rollback(args, etcd, keys) -> int:
-    from .views import current_rollout, resolve_version
+    from tidegate.fleet.views import current_rollout, resolve_version
 
     def targets(hosts, operator):
         if args.to:
@@ -294,7 +294,7 @@ def cmd_rollback(args, etcd, keys) -> int:
 
 
 def cmd_resume(args, etcd, keys) -> int:
-    from .views import current_rollout
+    from tidegate.fleet.views import current_rollout
 
     rec = current_rollout(etcd, keys)
     if rec is None:
@@ -308,7 +308,7 @@ def cmd_resume(args, etcd, keys) -> int:
 
 
 def cmd_status(args, etcd, keys) -> int:
-    from .views import current_rollout, hosts, summary
+    from tidegate.fleet.views import current_rollout, hosts, summary
 
     rows = hosts(etcd, keys)
     cur = current_rollout(etcd, keys)
@@ -334,7 +334,7 @@ def cmd_status(args, etcd, keys) -> int:
 
 
 def cmd_history(args, etcd, keys) -> int:
-    from .views import rollouts, summary
+    from tidegate.fleet.views import rollouts, summary
 
     recs = rollouts(etcd, keys, args.limit)
     if _json(args):
@@ -353,7 +353,7 @@ def cmd_exporter(args, etcd, keys) -> int:
     import signal
     import threading
 
-    from .metrics import serve
+    from tidegate.fleet.metrics import serve
 
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():

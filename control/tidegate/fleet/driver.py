@@ -26,8 +26,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .etcd import Etcd, EtcdUnavailable
-from .keys import (ACK, COMPLETED, FAILED, FINAL, HALTED, HALTING, NACK, REFUSED, ROLLED_BACK, SHADOW, WAVE,
+from tidegate.fleet.etcd import Etcd, EtcdUnavailable
+from tidegate.fleet.keys import (ACK, COMPLETED, FAILED, FINAL, HALTED, HALTING, NACK, REFUSED, ROLLED_BACK, SHADOW, WAVE,
                    Keys, decode, encode)  # fmt: skip
 
 TXN_OPS = 100  # puts per transaction (etcd's default --max-txn-ops is 128)

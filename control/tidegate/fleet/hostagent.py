@@ -29,9 +29,9 @@ import socket
 import threading
 import time
 
-from .. import __version__
-from .etcd import Etcd, EtcdUnavailable
-from .keys import ACK, NACK, ROLLED_BACK, FleetError, Keys, decode, encode, parse_labels
+from tidegate import __version__
+from tidegate.fleet.etcd import Etcd, EtcdUnavailable
+from tidegate.fleet.keys import ACK, NACK, ROLLED_BACK, FleetError, Keys, decode, encode, parse_labels
 
 log = logging.getLogger("tidegate.fleet")
 
@@ -68,12 +68,12 @@ def check_options(opts) -> None:
     if bool(opts.fleet_etcd_cert) != bool(opts.fleet_etcd_key):
         raise SystemExit("tidegate agent: --fleet-etcd-cert and --fleet-etcd-key go together")
     try:
-        from .etcd import split_endpoints
+        from tidegate.fleet.etcd import split_endpoints
 
         split_endpoints(opts.fleet_etcd)
         Keys(opts.fleet)
         parse_labels(opts.label)
-        from .keys import check_name
+        from tidegate.fleet.keys import check_name
 
         check_name("host id", opts.host_id or socket.gethostname())
     except (ValueError, FleetError) as e:
@@ -161,7 +161,7 @@ class FleetMember:
                 self._stop.wait(2.0)
 
     def _handle(self, raw: bytes, revision: int) -> None:
-        from ..agent import OperationError
+        from tidegate.daemon.agent import OperationError
 
         try:
             desired = decode(raw)
@@ -217,8 +217,8 @@ class FleetMember:
             raise _Nack(f"version {digest[:12]} in etcd is not a version record") from None
 
     def _apply(self, d: dict, revision: int) -> dict:
-        from ..agent import Caller
-        from ..ruleset import RuleSetError
+        from tidegate.daemon.agent import Caller
+        from tidegate.ruleset.model import RuleSetError
 
         rollout = str(d.get("rollout") or "manual")
         caller = Caller(author=f"fleet rollout {rollout} ({d.get('operator') or 'unknown'})",
@@ -308,7 +308,7 @@ class FleetMember:
 
     # -------------------------------------------------------------- report
     def status_record(self) -> dict:
-        from . import report
+        from tidegate.fleet import report
 
         st = self.agent.status()
         active_digest = self._digest_of(st["active_version"])

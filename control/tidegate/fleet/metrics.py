@@ -25,8 +25,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import MetricsHandler
 
-from .etcd import Etcd, EtcdUnavailable
-from .keys import COMPLETED, FAILED, HALTED, HALTING, REFUSED, SHADOW, WAVE, Keys
+from tidegate.fleet.etcd import Etcd, EtcdUnavailable
+from tidegate.fleet.keys import COMPLETED, FAILED, HALTED, HALTING, REFUSED, SHADOW, WAVE, Keys
 
 log = logging.getLogger("tidegate.fleet.metrics")
 
@@ -40,7 +40,7 @@ class FleetCollector:
         self.keys = keys
 
     def collect(self):
-        from .views import current_rollout, hosts
+        from tidegate.fleet.views import current_rollout, hosts
 
         up = GaugeMetricFamily("tidegate_fleet_etcd_up", "1 when the exporter could read the fleet from etcd",
                                labels=["fleet"])  # fmt: skip

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from .etcd import Etcd
-from .keys import Keys, decode
+from tidegate.fleet.etcd import Etcd
+from tidegate.fleet.keys import Keys, decode
 
 
 def hosts(etcd: Etcd, keys: Keys) -> list[dict]:
@@ -74,7 +74,7 @@ def summary(rec: dict) -> dict:
 
 def resolve_version(etcd: Etcd, keys: Keys, prefix: str) -> str:
     """A full digest from a prefix of one (at least 6 characters)."""
-    from .keys import FleetError
+    from tidegate.fleet.keys import FleetError
 
     if len(prefix) < 6:
         raise FleetError("--to needs at least 6 characters of a version digest (tidegate fleet history)")

@@ -1,0 +1,85 @@
+"""Compile and load the XDP program in a short-lived child process.
+
+BCC (and with it LLVM and clang, hundreds of MB) lives only in this child:
+it compiles the program, loads it into the kernel against the pinned maps
+(creating them on a first start), checks that the maps have the layouts the
+agent reads them with (pinned_maps.LAYOUTS), pins the program, prints one
+JSON line and exits. The agent then opens the pinned program and maps by
+fd and never loads BCC itself.
+
+    python -m tidegate.kernel.compiler PROG_PIN CFLAGS_JSON < inlined-source
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+PROG_NAME = "tidegate_xdp"
+
+
+class CompileError(Exception):
+    pass
+
+
+def compile_in_child(source: str, cflags: list[str], prog_pin: str, timeout: float = 300) -> dict:
+    """Run the compile child; returns what it printed ({prog_id, tag, compile_s, pid})."""
+    t0 = time.monotonic()
+    # the child imports this very package, wherever it was imported from (a bench's sys.path too)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "tidegate.kernel.compiler", prog_pin, json.dumps(cflags)], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        out, err = proc.communicate(source.encode(), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise CompileError(f"the compile child did not finish in {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-12:]
+        raise CompileError("\n".join(tail) or f"the compile child exited with {proc.returncode}")
+    res = json.loads(out.decode().strip().splitlines()[-1])
+    res["pid"] = proc.pid
+    res["child_s"] = time.monotonic() - t0
+    return res
+
+
+def _main(argv: list[str]) -> int:
+    prog_pin, cflags = argv[0], json.loads(argv[1])
+    source = sys.stdin.buffer.read()
+    from bcc import BPF
+
+    from tidegate.kernel import bpfsys
+    from tidegate.kernel.pinned_maps import LAYOUTS, layout_mismatch
+
+    t0 = time.monotonic()
+    b = BPF(text=source, cflags=cflags)
+    fn = b.load_func(PROG_NAME.encode(), BPF.XDP)
+    compile_s = time.monotonic() - t0
+    for name in LAYOUTS:
+        try:
+            t = b[name.encode()]
+        except KeyError:
+            continue  # tg_clock outside replay builds
+        why = layout_mismatch(name, t.Key, getattr(t, "sLeaf", t.Leaf))
+        if why:
+            print(why, file=sys.stderr)
+            return 3
+    tmp = f"{prog_pin}_tmp{os.getpid()}"  # bpffs names take no dots
+    bpfsys.obj_pin(fn.fd, tmp)
+    os.replace(tmp, prog_pin)  # the pin appears whole or not at all
+    info = bpfsys.prog_info(fn.fd)
+    print(json.dumps({"prog_id": info.id, "tag": bytes(info.tag).hex(), "compile_s": round(compile_s, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(_main(sys.argv[1:]))
+    except Exception as e:  # noqa: BLE001 - one line for the agent's error message
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        raise SystemExit(2)

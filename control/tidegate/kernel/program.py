@@ -1,0 +1,130 @@
+"""Which program the agent runs, found without compiling when possible.
+
+A program is named by a digest of what decides its instructions: the
+inlined source, the compile flags (pin dir, map sizes, build options) and
+the kernel release. The compile child (compiler.py) pins the program it
+loads at <pin dir>/prog_<digest>; a later start with the same digest opens
+that pin (no compile, no BCC) and gets the maps from the program itself,
+so the agent works on exactly the maps the program uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from dataclasses import dataclass
+
+from tidegate.kernel import bpfsys
+from tidegate.kernel.compiler import compile_in_child
+from tidegate.kernel.pinned_maps import LAYOUTS, PinnedMap
+
+log = logging.getLogger("tidegate.kernel.filter")
+
+PROG_PIN_PREFIX = "prog_"
+
+
+# the agent's view of the map layouts is part of what it can adopt
+LAYOUTS_DIGEST = repr(sorted((n, k.__name__, v.__name__, p) for n, (k, v, p) in LAYOUTS.items()))
+
+
+def program_digest(source: str, cflags: list[str]) -> str:
+    """What names a program: its inlined source, build options, the kernel."""
+    h = hashlib.sha256()
+    for part in (source, "\0".join(cflags), platform.release(), LAYOUTS_DIGEST):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def prog_pin_path(pin_dir: str, digest: str) -> str:
+    return os.path.join(pin_dir, PROG_PIN_PREFIX + digest)
+
+
+def program_pins(pin_dir: str) -> list[str]:
+    """The program pins in a pin dir (names only)."""
+    try:
+        return sorted(n for n in os.listdir(pin_dir) if n.startswith(PROG_PIN_PREFIX) and "_tmp" not in n)
+    except FileNotFoundError:
+        return []
+
+
+@dataclass
+class Program:
+    fd: int
+    digest: str
+    compiled: bool  # a compile child ran for this start
+    compile_seconds: float
+    child_pid: int | None = None
+
+
+def _uses_pinned_maps(prog_fd: int, pin_dir: str) -> bool:
+    """A pinned program is adoptable only if the maps it uses are the pinned
+    ones (a pinned counter map made anew for a new size is not)."""
+    ids = set(bpfsys.prog_map_ids(prog_fd))
+    for name in os.listdir(pin_dir):
+        if name.startswith(PROG_PIN_PREFIX) or name not in LAYOUTS:
+            continue
+        fd = bpfsys.obj_get(os.path.join(pin_dir, name))
+        try:
+            if bpfsys.map_info(fd).id not in ids:
+                return False
+        finally:
+            os.close(fd)
+    return True
+
+
+def open_or_compile(source: str, cflags: list[str], pin_dir: str) -> Program:
+    """The pinned program of this digest, or a newly compiled one (in a
+    child; compiler.CompileError when that fails)."""
+    digest = program_digest(source, cflags)
+    path = prog_pin_path(pin_dir, digest)
+    if os.path.exists(path):
+        fd = bpfsys.obj_get(path)
+        if _uses_pinned_maps(fd, pin_dir):
+            log.info("program found pinned: not compiling", extra={"digest": digest, "pin": path})
+            return Program(fd, digest, False, 0.0)
+        os.close(fd)
+        log.warning("the pinned program does not use the pinned maps: compiling it again", extra={"pin": path})
+        os.unlink(path)
+    log.info("compiling the program in a child process", extra={"digest": digest})
+    res = compile_in_child(source, cflags, path)  # CompileError: the caller words it
+    log.info("program compiled", extra={"digest": digest, "compile_s": res["compile_s"], "child_pid": res["pid"],
+                                        "child_s": round(res["child_s"], 3), "tag": res["tag"]})  # fmt: skip
+    return Program(bpfsys.obj_get(path), digest, True, res["child_s"], res["pid"])
+
+
+def repin(fd: int, pin_dir: str, digest: str) -> None:
+    """Pin fd as the program of `digest` (adopting an attached program that
+    an agent without program pins left)."""
+    path = prog_pin_path(pin_dir, digest)
+    tmp = f"{path}_tmp{os.getpid()}"  # bpffs names take no dots
+    bpfsys.obj_pin(fd, tmp)
+    os.replace(tmp, path)
+
+
+def drop_other_pins(pin_dir: str, digest: str) -> None:
+    """Unpin programs of other digests (replaced ones): the kernel frees them
+    once nothing else holds them. Called by the one agent of a pin dir."""
+    keep = PROG_PIN_PREFIX + digest
+    for name in os.listdir(pin_dir):
+        # and pins a compile child left half-way (killed before its rename)
+        if name.startswith(PROG_PIN_PREFIX) and name != keep:
+            try:
+                os.unlink(os.path.join(pin_dir, name))
+            except FileNotFoundError:
+                pass
+
+
+def open_maps(prog_fd: int) -> dict[str, PinnedMap]:
+    """The program's maps by name, opened from its map ids."""
+    out: dict[str, PinnedMap] = {}
+    for map_id in bpfsys.prog_map_ids(prog_fd):
+        fd = bpfsys.map_fd_by_id(map_id)
+        name = bpfsys.map_info(fd).name.decode(errors="replace")
+        if name in LAYOUTS and name not in out:
+            out[name] = PinnedMap(name, fd)
+        else:
+            os.close(fd)
+    return out
