@@ -154,6 +154,10 @@ MESSAGES = {
         ("allow[0]", 1, "'10.0.0.0/33' is not a valid address or CIDR ('10.0.0.0/33' does not appear to be an IPv4 or "
                         "IPv6 network)"),
         ("allow[1]", 1, "'x' is not a valid address or CIDR ('x' does not appear to be an IPv4 or IPv6 network)")]),
+    "a long value is not repeated": ("allow: ['" + "x" * 40 + "', '" + "y" * 41 + "']" + R, [
+        ("allow[0]", 1, f"'{'x' * 40}' is not a valid address or CIDR ('{'x' * 40}' does not appear to be an IPv4 "
+                        "or IPv6 network)"),
+        ("allow[1]", 1, f"'{'y' * 40}'... is not a valid address or CIDR (see the value)")]),
     "not a list of CIDRs": ("deny: '10.0.0.0/8'" + R, [("deny", 1, "must be a list of CIDRs, not text ('10.0.0.0/8')")]),
     "listed twice": ("deny: ['10.0.0.0/8', ' 10.0.0.0/8', '10.0.0.0/8']" + R, [
         ("deny[1]", 1, "10.0.0.0/8 is listed twice (also item 0)"),
