@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 PROG_NAME = "tidegate_xdp"
 
@@ -29,7 +30,7 @@ def compile_in_child(source: str, cflags: list[str], prog_pin: str, timeout: flo
     """Run the compile child; returns what it printed ({prog_id, tag, compile_s, pid})."""
     t0 = time.monotonic()
     # the child imports this very package, wherever it was imported from (a bench's sys.path too)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen([sys.executable, "-m", "tidegate.kernel.compiler", prog_pin, json.dumps(cflags)], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip

@@ -99,7 +99,7 @@ def bpf_source_dir() -> Path:
     env = os.environ.get("TIDEGATE_BPF_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "bpf"
+    return Path(__file__).resolve().parents[3] / "bpf"
 
 
 def inline_source(path: Path, _depth: int = 0) -> str:

@@ -49,7 +49,7 @@ METRICS_PORT = 9741
 
 
 def _lab_rules_path(tmp: Path) -> Path:
-    repo = Path(__file__).resolve().parents[2] / "examples" / "lab.yaml"
+    repo = Path(__file__).resolve().parents[3] / "examples" / "lab.yaml"
     if repo.exists():
         return repo
     p = tmp / "lab.yaml"
@@ -134,7 +134,7 @@ def run_lab(args, out) -> int:
         receiver = LegitReceiver(lab.host_ip, 5555)
         receiver.start()
         limit = args.duration if args.duration else 24 * 3600
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
         sender = [sys.executable, "-m", "tidegate.lab.traffic", "--iface", lab.peer_if, "--dst-mac", lab.host_mac(),
                   "--dst-ip", lab.host_ip, "--time-limit", str(limit)]  # fmt: skip
         legit_count = int(args.legit_pps * limit) + 1
