@@ -18,6 +18,7 @@ imported from here.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -34,7 +35,7 @@ __all__ = [
     "Counters", "RuleCounters", "ShadowCounters", "SourceTable", "FilterState", "SlotInfo",
 ]  # fmt: skip
 
-log = loader.log
+log = logging.getLogger("tidegate.kernel.filter")
 
 
 class KernelFilter:
