@@ -322,7 +322,8 @@ class Bench:
     def load_probes(self, full_rule_set):
         """Single lookups with tidegate's layouts and alternatives, filled with
         the entries the full rule set puts in tidegate's trie and port table."""
-        from tidegate.kernel.layout import addr_halves, build_kernel_rule_set
+        from tidegate.kernel.entries import build_kernel_rule_set
+        from tidegate.kernel.layout import addr_halves
 
         krs = build_kernel_rule_set(full_rule_set)
         v4 = {}

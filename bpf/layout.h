@@ -1,10 +1,11 @@
 /* Shared layout of tidegate's BPF maps.
  *
- * These structs are the contract between the XDP program and the control
- * plane (control/tidegate/kernel.py reads the same definitions through BCC's
- * generated ctypes, so there is one source of truth). Changing a struct here
- * changes the map format: a running agent refuses to adopt pinned maps whose
- * key or value size differs.
+ * These structs and constants are the contract between the XDP program and
+ * the control plane. Its one Python copy is control/tidegate/kernel/layout.py:
+ * tests/unit/test_layout_contract.py fails when the two disagree, and the
+ * compile child checks the structs against BCC's view of them at every
+ * compile. Changing a struct here changes the map format: a running agent
+ * refuses to adopt pinned maps whose key or value size differs.
  */
 #ifndef TIDEGATE_LAYOUT_H
 #define TIDEGATE_LAYOUT_H

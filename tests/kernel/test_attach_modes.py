@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import threading
 
 import pytest
+from pyroute2 import IPRoute
 
+from tidegate.kernel import bpfsys, program
 from tidegate.kernel.filter import FilterConfig, KernelFilter
 from tidegate.lab.veth import VethLab
 from tidegate.ruleset.model import parse_rule_set
@@ -39,15 +44,6 @@ def test_restart_adopts_the_same_program_without_compiling_and_a_changed_one_rep
     swapped in with one atomic replace: the interface is never without a
     program, the pinned maps (and so the active rule set and per-source
     state) are the same objects, and the replaced program's pin is gone."""
-    import logging
-    import sys
-    import threading
-
-    from pyroute2 import IPRoute
-
-    from tidegate.kernel import bpfsys
-    from tidegate.kernel import program
-
     caplog.set_level(logging.INFO, logger="tidegate.kernel.filter")
     tag = f"rp{os.getpid() % 10000}"
     with VethLab(tag, subnet="10.211.3") as lab:
@@ -117,9 +113,6 @@ def test_restart_adopts_the_same_program_without_compiling_and_a_changed_one_rep
 
 
 def _pinned_map_ids(pin_dir: str) -> dict[str, int]:
-    from tidegate.kernel import bpfsys
-    from tidegate.kernel import program
-
     out = {}
     for name in sorted(os.listdir(pin_dir)):
         if name.startswith(program.PROG_PIN_PREFIX):

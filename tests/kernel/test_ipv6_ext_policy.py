@@ -11,7 +11,14 @@ verdicts and reason counters."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
+
+from tidegate.kernel import bpfsys
+from tidegate.kernel.filter import FilterConfig, KernelFilter, bpf_source_dir
+from tidegate.ruleset.model import parse_rule_set
 
 from . import frames as f
 
@@ -115,8 +122,6 @@ def test_esp_is_a_protocol_not_a_header_to_walk(replay):
 def test_the_shadow_set_applies_its_own_policy(replay, active, shadow):
     """The shadow set may reuse the active set's classification (same
     matching): its own policy still decides (bpf/layout.h same_match_as)."""
-    from tidegate.ruleset.model import parse_rule_set
-
     replay.apply(rules(active))
     kf = replay.kf
     kf.load_shadow(parse_rule_set(rules(shadow), "<shadow>"), replay.version + 1000)
@@ -139,13 +144,6 @@ def test_pins_of_a_program_with_fewer_reasons_are_taken_over(tmp_path, monkeypat
     entries pinned (BCC would silently reuse it, and the two new reasons
     would never be counted): that map alone is made anew, the rule sets and
     per-source state are adopted."""
-    import os
-    import shutil
-
-    from tidegate.kernel import bpfsys
-    from tidegate.kernel.filter import FilterConfig, KernelFilter, bpf_source_dir
-    from tidegate.ruleset.model import parse_rule_set
-
     old_src = tmp_path / "bpf"
     shutil.copytree(bpf_source_dir(), old_src)
     layout = old_src / "layout.h"

@@ -12,8 +12,12 @@ import struct
 
 import pytest
 
+from tidegate.kernel import entries as ke
+from tidegate.kernel import filter as kernel
 from tidegate.kernel import layout as kl
+from tidegate.observation import metrics
 from tidegate.ruleset.model import parse_rule_set
+from tidegate.safety import estimate as safety
 
 RULES = """
 defaults:
@@ -44,12 +48,12 @@ rules:
 SLOT = 1
 
 
-def kernel_entries(krs: kl.KernelRuleSet) -> dict:
+def kernel_entries(krs: ke.KernelRuleSet) -> dict:
     """What the program's maps will hold for one slot, decoded from the raw
     bytes the kernel layer writes (bpf/layout.h: tg_cidr4_key, tg_cidr6_key,
     tg_cidr_val, TG_PORT_IDX) with nothing but struct and ipaddress: no
     helper of the module under test interprets them."""
-    v4, v6 = kl.kernel_trie_entries(krs, SLOT)
+    v4, v6 = ke.kernel_trie_entries(krs, SLOT)
     tries = {4: [], 6: []}
     for fam, entries in ((4, v4), (6, v6)):
         for key, val in entries.items():
@@ -60,12 +64,12 @@ def kernel_entries(krs: kl.KernelRuleSet) -> dict:
             mask, flags, _ = struct.unpack("<QII", val)
             tries[fam].append((net, mask, flags))
     ports = {}
-    for idx, mask in kl.kernel_port_entries(krs).items():
+    for idx, mask in ke.kernel_port_entries(krs).items():
         ports[(17 if idx >> 16 else 6, idx & 0xFFFF)] = mask
     return {"tries": tries, "ports": ports}
 
 
-def lookup(krs: kl.KernelRuleSet, entries: dict, addr: str, proto: int, port: int | None):
+def lookup(krs: ke.KernelRuleSet, entries: dict, addr: str, proto: int, port: int | None):
     """What the XDP program does (bpf/rules.h tg_classify) on those entries:
     the longest prefix of the packet's own family, the allow and deny flags,
     the rule masks of source and (protocol, port), the lowest bit."""
@@ -112,7 +116,7 @@ def reference(rs, addr: str, proto: int, port: int | None):
 
 def test_precomputed_masks_agree_with_reference():
     rs = parse_rule_set(RULES, "t")
-    krs = kl.build_kernel_rule_set(rs)
+    krs = ke.build_kernel_rule_set(rs)
     entries = kernel_entries(krs)
     rnd = random.Random(7)
     addrs = [
@@ -128,7 +132,7 @@ def test_precomputed_masks_agree_with_reference():
 
 def test_ipv6_default_route_does_not_cover_ipv4():
     rs = parse_rule_set(RULES, "t")
-    krs = kl.build_kernel_rule_set(rs)
+    krs = ke.build_kernel_rule_set(rs)
     entries = kernel_entries(krs)
     # deny ::/0 denies every IPv6 source, v4-mapped ones on the wire included, but no IPv4 one
     assert lookup(krs, entries, "2001:db8:9::1", 17, 53) == "deny"
@@ -145,7 +149,7 @@ def test_masks_and_buckets():
     # /120 in IPv4 terms is /24: the last byte is cleared
     m = kl.mask_halves(96 + 24)
     assert m.hi == 2**64 - 1 and m.lo == 0x00FFFFFFFFFFFFFF
-    b = kl.bucket_params(pps=100, burst=10, bps=8000, burst_bytes=None)
+    b = ke.bucket_params(pps=100, burst=10, bps=8000, burst_bytes=None)
     assert b.rate == 100 and b.burst == 10 * kl.UNIT and b.fill_ns == 100_000_000
     assert b.brate == 1000 and b.bburst == 1000 * kl.UNIT
 
@@ -156,41 +160,14 @@ def test_rule_bits(n):
         f"  - name: r{i}\n    protocol: udp\n    dst_ports: [{1000 + i}]\n    limit: {{pps: 1, burst: 1}}" for i in range(n)
     )
     rs = parse_rule_set(f"rules:\n{rules}\n", "t")
-    krs = kl.build_kernel_rule_set(rs)
+    krs = ke.build_kernel_rule_set(rs)
     assert krs.ports[(17, 1000 + n - 1)] == 1 << (n - 1)
     assert krs.flags == kl.SET_HAS_PORTS
 
 
-# ------------------------------------------------- the contract with layout.h
-def _layout_defines() -> dict[str, int]:
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[2] / "bpf" / "layout.h").read_text()
-    return {m[1]: int(m[2], 0) for m in re.finditer(r"^#define (TG_\w+) (0x[0-9a-fA-F]+|\d+)\b", text, re.M)}
-
-
-def test_reasons_and_pseudo_rules_match_layout_h():
-    d = _layout_defines()
-    reasons = {n: v for n, v in d.items() if n.startswith("TG_R_")}
-    assert d["TG_REASONS"] == len(kl.REASONS) == len(reasons)
-    names = {"PASS": "pass", "ALLOW": "allow", "DENY": "deny", "RATE": "rate", "PREFIX": "prefix",
-             "BLOCKED": "blocked", "UNPARSED": "unparsed", "NOCONFIG": "noconfig", "EXT_PASS": "ipv6-ext-pass",
-             "EXT_DROP": "ipv6-ext-drop"}  # fmt: skip
-    assert {kl.REASONS[v]: k[len("TG_R_"):] for k, v in reasons.items()} == {v: k for k, v in names.items()}
-    assert set(kl.DROP_REASONS) == {"deny", "rate", "prefix", "blocked", "ipv6-ext-drop"}
-    assert (d["TG_RULE_DEFAULT"], d["TG_RULE_DENYLIST"], d["TG_RULE_ALLOWLIST"], d["TG_RULE_EXTHDR"],
-            d["TG_RULE_IDX"]) == (kl.RULE_DEFAULT, kl.RULE_DENYLIST, kl.RULE_ALLOWLIST, kl.RULE_EXTHDR,
-                                  kl.RULE_IDX)  # fmt: skip
-    assert (d["TG_SET_HAS_TRIE"], d["TG_SET_HAS_PORTS"], d["TG_SET_EXT_DEFAULT"]) == (
-        kl.SET_HAS_TRIE, kl.SET_HAS_PORTS, kl.SET_EXT_DEFAULT)
-
-
+# ---------------------------------- one copy of the contract (test_layout_contract.py ties it to layout.h)
 def test_other_modules_use_the_layouts_drop_reasons():
-    from tidegate.kernel import filter as kernel
-    from tidegate.observation import metrics
-    from tidegate.safety import estimate as safety
-
+    assert set(kl.DROP_REASONS) == {"deny", "rate", "prefix", "blocked", "ipv6-ext-drop"}
     assert safety.DROP_REASONS is kl.DROP_REASONS and metrics.DROP_REASONS is kl.DROP_REASONS
     c = kernel.Counters({r: (i + 1, 0) for i, r in enumerate(kl.REASONS)}, {}, {}, 0, 0)
     assert c.dropped == sum(kl.REASONS.index(r) + 1 for r in kl.DROP_REASONS)
@@ -201,6 +178,6 @@ def test_other_modules_use_the_layouts_drop_reasons():
                                                   ("default", kl.ACT_PASS, kl.SET_EXT_DEFAULT)])  # fmt: skip
 def test_the_ipv6_extension_policy_reaches_the_kernel_entries(policy, action, flag):
     text = "defaults:\n  limit: {pps: 10, burst: 10}\n" + (f"  ipv6_unparsed_extensions: {policy}\n" if policy else "")
-    krs = kl.build_kernel_rule_set(parse_rule_set(text + "rules: []\n"))
+    krs = ke.build_kernel_rule_set(parse_rule_set(text + "rules: []\n"))
     assert krs.rules[kl.RULE_EXTHDR].action == action and krs.flags & kl.SET_EXT_DEFAULT == flag
     assert krs.rule_names[kl.RULE_EXTHDR] == "ipv6-ext"

@@ -1,4 +1,4 @@
-"""The agent's ctypes view of the maps (pinned_maps.LAYOUTS) is checked by
+"""The agent's ctypes view of the maps (layout.LAYOUTS) is checked by
 the compile child against the types BCC derives from bpf/layout.h; these
 cases show the check catches a drifted layout (the kernel tests compile the
 real program, where it must find none)."""
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import ctypes
 
-from tidegate.kernel.pinned_maps import LAYOUTS, layout_mismatch, tg_cidr_val, tg_ctl, tg_state_key
+from tidegate.kernel.layout import LAYOUTS, tg_cidr_val, tg_ctl, tg_state_key
+from tidegate.kernel.pinned_maps import layout_mismatch
 
 u8, u16, u32, u64 = ctypes.c_ubyte, ctypes.c_ushort, ctypes.c_uint, ctypes.c_ulonglong
 

@@ -18,6 +18,7 @@ from tidegate.api.admission import EXPENSIVE_READS, MAX_MESSAGE_BYTES, SERVICE, 
 from tidegate.daemon.agent import Agent, Caller, OperationError
 from tidegate.access.auth import Authorizer
 from tidegate.kernel.filter import KernelError, NotAttachedError
+from tidegate.kernel.layout import DROP_REASONS
 from tidegate.api.readiness import FilterHealth
 from tidegate.ruleset.model import MAX_ERRORS, RuleSetError, dump_yaml
 from tidegate.store import StoreError
@@ -120,7 +121,7 @@ def counters_pb(agent: Agent) -> pb.Counters:
         time=time.time(), packets=c.packets, dropped=c.dropped,
     )  # fmt: skip
     for reason, (pk, by) in c.reasons.items():
-        verdict = "drop" if reason in safety.DROP_REASONS else "pass"
+        verdict = "drop" if reason in DROP_REASONS else "pass"
         msg.reasons.append(pb.ReasonCount(reason=reason, verdict=verdict, packets=pk, bytes=by))
     for name, rc in sorted(c.rules.items()):
         msg.rules.append(pb.RuleCount(

@@ -14,6 +14,10 @@ import errno
 import os
 import platform
 
+import numpy as np
+
+from tidegate.kernel import fault_injection
+
 _SYSCALL_NR = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351}
 
 BPF_MAP_CREATE = 0
@@ -257,8 +261,6 @@ def lookup_batch(fd: int, key_size: int, value_size: int, max_entries: int, chun
     Returns (keys: numpy uint8 array, values: numpy uint8 array, count).
     Values of per-CPU maps are not supported here (tidegate only batch-reads
     the shared LRU)."""
-    import numpy as np
-
     n_alloc = max(1, max_entries)
     keys = np.empty(key_size * n_alloc, dtype=np.uint8)
     values = np.empty(value_size * n_alloc, dtype=np.uint8)
@@ -335,24 +337,14 @@ class GraceWaiter:
 BPF_MAP_UPDATE_BATCH = 26
 BPF_MAP_DELETE_BATCH = 27
 
-# Test hook: TIDEGATE_FAIL_BATCH_WRITE=N[,M...] makes this process's Nth (and
-# Mth...) batched map write (an update or a delete, counted per bpf(2) call)
-# write the first half of its entries and then fail with EIO, like a write
-# that fails partway through a batch. Tests set it in a real agent's
-# environment; unset, it costs one integer comparison per batch.
-_fail_batch_writes_at = {int(n) for n in (os.environ.get("TIDEGATE_FAIL_BATCH_WRITE") or "").split(",") if n.strip()}
-_batch_writes = 0
-
-
 def _batch_write(cmd: int, attr: _Batch) -> None:
-    global _batch_writes
-    _batch_writes += 1
-    if _batch_writes in _fail_batch_writes_at:
+    failing = fault_injection.batch_write_fails()
+    if failing is not None:
         attr.count //= 2
         if attr.count:
             _bpf(cmd, attr)
         raise BpfError(errno.EIO, f"bpf cmd {cmd}: injected failure after {attr.count} entries "
-                       f"(TIDEGATE_FAIL_BATCH_WRITE, write {_batch_writes})")  # fmt: skip
+                       f"({fault_injection.FAIL_BATCH_WRITE}, write {failing})")  # fmt: skip
     _bpf(cmd, attr)
 
 

@@ -3,7 +3,7 @@
 BCC (and with it LLVM and clang, hundreds of MB) lives only in this child:
 it compiles the program, loads it into the kernel against the pinned maps
 (creating them on a first start), checks that the maps have the layouts the
-agent reads them with (pinned_maps.LAYOUTS), pins the program, prints one
+agent reads them with (layout.LAYOUTS), pins the program, prints one
 JSON line and exits. The agent then opens the pinned program and maps by
 fd and never loads BCC itself.
 
@@ -19,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-PROG_NAME = "tidegate_xdp"
+from tidegate.kernel import bpfsys
+from tidegate.kernel.layout import LAYOUTS, PROG_NAME
+from tidegate.kernel.pinned_maps import layout_mismatch
 
 
 class CompileError(Exception):
@@ -52,10 +54,7 @@ def compile_in_child(source: str, cflags: list[str], prog_pin: str, timeout: flo
 def _main(argv: list[str]) -> int:
     prog_pin, cflags = argv[0], json.loads(argv[1])
     source = sys.stdin.buffer.read()
-    from bcc import BPF
-
-    from tidegate.kernel import bpfsys
-    from tidegate.kernel.pinned_maps import LAYOUTS, layout_mismatch
+    from bcc import BPF  # deliberately here: BCC (and LLVM) load only in the compile child, never in the agent
 
     t0 = time.monotonic()
     b = BPF(text=source, cflags=cflags)

@@ -1,105 +1,155 @@
-"""Turn a validated RuleSet into the entries of one kernel rule-set slot.
+"""The kernel contract, Python side: the only Python copy of bpf/layout.h
+and bpf/maps.h.
 
-Pure Python: no kernel, no BCC, so it is unit-tested without root. The
-kernel layer (kernel.py) copies these entries into the maps described in
-bpf/layout.h.
+Limits, slot numbers, rule indexes, reason names, flag bits, the structs
+the maps hold (as ctypes, which also give numpy dtypes) and the maps
+themselves. tests/unit/test_layout_contract.py reads the C headers as text
+and fails when any of these disagree; the compile child (compiler.py) also
+checks the structs against the types BCC derives from the C source, at
+every compile. Everything else in the package imports these names from
+here and never writes the numbers again.
 
-Matching is precomputed here so the packet path does at most one trie and
-one hash lookup, whatever the number of rules:
-
-- Every CIDR of the allow list, the deny list and the rules' sources
-  becomes one trie entry carrying the allow/deny flags and the bit mask of
-  rules whose sources contain it. Prefixes that contain an address form a
-  chain, so the longest match already carries everything above it.
-- Every (protocol, port) of the rules becomes a hash entry with the mask of
-  rules that accept it; protocols without a listed port use a per-protocol
-  mask. The first matching rule is the lowest bit of (source & port) masks.
-
-Addresses live in one 128-bit space: IPv6 as is, IPv4 as ::ffff:a.b.c.d.
-A barrier entry at ::ffff:0:0/96 stops IPv6 prefixes such as ::/0 from
-covering IPv4 sources.
+Also here: the address encoding every map key uses (bpf/layout.h
+"Addresses are kept as 16 bytes"): IPv6 as is, IPv4 as ::ffff:a.b.c.d,
+loaded by the program as two little-endian u64 halves.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
-import math
-import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-UNIT = 1_000_000_000  # bucket units per packet or byte (bpf/layout.h TG_UNIT)
-MAX_RULES = 64
-RULE_DEFAULT = 64
+# ---------------------------------------------------------------- constants
+PROG_NAME = "tidegate_xdp"  # the XDP function in bpf/tidegate.c (the kernel keeps its first 15 characters)
+SLOTS = 3  # TG_SLOTS: one active, one shadow, one to stage the next apply
+NO_SLOT = 0xFF  # TG_NO_SLOT
+
+MAX_RULES = 64  # TG_MAX_RULES: user rules per rule set
+RULE_DEFAULT = 64  # TG_RULE_DEFAULT and the other pseudo-rules: indexes after the user rules
 RULE_DENYLIST = 65
 RULE_ALLOWLIST = 66
 RULE_EXTHDR = 67  # IPv6 packets whose extension headers the parser did not walk to the end
-RULE_IDX = 68
-SLOTS = 3
-NO_SLOT = 0xFF
+RULE_IDX = 68  # TG_RULE_IDX: rule indexes per slot
+# the pseudo-rules' names, as counters and the rule-set model call them
+PSEUDO_RULES = {RULE_DEFAULT: "default", RULE_DENYLIST: "deny-list", RULE_ALLOWLIST: "allow-list",
+                RULE_EXTHDR: "ipv6-ext"}  # fmt: skip
 
-ACT_LIMIT, ACT_PASS, ACT_DROP = 0, 1, 2
-RF_PKT, RF_BYTES, RF_PREFIX, RF_PFX_BYTES = 1, 2, 4, 8
-CF_ALLOW, CF_DENY = 1, 2
-SET_HAS_TRIE, SET_HAS_PORTS, SET_EXT_DEFAULT = 1, 2, 4
-PORT_RANGE = 2 * 65536  # port-table entries per slot: (is_udp << 16 | port)
+UNIT = 1_000_000_000  # TG_UNIT: bucket units per packet or byte
 
-# The byte bucket's burst is capped so that burst * UNIT fits in 64 bits
-# with room for one refill; 4 GB of burst is far beyond any real use.
-MAX_BYTE_BURST = 4_000_000_000
-
-# the program's per-reason counters, in bpf/layout.h's TG_R_* order
+# the program's per-reason counters (tg_stats), in TG_R_* order
 REASONS = ("pass", "allow", "deny", "rate", "prefix", "blocked", "unparsed", "noconfig", "ipv6-ext-pass",
            "ipv6-ext-drop")  # fmt: skip
 DROP_REASONS = ("deny", "rate", "prefix", "blocked", "ipv6-ext-drop")  # the reasons whose verdict is drop
+# a rule's drops split by reason: tg_rule_count.drop_<reason>
+RULE_DROP_REASONS = ("rate", "prefix", "blocked", "deny")
 
-PROTO_NUMBERS = {"tcp": (6,), "udp": (17,), "icmp": (1,), "icmpv6": (58,), "any": tuple(range(256))}
-PORT_PROTOS = {"tcp": (6,), "udp": (17,), "any": (6, 17)}
+ACT_LIMIT, ACT_PASS, ACT_DROP = 0, 1, 2  # TG_ACT_*: tg_rule_cfg.action
+RF_PKT, RF_BYTES, RF_PREFIX, RF_PFX_BYTES = 1, 2, 4, 8  # TG_RF_*: tg_rule_cfg.flags
+CF_ALLOW, CF_DENY = 1, 2  # TG_CF_*: tg_cidr_val.flags
+SET_HAS_TRIE, SET_HAS_PORTS, SET_EXT_DEFAULT = 1, 2, 4  # TG_SET_*: tg_set_cfg.flags
+KIND_SOURCE, KIND_PREFIX = 0, 1  # TG_KIND_*: tg_state_key.kind
+LRU_INSERTS, LRU_FAILS, LRU_COUNTERS = 0, 1, 2  # TG_LRU_*: tg_lru indexes
 
-_V4_MAPPED = 0xFFFF << 32
-_BARRIER = (_V4_MAPPED, 96)
+PORT_RANGE = 2 * 65536  # port-table entries per slot: (is_udp << 16 | port), TG_PORT_IDX
+PORT_ENTRIES = SLOTS * PORT_RANGE  # TG_PORT_ENTRIES
+
+# map sizes the agent passes as -D flags; these are bpf/maps.h's defaults
+MAX_SOURCES = 1 << 20  # TG_MAX_SOURCES: per-source LRU entries
+MAX_CIDRS = 3 * 131072  # TG_MAX_CIDRS: entries of each family's trie, all three slots
+SLOT_CIDRS = MAX_CIDRS // SLOTS  # the CIDR entries one rule set may use
+
+# bpf/rules.h: the de Bruijn multiplier that finds a mask's lowest bit; tg_debruijn is its table
+DEBRUIJN = 0x022FDD63CC95386D
+
+# --------------------------------------------------------------- the structs
+u8, u16, u32, u64 = ctypes.c_ubyte, ctypes.c_ushort, ctypes.c_uint, ctypes.c_ulonglong
+
+
+class tg_ctl(ctypes.Structure):
+    _fields_ = [("sel", u32), ("pad", u32)]
+
+
+class tg_mask(ctypes.Structure):
+    _fields_ = [("hi", u64), ("lo", u64)]
+
+
+class tg_limit(ctypes.Structure):
+    _fields_ = [("rate", u64), ("burst", u64), ("fill_ns", u64), ("brate", u64), ("bburst", u64), ("bfill_ns", u64)]
+
+
+class tg_rule_cfg(ctypes.Structure):
+    _fields_ = [("action", u32), ("flags", u32), ("block_ns", u64), ("src", tg_limit), ("pfx", tg_limit),
+                ("pfx4", tg_mask), ("pfx6", tg_mask)]  # fmt: skip
+
+
+class tg_set_cfg(ctypes.Structure):
+    _fields_ = [("version", u64), ("epoch", u32), ("flags", u32), ("any_src_mask", u64), ("proto_mask", u64 * 256),
+                ("key4", tg_mask), ("key6", tg_mask), ("same_match_as", u32), ("pad", u32)]  # fmt: skip
+
+
+class tg_cidr4_key(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("slot", u32), ("addr", u32)]
+
+
+class tg_cidr6_key(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("slot", u32), ("addr_hi", u64), ("addr_lo", u64)]
+
+
+class tg_cidr_val(ctypes.Structure):
+    _fields_ = [("rule_mask", u64), ("flags", u32), ("pad", u32)]
+
+
+class tg_state_key(ctypes.Structure):
+    _fields_ = [("addr_hi", u64), ("addr_lo", u64), ("epoch", u32), ("rule", u8), ("kind", u8), ("pad", u16)]
+
+
+class tg_src(ctypes.Structure):
+    _fields_ = [(n, u64) for n in ("tokens", "last_ns", "byte_tokens", "blocked_until", "packets", "bytes", "drops",
+                                   "new_drops", "first_ns")]  # fmt: skip
+
+
+class tg_count(ctypes.Structure):
+    _fields_ = [("packets", u64), ("bytes", u64)]
+
+
+class tg_rule_count(ctypes.Structure):
+    _fields_ = [(n, u64) for n in ("pass_pkts", "pass_bytes", "drop_pkts", "drop_bytes", "drop_rate", "drop_prefix",
+                                   "drop_blocked", "drop_deny", "shadow_pkts", "shadow_drop", "shadow_new_drop",
+                                   "shadow_bytes_drop")]  # fmt: skip
+
+
+# ------------------------------------------------------------------ the maps
+# map name -> (key type, value type, per-CPU values), in bpf/maps.h's order
+LAYOUTS: dict[str, tuple[type, type, bool]] = {
+    "tg_ctl": (u32, tg_ctl, False),
+    "tg_sets": (u32, tg_set_cfg, False),
+    "tg_rules": (u32, tg_rule_cfg, False),
+    "tg_cidrs4": (tg_cidr4_key, tg_cidr_val, False),
+    "tg_cidrs6": (tg_cidr6_key, tg_cidr_val, False),
+    "tg_ports": (u32, u64, False),
+    "tg_state": (tg_state_key, tg_src, False),
+    "tg_stats": (u32, tg_count, True),
+    "tg_rule_stats": (u32, tg_rule_count, True),
+    "tg_lru": (u32, u64, True),
+    "tg_debruijn": (u32, u32, False),
+    "tg_clock": (u32, u64, False),  # replay builds only, not pinned
+}
+# the pinned maps: every program has them
+MAP_NAMES = tuple(n for n in LAYOUTS if n != "tg_clock")
+# pinned maps that only count: when their size changes (a new reason), they are made anew
+RESIZABLE_COUNTERS = {"tg_stats": len(REASONS)}
+
+# ----------------------------------------------------------- address encoding
+V4_MAPPED = 0xFFFF << 32  # ::ffff:0:0, where IPv4 addresses live in the 128-bit space
 
 
 @dataclass(frozen=True)
 class Mask:
+    """tg_mask: a 16-byte network mask as the two u64 the program loads."""
+
     hi: int
     lo: int
-
-
-@dataclass(frozen=True)
-class BucketParams:
-    rate: int = 0
-    burst: int = 0
-    fill_ns: int = 0
-    brate: int = 0
-    bburst: int = 0
-    bfill_ns: int = 0
-
-
-@dataclass(frozen=True)
-class RuleParams:
-    name: str
-    action: int = ACT_PASS
-    flags: int = 0
-    block_ns: int = 0
-    src: BucketParams = BucketParams()
-    pfx: BucketParams = BucketParams()
-    pfx4: Mask = Mask(0, 0)
-    pfx6: Mask = Mask(0, 0)
-
-
-@dataclass
-class KernelRuleSet:
-    """Everything one slot needs. rule_names[i] names rule index i."""
-
-    flags: int
-    any_src_mask: int
-    proto_mask: list[int]
-    key4: Mask
-    key6: Mask
-    rules: dict[int, RuleParams]
-    cidrs: dict[tuple[int, int], tuple[int, int]]  # (addr128, prefixlen128) -> (rule_mask, flags)
-    ports: dict[tuple[int, int], int]  # (ip proto, port) -> rule_mask
-    rule_names: dict[int, str] = field(default_factory=dict)
 
 
 def mask_halves(prefixlen128: int) -> Mask:
@@ -123,247 +173,5 @@ def halves_to_address(hi: int, lo: int) -> ipaddress.IPv4Address | ipaddress.IPv
 def network_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int]:
     """(addr128, prefixlen128) of a network in the unified address space."""
     if net.version == 4:
-        return _V4_MAPPED | int(net.network_address), 96 + net.prefixlen
+        return V4_MAPPED | int(net.network_address), 96 + net.prefixlen
     return int(net.network_address), net.prefixlen
-
-
-def _contains(outer: tuple[int, int], inner: tuple[int, int]) -> bool:
-    oa, op = outer
-    ia, ip_ = inner
-    if op > ip_:
-        return False
-    if op == 0:
-        return True
-    shift = 128 - op
-    return (oa >> shift) == (ia >> shift)
-
-
-def bucket_params(pps: int, burst: int, bps: int | None, burst_bytes: int | None) -> BucketParams:
-    burst_units = burst * UNIT
-    fill = math.ceil(burst_units / pps)
-    brate = bburst = bfill = 0
-    if bps:
-        brate = max(1, bps // 8)
-        bb = burst_bytes if burst_bytes else max(1, bps // 8)
-        bburst = min(bb, MAX_BYTE_BURST) * UNIT
-        bfill = math.ceil(bburst / brate)
-    return BucketParams(pps, burst_units, fill, brate, bburst, bfill)
-
-
-def _limit_params(limit) -> BucketParams:
-    return bucket_params(limit.pps, limit.burst, getattr(limit, "bps", None), getattr(limit, "burst_bytes", None))
-
-
-def rule_params(name: str, action: str, limit, prefix_limit, block_seconds: int) -> RuleParams:
-    if action == "drop":
-        return RuleParams(name, ACT_DROP)
-    if action == "pass" or limit is None:
-        return RuleParams(name, ACT_PASS)
-    flags = RF_PKT
-    src = _limit_params(limit)
-    if src.brate:
-        flags |= RF_BYTES
-    pfx = BucketParams()
-    pfx4 = pfx6 = Mask(0, 0)
-    if prefix_limit is not None:
-        flags |= RF_PREFIX
-        pfx = _limit_params(prefix_limit.limit)
-        if pfx.brate:
-            flags |= RF_PFX_BYTES
-        pfx4 = mask_halves(96 + prefix_limit.ipv4_prefix)
-        pfx6 = mask_halves(prefix_limit.ipv6_prefix)
-    return RuleParams(name, ACT_LIMIT, flags, block_seconds * 1_000_000_000, src, pfx, pfx4, pfx6)
-
-
-def _is_any_source(sources) -> bool:
-    """No sources listed, or both families' /0: match without a trie entry."""
-    if not sources:
-        return True
-    families = {n.version for n in sources if n.prefixlen == 0}
-    return families == {4, 6}
-
-
-# The agent builds the same rule set's entries twice in a row (the
-# blast-radius estimate, then the kernel write): the last few results are
-# kept by identity (hashing a 10,000-CIDR RuleSet would cost more than it saves).
-_RECENT: list[tuple[object, KernelRuleSet]] = []
-
-
-def build_kernel_rule_set(rule_set) -> KernelRuleSet:
-    """The kernel entries of a rule set. The result may be shared between
-    callers: treat it as read-only."""
-    for rs, krs in list(_RECENT):
-        if rs is rule_set:
-            return krs
-    krs = _build_kernel_rule_set(rule_set)
-    _RECENT.insert(0, (rule_set, krs))
-    del _RECENT[4:]
-    return krs
-
-
-def _build_kernel_rule_set(rule_set) -> KernelRuleSet:
-    rules = list(rule_set.rules)
-    if len(rules) > MAX_RULES:
-        raise ValueError(f"{len(rules)} rules, the kernel holds at most {MAX_RULES}")
-
-    any_src_mask = 0
-    own: dict[tuple[int, int], list[int]] = {}  # key -> [rule_mask, flags]
-
-    def add(net, mask: int, flags: int) -> None:
-        entry = own.setdefault(network_key(net), [0, 0])
-        entry[0] |= mask
-        entry[1] |= flags
-
-    for net in rule_set.allow:
-        add(net, 0, CF_ALLOW)
-    for net in rule_set.deny:
-        add(net, 0, CF_DENY)
-    for i, rule in enumerate(rules):
-        if _is_any_source(rule.sources):
-            any_src_mask |= 1 << i
-        else:
-            for net in rule.sources:
-                add(net, 1 << i, 0)
-
-    cidrs = _inherit(own)
-
-    proto_mask = [0] * 256
-    ports: dict[tuple[int, int], int] = {}
-    for i, rule in enumerate(rules):
-        bit = 1 << i
-        if rule.dst_ports:
-            for proto in PORT_PROTOS[rule.protocol]:
-                for pr in rule.dst_ports:
-                    for port in range(pr.lo, pr.hi + 1):
-                        ports[(proto, port)] = ports.get((proto, port), 0) | bit
-        else:
-            for proto in PROTO_NUMBERS[rule.protocol]:
-                proto_mask[proto] |= bit
-    for (proto, port), m in ports.items():
-        ports[(proto, port)] = m | proto_mask[proto]
-
-    params: dict[int, RuleParams] = {}
-    names: dict[int, str] = {}
-    for i, rule in enumerate(rules):
-        params[i] = rule_params(rule.name, rule.action, rule.limit, rule.prefix_limit, rule.block_seconds)
-        names[i] = rule.name
-    d = rule_set.defaults
-    params[RULE_DEFAULT] = rule_params("default", "limit", d.limit, d.prefix_limit, d.block_seconds)
-    params[RULE_DENYLIST] = RuleParams("deny-list", ACT_DROP)
-    params[RULE_ALLOWLIST] = RuleParams("allow-list", ACT_PASS)
-    # defaults.ipv6_unparsed_extensions: pass or drop by this pseudo-rule, or "default": the default rule
-    ext = d.ipv6_unparsed_extensions
-    params[RULE_EXTHDR] = RuleParams("ipv6-ext", ACT_DROP if ext == "drop" else ACT_PASS)
-    names.update({RULE_DEFAULT: "default", RULE_DENYLIST: "deny-list", RULE_ALLOWLIST: "allow-list",
-                  RULE_EXTHDR: "ipv6-ext"})  # fmt: skip
-
-    flags = (SET_HAS_TRIE if cidrs else 0) | (SET_HAS_PORTS if ports else 0)
-    flags |= SET_EXT_DEFAULT if ext == "default" else 0
-    return KernelRuleSet(
-        flags=flags,
-        any_src_mask=any_src_mask,
-        proto_mask=proto_mask,
-        key4=mask_halves(96 + d.ipv4_prefix),
-        key6=mask_halves(d.ipv6_prefix),
-        rules=params,
-        cidrs=cidrs,
-        ports=ports,
-        rule_names=names,
-    )
-
-
-def _inherit(own: dict[tuple[int, int], list[int]]) -> dict[tuple[int, int], tuple[int, int]]:
-    """Give every entry the masks and flags of all entries containing it.
-
-    Sorted by (address, prefix length), an entry's containing entries are
-    exactly the stack of still-open prefixes before it: O(n log n)."""
-    if not own:
-        return {}
-    if any(_contains(k, _BARRIER) and k != _BARRIER for k in own) and _BARRIER not in own:
-        own = dict(own)
-        own[_BARRIER] = [0, 0]
-    out: dict[tuple[int, int], tuple[int, int]] = {}
-    stack: list[tuple[tuple[int, int], int, int]] = []
-    for key in sorted(own):
-        while stack and not _contains(stack[-1][0], key):
-            stack.pop()
-        mask, flags = own[key]
-        # IPv4 space never inherits from IPv6 prefixes above the barrier
-        if stack and not (key == _BARRIER or (stack[-1][0][1] < 96 and _contains(_BARRIER, key))):
-            mask |= stack[-1][1]
-            flags |= stack[-1][2]
-        stack.append((key, mask, flags))
-        out[key] = (mask, flags)
-    return out
-
-
-def same_matching(a: KernelRuleSet, b: KernelRuleSet) -> bool:
-    """True if every packet gets the same rule index (or list verdict) from
-    both: the shadow set may then reuse the active set's classification."""
-    return (a.flags == b.flags and a.any_src_mask == b.any_src_mask and a.proto_mask == b.proto_mask
-            and a.ports == b.ports and a.cidrs == b.cidrs)  # fmt: skip
-
-
-def trie_family(addr128: int, prefixlen128: int) -> int:
-    """Which of the program's two tries holds an entry: 4 for the IPv4
-    (::ffff:0:0/96) part of the unified space, 6 for the rest."""
-    return 4 if prefixlen128 >= 96 and (addr128 >> 32) == 0xFFFF else 6
-
-
-def kernel_trie_entries(krs: KernelRuleSet, slot: int) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
-    """The raw (key, value) bytes of one slot's IPv4 and IPv6 trie entries,
-    as bpf/layout.h lays out tg_cidr4_key, tg_cidr6_key and tg_cidr_val."""
-    v4: dict[bytes, bytes] = {}
-    v6: dict[bytes, bytes] = {}
-    for (addr, plen), (mask, flags) in krs.cidrs.items():
-        val = struct.pack("<QII", mask, flags, 0)
-        if trie_family(addr, plen) == 4:
-            if (addr, plen) == _BARRIER and not (mask or flags):
-                continue  # only separates the families in the unified space
-            v4[struct.pack("<II", 32 + plen - 96, slot) + (addr & 0xFFFFFFFF).to_bytes(4, "big")] = val
-        else:
-            v6[struct.pack("<II", 32 + plen, slot) + addr.to_bytes(16, "big")] = val
-    return v4, v6
-
-
-def kernel_port_entries(krs: KernelRuleSet) -> dict[int, int]:
-    """One slot's port-table entries: index within the slot's range
-    (is_udp << 16 | port, bpf/layout.h TG_PORT_IDX) -> rule mask."""
-    return {((proto == 17) << 16 | port): mask for (proto, port), mask in krs.ports.items()}
-
-
-class Classifier:
-    """The program's matching, in Python, over a KernelRuleSet: used by the
-    blast-radius estimate and canary checks. Longest-prefix match by one
-    dict per family and prefix length (at most 129 lookups)."""
-
-    def __init__(self, krs: KernelRuleSet):
-        self.krs = krs
-        self._by_len: dict[int, dict[int, dict[int, tuple[int, int]]]] = {4: {}, 6: {}}
-        for (addr, plen), val in krs.cidrs.items():
-            fam = self._by_len[trie_family(addr, plen)]
-            fam.setdefault(plen, {})[addr >> (128 - plen) if plen else 0] = val
-        self._lens = {f: sorted(d, reverse=True) for f, d in self._by_len.items()}
-
-    def classify(self, address: str, proto: int | None = None, port: int | None = None) -> int:
-        """Rule index (RULE_DENYLIST / RULE_ALLOWLIST for the lists)."""
-        a = ipaddress.ip_address(address)
-        key = (_V4_MAPPED | int(a)) if a.version == 4 else int(a)
-        by_len = self._by_len[a.version]
-        src_mask = self.krs.any_src_mask
-        for plen in self._lens[a.version]:
-            val = by_len[plen].get(key >> (128 - plen) if plen else 0)
-            if val is not None:
-                mask, flags = val
-                if flags & CF_ALLOW:
-                    return RULE_ALLOWLIST
-                if flags & CF_DENY:
-                    return RULE_DENYLIST
-                src_mask |= mask
-                break
-        p = 0 if proto is None else proto
-        port_mask = self.krs.proto_mask[p]
-        if port is not None and (p, port) in self.krs.ports:
-            port_mask = self.krs.ports[(p, port)]
-        m = src_mask & port_mask
-        return (m & -m).bit_length() - 1 if m else RULE_DEFAULT

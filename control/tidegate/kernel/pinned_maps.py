@@ -1,13 +1,13 @@
 """tidegate's BPF maps as the agent sees them: opened by fd, read and
 written with bpf(2) (bpfsys), without BCC or LLVM in the process.
 
-The ctypes layouts mirror bpf/layout.h. The compile child (compiler.py)
-checks them against the layouts BCC derives from the C source at every
-compile, and refuses a program whose maps they do not describe, so there
-is still one source of truth: the C headers.
+The ctypes layouts (layout.LAYOUTS) mirror bpf/layout.h. The compile child
+(compiler.py) checks them against the layouts BCC derives from the C source
+at every compile (layout_mismatch), and refuses a program whose maps they do
+not describe, so there is still one source of truth: the C headers.
 
-`PinnedMap` offers the part of BCC's table interface that kernel.py and the
-tests use: Key/Leaf types, t[key], t[key] = leaf, getvalue (per-CPU maps),
+`PinnedMap` offers the part of BCC's table interface that the kernel layer
+and the tests use: Key/Leaf types, t[key], t[key] = leaf, getvalue (per-CPU maps),
 keys(), items(), clear() and map_fd.
 """
 
@@ -18,78 +18,7 @@ import errno
 import os
 
 from tidegate.kernel import bpfsys
-
-u8, u16, u32, u64 = ctypes.c_ubyte, ctypes.c_ushort, ctypes.c_uint, ctypes.c_ulonglong
-
-
-class tg_ctl(ctypes.Structure):
-    _fields_ = [("sel", u32), ("pad", u32)]
-
-
-class tg_mask(ctypes.Structure):
-    _fields_ = [("hi", u64), ("lo", u64)]
-
-
-class tg_limit(ctypes.Structure):
-    _fields_ = [("rate", u64), ("burst", u64), ("fill_ns", u64), ("brate", u64), ("bburst", u64), ("bfill_ns", u64)]
-
-
-class tg_rule_cfg(ctypes.Structure):
-    _fields_ = [("action", u32), ("flags", u32), ("block_ns", u64), ("src", tg_limit), ("pfx", tg_limit),
-                ("pfx4", tg_mask), ("pfx6", tg_mask)]  # fmt: skip
-
-
-class tg_set_cfg(ctypes.Structure):
-    _fields_ = [("version", u64), ("epoch", u32), ("flags", u32), ("any_src_mask", u64), ("proto_mask", u64 * 256),
-                ("key4", tg_mask), ("key6", tg_mask), ("same_match_as", u32), ("pad", u32)]  # fmt: skip
-
-
-class tg_cidr4_key(ctypes.Structure):
-    _fields_ = [("prefixlen", u32), ("slot", u32), ("addr", u32)]
-
-
-class tg_cidr6_key(ctypes.Structure):
-    _fields_ = [("prefixlen", u32), ("slot", u32), ("addr_hi", u64), ("addr_lo", u64)]
-
-
-class tg_cidr_val(ctypes.Structure):
-    _fields_ = [("rule_mask", u64), ("flags", u32), ("pad", u32)]
-
-
-class tg_state_key(ctypes.Structure):
-    _fields_ = [("addr_hi", u64), ("addr_lo", u64), ("epoch", u32), ("rule", u8), ("kind", u8), ("pad", u16)]
-
-
-class tg_src(ctypes.Structure):
-    _fields_ = [(n, u64) for n in ("tokens", "last_ns", "byte_tokens", "blocked_until", "packets", "bytes", "drops",
-                                   "new_drops", "first_ns")]  # fmt: skip
-
-
-class tg_count(ctypes.Structure):
-    _fields_ = [("packets", u64), ("bytes", u64)]
-
-
-class tg_rule_count(ctypes.Structure):
-    _fields_ = [(n, u64) for n in ("pass_pkts", "pass_bytes", "drop_pkts", "drop_bytes", "drop_rate", "drop_prefix",
-                                   "drop_blocked", "drop_deny", "shadow_pkts", "shadow_drop", "shadow_new_drop",
-                                   "shadow_bytes_drop")]  # fmt: skip
-
-
-# map name -> (key type, value type, per-CPU values); bpf/maps.h
-LAYOUTS: dict[str, tuple[type, type, bool]] = {
-    "tg_ctl": (u32, tg_ctl, False),
-    "tg_sets": (u32, tg_set_cfg, False),
-    "tg_rules": (u32, tg_rule_cfg, False),
-    "tg_cidrs4": (tg_cidr4_key, tg_cidr_val, False),
-    "tg_cidrs6": (tg_cidr6_key, tg_cidr_val, False),
-    "tg_ports": (u32, u64, False),
-    "tg_state": (tg_state_key, tg_src, False),
-    "tg_stats": (u32, tg_count, True),
-    "tg_rule_stats": (u32, tg_rule_count, True),
-    "tg_lru": (u32, u64, True),
-    "tg_debruijn": (u32, u32, False),
-    "tg_clock": (u32, u64, False),  # replay builds only, not pinned
-}
+from tidegate.kernel.layout import LAYOUTS
 
 BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY = 2, 6
 
@@ -100,7 +29,7 @@ def layout_mismatch(name: str, key_type: type, leaf_type: type) -> str | None:
     for what, want, got in (("key", want_key, key_type), ("value", want_leaf, leaf_type)):
         diff = _type_diff(want, got)
         if diff:
-            return f"map {name} {what}: {diff} (bpf/layout.h and control/tidegate/kernel/pinned_maps.py disagree)"
+            return f"map {name} {what}: {diff} (bpf/layout.h and control/tidegate/kernel/layout.py disagree)"
     return None
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from tidegate.kernel import bpfsys
 from tidegate.kernel.compiler import compile_in_child
-from tidegate.kernel.pinned_maps import LAYOUTS, PinnedMap
+from tidegate.kernel.layout import LAYOUTS
+from tidegate.kernel.pinned_maps import PinnedMap
 
 log = logging.getLogger("tidegate.kernel.filter")
 

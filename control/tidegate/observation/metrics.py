@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, PlatformColle
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import MetricsHandler
 
-from tidegate.kernel.layout import DROP_REASONS
+from tidegate.kernel.layout import DROP_REASONS, RULE_DROP_REASONS
 
 log = logging.getLogger("tidegate.observation.metrics")
 
@@ -91,7 +91,7 @@ class FilterCollector:
         for name, rc in sorted(c.rules.items()):
             rp.add_metric([name, "pass"], rc.pass_packets)
             rp.add_metric([name, "drop"], rc.drop_packets)
-            for reason in ("rate", "prefix", "blocked", "deny"):
+            for reason in RULE_DROP_REASONS:
                 rd.add_metric([name, reason], getattr(rc, f"drop_{reason}"))
         yield rp
         yield rd

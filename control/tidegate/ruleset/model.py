@@ -21,13 +21,14 @@ from typing import Any
 
 import yaml
 
+from tidegate.kernel.layout import MAX_RULES, PSEUDO_RULES, SLOT_CIDRS
 from tidegate.ruleset import cidrs
 from tidegate.ruleset.yaml_events import MAX_DEPTH, Node, TextError, compose, depth_error, shown_key as _shown_key
 
 PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6", "any")
 ACTIONS = ("limit", "pass", "drop")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")  # always fullmatch: `$` accepts a final newline
-RESERVED_NAMES = {"default", "deny-list", "allow-list", "ipv6-ext"}  # the kernel's pseudo-rules
+RESERVED_NAMES = set(PSEUDO_RULES.values())  # the kernel's pseudo-rules
 # defaults.ipv6_unparsed_extensions: IPv6 packets with more extension headers than the program walks
 IPV6_EXT_POLICIES = ("drop", "pass", "default")
 # The largest rule set the kernel holds (Capacity: 131,072 CIDRs) is 2.1 MB of YAML with IPv4 /24s
@@ -51,8 +52,8 @@ ANY_SOURCES: tuple = ()
 class Capacity:
     """What the kernel maps can hold for one rule set."""
 
-    max_rules: int = 64
-    max_cidrs: int = 131072
+    max_rules: int = MAX_RULES
+    max_cidrs: int = SLOT_CIDRS
     max_port_entries: int = 8192
     max_name_len: int = 32
 

@@ -5,7 +5,7 @@ itself, and the counter history they and the post-deployment reviews
 The estimate asks "what would this rule set drop that the active one
 passes?" of the traffic the agent actually saw: per-source rates from the
 sampler's recent window (default 5 min), each source classified by the
-candidate set the way the XDP program would (kernel_layout.Classifier) and
+candidate set the way the XDP program would (kernel.entries.Classifier) and
 given the candidate's steady-state rate (token buckets pass at most `pps`
 in the long run; bursts are ignored, so the estimate errs towards
 refusing). Prefix limits are applied to the sum of a prefix's sources.
@@ -23,15 +23,17 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
-from tidegate.kernel.layout import (  # DROP_REASONS is read from here by metrics and api
+from tidegate.kernel.entries import Classifier, build_kernel_rule_set
+from tidegate.kernel.layout import (
     ACT_DROP,
     ACT_PASS,
     DROP_REASONS,
     RULE_ALLOWLIST,
     RULE_DEFAULT,
     RULE_DENYLIST,
-    Classifier,
-    build_kernel_rule_set,
+    addr_halves,
+    mask_halves,
+    network_key,
 )
 
 log = logging.getLogger("tidegate.safety.estimate")
@@ -319,8 +321,6 @@ class Guard:
         if not rs.canaries or table.count == 0:
             return None
         import numpy as np
-
-        from tidegate.kernel.layout import addr_halves, mask_halves, network_key
 
         sel = (table.kind == 0) & (table.epoch == epoch) & (table.drops > 0)
         if not np.any(sel):

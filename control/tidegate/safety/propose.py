@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 
 from tidegate.safety import estimate as safety
-from tidegate.kernel.layout import _V4_MAPPED, addr_halves
+from tidegate.kernel.layout import V4_MAPPED, addr_halves
 from tidegate.ruleset.model import RuleSet, _limit_dict, _prefix_dict, parse_rule_set
 from tidegate.observation.sampler import SourceRates
 
@@ -41,7 +41,7 @@ def _halves(addresses: list[str]) -> tuple[np.ndarray, np.ndarray]:
     lo = np.zeros(len(addresses), np.uint64)
     for i, a in enumerate(addresses):
         ip = ipaddress.ip_address(a)
-        h, low = addr_halves(_V4_MAPPED | int(ip) if ip.version == 4 else int(ip))
+        h, low = addr_halves(V4_MAPPED | int(ip) if ip.version == 4 else int(ip))
         hi[i], lo[i] = h, low
     return hi, lo
 

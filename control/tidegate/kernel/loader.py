@@ -1,0 +1,214 @@
+"""Loading: which program and maps, from the pin directory or compiled.
+
+The program (bpf/tidegate.c with its headers pasted in) is compiled by BCC
+in a child process (program.py, compiler.py; BCC never loads into the
+agent) or, when the same program is pinned already, opened without
+compiling. Its maps are pinned under /sys/fs/bpf/tidegate/<iface>/ and
+outlive the agent; a new agent adopts them, and an attached program of the
+same instructions, as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tidegate.kernel import bpfsys, program
+from tidegate.kernel.compiler import CompileError
+from tidegate.kernel.errors import KernelError
+from tidegate.kernel.layout import DEBRUIJN, MAP_NAMES, MAX_CIDRS, MAX_SOURCES, NO_SLOT, PROG_NAME, RESIZABLE_COUNTERS
+from tidegate.kernel.pinned_maps import PinnedMap
+
+log = logging.getLogger("tidegate.kernel.filter")
+
+PIN_ROOT = "/sys/fs/bpf/tidegate"
+
+
+@dataclass
+class FilterConfig:
+    interface: str | None
+    xdp_mode: str = "auto"  # auto | native | generic
+    pin_root: str = PIN_ROOT
+    max_sources: int = MAX_SOURCES
+    max_cidrs: int = MAX_CIDRS  # per family trie, all three slots
+    replay_clock: bool = False  # test/replay build: time comes from a map
+    pin_name: str | None = None  # defaults to the interface name
+
+    @property
+    def pin_dir(self) -> str:
+        return os.path.join(self.pin_root, self.pin_name or self.interface or "unbound")
+
+
+@dataclass
+class LoadResult:
+    adopted: bool  # program was already attached and kept as is
+    replaced: bool  # an older tidegate program was replaced atomically
+    fresh_maps: bool
+    compile_seconds: float
+    prog_id: int
+    mode: str | None
+    compiled: bool = True  # a compile child ran (False: the pinned program of the same digest was used)
+
+
+def bpf_source_dir() -> Path:
+    env = os.environ.get("TIDEGATE_BPF_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "bpf"
+
+
+def inline_source(path: Path, _depth: int = 0) -> str:
+    """The program with its local headers pasted in.
+
+    BCC rewrites map method calls (tg_state.lookup(...)) only in the main
+    source text, not in included files; the headers stay split by concern
+    on disk and are joined here."""
+    if _depth > 8:
+        raise KernelError(f"include nesting too deep at {path}")
+    out = []
+    for line in path.read_text().splitlines(keepends=True):
+        m = re.match(r'\s*#include\s+"([^"]+)"', line)
+        if m:
+            out.append(f"/* --- {m.group(1)} --- */\n")
+            out.append(inline_source(path.parent / m.group(1), _depth + 1))
+        else:
+            out.append(line)
+    return "".join(out)
+
+
+def ensure_bpffs(root: str = "/sys/fs/bpf") -> None:
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2 and parts[1] == root and parts[2] == "bpf":
+                return
+    os.makedirs(root, exist_ok=True)
+    rc = os.system(f"mount -t bpf bpf {root} 2>/dev/null")
+    if rc != 0:
+        raise KernelError(f"{root} is not a bpf filesystem and mounting it failed (are you root?)")
+
+
+def cflags(config: FilterConfig) -> list[str]:
+    flags = [
+        f'-DTG_PIN_DIR="{config.pin_dir}"',
+        f"-DTG_MAX_SOURCES={config.max_sources}",
+        f"-DTG_MAX_CIDRS={config.max_cidrs}",
+        "-Wno-unused-function",
+    ]
+    if config.replay_clock:
+        flags.append("-DTG_REPLAY_CLOCK=1")
+    return flags
+
+
+def prepare_pin_dir(config: FilterConfig) -> bool:
+    """Mount bpffs if needed and make the pin dir. True if pinned maps
+    exist; refuses maps of another size or layout."""
+    ensure_bpffs()
+    d = config.pin_dir
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    if not os.path.exists(os.path.join(d, "tg_state")):
+        return False
+    want = {"tg_state": config.max_sources, "tg_cidrs4": config.max_cidrs, "tg_cidrs6": config.max_cidrs}
+    for name, entries in want.items():
+        p = os.path.join(d, name)
+        if not os.path.exists(p):
+            continue
+        info_entries = _pinned_entries(p)
+        if info_entries != entries:
+            raise KernelError(
+                f"pinned map {p} holds {info_entries} entries but this agent is configured for "
+                f"{entries}; run `tidegate detach --interface {config.interface}` to start over "
+                "with the new size (this removes the filter while it runs)"
+            )
+    for name, entries in RESIZABLE_COUNTERS.items():
+        # counters only: a new program with more reasons gets a new map (BCC would silently reuse
+        # the old, smaller one); the attached program keeps its own until the new one replaces it
+        p = os.path.join(d, name)
+        if os.path.exists(p) and _pinned_entries(p) != entries:
+            log.warning("the pinned counter map has another size: it is made anew and its counts restart "
+                        "from zero", extra={"map": p, "entries": entries})  # fmt: skip
+            os.unlink(p)
+    return True
+
+
+def _pinned_entries(path: str) -> int:
+    fd = bpfsys.obj_get(path)
+    try:
+        return bpfsys.map_info(fd).max_entries
+    finally:
+        os.close(fd)
+
+
+def attached_tidegate_tag(attached_id: int | None, interface: str | None) -> bytes | None:
+    """The tag of the attached program; refuses another XDP program."""
+    if not attached_id:
+        return None
+    fd = bpfsys.prog_fd_by_id(attached_id)
+    try:
+        info = bpfsys.prog_info(fd)
+    finally:
+        os.close(fd)
+    name = info.name.decode(errors="replace")
+    if name != PROG_NAME[:15]:
+        raise KernelError(
+            f"interface {interface} already runs another XDP program "
+            f"({name!r}, id {attached_id}); detach it first (`ip link set dev "
+            f"{interface} xdp off`)"
+        )
+    return bytes(info.tag)
+
+
+def load_program(config: FilterConfig) -> program.Program:
+    """The pinned program of this build, or one compiled in a child."""
+    src = inline_source(bpf_source_dir() / "tidegate.c")
+    try:
+        return program.open_or_compile(src, cflags(config), config.pin_dir)
+    except (CompileError, bpfsys.BpfError, OSError) as e:
+        raise KernelError(
+            f"compiling/loading the XDP program failed: {e}. Kernel headers and BCC are set up by "
+            "`make install`; a map layout change needs `tidegate detach` first"
+        ) from e
+
+
+def open_tables(prog: program.Program) -> dict[str, PinnedMap]:
+    tables = program.open_maps(prog.fd)
+    missing = [n for n in MAP_NAMES if n not in tables]
+    if missing:
+        raise KernelError(f"the loaded program lacks the maps {missing}; run `tidegate detach` first")
+    return tables
+
+
+def adopt_attached(prog: program.Program, attached_id: int, pin_dir: str) -> None:
+    """Use the attached program (the same instructions, loaded by an older
+    agent) instead of the one just opened, and pin it as this build's."""
+    fd = bpfsys.prog_fd_by_id(attached_id)
+    os.close(prog.fd)
+    prog.fd = fd
+    program.repin(fd, pin_dir, prog.digest)
+
+
+def maps_initialised(tables: dict[str, PinnedMap]) -> bool:
+    t = tables["tg_debruijn"]
+    return not all(t[t.Key(i)].value == 0 for i in (1, 2))
+
+
+def init_maps(tables: dict[str, PinnedMap]) -> None:
+    """Fill the de Bruijn table and select no rule set."""
+    t = tables["tg_debruijn"]
+    for bit in range(64):
+        idx = (((1 << bit) * DEBRUIJN) & 0xFFFFFFFFFFFFFFFF) >> 58
+        t[t.Key(idx)] = t.Leaf(bit)
+    ctl = tables["tg_ctl"]
+    leaf = ctl.Leaf()
+    leaf.sel = NO_SLOT | (NO_SLOT << 8)
+    ctl[ctl.Key(0)] = leaf
+
+
+def remove_pins(pin_dir: str) -> None:
+    if os.path.isdir(pin_dir):
+        for name in os.listdir(pin_dir):
+            os.unlink(os.path.join(pin_dir, name))
+        os.rmdir(pin_dir)

@@ -1,0 +1,221 @@
+"""Reading the maps: the selection and what each slot holds, counters
+(global per reason, per rule, shadow), the per-source LRU, raw trie and
+port-table contents, and a digest of everything for "nothing changed"
+checks. Nothing here writes a map."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from tidegate.kernel import bpfsys
+from tidegate.kernel.layout import (
+    DROP_REASONS,
+    LRU_FAILS,
+    LRU_INSERTS,
+    MAP_NAMES,
+    PORT_ENTRIES,
+    REASONS,
+    RULE_IDX,
+    SLOTS,
+    halves_to_address,
+    tg_src,
+    tg_state_key,
+)
+from tidegate.kernel.pinned_maps import PinnedMap
+
+Tables = dict[str, PinnedMap]
+
+
+@dataclass
+class RuleCounters:
+    pass_packets: int = 0
+    pass_bytes: int = 0
+    drop_packets: int = 0
+    drop_bytes: int = 0
+    drop_rate: int = 0
+    drop_prefix: int = 0
+    drop_blocked: int = 0
+    drop_deny: int = 0
+
+
+@dataclass
+class ShadowCounters:
+    packets: int = 0
+    would_drop: int = 0
+    would_drop_new: int = 0  # would drop where the active set passed
+    would_drop_bytes: int = 0
+
+
+@dataclass
+class Counters:
+    reasons: dict[str, tuple[int, int]]  # reason -> (packets, bytes)
+    rules: dict[str, RuleCounters]
+    shadow: dict[str, ShadowCounters]
+    lru_inserts: int
+    lru_insert_failures: int
+
+    @property
+    def packets(self) -> int:
+        return sum(p for p, _ in self.reasons.values())
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.reasons[r][0] for r in DROP_REASONS)
+
+
+@dataclass
+class SlotInfo:
+    slot: int
+    version: int
+    epoch: int
+
+
+@dataclass
+class FilterState:
+    interface: str | None
+    attached: bool
+    mode: str | None
+    prog_id: int | None
+    active: SlotInfo | None
+    shadow: SlotInfo | None
+    pin_dir: str
+
+
+@dataclass
+class SourceTable:
+    """A snapshot of the per-source LRU as numpy arrays (one row an entry)."""
+
+    addr_hi: object
+    addr_lo: object
+    epoch: object
+    rule: object
+    kind: object
+    tokens: object
+    last_ns: object
+    blocked_until: object
+    packets: object
+    bytes: object
+    drops: object
+    new_drops: object
+    first_ns: object
+    taken_ns: int = 0
+    count: int = 0
+
+    def address(self, i: int) -> str:
+        return str(halves_to_address(int(self.addr_hi[i]), int(self.addr_lo[i])))
+
+
+_STATE_KEY = np.dtype(tg_state_key)
+_SOURCE = np.dtype(tg_src)
+
+
+def selection(tables: Tables) -> tuple[int, int]:
+    """(active slot, shadow slot) as the program reads them."""
+    ctl = tables["tg_ctl"]
+    sel = ctl[ctl.Key(0)].sel
+    return sel & 0xFF, (sel >> 8) & 0xFF
+
+
+def slot_info(tables: Tables, slot: int) -> SlotInfo | None:
+    if slot >= SLOTS:
+        return None
+    t = tables["tg_sets"]
+    cfg = t[t.Key(slot)]
+    return SlotInfo(slot, int(cfg.version), int(cfg.epoch))
+
+
+def add_rule_counts(rc: RuleCounters, sc: ShadowCounters, percpu_vals) -> None:
+    """Add one rule's per-CPU tg_rule_count values to its totals."""
+    for v in percpu_vals:
+        rc.pass_packets += v.pass_pkts
+        rc.pass_bytes += v.pass_bytes
+        rc.drop_packets += v.drop_pkts
+        rc.drop_bytes += v.drop_bytes
+        rc.drop_rate += v.drop_rate
+        rc.drop_prefix += v.drop_prefix
+        rc.drop_blocked += v.drop_blocked
+        rc.drop_deny += v.drop_deny
+        sc.packets += v.shadow_pkts
+        sc.would_drop += v.shadow_drop
+        sc.would_drop_new += v.shadow_new_drop
+        sc.would_drop_bytes += v.shadow_bytes_drop
+
+
+def read_counters(tables: Tables, names: dict[int, dict[int, str]], retired: dict[str, RuleCounters]) -> Counters:
+    """The counters by reason and by rule name. names: slot -> rule index ->
+    name of the sets in the slots; retired: the totals of sets no longer in
+    a slot, added to the rule of the same name."""
+    stats = tables["tg_stats"]
+    reasons = {}
+    for i, name in enumerate(REASONS):
+        vals = stats.getvalue(stats.Key(i))
+        reasons[name] = (sum(v.packets for v in vals), sum(v.bytes for v in vals))
+    rules = {k: RuleCounters(**v.__dict__) for k, v in retired.items()}
+    shadow: dict[str, ShadowCounters] = {}
+    rs = tables["tg_rule_stats"]
+    _, shadow_slot = selection(tables)
+    for slot in range(SLOTS):
+        for idx, name in names.get(slot, {}).items():
+            vals = rs.getvalue(rs.Key(slot * RULE_IDX + idx))
+            rc = rules.setdefault(name, RuleCounters())
+            sc = ShadowCounters()
+            add_rule_counts(rc, sc, vals)
+            if slot == shadow_slot:
+                shadow[name] = sc
+    lru = tables["tg_lru"]
+    inserts = sum(lru.getvalue(lru.Key(LRU_INSERTS)))
+    fails = sum(lru.getvalue(lru.Key(LRU_FAILS)))
+    return Counters(reasons, rules, shadow, int(inserts), int(fails))
+
+
+def read_sources(tables: Tables, max_entries: int) -> SourceTable:
+    """Snapshot the per-source LRU with one batched read (at most max_entries)."""
+    t = tables["tg_state"]
+    keys, vals, count = bpfsys.lookup_batch(t.map_fd, _STATE_KEY.itemsize, _SOURCE.itemsize, max_entries)
+    k = keys.view(_STATE_KEY)[:count]
+    v = vals.view(_SOURCE)[:count]
+    return SourceTable(
+        k["addr_hi"], k["addr_lo"], k["epoch"], k["rule"], k["kind"],
+        v["tokens"], v["last_ns"], v["blocked_until"], v["packets"], v["bytes"], v["drops"],
+        v["new_drops"], v["first_ns"], time.monotonic_ns(), count,
+    )  # fmt: skip
+
+
+def read_trie(table: PinnedMap, max_entries: int) -> tuple[list[bytes], list[bytes], int]:
+    """A trie's raw keys and values, one batched read."""
+    ksz, vsz = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
+    keys, values, n = bpfsys.lookup_batch(table.map_fd, ksz, vsz, max_entries)
+    kb, vb = keys.tobytes(), values.tobytes()
+    return [kb[i * ksz:(i + 1) * ksz] for i in range(n)], [vb[i * vsz:(i + 1) * vsz] for i in range(n)], n
+
+
+def read_ports(tables: Tables) -> np.ndarray:
+    """The whole port table (all slots) as u64 masks, one batched read."""
+    _, values, n = bpfsys.lookup_batch(tables["tg_ports"].map_fd, 4, 8, PORT_ENTRIES)
+    return values.view("<u8")[:n]
+
+
+def map_digest(tables: Tables, max_cidrs: int, include_state: bool = True) -> str:
+    """sha256 over every map's content, for 'nothing changed' checks."""
+    h = hashlib.sha256()
+    for name in MAP_NAMES:
+        if name == "tg_state" and not include_state:
+            continue
+        h.update(name.encode())
+        if name == "tg_ports":
+            h.update(read_ports(tables).tobytes())  # 393,216 entries: one batched read, not a Python loop
+            continue
+        if name in ("tg_cidrs4", "tg_cidrs6"):
+            keys, values, _ = read_trie(tables[name], max_cidrs)
+            items = sorted(zip(keys, values))
+        else:
+            items = sorted((bytes(k), bytes(v)) for k, v in tables[name].items())
+        for kb, vb in items:
+            h.update(kb)
+            h.update(vb)
+    return h.hexdigest()
