@@ -12,8 +12,10 @@ import os
 import sys
 import time
 
+from tidegate.cli.options import output_option
 from tidegate.fleet.keys import FINAL, FleetError, Keys, matches, new_rollout_id, parse_labels, plan_waves
 
+OUTPUTS = ("table", "json")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUSY, EXIT_HALTED, EXIT_REFUSED, EXIT_UNCONFIRMED = 0, 1, 2, 3, 4, 5, 6
 
 EXAMPLES = """EXAMPLES
@@ -56,7 +58,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--etcd-ca", metavar="PEM", help="CA of etcd's server certificate")
     g.add_argument("--etcd-cert", metavar="PEM", help="client certificate for etcd")
     g.add_argument("--etcd-key", metavar="PEM", help="client key for etcd")
-    g.add_argument("-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS, help="table or json")
+    output_option(g, suppress=True, choices=OUTPUTS, help="table or json")
 
 
 def _drive_options(p: argparse.ArgumentParser, shadow_default: float) -> None:
@@ -104,7 +106,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tidegate fleet", description=DESCRIPTION, epilog=EXAMPLES + EXIT_STATUS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)  # fmt: skip
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    output_option(p, suppress=False, choices=OUTPUTS, help="table (default) or json")
     sub = p.add_subparsers(dest="fverb", metavar="VERB")
     r = sub.add_parser("rollout", help="roll a rule set out in waves", epilog=EXIT_STATUS,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
