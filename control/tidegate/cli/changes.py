@@ -115,9 +115,7 @@ def apply(args, out: Output) -> int:
     with out.progress(label):
         r = cl.call("ApplyRuleSet", req, timeout=timeout)
     rolled_back = r.guard_outcome == "rolled-back"
-    if out.is_json:
-        out.json(message_to_dict(r))
-    else:
+    if not out.as_json(r):
         kind = "shadow version" if r.shadow else "version"
         out.line(f"applied {args.file} as {kind} {r.version}")
         if r.estimate and r.estimate.summary:
@@ -146,9 +144,7 @@ def rollback(args, out: Output) -> int:
     cl = client_of(args)
     with out.progress("rolling back ..."):
         r = cl.call("Rollback", cl.pb.RollbackRequest(to_version=args.to, reason=args.reason))
-    if out.is_json:
-        out.json(message_to_dict(r))
-    else:
+    if not out.as_json(r):
         out.line(f"rolled back: version {r.version} is active")
     return EXIT_OK
 
@@ -173,9 +169,7 @@ def set_limit(args, out: Output) -> int:
     with out.progress(f"changing the limit of {args.rule} ..."):
         r = cl.call("UpdateThresholds", cl.pb.UpdateThresholdsRequest(
             rule=args.rule, pps=args.pps, burst=args.burst, bps=args.bps, reason=args.reason, force=args.force))  # fmt: skip
-    if out.is_json:
-        out.json(message_to_dict(r))
-    else:
+    if not out.as_json(r):
         burst = f", burst {args.burst}" if args.burst else ""
         bps = f", {args.bps} bits/s" if args.bps else ""
         out.line(f"limit of {args.rule} set to {args.pps} pps{burst}{bps}: version {r.version} is active")
@@ -193,9 +187,7 @@ def promote(args, out: Output) -> int:
     cl = client_of(args)
     with out.progress("promoting the shadow set ..."):
         r = cl.call("PromoteShadow", cl.pb.PromoteRequest(reason=args.reason, force=args.force))
-    if out.is_json:
-        out.json(message_to_dict(r))
-    else:
+    if not out.as_json(r):
         out.line(f"promoted: shadow version {r.version} is now active")
     return EXIT_OK
 
@@ -214,14 +206,11 @@ def shadow(args, out: Output) -> int:
     cl = client_of(args)
     if args.action == "clear":
         r = cl.call("ClearShadow", cl.pb.ClearShadowRequest(reason=args.reason))
-        if out.is_json:
-            out.json(message_to_dict(r))
-        else:
+        if not out.as_json(r):
             out.line(f"shadow version {r.cleared_version} cleared")
         return EXIT_OK
     r = cl.call("ShadowReport", cl.pb.ShadowReportRequest(top=args.top))
-    if out.is_json:
-        out.json(message_to_dict(r))
+    if out.as_json(r):
         return EXIT_OK
     out.line(f"shadow version {r.shadow_version} vs active {r.active_version}: loaded {duration(r.loaded_seconds)},"
              f" {r.packets:,} packets seen, would newly drop {r.would_drop_new:,} ({r.share:.2%})")
@@ -249,8 +238,7 @@ def whatif(args, out: Output) -> int:
     with out.progress(f"estimating {args.file} against the observed traffic ..."):
         e = cl.call("WhatIf", cl.pb.RuleSetText(yaml=text, source=args.file))
     refused = EXIT_OK if e.within_budget else EXIT_CHECK_REFUSED
-    if out.is_json:
-        out.json(message_to_dict(e))
+    if out.as_json(e):
         return refused
     verdict = "within budget" if e.within_budget else "OVER BUDGET (an apply would be refused without --force)"
     out.line(f"{args.file}: {verdict}")
@@ -296,8 +284,7 @@ def deny(args, out: Output) -> int:
     cl.stub = bpbg.BlocklistStub(cl.channel)
     if args.action == "list":
         r = cl.call("DenyList", bpb.DenyListRequest())
-        if out.is_json:
-            out.json(message_to_dict(r))
+        if out.as_json(r):
             return EXIT_OK
         now = time.time()
         rows = [[e.cidr, _expiry(e.expires, now), e.author if e.quick else "(rule set)", e.reason]
@@ -312,9 +299,7 @@ def deny(args, out: Output) -> int:
     else:
         r = cl.call("DenyRemove", bpb.DenyRemoveRequest(cidr=args.cidr, reason=args.reason))
         what = f"removed {r.cidr} from the deny list"
-    if out.is_json:
-        out.json(message_to_dict(r))
-    else:
+    if not out.as_json(r):
         out.line(f"{what}: version {r.version}")
     return EXIT_OK
 

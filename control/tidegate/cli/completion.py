@@ -17,7 +17,7 @@ import yaml
 
 from tidegate.client import ClientError
 from tidegate.cli.options import CONNECTION_DEFAULTS
-from tidegate.cli.verb import client_of
+from tidegate.cli.verb import arg, client_of
 
 AGENT_SECONDS = 1.0  # at most this long per call to the agent while completing
 
@@ -65,6 +65,11 @@ def versions(prefix: str, parsed_args, **_) -> list[str]:
     except ClientError:
         return []
     return [str(v.number) for v in r.versions]
+
+
+def version_arg():
+    """The positional VERSION of show and review, completed from the agent."""
+    return arg("version", type=int, metavar="VERSION", completer=versions)
 
 
 def rule_names(prefix: str, parsed_args, **_) -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 
 from tidegate.cli.verb import arg, verb
-from tidegate.fleet.cli import main as fleet_main
 
 
 @verb("agent", "run the agent that owns the XDP filter and serves the API",
@@ -33,4 +32,6 @@ def agent(args, out) -> int:
       arg("args", nargs=argparse.REMAINDER, help="VERB and its options (tidegate fleet --help)"),
       remote=False, own_parser=True)  # fmt: skip
 def fleet(args, out) -> int:
+    from tidegate.fleet.cli import main as fleet_main  # lazy: the etcd client only on this path
+
     return fleet_main(["-o", args.output, *args.args])

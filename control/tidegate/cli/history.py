@@ -7,7 +7,7 @@ import os
 import sys
 
 from tidegate.client import ClientError
-from tidegate.cli.completion import versions as version_numbers
+from tidegate.cli.completion import version_arg, versions as version_numbers
 from tidegate.cli.output import (Output, colour_diff, error_document, message_to_dict, print_error,
                                  use_colour)  # fmt: skip
 from tidegate.cli.verb import EXIT_OK, EXIT_USAGE, LocalError, arg, client_of, read_file, verb
@@ -37,12 +37,11 @@ def versions(args, out: Output) -> int:
       "the YAML can be edited and applied again.",
       "tidegate show 4\n"
       "tidegate show 4 > rules.yaml   # edit, then: tidegate apply rules.yaml --reason ...",
-      arg("version", type=int, metavar="VERSION", completer=version_numbers))  # fmt: skip
+      version_arg())  # fmt: skip
 def show(args, out: Output) -> int:
     cl = client_of(args)
     v = cl.call("GetVersion", cl.pb.GetVersionRequest(number=args.version))
-    if out.is_json:
-        out.json(message_to_dict(v))
+    if out.as_json(v):
         return EXIT_OK
     i = v.info
     out.line(f"# version {i.number} ({i.state}{', active' if i.active else ''}), {i.created}, by {i.author}")

@@ -8,7 +8,7 @@ import json
 
 from tidegate.client import ClientError
 from tidegate.cli.output import Output, duration, make_table, message_to_dict, per_second, quiet_broken_pipe
-from tidegate.cli.completion import versions
+from tidegate.cli.completion import version_arg
 from tidegate.cli.verb import EXIT_OK, LocalError, arg, client_of, verb
 
 
@@ -21,8 +21,7 @@ from tidegate.cli.verb import EXIT_OK, LocalError, arg, client_of, verb
 def status(args, out: Output) -> int:
     cl = client_of(args)
     s = cl.call("GetStatus", cl.pb.GetStatusRequest())
-    if out.is_json:
-        out.json(message_to_dict(s))
+    if out.as_json(s):
         return EXIT_OK
     out.kv(f"tidegate agent at {args.server}", [
         ("interface", s.interface),
@@ -63,8 +62,7 @@ def _counter_tables(c) -> list:
 def counters(args, out: Output) -> int:
     cl = client_of(args)
     c = cl.call("GetCounters", cl.pb.GetCountersRequest())
-    if out.is_json:
-        out.json(message_to_dict(c))
+    if out.as_json(c):
         return EXIT_OK
     for t in _counter_tables(c):
         out.console.print(t)
@@ -84,8 +82,7 @@ def counters(args, out: Output) -> int:
 def top(args, out: Output) -> int:
     cl = client_of(args)
     r = cl.call("TopSources", cl.pb.TopSourcesRequest(n=args.n, by=args.by, shadow=args.shadow))
-    if out.is_json:
-        out.json(message_to_dict(r))
+    if out.as_json(r):
         return EXIT_OK
     what = "shadow would-drops" if args.shadow and args.by == "drops" else args.by
     out.table(f"top sources by {what} (last {r.interval_seconds:.1f} s, {r.tracked_sources:,} tracked)",
@@ -231,7 +228,7 @@ def watch(args, out: Output) -> int:
       "agent records it when its review period (default 1 h) ends or the version is replaced.",
       "tidegate review 4\n"
       "tidegate -o json review 4",
-      arg("version", type=int, metavar="VERSION", completer=versions))  # fmt: skip
+      version_arg())  # fmt: skip
 def review(args, out: Output) -> int:
     cl = client_of(args)
     r = cl.call("GetReview", cl.pb.GetReviewRequest(version=args.version))

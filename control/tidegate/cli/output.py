@@ -105,6 +105,12 @@ class Output:
             return
         print(json.dumps(data, indent=2, sort_keys=True, default=str), flush=True)
 
+    def as_json(self, msg) -> bool:
+        """With -o json (or yaml): MSG, a protobuf message, as the one document; says whether it printed."""
+        if self.is_json:
+            self.json(message_to_dict(msg))
+        return self.is_json
+
     def json_line(self, data) -> None:
         """One JSON object on one line (streams: `watch -o json`); with yaml, one document each."""
         if self.mode == "yaml":
