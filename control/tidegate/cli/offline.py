@@ -145,7 +145,8 @@ client: tidegate --server {made["server_name"]}:50051 --ca {d}/ca.pem --cert {d}
 
 
 @verb("completion", "print a shell completion script (bash or zsh)",
-      "Prints a completion script for verbs, options and choices.",
+      "Prints a completion script (argcomplete: tidegate answers the shell itself) for verbs, options\n"
+      "and choices, and version numbers and set-limit's rule names asked of the agent (at most 1 s).",
       "source <(tidegate completion bash)\n"
       "tidegate completion bash > /etc/bash_completion.d/tidegate\n"
       "tidegate completion zsh > \"${fpath[1]}/_tidegate\"",
