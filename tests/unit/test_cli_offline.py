@@ -232,7 +232,7 @@ def complete(script: str, line: str, *server: str) -> list[str]:
     words = line.split() + ([""] if line.endswith(" ") else [])
     env = {**os.environ, "PATH": f"{BIN.parent}:{os.environ['PATH']}"}
     r = subprocess.run(["bash", "-c", script + '\nCOMP_LINE="$1"; COMP_POINT=${#COMP_LINE}; shift; COMP_WORDS=("$@"); '
-                        'COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _python_argcomplete tidegate; '
+                        'COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _python_argcomplete_tidegate; '
                         'printf "%s\\n" "${COMPREPLY[@]}"', "-", line, *words], capture_output=True, text=True,
                        env=env, timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -241,7 +241,7 @@ def complete(script: str, line: str, *server: str) -> list[str]:
 
 def test_completion_scripts(capsys):
     code, out, _ = call(capsys, "completion", "bash")
-    assert code == 0 and "\ncomplete -o nospace -o default -o bashdefault -F _python_argcomplete tidegate\n" in out
+    assert code == 0 and "\ncomplete -o nospace -o default -o bashdefault -F _python_argcomplete_tidegate tidegate\n" in out
     if shutil.which("bash"):
         assert sorted(complete(out, "tidegate ")) == sorted(cli.VERBS)
         assert complete(out, "tidegate shadow ") == ["report", "clear"]

@@ -30,7 +30,7 @@ HEADER = {
            "autoload -U +X bashcompinit && bashcompinit\n",
 }  # fmt: skip
 ZSH_FIRST_CALL = """if [[ "$funcstack[1]" == "_tidegate" ]]; then
-    _bash_complete -F _python_argcomplete
+    _bash_complete -o nospace -o default -o bashdefault -F _python_argcomplete_tidegate
 fi
 """
 
@@ -39,7 +39,8 @@ def script(shell: str) -> str:
     """The completion script for bash or zsh (zsh runs the bash one through bashcompinit)."""
     import argcomplete  # lazy: only `completion` and the shell's requests need it
 
-    body = argcomplete.shellcode(["tidegate"], shell="bash")
+    # the script named, not the word the shell passes: zsh's bash layer does not pass it the same way
+    body = argcomplete.shellcode(["tidegate"], shell="bash", argcomplete_script="tidegate")
     return HEADER[shell] + body + (ZSH_FIRST_CALL if shell == "zsh" else "")
 
 
