@@ -7,7 +7,6 @@ import os
 import sys
 
 from tidegate import __version__
-from tidegate.access.certs import CertsError, make_lab_pki
 from tidegate.client import ClientError
 from tidegate.cli import completion
 from tidegate.cli.completion import interfaces
@@ -123,6 +122,8 @@ def lab(args, out: Output) -> int:
       arg("--days", type=int, default=365, help="validity (default 365)"),
       remote=False)  # fmt: skip
 def certs(args, out: Output) -> int:
+    from tidegate.access.certs import CertsError, make_lab_pki  # lazy: subprocess, crypto; keeps start-up fast
+
     try:
         made = make_lab_pki(args.out, args.server_name, args.client or ["admin"], args.role, days=args.days)
     except CertsError as e:
