@@ -69,6 +69,8 @@ optional_install() {
 # --- system packages --------------------------------------------------------
 apt_install python3 python3-venv python3-pip python3-bpfcc iproute2 nftables iptables \
     ca-certificates kmod
+# shell completion for the tidegate command (the venv sees it, like bcc)
+apt_install python3-argcomplete
 # the fleet's engine: etcdctl for operators, etcd itself for the fleet tests (they start their own
 # members on free loopback ports) and for a lab's single-member fleet
 apt_install etcd-client etcd-server

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tidegate.ruleset.checks import EXIT_CHECK_REFUSED
+from tidegate.cli.verb import EXIT_CHECK_REFUSED
 
 from .conftest import BASE_RULES, new_lab, send
 from .harness import AgentProc

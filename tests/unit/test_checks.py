@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tidegate.ruleset.checks import EXIT_WARNINGS, warnings
+from tidegate.cli.verb import EXIT_WARNINGS
+from tidegate.ruleset.checks import warnings
 from tidegate.ruleset.model import parse_rule_set
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -226,20 +226,39 @@ def test_exit_codes_are_documented(capsys):
     assert "4    a guarded apply was rolled back" in out
 
 
+def complete(script: str, line: str, *server: str) -> list[str]:
+    """What bash offers for LINE (cursor at its end) through the printed script, which runs the
+    installed `tidegate` the way bash does (COMP_LINE, COMP_POINT)."""
+    words = line.split() + ([""] if line.endswith(" ") else [])
+    env = {**os.environ, "PATH": f"{BIN.parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", "-c", script + '\nCOMP_LINE="$1"; COMP_POINT=${#COMP_LINE}; shift; COMP_WORDS=("$@"); '
+                        'COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _python_argcomplete_tidegate; '
+                        'printf "%s\\n" "${COMPREPLY[@]}"', "-", line, *words], capture_output=True, text=True,
+                       env=env, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return [w.strip() for w in r.stdout.splitlines() if w.strip()]
+
+
 def test_completion_scripts(capsys):
     code, out, _ = call(capsys, "completion", "bash")
-    assert code == 0 and "\ncomplete -F _tidegate tidegate\n" in out
-    for verb in cli.VERBS:
-        assert f"        {verb}) " in out
-    assert "--guard-seconds" in out and "report clear" in out
+    assert code == 0 and "\ncomplete -o nospace -o default -o bashdefault -F _python_argcomplete_tidegate tidegate\n" in out
     if shutil.which("bash"):
-        r = subprocess.run(["bash", "-c", out + '\nCOMP_WORDS=(tidegate shadow ""); COMP_CWORD=2; _tidegate; '
-                            'echo "${COMPREPLY[@]}"; COMP_WORDS=(tidegate apply --gu); COMP_CWORD=2; _tidegate; '
-                            'echo "${COMPREPLY[@]}"'], capture_output=True, text=True)  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        assert r.stdout.splitlines() == ["report clear", "--guard --guard-seconds"]
+        assert sorted(complete(out, "tidegate ")) == sorted(cli.VERBS)
+        assert complete(out, "tidegate shadow ") == ["report", "clear"]
+        assert complete(out, "tidegate apply --gu") == ["--guard", "--guard-seconds"]
+        assert complete(out, "tidegate -o ") == ["table", "json", "yaml"]
     code, out, _ = call(capsys, "completion", "zsh")
-    assert code == 0 and out.startswith("#compdef tidegate") and "'whatif:" in out
+    assert code == 0 and out.startswith("#compdef tidegate") and "bashcompinit" in out
+
+
+@pytest.mark.skipif(not shutil.which("bash"), reason="no bash")
+def test_completion_asks_the_agent_for_versions(capsys, fake_agent):
+    script = call(capsys, "completion", "bash")[1]
+    assert complete(script, f"tidegate --server {fake_agent} show ") == ["2", "1"]
+    assert complete(script, f"tidegate --server {fake_agent} rollback --to ") == ["2", "1"]
+    # an agent that does not answer adds nothing: no versions, and `default` for set-limit's rule
+    assert complete(script, "tidegate --server 127.0.0.1:1 show ") == []
+    assert complete(script, "tidegate --server 127.0.0.1:1 set-limit ") == ["default"]
 
 
 # ------------------------------------------------------------------ certs
@@ -307,6 +326,9 @@ class FakeFilter(pbg.FilterServicer):
             return pb.ApplyResponse(version=7, guarded=True, guard_outcome="rolled-back", rolled_back_to=6,
                                     guard_cause="canary 10.0.0.1 dropped")  # fmt: skip
         return pb.ApplyResponse(version=7, estimate=pb.Estimate(summary="fine"))
+
+    def ListVersions(self, request, context):
+        return pb.ListVersionsResponse(versions=[pb.VersionInfo(number=2, active=True), pb.VersionInfo(number=1)])
 
     def GetVersion(self, request, context):
         if request.number > 2:

@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Any, Iterable
 
+import yaml
+
 NUMERIC_HINTS = ("pps", "packets", "drops", "dropped", "bytes", "share", "#", "sources", "rate", "prefix",
                  "blocked", "deny", "would drop", "newly", "version")  # fmt: skip
 
@@ -82,7 +84,7 @@ class Output:
     errors and progress."""
 
     def __init__(self, mode: str = "table"):
-        from rich.console import Console
+        from rich.console import Console  # lazy: rich only once a verb runs (`tidegate --help` stays fast)
 
         self.mode = mode
         # Piped tables are read by people later (less, a ticket): no wrapping at 80 columns.
@@ -102,6 +104,12 @@ class Output:
             print(_yaml(data), end="", flush=True)
             return
         print(json.dumps(data, indent=2, sort_keys=True, default=str), flush=True)
+
+    def as_json(self, msg) -> bool:
+        """With -o json (or yaml): MSG, a protobuf message, as the one document; says whether it printed."""
+        if self.is_json:
+            self.json(message_to_dict(msg))
+        return self.is_json
 
     def json_line(self, data) -> None:
         """One JSON object on one line (streams: `watch -o json`); with yaml, one document each."""
@@ -125,7 +133,7 @@ class Output:
             self.console.print(f"  ({empty})")
 
     def kv(self, title: str, items: list[tuple[str, object]]) -> None:
-        from rich.table import Table
+        from rich.table import Table  # lazy: see Output.__init__
 
         t = Table(title=title, show_header=False, title_justify="left")
         t.add_column("key", style="bold")
@@ -142,7 +150,7 @@ class Output:
 
 
 def make_table(title: str, columns: list[str], rows: list[list], caption: str | None = None):
-    from rich.table import Table
+    from rich.table import Table  # lazy: see Output.__init__
 
     t = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
     for c in columns:
@@ -154,7 +162,66 @@ def make_table(title: str, columns: list[str], rows: list[list], caption: str | 
 
 
 def _yaml(data) -> str:
-    import yaml
-
     # through JSON first: the same values as -o json (numbers, strings for anything else)
     return yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=True, allow_unicode=True)
+
+
+def duration(seconds: float) -> str:
+    """1d 2h 3m 4s, from the largest unit present."""
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d " if d else "") + (f"{h}h " if d or h else "") + f"{m}m {s}s"
+
+
+def field_lines(violations, source: str) -> list[str]:
+    """FILE:LINE: path: message, one per violation."""
+    lines = []
+    for v in violations:
+        if source and v.line:
+            lines.append(f"{source}:{v.line}: {v.path or '(document)'}: {v.message}")
+        elif source:
+            lines.append(f"{source}: {v.path or '(document)'}: {v.message}")
+        else:
+            lines.append(f"  {v.path or '(request)'}: {v.message}")
+    return lines
+
+
+def print_estimate(out: Output, est, stream=None) -> None:
+    """The blast-radius estimate's summary and its five largest rules."""
+    if est is None or not est.summary:
+        return
+    p = (lambda s: print(s, file=stream)) if stream else out.note
+    p(f"blast radius: {est.summary}")
+    for r in list(est.rules)[:5]:
+        p(f"  rule {r.rule}: {r.sources_newly_dropped:,} sources, {r.newly_dropped_pps:,.0f} pps newly dropped")
+
+
+# ------------------------------------------------------------ -o json errors
+def error_document(message: str, exit_code: int, code: str = "", violations=(), source: str = "",
+                   estimate=None) -> dict:  # fmt: skip
+    doc = {"error": {"message": message, "code": code or ("USAGE" if exit_code == 2 else "FAILED"),
+                     "exit_code": exit_code,
+                     "violations": [{"path": v.path, "line": v.line or 0, "message": v.message} for v in violations],
+                     "source": source}}  # fmt: skip
+    if estimate is not None and getattr(estimate, "summary", ""):
+        doc["error"]["estimate"] = estimate.summary
+    return doc
+
+
+def print_error(doc: dict, mode: str) -> None:
+    """The error as one JSON object (or a YAML document) on stderr."""
+    if mode == "yaml":
+        sys.stderr.write(yaml.safe_dump(doc, sort_keys=True))
+    else:
+        print(json.dumps(doc, sort_keys=True), file=sys.stderr, flush=True)
+
+
+def quiet_broken_pipe() -> None:
+    """`tidegate -o json watch | head -1`: the reader left; don't complain at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass

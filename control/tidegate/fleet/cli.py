@@ -9,11 +9,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
-from tidegate.fleet.keys import FINAL, FleetError, Keys, matches, new_rollout_id, parse_labels, plan_waves
+from tidegate.client import default_author
+from tidegate.cli.options import output_option
+from tidegate.fleet.driver import Driver, DriverBusy, LostLock, Settings, StatusView, new_record
+from tidegate.fleet.etcd import Etcd, EtcdUnavailable
+from tidegate.fleet.keys import FINAL, FleetError, Keys, encode, matches, new_rollout_id, parse_labels, plan_waves
+from tidegate.fleet.metrics import serve
+from tidegate.fleet.views import current_rollout, hosts, resolve_version, rollouts, summary
+from tidegate.ruleset.model import RuleSetError, parse_rule_set
 
+OUTPUTS = ("table", "json")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUSY, EXIT_HALTED, EXIT_REFUSED, EXIT_UNCONFIRMED = 0, 1, 2, 3, 4, 5, 6
 
 EXAMPLES = """EXAMPLES
@@ -56,7 +66,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--etcd-ca", metavar="PEM", help="CA of etcd's server certificate")
     g.add_argument("--etcd-cert", metavar="PEM", help="client certificate for etcd")
     g.add_argument("--etcd-key", metavar="PEM", help="client key for etcd")
-    g.add_argument("-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS, help="table or json")
+    output_option(g, suppress=True, choices=OUTPUTS, help="table or json")
 
 
 def _drive_options(p: argparse.ArgumentParser, shadow_default: float) -> None:
@@ -104,7 +114,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tidegate fleet", description=DESCRIPTION, epilog=EXAMPLES + EXIT_STATUS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)  # fmt: skip
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    output_option(p, suppress=False, choices=OUTPUTS, help="table (default) or json")
     sub = p.add_subparsers(dest="fverb", metavar="VERB")
     r = sub.add_parser("rollout", help="roll a rule set out in waves", epilog=EXIT_STATUS,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -141,8 +151,6 @@ def main(argv: list[str]) -> int:
     if not args.fverb:
         p.print_help(sys.stderr)
         return EXIT_USAGE
-    from tidegate.fleet.etcd import Etcd, EtcdUnavailable
-
     if bool(args.etcd_cert) != bool(args.etcd_key):
         print("tidegate fleet: --etcd-cert and --etcd-key go together", file=sys.stderr)
         return EXIT_USAGE
@@ -176,25 +184,17 @@ def _progress(text: str) -> None:
 
 
 def _driver(args, etcd, keys):
-    from tidegate.client import default_author
-    from tidegate.fleet.driver import Driver, Settings
-
     s = Settings(ack_timeout=args.ack_timeout, heartbeat_deadline=args.heartbeat_deadline, lock_ttl=args.lock_ttl,
                  etcd_patience=args.etcd_patience, txn_ops=args.txn_ops)  # fmt: skip
     return Driver(etcd, keys, default_author(), s, progress=_progress)
 
 
 def _select(etcd, keys, selector: dict) -> dict[str, dict]:
-    from tidegate.fleet.driver import StatusView
-
     sts = StatusView(etcd, keys.status_prefix).refresh()
     return {h: st for h, st in sts.items() if matches(st.get("labels", {}), selector)}
 
 
 def _publish_version(etcd, keys, text: str, source: str, reason: str, operator: str) -> str:
-    from tidegate.ruleset.model import RuleSetError, parse_rule_set
-    from tidegate.fleet.keys import encode
-
     try:
         rs = parse_rule_set(text, source)
     except RuleSetError as e:
@@ -206,8 +206,6 @@ def _publish_version(etcd, keys, text: str, source: str, reason: str, operator: 
 
 
 def _run(args, etcd, keys, driver, rec: dict) -> int:
-    from tidegate.fleet.driver import DriverBusy, LostLock
-
     try:
         driver.acquire(args.wait_lock)
     except DriverBusy as e:
@@ -229,8 +227,6 @@ def _run(args, etcd, keys, driver, rec: dict) -> int:
 
 
 def _finish(args, rec: dict) -> int:
-    from tidegate.fleet.views import summary
-
     if _json(args):
         print(json.dumps(rec | {"summary": summary(rec)}, indent=1, sort_keys=True))
     else:
@@ -240,8 +236,6 @@ def _finish(args, rec: dict) -> int:
 
 
 def _new_rollout(args, etcd, keys, kind: str, targets_for) -> int:
-    from tidegate.fleet.driver import new_record
-
     if not args.reason.strip():
         raise FleetError("a reason is required (--reason TEXT): it is recorded in the rollout and on every host")
     selector = parse_labels(args.selector)
@@ -276,8 +270,6 @@ def cmd_rollout(args, etcd, keys) -> int:
 
 
 def cmd_rollback(args, etcd, keys) -> int:
-    from tidegate.fleet.views import current_rollout, resolve_version
-
     def targets(hosts, operator):
         if args.to:
             digest = resolve_version(etcd, keys, args.to)
@@ -294,8 +286,6 @@ def cmd_rollback(args, etcd, keys) -> int:
 
 
 def cmd_resume(args, etcd, keys) -> int:
-    from tidegate.fleet.views import current_rollout
-
     rec = current_rollout(etcd, keys)
     if rec is None:
         raise FleetError(f"fleet {keys.fleet} has no rollout to resume")
@@ -308,8 +298,6 @@ def cmd_resume(args, etcd, keys) -> int:
 
 
 def cmd_status(args, etcd, keys) -> int:
-    from tidegate.fleet.views import current_rollout, hosts, summary
-
     rows = hosts(etcd, keys)
     cur = current_rollout(etcd, keys)
     if _json(args):
@@ -334,8 +322,6 @@ def cmd_status(args, etcd, keys) -> int:
 
 
 def cmd_history(args, etcd, keys) -> int:
-    from tidegate.fleet.views import rollouts, summary
-
     recs = rollouts(etcd, keys, args.limit)
     if _json(args):
         print(json.dumps({"fleet": keys.fleet, "rollouts": [summary(r) for r in recs]}, indent=1, sort_keys=True))
@@ -350,11 +336,6 @@ def cmd_history(args, etcd, keys) -> int:
 
 
 def cmd_exporter(args, etcd, keys) -> int:
-    import signal
-    import threading
-
-    from tidegate.fleet.metrics import serve
-
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise FleetError(f"--listen must be HOST:PORT, got {args.listen!r}")

@@ -91,8 +91,3 @@ def rule_set_schema() -> dict:
 
 def schema_text() -> str:
     return json.dumps(rule_set_schema(), indent=2, sort_keys=True) + "\n"
-
-
-def cmd_schema(args, out) -> int:
-    print(schema_text(), end="")
-    return 0

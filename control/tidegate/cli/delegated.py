@@ -1,0 +1,37 @@
+"""Verbs that hand their arguments to another program's parser: `agent`
+(the daemon, tidegate/daemon/agent.py) and `fleet` (rollouts through etcd,
+tidegate/fleet/cli.py). cli/main.py runs them before its own parser, so
+`tidegate agent --help` is the agent's help."""
+
+from __future__ import annotations
+
+import argparse
+
+from tidegate.cli.verb import arg, verb
+
+
+@verb("agent", "run the agent that owns the XDP filter and serves the API",
+      "Loads the XDP program on an interface, restores the last active version, serves the gRPC API and\n"
+      "Prometheus metrics. Every option is described by `tidegate agent --help`.",
+      "tidegate agent --interface eth0 --rules /etc/tidegate/rules.yaml\n"
+      "tidegate agent --interface eth0 --xdp-mode generic --state-dir /var/lib/tidegate",
+      arg("args", nargs=argparse.REMAINDER, help="the agent's options (tidegate agent --help)"),
+      remote=False, own_parser=True)  # fmt: skip
+def agent(args, out) -> int:
+    # lazy: the daemon's imports (grpc server, kernel layer) only on this path
+    from tidegate.daemon.agent import main as agent_main
+
+    return agent_main(args.args)
+
+
+@verb("fleet", "roll rule sets out across many hosts through etcd (tidegate fleet --help)",
+      "Fleet-wide shadow, waves with bake time, halt and revert on any host's failure; status, history,\n"
+      "rollback and resume. Talks to etcd, not to an agent. Every option: `tidegate fleet VERB --help`.",
+      "tidegate fleet --etcd http://etcd1:2379 --fleet edge rollout rules.yaml --reason 'raise api limit'\n"
+      "tidegate fleet -o json status --fleet edge",
+      arg("args", nargs=argparse.REMAINDER, help="VERB and its options (tidegate fleet --help)"),
+      remote=False, own_parser=True)  # fmt: skip
+def fleet(args, out) -> int:
+    from tidegate.fleet.cli import main as fleet_main  # lazy: the etcd client only on this path
+
+    return fleet_main(["-o", args.output, *args.args])
