@@ -179,6 +179,11 @@ class Sampler:
             end = self._intervals[-1].t1
             return [iv for iv in self._intervals if iv.t1 > end - seconds]
 
+    def intervals_since(self, t: float) -> list[Interval]:
+        """The intervals that end after `t` (the one straddling it included)."""
+        with self._lock:
+            return [iv for iv in self._intervals if iv.t1 > t]
+
     def window_rates(self, seconds: float | None = None, kind: int = 0, epochs: set[int] | None = None) -> SourceRates:
         """Per (source, rule name) rates over the window, of the enforcing
         rule sets (SourceWindow.rates)."""

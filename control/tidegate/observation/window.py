@@ -81,7 +81,8 @@ def prefix_masks(bits4: int, bits6: int) -> tuple[int, int]:
 
 
 def prefix_keys(hi: np.ndarray, lo: np.ndarray, bits4: int, bits6: int) -> np.ndarray:
-    """One key per source for its IPv4 /bits4 or IPv6 /bits6 prefix (bits6 <= 63)."""
+    """One key per source for its IPv4 /bits4 or IPv6 /bits6 prefix (bits6 <= 56:
+    the top bit of hi marks IPv6)."""
     m4, m6 = prefix_masks(bits4, bits6)
     return np.where(is_ipv4(lo), lo & np.uint64(m4), (hi & np.uint64(m6)) | np.uint64(1) << np.uint64(63))
 
@@ -155,6 +156,10 @@ class Rows:
     def keys(self) -> np.ndarray:
         """One key per source (not per entry: a source has one a rule and epoch)."""
         return source_keys(self.hi, self.lo)
+
+    def source_count(self) -> int:
+        """Distinct sources among the rows."""
+        return len(np.unique(self.keys()))
 
     def addresses(self, idx=None) -> list[str]:
         idx = np.arange(len(self)) if idx is None else idx
