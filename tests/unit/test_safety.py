@@ -18,7 +18,8 @@ import pytest
 
 from tidegate.safety import estimate as safety
 from tidegate.ruleset.model import parse_rule_set
-from tidegate.observation.sampler import Interval, SourceRates
+from tidegate.observation.sampler import Interval
+from tidegate.observation.window import SourceRates
 
 ACTIVE = """
 defaults:
