@@ -153,8 +153,7 @@ def figures(intervals: list, known: KnownSources, known_before: float, now: floa
     rows = SourceWindow(ivs).select(enforced=True)
     hi, lo, rule_rows = rows.hi, rows.lo, rows.rule
     pk_rows, dr_rows = rows.packets.astype(np.float64), rows.drops.astype(np.float64)
-    keys = rows.keys()
-    uk, first_row, inv = np.unique(keys, return_index=True, return_inverse=True)
+    uk, first_row, inv = rows.sources()
     n = len(uk)
     pk = np.bincount(inv, weights=pk_rows, minlength=n)
     hi_u, lo_u = hi[first_row], lo[first_row]
@@ -210,7 +209,7 @@ def figures(intervals: list, known: KnownSources, known_before: float, now: floa
     for r in np.unique(rule_rows[dr_rows > 0]).tolist():
         m = rule_rows == r
         drops_by_rule[rule_name(int(r))] = {
-            "sources": int(len(np.unique(keys[m & (dr_rows > 0)]))),
+            "sources": int(len(np.unique(inv[m & (dr_rows > 0)]))),
             "drop_pps": round(float(dr_rows[m].sum() / secs), 1),
             "drop_share_of_rule": round(float(dr_rows[m].sum() / max(1.0, pk_rows[m].sum())), 4)}
     fig["drops_by_rule"] = drops_by_rule

@@ -93,15 +93,20 @@ def prefix_name(key: int, bits4: int, bits6: int) -> str:
     return f"{halves_to_address(0, key)}/{bits4}"
 
 
+def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(a stable order sorting `keys`, the start of each run of equal keys in it)."""
+    order = np.argsort(keys, kind="stable")  # u64 sort: ~10x faster than np.unique on records
+    ks = keys[order]
+    return order, np.flatnonzero(np.concatenate(([True], ks[1:] != ks[:-1]))) if len(ks) else np.array([], np.int64)
+
+
 def group_rows(keys: np.ndarray, first_cols: list, reduce_cols: list, op):
     """Rows grouped by key (in key order): the first row's value of each
     `first_cols` column and `op` (np.add, np.maximum) over each
     `reduce_cols` column."""
-    order = np.argsort(keys, kind="stable")
-    ks = keys[order]
-    starts = np.flatnonzero(np.concatenate(([True], ks[1:] != ks[:-1])))
+    order, starts = _runs(keys)
     first = order[starts]
-    return ks[starts], [c[first] for c in first_cols], [op.reduceat(c[order], starts) for c in reduce_cols]
+    return keys[first], [c[first] for c in first_cols], [op.reduceat(c[order], starts) for c in reduce_cols]
 
 
 @dataclass
@@ -169,14 +174,11 @@ class Rows:
         """Rows of one source and rule index summed (packets, drops,
         new_drops); the other columns from the earliest row. In key order,
         so ties rank the same on every call."""
-        h = source_keys(self.hi, self.lo, self.rule)
-        srt = np.argsort(h, kind="stable")  # u64 sort: ~10x faster than np.unique on records
-        hs = h[srt]
-        starts = np.concatenate(([0], np.flatnonzero(hs[1:] != hs[:-1]) + 1)) if len(hs) else np.array([], np.int64)
-        first = srt[starts]
-        out = self.take(first)
-        for c in ("packets", "drops", "new_drops"):
-            setattr(out, c, np.add.reduceat(getattr(self, c)[srt], starts) if len(hs) else getattr(out, c))
+        order, starts = _runs(source_keys(self.hi, self.lo, self.rule))
+        out = self.take(order[starts])
+        if len(starts):
+            for c in ("packets", "drops", "new_drops"):
+                setattr(out, c, np.add.reduceat(getattr(self, c)[order], starts))
         return out
 
     def sources(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
