@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from tidegate.kernel.layout import addr_halves, halves_to_address, mask_halves, network_key
+from tidegate.kernel.layout import V4_MAPPED, addr_halves, halves_to_address, mask_halves, network_key
 
 PER_SOURCE = 0  # the per-source entry kind (the others are prefix buckets)
 
@@ -49,8 +49,7 @@ def address_halves(addresses) -> tuple[np.ndarray, np.ndarray]:
     lo = np.zeros(len(addresses), np.uint64)
     for i, a in enumerate(addresses):
         ip = ipaddress.ip_address(a)
-        h, low = addr_halves(network_key(ipaddress.ip_network(ip))[0])
-        hi[i], lo[i] = h, low
+        hi[i], lo[i] = addr_halves(V4_MAPPED | int(ip) if ip.version == 4 else int(ip))
     return hi, lo
 
 
