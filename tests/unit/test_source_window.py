@@ -13,6 +13,7 @@ import pytest
 
 from tidegate.observation.sampler import Interval
 from tidegate.observation.window import (
+    DroppedSince,
     SourceWindow,
     address_halves,
     addresses,
@@ -182,6 +183,21 @@ def test_first_network_names_the_first_canary_hit_among_dropped_rows():
     canaries = [ipaddress.ip_network(n) for n in ("192.0.2.0/24", "2001:db8::/32", "198.51.100.0/28")]
     assert dropped.first_network(canaries) == "2001:db8::/32", "in the canaries' order; seen-only rows do not count"
     assert dropped.first_network(canaries[:1]) is None
+
+
+def test_dropped_since_folds_each_interval_once_and_keeps_the_first_canary_hit():
+    canaries = [ipaddress.ip_network("198.51.100.0/28"), ipaddress.ip_network("2001:db8::/32")]
+    before = interval(0, [("198.51.100.1", ACTIVE, 1, 0, 4, 4, 0)])  # ends at the change: not folded
+    straddling = interval(3, [("10.0.0.1", ACTIVE, 1, 0, 4, 1, 0), ("10.0.0.2", OLD, 1, 0, 4, 1, 0),
+                              ("2001:db8::9", ACTIVE, 1, 0, 4, 0, 0)])  # fmt: skip
+    d = DroppedSince(5.0, canaries).fold([before, straddling], ACTIVE)
+    assert (len(d), d.network, d.t) == (1, None, 8.0), "the new epoch's drops only; seen-only rows do not count"
+    later = interval(8, [("10.0.0.1", ACTIVE, 1, 0, 4, 2, 0), ("2001:db8::9", ACTIVE, 1, 0, 4, 1, 0),
+                         ("198.51.100.3", ACTIVE, 1, 0, 4, 1, 0)])  # fmt: skip
+    d.fold([before, straddling, later], ACTIVE)
+    assert (len(d), d.network, d.t) == (3, "198.51.100.0/28", 13.0), "sources counted once; canaries in their order"
+    d.fold([later, interval(13, [("2001:db8::7", ACTIVE, 1, 0, 4, 1, 0)])], ACTIVE)
+    assert (len(d), d.network) == (4, "198.51.100.0/28"), "the first hit stays"
 
 
 # ----------------------------------------------------------------- rates

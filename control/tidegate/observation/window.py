@@ -339,3 +339,28 @@ class SourceWindow:
         rule_names = [names[int(m)] for m in uniq["meta"]]
         return SourceRates(addresses(uniq["hi"], uniq["lo"]), rule_names, np.zeros(n, np.uint32), packets / seen,
                            drops / seen, self.seconds, packets, drops, seen)  # fmt: skip
+
+
+class DroppedSince:
+    """The distinct sources one epoch dropped since a moment, and the first
+    of `networks` (canaries) one of them fell in: each sampler interval is
+    folded in once, so a watch that asks every second costs one interval's
+    rows per sample, not the whole window's."""
+
+    def __init__(self, t: float, networks=()):
+        self.t = t  # intervals that end after it are still to be folded in
+        self.networks = list(networks)
+        self.keys = np.array([], np.uint64)
+        self.network: str | None = None
+
+    def fold(self, intervals, epoch: int) -> DroppedSince:
+        for iv in SourceWindow(intervals).since(self.t).intervals:
+            self.t = iv.t1
+            rows = SourceWindow([iv]).select(epoch=epoch, dropped=True)
+            self.keys = np.union1d(self.keys, rows.keys())
+            if self.network is None and self.networks:
+                self.network = rows.first_network(self.networks)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.keys)

@@ -32,7 +32,7 @@ from tidegate.kernel.layout import (
     RULE_DEFAULT,
     RULE_DENYLIST,
 )
-from tidegate.observation.window import SourceWindow
+from tidegate.observation.window import DroppedSince, SourceWindow
 
 log = logging.getLogger("tidegate.safety.estimate")
 
@@ -290,6 +290,7 @@ class Guard:
         hist = agent.history
         self.baseline_share, self.baseline_packets = drop_share(hist.between(self.started - 30, self.started))
         self.baseline_sources = self._dropped_sources_before()
+        self.dropped = DroppedSince(self.started, agent.rule_set_of(version).canaries)
 
     def _dropped_sources_before(self) -> int:
         return len(SourceWindow.of(self.agent.sampler, 60).dropped_sources())
@@ -307,14 +308,11 @@ class Guard:
     def _sources_cause(self, epoch: int) -> tuple[str, str] | None:
         """(kind, cause) when a canary or too many distinct sources were
         dropped since the change, as the sampler's intervals show it."""
-        dropped = SourceWindow(self.agent.sampler.intervals_since(self.started)).select(epoch=epoch, dropped=True)
-        canaries = self.agent.rule_set_of(self.version).canaries
-        canary = dropped.first_network(canaries) if canaries else None
-        if canary:
-            return "canary", f"canary {canary} was dropped"
-        sources = dropped.source_count()
-        if sources - self.baseline_sources > self.agent.options.guard_dropped_sources:
-            return "dropped-sources", (f"{sources} distinct sources dropped vs {self.baseline_sources} before "
+        dropped = self.dropped.fold(self.agent.sampler.intervals_since(self.dropped.t), epoch)
+        if dropped.network:
+            return "canary", f"canary {dropped.network} was dropped"
+        if len(dropped) - self.baseline_sources > self.agent.options.guard_dropped_sources:
+            return "dropped-sources", (f"{len(dropped)} distinct sources dropped vs {self.baseline_sources} before "
                                        f"(limit +{self.agent.options.guard_dropped_sources})")  # fmt: skip
         return None
 
