@@ -8,7 +8,7 @@ import yaml
 
 from tidegate.safety.propose import candidate
 from tidegate.ruleset.model import parse_rule_set
-from tidegate.observation.sampler import SourceRates
+from tidegate.observation.window import SourceRates
 
 RULES = """
 defaults:

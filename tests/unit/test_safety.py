@@ -18,7 +18,8 @@ import pytest
 
 from tidegate.safety import estimate as safety
 from tidegate.ruleset.model import parse_rule_set
-from tidegate.observation.sampler import Interval, SourceRates
+from tidegate.observation.sampler import Interval
+from tidegate.observation.window import SourceRates
 
 ACTIVE = """
 defaults:
@@ -243,12 +244,12 @@ def source_table(rows):
               drops=np.array([r[2] for r in rows], np.uint64), kind=np.array([r[3] for r in rows], np.uint8))  # fmt: skip
 
 
-def interval(rows, shadow_epochs=()):
+def interval(rows, shadow_epochs=(), t0=0.0, t1=1.0):
     """An interval of the sampler: rows (address, epoch, drops, kind)."""
     t = source_table(rows)
     n = len(rows)
     z = np.zeros(n, np.uint64)
-    return Interval(0.0, 1.0, t.addr_hi, t.addr_lo, t.epoch, np.zeros(n, np.uint8), t.kind, z + 1, t.drops, z, z,
+    return Interval(t0, t1, t.addr_hi, t.addr_lo, t.epoch, np.zeros(n, np.uint8), t.kind, z + 1, t.drops, z, z,
                     tuple(shadow_epochs))  # fmt: skip
 
 
@@ -269,11 +270,16 @@ class Watched:
         self.rs = parse_rule_set(text.replace("'", '"'), "v7")
         self.rollbacks, self.audits, self.fired, self.windows, self.asked = [], [], [], [], []
         self.history = NS(between=self.between)
-        self.sampler = NS(intervals=lambda seconds: self.asked.append(seconds) or self.ivs)
-        self.kf = NS(active_version=lambda: self.active, read_sources=lambda: source_table(self.table),
-                     state=lambda: NS(active=NS(epoch=self.epoch)))  # fmt: skip
+        # `table`: the per-source rows since the activation, as the sampler's intervals show them
+        self.sampler = NS(interval=1.0, intervals=lambda seconds: self.asked.append(seconds) or self.ivs,
+                          intervals_since=self.since)  # fmt: skip
+        self.kf = NS(active_version=lambda: self.active, state=lambda: NS(active=NS(epoch=self.epoch)))
         self.store = NS(audit=lambda *a: self.audits.append(a))
         self.reviews = NS(guard_fired=self.fired.append)
+
+    def since(self, t):
+        """A sampler that kept up: one interval from the activation to now."""
+        return [interval(self.table, t0=self.started, t1=self.clock.now)] if self.clock.now >= t else []
 
     def between(self, t0, t1):
         self.windows.append((t0 - self.started, t1 - self.started))
@@ -566,10 +572,10 @@ def test_dropped_sources_before_tell_ipv6_sources_apart(clock):
 def test_a_guard_that_fails_says_so(clock):
     agent = Watched(clock, before=(1000, 100), after=(1000, 120))
 
-    def broken():
+    def broken(t):
         raise RuntimeError("the source table is gone")
 
-    agent.kf.read_sources = broken
+    agent.sampler.intervals_since = broken
     g = guard(agent)
     assert (g.outcome, g.cause, g.watching, agent.rollbacks) == ("error", "the source table is gone", False, [])
 

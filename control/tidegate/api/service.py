@@ -19,6 +19,7 @@ from tidegate.daemon.agent import Agent, Caller, OperationError
 from tidegate.access.auth import Authorizer
 from tidegate.kernel.filter import KernelError, NotAttachedError
 from tidegate.kernel.layout import DROP_REASONS
+from tidegate.observation.window import SourceWindow
 from tidegate.api.readiness import FilterHealth
 from tidegate.ruleset.model import MAX_ERRORS, RuleSetError, dump_yaml
 from tidegate.store import StoreError
@@ -358,8 +359,6 @@ class FilterService(pbg.FilterServicer):
 
 
 def shadow_report(agent: Agent, top: int) -> pb.ShadowReportResponse:
-    import numpy as np
-
     st = agent.kf.state()
     if st.shadow is None:
         raise OperationError("FAILED_PRECONDITION", "no shadow rule set is loaded (tidegate apply FILE --shadow)")
@@ -370,36 +369,26 @@ def shadow_report(agent: Agent, top: int) -> pb.ShadowReportResponse:
     # sources: shadow entries that would newly drop, over the intervals since it was loaded
     since = loaded if loaded else None
     top = max(1, min(top, 100))  # per rule and overall: the response stays small under a flood
-    totals: dict[tuple, list] = {}  # (source, rule) -> [packets, newly dropped]
-    for iv in agent.sampler.intervals(since):
-        sel = (iv.kind == 0) & (iv.epoch == st.shadow.epoch) & (iv.new_drops > 0)
-        for i in np.nonzero(sel)[0]:
-            name = agent.kf.rule_name(st.shadow.slot, int(iv.rule[i]))
-            t = totals.setdefault((int(iv.hi[i]), int(iv.lo[i]), name), [0, 0])
-            t[0] += int(iv.packets[i])
-            t[1] += int(iv.new_drops[i])
-    from tidegate.kernel.layout import halves_to_address
-
-    def rate(k, v) -> pb.SourceRate:
-        return pb.SourceRate(address=str(halves_to_address(k[0], k[1])), rule=k[2], packets=v[0], drops=v[1])
-
-    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])
+    rows = SourceWindow.of(agent.sampler, since).select(epoch=st.shadow.epoch, would_drop=True).per_source_rule()
+    ranked = rows.ranked("new_drops")
+    affected = [pb.SourceRate(address=a, rule=agent.kf.rule_name(st.shadow.slot, int(rows.rule[i])),
+                              packets=int(rows.packets[i]), drops=int(rows.new_drops[i]))
+                for i, a in zip(ranked, rows.addresses(ranked))]  # fmt: skip
     by_rule: dict[str, list] = {}
-    for k, v in ranked:
-        by_rule.setdefault(k[2], []).append((k, v))
+    for r in affected:
+        by_rule.setdefault(r.rule, []).append(r)
     rules = []
     for name, sc in sorted(c.shadow.items()):
         mine = by_rule.get(name, [])
         rules.append(pb.ShadowRule(rule=name, packets=sc.packets, would_drop=sc.would_drop,
                                    would_drop_new=sc.would_drop_new, sources=len(mine),
                                    share=(sc.would_drop_new / packets) if packets else 0.0,
-                                   top_affected=[rate(k, v) for k, v in mine[:top]]))  # fmt: skip
-    top_rows = ranked[:top]
+                                   top_affected=mine[:top]))  # fmt: skip
     return pb.ShadowReportResponse(
         shadow_version=st.shadow.version, active_version=st.active.version if st.active else 0,
         loaded_seconds=loaded, packets=packets, would_drop_new=new, share=(new / packets) if packets else 0.0,
         rules=rules,
-        top_affected=[rate(k, v) for k, v in top_rows],
+        top_affected=affected[:top],
     )  # fmt: skip
 
 

@@ -29,6 +29,7 @@ from tidegate.access.auth import is_loopback as _is_loopback
 from tidegate.kernel.filter import FilterConfig, InterfaceError, KernelError, KernelFilter, NotAttachedError
 from tidegate.ruleset.model import FieldError, Limit, RuleSet, RuleSetError, dump_yaml, load_rule_set, parse_rule_set
 from tidegate.observation.sampler import Sampler
+from tidegate.observation.window import SourceWindow
 from tidegate.store import StoreError, VersionNotFound, VersionStore
 
 log = logging.getLogger("tidegate.daemon.agent")
@@ -220,65 +221,27 @@ class Agent:
                 raise OperationError("FAILED_PRECONDITION", "no shadow rule set is loaded")
             return [], 0.0
         if window > 0:
-            ivs = self.sampler.intervals(window)
+            w = SourceWindow.of(self.sampler, window)
         else:
-            last = self.sampler.last_interval()
-            ivs = [last] if last is not None else []
-        if not ivs:
+            w = SourceWindow([self.sampler.last_interval()])
+        if not len(w):
             return [], 0.0
-        import numpy as np
-
-        from tidegate.kernel.layout import halves_to_address
-
-        sels = [(iv.kind == 0) & (iv.epoch == info.epoch) for iv in ivs]
         # bounded work: sum at most TOP_WINDOW_ROWS rows, newest intervals first; the
         # response's interval_seconds says what was covered
-        rows, keep = 0, 0
-        for m in reversed(sels):
-            rows += int(np.count_nonzero(m))
-            if keep and rows > TOP_WINDOW_ROWS:
-                break
-            keep += 1
-        ivs, sels = ivs[len(ivs) - keep:], sels[len(sels) - keep:]
-        seconds = max(1e-9, ivs[-1].t1 - ivs[0].t0)
-        hi = np.concatenate([iv.hi[m] for iv, m in zip(ivs, sels)])
-        lo = np.concatenate([iv.lo[m] for iv, m in zip(ivs, sels)])
-        rule = np.concatenate([iv.rule[m] for iv, m in zip(ivs, sels)])
-        packets = np.concatenate([iv.packets[m] for iv, m in zip(ivs, sels)]).astype(np.uint64)
-        drops = np.concatenate([iv.drops[m] for iv, m in zip(ivs, sels)]).astype(np.uint64)
-        first_ns = np.concatenate([iv.first_ns[m] for iv, m in zip(ivs, sels)]).astype(np.uint64)
-        if len(hi) == 0:
-            return [], seconds
-        if len(ivs) > 1:  # one interval holds each entry once; a window sums them per source and rule
-            from tidegate.observation.sampler import _hash_keys
-
-            h = _hash_keys(hi, lo, rule.astype(np.uint64))
-            srt = np.argsort(h, kind="stable")  # u64 sort: ~10x faster than np.unique on records
-            hs = h[srt]
-            starts = np.concatenate(([0], np.flatnonzero(hs[1:] != hs[:-1]) + 1))
-            packets = np.add.reduceat(packets[srt], starts)
-            drops = np.add.reduceat(drops[srt], starts)
-            # the earliest interval's row (an entry's first_ns only changes if it was evicted)
-            first = srt[starts]
-            hi, lo, rule, first_ns = hi[first], lo[first], rule[first], first_ns[first]
-        key = (drops if by == "drops" else packets).astype(np.int64)
-        n = max(1, min(n, 1000))
-        cand = np.argpartition(-key, n - 1)[:n] if len(key) > n else np.arange(len(key))
-        order = cand[np.argsort(-key[cand], kind="stable")]
+        top, order = w.top(max(1, min(n, 1000)), "drops" if by == "drops" else "packets", info.epoch, TOP_WINDOW_ROWS)
+        seconds = top.seconds
         out = []
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        for i in order:
-            if key[i] == 0:
-                break
+        for i, address in zip(order, top.addresses(order)):
             out.append(
                 {
-                    "address": str(halves_to_address(int(hi[i]), int(lo[i]))),
-                    "rule": self.kf.rule_name(info.slot, int(rule[i])),
-                    "packets": int(packets[i]),
-                    "drops": int(drops[i]),
-                    "pps": float(packets[i]) / seconds,
-                    "drop_pps": float(drops[i]) / seconds,
-                    "first_seen_seconds_ago": max(0.0, (now_ns - int(first_ns[i])) / 1e9),
+                    "address": address,
+                    "rule": self.kf.rule_name(info.slot, int(top.rule[i])),
+                    "packets": int(top.packets[i]),
+                    "drops": int(top.drops[i]),
+                    "pps": float(top.packets[i]) / seconds,
+                    "drop_pps": float(top.drops[i]) / seconds,
+                    "first_seen_seconds_ago": max(0.0, (now_ns - int(top.first_ns[i])) / 1e9),
                 }
             )
         return out, seconds

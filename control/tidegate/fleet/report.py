@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import time
 
+from tidegate.observation.window import SourceWindow
+
 
 def shadow_numbers(agent) -> dict | None:
     """The shadow set since it was loaded: packets it saw, packets it would
     newly drop (the active set passed them), and distinct sources seen and
     newly dropped, from the sampler's intervals (kind 0, the shadow's epoch)."""
-    import numpy as np
-
     st = agent.kf.state()  # read-only: which epoch is the shadow's
     if st.shadow is None:
         return None
@@ -20,20 +20,13 @@ def shadow_numbers(agent) -> dict | None:
     packets = int(sum(s.packets for s in c.shadow.values()))
     new = int(sum(s.would_drop_new for s in c.shadow.values()))
     loaded = (time.monotonic() - agent.shadow_loaded_at) if agent.shadow_loaded_at else 0.0
-    seen: set = set()
-    dropped: set = set()
-    for iv in agent.sampler.intervals(loaded or None):
-        sel = (iv.kind == 0) & (iv.epoch == st.shadow.epoch)
-        if not np.any(sel):
-            continue
-        seen.update(zip(iv.hi[sel].tolist(), iv.lo[sel].tolist()))
-        drop = sel & (iv.new_drops > 0)
-        dropped.update(zip(iv.hi[drop].tolist(), iv.lo[drop].tolist()))
+    rows = SourceWindow.of(agent.sampler, loaded or None).select(epoch=st.shadow.epoch)
+    seen, dropped = rows.source_count(), rows.take(rows.new_drops > 0).source_count()
     return {
         "version": st.shadow.version, "loaded_seconds": round(loaded, 1), "packets": packets,
         "would_drop_new": new, "packet_share": (new / packets) if packets else 0.0,
-        "sources_seen": len(seen), "sources_would_drop": len(dropped),
-        "source_share": (len(dropped) / len(seen)) if seen else 0.0,
+        "sources_seen": seen, "sources_would_drop": dropped,
+        "source_share": (dropped / seen) if seen else 0.0,
     }  # fmt: skip
 
 

@@ -29,6 +29,7 @@ import threading
 import numpy as np
 
 from tidegate.kernel.layout import halves_to_address
+from tidegate.observation.window import SourceWindow, is_ipv4, prefix_keys, prefix_name, source_keys
 
 WINDOW_SECONDS = 30.0
 RATE_BUCKETS = (1, 10, 100, 1000, 10000)  # per-source pps upper bounds; +Inf implied
@@ -38,11 +39,6 @@ HUMAN_PPS = 5.0  # a person's client rarely keeps above this for a window
 DENSE_PREFIX = 16  # sources in one /24 that no set of real clients reaches
 ATTACKS = ("flood", "mixed")
 VERDICTS = ("learning", "normal", "unusual", "flood", "mixed", "flash-crowd", "surge", "heavy-hitter", "quiet")
-
-
-def _hash(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return (hi * np.uint64(0x9E3779B97F4A7C15)) ^ lo
 
 
 class KnownSources:
@@ -56,7 +52,7 @@ class KnownSources:
         self._lock = threading.Lock()
 
     def update(self, hi: np.ndarray, lo: np.ndarray, now: float) -> None:
-        k = np.unique(_hash(hi, lo))
+        k = np.unique(source_keys(hi, lo))
         with self._lock:
             idx = np.searchsorted(self.keys, k)
             idx_c = np.minimum(idx, max(0, len(self.keys) - 1))
@@ -75,7 +71,7 @@ class KnownSources:
 
     def first_seen(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
         """First-seen time per key (inf when unknown)."""
-        k = _hash(hi, lo)
+        k = source_keys(hi, lo)
         with self._lock:
             if not len(self.keys):
                 return np.full(len(k), np.inf)
@@ -123,28 +119,12 @@ class Baseline:
         self.seconds += fig["interval_seconds"]
 
 
-def _v4(lo: np.ndarray) -> np.ndarray:
-    return (lo & np.uint64(0xFFFFFFFF)) == np.uint64(0xFFFF0000)
+P24 = (24, 48)  # IPv4 /24, IPv6 /48
+P16 = (16, 32)  # IPv4 /16, IPv6 /32
 
 
-def _prefix_keys(hi, lo, v4_mask, v6_bits) -> np.ndarray:
-    """One key per source for its IPv4 prefix (v4_mask over lo) or IPv6 prefix."""
-    v4 = _v4(lo)
-    return np.where(v4, lo & np.uint64(v4_mask), (hi & np.uint64(v6_bits)) | np.uint64(1) << np.uint64(63))
-
-
-def _prefix_name(key: int, bits4: int, bits6: int) -> str:
-    if key >> 63:
-        return f"{halves_to_address(key & ((1 << 63) - 1), 0)}/{bits6}"
-    return f"{halves_to_address(0, key)}/{bits4}"
-
-
-P24 = (0x00FFFFFFFFFFFFFF, 0x0000FFFFFFFFFFFF)  # IPv4 /24, IPv6 /48
-P16 = (0x0000FFFFFFFFFFFF, 0x00000000FFFFFFFF)  # IPv4 /16, IPv6 /32
-
-
-def _concentration(hi, lo, pk, masks, bits) -> tuple[int, float, list[dict]]:
-    key = _prefix_keys(hi, lo, *masks)
+def _concentration(hi, lo, pk, bits) -> tuple[int, float, list[dict]]:
+    key = prefix_keys(hi, lo, *bits)
     uniq, inv = np.unique(key, return_inverse=True)
     if not len(uniq):
         return 0, 0.0, []
@@ -152,7 +132,7 @@ def _concentration(hi, lo, pk, masks, bits) -> tuple[int, float, list[dict]]:
     srcs = np.bincount(inv, minlength=len(uniq))
     total = float(pk.sum()) or 1.0
     order = np.argsort(per)[::-1]
-    top = [{"prefix": _prefix_name(int(uniq[j]), *bits), "packet_share": round(float(per[j] / total), 4),
+    top = [{"prefix": prefix_name(int(uniq[j]), *bits), "packet_share": round(float(per[j] / total), 4),
             "sources": int(srcs[j])} for j in order[:TOP_PREFIXES].tolist()]  # fmt: skip
     return len(uniq), float(per[order[:10]].sum() / total), top
 
@@ -160,7 +140,7 @@ def _concentration(hi, lo, pk, masks, bits) -> tuple[int, float, list[dict]]:
 def _impossible(hi, lo) -> np.ndarray:
     """Sources no real client sends from: 0/8, 127/8, 224/3 (multicast, reserved)."""
     first = (lo >> np.uint64(32)) & np.uint64(0xFF)
-    return _v4(lo) & ((first == 0) | (first == 127) | (first >= 224))
+    return is_ipv4(lo) & ((first == 0) | (first == 127) | (first >= 224))
 
 
 def figures(intervals: list, known: KnownSources, known_before: float, now: float,
@@ -170,15 +150,10 @@ def figures(intervals: list, known: KnownSources, known_before: float, now: floa
     ivs = [iv for iv in intervals if iv is not None]
     t0, t1 = ivs[0].t0, ivs[-1].t1
     secs = max(1e-9, t1 - t0)
-    cat = np.concatenate
-    masks = [iv.enforced() for iv in ivs]
-    hi = cat([iv.hi[m] for iv, m in zip(ivs, masks)])
-    lo = cat([iv.lo[m] for iv, m in zip(ivs, masks)])
-    pk_rows = cat([iv.packets[m] for iv, m in zip(ivs, masks)]).astype(np.float64)
-    dr_rows = cat([iv.drops[m] for iv, m in zip(ivs, masks)]).astype(np.float64)
-    rule_rows = cat([iv.rule[m] for iv, m in zip(ivs, masks)])
-    keys = _hash(hi, lo)
-    uk, first_row, inv = np.unique(keys, return_index=True, return_inverse=True)
+    rows = SourceWindow(ivs).select(enforced=True)
+    hi, lo, rule_rows = rows.hi, rows.lo, rows.rule
+    pk_rows, dr_rows = rows.packets.astype(np.float64), rows.drops.astype(np.float64)
+    uk, first_row, inv = rows.sources()
     n = len(uk)
     pk = np.bincount(inv, weights=pk_rows, minlength=n)
     hi_u, lo_u = hi[first_row], lo[first_row]
@@ -206,8 +181,8 @@ def figures(intervals: list, known: KnownSources, known_before: float, now: floa
     fig["rate_histogram"] = {**{f"le_{b}": hist[i] for i, b in enumerate(RATE_BUCKETS)}, "le_inf": hist[-1]}
     # concentration and spread of the new sources (a flood's), else of all
     sel = new if new.sum() >= 50 else np.ones(n, bool)
-    npx, top10, top = _concentration(hi_u[sel], lo_u[sel], pk[sel], P24, (24, 48))
-    n16, top10_16, top16 = _concentration(hi_u[sel], lo_u[sel], pk[sel], P16, (16, 32))
+    npx, top10, top = _concentration(hi_u[sel], lo_u[sel], pk[sel], P24)
+    n16, top10_16, top16 = _concentration(hi_u[sel], lo_u[sel], pk[sel], P16)
     fig["distinct_prefixes"] = npx
     fig["sources_per_prefix"] = round(int(sel.sum()) / npx, 1) if npx else 0.0
     fig["top_prefixes_packet_share"] = round(top10, 4)
@@ -217,7 +192,7 @@ def figures(intervals: list, known: KnownSources, known_before: float, now: floa
     fig["top_16s"] = top16
     # packets from /24 prefixes that hold 16 or more of these sources: real
     # clients rarely share a /24 by the dozen, a concentrated spoof packs them
-    k24 = _prefix_keys(hi_u[sel], lo_u[sel], *P24)
+    k24 = prefix_keys(hi_u[sel], lo_u[sel], *P24)
     u24, i24 = np.unique(k24, return_inverse=True)
     dense = (np.bincount(i24, minlength=len(u24)) >= DENSE_PREFIX)[i24] if len(u24) else np.zeros(0, bool)
     fig["dense_prefix_sources"] = int(dense.sum())
@@ -234,7 +209,7 @@ def figures(intervals: list, known: KnownSources, known_before: float, now: floa
     for r in np.unique(rule_rows[dr_rows > 0]).tolist():
         m = rule_rows == r
         drops_by_rule[rule_name(int(r))] = {
-            "sources": int(len(np.unique(keys[m & (dr_rows > 0)]))),
+            "sources": int(len(np.unique(inv[m & (dr_rows > 0)]))),
             "drop_pps": round(float(dr_rows[m].sum() / secs), 1),
             "drop_share_of_rule": round(float(dr_rows[m].sum() / max(1.0, pk_rows[m].sum())), 4)}
     fig["drops_by_rule"] = drops_by_rule

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tidegate.kernel.layout import halves_to_address
+from tidegate.observation.window import SourceRates, SourceWindow, source_keys
 
 log = logging.getLogger("tidegate.observation.sampler")
 
@@ -56,33 +56,6 @@ class Interval:
     def enforced(self) -> np.ndarray:
         """Mask of per-source (kind 0) rows of enforcing rule sets."""
         return (self.kind == 0) & self.not_shadow()
-
-
-@dataclass
-class SourceRates:
-    """Per-source rates over a window (kind 0 entries of one epoch or all)."""
-
-    addresses: list[str]
-    rules: list[str]  # rule names
-    epochs: np.ndarray
-    pps: np.ndarray
-    drop_pps: np.ndarray
-    seconds: float
-    packets: np.ndarray = None  # per source, over the window
-    drops: np.ndarray = None
-    seen: np.ndarray = None  # seconds from first appearance to the end of the window
-
-
-def _hash_keys(hi, lo, meta) -> np.ndarray:
-    """One 64-bit key per entry: sorting u64 is ~20x faster than sorting a
-    structured array. A collision (2^-64 per pair) would only mix up two
-    entries' deltas for one interval."""
-    with np.errstate(over="ignore"):
-        h = hi * np.uint64(0x9E3779B97F4A7C15)
-        h ^= lo * np.uint64(0xC2B2AE3D27D4EB4F)
-        h ^= meta * np.uint64(0x165667B19E3779F9)
-        h ^= h >> np.uint64(29)
-    return h
 
 
 def _keys(hi, lo, epoch, rule, kind) -> np.ndarray:
@@ -140,7 +113,7 @@ class Sampler:
         state = self.kf.state()
         now = time.monotonic()
         keys = _keys(table.addr_hi, table.addr_lo, table.epoch, table.rule, table.kind)
-        hkeys = _hash_keys(keys["hi"], keys["lo"], keys["meta"])
+        hkeys = source_keys(keys["hi"], keys["lo"], keys["meta"])
         order = np.argsort(hkeys, kind="stable")
         keys = keys[order]
         hkeys = hkeys[order]
@@ -206,60 +179,12 @@ class Sampler:
             end = self._intervals[-1].t1
             return [iv for iv in self._intervals if iv.t1 > end - seconds]
 
+    def intervals_since(self, t: float) -> list[Interval]:
+        """The intervals that end after `t` (the one straddling it included)."""
+        with self._lock:
+            return [iv for iv in self._intervals if iv.t1 > t]
+
     def window_rates(self, seconds: float | None = None, kind: int = 0, epochs: set[int] | None = None) -> SourceRates:
         """Per (source, rule name) rates over the window, of the enforcing
-        rule sets (a shadow set's rows are left out: see Interval).
-
-        Rows of different rule-set epochs are joined by rule name, so an
-        apply in the middle of the window does not reset what the agent
-        knows about a source. Each source's rate is taken from its first
-        appearance to the end of the window (at least one sample interval),
-        not over the whole window: a source that started 10 s ago at 40 pps
-        is a 40 pps source, one that sent a single packet 8 s ago is not."""
-        ivs = self.intervals(seconds)
-        if not ivs:
-            e = np.array([])
-            return SourceRates([], [], np.array([], np.uint32), e, e, 0.0, e, e, e)
-        span = max(1e-9, ivs[-1].t1 - ivs[0].t0)
-        cat = np.concatenate
-        hi, lo = cat([iv.hi for iv in ivs]), cat([iv.lo for iv in ivs])
-        ep, ru, kd = cat([iv.epoch for iv in ivs]), cat([iv.rule for iv in ivs]), cat([iv.kind for iv in ivs])
-        pk, dr = cat([iv.packets for iv in ivs]), cat([iv.drops for iv in ivs])
-        t0 = cat([np.full(len(iv.hi), iv.t0) for iv in ivs])
-        t1 = cat([np.full(len(iv.hi), iv.t1) for iv in ivs])
-        sel = (kd == kind) & cat([iv.not_shadow() for iv in ivs])
-        if epochs is not None:
-            sel &= np.isin(ep, np.array(sorted(epochs), dtype=np.uint32))
-        hi, lo, ep, ru, pk, dr, t0, t1 = hi[sel], lo[sel], ep[sel], ru[sel], pk[sel], dr[sel], t0[sel], t1[sel]
-        # rule names per (epoch, rule index), as they were when sampled
-        pair = (ep.astype(np.uint64) << np.uint64(8)) | ru.astype(np.uint64)
-        upairs, pinv = np.unique(pair, return_inverse=True)
-        names: list[str] = []
-        name_ids: dict[str, int] = {}
-        pair_name = np.empty(len(upairs), dtype=np.uint64)
-        for i, pv in enumerate(upairs.tolist()):
-            nm = self.epoch_names.get(pv >> 8, {}).get(pv & 0xFF, f"rule{pv & 0xFF}")
-            if nm not in name_ids:
-                name_ids[nm] = len(names)
-                names.append(nm)
-            pair_name[i] = name_ids[nm]
-        row_name = pair_name[pinv] if len(pinv) else np.array([], np.uint64)
-        keys = np.empty(len(hi), dtype=[("hi", "<u8"), ("lo", "<u8"), ("meta", "<u8")])
-        keys["hi"], keys["lo"], keys["meta"] = hi, lo, row_name
-        uniq, inv = np.unique(keys, return_inverse=True)
-        n = len(uniq)
-        first = np.full(n, np.inf)
-        last = np.full(n, -np.inf)
-        np.minimum.at(first, inv, t0)
-        np.maximum.at(last, inv, t1)
-        # from its first appearance to the end of the window: right for a
-        # steady source that started recently and for a sparse one alike
-        seen = np.maximum(ivs[-1].t1 - first, self.interval)
-        del last
-        packets = np.bincount(inv, weights=pk.astype(float), minlength=n)
-        drops = np.bincount(inv, weights=dr.astype(float), minlength=n)
-        pps = packets / seen
-        dps = drops / seen
-        addrs = [str(halves_to_address(int(h), int(lo_))) for h, lo_ in zip(uniq["hi"], uniq["lo"])]
-        rule_names = [names[int(m)] for m in uniq["meta"]]
-        return SourceRates(addrs, rule_names, np.zeros(n, np.uint32), pps, dps, span, packets, drops, seen)
+        rule sets (SourceWindow.rates)."""
+        return SourceWindow(self.intervals(seconds)).rates(self.epoch_names, self.interval, kind, epochs)

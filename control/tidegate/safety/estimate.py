@@ -31,10 +31,8 @@ from tidegate.kernel.layout import (
     RULE_ALLOWLIST,
     RULE_DEFAULT,
     RULE_DENYLIST,
-    addr_halves,
-    mask_halves,
-    network_key,
 )
+from tidegate.observation.window import DroppedSince, SourceWindow
 
 log = logging.getLogger("tidegate.safety.estimate")
 
@@ -292,19 +290,10 @@ class Guard:
         hist = agent.history
         self.baseline_share, self.baseline_packets = drop_share(hist.between(self.started - 30, self.started))
         self.baseline_sources = self._dropped_sources_before()
+        self.dropped = DroppedSince(self.started, agent.rule_set_of(version).canaries)
 
     def _dropped_sources_before(self) -> int:
-        import numpy as np
-
-        ivs = self.agent.sampler.intervals(60)
-        if not ivs:
-            return 0
-        keys = set()
-        for iv in ivs:
-            sel = iv.enforced() & (iv.drops > 0)  # a shadow set's would-drops are not drops
-            keys.update(zip(iv.hi[sel].tolist(), iv.lo[sel].tolist()))
-        del np
-        return len(keys)
+        return len(SourceWindow.of(self.agent.sampler, 60).dropped_sources())
 
     def start(self) -> None:
         self.watching = True
@@ -316,25 +305,21 @@ class Guard:
     def cancel(self) -> None:
         self._cancel.set()
 
-    def _canary_dropped(self, table, epoch) -> str | None:
-        rs = self.agent.rule_set_of(self.version)
-        if not rs.canaries or table.count == 0:
-            return None
-        import numpy as np
-
-        sel = (table.kind == 0) & (table.epoch == epoch) & (table.drops > 0)
-        if not np.any(sel):
-            return None
-        for net in rs.canaries:
-            addr, plen = network_key(net)
-            m = mask_halves(plen)
-            hi, lo = addr_halves(addr)
-            hit = sel & ((table.addr_hi & np.uint64(m.hi)) == np.uint64(hi & m.hi)) & (
-                (table.addr_lo & np.uint64(m.lo)) == np.uint64(lo & m.lo)
-            )
-            if np.any(hit):
-                return str(net)
+    def _sources_cause(self, epoch: int) -> tuple[str, str] | None:
+        """(kind, cause) when a canary or too many distinct sources were
+        dropped since the change, as the sampler's intervals show it."""
+        dropped = self.dropped.fold(self.agent.sampler.intervals_since(self.dropped.t), epoch)
+        if dropped.network:
+            return "canary", f"canary {dropped.network} was dropped"
+        if len(dropped) - self.baseline_sources > self.agent.options.guard_dropped_sources:
+            return "dropped-sources", (f"{len(dropped)} distinct sources dropped vs {self.baseline_sources} before "
+                                       f"(limit +{self.agent.options.guard_dropped_sources})")  # fmt: skip
         return None
+
+    def _covered(self, t: float) -> bool:
+        """The sampler has an interval that ends at `t` or later."""
+        ivs = self.agent.sampler.intervals_since(t)
+        return bool(ivs) and ivs[-1].t1 >= t
 
     def _run(self) -> None:
         opts = self.agent.options
@@ -351,20 +336,24 @@ class Guard:
                 if packets >= 50 and share - self.baseline_share > opts.guard_drop_increase:
                     cause = (f"drop share {share:.1%} vs {self.baseline_share:.1%} before the change "
                              f"(limit +{opts.guard_drop_increase:.0%})")  # fmt: skip
-                table = self.agent.kf.read_sources()
-                epoch = self.agent.kf.state().active.epoch
-                canary = self._canary_dropped(table, epoch)
-                if canary:
-                    cause = f"canary {canary} was dropped"
-                    kind = "canary"
-                else:
-                    dropped = int(((table.kind == 0) & (table.epoch == epoch) & (table.drops > 0)).sum())
-                    if dropped - self.baseline_sources > opts.guard_dropped_sources:
-                        cause = cause or (f"{dropped} distinct sources dropped vs {self.baseline_sources} before "
-                                          f"(limit +{opts.guard_dropped_sources})")  # fmt: skip
-                    kind = "drop-share" if cause and cause.startswith("drop share") else "dropped-sources"
+                found = self._sources_cause(self.agent.kf.state().active.epoch)
+                kind = "drop-share"
+                if found and (found[0] == "canary" or not cause):
+                    kind, cause = found
                 if cause:
                     self._roll_back(kind, cause)
+                    return
+            # drops late in the watch reach the sampler up to one sample later: wait for the sample
+            # that covers the deadline (two sample intervals at most, in case the sampler stalls)
+            wait = deadline + 2 * self.agent.sampler.interval + 2
+            while not self._cancel.is_set() and time.monotonic() < wait and not self._covered(deadline):
+                time.sleep(1.0)
+                if self.agent.kf.active_version() != self.version:
+                    self.outcome = "superseded"
+                    return
+                found = self._sources_cause(self.agent.kf.state().active.epoch)
+                if found:
+                    self._roll_back(*found)
                     return
             self.outcome = "kept" if not self._cancel.is_set() else "cancelled"
             self.agent.store.audit("guard", "ok", "guard", "agent", f"kept after {self.seconds}s", self.version)

@@ -28,22 +28,11 @@ import numpy as np
 import yaml
 
 from tidegate.safety import estimate as safety
-from tidegate.kernel.layout import V4_MAPPED, addr_halves
 from tidegate.ruleset.model import RuleSet, _limit_dict, _prefix_dict, parse_rule_set
-from tidegate.observation.sampler import SourceRates
+from tidegate.observation.window import SourceRates, address_halves, network_index
 
 AGGREGATE_HEADROOM = 2.0  # the /0 limit lets through this many times the known clients' rate on the rule
 MIN_AGGREGATE_PPS = 100
-
-
-def _halves(addresses: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    hi = np.zeros(len(addresses), np.uint64)
-    lo = np.zeros(len(addresses), np.uint64)
-    for i, a in enumerate(addresses):
-        ip = ipaddress.ip_address(a)
-        h, low = addr_halves(V4_MAPPED | int(ip) if ip.version == 4 else int(ip))
-        hi[i], lo[i] = h, low
-    return hi, lo
 
 
 def _subset(r: SourceRates, mask: np.ndarray) -> SourceRates:
@@ -150,11 +139,7 @@ def shared_bucket_loss(rates: SourceRates, rule: str, pps: float, prefixes: list
     on = np.array([r == rule for r in rates.rules], bool)
     groups = np.full(len(rates.addresses), -1)
     if prefixes:
-        nets = [ipaddress.ip_network(p) for p in prefixes]
-        for i, a in enumerate(rates.addresses):
-            if on[i]:
-                ip = ipaddress.ip_address(a)
-                groups[i] = next((j for j, n in enumerate(nets) if ip in n), -1)
+        groups[on] = network_index(*address_halves(rates.addresses), prefixes)[on]
     else:
         groups[on] = 0
     lost = np.zeros(len(groups))
@@ -174,7 +159,7 @@ def propose(agent, reading: dict) -> dict:
         return {"action": "none", "reason": "no active rule set or no reading yet"}
     rs = agent.rule_set_of(st.active.version)
     rates = agent.sampler.window_rates(agent.options.estimate_window, kind=0)
-    hi, lo = _halves(rates.addresses)
+    hi, lo = address_halves(rates.addresses)
     known = agent.insight.known.first_seen(hi, lo) <= reading.get("known_before", -np.inf)
     data, out = candidate(rs, reading, rates, known)
     out["verdict"] = reading["verdict"]

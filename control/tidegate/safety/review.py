@@ -30,8 +30,8 @@ from datetime import datetime, timezone
 import numpy as np
 
 from tidegate.kernel.layout import halves_to_address
+from tidegate.observation.window import SourceWindow, group_rows, source_keys
 from tidegate.safety.estimate import _summary
-from tidegate.observation.sampler import _hash_keys
 
 log = logging.getLogger("tidegate.safety.review")
 
@@ -46,35 +46,6 @@ KERNEL_READ_SECONDS = 60.0  # a version replaced sooner: its last per-source tot
 
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
-
-
-def _source_keys(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-    # one u64 per source (not per entry: a source has an entry per rule and epoch)
-    return _hash_keys(hi.astype(np.uint64), lo.astype(np.uint64), np.uint64(0))
-
-
-def _dropped_before(ivs, exclude_epoch: int | None = None) -> np.ndarray:
-    """Sources the enforcing sets dropped in `ivs` (Interval.enforced: a
-    shadow set's entries count what it would drop, not drops), leaving out
-    the rows of `exclude_epoch` (the version being reviewed)."""
-    parts = [np.array([], np.uint64)]
-    for iv in ivs:
-        sel = iv.enforced() & (iv.drops > 0)
-        if exclude_epoch is not None:
-            sel &= iv.epoch != exclude_epoch
-        parts.append(_source_keys(iv.hi[sel], iv.lo[sel]))
-    return np.unique(np.concatenate(parts))
-
-
-def _group(keys: np.ndarray, first_cols: list, reduce_cols: list, op):
-    """Rows grouped by key: the first row's value of each `first_cols`
-    column (existing rows come first, so a source keeps its rule) and
-    `op` (np.add, np.maximum) over each `reduce_cols` column."""
-    order = np.argsort(keys, kind="stable")
-    ks = keys[order]
-    starts = np.flatnonzero(np.concatenate(([True], ks[1:] != ks[:-1])))
-    first = order[starts]
-    return ks[starts], [c[first] for c in first_cols], [op.reduceat(c[order], starts) for c in reduce_cols]
 
 
 @dataclass
@@ -133,7 +104,7 @@ class Reviews:
                 return
             st = self.agent.kf.state()
             ivs = self.agent.sampler.intervals(min(self.period, BEFORE_SECONDS))
-            before = _dropped_before(ivs)
+            before = SourceWindow(ivs).dropped_sources()
             w = _Watch(version, kind, st.active.epoch if st.active else 0, now, time.time(), before,
                        last_t1=ivs[-1].t1 if ivs else 0.0,
                        before_seconds=(ivs[-1].t1 - ivs[0].t0) if ivs else 0.0)  # fmt: skip
@@ -236,17 +207,16 @@ class Reviews:
 
     def _fold(self, w: _Watch) -> None:
         """Add the sampler intervals since the last fold to the watch."""
-        for iv in self.agent.sampler.intervals():
-            if iv.t1 <= w.last_t1:
-                continue
+        for iv in SourceWindow.of(self.agent.sampler).since(w.last_t1).intervals:
             w.last_t1 = iv.t1
             if iv.t1 <= w.t_mono:
                 continue
+            one = SourceWindow([iv])
             if iv.t0 < w.t_mono:  # straddles the activation: the earlier sets' drops in it happened before
-                w.before = np.union1d(w.before, _dropped_before([iv], exclude_epoch=w.epoch))
-            sel = (iv.kind == 0) & (iv.epoch == w.epoch) & (iv.drops > 0)
-            if np.any(sel):  # interval deltas: summed
-                self._merge(w, iv.hi[sel], iv.lo[sel], iv.rule[sel], iv.packets[sel], iv.drops[sel], np.add)
+                w.before = np.union1d(w.before, one.dropped_sources(exclude_epoch=w.epoch))
+            r = one.select(epoch=w.epoch, dropped=True)
+            if len(r):  # interval deltas: summed
+                self._merge(w, r.hi, r.lo, r.rule, r.packets, r.drops, np.add)
 
     def _fold_kernel(self, w: _Watch) -> None:
         """At the end of a short-lived version (a guard rolls back within
@@ -270,18 +240,18 @@ class Reviews:
         sel = (t.kind == 0) & (t.epoch == w.epoch) & (t.drops > 0)
         if not np.any(sel):
             return
-        k, (hi, lo, rule), (packets, drops) = _group(
-            _source_keys(t.addr_hi[sel], t.addr_lo[sel]), [t.addr_hi[sel], t.addr_lo[sel], t.rule[sel]],
+        k, (hi, lo, rule), (packets, drops) = group_rows(
+            source_keys(t.addr_hi[sel], t.addr_lo[sel]), [t.addr_hi[sel], t.addr_lo[sel], t.rule[sel]],
             [t.packets[sel], t.drops[sel]], np.add)  # per source: the sum of its entries (one a rule)
         self._merge(w, hi, lo, rule, packets, drops, np.maximum, keys=k)
 
     def _merge(self, w: _Watch, hi, lo, rule, packets, drops, op, keys=None) -> None:
         """Add rows (sources not dropped before only) to the watch's per-source totals, combined by `op`."""
-        k = _source_keys(hi, lo) if keys is None else keys
+        k = source_keys(hi, lo) if keys is None else keys
         new = ~np.isin(k, w.before)
         if not np.any(new):
             return
-        w.keys, (w.hi, w.lo, w.rule), (w.packets, w.drops) = _group(
+        w.keys, (w.hi, w.lo, w.rule), (w.packets, w.drops) = group_rows(
             np.concatenate([w.keys, k[new]]),
             [np.concatenate([w.hi, hi[new].astype(np.uint64)]), np.concatenate([w.lo, lo[new].astype(np.uint64)]),
              np.concatenate([w.rule, rule[new].astype(np.uint8)])],
