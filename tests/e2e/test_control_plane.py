@@ -3,8 +3,8 @@ real traffic on a veth pair."""
 
 from __future__ import annotations
 
-import re
 import os
+import re
 import signal
 import subprocess
 import time
