@@ -35,14 +35,16 @@ log = logging.getLogger("tidegate.changes.service")
 GuardFactory = Callable[..., object]
 
 
+@dataclasses.dataclass(eq=False)
 class ChangeService:
-    def __init__(self, kf, store, sampler, options, reviews, guard_factory: GuardFactory):
-        self.kf = kf
-        self.store = store
-        self.sampler = sampler
-        self.options = options
-        self.reviews = reviews
-        self.guard_factory = guard_factory
+    kf: object  # kernel.filter.KernelFilter
+    store: object  # store.VersionStore
+    sampler: object  # observation.sampler.Sampler: the estimate's window
+    options: object  # the agent's options: budgets, --no-blast-check, guard defaults, --estimate-window
+    reviews: object  # safety.review.Reviews: told of every activation
+    guard_factory: GuardFactory
+
+    def __post_init__(self):
         self.on_attached: list[Callable[[], None]] = []  # told after an apply attached the program (health)
         self._change = threading.RLock()
         self.change_results: dict[str, int] = {"ok": 0, "rejected": 0, "error": 0}
