@@ -20,7 +20,6 @@ from tidegate.kernel.filter import KernelError, NotAttachedError
 from tidegate.kernel.layout import DROP_REASONS
 from tidegate.observation import insight, top
 from tidegate.ruleset.model import MAX_ERRORS, RuleSetError, dump_yaml
-from tidegate.safety import estimate as safety
 from tidegate.safety.propose import propose
 from tidegate.store import StoreError
 from tidegate.v1 import tidegate_pb2 as pb
@@ -316,9 +315,7 @@ class FilterService(pbg.FilterServicer):
                 rs = self.changes.validate(request.yaml, request.source)
             except RuleSetError as e:
                 raise OperationError("INVALID_ARGUMENT", str(e), e.errors, e.source) from None
-            self.changes.require_loaded()
-            est = safety.estimate(self.changes, rs)
-            problems = safety.check(self.changes, rs, est)
+            est, problems = self.changes.what_if(rs)
             msg = estimate_pb(est)
             if problems:
                 msg.within_budget = False

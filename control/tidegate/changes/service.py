@@ -111,6 +111,12 @@ class ChangeService:
         self.store.audit(f"rejected-{action}", "rejected", caller.author, caller.peer, detail[:4000], version)
         log.info("change rejected", extra={"action": action, "author": caller.author, "detail": detail[:200]})
 
+    def what_if(self, rs: RuleSet) -> tuple[safety.Estimate, list[str]]:
+        """What applying `rs` now would newly drop, and the problems that would refuse it; changes nothing."""
+        self.require_loaded()
+        est = safety.estimate(self, rs)
+        return est, safety.check(self, rs, est)
+
     # ------------------------------------------------------------- changes
     def apply(self, rs: RuleSet, reason: str, caller: Caller, *, shadow: bool = False, force: bool = False,
               guard: bool | None = None, guard_seconds: int = 0, wait_for_guard: bool = False,
