@@ -80,7 +80,7 @@ def import_floor() -> float:
     """The same-run reference: a Python process that imports what the agent
     imports and exits (what any restart of a Python agent pays)."""
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import tidegate.daemon.agent, tidegate.api.service, tidegate.observation.metrics"], check=True,
+    subprocess.run([sys.executable, "-c", "import tidegate.daemon.main, tidegate.api.server, tidegate.observation.metrics"], check=True,
                    env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})  # fmt: skip
     return time.monotonic() - t0
 

@@ -134,7 +134,8 @@ def main() -> int:
                   table(["rule set", "p50 ms", "p99 ms", "runs"], rows)]  # fmt: skip
 
         # ---- reads vs tracked sources
-        from tidegate.daemon.agent import Agent, build_parser
+        from tidegate.daemon.agent import Agent
+        from tidegate.daemon.options import build_parser
         from tidegate.observation.metrics import build_registry
         from tidegate.store import VersionStore
         from prometheus_client import generate_latest

@@ -90,9 +90,10 @@ _parse_lock = threading.Lock()
 
 
 class SimAgent:
-    """The change service's surface FleetMember uses, in memory."""
+    """The agent's and its change service's surface FleetMember uses, in memory."""
 
     def __init__(self, seed_text: str):
+        self.changes = self
         self.store = _Store()
         self.guard = None
         self.shadow_loaded_at = None
@@ -121,24 +122,21 @@ class SimAgent:
                 rs = _parsed[text] = parse_rule_set(text, source)
         return rs
 
-    def apply(self, text, source, reason, caller, *, shadow=False, **kw):
-        from tidegate.daemon.agent import ApplyOutcome
+    def parse(self, text, source, caller, action):
+        return self.validate(text, source)
 
-        n = self._new(self.validate(text, source), caller.author)
+    def apply(self, rs, reason, caller, *, shadow=False, **kw):
+        from tidegate.changes.operation import ApplyOutcome
+
+        n = self._new(rs, caller.author)
         if shadow:
             self.shadow = n
         else:
             self.active = n
         return ApplyOutcome(n, shadow=shadow)
 
-    def apply_rule_set(self, rs, reason, caller, **kw):
-        from tidegate.daemon.agent import ApplyOutcome
-
-        self.active = self._new(rs, caller.author)
-        return ApplyOutcome(self.active)
-
     def rollback(self, to, reason, caller, cause="manual"):
-        from tidegate.daemon.agent import ApplyOutcome
+        from tidegate.changes.operation import ApplyOutcome
 
         self.active = to
         self.store.acts.append((to, "rollback", time.time(), caller.author, reason))

@@ -30,6 +30,8 @@ import getpass
 import os
 import socket
 
+from tidegate.access.auth import is_loopback, token_for
+
 DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_TOKEN_FILE = "/var/lib/tidegate/tokens"
 ERRORS_KEY = "tidegate-errors-bin"
@@ -75,8 +77,6 @@ def default_author() -> str:
 
 def find_token(token_file: str | None = None) -> tuple[str | None, str]:
     """(token or None, the file looked at)."""
-    from tidegate.access.auth import token_for
-
     path = token_file or os.environ.get("TIDEGATE_TOKEN_FILE") or DEFAULT_TOKEN_FILE
     return token_for(path, "admin") or token_for(path, "read"), path
 
@@ -131,8 +131,6 @@ class Client:
         self.tls = bool(ca or cert or key)
         if (cert is None) != (key is None):
             raise ClientError("--cert and --key go together (the client certificate and its key)", 2, code="LOCAL")
-        from tidegate.access.auth import is_loopback
-
         self.loopback = is_loopback(server_host(server))
         self.token_file = ""
         if token is None:

@@ -30,9 +30,10 @@ EQUIVALENT = Path(__file__).with_name("mutmut-equivalent.txt")
 
 # module -> the functions and methods mutated (Class.method, Class.* for a whole class)
 SELECTION = {
-    "safety.py": ["estimate", "check", "drop_share", "_representative", "_mask_key", "CounterHistory.between",
-                  "CounterHistory.take", "Guard.__init__", "Guard._dropped_sources_before", "Guard._sources_cause",
-                  "Guard._covered", "Guard._run", "Guard._roll_back"],
+    "safety/estimate.py": ["estimate", "check", "_representative", "_mask_key"],
+    "safety/guard.py": ["drop_share", "CounterHistory.between", "CounterHistory.take", "Guard.__init__",
+                        "Guard._dropped_sources_before", "Guard._sources_cause", "Guard._covered", "Guard._run",
+                        "Guard._roll_back"],
     "kernel_layout.py": ["mask_halves", "addr_halves", "halves_to_address", "network_key", "_contains",
                          "bucket_params", "rule_params", "_is_any_source", "_build_kernel_rule_set", "_inherit",
                          "same_matching", "trie_family", "kernel_trie_entries", "kernel_port_entries",

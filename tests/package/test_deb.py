@@ -77,7 +77,7 @@ def test_install_run_remove_purge_in_a_clean_root(clean_root):
     # the agent's own imports (numpy, grpc, the generated code) load from the vendored libraries
     assert "--interface" in chroot(root, "tidegate", "agent", "--help").stdout
     chroot(root, "env", "PYTHONPATH=/opt/tidegate/lib", "python3", "-P", "-s", "-c",
-           "import tidegate.daemon.agent, tidegate.api.service, tidegate.changes.blocklist, numpy; numpy.zeros(4).sum()")
+           "import tidegate.daemon.main, tidegate.api.server, tidegate.changes.blocklist, numpy; numpy.zeros(4).sum()")
     r = chroot(root, "tidegate", "validate", "--strict", "/etc/tidegate/rules.yaml")
     assert "/etc/tidegate/rules.yaml: valid" in r.stdout
     # a minimal root has no man-db to look Documentation=man:tidegate(1) up with

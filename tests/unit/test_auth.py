@@ -13,7 +13,7 @@ import stat
 import pytest
 
 from tidegate.access import auth
-from tidegate.daemon.agent import _check_auth_mode, build_parser
+from tidegate.daemon.options import build_parser, check_auth_mode as _check_auth_mode
 from tidegate.api.service import _author
 from tidegate.access.auth import Authorizer, TokenFileError, ensure_token_file, parse_tokens, token_for
 
@@ -213,20 +213,20 @@ def test_auth_none_off_loopback_needs_insecure(listen, caplog):
     host = listen.rpartition(":")[0].strip("[]")
     with pytest.raises(SystemExit, match=f"refusing --auth none on {host}.*--insecure"):
         _check_auth_mode(opts_for("--listen", listen, "--auth", "none"), host)
-    with caplog.at_level(logging.WARNING, logger="tidegate.daemon.agent"):
+    with caplog.at_level(logging.WARNING, logger="tidegate.daemon.options"):
         _check_auth_mode(opts_for("--listen", listen, "--auth", "none", "--insecure"), host)
     assert any("INSECURE: --auth none" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
 def test_auth_none_on_loopback_is_allowed_and_loud(host, caplog):
-    with caplog.at_level(logging.WARNING, logger="tidegate.daemon.agent"):
+    with caplog.at_level(logging.WARNING, logger="tidegate.daemon.options"):
         _check_auth_mode(opts_for("--auth", "none"), host)
     assert [r.getMessage() for r in caplog.records if "--auth none" in r.getMessage()]
 
 
 def test_token_auth_is_not_affected(caplog):
-    with caplog.at_level(logging.WARNING, logger="tidegate.daemon.agent"):
+    with caplog.at_level(logging.WARNING, logger="tidegate.daemon.options"):
         _check_auth_mode(opts_for("--listen", "0.0.0.0:50051"), "0.0.0.0")
     assert not caplog.records
 

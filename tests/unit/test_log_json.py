@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
-from tidegate.daemon.agent import build_parser
+from tidegate.daemon.options import build_parser
 from tidegate.daemon.logjson import JsonFormatter
 
 

@@ -16,7 +16,9 @@ from types import SimpleNamespace as NS
 import numpy as np
 import pytest
 
+from tidegate.changes.operation import OperationError
 from tidegate.safety import estimate as safety
+from tidegate.safety import guard as guarding
 from tidegate.ruleset.model import parse_rule_set
 from tidegate.observation.sampler import Interval
 from tidegate.observation.window import SourceRates
@@ -207,11 +209,11 @@ def test_check_refuses_over_budget_and_dropped_canaries():
 
 
 def test_drop_share():
-    assert safety.drop_share(None) == (0.0, 0)
-    assert safety.drop_share({"pass": 0, "_seconds": 1.0}) == (0.0, 0)
+    assert guarding.drop_share(None) == (0.0, 0)
+    assert guarding.drop_share({"pass": 0, "_seconds": 1.0}) == (0.0, 0)
     delta = {"pass": 50, "allow": 10, "deny": 5, "rate": 20, "prefix": 10, "blocked": 5, "unparsed": 0,
              "noconfig": 0, "_seconds": 2.0, "_rules": {}}  # fmt: skip
-    assert safety.drop_share(delta) == (40 / 100, 100)
+    assert guarding.drop_share(delta) == (40 / 100, 100)
 
 
 # -------------------------------------------------------------- the guard
@@ -299,13 +301,20 @@ class Watched:
 @pytest.fixture
 def clock(monkeypatch):
     c = Clock()
-    monkeypatch.setattr(safety, "time", c)
+    monkeypatch.setattr(guarding, "time", c)
     return c
+
+
+def new_guard(agent, seconds):
+    """The guard of version 7, wired to what the Watched agent fakes."""
+    sight = guarding.GuardSight(agent.kf, agent.history, agent.sampler, agent.store.audit, agent.reviews.guard_fired,
+                                agent.options.guard_drop_increase, agent.options.guard_dropped_sources)  # fmt: skip
+    return guarding.Guard(sight, 7, agent.rule_set_of(7), seconds, NS(author="alice"), agent.rollback)
 
 
 def guard(agent, seconds=10):
     agent.started = agent.clock.now
-    g = safety.Guard(agent, 7, seconds, NS(author="alice"))
+    g = new_guard(agent, seconds)
     g.start()
     assert g.wait(10), "the guard finished"
     return g
@@ -392,7 +401,7 @@ def test_a_superseded_version_is_left_alone(clock):
 def test_a_cancelled_guard_stops(clock):
     agent = Watched(clock)
     agent.started = clock.now
-    g = safety.Guard(agent, 7, 10, NS(author="alice"))
+    g = new_guard(agent, 10)
     g.cancel()
     g.start()
     assert g.wait(10) and g.outcome == "cancelled" and agent.rollbacks == []
@@ -400,7 +409,7 @@ def test_a_cancelled_guard_stops(clock):
 
 def test_counter_history_between(monkeypatch):
     clock = Clock()
-    monkeypatch.setattr(safety, "time", clock)
+    monkeypatch.setattr(guarding, "time", clock)
     counts = {"n": 0}
 
     def counters():
@@ -408,7 +417,7 @@ def test_counter_history_between(monkeypatch):
         return NS(reasons={"pass": (100 * n, 0), "rate": (10 * n, 0)},
                   rules={"api": NS(pass_packets=50 * n, drop_packets=5 * n)})  # fmt: skip
 
-    h = safety.CounterHistory(NS(counters=counters), keep_seconds=10)
+    h = guarding.CounterHistory(NS(counters=counters), keep_seconds=10)
     assert h.between(0, 2000) is None
     for n in range(5):
         counts["n"] = n
@@ -545,7 +554,7 @@ def test_the_summary_when_nothing_was_seen():
 def test_what_the_guard_reads_and_when(clock):
     agent = Watched(clock, before=(1000, 100), after=(1000, 120))
     agent.started = clock.now
-    g = safety.Guard(agent, 7, 3, NS(author="alice"))
+    g = new_guard(agent, 3)
     assert (g.watching, g.outcome, g.cause, g.rolled_back_to) == (False, "watching", "", 0)
     g.start()
     assert g.wait(10)
@@ -581,8 +590,6 @@ def test_a_guard_that_fails_says_so(clock):
 
 
 def test_a_rollback_the_guard_cannot_make_is_an_error(clock):
-    from tidegate.daemon.agent import OperationError
-
     agent = Watched(clock, before=(1000, 100), after=(1000, 400))
 
     def refuse(to, reason, caller, cause="manual"):
@@ -603,9 +610,9 @@ def test_the_rollback_names_the_guard_and_whom_it_acts_after(clock):
 
 def test_counter_history_edges(monkeypatch):
     clock = Clock()
-    monkeypatch.setattr(safety, "time", clock)
+    monkeypatch.setattr(guarding, "time", clock)
     state = {"reasons": {"pass": (10, 0)}, "rules": {}}
-    h = safety.CounterHistory(NS(counters=lambda: NS(reasons=state["reasons"], rules=state["rules"])))
+    h = guarding.CounterHistory(NS(counters=lambda: NS(reasons=state["reasons"], rules=state["rules"])))
     h.take()
     clock.sleep(1.0)
     # a reason and a rule the first sample did not have (a new rule set) count from zero

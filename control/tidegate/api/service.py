@@ -1,27 +1,26 @@
-"""The gRPC service (tidegate.v1.Filter): translates between protobuf and
-the Agent, and between OperationError and gRPC status codes."""
+"""The gRPC service (tidegate.v1.Filter): a thin adapter. Each method turns
+its request into a call of the change service (changes/service.py) or of a
+reader (the agent's status and counters, observation, safety), and the
+answer into a message; OperationError becomes a gRPC status code, with the
+field errors and the estimate in trailers. api/server.py serves it."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
-from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from tidegate.safety import estimate as safety
-from tidegate.api.admission import EXPENSIVE_READS, MAX_MESSAGE_BYTES, SERVICE, Admission, Refusal, busy
-from tidegate.daemon.agent import Agent, Caller, OperationError
-from tidegate.access.auth import Authorizer
+from tidegate.api.admission import EXPENSIVE_READS, Admission, Refusal, busy
+from tidegate.changes.operation import Caller, OperationError
 from tidegate.kernel.filter import KernelError, NotAttachedError
 from tidegate.kernel.layout import DROP_REASONS
-from tidegate.observation.window import SourceWindow
-from tidegate.api.readiness import FilterHealth
+from tidegate.observation import insight, top
 from tidegate.ruleset.model import MAX_ERRORS, RuleSetError, dump_yaml
+from tidegate.safety.propose import propose
 from tidegate.store import StoreError
 from tidegate.v1 import tidegate_pb2 as pb
 from tidegate.v1 import tidegate_pb2_grpc as pbg
@@ -84,7 +83,7 @@ def _status_message(text: str) -> str:
     return f"{head}\n... and {more} more line(s)"
 
 
-def _estimate_pb(est) -> pb.Estimate | None:
+def estimate_pb(est) -> pb.Estimate | None:
     if est is None:
         return None
     return pb.Estimate(
@@ -108,12 +107,12 @@ def _estimate_pb(est) -> pb.Estimate | None:
 
 def _apply_pb(out) -> pb.ApplyResponse:
     return pb.ApplyResponse(
-        version=out.version, shadow=out.shadow, estimate=_estimate_pb(out.estimate), guarded=out.guarded,
+        version=out.version, shadow=out.shadow, estimate=estimate_pb(out.estimate), guarded=out.guarded,
         guard_outcome=out.guard_outcome, guard_cause=out.guard_cause, rolled_back_to=out.rolled_back_to,
     )  # fmt: skip
 
 
-def counters_pb(agent: Agent) -> pb.Counters:
+def counters_pb(agent) -> pb.Counters:
     c = agent.counters()
     st = agent.kf.state()
     msg = pb.Counters(
@@ -146,8 +145,11 @@ def _author(principal: str, claimed: str, limit: int = 200) -> str:
 
 
 class FilterService(pbg.FilterServicer):
-    def __init__(self, agent: Agent, admission: Admission):
+    """`agent`: the daemon's parts (daemon/agent.py); changes go through `agent.changes`."""
+
+    def __init__(self, agent, admission: Admission):
         self.agent = agent
+        self.changes = agent.changes
         self.admission = admission
         self._watchers = threading.BoundedSemaphore(MAX_WATCHERS)
 
@@ -177,7 +179,7 @@ class FilterService(pbg.FilterServicer):
             if e.violations:
                 trailers.append((ERRORS_KEY, _errors_trailer(e.source, e.violations)))
             if e.estimate is not None:
-                trailers.append(("tidegate-estimate-bin", _estimate_pb(e.estimate).SerializeToString()))
+                trailers.append(("tidegate-estimate-bin", estimate_pb(e.estimate).SerializeToString()))
             if trailers:
                 context.set_trailing_metadata(tuple(trailers))
             context.abort(getattr(grpc.StatusCode, e.code), _status_message(e.message))
@@ -200,7 +202,7 @@ class FilterService(pbg.FilterServicer):
     def ValidateRuleSet(self, request, context):
         def fn(c):
             try:
-                rs = self.agent.validate(request.yaml, request.source)
+                rs = self.changes.validate(request.yaml, request.source)
             except RuleSetError as e:
                 return pb.ValidateResponse(valid=False, violations=_violations(e.errors))
             return pb.ValidateResponse(valid=True, canonical_yaml=dump_yaml(rs), digest=rs.digest(),
@@ -211,27 +213,27 @@ class FilterService(pbg.FilterServicer):
     def ApplyRuleSet(self, request, context):
         def fn(c):
             guard = True if request.guard else (False if request.no_guard else None)
-            out = self.agent.apply(request.yaml, request.source, request.reason, c, shadow=request.shadow,
-                                   force=request.force, guard=guard, guard_seconds=request.guard_seconds,
-                                   wait_for_guard=request.wait_for_guard)  # fmt: skip
+            rs = self.changes.parse(request.yaml, request.source, c, "apply")
+            out = self.changes.apply(rs, request.reason, c, shadow=request.shadow, force=request.force, guard=guard,
+                                     guard_seconds=request.guard_seconds, wait_for_guard=request.wait_for_guard)  # fmt: skip
             return _apply_pb(out)
 
         return self._run(context, "ApplyRuleSet", fn)
 
     def Rollback(self, request, context):
         return self._run(context, "Rollback",
-                         lambda c: _apply_pb(self.agent.rollback(request.to_version or None, request.reason, c)))  # fmt: skip
+                         lambda c: _apply_pb(self.changes.rollback(request.to_version or None, request.reason, c)))  # fmt: skip
 
     def ListVersions(self, request, context):
         def fn(c):
-            rows = self.agent.list_versions(request.limit or 50, request.offset)
+            rows = self.agent.store.list_versions(request.limit or 50, request.offset)
             return pb.ListVersionsResponse(versions=_bounded(_version_info(v) for v in rows))
 
         return self._run(context, "ListVersions", fn)
 
     def GetVersion(self, request, context):
         def fn(c):
-            v = self.agent.get_version(request.number)
+            v = self.changes.get_version(request.number)
             return pb.Version(info=_version_info(v), yaml=v.content)
 
         return self._run(context, "GetVersion", fn)
@@ -284,32 +286,37 @@ class FilterService(pbg.FilterServicer):
                 raise OperationError("INVALID_ARGUMENT", "rule is required (a rule name or 'default')")
             if request.pps <= 0:
                 raise OperationError("INVALID_ARGUMENT", "pps must be > 0")
-            out = self.agent.update_thresholds(request.rule, request.pps, request.burst, request.bps,
-                                               request.reason, c, force=request.force)  # fmt: skip
+            out = self.changes.set_limit(request.rule, request.pps, request.burst, request.bps, request.reason, c,
+                                         force=request.force)  # fmt: skip
             return _apply_pb(out)
 
         return self._run(context, "UpdateThresholds", fn)
 
     def PromoteShadow(self, request, context):
-        return self._run(context, "PromoteShadow", lambda c: _apply_pb(self.agent.promote(request.reason, c)))
+        return self._run(context, "PromoteShadow", lambda c: _apply_pb(self.changes.promote(request.reason, c)))
 
     def ClearShadow(self, request, context):
         return self._run(context, "ClearShadow",
-                         lambda c: pb.ClearShadowResponse(cleared_version=self.agent.clear_shadow(request.reason, c)))  # fmt: skip
+                         lambda c: pb.ClearShadowResponse(cleared_version=self.changes.clear_shadow(request.reason, c)))  # fmt: skip
 
     def ShadowReport(self, request, context):
-        return self._run(context, "ShadowReport", lambda c: shadow_report(self.agent, request.top or 10))
+        def fn(c):
+            r = top.shadow_report(self.agent.kf, self.agent.sampler, self.changes.shadow_loaded_at, request.top or 10)
+            rules = [pb.ShadowRule(**{**x, "top_affected": [pb.SourceRate(**s) for s in x["top_affected"]]})
+                     for x in r["rules"]]  # fmt: skip
+            return pb.ShadowReportResponse(**{**r, "rules": rules,
+                                              "top_affected": [pb.SourceRate(**s) for s in r["top_affected"]]})
+
+        return self._run(context, "ShadowReport", fn)
 
     def WhatIf(self, request, context):
         def fn(c):
             try:
-                rs = self.agent.validate(request.yaml, request.source)
+                rs = self.changes.validate(request.yaml, request.source)
             except RuleSetError as e:
                 raise OperationError("INVALID_ARGUMENT", str(e), e.errors, e.source) from None
-            self.agent.require_loaded()
-            est = safety.estimate(self.agent, rs)
-            problems = safety.check(self.agent, rs, est)
-            msg = _estimate_pb(est)
+            est, problems = self.changes.what_if(rs)
+            msg = estimate_pb(est)
             if problems:
                 msg.within_budget = False
                 msg.summary = "; ".join(problems)
@@ -319,10 +326,9 @@ class FilterService(pbg.FilterServicer):
 
     def GetReview(self, request, context):
         def fn(c):
-            import json
-
-            self.agent.get_version(request.version)
-            data = safety.review(self.agent, request.version)
+            self.changes.get_version(request.version)
+            # before/after over the version's first hour (or less), recorded by the agent itself (safety/review.py)
+            data = self.agent.reviews.get(request.version)
             top = [pb.SourceRate(address=x["address"], rule=x["rule"], packets=x["packets"], drops=x["drops"])
                    for x in data.get("top_newly_dropped") or []]  # fmt: skip
             return pb.Review(version=request.version, json=json.dumps(data), complete=bool(data.get("complete")),
@@ -344,96 +350,15 @@ class FilterService(pbg.FilterServicer):
 
     def Insight(self, request, context):
         def fn(c):
-            import json
-
-            from tidegate.observation import insight
-
             data = insight.read(self.agent)
             if request.propose:
-                from tidegate.safety.propose import propose
-
                 data["proposal"] = propose(self.agent, data)
             return pb.InsightResponse(reading=data["reading"], json=json.dumps(data))
 
         return self._run(context, "Insight", fn)
 
 
-def shadow_report(agent: Agent, top: int) -> pb.ShadowReportResponse:
-    st = agent.kf.state()
-    if st.shadow is None:
-        raise OperationError("FAILED_PRECONDITION", "no shadow rule set is loaded (tidegate apply FILE --shadow)")
-    c = agent.kf.counters()
-    loaded = (time.monotonic() - agent.shadow_loaded_at) if agent.shadow_loaded_at else 0.0
-    packets = sum(s.packets for s in c.shadow.values())
-    new = sum(s.would_drop_new for s in c.shadow.values())
-    # sources: shadow entries that would newly drop, over the intervals since it was loaded
-    since = loaded if loaded else None
-    top = max(1, min(top, 100))  # per rule and overall: the response stays small under a flood
-    rows = SourceWindow.of(agent.sampler, since).select(epoch=st.shadow.epoch, would_drop=True).per_source_rule()
-    ranked = rows.ranked("new_drops")
-    affected = [pb.SourceRate(address=a, rule=agent.kf.rule_name(st.shadow.slot, int(rows.rule[i])),
-                              packets=int(rows.packets[i]), drops=int(rows.new_drops[i]))
-                for i, a in zip(ranked, rows.addresses(ranked))]  # fmt: skip
-    by_rule: dict[str, list] = {}
-    for r in affected:
-        by_rule.setdefault(r.rule, []).append(r)
-    rules = []
-    for name, sc in sorted(c.shadow.items()):
-        mine = by_rule.get(name, [])
-        rules.append(pb.ShadowRule(rule=name, packets=sc.packets, would_drop=sc.would_drop,
-                                   would_drop_new=sc.would_drop_new, sources=len(mine),
-                                   share=(sc.would_drop_new / packets) if packets else 0.0,
-                                   top_affected=mine[:top]))  # fmt: skip
-    return pb.ShadowReportResponse(
-        shadow_version=st.shadow.version, active_version=st.active.version if st.active else 0,
-        loaded_seconds=loaded, packets=packets, would_drop_new=new, share=(new / packets) if packets else 0.0,
-        rules=rules,
-        top_affected=affected[:top],
-    )  # fmt: skip
-
-
 def _version_info(v) -> pb.VersionInfo:
     return pb.VersionInfo(number=v.number, state=v.state, created=v.created_iso, author=v.author, reason=v.reason,
                           source=v.source, digest=v.digest, active=v.active, activations=v.activations,
                           error=v.error)  # fmt: skip
-
-
-def serve(agent: Agent, opts) -> grpc.Server:
-    admission = Admission(Authorizer.from_options(opts), agent.store, rate=getattr(opts, "read_call_rate", 1.0),
-                          burst=getattr(opts, "read_call_burst", 10))  # fmt: skip
-    agent.admission = admission  # metrics read its counts; the agent closes it (last summary rows) at stop
-    # one message at most: a rule set at its size limit and the request's other fields, both ways; and a
-    # fixed 256 KiB receive window a stream (no BDP probing, which grew it to megabytes): a refused caller's
-    # body that is never read costs the agent that much buffering at most, not the whole message
-    limits = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-              ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 256 << 10)]  # fmt: skip
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS), interceptors=[admission],
-                         maximum_concurrent_rpcs=64, options=limits)  # fmt: skip
-    service = FilterService(agent, admission)
-    pbg.add_FilterServicer_to_server(service, server)
-    from tidegate.changes import blocklist
-
-    blocklist_name = blocklist.register(server, service, agent)  # tidegate deny add|remove|list
-    # SERVING only while the filter is attached (readiness.py)
-    agent.health = FilterHealth(agent.kf.program_attached, (SERVICE,))
-    health_pb2_grpc.add_HealthServicer_to_server(agent.health, server)
-    names = (pb.DESCRIPTOR.services_by_name["Filter"].full_name, blocklist_name, health.SERVICE_NAME,
-             reflection.SERVICE_NAME)  # fmt: skip
-    reflection.enable_server_reflection(names, server)
-    tls = getattr(opts, "tls_material", None)
-    if tls is None and opts.tls_cert:
-        with open(opts.tls_key, "rb") as k, open(opts.tls_cert, "rb") as c, open(opts.tls_client_ca, "rb") as ca:
-            tls = (k.read(), c.read(), ca.read())
-    if tls is not None:
-        key, cert, ca = tls
-        # mutual TLS: a client without a certificate signed by the CA cannot connect
-        creds = grpc.ssl_server_credentials(((key, cert),), root_certificates=ca, require_client_auth=True)
-    try:
-        port = server.add_secure_port(opts.listen, creds) if tls is not None else server.add_insecure_port(opts.listen)
-    except RuntimeError:  # grpcio raises where older versions returned 0
-        port = 0
-    if not port:
-        why = " with that TLS key and certificate (do they match? see the line above)" if tls is not None else ""
-        raise SystemExit(f"tidegate agent: cannot listen on {opts.listen}{why}")
-    server.start()
-    return server

@@ -3,12 +3,14 @@
 
 A fast path for incident response that stays a safe change: each call makes
 a new version (the active rule set with one deny entry more or less) through
-the agent's apply (validated, audited, blast-radius checked: a canary cannot
-be denied, and `--force` is audited like any). The expiry of entries added
+the change service's apply (validated, audited, blast-radius checked: a
+canary cannot be denied, and `--force` is audited like any). The expiry of entries added
 with a TTL is kept in the version store (meta key `blocklist`), so it
 survives restarts; the agent removes expired entries itself, all that
 expired at once as one new version by `agent:ttl`. An entry is only a deny
 entry: an `apply` of a file without it removes it like any other.
+
+Its gRPC service is api/blocklist.py.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import re
 import threading
 import time
 
-from tidegate.ruleset.model import dump_yaml
+from tidegate.changes.operation import Caller, OperationError
+from tidegate.ruleset.checks import _covers_net
 
 log = logging.getLogger("tidegate.changes.blocklist")
 
@@ -32,33 +35,28 @@ RETRY_SECONDS = 30.0  # after a refused expiry
 
 
 class Blocklist:
-    """The agent's side: add, remove, list and expire, on one Agent."""
+    """The agent's side: add, remove, list and expire, through one ChangeService."""
 
-    def __init__(self, agent, interval: float = 1.0):
-        self.agent = agent
+    def __init__(self, changes, interval: float = 1.0):
+        self.changes = changes
         self.interval = interval
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._retry_at = 0.0
-        self._entries: dict[str, dict] = json.loads(agent.store.get_meta(META_KEY) or "{}")
+        self._entries: dict[str, dict] = json.loads(changes.store.get_meta(META_KEY) or "{}")
 
     # ---------------------------------------------------------- changes
     def _save(self) -> None:
-        self.agent.store.set_meta(META_KEY, json.dumps(self._entries, sort_keys=True))
+        self.changes.store.set_meta(META_KEY, json.dumps(self._entries, sort_keys=True))
 
     def _active(self):
-        from tidegate.daemon.agent import OperationError
-
-        rs = self.agent.active_rule_set()
+        rs = self.changes.active_rule_set()
         if rs is None:
             raise OperationError("FAILED_PRECONDITION", "no active rule set: apply one first")
         return rs
 
     def add(self, cidr: str, ttl: int, reason: str, caller, force: bool = False):
-        from tidegate.daemon.agent import OperationError
-        from tidegate.ruleset.checks import _covers_net
-
-        net = _network(cidr)
+        net = network(cidr)
         if not 0 <= ttl <= MAX_TTL:
             raise OperationError("INVALID_ARGUMENT", f"ttl must be between 0 and {MAX_TTL} seconds, got {ttl}")
         if not reason.strip():
@@ -74,7 +72,8 @@ class Blocklist:
             new = dataclasses.replace(active, deny=active.deny + (net,))
             expires = time.time() + ttl if ttl else 0.0
             why = f"deny add {net}" + (f" for {_ttl_text(ttl)}" if ttl else "") + f": {reason}"
-            out = self.agent.apply(dump_yaml(new), "deny add", why, caller, force=force, action="deny-add")
+            new = self.changes.revise(new, "deny add", caller, "deny-add")
+            out = self.changes.apply(new, why, caller, force=force, source="deny-add")
             self._entries[str(net)] = {"expires": expires, "reason": reason, "author": caller.author,
                                        "added": time.time(), "version": out.version}  # fmt: skip
             self._save()
@@ -82,9 +81,7 @@ class Blocklist:
         return out, expires
 
     def remove(self, cidr: str, reason: str, caller):
-        from tidegate.daemon.agent import OperationError
-
-        net = _network(cidr)
+        net = network(cidr)
         if not reason.strip():
             raise OperationError("INVALID_ARGUMENT", "a reason is required (--reason TEXT)")
         with self._lock:
@@ -92,8 +89,8 @@ class Blocklist:
             if net not in active.deny:
                 raise OperationError("NOT_FOUND", f"{net} is not on the active deny list")
             new = dataclasses.replace(active, deny=tuple(n for n in active.deny if n != net))
-            out = self.agent.apply(dump_yaml(new), "deny remove", f"deny remove {net}: {reason}", caller,
-                                   action="deny-remove")  # fmt: skip
+            new = self.changes.revise(new, "deny remove", caller, "deny-remove")
+            out = self.changes.apply(new, f"deny remove {net}: {reason}", caller, source="deny-remove")
             self._entries.pop(str(net), None)
             self._save()
         log.info("deny entry removed", extra={"cidr": str(net), "version": out.version})
@@ -101,33 +98,32 @@ class Blocklist:
 
     def entries(self) -> tuple[int, list[dict]]:
         """(active version, the active deny list with each quick entry's expiry)."""
-        rs = self.agent.active_rule_set()
+        rs = self.changes.active_rule_set()
         out = []
         for n in rs.deny if rs is not None else ():
             e = self._entries.get(str(n))
             out.append({"cidr": str(n), "quick": e is not None, **(e or {"expires": 0.0, "reason": "",
                                                                           "author": "", "added": 0.0})})  # fmt: skip
-        return (self.agent.kf.active_version() or 0), out
+        return (self.changes.kf.active_version() or 0), out
 
     # ----------------------------------------------------------- expiry
     def expire(self, now: float | None = None) -> int | None:
         """Remove every expired entry as one new version; the version, or None."""
-        from tidegate.daemon.agent import Caller, OperationError
-
         now = time.time() if now is None else now
         with self._lock:
             expired = sorted(c for c, e in self._entries.items() if e["expires"] and e["expires"] <= now)
             if not expired or now < self._retry_at:
                 return None
-            active = self.agent.active_rule_set()
+            active = self.changes.active_rule_set()
             present = [n for n in (active.deny if active is not None else ()) if str(n) in expired]
             version = None
             if present:
                 new = dataclasses.replace(active, deny=tuple(n for n in active.deny if str(n) not in expired))
                 why = "deny entries expired: " + ", ".join(map(str, present))
+                caller = Caller(TTL_AUTHOR, "ttl")
                 try:
-                    version = self.agent.apply(dump_yaml(new), "deny ttl", why, Caller(TTL_AUTHOR, "ttl"),
-                                               action="deny-expire").version  # fmt: skip
+                    new = self.changes.revise(new, "deny ttl", caller, "deny-expire")
+                    version = self.changes.apply(new, why, caller, source="deny-expire").version
                 except OperationError as e:
                     self._retry_at = now + RETRY_SECONDS
                     log.error("expiring deny entries refused; retrying", extra={"cidrs": ", ".join(expired),
@@ -153,9 +149,8 @@ class Blocklist:
                 log.error("deny expiry failed", extra={"error": str(e)})
 
 
-def _network(cidr: str):
-    from tidegate.daemon.agent import OperationError
-
+def network(cidr: str):
+    """An address or a CIDR without host bits, or INVALID_ARGUMENT."""
     try:
         return ipaddress.ip_network(cidr.strip(), strict=True)
     except ValueError as e:
@@ -179,52 +174,3 @@ def _ttl_text(seconds: int) -> str:
         if seconds % n == 0:
             return f"{seconds // n}{unit}"
     return f"{seconds}s"
-
-
-# ------------------------------------------------------------- gRPC service
-def register(server, filter_service, agent) -> str:
-    """Adds the Blocklist service (auth and errors through FilterService) and
-    starts the expiry thread; returns the service's full name."""
-    from tidegate.v1 import blocklist_pb2 as bpb
-    from tidegate.v1 import blocklist_pb2_grpc as bpbg
-
-    bl = Blocklist(agent)
-    agent.blocklist = bl
-
-    class BlocklistService(bpbg.BlocklistServicer):
-        def DenyAdd(self, request, context):
-            def fn(c):
-                out, expires = bl.add(request.cidr, request.ttl_seconds, request.reason, c, request.force)
-                est = _estimate(out.estimate)
-                return bpb.DenyChange(version=out.version, cidr=str(_network(request.cidr)), expires=expires,
-                                      estimate=est)  # fmt: skip
-
-            return filter_service._run(context, "DenyAdd", fn)
-
-        def DenyRemove(self, request, context):
-            def fn(c):
-                out = bl.remove(request.cidr, request.reason, c)
-                return bpb.DenyChange(version=out.version, cidr=str(_network(request.cidr)))
-
-            return filter_service._run(context, "DenyRemove", fn)
-
-        def DenyList(self, request, context):
-            def fn(c):
-                version, entries = bl.entries()
-                return bpb.DenyListResponse(active_version=version, entries=[
-                    bpb.DenyEntry(cidr=e["cidr"], expires=e["expires"], reason=e["reason"], author=e["author"],
-                                  added=e["added"], quick=e["quick"]) for e in entries])  # fmt: skip
-
-            return filter_service._run(context, "DenyList", fn)
-
-    bpbg.add_BlocklistServicer_to_server(BlocklistService(), server)
-    bl.start()
-    return bpb.DESCRIPTOR.services_by_name["Blocklist"].full_name
-
-
-def _estimate(est):
-    if est is None:
-        return None
-    from tidegate.api.service import _estimate_pb
-
-    return _estimate_pb(est)

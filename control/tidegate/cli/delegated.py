@@ -1,5 +1,5 @@
 """Verbs that hand their arguments to another program's parser: `agent`
-(the daemon, tidegate/daemon/agent.py) and `fleet` (rollouts through etcd,
+(the daemon, tidegate/daemon/main.py) and `fleet` (rollouts through etcd,
 tidegate/fleet/cli.py). cli/main.py runs them before its own parser, so
 `tidegate agent --help` is the agent's help."""
 
@@ -19,7 +19,7 @@ from tidegate.cli.verb import arg, verb
       remote=False, own_parser=True)  # fmt: skip
 def agent(args, out) -> int:
     # lazy: the daemon's imports (grpc server, kernel layer) only on this path
-    from tidegate.daemon.agent import main as agent_main
+    from tidegate.daemon.main import main as agent_main
 
     return agent_main(args.args)
 

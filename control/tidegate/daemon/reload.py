@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from tidegate.changes.operation import Caller, OperationError
 from tidegate.ruleset.model import RuleSetError, load_rule_set
 
 log = logging.getLogger("tidegate.daemon.reload")
@@ -26,11 +27,12 @@ AUTHOR = "agent:reload"
 
 
 class Reloader:
-    """Applies the --rules file of one agent; one reload at a time, each in its
-    own thread so a signal never waits for a guard or the estimate."""
+    """Applies the --rules file of one agent through its change service; one
+    reload at a time, each in its own thread so a signal never waits for a
+    guard or the estimate."""
 
-    def __init__(self, agent, rules_path: str | None):
-        self.agent = agent
+    def __init__(self, changes, rules_path: str | None):
+        self.changes = changes
         self.path = rules_path
         self._lock = threading.Lock()
 
@@ -39,8 +41,6 @@ class Reloader:
 
     def reload(self) -> str:
         """Returns what happened: applied, unchanged, refused or no-file."""
-        from tidegate.daemon.agent import Caller, OperationError
-
         caller = Caller(author=AUTHOR, peer="SIGHUP")
         with self._lock:
             if not self.path:
@@ -51,19 +51,19 @@ class Reloader:
             except RuleSetError as e:
                 self._refused(caller, f"{self.path} is not a valid rule set: {e}")
                 return "refused"
-            active = self.agent.active_rule_set()
+            active = self.changes.active_rule_set()
             if active is not None and active.digest() == rs.digest():
-                log.info("reload: unchanged", extra={"rules": self.path, "version": self.agent.kf.active_version()})
+                log.info("reload: unchanged", extra={"rules": self.path, "version": self.changes.kf.active_version()})
                 return "unchanged"
             try:
-                out = self.agent.apply_rule_set(rs, f"reload of {self.path}", caller, source="reload")
+                out = self.changes.apply(rs, f"reload of {self.path}", caller, source="reload")
             except OperationError as e:
-                # the blast-radius refusal is audited by apply_rule_set itself (rejected-reload)
+                # the blast-radius refusal is audited by the change service itself (rejected-reload)
                 log.error("reload refused: nothing changed", extra={"rules": self.path, "error": e.message})
                 return "refused"
             log.info("reloaded", extra={"rules": self.path, "version": out.version, "guarded": out.guarded})
             return "applied"
 
     def _refused(self, caller, detail: str) -> None:
-        self.agent._rejected("reload", caller, detail)
+        self.changes.rejected("reload", caller, detail)
         log.error("reload refused: nothing changed", extra={"rules": self.path, "error": detail[:2000]})

@@ -2,7 +2,7 @@
 apply it through the agent's own change service, report status on a lease.
 
 A desired state is applied exactly as `tidegate apply` would apply it on
-this host (Agent.apply: validate, blast-radius check, atomic swap, guard),
+this host (ChangeService.apply: validate, blast-radius check, atomic swap, guard),
 with the rollout as the author, so each host's audit names the rollout.
 The answer goes into the host's status key:
 
@@ -30,8 +30,11 @@ import threading
 import time
 
 from tidegate import __version__
-from tidegate.fleet.etcd import Etcd, EtcdUnavailable
-from tidegate.fleet.keys import ACK, NACK, ROLLED_BACK, FleetError, Keys, decode, encode, parse_labels
+from tidegate.changes.operation import Caller, OperationError
+from tidegate.fleet import report
+from tidegate.fleet.etcd import Etcd, EtcdUnavailable, split_endpoints
+from tidegate.fleet.keys import ACK, NACK, ROLLED_BACK, FleetError, Keys, check_name, decode, encode, parse_labels
+from tidegate.ruleset.model import RuleSetError
 
 log = logging.getLogger("tidegate.fleet")
 
@@ -68,13 +71,9 @@ def check_options(opts) -> None:
     if bool(opts.fleet_etcd_cert) != bool(opts.fleet_etcd_key):
         raise SystemExit("tidegate agent: --fleet-etcd-cert and --fleet-etcd-key go together")
     try:
-        from tidegate.fleet.etcd import split_endpoints
-
         split_endpoints(opts.fleet_etcd)
         Keys(opts.fleet)
         parse_labels(opts.label)
-        from tidegate.fleet.keys import check_name
-
         check_name("host id", opts.host_id or socket.gethostname())
     except (ValueError, FleetError) as e:
         raise SystemExit(f"tidegate agent: {e}")
@@ -161,8 +160,6 @@ class FleetMember:
                 self._stop.wait(2.0)
 
     def _handle(self, raw: bytes, revision: int) -> None:
-        from tidegate.daemon.agent import OperationError
-
         try:
             desired = decode(raw)
             if not isinstance(desired, dict):
@@ -217,9 +214,7 @@ class FleetMember:
             raise _Nack(f"version {digest[:12]} in etcd is not a version record") from None
 
     def _apply(self, d: dict, revision: int) -> dict:
-        from tidegate.daemon.agent import Caller
-        from tidegate.ruleset.model import RuleSetError
-
+        changes = self.agent.changes
         rollout = str(d.get("rollout") or "manual")
         caller = Caller(author=f"fleet rollout {rollout} ({d.get('operator') or 'unknown'})",
                         peer=f"fleet:{self.keys.fleet}")  # fmt: skip
@@ -229,12 +224,13 @@ class FleetMember:
         shadow = d.get("shadow")
         if shadow == "":
             if self._shadow_digest():
-                self.agent.clear_shadow(reason, caller)
+                changes.clear_shadow(reason, caller)
                 notes.append("shadow cleared")
         elif shadow:
             if self._shadow_digest() != shadow:
                 text = self._text(shadow)
-                out = self.agent.apply(text, source, reason, caller, shadow=True, action="fleet-shadow")
+                rs = changes.parse(text, source, caller, "fleet-shadow")
+                out = changes.apply(rs, reason, caller, shadow=True, source="fleet-shadow")
                 notes.append(f"shadow loaded as version {out.version}")
             else:
                 notes.append("shadow already loaded")
@@ -246,31 +242,31 @@ class FleetMember:
             elif d.get("revert"):
                 local = self._local_version(active)
                 if local:
-                    out = self.agent.rollback(local, reason, caller, cause="fleet-revert")
+                    out = changes.rollback(local, reason, caller, cause="fleet-revert")
                     notes.append(f"reverted to version {out.version}")
                 else:
-                    out = self.agent.apply(self._text(active), source, reason, caller, force=True, guard=False,
-                                           action="fleet-revert")  # fmt: skip
+                    rs = changes.parse(self._text(active), source, caller, "fleet-revert")
+                    out = changes.apply(rs, reason, caller, force=True, guard=False, source="fleet-revert")
                     notes.append(f"reverted: applied as version {out.version}")
             else:
                 text = self._text(active)
                 try:
-                    rs = self.agent.validate(text, f"fleet version {active[:12]}")
+                    rs = changes.validate(text, f"fleet version {active[:12]}")
                 except RuleSetError:
                     # the change service refuses it the way `tidegate apply` would: audited, the parser's message
-                    self.agent.apply(text, f"fleet version {active[:12]}", reason, caller, action="fleet-apply")
+                    changes.parse(text, f"fleet version {active[:12]}", caller, "fleet-apply")
                     raise
                 if rs.digest() != active:
                     raise _Nack(f"version {active[:12]}: content digest is {rs.digest()[:12]}, not its key's")
                 gs = int(d.get("guard_seconds") or 0)
-                out = self.agent.apply_rule_set(rs, reason, caller, force=bool(d.get("force")), guard=gs > 0,
-                                                guard_seconds=gs, source="fleet-apply")  # fmt: skip
+                out = changes.apply(rs, reason, caller, force=bool(d.get("force")), guard=gs > 0, guard_seconds=gs,
+                                    source="fleet-apply")  # fmt: skip
                 notes.append(f"applied as version {out.version}" + (f", guarded {gs} s" if out.guarded else ""))
                 if out.estimate is not None:
                     numbers = {k: v for k, v in out.estimate.to_dict().items() if k not in ("rules", "top_affected")}
                 numbers["version"] = out.version
-                if out.guarded and self.agent.guard is not None:
-                    self._follow_guard(self.agent.guard, revision, d)
+                if out.guarded and changes.guard is not None:
+                    self._follow_guard(changes.guard, revision, d)
         return self._result(ACK, "; ".join(notes) or "nothing to do", revision, d, numbers)
 
     def _follow_guard(self, guard, revision: int, desired: dict) -> None:
@@ -287,7 +283,7 @@ class FleetMember:
 
     # ------------------------------------------------------------- reading
     def _digest_of(self, version: int) -> str:
-        return self.agent.get_version(version).digest if version else ""
+        return self.agent.changes.get_version(version).digest if version else ""
 
     def _active_digest(self) -> str:
         return self._digest_of(self.agent.status()["active_version"])
@@ -308,8 +304,6 @@ class FleetMember:
 
     # -------------------------------------------------------------- report
     def status_record(self) -> dict:
-        from tidegate.fleet import report
-
         st = self.agent.status()
         active_digest = self._digest_of(st["active_version"])
         g = self.agent.guard

@@ -27,6 +27,7 @@ from prometheus_client.exposition import MetricsHandler
 
 from tidegate.fleet.etcd import Etcd, EtcdUnavailable
 from tidegate.fleet.keys import COMPLETED, FAILED, HALTED, HALTING, REFUSED, SHADOW, WAVE, Keys
+from tidegate.fleet.views import current_rollout, hosts
 
 log = logging.getLogger("tidegate.fleet.metrics")
 
@@ -40,8 +41,6 @@ class FleetCollector:
         self.keys = keys
 
     def collect(self):
-        from tidegate.fleet.views import current_rollout, hosts
-
         up = GaugeMetricFamily("tidegate_fleet_etcd_up", "1 when the exporter could read the fleet from etcd",
                                labels=["fleet"])  # fmt: skip
         f = self.keys.fleet

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from tidegate.fleet.etcd import Etcd
-from tidegate.fleet.keys import Keys, decode
+from tidegate.fleet.keys import FleetError, Keys, decode
 
 
 def hosts(etcd: Etcd, keys: Keys) -> list[dict]:
@@ -74,8 +74,6 @@ def summary(rec: dict) -> dict:
 
 def resolve_version(etcd: Etcd, keys: Keys, prefix: str) -> str:
     """A full digest from a prefix of one (at least 6 characters)."""
-    from tidegate.fleet.keys import FleetError
-
     if len(prefix) < 6:
         raise FleetError("--to needs at least 6 characters of a version digest (tidegate fleet history)")
     kvs, _ = etcd.get_prefix(keys.version(prefix), keys_only=True)

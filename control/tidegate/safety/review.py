@@ -31,7 +31,7 @@ import numpy as np
 
 from tidegate.kernel.layout import halves_to_address
 from tidegate.observation.window import SourceWindow, group_rows, source_keys
-from tidegate.safety.estimate import _summary
+from tidegate.safety.guard import counter_summary as _summary
 
 log = logging.getLogger("tidegate.safety.review")
 
