@@ -169,20 +169,8 @@ def run(opts: argparse.Namespace) -> int:
         _undo_start(kf, loaded)
         raise SystemExit(f"tidegate agent: {e}")
 
-    server = msrv = None
-    try:
-        server = api.serve(agent, opts)
-        msrv = metrics.serve(agent, mhost, mport) if mhost is not None else None
-    except (SystemExit, Exception) as e:
-        # lost a race for a port, an unusable certificate, an unwritable token file...
-        if server is not None:
-            server.stop(grace=0)
-        _undo_start(kf, loaded)
-        msg = e.code if isinstance(e, SystemExit) else f"tidegate agent: cannot serve: {e}"
-        raise SystemExit(msg) from None
-    agent.sampler.start()
-    agent.history.start()
-    fleet = hostagent.start(agent, opts)  # after serving: the local API works whatever etcd does
+    # everything a ready agent is asked for works before the API answers (readiness is the first
+    # answer): signals are handled, /metrics is bound, the sampler and counter history run
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -192,6 +180,24 @@ def run(opts: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, Reloader(agent.changes, opts.rules).on_signal)  # systemctl reload
+    agent.sampler.start()
+    agent.history.start()
+    server = msrv = None
+    try:
+        msrv = metrics.serve(agent, mhost, mport) if mhost is not None else None
+        server = api.serve(agent, opts)
+    except (SystemExit, Exception) as e:
+        # lost a race for a port, an unusable certificate, an unwritable token file...
+        if server is not None:
+            server.stop(grace=0)
+        if msrv is not None:
+            msrv.shutdown()
+        agent.sampler.stop()
+        agent.history.stop()
+        _undo_start(kf, loaded)
+        msg = e.code if isinstance(e, SystemExit) else f"tidegate agent: cannot serve: {e}"
+        raise SystemExit(msg) from None
+    fleet = hostagent.start(agent, opts)  # after serving: the local API works whatever etcd does
     st = kf.state()
     log.info("serving", extra={"listen": opts.listen, "metrics": opts.metrics_listen, "attached": st.attached,
                                "mode": st.mode, "active_version": st.active.version if st.active else 0})  # fmt: skip
