@@ -307,6 +307,13 @@ class VersionStore:
                 "SELECT version, kind, time, author, reason FROM activations ORDER BY id DESC LIMIT ?", (limit,)
             ).fetchall()
 
+    def activated_at(self, version: int) -> float | None:
+        """When `version` last became active (apply, rollback, promote, reconcile), or None."""
+        with self._lock:
+            row = self._conn.execute("SELECT time FROM activations WHERE version = ? ORDER BY id DESC LIMIT 1",
+                                     (version,)).fetchone()  # fmt: skip
+        return row[0] if row else None
+
     def reconcile(self, kernel_version: int | None, peer: str = "startup",
                   kernel_shadow: int | None = None) -> ReconcileResult:  # fmt: skip
         """Make the store agree with the kernel after a start (or a crash)."""

@@ -41,6 +41,7 @@ FAMILIES = {
     "tidegate_packets_total": ("verdict", "reason"), "tidegate_bytes_total": ("verdict", "reason"),
     "tidegate_rule_packets_total": ("rule", "verdict"), "tidegate_rule_drops_total": ("rule", "reason"),
     "tidegate_shadow_would_drop_total": ("rule",), "tidegate_active_version": (), "tidegate_shadow_version": (),
+    "tidegate_active_version_since_timestamp_seconds": (),
     "tidegate_tracked_sources": (), "tidegate_rule_set_changes_total": ("result",),
     "tidegate_rollbacks_total": ("cause",), "tidegate_lru_inserts_total": (),
     "tidegate_lru_insert_failures_total": (), "tidegate_attached": (), "tidegate_agent_up": (),
@@ -139,12 +140,17 @@ def test_changes_rollbacks_and_versions(agent):
     assert err.code().name == "INVALID_ARGUMENT"
     m1 = agent.scrape()
     assert m1[("tidegate_active_version", ())] == r.version
+    # the new version's activation time: after the one before it, and not in the future
+    since0, since1 = (m[("tidegate_active_version_since_timestamp_seconds", ())] for m in (m0, m1))
+    assert 0 < since0 < since1 <= time.time()
     assert delta(m0, m1, "tidegate_rule_set_changes_total", result="ok") == 1
     assert delta(m0, m1, "tidegate_rule_set_changes_total", result="rejected") == 1
     assert delta(m0, m1, "tidegate_rule_set_changes_total", result="error") == 0
     api.Rollback(reason="back")
     m2 = agent.scrape()
     assert m2[("tidegate_active_version", ())] == v0
+    # a rollback is an activation of its own: the old version is active since the rollback
+    assert m2[("tidegate_active_version_since_timestamp_seconds", ())] >= since1
     assert delta(m1, m2, "tidegate_rollbacks_total", cause="manual") == 1
     assert delta(m1, m2, "tidegate_rule_set_changes_total", result="ok") == 1
 

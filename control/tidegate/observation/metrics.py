@@ -37,6 +37,10 @@ class FilterCollector:
         av = GaugeMetricFamily("tidegate_active_version", "version number of the active rule set (0 = none)")
         av.add_metric([], st.active.version if st.active else 0)
         yield av
+        since = GaugeMetricFamily("tidegate_active_version_since_timestamp_seconds",
+                                  "Unix time the active rule set last became active (0 = none)")
+        since.add_metric([], (a.store.activated_at(st.active.version) or 0.0) if st.active else 0.0)
+        yield since
         sv = GaugeMetricFamily("tidegate_shadow_version", "version number of the shadow rule set (0 = none)")
         sv.add_metric([], st.shadow.version if st.shadow else 0)
         yield sv
