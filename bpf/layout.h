@@ -173,6 +173,14 @@ struct tg_src {
 	__u64 drops;       /* enforced drops, or would-drops for shadow entries */
 	__u64 new_drops;   /* shadow only: would-drops the active set passed */
 	__u64 first_ns;
+	/* Source entries: the classification cache (bpf/rules.h). The trie's
+	 * rule mask for the address cls_hi/cls_lo under this entry's rule set
+	 * (the key's epoch); cls_ok = 0: nothing cached. */
+	__u64 cls_mask;
+	__u64 cls_hi;
+	__u64 cls_lo;
+	__u32 cls_ok;
+	__u32 pad;
 };
 
 struct tg_count {
