@@ -140,6 +140,8 @@ LAYOUTS: dict[str, tuple[type, type, bool]] = {
 MAP_NAMES = tuple(n for n in LAYOUTS if n != "tg_clock")
 # pinned maps that only count: when their size changes (a new reason), they are made anew
 RESIZABLE_COUNTERS = {"tg_stats": len(REASONS)}
+# pinned maps of soft state (token buckets, the classification cache): made anew when their layout changes
+SOFT_STATE = ("tg_state",)
 
 # ----------------------------------------------------------- address encoding
 V4_MAPPED = 0xFFFF << 32  # ::ffff:0:0, where IPv4 addresses live in the 128-bit space

@@ -10,6 +10,7 @@ same instructions, as they are.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -19,7 +20,17 @@ from pathlib import Path
 from tidegate.kernel import bpfsys, program
 from tidegate.kernel.compiler import CompileError
 from tidegate.kernel.errors import KernelError
-from tidegate.kernel.layout import DEBRUIJN, MAP_NAMES, MAX_CIDRS, MAX_SOURCES, NO_SLOT, PROG_NAME, RESIZABLE_COUNTERS
+from tidegate.kernel.layout import (
+    DEBRUIJN,
+    LAYOUTS,
+    MAP_NAMES,
+    MAX_CIDRS,
+    MAX_SOURCES,
+    NO_SLOT,
+    PROG_NAME,
+    RESIZABLE_COUNTERS,
+    SOFT_STATE,
+)
 from tidegate.kernel.pinned_maps import PinnedMap
 
 log = logging.getLogger("tidegate.kernel.filter")
@@ -123,6 +134,16 @@ def prepare_pin_dir(config: FilterConfig) -> bool:
                 f"{entries}; run `tidegate detach --interface {config.interface}` to start over "
                 "with the new size (this removes the filter while it runs)"
             )
+    for name in SOFT_STATE:
+        # per-source buckets only: a program whose state entries have another layout gets a new
+        # map (BCC would reuse the old one and the verifier refuse the program); every source
+        # starts again with a full bucket, the old program keeps its map until it is replaced
+        p = os.path.join(d, name)
+        key, value, _ = LAYOUTS[name]
+        if os.path.exists(p) and _pinned_sizes(p) != (ctypes.sizeof(key), ctypes.sizeof(value)):
+            log.warning("the pinned per-source state has another layout: it is made anew and every source "
+                        "starts with a full bucket", extra={"map": p})  # fmt: skip
+            os.unlink(p)
     for name, entries in RESIZABLE_COUNTERS.items():
         # counters only: a new program with more reasons gets a new map (BCC would silently reuse
         # the old, smaller one); the attached program keeps its own until the new one replaces it
@@ -132,6 +153,15 @@ def prepare_pin_dir(config: FilterConfig) -> bool:
                         "from zero", extra={"map": p, "entries": entries})  # fmt: skip
             os.unlink(p)
     return True
+
+
+def _pinned_sizes(path: str) -> tuple[int, int]:
+    fd = bpfsys.obj_get(path)
+    try:
+        info = bpfsys.map_info(fd)
+        return info.key_size, info.value_size
+    finally:
+        os.close(fd)
 
 
 def _pinned_entries(path: str) -> int:
