@@ -26,6 +26,20 @@
 #ifndef TIDEGATE_RULES_H
 #define TIDEGATE_RULES_H
 
+/* Prefix credit: a source whose prefix bucket is far from its limit (over
+ * half its burst) takes an eighth of what is above half, at most
+ * TG_CREDIT_MAX packets, and sends that many packets without looking its
+ * prefix up; the credit is good for TG_CREDIT_NS (about one tick of the
+ * coarse clock that times every bucket), and what is left goes back to the
+ * bucket at the source's next prefix visit, where the packets sent on
+ * credit are added to the prefix's counters. Every packet on credit was
+ * taken from the prefix bucket, so the prefix never passes more than its
+ * bucket gives, give or take what refills in TG_CREDIT_NS: the precision
+ * the clock already has. Near its limit, or with a byte limit, a prefix
+ * lends nothing and every packet is charged to it as it comes. */
+#define TG_CREDIT_NS 4000000ULL
+#define TG_CREDIT_MAX 64
+
 struct tg_verdict {
 	__u8 drop;
 	__u8 reason;
@@ -138,7 +152,6 @@ static __always_inline void tg_cache_class(struct tg_src *s, const struct tg_pkt
 	s->cls_hi = p->addr_hi;
 	s->cls_lo = p->addr_lo;
 	s->cls_ok = cls->ok;
-	s->pad = 0;
 }
 
 /* Apply the rule's limits. shadow: this slot is the candidate set, its
@@ -205,10 +218,18 @@ static __always_inline struct tg_verdict tg_limit(__u32 slot, const struct tg_se
 		}
 	}
 	if (rc->flags & TG_RF_PREFIX) {
+		int pbytes = rc->flags & TG_RF_PFX_BYTES;
+		/* on credit: a packet of a source holding tokens it took from its
+		 * prefix bucket a moment ago needs no prefix lookup */
+		if (s && s->pfx_credit && now - s->pfx_credit_ns < TG_CREDIT_NS) {
+			s->pfx_credit--;
+			s->pfx_owed++;
+			s->pfx_owed_bytes += p->len;
+			goto counted;
+		}
 		struct tg_state_key pk;
 		tg_state_key(&pk, p, p->family == 4 ? &rc->pfx4 : &rc->pfx6, cfg->epoch, v.rule,
 			     TG_KIND_PREFIX);
-		int pbytes = rc->flags & TG_RF_PFX_BYTES;
 		struct tg_src *ps = tg_state.lookup(&pk);
 		if (!ps) {
 			struct tg_src fresh;
@@ -230,12 +251,32 @@ static __always_inline struct tg_verdict tg_limit(__u32 slot, const struct tg_se
 		} else {
 			ps->packets++;
 			ps->bytes += p->len;
+			if (s) {
+				/* settle the last credit: its packets are counted, what is
+				 * left goes back */
+				ps->packets += s->pfx_owed;
+				ps->bytes += s->pfx_owed_bytes;
+				__u64 back = ps->tokens + (__u64)s->pfx_credit * TG_UNIT;
+				ps->tokens = back > rc->pfx.burst ? rc->pfx.burst : back;
+				s->pfx_credit = 0;
+				s->pfx_owed = 0;
+				s->pfx_owed_bytes = 0;
+			}
 			if (!tg_take(ps, &rc->pfx, now, p->len, pbytes)) {
 				v.drop = 1;
 				v.reason = TG_R_PREFIX;
 				ps->drops++;
 				if (shadow && !active_drop)
 					ps->new_drops++;
+			} else if (s && !pbytes && ps->tokens > rc->pfx.burst / 2) {
+				/* far from its limit: lend the source an eighth of what is
+				 * above half the burst, at most TG_CREDIT_MAX packets */
+				__u64 n = ((ps->tokens - rc->pfx.burst / 2) >> 3) / TG_UNIT;
+				if (n > TG_CREDIT_MAX)
+					n = TG_CREDIT_MAX;
+				ps->tokens -= n * TG_UNIT;
+				s->pfx_credit = n;
+				s->pfx_credit_ns = now;
 			}
 		}
 	}

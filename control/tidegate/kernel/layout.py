@@ -107,7 +107,8 @@ class tg_state_key(ctypes.Structure):
 class tg_src(ctypes.Structure):
     _fields_ = [(n, u64) for n in ("tokens", "last_ns", "byte_tokens", "blocked_until", "packets", "bytes", "drops",
                                    "new_drops", "first_ns", "cls_mask", "cls_hi", "cls_lo")] + [
-        ("cls_ok", u32), ("pad", u32)]  # fmt: skip
+        ("cls_ok", u32), ("pfx_credit", u16), ("pfx_owed", u16), ("pfx_credit_ns", u64),
+        ("pfx_owed_bytes", u64)]  # fmt: skip
 
 
 class tg_count(ctypes.Structure):
