@@ -181,9 +181,9 @@ struct tg_src {
 	__u64 cls_lo;
 	__u32 cls_ok;
 	/* Source entries: prefix credit (bpf/rules.h), packets this source may
-	 * still send on tokens taken from its prefix bucket at pfx_credit_ns,
-	 * and the packets and bytes sent on credit not yet added to the
-	 * prefix entry's counters. */
+	 * still send on tokens taken from its prefix bucket at its last prefix
+	 * visit (pfx_credit_ns), and the packets and bytes sent on credit not
+	 * yet added to the prefix entry's counters. */
 	__u16 pfx_credit;
 	__u16 pfx_owed;
 	__u64 pfx_credit_ns;

@@ -29,8 +29,11 @@
 /* Prefix credit: a source whose prefix bucket is far from its limit (over
  * half its burst) takes an eighth of what is above half, at most
  * TG_CREDIT_MAX packets, and sends that many packets without looking its
- * prefix up; the credit is good for TG_CREDIT_NS (about one tick of the
- * coarse clock that times every bucket), and what is left goes back to the
+ * prefix up. Only a source back at its prefix within TG_CREDIT_NS of its
+ * last visit gets credit (a source seen once in a while, or once, as in a
+ * spoofed flood, takes nothing it will not use); the credit is good for
+ * TG_CREDIT_NS (about one tick of the coarse clock that times every
+ * bucket), and what is left goes back to the
  * bucket at the source's next prefix visit, where the packets sent on
  * credit are added to the prefix's counters. Every packet on credit was
  * taken from the prefix bucket, so the prefix never passes more than its
@@ -268,16 +271,19 @@ static __always_inline struct tg_verdict tg_limit(__u32 slot, const struct tg_se
 				ps->drops++;
 				if (shadow && !active_drop)
 					ps->new_drops++;
-			} else if (s && !pbytes && ps->tokens > rc->pfx.burst / 2) {
-				/* far from its limit: lend the source an eighth of what is
-				 * above half the burst, at most TG_CREDIT_MAX packets */
+			} else if (s && !pbytes && now - s->pfx_credit_ns < TG_CREDIT_NS &&
+				   ps->tokens > rc->pfx.burst / 2) {
+				/* a source back within the credit time, its prefix far
+				 * from its limit: lend it an eighth of what is above half
+				 * the burst, at most TG_CREDIT_MAX packets */
 				__u64 n = ((ps->tokens - rc->pfx.burst / 2) >> 3) / TG_UNIT;
 				if (n > TG_CREDIT_MAX)
 					n = TG_CREDIT_MAX;
 				ps->tokens -= n * TG_UNIT;
 				s->pfx_credit = n;
-				s->pfx_credit_ns = now;
 			}
+			if (s)
+				s->pfx_credit_ns = now;  /* its last prefix visit */
 		}
 	}
 counted:

@@ -64,3 +64,16 @@ def test_credit_left_unused_expires_and_goes_back_to_the_prefix(replay):
     assert 10 + b["pass"] + 1 + b2["pass"] == BURST, (b, b2)
     # every packet reached the prefix's counters, A's on credit at its next visit
     assert _prefix_packets(replay.kf) == 10 + BURST + 1 + 100
+
+
+@pytest.mark.kernel
+def test_a_source_seen_once_in_a_while_takes_no_credit(replay):
+    """Credit goes only to a source back at its prefix within the credit
+    time: one packet now and one 5 ms later leave nothing lent, so the
+    next source gets the rest of the burst to the packet."""
+    replay.apply(RULES)
+    replay.at(0)
+    assert _send(replay, A, 1) == {"pass": 1}
+    replay.at(5)
+    assert _send(replay, A, 1) == {"pass": 1}
+    assert _send(replay, B, BURST) == {"pass": BURST - 2, "prefix": 2}
