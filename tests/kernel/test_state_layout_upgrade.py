@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
-from tidegate.kernel import bpfsys
 from tidegate.kernel.filter import FilterConfig, KernelFilter
 from tidegate.kernel.layout import tg_src, tg_state_key
+from tidegate.kernel.loader import pinned_map_info
 from tidegate.ruleset.model import parse_rule_set
 
 from . import frames as f
@@ -47,12 +47,8 @@ BPF(text=src).load_func(b"f", BPF.XDP)
 
 
 def _sizes(path: str) -> tuple[int, int]:
-    fd = bpfsys.obj_get(path)
-    try:
-        info = bpfsys.map_info(fd)
-        return info.key_size, info.value_size
-    finally:
-        os.close(fd)
+    info = pinned_map_info(path)
+    return info.key_size, info.value_size
 
 
 @pytest.mark.kernel

@@ -127,7 +127,7 @@ def prepare_pin_dir(config: FilterConfig) -> bool:
         p = os.path.join(d, name)
         if not os.path.exists(p):
             continue
-        info_entries = _pinned_entries(p)
+        info_entries = pinned_map_info(p).max_entries
         if info_entries != entries:
             raise KernelError(
                 f"pinned map {p} holds {info_entries} entries but this agent is configured for "
@@ -140,7 +140,8 @@ def prepare_pin_dir(config: FilterConfig) -> bool:
         # starts again with a full bucket, the old program keeps its map until it is replaced
         p = os.path.join(d, name)
         key, value, _ = LAYOUTS[name]
-        if os.path.exists(p) and _pinned_sizes(p) != (ctypes.sizeof(key), ctypes.sizeof(value)):
+        info = pinned_map_info(p) if os.path.exists(p) else None
+        if info is not None and (info.key_size, info.value_size) != (ctypes.sizeof(key), ctypes.sizeof(value)):
             log.warning("the pinned per-source state has another layout: it is made anew and every source "
                         "starts with a full bucket", extra={"map": p})  # fmt: skip
             os.unlink(p)
@@ -148,26 +149,18 @@ def prepare_pin_dir(config: FilterConfig) -> bool:
         # counters only: a new program with more reasons gets a new map (BCC would silently reuse
         # the old, smaller one); the attached program keeps its own until the new one replaces it
         p = os.path.join(d, name)
-        if os.path.exists(p) and _pinned_entries(p) != entries:
+        if os.path.exists(p) and pinned_map_info(p).max_entries != entries:
             log.warning("the pinned counter map has another size: it is made anew and its counts restart "
                         "from zero", extra={"map": p, "entries": entries})  # fmt: skip
             os.unlink(p)
     return True
 
 
-def _pinned_sizes(path: str) -> tuple[int, int]:
+def pinned_map_info(path: str) -> bpfsys.MapInfo:
+    """What the kernel says about a pinned map (sizes, entries)."""
     fd = bpfsys.obj_get(path)
     try:
-        info = bpfsys.map_info(fd)
-        return info.key_size, info.value_size
-    finally:
-        os.close(fd)
-
-
-def _pinned_entries(path: str) -> int:
-    fd = bpfsys.obj_get(path)
-    try:
-        return bpfsys.map_info(fd).max_entries
+        return bpfsys.map_info(fd)
     finally:
         os.close(fd)
 
