@@ -57,6 +57,10 @@ static __always_inline int tg_fresh(struct tg_src *s, const struct tg_limit *l, 
 	s->bytes = 0;
 	s->drops = 0;
 	s->new_drops = 0;
+	s->pfx_credit = 0;
+	s->pfx_owed = 0;
+	s->pfx_credit_ns = now;  /* as if it had just visited its prefix */
+	s->pfx_owed_bytes = 0;
 	return tg_take(s, l, now, len, bytes);
 }
 

@@ -173,6 +173,21 @@ struct tg_src {
 	__u64 drops;       /* enforced drops, or would-drops for shadow entries */
 	__u64 new_drops;   /* shadow only: would-drops the active set passed */
 	__u64 first_ns;
+	/* Source entries: the classification cache (bpf/rules.h). The trie's
+	 * rule mask for the address cls_hi/cls_lo under this entry's rule set
+	 * (the key's epoch); cls_ok = 0: nothing cached. */
+	__u64 cls_mask;
+	__u64 cls_hi;
+	__u64 cls_lo;
+	__u32 cls_ok;
+	/* Source entries: prefix credit (bpf/rules.h), packets this source may
+	 * still send on tokens taken from its prefix bucket at its last prefix
+	 * visit (pfx_credit_ns), and the packets and bytes sent on credit not
+	 * yet added to the prefix entry's counters. */
+	__u16 pfx_credit;
+	__u16 pfx_owed;
+	__u64 pfx_credit_ns;
+	__u64 pfx_owed_bytes;
 };
 
 struct tg_count {

@@ -6,15 +6,55 @@
  * the bit mask of rules whose sources contain it (the longest match then
  * carries every rule that covers the address), and for every (protocol,
  * port) the mask of rules that accept it. The first matching rule is the
- * lowest bit of the AND of the two masks. */
+ * lowest bit of the AND of the two masks.
+ *
+ * Classification cache: the trie's answer for a source (not listed, and the
+ * mask of rules whose sources contain it) is kept in the source's state
+ * entry, with the full address it was computed for. A state entry belongs
+ * to one rule set: its key holds the set's epoch, and a slot is never
+ * rewritten under the same epoch. So a cached answer can only be read by
+ * packets of the set that wrote it, and a swap invalidates every cached
+ * classification at once (the new set's keys name its own epoch). The
+ * packet path first guesses the rule from the port alone (the first
+ * any-source rule accepting it, else the default), looks up that rule's
+ * entry, and if it holds this address's answer and the answer confirms the
+ * guess, skips the trie: one hash lookup instead of a trie walk and a hash
+ * lookup. Anything else (a miss, another address under a shorter key
+ * prefix, a source-restricted rule winning) takes the full path, which
+ * stores the answer for the next packet. Allow- and deny-listed sources get
+ * no entry (as before): they take the trie every time. */
 #ifndef TIDEGATE_RULES_H
 #define TIDEGATE_RULES_H
+
+/* Prefix credit: a source whose prefix bucket is far from its limit (over
+ * half its burst) takes an eighth of what is above half, at most
+ * TG_CREDIT_MAX packets, and sends that many packets without looking its
+ * prefix up. Only a source back at its prefix within TG_CREDIT_NS of its
+ * last visit gets credit (a source seen once in a while, or once, as in a
+ * spoofed flood, takes nothing it will not use); the credit is good for
+ * TG_CREDIT_NS (about one tick of the coarse clock that times every
+ * bucket), and what is left goes back to the
+ * bucket at the source's next prefix visit, where the packets sent on
+ * credit are added to the prefix's counters. Every packet on credit was
+ * taken from the prefix bucket, so the prefix never passes more than its
+ * bucket gives, give or take what refills in TG_CREDIT_NS: the precision
+ * the clock already has. Near its limit, or with a byte limit, a prefix
+ * lends nothing and every packet is charged to it as it comes. */
+#define TG_CREDIT_NS 4000000ULL
+#define TG_CREDIT_MAX 64
 
 struct tg_verdict {
 	__u8 drop;
 	__u8 reason;
 	__u8 rule;
 	__u8 pad;
+};
+
+/* What a packet's match found out about its source, for the cache. */
+struct tg_class {
+	__u64 mask;   /* the trie's rule mask (0: no entry) */
+	__u32 ok;     /* 1: a trie answer for a source on no list, worth caching */
+	__u32 pad;
 };
 
 static __always_inline __u32 tg_lowest_bit(__u64 m)
@@ -29,8 +69,28 @@ static __always_inline __u32 tg_lowest_bit(__u64 m)
 	return r ? *r : TG_RULE_DEFAULT;
 }
 
+static __always_inline __u32 tg_first_rule(__u64 m)
+{
+	return m ? tg_lowest_bit(m) : TG_RULE_DEFAULT;
+}
+
+/* The mask of rules accepting the packet's protocol and port. */
+static __always_inline __u64 tg_port_mask(__u32 slot, const struct tg_set_cfg *cfg,
+					  const struct tg_pkt *p)
+{
+	__u64 port_mask = cfg->proto_mask[p->proto];
+	if ((cfg->flags & TG_SET_HAS_PORTS) && p->has_port) {
+		__u32 pidx = TG_PORT_IDX(slot, p->proto == IPPROTO_UDP, p->dport);
+		__u64 *pm = tg_ports.lookup(&pidx);
+		if (pm && *pm)
+			port_mask = *pm;
+	}
+	return port_mask;
+}
+
 static __always_inline struct tg_verdict tg_classify(__u32 slot, const struct tg_set_cfg *cfg,
-						     const struct tg_pkt *p)
+						     const struct tg_pkt *p, __u64 port_mask,
+						     struct tg_class *cls)
 {
 	struct tg_verdict v = {};
 	__u64 src_mask = cfg->any_src_mask;
@@ -60,8 +120,10 @@ static __always_inline struct tg_verdict tg_classify(__u32 slot, const struct tg
 				v.rule = TG_RULE_DENYLIST;
 				return v;
 			}
+			cls->mask = cv->rule_mask;
 			src_mask |= cv->rule_mask;
 		}
+		cls->ok = 1;
 	}
 	if (p->ext_unparsed) {
 		/* no L4 header: no rule can be matched on protocol or port */
@@ -69,27 +131,42 @@ static __always_inline struct tg_verdict tg_classify(__u32 slot, const struct tg
 		v.reason = TG_R_PASS;
 		return v;
 	}
-	__u64 port_mask = cfg->proto_mask[p->proto];
-	if ((cfg->flags & TG_SET_HAS_PORTS) && p->has_port) {
-		__u32 pidx = TG_PORT_IDX(slot, p->proto == IPPROTO_UDP, p->dport);
-		__u64 *pm = tg_ports.lookup(&pidx);
-		if (pm && *pm)
-			port_mask = *pm;
-	}
-	__u64 m = src_mask & port_mask;
-	v.rule = m ? tg_lowest_bit(m) : TG_RULE_DEFAULT;
+	v.rule = tg_first_rule(src_mask & port_mask);
 	v.reason = TG_R_PASS;
 	return v;
 }
 
+static __always_inline struct tg_rule_cfg *tg_rule_of(__u32 slot, __u32 rule)
+{
+	__u32 ridx = slot * TG_RULE_IDX + rule;
+	return tg_rules.lookup(&ridx);
+}
+
+/* A rule whose packets are charged to a per-source state entry. */
+static __always_inline int tg_has_state(const struct tg_rule_cfg *rc)
+{
+	return rc->action == TG_ACT_LIMIT && (rc->flags & TG_RF_PKT);
+}
+
+static __always_inline void tg_cache_class(struct tg_src *s, const struct tg_pkt *p,
+					   const struct tg_class *cls)
+{
+	s->cls_mask = cls->mask;
+	s->cls_hi = p->addr_hi;
+	s->cls_lo = p->addr_lo;
+	s->cls_ok = cls->ok;
+}
+
 /* Apply the rule's limits. shadow: this slot is the candidate set, its
- * state entries count would-drops; active_drop: what the active set did. */
+ * state entries count would-drops; active_drop: what the active set did.
+ * s: the source's entry if the caller already found it; cls: the match's
+ * answer to cache in the entry. */
 static __always_inline struct tg_verdict tg_limit(__u32 slot, const struct tg_set_cfg *cfg,
 						  const struct tg_pkt *p, __u64 now,
-						  struct tg_verdict v, int shadow, int active_drop)
+						  struct tg_verdict v, int shadow, int active_drop,
+						  struct tg_rule_cfg *rc, struct tg_src *s,
+						  const struct tg_class *cls)
 {
-	__u32 ridx = slot * TG_RULE_IDX + v.rule;
-	struct tg_rule_cfg *rc = tg_rules.lookup(&ridx);
 	if (!rc)
 		return v;
 	if (rc->action == TG_ACT_DROP) {
@@ -102,9 +179,13 @@ static __always_inline struct tg_verdict tg_limit(__u32 slot, const struct tg_se
 
 	struct tg_state_key sk;
 	const struct tg_mask *km = p->family == 4 ? &cfg->key4 : &cfg->key6;
-	tg_state_key(&sk, p, km, cfg->epoch, v.rule, TG_KIND_SOURCE);
 	int bytes = rc->flags & TG_RF_BYTES;
-	struct tg_src *s = tg_state.lookup(&sk);
+	if (!s) {
+		tg_state_key(&sk, p, km, cfg->epoch, v.rule, TG_KIND_SOURCE);
+		s = tg_state.lookup(&sk);
+		if (s && cls->ok)
+			tg_cache_class(s, p, cls);
+	}
 	if (!s) {
 		struct tg_src fresh;
 		int ok = tg_fresh(&fresh, &rc->src, now, p->len, bytes);
@@ -112,6 +193,7 @@ static __always_inline struct tg_verdict tg_limit(__u32 slot, const struct tg_se
 		fresh.bytes = p->len;
 		fresh.drops = !ok;
 		fresh.new_drops = !ok && shadow && !active_drop;
+		tg_cache_class(&fresh, p, cls);
 		if (tg_state.insert(&sk, &fresh) == 0)
 			tg_lru_count(TG_LRU_INSERTS);
 		else if (!tg_state.lookup(&sk))
@@ -138,20 +220,29 @@ static __always_inline struct tg_verdict tg_limit(__u32 slot, const struct tg_se
 			goto counted;
 		}
 	}
-prefix:
 	if (rc->flags & TG_RF_PREFIX) {
+		int pbytes = rc->flags & TG_RF_PFX_BYTES;
+		/* on credit: a packet of a source holding tokens it took from its
+		 * prefix bucket a moment ago needs no prefix lookup */
+		if (s && s->pfx_credit && now - s->pfx_credit_ns < TG_CREDIT_NS) {
+			s->pfx_credit--;
+			s->pfx_owed++;
+			s->pfx_owed_bytes += p->len;
+			goto counted;
+		}
 		struct tg_state_key pk;
 		tg_state_key(&pk, p, p->family == 4 ? &rc->pfx4 : &rc->pfx6, cfg->epoch, v.rule,
 			     TG_KIND_PREFIX);
-		int pbytes = rc->flags & TG_RF_PFX_BYTES;
 		struct tg_src *ps = tg_state.lookup(&pk);
 		if (!ps) {
 			struct tg_src fresh;
+			struct tg_class none = {};
 			int ok = tg_fresh(&fresh, &rc->pfx, now, p->len, pbytes);
 			fresh.packets = 1;
 			fresh.bytes = p->len;
 			fresh.drops = !ok;
 			fresh.new_drops = !ok && shadow && !active_drop;
+			tg_cache_class(&fresh, p, &none);
 			if (!ok) {
 				v.drop = 1;
 				v.reason = TG_R_PREFIX;
@@ -163,13 +254,36 @@ prefix:
 		} else {
 			ps->packets++;
 			ps->bytes += p->len;
+			if (s) {
+				/* settle the last credit: its packets are counted, what is
+				 * left goes back */
+				ps->packets += s->pfx_owed;
+				ps->bytes += s->pfx_owed_bytes;
+				__u64 back = ps->tokens + (__u64)s->pfx_credit * TG_UNIT;
+				ps->tokens = back > rc->pfx.burst ? rc->pfx.burst : back;
+				s->pfx_credit = 0;
+				s->pfx_owed = 0;
+				s->pfx_owed_bytes = 0;
+			}
 			if (!tg_take(ps, &rc->pfx, now, p->len, pbytes)) {
 				v.drop = 1;
 				v.reason = TG_R_PREFIX;
 				ps->drops++;
 				if (shadow && !active_drop)
 					ps->new_drops++;
+			} else if (s && !pbytes && now - s->pfx_credit_ns < TG_CREDIT_NS &&
+				   ps->tokens > rc->pfx.burst / 2) {
+				/* a source back within the credit time, its prefix far
+				 * from its limit: lend it an eighth of what is above half
+				 * the burst, at most TG_CREDIT_MAX packets */
+				__u64 n = ((ps->tokens - rc->pfx.burst / 2) >> 3) / TG_UNIT;
+				if (n > TG_CREDIT_MAX)
+					n = TG_CREDIT_MAX;
+				ps->tokens -= n * TG_UNIT;
+				s->pfx_credit = n;
 			}
+			if (s)
+				s->pfx_credit_ns = now;  /* its last prefix visit */
 		}
 	}
 counted:
@@ -179,6 +293,45 @@ counted:
 			s->new_drops++;
 	}
 	return v;
+}
+
+/* Evaluate one slot: match (through the cache when the source's entry
+ * holds its answer), then limits. *matched gets the verdict before limits. */
+static __always_inline struct tg_verdict tg_eval(__u32 slot, const struct tg_set_cfg *cfg,
+						 const struct tg_pkt *p, __u64 now, int shadow,
+						 int active_drop, struct tg_verdict *matched)
+{
+	struct tg_class cls = {};
+	struct tg_verdict v = {};
+	__u64 port_mask = tg_port_mask(slot, cfg, p);
+	if ((cfg->flags & TG_SET_HAS_TRIE) && !p->ext_unparsed) {
+		/* the guess: the rule the port alone chooses */
+		__u32 guess = tg_first_rule(cfg->any_src_mask & port_mask);
+		struct tg_rule_cfg *rc = tg_rule_of(slot, guess);
+		if (rc && tg_has_state(rc)) {
+			struct tg_state_key sk;
+			tg_state_key(&sk, p, p->family == 4 ? &cfg->key4 : &cfg->key6, cfg->epoch,
+				     guess, TG_KIND_SOURCE);
+			struct tg_src *s = tg_state.lookup(&sk);
+			/* the trie adds rules to the port's any-source ones: the guess
+			 * stands unless one of them comes first */
+			__u64 m0 = cfg->any_src_mask & port_mask;
+			__u64 extra = s ? s->cls_mask & port_mask & ~m0 : 0;
+			if (s && s->cls_ok && s->cls_hi == p->addr_hi && s->cls_lo == p->addr_lo &&
+			    (!extra || (m0 && (extra & -extra) > (m0 & -m0)))) {
+				v.rule = guess;
+				v.reason = TG_R_PASS;
+				*matched = v;
+				return tg_limit(slot, cfg, p, now, v, shadow, active_drop, rc, s, &cls);
+			}
+		}
+	}
+	v = tg_classify(slot, cfg, p, port_mask, &cls);
+	*matched = v;
+	if (v.reason != TG_R_PASS)
+		return v;
+	return tg_limit(slot, cfg, p, now, v, shadow, active_drop, tg_rule_of(slot, v.rule), 0,
+			&cls);
 }
 
 #endif

@@ -98,10 +98,8 @@ int tidegate_xdp(struct xdp_md *ctx)
 	}
 
 	__u64 now = tg_now();
-	struct tg_verdict v = tg_classify(aslot, acfg, &p);
-	struct tg_verdict matched = v;
-	if (v.reason == TG_R_PASS)
-		v = tg_limit(aslot, acfg, &p, now, v, 0, 0);
+	struct tg_verdict matched;
+	struct tg_verdict v = tg_eval(aslot, acfg, &p, now, 0, 0, &matched);
 	tg_count_rule(tg_rule_counter(aslot, v.rule), v, p.len);
 	__u32 reason = v.reason;
 	if (p.ext_unparsed && (v.rule == TG_RULE_EXTHDR || v.rule == TG_RULE_DEFAULT))
@@ -111,10 +109,17 @@ int tidegate_xdp(struct xdp_md *ctx)
 	if (sslot < TG_SLOTS) {
 		struct tg_set_cfg *scfg = tg_sets.lookup(&sslot);
 		if (scfg) {
-			struct tg_verdict sv = scfg->same_match_as == aslot ? matched
-									      : tg_classify(sslot, scfg, &p);
-			if (sv.reason == TG_R_PASS)
-				sv = tg_limit(sslot, scfg, &p, now, sv, 1, v.drop);
+			struct tg_verdict sv;
+			if (scfg->same_match_as == aslot) {
+				struct tg_class none = {};
+				sv = matched;
+				if (sv.reason == TG_R_PASS)
+					sv = tg_limit(sslot, scfg, &p, now, sv, 1, v.drop,
+						      tg_rule_of(sslot, sv.rule), 0, &none);
+			} else {
+				struct tg_verdict smatched;
+				sv = tg_eval(sslot, scfg, &p, now, 1, v.drop, &smatched);
+			}
 			struct tg_rule_count *sc = tg_rule_counter(sslot, sv.rule);
 			if (sc) {
 				sc->shadow_pkts++;

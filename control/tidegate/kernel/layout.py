@@ -106,7 +106,9 @@ class tg_state_key(ctypes.Structure):
 
 class tg_src(ctypes.Structure):
     _fields_ = [(n, u64) for n in ("tokens", "last_ns", "byte_tokens", "blocked_until", "packets", "bytes", "drops",
-                                   "new_drops", "first_ns")]  # fmt: skip
+                                   "new_drops", "first_ns", "cls_mask", "cls_hi", "cls_lo")] + [
+        ("cls_ok", u32), ("pfx_credit", u16), ("pfx_owed", u16), ("pfx_credit_ns", u64),
+        ("pfx_owed_bytes", u64)]  # fmt: skip
 
 
 class tg_count(ctypes.Structure):
@@ -139,6 +141,8 @@ LAYOUTS: dict[str, tuple[type, type, bool]] = {
 MAP_NAMES = tuple(n for n in LAYOUTS if n != "tg_clock")
 # pinned maps that only count: when their size changes (a new reason), they are made anew
 RESIZABLE_COUNTERS = {"tg_stats": len(REASONS)}
+# pinned maps of soft state (token buckets, the classification cache): made anew when their layout changes
+SOFT_STATE = ("tg_state",)
 
 # ----------------------------------------------------------- address encoding
 V4_MAPPED = 0xFFFF << 32  # ::ffff:0:0, where IPv4 addresses live in the 128-bit space

@@ -10,6 +10,7 @@ same instructions, as they are.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -19,7 +20,17 @@ from pathlib import Path
 from tidegate.kernel import bpfsys, program
 from tidegate.kernel.compiler import CompileError
 from tidegate.kernel.errors import KernelError
-from tidegate.kernel.layout import DEBRUIJN, MAP_NAMES, MAX_CIDRS, MAX_SOURCES, NO_SLOT, PROG_NAME, RESIZABLE_COUNTERS
+from tidegate.kernel.layout import (
+    DEBRUIJN,
+    LAYOUTS,
+    MAP_NAMES,
+    MAX_CIDRS,
+    MAX_SOURCES,
+    NO_SLOT,
+    PROG_NAME,
+    RESIZABLE_COUNTERS,
+    SOFT_STATE,
+)
 from tidegate.kernel.pinned_maps import PinnedMap
 
 log = logging.getLogger("tidegate.kernel.filter")
@@ -116,28 +127,40 @@ def prepare_pin_dir(config: FilterConfig) -> bool:
         p = os.path.join(d, name)
         if not os.path.exists(p):
             continue
-        info_entries = _pinned_entries(p)
+        info_entries = pinned_map_info(p).max_entries
         if info_entries != entries:
             raise KernelError(
                 f"pinned map {p} holds {info_entries} entries but this agent is configured for "
                 f"{entries}; run `tidegate detach --interface {config.interface}` to start over "
                 "with the new size (this removes the filter while it runs)"
             )
+    for name in SOFT_STATE:
+        # per-source buckets only: a program whose state entries have another layout gets a new
+        # map (BCC would reuse the old one and the verifier refuse the program); every source
+        # starts again with a full bucket, the old program keeps its map until it is replaced
+        p = os.path.join(d, name)
+        key, value, _ = LAYOUTS[name]
+        info = pinned_map_info(p) if os.path.exists(p) else None
+        if info is not None and (info.key_size, info.value_size) != (ctypes.sizeof(key), ctypes.sizeof(value)):
+            log.warning("the pinned per-source state has another layout: it is made anew and every source "
+                        "starts with a full bucket", extra={"map": p})  # fmt: skip
+            os.unlink(p)
     for name, entries in RESIZABLE_COUNTERS.items():
         # counters only: a new program with more reasons gets a new map (BCC would silently reuse
         # the old, smaller one); the attached program keeps its own until the new one replaces it
         p = os.path.join(d, name)
-        if os.path.exists(p) and _pinned_entries(p) != entries:
+        if os.path.exists(p) and pinned_map_info(p).max_entries != entries:
             log.warning("the pinned counter map has another size: it is made anew and its counts restart "
                         "from zero", extra={"map": p, "entries": entries})  # fmt: skip
             os.unlink(p)
     return True
 
 
-def _pinned_entries(path: str) -> int:
+def pinned_map_info(path: str) -> bpfsys.MapInfo:
+    """What the kernel says about a pinned map (sizes, entries)."""
     fd = bpfsys.obj_get(path)
     try:
-        return bpfsys.map_info(fd).max_entries
+        return bpfsys.map_info(fd)
     finally:
         os.close(fd)
 

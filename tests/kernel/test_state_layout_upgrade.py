@@ -1,0 +1,85 @@
+"""An upgrade whose program changes the layout of the per-source state map
+(bpf/layout.h struct tg_src): the new program gets a new tg_state map, the
+rule set and the other maps are kept, and the filter keeps deciding.
+
+Without this, BCC reuses the old pinned map and the verifier refuses the
+new program (its loads reach past the old, shorter value)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tidegate.kernel.filter import FilterConfig, KernelFilter
+from tidegate.kernel.layout import tg_src, tg_state_key
+from tidegate.kernel.loader import pinned_map_info
+from tidegate.ruleset.model import parse_rule_set
+
+from . import frames as f
+
+RULES = """
+defaults:
+  limit: {pps: 1000, burst: 1000}
+rules:
+  - name: dns
+    protocol: udp
+    dst_ports: [53]
+    limit: {pps: 100, burst: 100}
+"""
+
+# an older program's per-source map: the same key, a 72-byte value (the layout before the
+# classification cache), created and pinned by BCC in a child like the compile child does
+OLD_STATE = r"""
+import sys
+from bcc import BPF
+src = '''
+struct key { u64 hi; u64 lo; u32 epoch; u8 rule; u8 kind; u16 pad; };
+struct old_src { u64 f[9]; };
+BPF_TABLE_PINNED("lru_hash", struct key, struct old_src, tg_state, 65536, "%s");
+int f(struct xdp_md *ctx) { struct key k = {}; return tg_state.lookup(&k) ? 1 : 2; }
+''' % sys.argv[1]
+BPF(text=src).load_func(b"f", BPF.XDP)
+"""
+
+
+def _sizes(path: str) -> tuple[int, int]:
+    info = pinned_map_info(path)
+    return info.key_size, info.value_size
+
+
+@pytest.mark.kernel
+def test_a_state_map_of_an_older_layout_is_made_anew_and_the_rule_set_kept():
+    cfg = FilterConfig(interface=None, pin_name=f"test-upgrade-{os.getpid()}", max_sources=65536)
+    kf = KernelFilter(cfg)
+    kf.load()
+    try:
+        rs = parse_rule_set(RULES, "<test>")
+        kf.apply(rs, 7)
+        kf.test_run(f.udp("198.51.100.7", 53))
+        kf.close()
+        # what an older agent left: its program (another digest) and its state map
+        state = os.path.join(cfg.pin_dir, "tg_state")
+        for name in os.listdir(cfg.pin_dir):
+            if name.startswith("prog_"):
+                os.unlink(os.path.join(cfg.pin_dir, name))
+        os.unlink(state)
+        subprocess.run([sys.executable, "-c", OLD_STATE, state], check=True, capture_output=True, timeout=120)
+        assert _sizes(state) == (ctypes.sizeof(tg_state_key), 72)
+
+        kf = KernelFilter(cfg)
+        res = kf.load()
+        assert res.compiled and not res.fresh_maps
+        assert _sizes(state) == (ctypes.sizeof(tg_state_key), ctypes.sizeof(tg_src))
+        assert kf.active_version() == 7, "the rule set and its selection are kept"
+        kf.bind_names(7, rs)  # what the agent does from its store
+        before = kf.counters().rules["dns"].pass_packets
+        verdict, _ = kf.test_run(f.udp("198.51.100.7", 53))
+        assert verdict == 2 and kf.counters().rules["dns"].pass_packets == before + 1
+        assert kf.read_sources().count == 1, "the new map holds the new entry only"
+    finally:
+        kf.close()
+        kf.remove_pins()
