@@ -19,17 +19,10 @@ from .harness import AgentProc, finish, send
 pytestmark = pytest.mark.e2e
 
 RULES = """
-defaults:
-  limit: {pps: 100000, burst: 100000}
+defaults: {limit: {pps: 50000, burst: 50000}}
 rules:
-  - name: api
-    protocol: udp
-    dst_ports: [8080]
-    limit: {pps: 3, burst: 6}
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 100000, burst: 100000}
+  - {name: api, protocol: udp, dst_ports: [8080], limit: {pps: 5, burst: 10}}
+  - {name: sink, protocol: udp, dst_ports: [9]}
 """
 FAST = ["--insight-baseline-seconds", "3", "--insight-window-seconds", "3"]
 CLIENTS = ["--src-net", "10.77.0.0/24", "--sources", "200", "--dport", "8080", "--seed", "5"]

@@ -14,16 +14,10 @@ from tidegate.changes.operation import ApplyOutcome, OperationError
 from tidegate.ruleset.model import dump_yaml, parse_rule_set, rule_set_from_dict
 
 RULES = """
-defaults:
-  limit: {pps: 1000, burst: 2000}
+defaults: {limit: {pps: 800, burst: 800}}
 rules:
-  - name: api
-    protocol: udp
-    dst_ports: [8080]
-    limit: {pps: 50, burst: 100}
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
+  - {name: web, protocol: tcp, dst_ports: [443], limit: {pps: 60, burst: 120}}
+  - {name: sink, protocol: udp, dst_ports: [9]}
 """
 BASE = parse_rule_set(RULES)
 DENIED = dataclasses.replace(BASE, deny=(parse_rule_set("deny: ['198.18.0.0/16']").deny[0],))
@@ -222,15 +216,15 @@ def test_it_expires_after_its_ttl_as_a_new_version_restoring_the_rule_set_before
 def test_expiry_after_the_operator_changed_the_rule_set_takes_out_only_its_own_change():
     m = mitigator()
     feed(m, [flood(i) for i in range(3)])
-    # the operator tightens 'api' on top of the mitigation
-    api = dataclasses.replace(DENIED.rule("api"), limit=dataclasses.replace(DENIED.rule("api").limit, pps=20))
-    mine = dataclasses.replace(DENIED, rules=tuple(api if r.name == "api" else r for r in DENIED.rules))
+    # the operator tightens 'web' on top of the mitigation
+    api = dataclasses.replace(DENIED.rule("web"), limit=dataclasses.replace(DENIED.rule("web").limit, pps=20))
+    mine = dataclasses.replace(DENIED, rules=tuple(api if r.name == "web" else r for r in DENIED.rules))
     m.changes.operator(mine)
     m.clock_.t += 600
     m.step()
     v, rs, reason, author, kw = m.changes.applied[-1]
     assert v == 4 and author == AUTHOR
-    assert rs.deny == () and rs.rule("api").limit.pps == 20  # the operator's change stays
+    assert rs.deny == () and rs.rule("web").limit.pps == 20  # the operator's change stays
     assert "taken out of version 3" in reason and m.results["expired"] == 1
 
 
