@@ -70,12 +70,15 @@ def wait_for(fn, seconds: float):
     return fn()
 
 
-def known_clients_then_surge(a: AgentProc) -> str:
-    """200 clients become known, then surge to ~10 pps each; the verdict read during the surge."""
+def known_clients(a: AgentProc) -> None:
+    """200 clients at 1 pps each, long enough to become known sources."""
     send(a.lab, *CLIENTS, "--count", "1600", "--pps", "200")
     time.sleep(1)
-    bg = send(a.lab, *CLIENTS, "--count", "8000", "--pps", "2000", wait=False)
-    time.sleep(3.2)
+
+
+def verdict_during(a: AgentProc, *sender_args: str, settle: float = 3.2) -> str:
+    bg = send(a.lab, *sender_args, wait=False)
+    time.sleep(settle)
     verdict = a.cli("insight", json_out=True)["verdict"]
     finish(bg)
     return verdict
@@ -91,7 +94,9 @@ def agent(tmp_path_factory):
 
 
 def test_a_surge_of_known_clients_triggers_nothing(agent):
-    assert known_clients_then_surge(agent) == "surge"
+    known_clients(agent)
+    # the same clients surge to ~10 pps each
+    assert verdict_during(agent, *CLIENTS, "--count", "8000", "--pps", "2000") == "surge"
     time.sleep(2)  # the readings of the surge's last seconds
     assert [v["number"] for v in versions(agent)] == [1]
     assert auto_mitigations(agent) == {r: 0 for r in ("applied", "declined", "refused", "expired", "rolled-back",
@@ -149,14 +154,9 @@ def plain_agent(tmp_path_factory):
 
 def test_without_the_flag_a_flood_is_read_and_nothing_is_applied(plain_agent):
     a = plain_agent
-    send(a.lab, *CLIENTS, "--count", "1600", "--pps", "200")
+    known_clients(a)
+    assert verdict_during(a, *FLOOD, "--count", "10000", "--pps", "2000", settle=4) == "flood"
     time.sleep(1)
-    bg = send(a.lab, *FLOOD, "--count", "10000", "--pps", "2000", wait=False)
-    time.sleep(4)
-    verdict = a.cli("insight", json_out=True)["verdict"]
-    finish(bg)
-    time.sleep(1)
-    assert verdict == "flood"
     assert [v["number"] for v in versions(a)] == [1]
     assert auto_mitigations(a)["applied"] == 0
     assert a.cli("status", json_out=True)["auto_mitigation"] is None
