@@ -21,7 +21,7 @@ from tidegate.safety import estimate as safety
 from tidegate.safety import guard as guarding
 from tidegate.ruleset.model import parse_rule_set
 from tidegate.observation.sampler import Interval
-from tidegate.observation.window import SourceRates
+from tidegate.observation.window import SourceRates, source_keys
 
 ACTIVE = """
 defaults:
@@ -405,6 +405,31 @@ def test_a_cancelled_guard_stops(clock):
     g.cancel()
     g.start()
     assert g.wait(10) and g.outcome == "cancelled" and agent.rollbacks == []
+
+
+def test_a_guard_told_whom_to_spare_counts_only_their_drops(clock):
+    # an auto-mitigation: the flood's 2,000 sources dropped is the point; the 60 known clients are spared
+    flood = [(f"198.18.{i // 250}.{i % 250}", 40, 5, 0) for i in range(2000)]
+    known = [(f"10.77.0.{i}", 40, 0, 0) for i in range(1, 61)]
+    iv = interval(known)
+    known_keys = source_keys(iv.hi, iv.lo)
+
+    def run(table, spared):
+        agent = Watched(clock, before=(1000, 0), after=(1000, 900), table=table)
+        agent.started = clock.now
+        sight = guarding.GuardSight(agent.kf, agent.history, agent.sampler, agent.store.audit,
+                                    agent.reviews.guard_fired, 0.05, 50)  # fmt: skip
+        g = guarding.Guard(sight, 7, agent.rule_set_of(7), 10, NS(author="agent:insight"), agent.rollback,
+                           **({"spared": lambda k: np.isin(k, known_keys)} if spared else {}))  # fmt: skip
+        g.start()
+        assert g.wait(10)
+        return g
+
+    assert run(flood + known, spared=False).outcome == "rolled-back"  # as apply --guard sees it
+    assert run(flood + known, spared=True).outcome == "kept"
+    hurt = run(flood + [(a, e, 1, k) for a, e, _, k in known], spared=True)
+    # only the known sources count: 60 of them, not the 2,060 dropped in all
+    assert hurt.outcome == "rolled-back" and hurt.cause == "60 distinct sources dropped vs 0 before (limit +50)"
 
 
 def test_counter_history_between(monkeypatch):

@@ -120,9 +120,13 @@ class ChangeService:
     # ------------------------------------------------------------- changes
     def apply(self, rs: RuleSet, reason: str, caller: Caller, *, shadow: bool = False, force: bool = False,
               guard: bool | None = None, guard_seconds: int = 0, wait_for_guard: bool = False,
-              source: str = "apply") -> ApplyOutcome:  # fmt: skip
+              source: str = "apply", spare=None, spared: Callable | None = None) -> ApplyOutcome:  # fmt: skip
         """Apply (or, with shadow, load as the shadow set) a validated rule set
-        as a new version; `source` names the change in the store and the audit."""
+        as a new version; `source` names the change in the store and the audit.
+        `spare` (SourceRates) and `spared` (source keys -> mask), for a change
+        meant to drop a flood (changes/mitigation.py): the blast-radius check
+        runs on the traffic of the sources to spare, and the guard counts only
+        their drops as harm."""
         if not reason.strip():
             self.rejected(source, caller, "no reason given")
             raise OperationError("INVALID_ARGUMENT", "a reason is required (--reason TEXT)",
@@ -133,7 +137,7 @@ class ChangeService:
             estimate = None
             active = self.active_rule_set()
             if not shadow and active is not None:
-                estimate = safety.estimate(self, rs)
+                estimate = safety.estimate(self, rs, spare)
                 problems = safety.check(self, rs, estimate)
                 if problems and not force:
                     msg = "refused by the blast-radius check: " + "; ".join(problems)
@@ -161,7 +165,8 @@ class ChangeService:
             outcome = ApplyOutcome(version, estimate=estimate)
             use_guard = self.options.guard_default if guard is None else guard
             if use_guard and active is not None:
-                g = self.guard_factory(version, rs, guard_seconds or self.options.guard_seconds, caller, self.rollback)
+                g = self.guard_factory(version, rs, guard_seconds or self.options.guard_seconds, caller, self.rollback,
+                                       **({"spared": spared} if spared is not None else {}))
                 self.guard = g
                 g.start()
                 outcome.guarded = True

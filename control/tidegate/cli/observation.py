@@ -29,6 +29,7 @@ def status(args, out: Output) -> int:
         ("active version", s.active_version or "none"),
         ("shadow version", s.shadow_version or "none"),
         ("guard", f"watching version {s.guard_version}" if s.guard_active else "idle"),
+        ("auto-mitigation", _mitigation_line(s)),
         ("tracked sources", f"{s.tracked_sources:,} (sampled {s.sample_age_seconds:.0f} s ago)"),
         ("uptime", duration(s.uptime_seconds)),
         ("program id", s.prog_id or "-"),
@@ -36,6 +37,14 @@ def status(args, out: Output) -> int:
         ("agent version", s.agent_version),
     ])  # fmt: skip
     return EXIT_OK
+
+
+def _mitigation_line(s) -> str:
+    if not s.HasField("auto_mitigation"):
+        return "none active"
+    m = s.auto_mitigation
+    return (f"version {m.version} ({m.action}{' on ' + m.rule if m.rule else ''}), expires in "
+            f"{duration(m.expires_in_seconds)} restoring version {m.previous_version}'s rules")  # fmt: skip
 
 
 def _counter_tables(c) -> list:

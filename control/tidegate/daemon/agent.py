@@ -53,6 +53,7 @@ class Agent:
         self._watchdog_note: str | None = None  # what the watchdog last logged, so it logs a state once
         self.health = None  # readiness.FilterHealth, set when the API serves
         self.blocklist = None  # changes.blocklist.Blocklist, set when the API serves
+        self.mitigation = None  # changes.mitigation.Mitigator, set by daemon/main.py
 
     # ------------------------------------- read by metrics, estimates, reports
     @property
@@ -135,6 +136,7 @@ class Agent:
             "guard_active": bool(g and g.watching),
             "guard_version": g.version if g and g.watching else 0,
             "sample_age_seconds": (time.monotonic() - self.sampler.last_sample) if self.sampler.last_sample else -1,
+            "auto_mitigation": self.mitigation.summary() if self.mitigation is not None else None,
         }
 
     def counters(self):

@@ -22,17 +22,20 @@ import threading
 from tidegate.access import auth
 from tidegate.access.auth import is_loopback as _is_loopback
 from tidegate.api import server as api
+from tidegate.changes.mitigation import Mitigator, Policy
 from tidegate.changes.operation import Caller, OperationError
 from tidegate.daemon.agent import Agent
 from tidegate.daemon.logfmt import KeyValueFormatter
 from tidegate.daemon.logjson import JsonFormatter
-from tidegate.daemon.options import build_parser, check_auth_mode, check_port_free, read_tls, split_addr
+from tidegate.daemon.options import (build_parser, check_auth_mode, check_auto_mitigate, check_port_free, read_tls,
+                                     split_addr)  # fmt: skip
 from tidegate.daemon.privileges import check_agent_privileges
 from tidegate.daemon.reload import Reloader
 from tidegate.fleet import hostagent
 from tidegate.kernel.filter import FilterConfig, KernelError, KernelFilter
 from tidegate.observation import metrics
 from tidegate.ruleset.model import RuleSetError, load_rule_set
+from tidegate.safety import propose
 from tidegate.store import StoreError, VersionStore
 
 log = logging.getLogger("tidegate.daemon.main")
@@ -86,6 +89,7 @@ def run(opts: argparse.Namespace) -> int:
         log.warning("INSECURE: gRPC listens on a non-loopback address without TLS; anyone who can reach "
                     "it can change the filter", extra={"listen": opts.listen})  # fmt: skip
     check_auth_mode(opts, host)
+    check_auto_mitigate(opts)
     hostagent.check_options(opts)
     opts.tls_material = read_tls(opts) if tls else None
     # ports first: a start that fails here has touched nothing
@@ -197,6 +201,12 @@ def run(opts: argparse.Namespace) -> int:
         _undo_start(kf, loaded)
         msg = e.code if isinstance(e, SystemExit) else f"tidegate agent: cannot serve: {e}"
         raise SystemExit(msg) from None
+    # always: a mitigation an earlier agent left active still expires; new ones only with --auto-mitigate
+    agent.mitigation = Mitigator(agent, Policy.of(opts), propose.propose, propose.spared)
+    agent.mitigation.start()
+    if opts.auto_mitigate:
+        log.warning("auto-mitigation on: lasting flood readings are mitigated without an operator",
+                    extra={"ttl": opts.auto_mitigate_ttl, "readings": opts.auto_mitigate_readings})  # fmt: skip
     fleet = hostagent.start(agent, opts)  # after serving: the local API works whatever etcd does
     st = kf.state()
     log.info("serving", extra={"listen": opts.listen, "metrics": opts.metrics_listen, "attached": st.attached,
@@ -210,6 +220,7 @@ def run(opts: argparse.Namespace) -> int:
             log.error("attachment check failed", extra={"error": str(e)})
     if fleet is not None:
         fleet.stop()
+    agent.mitigation.stop()
     agent.health.enter_graceful_shutdown()
     server.stop(grace=2).wait()
     agent.admission.close()  # the refused-call counts of the last minute

@@ -9,6 +9,7 @@ import socket
 import ssl
 
 from tidegate.access.auth import is_loopback as _is_loopback
+from tidegate.changes.blocklist import parse_ttl
 from tidegate.fleet.hostagent import add_arguments as fleet_arguments
 
 log = logging.getLogger("tidegate.daemon.options")
@@ -77,6 +78,22 @@ a new agent adopts them. `tidegate detach --interface IFACE` removes them.""",
                    help="a source counts as known when first seen at least this long ago (default 120)")
     p.add_argument("--insight-window-seconds", type=float, default=30.0,
                    help="the insight reading's window: packets per source, persistence, prefixes (default 30)")
+    am = p.add_argument_group("auto-mitigation (off unless --auto-mitigate; see the README's insight section)")
+    am.add_argument("--auto-mitigate", action="store_true",
+                    help="apply the insight proposal by itself when a flood or heavy-hitter reading lasts: within "
+                    "the blast-radius budgets (on the known sources' traffic), under a guard, audited as "
+                    "agent:insight, expiring after --auto-mitigate-ttl as a new version")
+    am.add_argument("--auto-mitigate-readings", type=int, default=3, metavar="N",
+                    help="consecutive flood, mixed or heavy-hitter readings (one a sample) it takes (default 3)")
+    am.add_argument("--auto-mitigate-confidence", type=float, default=0.7, metavar="F",
+                    help="each of them with at least this confidence (default 0.7)")
+    am.add_argument("--auto-mitigate-known-drop", type=float, default=0.0, metavar="F",
+                    help="the proposal's what-if may drop at most this share of known sources' packets and of "
+                    "known sources (default 0)")
+    am.add_argument("--auto-mitigate-ttl", type=_duration, default=600.0, metavar="DURATION",
+                    help="the mitigation expires after this, as a new version (default 10m; 90s, 10m, 1h)")
+    am.add_argument("--auto-mitigate-cooldown", type=_duration, default=300.0, metavar="DURATION",
+                    help="no new attempt this long after a mitigation ends or an attempt is declined (default 5m)")
     p.add_argument("--review-seconds", type=float, default=3600.0, help="post-deployment review period")
     p.add_argument("--attach-check-seconds", type=float, default=2.0,
                    help="how often to check that the program is still attached, and attach it again if not")
@@ -85,6 +102,24 @@ a new agent adopts them. `tidegate detach --interface IFACE` removes them.""",
                    help="stderr lines as key=value (default) or one JSON object each")
     fleet_arguments(p)
     return p
+
+
+def _duration(text: str) -> float:
+    try:
+        return float(parse_ttl(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def check_auto_mitigate(opts: argparse.Namespace) -> None:
+    if opts.auto_mitigate_readings < 1:
+        raise SystemExit("tidegate agent: --auto-mitigate-readings must be at least 1")
+    for flag, v in (("--auto-mitigate-confidence", opts.auto_mitigate_confidence),
+                    ("--auto-mitigate-known-drop", opts.auto_mitigate_known_drop)):  # fmt: skip
+        if not 0.0 <= v <= 1.0:
+            raise SystemExit(f"tidegate agent: {flag} must be between 0 and 1, got {v:g}")
+    if opts.auto_mitigate_ttl <= 0:
+        raise SystemExit("tidegate agent: --auto-mitigate-ttl must be longer than 0 s")
 
 
 def split_addr(addr: str) -> tuple[str, int]:

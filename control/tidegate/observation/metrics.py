@@ -74,6 +74,16 @@ class FilterCollector:
             for reason, n in a.admission.refused_total.items():
                 rf.add_metric([reason], n)
             yield rf
+        mit = getattr(a, "mitigation", None)
+        if mit is not None:
+            am = CounterMetricFamily("tidegate_auto_mitigations", "auto-mitigations (--auto-mitigate) by result",
+                                     labels=["result"])  # fmt: skip
+            for result, n in mit.results.items():
+                am.add_metric([result], n)
+            yield am
+            aa = GaugeMetricFamily("tidegate_auto_mitigation_active", "1 while an auto-mitigation is active")
+            aa.add_metric([], 1 if mit.active else 0)
+            yield aa
         gw = GaugeMetricFamily("tidegate_guard_active", "1 while a guarded apply is being watched")
         gw.add_metric([], 1 if (a.guard and a.guard.watching) else 0)
         yield gw

@@ -70,8 +70,11 @@ class KnownSources:
                 self.keys, self.first, self.last = self.keys[keep], self.first[keep], self.last[keep]
 
     def first_seen(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
-        """First-seen time per key (inf when unknown)."""
-        k = source_keys(hi, lo)
+        """First-seen time per source (inf when unknown)."""
+        return self.first_seen_keys(source_keys(hi, lo))
+
+    def first_seen_keys(self, k: np.ndarray) -> np.ndarray:
+        """First-seen time per source key (observation.window.source_keys; inf when unknown)."""
         with self._lock:
             if not len(self.keys):
                 return np.full(len(k), np.inf)

@@ -15,6 +15,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from tidegate.changes.operation import Caller, OperationError
 from tidegate.kernel.layout import DROP_REASONS
 from tidegate.observation.window import DroppedSince, SourceWindow
@@ -127,10 +129,13 @@ class Guard:
     more distinct sources are dropped than before, or a canary is dropped."""
 
     def __init__(self, sight: GuardSight, version: int, rule_set, seconds: int, caller,
-                 rollback: Callable):  # fmt: skip
+                 rollback: Callable, spared: Callable | None = None):  # fmt: skip
         """`rule_set`: the version's own; `rollback(to, reason, caller, cause=...)`: the change
-        service's, which answers with an ApplyOutcome or raises OperationError."""
+        service's, which answers with an ApplyOutcome or raises OperationError. `spared`
+        (source keys -> mask): only these sources' drops are harm (a mitigation meant to
+        drop a flood's other sources); their drop share comes from the sampler's intervals."""
         self.sight = sight
+        self.spared = spared
         self.version = version
         self.seconds = seconds
         self.caller = caller
@@ -143,12 +148,26 @@ class Guard:
         self._cancel = threading.Event()
         self.started = time.monotonic()
         hist = sight.history
-        self.baseline_share, self.baseline_packets = drop_share(hist.between(self.started - 30, self.started))
+        if spared is None:
+            self.baseline_share, self.baseline_packets = drop_share(hist.between(self.started - 30, self.started))
+        else:
+            self.baseline_share, self.baseline_packets = self._spared_share(self.started - 30)
         self.baseline_sources = self._dropped_sources_before()
         self.dropped = DroppedSince(self.started, rule_set.canaries)
 
     def _dropped_sources_before(self) -> int:
-        return len(SourceWindow.of(self.sight.sampler, 60).dropped_sources())
+        return self._count(SourceWindow.of(self.sight.sampler, 60).dropped_sources())
+
+    def _count(self, keys: np.ndarray) -> int:
+        """Distinct sources among `keys` whose drops are harm."""
+        return len(keys) if self.spared is None else int(np.count_nonzero(self.spared(keys)))
+
+    def _spared_share(self, t: float) -> tuple[float, int]:
+        """(drop share, packets) of the spared sources since `t`, from the sampler's intervals."""
+        rows = SourceWindow(self.sight.sampler.intervals_since(t)).select(enforced=True)
+        m = self.spared(rows.keys())
+        packets = int(rows.packets[m].sum())
+        return (float(rows.drops[m].sum()) / packets if packets else 0.0), packets
 
     def start(self) -> None:
         self.watching = True
@@ -166,8 +185,9 @@ class Guard:
         dropped = self.dropped.fold(self.sight.sampler.intervals_since(self.dropped.t), epoch)
         if dropped.network:
             return "canary", f"canary {dropped.network} was dropped"
-        if len(dropped) - self.baseline_sources > self.sight.dropped_sources:
-            return "dropped-sources", (f"{len(dropped)} distinct sources dropped vs {self.baseline_sources} before "
+        n = self._count(dropped.keys)
+        if n - self.baseline_sources > self.sight.dropped_sources:
+            return "dropped-sources", (f"{n} distinct sources dropped vs {self.baseline_sources} before "
                                        f"(limit +{self.sight.dropped_sources})")  # fmt: skip
         return None
 
@@ -187,7 +207,10 @@ class Guard:
                     self.outcome = "superseded"
                     return
                 cause = None
-                share, packets = drop_share(sight.history.between(max(self.started, now - 5), now))
+                if self.spared is None:
+                    share, packets = drop_share(sight.history.between(max(self.started, now - 5), now))
+                else:
+                    share, packets = self._spared_share(max(self.started, now - 5))
                 if packets >= 50 and share - self.baseline_share > sight.drop_increase:
                     cause = (f"drop share {share:.1%} vs {self.baseline_share:.1%} before the change "
                              f"(limit +{sight.drop_increase:.0%})")  # fmt: skip

@@ -152,15 +152,28 @@ def shared_bucket_loss(rates: SourceRates, rule: str, pps: float, prefixes: list
     return lost
 
 
+def known_split(agent, reading: dict) -> tuple[SourceRates, np.ndarray]:
+    """The sampler's estimate window, and which of its sources the reading counts as known."""
+    rates = agent.sampler.window_rates(agent.options.estimate_window, kind=0)
+    hi, lo = address_halves(rates.addresses)
+    return rates, agent.insight.known.first_seen(hi, lo) <= reading.get("known_before", -np.inf)
+
+
+def spared(agent, reading: dict) -> tuple[SourceRates, object]:
+    """What a mitigation of this reading must spare: the known sources' rates
+    (for the blast-radius check) and a source keys -> mask predicate (for the guard)."""
+    rates, known = known_split(agent, reading)
+    before = reading.get("known_before", -np.inf)
+    return _subset(rates, known), lambda keys: agent.insight.known.first_seen_keys(keys) <= before
+
+
 def propose(agent, reading: dict) -> dict:
     """The proposal for a reading: the change, its what-if, the rule set as YAML."""
     st = agent.kf.state()
     if st.active is None or "verdict" not in reading:
         return {"action": "none", "reason": "no active rule set or no reading yet"}
     rs = agent.rule_set_of(st.active.version)
-    rates = agent.sampler.window_rates(agent.options.estimate_window, kind=0)
-    hi, lo = address_halves(rates.addresses)
-    known = agent.insight.known.first_seen(hi, lo) <= reading.get("known_before", -np.inf)
+    rates, known = known_split(agent, reading)
     data, out = candidate(rs, reading, rates, known)
     out["verdict"] = reading["verdict"]
     out["based_on_version"] = st.active.version
