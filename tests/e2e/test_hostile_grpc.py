@@ -18,9 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tidegate.lab.veth import VethLab
-
-from .harness import AgentProc, pinned_dump
+from .harness import pinned_dump
 
 pytestmark = pytest.mark.e2e
 
@@ -38,18 +36,8 @@ OK_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.St
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hostile")
-    (tmp / "r.yaml").write_text(RULES)
-    lab = VethLab(f"h{os.getpid() % 100000}", subnet="10.207.5").create()
-    a = AgentProc(lab, tmp / "state")
-    try:
-        a.start(rules=str(tmp / "r.yaml"))
-        yield a
-    finally:
-        a.stop()
-        a.cleanup_kernel()
-        lab.remove()
+def agent(start_agent):
+    return start_agent("hgr", RULES)
 
 
 def _stub(agent):

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import time
 import urllib.request
 
 import pytest
 
-from tidegate.lab.veth import VethLab
-
-from .harness import AgentProc, finish, send
+from .harness import Agent, finish, send
 
 pytestmark = pytest.mark.e2e
 
@@ -51,19 +48,16 @@ TIGHT = (GOOD.replace("pps: 200, burst: 400", "pps: 20, burst: 40")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, make_lab):
     tmp = tmp_path_factory.mktemp("outage")
-    lab = VethLab(f"o{os.getpid() % 100000}", subnet="10.208.6").create()
+    lab = make_lab("out")
     (tmp / "good.yaml").write_text(GOOD.replace("{canary}", lab.peer_ip))
     (tmp / "tight.yaml").write_text(TIGHT.replace("{canary}", lab.peer_ip))
-    a = AgentProc(lab, tmp / "state", extra=["--guard-seconds", "20"])
+    a = Agent(lab, tmp, rules=str(tmp / "good.yaml"), extra=["--guard-seconds", "20"])
     try:
-        a.start(rules=str(tmp / "good.yaml"))
-        yield a, tmp
+        yield a.start(), tmp
     finally:
         a.stop()
-        a.cleanup_kernel()
-        lab.remove()
 
 
 def traffic(agent, seconds: float):
