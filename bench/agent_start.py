@@ -5,14 +5,14 @@ Method: a network namespace and veth pair are created for the run and a
 real `tidegate agent` starts on the host end (its own state dir and pins,
 --max-sources 1,048,576, a 10-CIDR + 50-rule set). Figures:
 - fresh start = exec of `tidegate agent` with nothing attached or pinned
-  to the first GetStatus that answers attached (compile, load, apply,
-  attach, serve);
+  to the first gRPC health check that answers (SERVING: attached; compile,
+  load, apply, attach, serve);
 - idle RSS = VmRSS of the agent from /proc/PID/status after two samples
   (--sample-interval 2) with no traffic;
 - RSS with 1M sources = the pinned LRU filled with 1,048,576 entries by
   BPF_MAP_UPDATE_BATCH from this process, then two samples; VmRSS (median
   of 20 readings over 10 s) and VmHWM (peak) from /proc/PID/status;
-- restart = SIGTERM, then exec to the first GetStatus again, with the same
+- restart = SIGTERM, then exec to the first health answer again, with the same
   program attached and pinned (median of --restarts runs), and as a ratio
   to a same-run reference: exec of Python importing the agent's modules;
 - the start-up lines the agent logged (its progress) are counted, and
@@ -104,7 +104,7 @@ def main() -> int:
         agent.remove_kernel_objects()
         off = 0
         out["fresh_start_s"] = agent.start()
-        lines = log_since(agent.log, off)
+        lines = log_since(agent.log_path, off)
         out["startup_log_lines"] = len(lines)
         out["compiled_at_fresh_start"] = compiles(lines)
         time.sleep(5)
@@ -120,15 +120,15 @@ def main() -> int:
         restarts, compiled = [], 0
         for _ in range(args.restarts):
             agent.stop()
-            off = agent.log.stat().st_size
+            off = agent.log_path.stat().st_size
             restarts.append(agent.start())
-            compiled += compiles(log_since(agent.log, off))
+            compiled += compiles(log_since(agent.log_path, off))
         out["restart_s"] = statistics.median(restarts)
         out["import_floor_s"] = statistics.median(import_floor() for _ in range(args.restarts))
         out["restart_over_floor"] = out["restart_s"] / out["import_floor_s"]
         out["restart_runs_s"] = restarts
         out["compiled_at_restart"] = compiled
-        out["log_tail"] = log_since(agent.log, off)
+        out["log_tail"] = log_since(agent.log_path, off)
     finally:
         agent.stop()
         agent.remove_kernel_objects()

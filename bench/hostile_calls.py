@@ -141,7 +141,7 @@ class Bench:
         opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.agent.port}", options=opts)
         self.stub = pbg.FilterStub(self.channel)
-        tokens = (self.agent.state / "tokens").read_text().splitlines()
+        tokens = (self.agent.state_dir / "tokens").read_text().splitlines()
         self.read = [("authorization", f"Bearer {[ln.split()[1] for ln in tokens if ln.startswith('read ')][0]}")]
         warm = self.pb.RuleSetText(yaml=RULES)
         self.stub.ValidateRuleSet(warm, metadata=self.read, timeout=30)
