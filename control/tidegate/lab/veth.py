@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyroute2 import IPRoute, NetNS, netns
+from pyroute2 import IPRoute, netns
 
 # where the `tidegate` package lives, for the sender run by a bare Python inside the namespace
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
@@ -78,12 +78,14 @@ class VethLab:
 
     @staticmethod
     def _configure(ns: str | None, ifname: str, address: str) -> None:
-        with NetNS(ns) if ns else IPRoute() as r:
-            idx = r.link_lookup(ifname=ifname)[0]
-            r.addr("add", index=idx, address=address, prefixlen=24)
-            r.link("set", index=idx, state="up")
-            if ns:
-                r.link("set", index=r.link_lookup(ifname="lo")[0], state="up")
+        # iproute2, not pyroute2's NetNS: that forks a child into the namespace,
+        # which a caller's own SIGTERM handler (a benchmark's clean-up) can break
+        ip = ["ip", *(["-n", ns] if ns else [])]
+        run = [[*ip, "addr", "add", f"{address}/24", "dev", ifname], [*ip, "link", "set", ifname, "up"]]
+        if ns:
+            run.append([*ip, "link", "set", "lo", "up"])
+        for argv in run:
+            subprocess.run(argv, check=True, capture_output=True)
         # IPv6 neighbour discovery would add frames nobody asked for
         sysctl = ["sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1"]
         subprocess.run(["ip", "netns", "exec", ns, *sysctl] if ns else sysctl, check=False, capture_output=True)
