@@ -18,19 +18,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fixtures import rule_set
+
 from .harness import pinned_dump
 
 pytestmark = pytest.mark.e2e
 
-RULES = """
-defaults:
-  limit: {pps: 1000, burst: 2000}
-rules:
-  - name: dns
-    protocol: udp
-    dst_ports: [53]
-    limit: {pps: 100, burst: 100}
-"""
+RULES = rule_set("dns")
 
 OK_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION}
 

@@ -10,23 +10,13 @@ import time
 
 import pytest
 
+from fixtures import rule_set
+
 from .harness import finish, send
 
 pytestmark = pytest.mark.e2e
 
-RULES = """
-defaults:
-  limit: {pps: 100000, burst: 100000}
-rules:
-  - name: api
-    protocol: udp
-    dst_ports: [8080]
-    limit: {pps: 3, burst: 6}
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 100000, burst: 100000}
-"""
+RULES = rule_set("api-3pps")
 
 
 @pytest.fixture(scope="module")

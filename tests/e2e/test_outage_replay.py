@@ -22,26 +22,13 @@ import urllib.request
 
 import pytest
 
+from fixtures import rule_set
+
 from .harness import Agent, finish, send
 
 pytestmark = pytest.mark.e2e
 
-GOOD = """
-defaults:
-  limit: {pps: 200, burst: 400}
-  prefix_limit: {ipv4_prefix: 16, ipv6_prefix: 48, pps: 2000, burst: 2000}
-canaries: ["{canary}"]
-rules:
-  - name: api
-    protocol: udp
-    dst_ports: [8080]
-    limit: {pps: 100, burst: 200}
-    prefix_limit: null
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 50, burst: 100}
-"""
+GOOD = rule_set("outage-good")
 # the change that caused the outage: every threshold ten times too tight
 TIGHT = (GOOD.replace("pps: 200, burst: 400", "pps: 20, burst: 40")
          .replace("pps: 100, burst: 200", "pps: 10, burst: 20").replace("pps: 50, burst: 100", "pps: 5, burst: 10"))  # fmt: skip

@@ -16,20 +16,14 @@ import urllib.request
 
 import pytest
 
+from fixtures import rule_set
+
 from .harness import ROOT, finish, free_port, send
 
 pytestmark = pytest.mark.e2e
 DEPLOY = ROOT / "deploy"
 
-RULES = """
-defaults:
-  limit: {pps: 10000, burst: 10000}
-rules:
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 10, burst: 10}
-"""
+RULES = rule_set("sink-10pps")
 
 
 def test_alert_rules_pass_promtool():
