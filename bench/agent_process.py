@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+from lab_run import lab_with_rules, remove_all
 from report import header_lines, machine, save, table, use_repo_package
 
 use_repo_package()
@@ -122,11 +121,8 @@ def main() -> int:
     out: dict = {"machine": machine()}
     lines = header_lines("the agent process", __doc__.split("Method:")[1].split("    sudo")[0].strip())
 
-    tmp = Path(tempfile.mkdtemp(prefix="tg-bench-agent-"))
-    rules = tmp / "rules.yaml"
-    rules.write_text(rule_set_text(10))
-    lab = VethLab(f"ba{os.getpid() % 10000}", subnet="10.213.7").create()
-    agent = Agent(lab, tmp / "state", rules)
+    tmp, lab = lab_with_rules("ba", "10.213.7", rule_set_text(10))
+    agent = Agent(lab, tmp / "state", tmp / "rules.yaml")
     try:
         cold = agent.start()
         pb, stub, md = agent.stub()
@@ -164,10 +160,7 @@ def main() -> int:
         lines += ["", f"agent start, exec to attached and serving: cold (fresh maps) {cold:.2f} s; warm restart "
                       f"(adopting the attached program and pinned maps) {warm:.2f} s"]  # fmt: skip
     finally:
-        agent.stop()
-        agent.remove_kernel_objects()
-        lab.remove()
-        subprocess.run(["rm", "-rf", str(tmp)])
+        remove_all(tmp, lab, agent)
     text = "\n".join(lines)
     print(text)
     if not args.quick:

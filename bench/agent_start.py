@@ -34,17 +34,16 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from lab_run import lab_with_rules, remove_all
 from report import header_lines, machine, save, table, use_repo_package
 
 use_repo_package()
 
 from agent_process import Agent, active_epoch, fill_sources  # noqa: E402
 from control_plane import rule_set_text  # noqa: E402
-from tidegate.lab.veth import VethLab  # noqa: E402
 
 ROWS = (
     ("fresh_start_s", "fresh start to serving (s)", "{:.2f}"),
@@ -95,11 +94,8 @@ def main() -> int:
     if args.quick:
         args.restarts = 1
     out: dict = {"machine": machine(), "uptime": Path("/proc/loadavg").read_text().split()[:3]}
-    tmp = Path(tempfile.mkdtemp(prefix="tg-bench-start-"))
-    rules = tmp / "rules.yaml"
-    rules.write_text(rule_set_text(10))
-    lab = VethLab(f"bs{os.getpid() % 10000}", subnet="10.213.9").create()
-    agent = Agent(lab, tmp / "state", rules)
+    tmp, lab = lab_with_rules("bs", "10.213.9", rule_set_text(10))
+    agent = Agent(lab, tmp / "state", tmp / "rules.yaml")
     try:
         agent.remove_kernel_objects()
         off = 0
@@ -130,10 +126,7 @@ def main() -> int:
         out["compiled_at_restart"] = compiled
         out["log_tail"] = log_since(agent.log_path, off)
     finally:
-        agent.stop()
-        agent.remove_kernel_objects()
-        lab.remove()
-        subprocess.run(["rm", "-rf", str(tmp)])
+        remove_all(tmp, lab, agent)
     method = __doc__.split("Method:")[1].split("    sudo")[0].strip()
     text = "\n".join(header_lines("agent start-up and memory", method))
     before = json.loads(Path(args.before).read_text()) if args.before else None

@@ -21,33 +21,15 @@ import argparse
 import json
 import os
 import subprocess
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
-from report import header_lines, machine, save, table, use_repo_package
+from lab_run import admin_client, lab_agent, lab_with_rules, remove_all, rule_set
+from report import header_lines, machine, pct, save, table, use_repo_package
 
 use_repo_package()
 
-from tidegate.client import Client  # noqa: E402
-from tidegate.lab.launcher import AgentProcess  # noqa: E402
-from tidegate.lab.veth import VethLab  # noqa: E402
-
-RULES = """
-defaults:
-  limit: {pps: 100, burst: 200}
-rules:
-  - name: flooded
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 10, burst: 20}
-"""
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else None
+RULES = rule_set("flooded")
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -64,15 +46,12 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.seconds = 20
-    tmp = Path(tempfile.mkdtemp(prefix="tg-fresh-"))
-    (tmp / "rules.yaml").write_text(RULES)
-    lab = VethLab(f"if{os.getpid() % 10000}", subnet="10.210.7").create()
-    agent = AgentProcess(lab.host_if, tmp / "state", pin_name="bench-fresh", rules=tmp / "rules.yaml", metrics=False,
-                         sample_interval=args.sample_interval, extra=[])  # fmt: skip
+    tmp, lab = lab_with_rules("if", "10.210.7", RULES)
+    agent = lab_agent(tmp, lab, "fresh", metrics=False, sample_interval=args.sample_interval)
     procs = []
     try:
         agent.start(timeout=120)
-        cl = Client(agent.server, timeout=10, token_file=str(tmp / "state" / "tokens"))
+        cl = admin_client(agent, timeout=10)
         time.sleep(3 * args.sample_interval)  # a baseline of silence
         c0 = cl.call("GetCounters", cl.pb.GetCountersRequest())
         for i in range(args.senders):
@@ -135,12 +114,7 @@ def main() -> int:
             save("insight_fresh", data, text)
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        agent.stop(timeout=20)
-        agent.remove_kernel_objects()
-        lab.remove()
+        remove_all(tmp, lab, agent, procs)
 
 
 if __name__ == "__main__":

@@ -19,42 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
 
-from report import header_lines, machine, save, table, use_repo_package
+from lab_run import admin_client, lab_agent, lab_with_rules, remove_all, rule_set
+from report import header_lines, machine, pct, save, table, use_repo_package
 
 use_repo_package()
 
-from tidegate.client import Client  # noqa: E402
-from tidegate.lab.launcher import AgentProcess  # noqa: E402
-from tidegate.lab.veth import VethLab  # noqa: E402
-
-RULES = """
-defaults:
-  limit: {pps: 100, burst: 200}
-rules:
-  - name: app
-    protocol: udp
-    dst_ports: [5555]
-    limit: {pps: 200, burst: 400}
-  - name: flooded
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 10, burst: 20}
-    prefix_limit: {ipv4_prefix: 16, ipv6_prefix: 48, pps: 200, burst: 400}
-"""
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else None
+RULES = rule_set("app-and-flooded")
 
 
 def main() -> int:
@@ -66,15 +42,13 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.sources = 1_000_000
-    tmp = Path(tempfile.mkdtemp(prefix="tg-attack-"))
-    (tmp / "rules.yaml").write_text(RULES)
-    lab = VethLab(f"ua{os.getpid() % 10000}", subnet="10.210.1").create()
-    agent = AgentProcess(lab.host_if, tmp / "state", pin_name="bench-attack", rules=tmp / "rules.yaml", metrics=False,
-                         sample_interval=5, extra=["--max-sources", str(args.max_sources)])  # fmt: skip
+    tmp, lab = lab_with_rules("ua", "10.210.1", RULES)
+    agent = lab_agent(tmp, lab, "attack", metrics=False, sample_interval=5,
+                      extra=["--max-sources", str(args.max_sources)])
     procs = []
     try:
         agent.start(timeout=120)
-        cl = Client(agent.server, timeout=5, token_file=str(tmp / "state" / "tokens"))
+        cl = admin_client(agent, timeout=5)
         rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         rx.bind((lab.host_ip, 5555))
@@ -164,12 +138,7 @@ def main() -> int:
             save("under_attack", data, text)
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        agent.stop(timeout=20)
-        agent.remove_kernel_objects()
-        lab.remove()
+        remove_all(tmp, lab, agent, procs)
 
 
 if __name__ == "__main__":

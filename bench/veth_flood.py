@@ -440,14 +440,7 @@ class Filters:
                     kf.detach(remove_pins=False)
             except Exception:
                 pass
-            try:
-                kf.close()
-            except Exception:
-                pass
-            try:
-                kf.remove_pins()
-            except Exception as e:
-                print(f"cleanup: could not remove {kf.config.pin_dir}: {e}", file=sys.stderr)
+            self.pp.discard(kf)
         self.kfs = {}
         for b, _ in self.bcc.values():
             try:
@@ -516,6 +509,16 @@ class Generator:
         self.procs.append(p)
         return p
 
+    def _collect(self, p: subprocess.Popen, timeout: float) -> tuple[str, str]:
+        """Its output once it ends (killed after `timeout`)."""
+        try:
+            out = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out = p.communicate()
+        self.procs.remove(p)
+        return out
+
     def run(self, seconds: float, rate: int | None) -> dict:
         """Flood (at `rate` pps, or as fast as trafgen goes) + legit stream
         for `seconds`. Returns what the senders report."""
@@ -528,12 +531,7 @@ class Generator:
             if left < 0.2:
                 break
             tg = self._trafgen(left, rate)
-            try:
-                out, _ = tg.communicate(timeout=left + 15)
-            except subprocess.TimeoutExpired:
-                tg.kill()
-                out, _ = tg.communicate()
-            self.procs.remove(tg)
+            out, _ = self._collect(tg, left + 15)
             if "Flushing TX_RING failed" in (out or "") or "failed" in (out or "").lower():
                 aborted.append(out.strip().splitlines()[-1] if out.strip() else "?")
                 restarts += 1
@@ -541,12 +539,7 @@ class Generator:
                     break
                 continue
             break
-        try:
-            lo, le = legit.communicate(timeout=seconds + 15)
-        except subprocess.TimeoutExpired:
-            legit.kill()
-            lo, le = legit.communicate()
-        self.procs.remove(legit)
+        lo, le = self._collect(legit, seconds + 15)
         try:
             sent = json.loads(lo.strip().splitlines()[-1])
         except (ValueError, IndexError):
