@@ -4,8 +4,8 @@ veth pair, measured from outside through its gRPC API and /metrics.
 
 Method: a network namespace and veth pair are created for the run; the
 agent starts on the host end with a state dir of its own. Figures:
-- cold start = exec of `tidegate agent` to the first GetStatus answering
-  attached (Python start, compile, load, apply --rules, attach, serve);
+- cold start = exec of `tidegate agent` to the first gRPC health check
+  answering (SERVING: attached) (Python start, compile, load, apply --rules, attach, serve);
 - apply over gRPC (ApplyRuleSet, blast-radius check included) of rule sets
   with N allow-list CIDRs plus 50 rules, p50/p99;
 - the pinned per-source LRU is filled with N entries by BPF_MAP_UPDATE_BATCH
@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+from lab_run import lab_with_rules, remove_all
 from report import header_lines, machine, save, table, use_repo_package
 
 use_repo_package()
@@ -38,68 +35,39 @@ use_repo_package()
 import grpc  # noqa: E402
 
 from tidegate.kernel import bpfsys  # noqa: E402
-from tidegate.kernel.filter import FilterConfig, KernelFilter  # noqa: E402
+from tidegate.lab.launcher import AgentProcess  # noqa: E402
 from tidegate.lab.veth import VethLab  # noqa: E402
+from tidegate.v1 import tidegate_pb2 as pb  # noqa: E402
+from tidegate.v1 import tidegate_pb2_grpc as pbg  # noqa: E402
 
 from control_plane import apply_latency, fill_sources_fd, rule_set_text  # noqa: E402
 
-BIN = Path(sys.executable).parent / "tidegate"
 
+class Agent(AgentProcess):
+    """The agent under measurement: started by the launcher everything else uses."""
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Agent:
     def __init__(self, lab: VethLab, state: Path, rules: Path):
-        self.lab, self.state, self.rules = lab, state, rules
-        self.port, self.mport = free_port(), free_port()
-        self.pin = f"bench-agent-{os.getpid()}"
-        self.proc: subprocess.Popen | None = None
-        self.log = state.parent / "agent.log"
+        super().__init__(lab.host_if, state, pin_name=f"bench-agent-{os.getpid()}", rules=rules, sample_interval=2,
+                         extra=["--no-blast-check"])  # fmt: skip
+        self.lab = lab
+
+    @property
+    def pin(self) -> str:
+        return self.pin_name
+
+    @property
+    def mport(self) -> int:
+        return self.metrics_port
 
     def start(self) -> float:
+        """Seconds from exec to the first health answer (attached: it starts with --rules)."""
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(
-            [str(BIN), "agent", "--interface", self.lab.host_if, "--rules", str(self.rules),
-             "--state-dir", str(self.state), "--listen", f"127.0.0.1:{self.port}",
-             "--metrics-listen", f"127.0.0.1:{self.mport}", "--pin-name", self.pin,
-             "--sample-interval", "2", "--no-blast-check"],
-            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))  # fmt: skip
-        deadline = t0 + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"agent exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                pb, stub, md = self.stub()
-                if stub.GetStatus(pb.GetStatusRequest(), metadata=md, timeout=2).attached:
-                    return time.monotonic() - t0
-            except (grpc.RpcError, FileNotFoundError, IndexError):
-                pass
-            time.sleep(0.02)
-        raise SystemExit("agent did not come up in 120 s")
+        super().start(timeout=120)
+        return time.monotonic() - t0
 
     def stub(self):
-        from tidegate.v1 import tidegate_pb2 as pb
-        from tidegate.v1 import tidegate_pb2_grpc as pbg
-
-        token = [ln.split()[1] for ln in (self.state / "tokens").read_text().splitlines()
-                 if ln.startswith("admin ")][0]  # fmt: skip
-        ch = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        return pb, pbg.FilterStub(ch), [("authorization", f"Bearer {token}"), ("tidegate-author", "bench")]
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        ch = grpc.insecure_channel(self.server)
+        return pb, pbg.FilterStub(ch), [("authorization", f"Bearer {self.token()}"), ("tidegate-author", "bench")]
 
     def memory_mb(self) -> tuple[float, float]:
         fields = {}
@@ -107,10 +75,6 @@ class Agent:
             k, _, v = ln.partition(":")
             fields[k] = v.strip()
         return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-
-    def remove_kernel_objects(self) -> None:
-        """What `tidegate detach` does: the program off the interface, the pins gone."""
-        KernelFilter(FilterConfig(interface=self.lab.host_if, pin_name=self.pin)).detach(remove_pins=True)
 
 
 def active_epoch(pin_dir: Path) -> int:
@@ -157,11 +121,8 @@ def main() -> int:
     out: dict = {"machine": machine()}
     lines = header_lines("the agent process", __doc__.split("Method:")[1].split("    sudo")[0].strip())
 
-    tmp = Path(tempfile.mkdtemp(prefix="tg-bench-agent-"))
-    rules = tmp / "rules.yaml"
-    rules.write_text(rule_set_text(10))
-    lab = VethLab(f"ba{os.getpid() % 10000}", subnet="10.213.7").create()
-    agent = Agent(lab, tmp / "state", rules)
+    tmp, lab = lab_with_rules("ba", "10.213.7", rule_set_text(10))
+    agent = Agent(lab, tmp / "state", tmp / "rules.yaml")
     try:
         cold = agent.start()
         pb, stub, md = agent.stub()
@@ -199,10 +160,7 @@ def main() -> int:
         lines += ["", f"agent start, exec to attached and serving: cold (fresh maps) {cold:.2f} s; warm restart "
                       f"(adopting the attached program and pinned maps) {warm:.2f} s"]  # fmt: skip
     finally:
-        agent.stop()
-        agent.remove_kernel_objects()
-        lab.remove()
-        subprocess.run(["rm", "-rf", str(tmp)])
+        remove_all(tmp, lab, agent)
     text = "\n".join(lines)
     print(text)
     if not args.quick:

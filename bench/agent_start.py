@@ -5,14 +5,14 @@ Method: a network namespace and veth pair are created for the run and a
 real `tidegate agent` starts on the host end (its own state dir and pins,
 --max-sources 1,048,576, a 10-CIDR + 50-rule set). Figures:
 - fresh start = exec of `tidegate agent` with nothing attached or pinned
-  to the first GetStatus that answers attached (compile, load, apply,
-  attach, serve);
+  to the first gRPC health check that answers (SERVING: attached; compile,
+  load, apply, attach, serve);
 - idle RSS = VmRSS of the agent from /proc/PID/status after two samples
   (--sample-interval 2) with no traffic;
 - RSS with 1M sources = the pinned LRU filled with 1,048,576 entries by
   BPF_MAP_UPDATE_BATCH from this process, then two samples; VmRSS (median
   of 20 readings over 10 s) and VmHWM (peak) from /proc/PID/status;
-- restart = SIGTERM, then exec to the first GetStatus again, with the same
+- restart = SIGTERM, then exec to the first health answer again, with the same
   program attached and pinned (median of --restarts runs), and as a ratio
   to a same-run reference: exec of Python importing the agent's modules;
 - the start-up lines the agent logged (its progress) are counted, and
@@ -34,17 +34,16 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from lab_run import lab_with_rules, remove_all
 from report import header_lines, machine, save, table, use_repo_package
 
 use_repo_package()
 
 from agent_process import Agent, active_epoch, fill_sources  # noqa: E402
 from control_plane import rule_set_text  # noqa: E402
-from tidegate.lab.veth import VethLab  # noqa: E402
 
 ROWS = (
     ("fresh_start_s", "fresh start to serving (s)", "{:.2f}"),
@@ -95,16 +94,13 @@ def main() -> int:
     if args.quick:
         args.restarts = 1
     out: dict = {"machine": machine(), "uptime": Path("/proc/loadavg").read_text().split()[:3]}
-    tmp = Path(tempfile.mkdtemp(prefix="tg-bench-start-"))
-    rules = tmp / "rules.yaml"
-    rules.write_text(rule_set_text(10))
-    lab = VethLab(f"bs{os.getpid() % 10000}", subnet="10.213.9").create()
-    agent = Agent(lab, tmp / "state", rules)
+    tmp, lab = lab_with_rules("bs", "10.213.9", rule_set_text(10))
+    agent = Agent(lab, tmp / "state", tmp / "rules.yaml")
     try:
         agent.remove_kernel_objects()
         off = 0
         out["fresh_start_s"] = agent.start()
-        lines = log_since(agent.log, off)
+        lines = log_since(agent.log_path, off)
         out["startup_log_lines"] = len(lines)
         out["compiled_at_fresh_start"] = compiles(lines)
         time.sleep(5)
@@ -120,20 +116,17 @@ def main() -> int:
         restarts, compiled = [], 0
         for _ in range(args.restarts):
             agent.stop()
-            off = agent.log.stat().st_size
+            off = agent.log_path.stat().st_size
             restarts.append(agent.start())
-            compiled += compiles(log_since(agent.log, off))
+            compiled += compiles(log_since(agent.log_path, off))
         out["restart_s"] = statistics.median(restarts)
         out["import_floor_s"] = statistics.median(import_floor() for _ in range(args.restarts))
         out["restart_over_floor"] = out["restart_s"] / out["import_floor_s"]
         out["restart_runs_s"] = restarts
         out["compiled_at_restart"] = compiled
-        out["log_tail"] = log_since(agent.log, off)
+        out["log_tail"] = log_since(agent.log_path, off)
     finally:
-        agent.stop()
-        agent.remove_kernel_objects()
-        lab.remove()
-        subprocess.run(["rm", "-rf", str(tmp)])
+        remove_all(tmp, lab, agent)
     method = __doc__.split("Method:")[1].split("    sudo")[0].strip()
     text = "\n".join(header_lines("agent start-up and memory", method))
     before = json.loads(Path(args.before).read_text()) if args.before else None

@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import time
 
-from report import header_lines, machine, save, table, use_repo_package
+from report import header_lines, machine, pct, save, table, use_repo_package
 
 use_repo_package()
 
@@ -61,11 +61,6 @@ def apply_latency(sizes, reps: int, apply_one, out: dict) -> list[list]:
         rows.append([f"{n:,} CIDRs + 50 rules", f"{pct(times, 50):.1f}", f"{pct(times, 99):.1f}", len(times)])
         out.setdefault("apply_ms", {})[n] = {"p50": pct(times, 50), "p99": pct(times, 99), "runs": times}
     return rows
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 def fill_sources(kf: KernelFilter, n: int, epoch: int) -> None:

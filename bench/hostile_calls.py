@@ -30,11 +30,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from lab_run import lab_with_rules, remove_all, rule_set
 from report import header_lines, machine, require_bcc, require_root, save, table, use_repo_package
 
 use_repo_package()
@@ -45,15 +45,7 @@ from tidegate.lab.veth import VethLab  # noqa: E402
 
 from agent_process import Agent  # noqa: E402
 
-RULES = """\
-defaults:
-  limit: {pps: 1000, burst: 2000}
-rules:
-  - name: app
-    protocol: udp
-    dst_ports: [5555]
-    limit: {pps: 500, burst: 500}
-"""
+RULES = rule_set("app")
 
 
 def cpu_ns(pid: int) -> int:
@@ -141,8 +133,7 @@ class Bench:
         opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.agent.port}", options=opts)
         self.stub = pbg.FilterStub(self.channel)
-        tokens = (self.agent.state / "tokens").read_text().splitlines()
-        self.read = [("authorization", f"Bearer {[ln.split()[1] for ln in tokens if ln.startswith('read ')][0]}")]
+        self.read = [("authorization", f"Bearer {self.agent.token('read')}")]
         warm = self.pb.RuleSetText(yaml=RULES)
         self.stub.ValidateRuleSet(warm, metadata=self.read, timeout=30)
         self.stub.WhatIf(warm, metadata=self.read, timeout=30)
@@ -214,9 +205,7 @@ def main() -> int:
 
     reps = 1 if args.quick else args.reps
     lines = header_lines("hostile calls", __doc__.split("Method:")[1].split("    sudo")[0].strip())
-    tmp = Path(tempfile.mkdtemp(prefix="tg-bench-hostile-"))
-    (tmp / "rules.yaml").write_text(RULES)
-    lab = VethLab(f"bh{os.getpid() % 10000}", subnet="10.214.9").create()
+    tmp, lab = lab_with_rules("bh", "10.214.9", RULES)
     out: dict = {"machine": machine()}
     b = Bench(lab, tmp, reps)
     pb = b.pb
@@ -256,8 +245,7 @@ def main() -> int:
         out["calls"] = [d for d in b.data if "call" in d]
     finally:
         b.stop_agent()
-        lab.remove()
-        subprocess.run(["rm", "-rf", str(tmp)])
+        remove_all(tmp, lab)
     text = "\n".join(lines)
     print()
     print(text)

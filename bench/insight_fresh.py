@@ -20,35 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
-from report import header_lines, machine, save, table, use_repo_package
+from lab_run import admin_client, lab_agent, lab_with_rules, remove_all, rule_set
+from report import header_lines, machine, pct, save, table, use_repo_package
 
 use_repo_package()
 
-from tidegate.kernel.filter import FilterConfig, KernelFilter  # noqa: E402
-from tidegate.lab.veth import VethLab  # noqa: E402
-
-RULES = """
-defaults:
-  limit: {pps: 100, burst: 200}
-rules:
-  - name: flooded
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 10, burst: 20}
-"""
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else None
+RULES = rule_set("flooded")
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -65,41 +46,22 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.seconds = 20
-    tmp = Path(tempfile.mkdtemp(prefix="tg-fresh-"))
-    (tmp / "rules.yaml").write_text(RULES)
-    lab = VethLab(f"if{os.getpid() % 10000}", subnet="10.210.7").create()
-    venv_bin = Path(sys.executable).parent
-    agent = subprocess.Popen(
-        [str(venv_bin / "tidegate"), "agent", "--interface", lab.host_if, "--rules", str(tmp / "rules.yaml"),
-         "--state-dir", str(tmp / "state"), "--listen", "127.0.0.1:50993", "--metrics-listen", "off",
-         "--pin-name", "bench-fresh", "--sample-interval", str(args.sample_interval)],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "wb"))  # fmt: skip
+    tmp, lab = lab_with_rules("if", "10.210.7", RULES)
+    agent = lab_agent(tmp, lab, "fresh", metrics=False, sample_interval=args.sample_interval)
     procs = []
     try:
-        from tidegate.client import Client
-
-        cl = None
-        for _ in range(100):
-            try:
-                cl = Client("127.0.0.1:50993", timeout=10, token_file=str(tmp / "state" / "tokens"))
-                cl.call("GetStatus", cl.pb.GetStatusRequest())
-                break
-            except Exception:
-                time.sleep(0.3)
+        agent.start(timeout=120)
+        cl = admin_client(agent, timeout=10)
         time.sleep(3 * args.sample_interval)  # a baseline of silence
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "control")}
-        base = [sys.executable, "-m", "tidegate.lab.traffic", "--iface", lab.peer_if, "--dst-mac", lab.host_mac(),
-                "--dst-ip", lab.host_ip]  # fmt: skip
         c0 = cl.call("GetCounters", cl.pb.GetCountersRequest())
         for i in range(args.senders):
-            procs.append(lab.popen_in_ns(base + ["--src-net", "0.0.0.0/0", "--sources", "100000", "--seed", str(i + 1),
-                                                 "--count", str(int(400_000 * args.seconds)), "--dport", "9",
-                                                 "--time-limit", str(args.seconds)],
-                                         stdout=subprocess.PIPE, env=env))  # fmt: skip
+            procs.append(lab.sender("--src-net", "0.0.0.0/0", "--sources", "100000", "--seed", str(i + 1),
+                                    "--count", str(int(400_000 * args.seconds)), "--dport", "9",
+                                    "--time-limit", str(args.seconds), stdout=subprocess.PIPE))  # fmt: skip
         time.sleep(2)  # the senders build their frames first
         lat, ages, verdicts, stale = [], [], Counter(), 0
         first = None
-        cpu0, t0 = proc_cpu_seconds(agent.pid), time.monotonic()
+        cpu0, t0 = proc_cpu_seconds(agent.proc.pid), time.monotonic()
         while any(p.poll() is None for p in procs):
             t = time.perf_counter()
             r = cl.call("Insight", cl.pb.InsightRequest())
@@ -113,7 +75,7 @@ def main() -> int:
                 last = d["sampler"]
             time.sleep(0.2)
         wall = time.monotonic() - t0
-        agent_cpu = proc_cpu_seconds(agent.pid) - cpu0
+        agent_cpu = proc_cpu_seconds(agent.proc.pid) - cpu0
         c1 = cl.call("GetCounters", cl.pb.GetCountersRequest())
         for p in procs:
             p.communicate(timeout=60)
@@ -152,16 +114,7 @@ def main() -> int:
             save("insight_fresh", data, text)
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-        KernelFilter(FilterConfig(interface=lab.host_if, pin_name="bench-fresh")).detach(remove_pins=True)
-        lab.remove()
+        remove_all(tmp, lab, agent, procs)
 
 
 if __name__ == "__main__":

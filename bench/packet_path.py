@@ -104,6 +104,19 @@ PREFILL_BASE = "100.64.0.0"  # the 1M prefill sources: 100.64.0.0/12
 RESERVED = [ipaddress.ip_network(n) for n in ("198.18.0.0/15", "100.64.0.0/10", "2001:db8:bbbb::/48")]
 
 
+def discard(kf) -> None:
+    """Close a KernelFilter and remove its pins, whatever state it is in; a
+    pin that stays is reported."""
+    try:
+        kf.close()
+    except Exception:
+        pass
+    try:
+        kf.remove_pins()
+    except Exception as e:
+        print(f"cleanup: could not remove {kf.config.pin_dir}: {e}", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- frames
 def frames() -> dict[str, bytes]:
     from scapy.all import IP, UDP, Dot1Q, Ether, IPv6
@@ -478,14 +491,7 @@ class Bench:
     # -------------------------------------------------------------- cleanup
     def cleanup(self):
         for kf in self.kfs:
-            try:
-                kf.close()
-            except Exception:
-                pass
-            try:
-                kf.remove_pins()
-            except Exception as e:
-                print(f"cleanup: could not remove {kf.config.pin_dir}: {e}", file=sys.stderr)
+            discard(kf)
         self.kfs = []
         if self.xdp_filter_fd is not None:
             os.close(self.xdp_filter_fd)

@@ -96,6 +96,12 @@ def median(xs):
     return statistics.median(xs) if xs else None
 
 
+def pct(xs, p):
+    """The p-th percentile of xs (nearest rank), None for no values."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else None
+
+
 def ratio(a, b):
     if a is None or b is None or b == 0:
         return None

@@ -19,42 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
-from report import header_lines, machine, save, table, use_repo_package
+from lab_run import admin_client, lab_agent, lab_with_rules, remove_all, rule_set
+from report import header_lines, machine, pct, save, table, use_repo_package
 
 use_repo_package()
 
-from tidegate.kernel.filter import FilterConfig, KernelFilter  # noqa: E402
-from tidegate.lab.veth import VethLab  # noqa: E402
-
-RULES = """
-defaults:
-  limit: {pps: 100, burst: 200}
-rules:
-  - name: app
-    protocol: udp
-    dst_ports: [5555]
-    limit: {pps: 200, burst: 400}
-  - name: flooded
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 10, burst: 20}
-    prefix_limit: {ipv4_prefix: 16, ipv6_prefix: 48, pps: 200, burst: 400}
-"""
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else None
+RULES = rule_set("app-and-flooded")
 
 
 def main() -> int:
@@ -66,27 +42,13 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.sources = 1_000_000
-    tmp = Path(tempfile.mkdtemp(prefix="tg-attack-"))
-    (tmp / "rules.yaml").write_text(RULES)
-    lab = VethLab(f"ua{os.getpid() % 10000}", subnet="10.210.1").create()
-    venv_bin = Path(sys.executable).parent
-    agent = subprocess.Popen(
-        [str(venv_bin / "tidegate"), "agent", "--interface", lab.host_if, "--rules", str(tmp / "rules.yaml"),
-         "--state-dir", str(tmp / "state"), "--listen", "127.0.0.1:50991", "--metrics-listen", "off",
-         "--pin-name", "bench-attack", "--max-sources", str(args.max_sources), "--sample-interval", "5"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "wb"))  # fmt: skip
+    tmp, lab = lab_with_rules("ua", "10.210.1", RULES)
+    agent = lab_agent(tmp, lab, "attack", metrics=False, sample_interval=5,
+                      extra=["--max-sources", str(args.max_sources)])
     procs = []
     try:
-        from tidegate.client import Client
-
-        cl = None
-        for _ in range(100):
-            try:
-                cl = Client("127.0.0.1:50991", timeout=5, token_file=str(tmp / "state" / "tokens"))
-                cl.call("GetStatus", cl.pb.GetStatusRequest())
-                break
-            except Exception:
-                time.sleep(0.3)
+        agent.start(timeout=120)
+        cl = admin_client(agent, timeout=5)
         rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         rx.bind((lab.host_ip, 5555))
@@ -117,16 +79,12 @@ def main() -> int:
         threads = [threading.Thread(target=receive, daemon=True), threading.Thread(target=probe, daemon=True)]
         for t in threads:
             t.start()
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "control")}
-        base = [sys.executable, "-m", "tidegate.lab.traffic", "--iface", lab.peer_if, "--dst-mac", lab.host_mac(),
-                "--dst-ip", lab.host_ip]  # fmt: skip
         legit_n = int(50 * args.time_limit)
         started = time.monotonic()
-        legit = lab.popen_in_ns(base + ["--src", lab.peer_ip, "--dport", "5555", "--count", str(legit_n), "--pps", "50",
-                                        "--time-limit", str(args.time_limit)], stdout=subprocess.PIPE, env=env)  # fmt: skip
-        flood = lab.popen_in_ns(base + ["--src-net", "10.0.0.0/8", "--sequential", "--count", str(args.sources),
-                                        "--dport", "9", "--time-limit", str(args.time_limit)],
-                                stdout=subprocess.PIPE, env=env)  # fmt: skip
+        legit = lab.sender("--src", lab.peer_ip, "--dport", "5555", "--count", str(legit_n), "--pps", "50",
+                           "--time-limit", str(args.time_limit), stdout=subprocess.PIPE)  # fmt: skip
+        flood = lab.sender("--src-net", "10.0.0.0/8", "--sequential", "--count", str(args.sources), "--dport", "9",
+                           "--time-limit", str(args.time_limit), stdout=subprocess.PIPE)  # fmt: skip
         procs = [legit, flood]
         flood_out = json.loads(flood.communicate(timeout=args.time_limit + 120)[0])
         flood_s = time.monotonic() - started
@@ -137,7 +95,7 @@ def main() -> int:
         stop.set()
         counters = cl.call("GetCounters", cl.pb.GetCountersRequest())
         status = cl.call("GetStatus", cl.pb.GetStatusRequest())
-        rss_kb = int(open(f"/proc/{agent.pid}/status").read().split("VmRSS:")[1].split()[0])
+        rss_kb = int(open(f"/proc/{agent.proc.pid}/status").read().split("VmRSS:")[1].split()[0])
         mem = subprocess.run(["bpftool", "-j", "map", "show", "pinned", "/sys/fs/bpf/tidegate/bench-attack/tg_state"],
                              capture_output=True, text=True)  # fmt: skip
         m = json.loads(mem.stdout) if mem.returncode == 0 else {}
@@ -180,16 +138,7 @@ def main() -> int:
             save("under_attack", data, text)
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-        KernelFilter(FilterConfig(interface=lab.host_if, pin_name="bench-attack")).detach(remove_pins=True)
-        lab.remove()
+        remove_all(tmp, lab, agent, procs)
 
 
 if __name__ == "__main__":

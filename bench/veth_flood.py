@@ -4,12 +4,13 @@
 Set-up (all of it created by this bench under unique names and removed at
 the end, also on Ctrl-C or failure):
 
-    netns tgbf<N>g                          netns tgbf<N>r
+    netns tg-bf<N>                          netns tg-bf<N>-h
     trafgen (CPU 0) ─┐                      ┌─ the filter under test
-    legit sender ────┴─ tgf<N>g ══ veth ══ tgf<N>r ─ NAPI kthread (CPU 1) ─ UDP sockets
+    legit sender ────┴─ tgbf<N>p ══ veth ══ tgbf<N>h ─ NAPI kthread (CPU 1) ─ UDP sockets
 
-- Both ends live in namespaces of their own, so no spoofed packet and no
-  rule of this bench ever touches the host's interfaces or firewall.
+- Both ends live in namespaces of their own (tidegate.lab.veth.VethLab with
+  host_in_ns), so no spoofed packet and no rule of this bench ever touches
+  the host's interfaces or firewall.
 - Generator: Debian's trafgen (netsniff-ng 0.6.8), pinned to CPU 0, sending
   64-byte UDP frames to port 9 from --sources spoofed addresses in
   198.18.0.0/15, round robin, as fast as it can. trafgen 0.6.8 aborts with
@@ -79,13 +80,14 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 
 report.use_repo_package()
+
+from tidegate.lab.veth import VethLab  # noqa: E402
 
 FLOOD_NET = "198.18.0.0/15"
 FLOOD_PORT = 9
@@ -196,81 +198,27 @@ def find_napi_thread(ifname: str) -> int | None:
 
 
 # ------------------------------------------------------------------------ the lab
-@dataclass
-class Lab:
-    tag: str
+def prepare_lab(lab: VethLab) -> None:
+    """Tune the lab (a VethLab with both ends in namespaces of their own: the
+    generator is the peer end, the receiver the host end) for the measurement."""
+    # static neighbour: no ARP in the measurement
+    sh(["ip", "-n", lab.ns, "neigh", "replace", lab.host_ip, "lladdr", lab.host_mac(), "dev", lab.peer_if])
+    # veth receives every packet through its NAPI poll (not only with
+    # native XDP) once GRO is on at the receiver and TSO is off at the
+    # sender (attaching XDP turns the sender's TSO off by itself); a
+    # threaded NAPI is then one kthread doing all of the receive work
+    # (XDP, stack, netfilter, socket delivery), pinned to the rx CPU
+    with in_netns(lab.ns):
+        set_offload(lab.peer_if, ETHTOOL_STSO, False)
+    with in_netns(lab.host_ns):
+        set_offload(lab.host_if, ETHTOOL_SGRO, True)
+    sh(["ip", "netns", "exec", lab.host_ns, "sh", "-c", f"echo 1 > /sys/class/net/{lab.host_if}/threaded"])
 
-    @property
-    def gen_ns(self):
-        return f"tgbf{self.tag}g"
 
-    @property
-    def rx_ns(self):
-        return f"tgbf{self.tag}r"
-
-    @property
-    def gen_if(self):
-        return f"tgf{self.tag}g"
-
-    @property
-    def rx_if(self):
-        return f"tgf{self.tag}r"
-
-    @property
-    def subnet(self):
-        return f"192.168.{200 + int(self.tag) % 50}"
-
-    @property
-    def gen_ip(self):
-        return f"{self.subnet}.2"
-
-    @property
-    def rx_ip(self):
-        return f"{self.subnet}.1"
-
-    def create(self, rx_cpu: int) -> None:
-        self.remove()
-        sh(["ip", "netns", "add", self.gen_ns])
-        sh(["ip", "netns", "add", self.rx_ns])
-        sh(["ip", "link", "add", self.gen_if, "netns", self.gen_ns, "type", "veth", "peer", "name", self.rx_if,
-            "netns", self.rx_ns])
-        for ns, ifn, ip in ((self.gen_ns, self.gen_if, self.gen_ip), (self.rx_ns, self.rx_if, self.rx_ip)):
-            sh(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifn])
-            sh(["ip", "-n", ns, "link", "set", ifn, "up"])
-            sh(["ip", "-n", ns, "link", "set", "lo", "up"])
-            sh(["ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv6.conf.{ifn}.disable_ipv6=1"], check=False)
-        # static neighbours: no ARP in the measurement
-        sh(["ip", "-n", self.gen_ns, "neigh", "replace", self.rx_ip, "lladdr", self.mac(self.rx_ns, self.rx_if),
-            "dev", self.gen_if])
-        # veth receives every packet through its NAPI poll (not only with
-        # native XDP) once GRO is on at the receiver and TSO is off at the
-        # sender (attaching XDP turns the sender's TSO off by itself); a
-        # threaded NAPI is then one kthread doing all of the receive work
-        # (XDP, stack, netfilter, socket delivery), pinned to the rx CPU
-        with in_netns(self.gen_ns):
-            set_offload(self.gen_if, ETHTOOL_STSO, False)
-        with in_netns(self.rx_ns):
-            set_offload(self.rx_if, ETHTOOL_SGRO, True)
-        self.sysfs("threaded", "1")
-
-    def sysfs(self, attr: str, value: str) -> None:
-        """Write /sys/class/net/<rx_if>/<attr> as seen from inside the receiver namespace."""
-        sh(["ip", "netns", "exec", self.rx_ns, "sh", "-c", f"echo {value} > /sys/class/net/{self.rx_if}/{attr}"])
-
-    @staticmethod
-    def mac(ns: str, ifn: str) -> str:
-        out = sh(["ip", "-j", "-n", ns, "link", "show", ifn]).stdout
-        return json.loads(out)[0]["address"]
-
-    def link_stats(self, ns: str, ifn: str) -> dict:
-        out = sh(["ip", "-j", "-s", "-n", ns, "link", "show", ifn]).stdout
-        s = json.loads(out)[0]["stats64"]
-        return {"rx_packets": s["rx"]["packets"], "rx_dropped": s["rx"]["dropped"],
-                "tx_packets": s["tx"]["packets"], "tx_dropped": s["tx"]["dropped"]}
-
-    def remove(self) -> None:
-        for ns in (self.gen_ns, self.rx_ns):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=60)
+def link_stats(ns: str, ifname: str) -> dict:
+    s = VethLab.link(ns, ifname, stats=True)["stats64"]
+    return {"rx_packets": s["rx"]["packets"], "rx_dropped": s["rx"]["dropped"],
+            "tx_packets": s["tx"]["packets"], "tx_dropped": s["tx"]["dropped"]}
 
 
 # --------------------------------------------------------------------- receivers
@@ -278,15 +226,15 @@ class Receiver:
     """UDP sockets in the receiver namespace: the legit stream's counter and a
     never-read sink for the flood's port (so the stack sends no ICMP)."""
 
-    def __init__(self, lab: Lab):
-        with in_netns(lab.rx_ns):
+    def __init__(self, lab: VethLab):
+        with in_netns(lab.host_ns):
             self.legit = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.legit.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             self.legit.bind(("0.0.0.0", LEGIT_PORT))
             self.sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.sink.bind(("0.0.0.0", FLOOD_PORT))
         self.legit.settimeout(0.2)
-        self.legit_src = lab.gen_ip
+        self.legit_src = lab.peer_ip
         self.count = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -312,7 +260,7 @@ class Receiver:
 class Filters:
     """Set up and tear down each row's filter in the receiver namespace."""
 
-    def __init__(self, lab: Lab, args, packet_path_module):
+    def __init__(self, lab: VethLab, args, packet_path_module):
         self.lab = lab
         self.args = args
         self.pp = packet_path_module
@@ -342,10 +290,10 @@ class Filters:
         for variant in ("simple", "full"):
             if not any(r.startswith(f"tg_{variant}") for r in rows):
                 continue
-            kf = KernelFilter(FilterConfig(interface=self.lab.rx_if, xdp_mode="generic",
+            kf = KernelFilter(FilterConfig(interface=self.lab.host_if, xdp_mode="generic",
                                            pin_name=f"bench-flood-{self.lab.tag}-{variant}"))
             self.kfs[variant] = kf
-            with in_netns(self.lab.rx_ns):
+            with in_netns(self.lab.host_ns):
                 lr = kf.load()
                 t0 = time.monotonic()
                 kf.apply(self.rule_set(variant), 1)
@@ -379,7 +327,7 @@ class Filters:
             mode = "native" if row.endswith("native") else "generic"
             if row.startswith("tg_"):
                 kf = self.kfs[row.split("_")[1]]
-                with in_netns(lab.rx_ns):
+                with in_netns(lab.host_ns):
                     kf.clear_sources()
                     kf.config.xdp_mode = mode
                     kf.attach()
@@ -390,8 +338,8 @@ class Filters:
                 b, fn = self.bcc[key]
                 if key == "tb":
                     b[b"buckets"].clear()
-                with in_netns(lab.rx_ns):
-                    BPF.attach_xdp(lab.rx_if.encode(), fn, XDP_FLAGS_DRV_MODE if mode == "native"
+                with in_netns(lab.host_ns):
+                    BPF.attach_xdp(lab.host_if.encode(), fn, XDP_FLAGS_DRV_MODE if mode == "native"
                                    else XDP_FLAGS_SKB_MODE)
                 self.attached_bcc = mode
             self.pin_napi()
@@ -401,22 +349,22 @@ class Filters:
             sets = (f"set flood {{ type ipv4_addr; size 65536; flags dynamic,timeout; timeout 60s; }}")
             if row == "nft_ingress":
                 conf = (f"table netdev {self.table} {{\n {sets}\n chain in {{\n"
-                        f"  type filter hook ingress device \"{lab.rx_if}\" priority filter; policy accept;\n"
+                        f"  type filter hook ingress device \"{lab.host_if}\" priority filter; policy accept;\n"
                         f"  ip protocol udp update @flood {{ ip saddr {rate} }} counter drop\n }}\n}}\n")
             else:
                 conf = (f"table ip {self.table} {{\n {sets}\n chain pre {{\n"
                         f"  type filter hook prerouting priority raw; policy accept;\n"
-                        f"  iifname \"{lab.rx_if}\" ip protocol udp update @flood {{ ip saddr {rate} }} "
+                        f"  iifname \"{lab.host_if}\" ip protocol udp update @flood {{ ip saddr {rate} }} "
                         f"counter drop\n }}\n}}\n")
-            sh(["ip", "netns", "exec", lab.rx_ns, "nft", "-f", "-"], input=conf)
+            sh(["ip", "netns", "exec", lab.host_ns, "nft", "-f", "-"], input=conf)
             self.pin_napi()
             return
         if row.startswith("iptables"):
-            self.ipt_rule = ["PREROUTING", "-i", lab.rx_if, "-p", "udp", "-m", "hashlimit",
+            self.ipt_rule = ["PREROUTING", "-i", lab.host_if, "-p", "udp", "-m", "hashlimit",
                              "--hashlimit-mode", "srcip", "--hashlimit-above", f"{lim}/sec",
                              "--hashlimit-burst", str(2 * lim), "--hashlimit-name", f"tgb{lab.tag}",
                              "--hashlimit-htable-size", "65536", "--hashlimit-htable-max", "65536", "-j", "DROP"]
-            sh(["ip", "netns", "exec", lab.rx_ns, IPTABLES[row], "-w", "-t", "raw", "-A", *self.ipt_rule])
+            sh(["ip", "netns", "exec", lab.host_ns, IPTABLES[row], "-w", "-t", "raw", "-A", *self.ipt_rule])
             self.pin_napi()
             return
         raise ValueError(row)
@@ -425,13 +373,13 @@ class Filters:
         """Find the receiving veth's NAPI kthread (attaching or removing
         native XDP can replace it) and pin it to the rx CPU."""
         for _ in range(50):
-            pid = find_napi_thread(self.lab.rx_if)
+            pid = find_napi_thread(self.lab.host_if)
             if pid:
                 os.sched_setaffinity(pid, {self.args.rx_cpu})
                 self.napi_pid = pid
                 return
             time.sleep(0.02)
-        raise RuntimeError(f"no NAPI kthread for {self.lab.rx_if}")
+        raise RuntimeError(f"no NAPI kthread for {self.lab.host_if}")
 
     def drops(self, row: str) -> int | None:
         """Packets the filter dropped so far (None where it has no counter)."""
@@ -441,7 +389,7 @@ class Filters:
             return kf.counters().dropped
         if row.startswith("nft"):
             fam = "netdev" if row == "nft_ingress" else "ip"
-            out = sh(["ip", "netns", "exec", lab.rx_ns, "nft", "-j", "list", "table", fam, self.table]).stdout
+            out = sh(["ip", "netns", "exec", lab.host_ns, "nft", "-j", "list", "table", fam, self.table]).stdout
             for item in json.loads(out)["nftables"]:
                 rule = item.get("rule")
                 if rule:
@@ -450,10 +398,10 @@ class Filters:
                             return e["counter"]["packets"]
             return None
         if row.startswith("iptables"):
-            out = sh(["ip", "netns", "exec", lab.rx_ns, IPTABLES[row], "-w", "-t", "raw", "-L", "PREROUTING",
+            out = sh(["ip", "netns", "exec", lab.host_ns, IPTABLES[row], "-w", "-t", "raw", "-L", "PREROUTING",
                       "-vnx"]).stdout
             for line in out.splitlines():
-                if "DROP" in line and lab.rx_if in line:
+                if "DROP" in line and lab.host_if in line:
                     return int(line.split()[0])
             return None
         return None
@@ -464,42 +412,35 @@ class Filters:
             from bcc import BPF
 
             kf = self.kfs[row.split("_")[1]]
-            with in_netns(lab.rx_ns):
+            with in_netns(lab.host_ns):
                 kf.detach(remove_pins=False)
                 # KernelFilter.detach() can miss a generic attachment when
                 # pyroute2 names the mode ("xdpgeneric"); remove it by mode
-                BPF.remove_xdp(lab.rx_if.encode(), XDP_FLAGS_DRV_MODE if row.endswith("native")
+                BPF.remove_xdp(lab.host_if.encode(), XDP_FLAGS_DRV_MODE if row.endswith("native")
                                else XDP_FLAGS_SKB_MODE)
         elif row.startswith(("xdp_drop", "tb_")) and self.attached_bcc:
             from bcc import BPF
 
-            with in_netns(lab.rx_ns):
-                BPF.remove_xdp(lab.rx_if.encode(), XDP_FLAGS_DRV_MODE if self.attached_bcc == "native"
+            with in_netns(lab.host_ns):
+                BPF.remove_xdp(lab.host_if.encode(), XDP_FLAGS_DRV_MODE if self.attached_bcc == "native"
                                else XDP_FLAGS_SKB_MODE)
             self.attached_bcc = None
         elif row.startswith("nft"):
             fam = "netdev" if row == "nft_ingress" else "ip"
-            sh(["ip", "netns", "exec", lab.rx_ns, "nft", "delete", "table", fam, self.table], check=False)
+            sh(["ip", "netns", "exec", lab.host_ns, "nft", "delete", "table", fam, self.table], check=False)
         elif row.startswith("iptables") and self.ipt_rule:
-            sh(["ip", "netns", "exec", lab.rx_ns, IPTABLES[row], "-w", "-t", "raw", "-D", *self.ipt_rule],
+            sh(["ip", "netns", "exec", lab.host_ns, IPTABLES[row], "-w", "-t", "raw", "-D", *self.ipt_rule],
                check=False)
             self.ipt_rule = None
 
     def close(self) -> None:
         for kf in self.kfs.values():
             try:
-                with in_netns(self.lab.rx_ns):
+                with in_netns(self.lab.host_ns):
                     kf.detach(remove_pins=False)
             except Exception:
                 pass
-            try:
-                kf.close()
-            except Exception:
-                pass
-            try:
-                kf.remove_pins()
-            except Exception as e:
-                print(f"cleanup: could not remove {kf.config.pin_dir}: {e}", file=sys.stderr)
+            self.pp.discard(kf)
         self.kfs = {}
         for b, _ in self.bcc.values():
             try:
@@ -511,7 +452,7 @@ class Filters:
 
 # --------------------------------------------------------------------- generator
 class Generator:
-    def __init__(self, lab: Lab, args, workdir: Path):
+    def __init__(self, lab: VethLab, args, workdir: Path):
         self.lab = lab
         self.args = args
         self.workdir = workdir
@@ -533,12 +474,12 @@ class Generator:
     def _write_cfg(self) -> None:
         from tidegate.lab.traffic import spoofed_sources, udp_frame
 
-        rx_mac = self.lab.mac(self.lab.rx_ns, self.lab.rx_if)
-        gen_mac = self.lab.mac(self.lab.gen_ns, self.lab.gen_if)
+        rx_mac = self.lab.host_mac()
+        gen_mac = self.lab.peer_mac()
         rnd = random.Random(5)
         with open(self.cfg, "w") as f:
             for src in spoofed_sources(FLOOD_NET, self.args.sources, seed=3):
-                fr = udp_frame(src, self.lab.rx_ip, rx_mac, FLOOD_PORT, src_mac=gen_mac,
+                fr = udp_frame(src, self.lab.host_ip, rx_mac, FLOOD_PORT, src_mac=gen_mac,
                                sport=rnd.randrange(1024, 65535))
                 f.write("{ " + ", ".join(f"0x{b:02x}" for b in fr) + " }\n")
 
@@ -546,9 +487,9 @@ class Generator:
         env = dict(os.environ)
         if self.shim:
             env["LD_PRELOAD"] = str(self.shim)
-        argv = ["ip", "netns", "exec", self.lab.gen_ns, "taskset", "-c", str(self.args.gen_cpu),
+        argv = ["ip", "netns", "exec", self.lab.ns, "taskset", "-c", str(self.args.gen_cpu),
                 "timeout", "-s", "INT", "-k", "5", f"{seconds:.2f}",
-                "trafgen", "-o", self.lab.gen_if, "-i", str(self.cfg), "-P", "1", "--no-sock-mem", "-Q",
+                "trafgen", "-o", self.lab.peer_if, "-i", str(self.cfg), "-P", "1", "--no-sock-mem", "-Q",
                 # at a fixed rate the count caps the phase at rate x seconds: trafgen
                 # catches up after a stall (the shim's retries) by bursting
                 "-n", str(int(seconds * (rate or 5_000_000)))] + (["-b", f"{rate}pps"] if rate else [])
@@ -559,14 +500,24 @@ class Generator:
     def _legit(self, seconds: float) -> subprocess.Popen:
         env = dict(os.environ, PYTHONPATH=str(report.CONTROL))
         n = int(self.args.legit_pps * seconds)
-        argv = ["ip", "netns", "exec", self.lab.gen_ns, "taskset", "-c", str(self.args.gen_cpu),
-                sys.executable, "-m", "tidegate.lab.traffic", "--iface", self.lab.gen_if,
-                "--dst-mac", self.lab.mac(self.lab.rx_ns, self.lab.rx_if), "--dst-ip", self.lab.rx_ip,
-                "--dport", str(LEGIT_PORT), "--src", self.lab.gen_ip, "--count", str(n),
+        argv = ["ip", "netns", "exec", self.lab.ns, "taskset", "-c", str(self.args.gen_cpu),
+                sys.executable, "-m", "tidegate.lab.traffic", "--iface", self.lab.peer_if,
+                "--dst-mac", self.lab.host_mac(), "--dst-ip", self.lab.host_ip,
+                "--dport", str(LEGIT_PORT), "--src", self.lab.peer_ip, "--count", str(n),
                 "--pps", str(self.args.legit_pps), "--time-limit", f"{seconds + 2:.1f}"]
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.procs.append(p)
         return p
+
+    def _collect(self, p: subprocess.Popen, timeout: float) -> tuple[str, str]:
+        """Its output once it ends (killed after `timeout`)."""
+        try:
+            out = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out = p.communicate()
+        self.procs.remove(p)
+        return out
 
     def run(self, seconds: float, rate: int | None) -> dict:
         """Flood (at `rate` pps, or as fast as trafgen goes) + legit stream
@@ -580,12 +531,7 @@ class Generator:
             if left < 0.2:
                 break
             tg = self._trafgen(left, rate)
-            try:
-                out, _ = tg.communicate(timeout=left + 15)
-            except subprocess.TimeoutExpired:
-                tg.kill()
-                out, _ = tg.communicate()
-            self.procs.remove(tg)
+            out, _ = self._collect(tg, left + 15)
             if "Flushing TX_RING failed" in (out or "") or "failed" in (out or "").lower():
                 aborted.append(out.strip().splitlines()[-1] if out.strip() else "?")
                 restarts += 1
@@ -593,12 +539,7 @@ class Generator:
                     break
                 continue
             break
-        try:
-            lo, le = legit.communicate(timeout=seconds + 15)
-        except subprocess.TimeoutExpired:
-            legit.kill()
-            lo, le = legit.communicate()
-        self.procs.remove(legit)
+        lo, le = self._collect(legit, seconds + 15)
         try:
             sent = json.loads(lo.strip().splitlines()[-1])
         except (ValueError, IndexError):
@@ -652,8 +593,8 @@ def _snapshot(row, lab, filters, recv, args) -> dict:
     return {
         "cpu": cpu_times(args.rx_cpu), "cpu_gen": cpu_times(args.gen_cpu),
         "backlog": backlog_drops(args.rx_cpu), "napi": thread_runtime_ns(filters.napi_pid),
-        "napi_ticks": thread_cpu_ns(filters.napi_pid), "napi_pid": find_napi_thread(lab.rx_if),
-        "gen": lab.link_stats(lab.gen_ns, lab.gen_if), "drops": filters.drops(row), "legit": recv.count,
+        "napi_ticks": thread_cpu_ns(filters.napi_pid), "napi_pid": find_napi_thread(lab.host_if),
+        "gen": link_stats(lab.ns, lab.peer_if), "drops": filters.drops(row), "legit": recv.count,
         "t": time.monotonic(),
     }
 
@@ -780,7 +721,7 @@ def main(argv=None) -> int:
     import packet_path
 
     tag = str(os.getpid() % 10000)
-    lab = Lab(tag)
+    lab = VethLab(f"bf{tag}", subnet=f"192.168.{200 + int(tag) % 50}", host_in_ns=True)
     workdir = Path(tempfile.mkdtemp(prefix="tg-flood-"))
     method = (f"veth pair between two namespaces made by the bench; trafgen on CPU {args.gen_cpu} floods 64-byte "
               f"UDP frames from {args.sources} spoofed sources in {FLOOD_NET} as fast as it can, plus "
@@ -801,7 +742,8 @@ def main(argv=None) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        lab.create(args.rx_cpu)
+        lab.create()
+        prepare_lab(lab)
         gen = Generator(lab, args, workdir)
         if gen.shim is None:
             results["notes"].append("gcc missing or the shim did not build: trafgen restarted after each abort")

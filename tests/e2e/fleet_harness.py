@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tidegate.lab.launcher import LoggedProcess
+
 from .conftest import free_port
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
@@ -50,15 +52,16 @@ class EtcdPKI:
         return {"ca": str(self.ca), "cert": str(self.cert), "key": str(self.key)}
 
 
-class EtcdMember:
+class EtcdMember(LoggedProcess):
+    """One etcd on loopback, its log in <name>.log beside its data dir."""
+
     def __init__(self, name: str, data_dir: Path, pki: EtcdPKI | None = None):
+        super().__init__(data_dir.parent / f"{name}.log")
         self.name = name
         self.data_dir = data_dir
         self.pki = pki
         self.client_port = free_port()
         self.peer_port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.log_path = data_dir.parent / f"{name}.log"
 
     @property
     def url(self) -> str:
@@ -78,16 +81,10 @@ class EtcdMember:
         if self.pki:
             argv += ["--cert-file", str(self.pki.etcd_cert), "--key-file", str(self.pki.etcd_key),
                      "--client-cert-auth", "--trusted-ca-file", str(self.pki.ca)]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(self.log_path, "ab"))
+        self.spawn(argv)
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        return super().stop(sig, timeout)
 
 
 class EtcdCluster:
@@ -127,7 +124,7 @@ class EtcdCluster:
 
     def start(self, timeout: float = 30) -> "EtcdCluster":
         for m in self.members:
-            if m.proc is None or m.proc.poll() is not None:
+            if not m.running():
                 m.start(self.cluster, self.token)
         self.wait_ready(timeout)
         return self
@@ -151,7 +148,7 @@ class EtcdCluster:
 
     def leader(self) -> EtcdMember:
         for m in self.members:
-            if m.proc is None or m.proc.poll() is not None:
+            if not m.running():
                 continue
             e = self.client(m.url, timeout=2)
             try:

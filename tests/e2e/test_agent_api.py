@@ -617,6 +617,8 @@ def test_mutual_tls_on_a_non_loopback_address(start_agent, tmp_path):
     (pki / "roles.json").write_text(json.dumps(roles))
     agent.extra += ["--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
                     "--tls-client-ca", str(pki / "ca.pem"), "--role-map", str(pki / "roles.json")]  # fmt: skip
+    agent.credentials = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes(), (pki / "alice.key").read_bytes(),
+                                                     (pki / "alice.pem").read_bytes())  # fmt: skip
     agent.start()
     assert "INSECURE" not in agent.log()
     from tidegate.v1 import tidegate_pb2 as pb

@@ -5,13 +5,12 @@ and a canary cannot be denied (refused, nothing changed)."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
-from .conftest import BASE_RULES, bpftool_dump, new_lab, send
-from .harness import AgentProc
+from .conftest import BASE_RULES, bpftool_dump, send
+from .harness import Agent
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
 
@@ -19,20 +18,15 @@ FLOOD_SRC = "198.51.100.9"
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.fail("needs root for BPF and network namespaces: run make test as root")
+def agent(tmp_path_factory, make_lab):
     tmp = tmp_path_factory.mktemp("deny")
-    lab = new_lab("dny")
+    lab = make_lab("dny")
     (tmp / "rules.yaml").write_text(BASE_RULES + f'canaries: ["{lab.peer_ip}"]\n')
-    a = AgentProc(lab, tmp / "state")
+    a = Agent(lab, tmp, rules=str(tmp / "rules.yaml"))
     try:
-        a.start(rules=str(tmp / "rules.yaml"))
-        yield a
+        yield a.start()
     finally:
         a.stop()
-        a.cleanup_kernel()
-        lab.remove()
 
 
 def deny_drops(agent) -> int:

@@ -7,35 +7,22 @@ the same."""
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
 
 from tidegate.cli.verb import EXIT_CHECK_REFUSED
 
-from .conftest import BASE_RULES, new_lab, send
-from .harness import AgentProc
+from .conftest import BASE_RULES, send
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.fail("needs root for BPF and network namespaces: run make test as root")
-    tmp = tmp_path_factory.mktemp("checks")
-    (tmp / "rules.yaml").write_text(BASE_RULES)
-    lab = new_lab("chk")
-    a = AgentProc(lab, tmp / "state")
-    try:
-        a.start(rules=str(tmp / "rules.yaml"))
-        a.tmp = tmp
-        yield a
-    finally:
-        a.stop()
-        a.cleanup_kernel()
-        lab.remove()
+def agent(start_agent):
+    a = start_agent("chk", BASE_RULES)
+    a.tmp = a.workdir
+    return a
 
 
 def write(agent, name: str, text: str) -> str:

@@ -18,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from .conftest import BASE_RULES
@@ -393,9 +394,11 @@ def test_certs_mtls_roles_and_detach(env, start_agent, tmp_path):
                        capture_output=True, text=True)  # fmt: skip
     assert json.loads(r.stdout)["roles"] == {"alice": "admin", "grafana": "read"}
 
+    probe = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes(), (pki / "alice.key").read_bytes(),
+                                         (pki / "alice.pem").read_bytes())  # fmt: skip
     tls = start_agent("ctls", BASE, extra=[
         "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
-        "--tls-client-ca", str(pki / "ca.pem"), "--role-map", str(pki / "roles.json")])  # fmt: skip
+        "--tls-client-ca", str(pki / "ca.pem"), "--role-map", str(pki / "roles.json")], credentials=probe)  # fmt: skip
     plain = {k: v for k, v in os.environ.items() if not k.startswith("TIDEGATE_")}
 
     def cli(*argv, who="alice"):

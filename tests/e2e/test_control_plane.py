@@ -3,7 +3,6 @@ real traffic on a veth pair."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -13,10 +12,8 @@ import urllib.request
 import grpc
 import pytest
 
-from tidegate.lab.veth import VethLab
-
 from .conftest import BASE_RULES
-from .harness import BIN, AgentProc, finish, pinned_dump, send
+from .harness import BIN, finish, pinned_dump, send
 
 pytestmark = pytest.mark.e2e
 
@@ -27,19 +24,12 @@ DROP_APP = BASE.replace("""    limit: {pps: 500, burst: 500}""", """    action: 
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
+def env(start_agent):
+    agent = start_agent("cpl", BASE)
+    tmp = agent.workdir
     (tmp / "base.yaml").write_text(BASE)
     (tmp / "drop-app.yaml").write_text(DROP_APP)
-    lab = VethLab(f"e{os.getpid() % 100000}", subnet="10.202.3").create()
-    agent = AgentProc(lab, tmp / "state")
-    try:
-        agent.start(rules=str(tmp / "base.yaml"))
-        yield agent, tmp
-    finally:
-        agent.stop()
-        agent.cleanup_kernel()
-        lab.remove()
+    return agent, tmp
 
 
 def rule(agent, name):

@@ -26,7 +26,7 @@ import pytest
 
 from tidegate.ruleset.model import parse_rule_set
 
-from .harness import AgentProc, send
+from .harness import Agent, send
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -76,7 +76,7 @@ def attached_prog_id(ifname: str) -> int | None:
     return xdp.get_attr("IFLA_XDP_PROG_ID") if xdp else None
 
 
-def rpc(agent: AgentProc):
+def rpc(agent: Agent):
     from tidegate.v1 import tidegate_pb2 as pb
     from tidegate.v1 import tidegate_pb2_grpc as pbg
 
@@ -105,7 +105,7 @@ def kernel_runs_set_b(stub, pb, md, prog_id: int) -> bool:
         os.close(fd)
 
 
-def churn(agent: AgentProc, stop: threading.Event, done: list, acked: list) -> None:
+def churn(agent: Agent, stop: threading.Event, done: list, acked: list) -> None:
     """Apply and roll back as fast as the agent answers until killed."""
     pb, stub, md = rpc(agent)
     i = 0
@@ -149,12 +149,12 @@ def test_sigkill_during_apply_and_rollback(tmp_path, make_lab):
 
     (tmp_path / "a.yaml").write_text(SET_A)
     lab = make_lab("c")
-    agent = AgentProc(lab, tmp_path / "state", extra=["--sample-interval", "30"])
+    agent = Agent(lab, tmp_path, rules=str(tmp_path / "a.yaml"), extra=["--sample-interval", "30"])
     rnd = random.Random(11)
     calls = 0
     mid_change = {"recorded, not swapped": 0, "swapped, not committed": 0}
     try:
-        agent.start(rules=str(tmp_path / "a.yaml"))
+        agent.start()
         prog = agent.cli("status", json_out=True)["prog_id"]
         assert attached_prog_id(lab.host_if) == prog
         pb, stub, md = rpc(agent)

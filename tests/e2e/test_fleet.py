@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures import rule_set
 from tidegate.access.auth import read_token_file
 from tidegate.fleet.etcd import Etcd
 from tidegate.fleet.keys import Keys, encode
@@ -48,20 +49,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 HOSTS = 5
 CANARY = "10.99.0.2"
-GOOD = """\
-defaults:
-  limit: {pps: 200, burst: 400}
-canaries: ["10.99.0.2"]
-rules:
-  - name: api
-    protocol: udp
-    dst_ports: [8080]
-    limit: {pps: 100, burst: 200}
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 50, burst: 100}
-"""
+GOOD = rule_set("fleet-good")
 BETTER = GOOD.replace("pps: 100, burst: 200", "pps: 150, burst: 300")
 # the outage: the api limit ten times below a client's rate (10 pps)
 TIGHT = GOOD.replace("pps: 100, burst: 200", "pps: 1, burst: 2").replace("pps: 200, burst: 400", "pps: 20, burst: 40")

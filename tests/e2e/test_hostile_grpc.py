@@ -18,38 +18,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tidegate.lab.veth import VethLab
+from fixtures import rule_set
 
-from .harness import AgentProc, pinned_dump
+from .harness import pinned_dump
 
 pytestmark = pytest.mark.e2e
 
-RULES = """
-defaults:
-  limit: {pps: 1000, burst: 2000}
-rules:
-  - name: dns
-    protocol: udp
-    dst_ports: [53]
-    limit: {pps: 100, burst: 100}
-"""
+RULES = rule_set("dns")
 
 OK_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION}
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hostile")
-    (tmp / "r.yaml").write_text(RULES)
-    lab = VethLab(f"h{os.getpid() % 100000}", subnet="10.207.5").create()
-    a = AgentProc(lab, tmp / "state")
-    try:
-        a.start(rules=str(tmp / "r.yaml"))
-        yield a
-    finally:
-        a.stop()
-        a.cleanup_kernel()
-        lab.remove()
+def agent(start_agent):
+    return start_agent("hgr", RULES)
 
 
 def _stub(agent):

@@ -6,46 +6,22 @@ from synthesized intervals in tests/unit/test_insight_reading.py.)"""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
-from tidegate.lab.veth import VethLab
+from fixtures import rule_set
 
-from .harness import AgentProc, finish, send
+from .harness import finish, send
 
 pytestmark = pytest.mark.e2e
 
-RULES = """
-defaults:
-  limit: {pps: 100000, burst: 100000}
-rules:
-  - name: api
-    protocol: udp
-    dst_ports: [8080]
-    limit: {pps: 3, burst: 6}
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 100000, burst: 100000}
-"""
+RULES = rule_set("api-3pps")
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("insight")
-    (tmp / "rules.yaml").write_text(RULES)
-    lab = VethLab(f"i{os.getpid() % 100000}", subnet="10.203.9").create()
-    a = AgentProc(lab, tmp / "state", extra=["--insight-baseline-seconds", "3",
-                                                "--insight-window-seconds", "3"])
-    try:
-        a.start(rules=str(tmp / "rules.yaml"))
-        yield a
-    finally:
-        a.stop()
-        a.cleanup_kernel()
-        lab.remove()
+def agent(start_agent):
+    return start_agent("ins", RULES, extra=["--insight-baseline-seconds", "3", "--insight-window-seconds", "3"])
 
 
 def reading_during(agent, *sender_args, settle=3.2, propose_to=None):

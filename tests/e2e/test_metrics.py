@@ -13,28 +13,13 @@ import urllib.request
 
 import pytest
 
+from fixtures import rule_set
+
 from .conftest import FRAME_BYTES, send
 
 pytestmark = pytest.mark.e2e
 
-RULES = """\
-defaults:
-  limit: {pps: 100000, burst: 100000}
-deny: ["198.51.100.0/24"]
-rules:
-  - name: open
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 100000, burst: 100000}
-  - name: tight
-    protocol: udp
-    dst_ports: [7]
-    limit: {pps: 10, burst: 10}
-  - name: closed
-    protocol: udp
-    dst_ports: [13]
-    action: drop
-"""
+RULES = rule_set("open-tight-closed")
 
 # what the collector exports (insight adds gauges of its own once it has samples)
 FAMILIES = {

@@ -17,53 +17,34 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import time
 import urllib.request
 
 import pytest
 
-from tidegate.lab.veth import VethLab
+from fixtures import rule_set
 
-from .harness import AgentProc, finish, send
+from .harness import Agent, finish, send
 
 pytestmark = pytest.mark.e2e
 
-GOOD = """
-defaults:
-  limit: {pps: 200, burst: 400}
-  prefix_limit: {ipv4_prefix: 16, ipv6_prefix: 48, pps: 2000, burst: 2000}
-canaries: ["{canary}"]
-rules:
-  - name: api
-    protocol: udp
-    dst_ports: [8080]
-    limit: {pps: 100, burst: 200}
-    prefix_limit: null
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 50, burst: 100}
-"""
+GOOD = rule_set("outage-good")
 # the change that caused the outage: every threshold ten times too tight
 TIGHT = (GOOD.replace("pps: 200, burst: 400", "pps: 20, burst: 40")
          .replace("pps: 100, burst: 200", "pps: 10, burst: 20").replace("pps: 50, burst: 100", "pps: 5, burst: 10"))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, make_lab):
     tmp = tmp_path_factory.mktemp("outage")
-    lab = VethLab(f"o{os.getpid() % 100000}", subnet="10.208.6").create()
+    lab = make_lab("out")
     (tmp / "good.yaml").write_text(GOOD.replace("{canary}", lab.peer_ip))
     (tmp / "tight.yaml").write_text(TIGHT.replace("{canary}", lab.peer_ip))
-    a = AgentProc(lab, tmp / "state", extra=["--guard-seconds", "20"])
+    a = Agent(lab, tmp, rules=str(tmp / "good.yaml"), extra=["--guard-seconds", "20"])
     try:
-        a.start(rules=str(tmp / "good.yaml"))
-        yield a, tmp
+        yield a.start(), tmp
     finally:
         a.stop()
-        a.cleanup_kernel()
-        lab.remove()
 
 
 def traffic(agent, seconds: float):

@@ -6,7 +6,6 @@ the Grafana dashboard only references metrics the agent exports."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,22 +16,14 @@ import urllib.request
 
 import pytest
 
-from tidegate.lab.veth import VethLab
+from fixtures import rule_set
 
-from .harness import ROOT, AgentProc, finish, free_port, send
+from .harness import ROOT, finish, free_port, send
 
 pytestmark = pytest.mark.e2e
 DEPLOY = ROOT / "deploy"
 
-RULES = """
-defaults:
-  limit: {pps: 10000, burst: 10000}
-rules:
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 10, burst: 10}
-"""
+RULES = rule_set("sink-10pps")
 
 
 def test_alert_rules_pass_promtool():
@@ -80,18 +71,9 @@ def test_flood_reading_alert_fires_only_for_a_flood_that_lasts(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("prom")
-    (tmp / "rules.yaml").write_text(RULES)
-    lab = VethLab(f"p{os.getpid() % 100000}", subnet="10.204.2").create()
-    a = AgentProc(lab, tmp / "state")
-    try:
-        a.start(rules=str(tmp / "rules.yaml"))
-        yield a, tmp
-    finally:
-        a.stop()
-        a.cleanup_kernel()
-        lab.remove()
+def agent(start_agent):
+    a = start_agent("prom", RULES)
+    return a, a.workdir
 
 
 def _get(url: str) -> dict:

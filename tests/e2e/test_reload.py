@@ -7,34 +7,22 @@ pinned maps) and is logged and audited."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
-from .conftest import BASE_RULES, bpftool_dump, new_lab, send
-from .harness import AgentProc
+from .conftest import BASE_RULES, bpftool_dump, send
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.fail("needs root for BPF and network namespaces: run make test as root")
-    tmp = tmp_path_factory.mktemp("reload")
-    (tmp / "rules.yaml").write_text(BASE_RULES)
-    lab = new_lab("rld")
-    a = AgentProc(lab, tmp / "state", extra=["--log-format", "json"])
-    try:
-        a.start(rules=str(tmp / "rules.yaml"))
-        a.rules = tmp / "rules.yaml"
-        yield a
-    finally:
-        a.stop()
-        a.cleanup_kernel()
-        lab.remove()
+def agent(start_agent):
+    a = start_agent("rld", BASE_RULES, extra=["--log-format", "json"])
+    a.rules = Path(a.rules)
+    return a
 
 
 def events(agent) -> list[dict]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures import rule_set
 from tidegate.daemon.privileges import AGENT_NEEDS, CAPABILITIES
 
 from .conftest import Agent, new_lab, send, xdp_prog_id
@@ -20,15 +21,7 @@ from .conftest import Agent, new_lab, send, xdp_prog_id
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
 
 USER = "nobody"
-RULES = """\
-defaults:
-  limit: {pps: 1000, burst: 2000}
-rules:
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 20, burst: 20}
-"""
+RULES = rule_set("sink-20pps")
 
 
 def setpriv_caps(names) -> str:

@@ -23,45 +23,18 @@ import time
 
 import pytest
 
+from fixtures import rule_set
 from tidegate.kernel.layout import NO_SLOT
 from tidegate.ruleset.model import parse_rule_set
 
 from . import frames as f
 from .conftest import background_traffic
 
-SET_A = """
-defaults:
-  limit: {pps: 1, burst: 1}
-allow: ["198.51.100.0/24"]
-deny: ["203.0.113.0/24"]
-rules:
-  - name: a-only
-    protocol: tcp
-    dst_ports: [22]
-    limit: {pps: 1, burst: 1}
-"""
+SET_A = rule_set("swap-a")
 
-SET_B = """
-defaults:
-  limit: {pps: 1, burst: 1}
-rules:
-  - name: b-drop
-    protocol: udp
-    dst_ports: [53]
-    sources: ["198.51.0.0/16"]
-    action: drop
-"""
+SET_B = rule_set("swap-b")
 
-SET_C = """
-defaults:
-  limit: {pps: 1, burst: 1}
-deny: ["198.51.100.0/25"]
-rules:
-  - name: c-web
-    protocol: tcp
-    dst_ports: [443]
-    limit: {pps: 1, burst: 1}
-"""
+SET_C = rule_set("swap-c")
 
 PROBE = f.udp("198.51.100.7", 53)
 # the rule each set counts the probe under

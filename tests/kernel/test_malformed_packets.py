@@ -8,18 +8,11 @@ from __future__ import annotations
 
 import pytest
 
+from fixtures import rule_set
+
 from . import frames as f
 
-RULES = """
-defaults:
-  limit: {pps: 1000000, burst: 1000000}
-deny: ["192.0.2.0/24", "2001:db8:dead::/48"]
-rules:
-  - name: dns
-    protocol: udp
-    dst_ports: [53]
-    limit: {pps: 1000000, burst: 1000000}
-"""
+RULES = rule_set("dns-open")
 
 BASES = {
     "ipv4-udp": f.udp("192.0.2.9", 53, payload=8),

@@ -18,20 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from fixtures import rule_set
+
 from .frames import write_capture
 
 BIN = Path(sys.executable).parent / "tidegate"
 
-CANDIDATE = """
-defaults:
-  limit: {pps: 100000, burst: 100000}
-deny: ["203.0.113.0/24"]
-rules:
-  - name: r
-    protocol: udp
-    dst_ports: [7]
-    limit: {pps: 100, burst: 50}
-"""
+CANDIDATE = rule_set("replay-candidate")
 BASE = CANDIDATE.replace('deny: ["203.0.113.0/24"]\n', "").replace("burst: 50", "burst: 150")
 
 A, B, C, D = "198.51.100.1", "198.51.100.2", "203.0.113.5", "192.0.2.1"

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from fixtures import rule_set
 from tidegate.kernel.filter import FilterConfig, KernelFilter
 from tidegate.lab.veth import VethLab
 from tidegate.lab.replay import replay
@@ -22,15 +23,7 @@ from tidegate.ruleset.model import parse_rule_set
 
 from .frames import write_capture
 
-RULES = """
-defaults:
-  limit: {pps: 100000, burst: 100000}
-rules:
-  - name: r
-    protocol: udp
-    dst_ports: [7]
-    limit: {pps: 100, burst: 50}
-"""
+RULES = rule_set("replay-live")
 
 
 def capture(path, dst_ip: str):

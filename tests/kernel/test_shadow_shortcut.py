@@ -7,29 +7,14 @@ from __future__ import annotations
 
 import pytest
 
+from fixtures import rule_set
 from tidegate.kernel.layout import NO_SLOT
 from tidegate.ruleset.model import parse_rule_set
 
 from . import frames as f
 from .conftest import background_traffic
 
-ACTIVE = """
-defaults:
-  limit: {pps: 1000, burst: 1000}
-  prefix_limit: {ipv4_prefix: 24, ipv6_prefix: 48, pps: 5000, burst: 5000}
-allow: ["10.1.0.0/16"]
-deny: ["192.0.2.0/24"]
-rules:
-  - name: dns
-    protocol: udp
-    dst_ports: [53]
-    limit: {pps: 100, burst: 100}
-  - name: web
-    protocol: tcp
-    dst_ports: [443]
-    sources: ["198.51.100.0/24"]
-    limit: {pps: 100, burst: 100}
-"""
+ACTIVE = rule_set("shadow-active")
 # the usual candidate: the same matching, ten times tighter
 TIGHT = ACTIVE.replace("pps: 100, burst: 100", "pps: 10, burst: 10")
 # the same limits, plus a deny entry no test packet comes from: it matches
@@ -84,27 +69,9 @@ def test_shortcut_counts_what_a_full_evaluation_counts(replay):
     assert shortcut["allow-list"][0] == 5 and shortcut["deny-list"] == (5, 5, 0)
 
 
-SWAP_B = """
-defaults:
-  limit: {pps: 1000, burst: 1000}
-rules:
-  - name: b-drop
-    protocol: udp
-    dst_ports: [53]
-    sources: ["10.1.0.0/16"]
-    action: drop
-"""
+SWAP_B = rule_set("shadow-swap-b")
 # a third active set, matching unlike both: the probe lands on its deny list
-SWAP_C = """
-defaults:
-  limit: {pps: 1000, burst: 1000}
-deny: ["10.1.2.0/24"]
-rules:
-  - name: c-web
-    protocol: tcp
-    dst_ports: [443]
-    limit: {pps: 10, burst: 10}
-"""
+SWAP_C = rule_set("shadow-swap-c")
 
 
 @pytest.mark.kernel
@@ -152,20 +119,7 @@ def test_shortcut_never_borrows_another_sets_classification(replay):
 
 # A candidate that classifies on its own and would drop nearly everything:
 # a deny list over the test sources, a drop rule for web, a tiny default.
-HARSH = """
-defaults:
-  limit: {pps: 1, burst: 1}
-deny: ["203.0.113.0/24"]
-rules:
-  - name: dns
-    protocol: udp
-    dst_ports: [53]
-    limit: {pps: 1, burst: 1}
-  - name: web
-    protocol: tcp
-    dst_ports: [443]
-    action: drop
-"""
+HARSH = rule_set("shadow-harsh")
 
 # (ms, frame): traffic the active set limits, passes and denies
 STEPS = [

@@ -15,28 +15,13 @@ import os
 
 import pytest
 
+from fixtures import rule_set
 from tidegate.kernel.filter import FilterConfig, KernelFilter
 from tidegate.ruleset.model import parse_rule_set
 
 from . import frames as f
 
-FULL = """
-defaults:
-  limit: {pps: 5, burst: 5}
-  prefix_limit: {ipv4_prefix: 24, ipv6_prefix: 48, pps: 1000, burst: 1000}
-allow: ["198.51.100.0/24", "2001:db8:a::/48"]
-deny: ["203.0.113.0/24", "2001:db8:d::/48"]
-rules:
-  - name: dns
-    protocol: udp
-    dst_ports: [53]
-    sources: ["10.0.0.0/8", "2001:db8:1::/48"]
-    limit: {pps: 2, burst: 2}
-  - name: web
-    protocol: tcp
-    dst_ports: ["8000-8100"]
-    limit: {pps: 3, burst: 3}
-"""
+FULL = rule_set("slots-full")
 
 PROBES = [
     f.udp("10.1.2.3", 53),

@@ -8,47 +8,11 @@ from __future__ import annotations
 
 import pytest
 
+from fixtures import rule_set
+
 from . import frames as f
 
-RULES = """
-defaults:
-  limit: {pps: 1000, burst: 1000}
-  ipv4_prefix: 32
-  ipv6_prefix: 64
-allow: ["10.1.0.0/16", "2001:db8:1::/48"]
-deny: ["192.0.2.0/24", "10.1.5.0/24", "2001:db8:dead::/48"]
-rules:
-  - name: dns
-    protocol: udp
-    dst_ports: [53]
-    limit: {pps: 10, burst: 5}
-    block_seconds: 10
-  - name: web
-    protocol: tcp
-    dst_ports: [80, "8000-8100"]
-    sources: ["198.51.100.0/24"]
-    limit: {pps: 100, burst: 3}
-  - name: ping
-    protocol: icmp
-    limit: {pps: 1, burst: 1}
-  - name: spread
-    protocol: udp
-    dst_ports: [9999]
-    limit: {pps: 100, burst: 100}
-    prefix_limit: {ipv4_prefix: 24, ipv6_prefix: 48, pps: 10, burst: 10}
-  - name: bulk
-    protocol: udp
-    dst_ports: [7000]
-    limit: {pps: 1000, burst: 1000, bps: 8000, burst_bytes: 1000}
-  - name: telnet
-    protocol: tcp
-    dst_ports: [23]
-    action: drop
-  - name: bytes
-    protocol: udp
-    dst_ports: [7001]
-    limit: {pps: 10, burst: 1000, bps: 80000, burst_bytes: 1000}
-"""
+RULES = rule_set("verdicts")
 
 P, D = "pass", "drop"
 
@@ -213,31 +177,7 @@ def test_source_table_reports_top_talkers(replay):
 
 
 # Protocols without ports, and what a rule of each protocol class takes.
-PROTO_RULES = """
-defaults:
-  limit: {pps: 1000, burst: 1000}
-deny: ["192.0.2.0/24"]
-rules:
-  - name: ping6
-    protocol: icmpv6
-    limit: {pps: 1, burst: 2}
-  - name: ping4
-    protocol: icmp
-    limit: {pps: 1, burst: 1}
-  - name: tunnels
-    protocol: any
-    sources: ["198.51.100.0/24"]
-    limit: {pps: 1, burst: 1}
-  - name: web
-    protocol: any
-    dst_ports: [443]
-    limit: {pps: 1, burst: 3}
-  - name: ssh
-    protocol: tcp
-    dst_ports: [22]
-    limit: {pps: 100, burst: 100}
-    prefix_limit: {ipv4_prefix: 0, ipv6_prefix: 0, pps: 5, burst: 5}
-"""
+PROTO_RULES = rule_set("verdicts-proto")
 
 
 def _raw4(src: str, proto: int) -> bytes:

@@ -17,24 +17,12 @@ import time
 
 import pytest
 
+from fixtures import rule_set
 from tidegate.kernel.filter import FilterConfig, KernelFilter
 from tidegate.lab.veth import VethLab
 from tidegate.ruleset.model import parse_rule_set
 
-RULES = """
-defaults:
-  limit: {pps: 1000, burst: 1000}
-rules:
-  - name: app
-    protocol: udp
-    dst_ports: [5555]
-    limit: {pps: 200, burst: 200}
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 100, burst: 100}
-    prefix_limit: {ipv4_prefix: 16, ipv6_prefix: 48, pps: 1000, burst: 1000}
-"""
+RULES = rule_set("app-sink-prefix")
 
 FLOOD = 60_000
 FLOOD_SOURCES = 30_000

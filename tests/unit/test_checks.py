@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fixtures import rule_set
 from tidegate.cli.verb import EXIT_WARNINGS
 from tidegate.ruleset.checks import warnings
 from tidegate.ruleset.model import parse_rule_set
@@ -19,23 +20,7 @@ from tidegate.ruleset.model import parse_rule_set
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent / "tidegate"
 
-QUESTIONABLE = """\
-allow: ["10.0.0.0/8"]
-deny: ["10.1.0.0/16", "192.0.2.0/24"]
-rules:
-  - name: web
-    protocol: tcp
-    dst_ports: [80, 443]
-    limit: {pps: 100, burst: 100}
-  - name: http
-    protocol: tcp
-    dst_ports: [80]
-    sources: ["198.51.100.0/24"]
-    limit: {pps: 10, burst: 10}
-  - name: icmp
-    protocol: icmp
-    action: drop
-"""
+QUESTIONABLE = rule_set("questionable")
 
 
 def codes(text: str) -> list[tuple[str, str, int | None]]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from fixtures import rule_set
 from tidegate import __version__
 from tidegate.cli import main as cli
 from tidegate.cli.output import message_to_dict
@@ -29,25 +30,9 @@ from tidegate.v1 import tidegate_pb2_grpc as pbg
 
 BIN = Path(sys.executable).parent / "tidegate"
 
-GOOD = """\
-defaults:
-  limit: {pps: 1000, burst: 2000}
-rules:
-  - name: app
-    protocol: udp
-    dst_ports: [5555]
-    limit: {pps: 500, burst: 500}
-"""
+GOOD = rule_set("offline-good")
 
-BAD = """\
-defaults:
-  limit: {pps: 1000, burst: 2000}
-rules:
-  - name: app
-    protocol: udpx
-    dst_ports: [5555]
-    limit: {pps: -1, burst: 500}
-"""
+BAD = rule_set("offline-bad")
 
 
 def free_port() -> int:

@@ -23,8 +23,6 @@ LAZY = {
     "tidegate.cli.offline": ({"tidegate.access.certs", "tidegate.kernel.filter", "tidegate.lab.replay",
                               "tidegate.lab.run"},
                              "CLI start-up: offline verbs load bcc, pyroute2 or the PKI tools when they run"),
-    "tidegate.lab.run": ({"tidegate.client", "tidegate.kernel.filter"},
-                         "`tidegate lab` checks for root before it loads grpc and bcc"),
     "tidegate.lab.traffic": ({"tidegate.lab.replay"}, "the sender process loads bcc (via replay) only to send a pcap"),
 }
 

@@ -12,6 +12,7 @@ import random
 
 import pytest
 
+from fixtures import rule_set
 from tidegate.kernel import entries as ke
 from tidegate.kernel import layout as kl
 from tidegate.ruleset.model import Limit, PrefixLimit, parse_rule_set
@@ -109,34 +110,7 @@ def test_any_source():
     assert ke._is_any_source((n("0.0.0.0/1"), n("::/0"))) is False
 
 
-RULES = """
-defaults:
-  limit: {pps: 1000, burst: 2000}
-  ipv4_prefix: 24
-  ipv6_prefix: 56
-  prefix_limit: {ipv4_prefix: 16, ipv6_prefix: 40, pps: 900, burst: 950}
-  block_seconds: 7
-allow: ["10.1.0.0/16"]
-deny: ["192.0.2.0/24", "10.9.0.0/16"]
-rules:
-  - name: dns
-    protocol: udp
-    dst_ports: [53, "60-61"]
-    sources: ["10.9.0.0/16", "198.51.100.0/24"]
-    limit: {pps: 10, burst: 20}
-  - name: web
-    protocol: any
-    dst_ports: [53]
-    sources: ["10.1.0.0/16", "198.51.100.0/24"]
-  - name: ping
-    protocol: icmp
-  - name: six
-    protocol: icmpv6
-    action: drop
-  - name: all
-    protocol: any
-    action: pass
-"""
+RULES = rule_set("entries")
 
 
 def test_a_rule_set_compiles_to_exactly_these_entries():

@@ -12,6 +12,7 @@ import struct
 
 import pytest
 
+from fixtures import rule_set
 from tidegate.kernel import entries as ke
 from tidegate.kernel import filter as kernel
 from tidegate.kernel import layout as kl
@@ -19,30 +20,7 @@ from tidegate.observation import metrics
 from tidegate.ruleset.model import parse_rule_set
 from tidegate.safety import guard as safety
 
-RULES = """
-defaults:
-  limit: {pps: 100, burst: 100}
-allow: ["10.1.0.0/16", "2001:db8:1::/48"]
-deny: ["10.1.5.0/24", "192.0.2.0/24", "::/0"]
-rules:
-  - name: a
-    protocol: udp
-    dst_ports: [53, "60-62"]
-    sources: ["198.51.100.0/24", "2001:db8:2::/48"]
-    limit: {pps: 10, burst: 10}
-  - name: b
-    protocol: any
-    sources: ["198.51.0.0/16"]
-    limit: {pps: 20, burst: 20}
-  - name: c
-    protocol: tcp
-    dst_ports: [53]
-    limit: {pps: 30, burst: 30}
-  - name: d
-    protocol: icmp
-    sources: ["0.0.0.0/0"]
-    limit: {pps: 40, burst: 40}
-"""
+RULES = rule_set("layout")
 
 
 SLOT = 1

@@ -6,23 +6,12 @@ from __future__ import annotations
 import numpy as np
 import yaml
 
+from fixtures import rule_set
 from tidegate.safety.propose import candidate
 from tidegate.ruleset.model import parse_rule_set
 from tidegate.observation.window import SourceRates
 
-RULES = """
-defaults:
-  limit: {pps: 1000, burst: 2000}
-  prefix_limit: {ipv4_prefix: 24, ipv6_prefix: 48, pps: 5000, burst: 10000}
-rules:
-  - name: api
-    protocol: udp
-    dst_ports: [8080]
-    limit: {pps: 50, burst: 100}
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
-"""
+RULES = rule_set("propose")
 
 
 def rates(rows):

@@ -6,22 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from fixtures import rule_set
 from tidegate.ruleset.model import RuleSetError, parse_rule_set
 
-BASE = """\
-defaults:
-  limit: {pps: 100, burst: 100}
-allow: ["10.1.0.0/16"]
-rules:
-  - name: dns
-    protocol: udp
-    dst_ports: [53]
-    limit: {pps: 10, burst: 10}
-  - name: web
-    protocol: tcp
-    dst_ports: [443]
-    limit: {pps: 10, burst: 10}
-"""
+BASE = rule_set("errors-base")
 
 # (what to replace in BASE, with what, expected path, expected line, words in the message)
 CASES = [

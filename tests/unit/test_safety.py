@@ -16,6 +16,7 @@ from types import SimpleNamespace as NS
 import numpy as np
 import pytest
 
+from fixtures import rule_set
 from tidegate.changes.operation import OperationError
 from tidegate.safety import estimate as safety
 from tidegate.safety import guard as guarding
@@ -23,19 +24,7 @@ from tidegate.ruleset.model import parse_rule_set
 from tidegate.observation.sampler import Interval
 from tidegate.observation.window import SourceRates, source_keys
 
-ACTIVE = """
-defaults:
-  limit: {pps: 1000, burst: 1000}
-rules:
-  - name: api
-    protocol: udp
-    dst_ports: [8080]
-    limit: {pps: 100, burst: 100}
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 1000, burst: 1000}
-"""
+ACTIVE = rule_set("safety-active")
 TIGHT_API = ACTIVE.replace("pps: 100, burst: 100", "pps: 10, burst: 10")
 LOOSER = ACTIVE.replace("pps: 100, burst: 100", "pps: 200, burst: 200")
 

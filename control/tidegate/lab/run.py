@@ -21,40 +21,24 @@ import sys
 import tempfile
 import threading
 import time
+from importlib import resources
 from pathlib import Path
 
-from tidegate.lab.veth import VethLab
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
 
-LAB_RULES = """\
-description: "tidegate lab"
-defaults:
-  limit: {pps: 100, burst: 200}
-  prefix_limit: {ipv4_prefix: 16, ipv6_prefix: 48, pps: 500, burst: 1000}
-canaries: ["10.99.0.2"]
-rules:
-  - name: app
-    protocol: udp
-    dst_ports: [5555]
-    limit: {pps: 200, burst: 400}
-    prefix_limit: null
-  - name: sink
-    protocol: udp
-    dst_ports: [9]
-    limit: {pps: 50, burst: 100}
-    block_seconds: 5
-"""
+from tidegate.client import Client, ClientError
+from tidegate.lab.launcher import AgentNotReady, AgentProcess
+from tidegate.lab.veth import VethLab
 
 GRPC_PORT = 50151
 METRICS_PORT = 9741
 
 
-def _lab_rules_path(tmp: Path) -> Path:
-    repo = Path(__file__).resolve().parents[3] / "examples" / "lab.yaml"
-    if repo.exists():
-        return repo
-    p = tmp / "lab.yaml"
-    p.write_text(LAB_RULES)
-    return p
+def lab_rules_text() -> str:
+    """The lab's rule set, shipped in the package (examples/lab.yaml links to it)."""
+    return resources.files("tidegate.lab").joinpath("lab.yaml").read_text()
 
 
 class LegitReceiver(threading.Thread):
@@ -86,8 +70,6 @@ def run_lab(args, out) -> int:
     if os.geteuid() != 0:
         print("tidegate lab: needs root (it creates a network namespace and loads an XDP program)", file=sys.stderr)
         return 2
-    from tidegate.client import Client, ClientError
-
     tmp = Path(tempfile.mkdtemp(prefix="tidegate-lab-"))
     lab = VethLab("lab", subnet="10.99.0")
     procs: list[subprocess.Popen] = []
@@ -101,49 +83,35 @@ def run_lab(args, out) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    exe = shutil.which("tidegate") or str(Path(sys.executable).parent / "tidegate")
     try:
         with out.err.status("creating namespace tg-lab and veth tglabh <-> tglabp ..."):
             lab.create()
-        rules = Path(args.rules) if args.rules else _lab_rules_path(tmp)
+        if args.rules:
+            rules = Path(args.rules)
+        else:
+            rules = tmp / "lab.yaml"
+            rules.write_text(lab_rules_text())
         state = tmp / "state"
-        log_path = tmp / "agent.log"
+        agent = AgentProcess(lab.host_if, state, pin_name="lab", rules=rules, port=GRPC_PORT,
+                             metrics_port=METRICS_PORT, extra=["--detach-on-exit"])  # fmt: skip
         with out.err.status("starting the agent (compiling the XDP program) ..."):
-            agent = subprocess.Popen(
-                [exe, "agent", "--interface", lab.host_if, "--rules", str(rules), "--state-dir", str(state),
-                 "--listen", f"127.0.0.1:{GRPC_PORT}", "--metrics-listen", f"127.0.0.1:{METRICS_PORT}",
-                 "--pin-name", "lab", "--sample-interval", "1", "--detach-on-exit"],
-                stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"), start_new_session=True,
-            )  # fmt: skip
-            os.environ["TIDEGATE_TOKEN_FILE"] = str(state / "tokens")
-            client = Client(f"127.0.0.1:{GRPC_PORT}", timeout=5, token_file=str(state / "tokens"))
-            deadline = time.monotonic() + 60
-            while True:
-                if agent.poll() is not None:
-                    print(f"tidegate lab: the agent exited:\n{log_path.read_text()}", file=sys.stderr)
-                    return 1
-                try:
-                    client = Client(f"127.0.0.1:{GRPC_PORT}", timeout=5, token_file=str(state / "tokens"))
-                    client.call("GetStatus", client.pb.GetStatusRequest())
-                    break
-                except ClientError:
-                    if time.monotonic() > deadline:
-                        print("tidegate lab: the agent did not come up in 60 s", file=sys.stderr)
-                        return 1
-                    time.sleep(0.3)
+            try:
+                agent.start(timeout=60, start_new_session=True)
+            except AgentNotReady as e:
+                print(f"tidegate lab: {e}", file=sys.stderr)
+                return 1
+        os.environ["TIDEGATE_TOKEN_FILE"] = str(state / "tokens")
+        client = Client(agent.server, timeout=5, token_file=str(state / "tokens"))
         receiver = LegitReceiver(lab.host_ip, 5555)
         receiver.start()
         limit = args.duration if args.duration else 24 * 3600
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-        sender = [sys.executable, "-m", "tidegate.lab.traffic", "--iface", lab.peer_if, "--dst-mac", lab.host_mac(),
-                  "--dst-ip", lab.host_ip, "--time-limit", str(limit)]  # fmt: skip
         legit_count = int(args.legit_pps * limit) + 1
         flood_count = int(args.flood_pps * limit) + 1
-        procs.append(lab.popen_in_ns(sender + ["--src", lab.peer_ip, "--dport", "5555", "--count", str(legit_count),
-                                               "--pps", str(args.legit_pps)], stdout=subprocess.PIPE, env=env))  # fmt: skip
-        procs.append(lab.popen_in_ns(sender + ["--src-net", "198.18.0.0/16", "--sources", "20000", "--dport", "9",
-                                               "--count", str(flood_count), "--pps", str(args.flood_pps)],
-                                     stdout=subprocess.PIPE, env=env))  # fmt: skip
+        procs.append(lab.sender("--time-limit", str(limit), "--src", lab.peer_ip, "--dport", "5555", "--count",
+                                str(legit_count), "--pps", str(args.legit_pps), stdout=subprocess.PIPE))  # fmt: skip
+        procs.append(lab.sender("--time-limit", str(limit), "--src-net", "198.18.0.0/16", "--sources", "20000",
+                                "--dport", "9", "--count", str(flood_count), "--pps", str(args.flood_pps),
+                                stdout=subprocess.PIPE))  # fmt: skip
         started = time.monotonic()
         print(f"""tidegate lab is running on {lab.host_if} (namespace {lab.ns}).
   legitimate: {lab.peer_ip} -> {lab.host_ip}:5555 at {args.legit_pps:g} pps
@@ -169,18 +137,12 @@ metrics: curl -s 127.0.0.1:{METRICS_PORT}/metrics | grep ^tidegate_      Ctrl-C 
                 p.kill()
         if receiver:
             receiver.stop()
-        if agent and agent.poll() is None:
-            agent.send_signal(signal.SIGTERM)
+        if agent:
+            agent.stop(timeout=20)
             try:
-                agent.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-        try:
-            from tidegate.kernel.filter import FilterConfig, KernelFilter
-
-            KernelFilter(FilterConfig(interface=lab.host_if, pin_name="lab")).detach(remove_pins=True)
-        except Exception:
-            pass
+                agent.remove_kernel_objects()
+            except Exception:
+                pass
         lab.remove()
         shutil.rmtree(tmp, ignore_errors=True)
         for s, h in old.items():
@@ -189,12 +151,6 @@ metrics: curl -s 127.0.0.1:{METRICS_PORT}/metrics | grep ^tidegate_      Ctrl-C 
 
 
 def _view(client, receiver, args, stop: threading.Event, started: float, out, legit_pps: float) -> None:
-    from rich.console import Group
-    from rich.live import Live
-    from rich.table import Table
-
-    from tidegate.client import ClientError
-
     prev = None
     live = None if args.no_view or not sys.stdout.isatty() else Live(console=out.console, refresh_per_second=2)
     last_print = 0.0

@@ -4,25 +4,44 @@ Used by `tidegate lab`, the kernel and end-to-end tests and the benchmarks.
 Everything is created under names derived from one tag and removed by
 those names, so a crashed run can be cleaned up with `VethLab(tag).remove()`.
 Traffic only ever goes to the addresses configured here.
+
+By default the host end stays in the caller's namespace (where the agent
+attaches); with `host_in_ns=True` it gets a namespace of its own too, so
+nothing a benchmark sets up there (firewall rules, sysfs knobs) touches the
+machine's own interfaces.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute, netns
+
+# where the `tidegate` package lives, for the sender run by a bare Python inside the namespace
+PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass
 class VethLab:
-    """host_if <-> peer_if (inside netns `ns`), 10.<net>.<sub>.1/24 and .2/24."""
+    """host_if (in the caller's namespace, or in host_ns) <-> peer_if (inside
+    netns `ns`), <subnet>.1/24 and <subnet>.2/24."""
 
     tag: str
     subnet: str = "10.200.1"
+    host_in_ns: bool = False
 
     @property
     def ns(self) -> str:
         return f"tg-{self.tag}"
+
+    @property
+    def host_ns(self) -> str | None:
+        return f"tg-{self.tag}-h" if self.host_in_ns else None
 
     @property
     def host_if(self) -> str:
@@ -41,38 +60,50 @@ class VethLab:
         return f"{self.subnet}.2"
 
     def create(self) -> "VethLab":
-        from pyroute2 import IPRoute, NetNS, netns
-
         self.remove()
-        netns.create(self.ns)
+        for ns in filter(None, (self.ns, self.host_ns)):
+            netns.create(ns)
         try:
             with IPRoute() as ipr:
                 ipr.link("add", ifname=self.host_if, kind="veth", peer=self.peer_if)
-                peer = ipr.link_lookup(ifname=self.peer_if)[0]
-                ipr.link("set", index=peer, net_ns_fd=self.ns)
-                host = ipr.link_lookup(ifname=self.host_if)[0]
-                ipr.addr("add", index=host, address=self.host_ip, prefixlen=24)
-                ipr.link("set", index=host, state="up")
-            with NetNS(self.ns) as nsr:
-                idx = nsr.link_lookup(ifname=self.peer_if)[0]
-                nsr.addr("add", index=idx, address=self.peer_ip, prefixlen=24)
-                nsr.link("set", index=idx, state="up")
-                lo = nsr.link_lookup(ifname="lo")[0]
-                nsr.link("set", index=lo, state="up")
-            # IPv6 neighbour discovery would add frames nobody asked for
-            for cmd in (
-                ["sysctl", "-qw", f"net.ipv6.conf.{self.host_if}.disable_ipv6=1"],
-                ["ip", "netns", "exec", self.ns, "sysctl", "-qw", f"net.ipv6.conf.{self.peer_if}.disable_ipv6=1"],
-            ):
-                subprocess.run(cmd, check=False, capture_output=True)
+                ipr.link("set", index=ipr.link_lookup(ifname=self.peer_if)[0], net_ns_fd=self.ns)
+                if self.host_ns:
+                    ipr.link("set", index=ipr.link_lookup(ifname=self.host_if)[0], net_ns_fd=self.host_ns)
+            self._configure(self.host_ns, self.host_if, self.host_ip)
+            self._configure(self.ns, self.peer_if, self.peer_ip)
         except Exception:
             self.remove()
             raise
         return self
 
+    @staticmethod
+    def _configure(ns: str | None, ifname: str, address: str) -> None:
+        # iproute2, not pyroute2's NetNS: that forks a child into the namespace,
+        # which a caller's own SIGTERM handler (a benchmark's clean-up) can break
+        ip = ["ip", *(["-n", ns] if ns else [])]
+        run = [[*ip, "addr", "add", f"{address}/24", "dev", ifname], [*ip, "link", "set", ifname, "up"]]
+        if ns:
+            run.append([*ip, "link", "set", "lo", "up"])
+        for argv in run:
+            subprocess.run(argv, check=True, capture_output=True)
+        # IPv6 neighbour discovery would add frames nobody asked for
+        sysctl = ["sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1"]
+        subprocess.run(["ip", "netns", "exec", ns, *sysctl] if ns else sysctl, check=False, capture_output=True)
+
     def host_mac(self) -> str:
+        if self.host_ns:
+            return self.link(self.host_ns, self.host_if)["address"]
         with open(f"/sys/class/net/{self.host_if}/address") as f:
             return f.read().strip()
+
+    def peer_mac(self) -> str:
+        return self.link(self.ns, self.peer_if)["address"]
+
+    @staticmethod
+    def link(ns: str, ifname: str, stats: bool = False) -> dict:
+        """What `ip -j [-s] -n NS link show IF` says about an interface."""
+        argv = ["ip", "-j", *(["-s"] if stats else []), "-n", ns, "link", "show", ifname]
+        return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)[0]
 
     def run_in_ns(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", self.ns, *argv], **kw)
@@ -80,16 +111,27 @@ class VethLab:
     def popen_in_ns(self, argv: list[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", self.ns, *argv], **kw)
 
-    def remove(self) -> None:
-        """Delete the veth pair and the namespace by name; missing is fine."""
-        from pyroute2 import IPRoute, netns
+    def sender_argv(self, *args: str) -> list[str]:
+        """tidegate.lab.traffic aimed at the host end, to run inside the namespace (see sender)."""
+        return [sys.executable, "-m", "tidegate.lab.traffic", "--iface", self.peer_if, "--dst-mac", self.host_mac(),
+                "--dst-ip", self.host_ip, *args]  # fmt: skip
 
-        with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=self.host_if)
-            if idx:
-                ipr.link("del", index=idx[0])
-        if self.ns in netns.listnetns():
-            netns.remove(self.ns)
+    def sender(self, *args: str, **popen_kw) -> subprocess.Popen:
+        """Start the bounded traffic sender inside the namespace; `args` are its options."""
+        env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT}
+        return self.popen_in_ns(self.sender_argv(*args), env=env, **popen_kw)
+
+    def remove(self) -> None:
+        """Delete the veth pair and the namespaces by name; missing is fine."""
+        if not self.host_ns:
+            with IPRoute() as ipr:
+                idx = ipr.link_lookup(ifname=self.host_if)
+                if idx:
+                    ipr.link("del", index=idx[0])
+        existing = netns.listnetns()
+        for ns in filter(None, (self.ns, self.host_ns)):
+            if ns in existing:
+                netns.remove(ns)
 
     def __enter__(self) -> "VethLab":
         return self.create()
@@ -97,6 +139,3 @@ class VethLab:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-
-def unique_tag(prefix: str = "t") -> str:
-    return f"{prefix}{os.getpid() % 100000}"
