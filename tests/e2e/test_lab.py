@@ -100,9 +100,13 @@ def test_lab_live_view_try_it_commands_and_ctrl_c():
         assert p.returncode == 0, screen[-2000:].decode(errors="replace")
         assert b"removed namespace tg-lab" in screen
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        if p.poll() is None:  # a failed check: Ctrl-C first, so the lab removes its agent, pins and namespace
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         os.close(master)
     assert "tg-lab" not in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout
     assert not os.path.exists("/sys/fs/bpf/tidegate/lab")

@@ -142,6 +142,12 @@ class AgentProcess(LoggedProcess):
         return argv
 
     def start(self, wait: bool = True, timeout: float = 90, **popen_kw) -> "AgentProcess":
+        # another agent on this port would answer the readiness check in this one's place
+        with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as s:
+            try:
+                s.bind((self.host, self.port))
+            except OSError as e:
+                raise AgentNotReady(f"{self.server} is taken ({e.strerror}): is another agent still running?") from None
         self.spawn(self.argv(), **popen_kw)
         if wait:
             self.wait_ready(timeout)
@@ -154,7 +160,7 @@ class AgentProcess(LoggedProcess):
             if self.proc.poll() is not None:
                 raise AgentNotReady(f"the agent exited with {self.proc.returncode}:\n{self.log_tail()}")
             status = self.health()
-            if status in ANSWERING:
+            if status in ANSWERING and self.proc.poll() is None:  # answered, and still this agent running
                 return status
             if time.monotonic() > deadline:
                 raise AgentNotReady(f"the agent did not answer in {timeout:g} s:\n{self.log_tail()}")

@@ -168,7 +168,11 @@ def _view(client, receiver, args, stop: threading.Event, started: float, out, le
                 stop.wait(1)
                 continue
             elapsed = time.monotonic() - started
-            expected = max(1, int(min(elapsed, args.duration or elapsed) * legit_pps))
+            # what the filter saw of the legitimate stream (its own rule, `app`, counts it: the counters are
+            # read before the receiver, so every packet passed by then has been received); the sender's
+            # rate times the time only while no such rule counts it (an operator's set without `app`)
+            seen = sum(r.pass_packets + r.drop_packets for r in c.rules if r.rule == "app")
+            expected = seen or max(1, int(min(elapsed, args.duration or elapsed) * legit_pps))
             delivered = min(1.0, receiver.received / expected)
             dt = (c.time - prev.time) if prev else 0
             t = Table(title=f"tidegate lab — {elapsed:.0f} s, rule set v{c.active_version}"
@@ -192,7 +196,8 @@ def _view(client, receiver, args, stop: threading.Event, started: float, out, le
                 tt.add_column(col)
             for s in top.sources:
                 tt.add_row(s.address, s.rule, f"{s.pps:,.0f}", f"{s.drop_pps:,.0f}")
-            legit = f"legitimate client: {receiver.received:,} packets received ({delivered:.1%} of those sent)"
+            legit = (f"legitimate client: {receiver.received:,} packets received "
+                     f"({delivered:.1%} of those the filter saw)")  # fmt: skip
             if live:
                 live.update(Group(t, rt, tt, legit))
             elif time.monotonic() - last_print >= 5 or (args.duration and elapsed + 1 >= args.duration):
