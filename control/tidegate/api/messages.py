@@ -5,8 +5,9 @@ build plain dicts; the .proto names a field for every key they make, with
 the same snake_case name. A key without a field is an error (`strict`), so a
 producer that grows a key fails the unit test that converts every reading
 and review (tests/unit/test_messages.py) until the .proto has the field.
-The service is lenient: a review stored by an older agent may hold a key
-this one no longer has, and is served without it (and a warning logged).
+The service is strict for the insight reading (made for each call) and
+lenient for reviews: one stored by an older agent may hold a key this one
+no longer has, and is served without it (and a warning logged).
 None is an unset field: an `optional` scalar or a sub-message.
 """
 

@@ -347,7 +347,7 @@ class FilterService(pbg.FilterServicer):
             data = insight.read(self.agent)
             if request.propose:
                 data["proposal"] = propose(self.agent, data)
-            return messages.insight(data, strict=False)
+            return messages.insight(data)  # made now, never stored: strict
 
         return self._run(context, "Insight", fn)
 
