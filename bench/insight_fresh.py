@@ -18,7 +18,6 @@ p50/p99, the readings' verdicts, and how many said STALE.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import time
@@ -66,20 +65,19 @@ def main() -> int:
             t = time.perf_counter()
             r = cl.call("Insight", cl.pb.InsightRequest())
             lat.append((time.perf_counter() - t) * 1000)
-            d = json.loads(r.json)
-            if "sample_age_seconds" in d:
-                ages.append(d["sample_age_seconds"])
-                verdicts[d["verdict"]] += 1
-                stale += bool(d.get("stale"))
-                first = first or d["sampler"]
-                last = d["sampler"]
+            if r.verdict:  # the figures come with the first per-source sample
+                ages.append(r.sample_age_seconds)
+                verdicts[r.verdict] += 1
+                stale += r.stale
+                first = first if first is not None else r.sampler
+                last = r.sampler
             time.sleep(0.2)
         wall = time.monotonic() - t0
         agent_cpu = proc_cpu_seconds(agent.proc.pid) - cpu0
         c1 = cl.call("GetCounters", cl.pb.GetCountersRequest())
         for p in procs:
             p.communicate(timeout=60)
-        sampler_cpu = last["cpu_seconds"] - first["cpu_seconds"] if first else 0.0
+        sampler_cpu = last.cpu_seconds - first.cpu_seconds if first is not None else 0.0
         ncpu = os.cpu_count() or 1
         data = {
             "machine": machine(), "seconds": round(wall, 1), "senders": args.senders,

@@ -7,7 +7,6 @@ many audit rows come after them."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 
@@ -134,11 +133,11 @@ def test_guard_events_stay_in_the_review_after_a_burst_of_audit_rows(agent):
     out = api.ApplyRuleSet(yaml=BASE_RULES.replace("pps: 1000, burst: 2000", "pps: 1001, burst: 2000"),
                            reason="guarded", guard=True, guard_seconds=2, wait_for_guard=True, force=True)
     assert out.guarded and out.guard_outcome == "kept", out
-    guard = [g for g in json.loads(api.GetReview(version=out.version).json)["guard"]]
+    guard = [{"action": g.action, "result": g.result, "detail": g.detail} for g in api.GetReview(version=out.version).guard]
     assert guard == [{"action": "guard", "result": "ok", "detail": "kept after 2s"}]
     for i in range(300):  # rejected applies: each one an audit row of its own (an admin's change)
         assert api.error("ApplyRuleSet", yaml=f"rules: [{i}]\n", reason="noise").code() == grpc.StatusCode.INVALID_ARGUMENT
     assert len(api.ListAudit(limit=1000).entries) > 300
-    review = json.loads(api.GetReview(version=out.version).json)
-    assert review["guard"] == guard, review["guard"]
+    review = api.GetReview(version=out.version)
+    assert [{"action": g.action, "result": g.result, "detail": g.detail} for g in review.guard] == guard, review.guard
     api.ApplyRuleSet(yaml=BASE_RULES, reason="back to base", force=True)

@@ -23,6 +23,7 @@ import pytest
 
 from fixtures import rule_set
 from tidegate import __version__
+from tidegate.api import messages
 from tidegate.cli import main as cli
 from tidegate.cli.output import message_to_dict
 from tidegate.v1 import tidegate_pb2 as pb
@@ -335,7 +336,7 @@ class FakeFilter(pbg.FilterServicer):
              "median_source_pps": 0.4, "traffic_factor": None, "rate_histogram": {"le_1": 11900, "le_inf": 12000},
              "top_prefixes": [{"prefix": "198.18.7.0/24", "packet_share": 0.02, "sources": 190}],
              "reading": "looks like a spoofed flood (a hint, not a verdict)"}  # fmt: skip
-        return pb.InsightResponse(reading=d["reading"], json=json.dumps(d))
+        return messages.insight(d)
 
     def TopSources(self, request, context):
         return pb.TopSourcesResponse(sources=[pb.SourceRate(address="198.18.0.1", rule="app", pps=5.0, drops=9)],
@@ -351,8 +352,7 @@ class FakeFilter(pbg.FilterServicer):
                 "guard": [{"action": "guard-rollback", "result": "rolled-back", "detail": "drop share 60%"}],
                 "guard_fired": True, "newly_dropped_sources": 51, "newly_dropped_capped": False,
                 "before_dropped_sources": 4, "before_sampled_seconds": 300.0, "top_newly_dropped": top}  # fmt: skip
-        return pb.Review(version=request.version, json=json.dumps(data), final=True, guard_fired=True,
-                         newly_dropped_sources=51, top_newly_dropped=[pb.SourceRate(**top[0])])  # fmt: skip
+        return messages.review(data)
 
     def ShadowReport(self, request, context):
         def src(a, rule, d):

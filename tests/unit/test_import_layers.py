@@ -19,7 +19,6 @@ GENERATED = {"v1"}  # protobuf code, generated from proto/
 LAZY = {
     "tidegate.cli.delegated": ({"tidegate.daemon.main", "tidegate.fleet.cli"},
                                "CLI start-up: `agent` and `fleet` load the daemon or the etcd client when they run"),
-    "tidegate.cli.observation": ({"tidegate.safety.propose"}, "CLI start-up: numpy, for insight --propose only"),
     "tidegate.cli.offline": ({"tidegate.access.certs", "tidegate.kernel.filter", "tidegate.lab.replay",
                               "tidegate.lab.run"},
                              "CLI start-up: offline verbs load bcc, pyroute2 or the PKI tools when they run"),

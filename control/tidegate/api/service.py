@@ -7,13 +7,13 @@ field errors and the estimate in trailers. api/server.py serves it."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
 
 import grpc
 
+from tidegate.api import messages
 from tidegate.api.admission import EXPENSIVE_READS, Admission, Refusal, busy
 from tidegate.changes.operation import Caller, OperationError
 from tidegate.kernel.filter import KernelError, NotAttachedError
@@ -329,13 +329,7 @@ class FilterService(pbg.FilterServicer):
             self.changes.get_version(request.version)
             # before/after over the version's first hour (or less), recorded by the agent itself (safety/review.py)
             data = self.agent.reviews.get(request.version)
-            top = [pb.SourceRate(address=x["address"], rule=x["rule"], packets=x["packets"], drops=x["drops"])
-                   for x in data.get("top_newly_dropped") or []]  # fmt: skip
-            return pb.Review(version=request.version, json=json.dumps(data), complete=bool(data.get("complete")),
-                             final=bool(data.get("final")), guard_fired=bool(data.get("guard_fired")),
-                             newly_dropped_sources=data.get("newly_dropped_sources") or 0,
-                             newly_dropped_capped=bool(data.get("newly_dropped_capped")),
-                             top_newly_dropped=top)  # fmt: skip
+            return messages.review(data, strict=False)
 
         return self._run(context, "GetReview", fn)
 
@@ -353,7 +347,7 @@ class FilterService(pbg.FilterServicer):
             data = insight.read(self.agent)
             if request.propose:
                 data["proposal"] = propose(self.agent, data)
-            return pb.InsightResponse(reading=data["reading"], json=json.dumps(data))
+            return messages.insight(data)  # made now, never stored: strict
 
         return self._run(context, "Insight", fn)
 

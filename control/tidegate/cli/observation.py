@@ -4,7 +4,6 @@ insight, review."""
 from __future__ import annotations
 
 import itertools
-import json
 
 from tidegate.client import ClientError
 from tidegate.cli.output import Output, duration, make_table, message_to_dict, per_second, quiet_broken_pipe
@@ -101,44 +100,40 @@ def top(args, out: Output) -> int:
     return EXIT_OK
 
 
-def _shape_table(d: dict):
-    """The insight figures behind the reading (see `tidegate insight`)."""
-    def share(k):
-        return f"{d[k]:.0%}" if d.get(k) is not None else "-"
+def _shape_table(r):
+    """The insight figures behind the reading (see `tidegate insight`), from an InsightResponse."""
+    def share(x):
+        return f"{x:.0%}"
 
-    hist = d.get("rate_histogram") or {}
-    spread = ", ".join(f"{k.removeprefix('le_')}: {v:,}" for k, v in hist.items())
+    h = r.rate_histogram
+    spread = ", ".join(f"{f.name.removeprefix('le_')}: {getattr(h, f.name):,}" for f in h.DESCRIPTOR.fields)
     rows = [
-        ["sources in the window", f"{d.get('sources', 0):,}", "first seen within the baseline", share("new_source_share")],
-        ["packets from known sources", share("known_source_packet_share"), "top 10 prefixes' share",
-         share("top_prefixes_packet_share")],
-        ["distinct /24 and /48 prefixes", f"{d.get('distinct_prefixes', 0):,}", "sources per prefix",
-         f"{d.get('sources_per_prefix', 0):g}"],
-        ["median pps per source", f"{d.get('median_source_pps', 0):g}", "traffic vs its baseline",
-         f"x{d['traffic_factor']:g}" if d.get("traffic_factor") else "-"],
-        ["spoof-only address space", share("impossible_source_share"), "confidence", share("confidence")],
+        ["sources in the window", f"{r.sources:,}", "first seen within the baseline", share(r.new_source_share)],
+        ["packets from known sources", share(r.known_source_packet_share), "top 10 prefixes' share",
+         share(r.top_prefixes_packet_share)],
+        ["distinct /24 and /48 prefixes", f"{r.distinct_prefixes:,}", "sources per prefix",
+         f"{r.sources_per_prefix:g}"],
+        ["median pps per source", f"{r.median_source_pps:g}", "traffic vs its baseline",
+         f"x{r.traffic_factor:g}" if r.traffic_factor else "-"],
+        ["spoof-only address space", share(r.impossible_source_share), "confidence", share(r.confidence)],
     ]  # fmt: skip
-    if spread:
+    if r.HasField("rate_histogram"):
         rows.append(["sources by pps (<= bucket)", spread, "", ""])
-    heavy = ", ".join(f"{p['prefix']} ({p['packet_share']:.0%}, {p['sources']:,} src)"
-                      for p in d.get("top_prefixes", [])[:3])
+    heavy = ", ".join(f"{p.prefix} ({p.packet_share:.0%}, {p.sources:,} src)" for p in r.top_prefixes[:3])
     if heavy:
         rows.append(["heaviest prefixes", heavy, "", ""])
-    return make_table(f"traffic shape: {d.get('verdict', '?')}", ["figure", "value", "figure", "value"], rows)
+    return make_table(f"traffic shape: {r.verdict or '?'}", ["figure", "value", "figure", "value"], rows)
 
 
-def _insight(cl) -> dict | None:
-    """The agent's last insight figures, or None when it has none to give."""
+def _insight(cl):
+    """The agent's last insight reading (an InsightResponse), or None when it has none to give."""
     try:
-        r = cl.call("Insight", cl.pb.InsightRequest())
+        return cl.call("Insight", cl.pb.InsightRequest())
     except ClientError:
         return None
-    d = json.loads(r.json or "{}")
-    d.setdefault("reading", r.reading)
-    return d
 
 
-def _watch_frame(c, prev, top, server: str, shape: dict | None = None):
+def _watch_frame(c, prev, top, server: str, shape=None):
     """One refresh of the live view: rates by reason, per rule, top sources."""
     from rich.console import Group  # lazy: rich only once a verb runs (`tidegate --help` stays fast)
     from rich.text import Text
@@ -171,10 +166,10 @@ def _watch_frame(c, prev, top, server: str, shape: dict | None = None):
         parts.append(make_table(f"top sources by drops (last {top.interval_seconds:.0f} s)",
                                 ["source", "rule", "pps", "drop pps"],
                                 [[s.address, s.rule, s.pps, s.drop_pps] for s in top.sources]))  # fmt: skip
-    if shape:
-        if "sources" in shape:
+    if shape is not None:
+        if shape.verdict:  # the figures come with the first per-source sample
             parts.append(_shape_table(shape))
-        parts.append(Text(shape.get("reading", "")))
+        parts.append(Text(shape.reading))
     return Group(*parts)
 
 
@@ -203,7 +198,8 @@ def watch(args, out: Output) -> int:
             # each line: the counters, and the traffic-shape figures of the
             # agent's last sample under "insight"
             for c in itertools.chain([first], updates):
-                out.json_line({**message_to_dict(c), "insight": _insight(cl)})
+                shape = _insight(cl)
+                out.json_line({**message_to_dict(c), "insight": message_to_dict(shape) if shape else None})
             return EXIT_OK
         from rich.live import Live  # lazy: see _watch_frame
 
@@ -241,52 +237,68 @@ def watch(args, out: Output) -> int:
 def review(args, out: Output) -> int:
     cl = client_of(args)
     r = cl.call("GetReview", cl.pb.GetReviewRequest(version=args.version))
-    data = json.loads(r.json or "{}")
-    if out.is_json:
-        out.json(data)
+    if out.as_json(r):
         return EXIT_OK
-    ended = data.get("ended") or {}
+    e = r.ended
     if r.complete:
         state = "complete"
-    elif ended.get("kind") == "replaced":
-        how = f"{ended.get('how')}, {ended['cause']}" if ended.get("cause") else ended.get("how")
-        state = (f"ended after {ended.get('after_seconds', 0):.0f} s: replaced by version "
-                 f"{ended.get('by_version')} ({how})")
+    elif e.kind == "replaced":
+        how = f"{e.how}, {e.cause}" if e.cause else e.how
+        state = f"ended after {e.after_seconds:.0f} s: replaced by version {e.by_version} ({how})"
     elif r.final:
-        state = f"ended after {ended.get('after_seconds', 0):.0f} s: {ended.get('kind', 'recorded')}"
+        state = f"ended after {e.after_seconds:.0f} s: {e.kind or 'recorded'}"
     else:
         state = "in progress"
-    who = f": by {data['author']} — {data.get('reason', '')}" if data.get("author") else ""
+    who = f": by {r.author} — {r.reason}" if r.author else ""
     out.line(f"review of version {args.version} ({state}){who}")
-    for side in ("before", "after"):
-        s = data.get(side)
-        if isinstance(s, dict):
-            out.line(f"  {side:6s}: {s.get('pps', 0):,.1f} pps, drop share {s.get('drop_share', 0):.2%}"
-                     f" over {s.get('seconds', 0):.0f} s")  # fmt: skip
-    before, after = data.get("before") or {}, data.get("after") or {}
-    rules = sorted(set(before.get("by_rule_pps", {})) | set(after.get("by_rule_pps", {})))
+    sides = [(name, getattr(r, name)) for name in ("before", "after") if r.HasField(name)]
+    for name, s in sides:
+        out.line(f"  {name:6s}: {s.pps:,.1f} pps, drop share {s.drop_share:.2%} over {s.seconds:.0f} s")
+    before, after = r.before.by_rule_pps, r.after.by_rule_pps
+    rules = sorted(set(before) | set(after))
     if rules:
         def cell(side, name, k):
-            return side.get("by_rule_pps", {}).get(name, {}).get(k, 0.0)
+            return getattr(side[name], k) if name in side else 0.0
 
         out.table("per rule (pps)", ["rule", "pass before", "pass after", "drop before", "drop after"],
                   [[n, cell(before, n, "pass"), cell(after, n, "pass"), cell(before, n, "drop"),
                     cell(after, n, "drop")] for n in rules])  # fmt: skip
-    if data.get("newly_dropped_sources") is not None:
+    if r.HasField("newly_dropped_sources"):
         floor = "more than " if r.newly_dropped_capped else ""
         out.line(f"  newly dropped sources: {floor}{r.newly_dropped_sources:,} (dropped after the change; not "
-                 f"among the {data.get('before_dropped_sources') or 0:,} dropped in the "
-                 f"{duration(data.get('before_sampled_seconds') or 0)} sampled before it)")  # fmt: skip
+                 f"among the {r.before_dropped_sources:,} dropped in the "
+                 f"{duration(r.before_sampled_seconds)} sampled before it)")  # fmt: skip
         if r.top_newly_dropped:
             out.table("top newly dropped sources", ["source", "rule", "packets", "drops"],
                       [[s.address, s.rule, s.packets, s.drops] for s in r.top_newly_dropped])  # fmt: skip
-    out.line(f"  guard fired: {'YES' if data.get('guard_fired') else 'no'}")
-    for g in data.get("guard") or []:
-        out.line(f"    {g.get('action')}: {g.get('result')} {g.get('detail', '')}")
-    if data.get("note"):
-        out.line(f"  note: {data['note']}")
+    out.line(f"  guard fired: {'YES' if r.guard_fired else 'no'}")
+    for g in r.guard:
+        out.line(f"    {g.action}: {g.result} {g.detail}")
+    if r.note:
+        out.line(f"  note: {r.note}")
     return EXIT_OK
 
+
+def proposal_words(p) -> str:
+    """A Proposal in plain words, for the terminal."""
+    if p.action == "none":
+        return f"no change proposed: {p.reason}"
+    w = p.what_if
+    return (f"proposed ({p.action}): {p.reason}.\n"
+            f"what-if over the last {w.window_seconds:g} s: would newly drop {w.flood_packet_share_dropped:.1%} "
+            f"of the flood's passing packets ({w.flood_sources:,} new sources), "
+            f"{w.known_packet_share_dropped:.2%} of known sources' packets and "
+            f"{w.known_source_share_dropped:.2%} of known sources ({w.known_sources:,}); "
+            f"{'within' if w.within_budget else 'OVER'} the blast-radius budget ({w.summary})")  # fmt: skip
+
+
+def write_proposal(path: str, p) -> None:
+    """The candidate rule set of a Proposal as a file, with what it is as a comment."""
+    head = [f"# proposed by tidegate insight from a {p.verdict} reading on version {p.based_on_version}",
+            f"# {p.action}: {p.reason}",
+            "# not applied: review, then `tidegate apply FILE --shadow`"]  # fmt: skip
+    with open(path, "w") as f:
+        f.write("\n".join(head) + "\n" + p.rule_set)
 
 
 @verb("insight", "read the traffic's shape: legitimate surge or flood?",
@@ -302,24 +314,23 @@ def review(args, out: Output) -> int:
 def insight(args, out: Output) -> int:
     cl = client_of(args)
     r = cl.call("Insight", cl.pb.InsightRequest(propose=args.propose))
-    data = json.loads(r.json or "{}")
-    if args.propose:
-        from tidegate.safety.propose import words, write_rule_set  # lazy: numpy, for --propose only
-
-        p = data.get("proposal") or {"action": "none", "reason": "no reading yet"}
-        if p.get("rule_set"):
-            try:
-                write_rule_set(args.out, p)
-            except OSError as e:
-                raise LocalError(f"{args.out}: cannot write the proposal: {e.strerror}") from None
-            p["written_to"] = args.out
+    p = r.proposal if r.HasField("proposal") else cl.pb.Proposal(action="none", reason="no reading yet")
+    written = False
+    if args.propose and p.rule_set:
+        try:
+            write_proposal(args.out, p)
+        except OSError as e:
+            raise LocalError(f"{args.out}: cannot write the proposal: {e.strerror}") from None
+        written = True
     if out.is_json:
+        data = message_to_dict(r)
+        if written:
+            data["proposal"]["written_to"] = args.out
         out.json(data)
         return EXIT_OK
     out.line(r.reading)
     if args.propose:
-        out.line(words(p))
-        if p.get("written_to"):
-            out.line(f"written to {args.out}: tidegate apply {args.out} --shadow --reason '{p['verdict']}: "
-                     f"{p['action']}'")  # fmt: skip
+        out.line(proposal_words(p))
+        if written:
+            out.line(f"written to {args.out}: tidegate apply {args.out} --shadow --reason '{p.verdict}: {p.action}'")
     return EXIT_OK

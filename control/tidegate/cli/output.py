@@ -4,7 +4,8 @@ document for scripts, progress on stderr only when a person is watching.
 JSON output is built from the protobuf messages field by field with the
 .proto's own snake_case names: every field is present (zero values
 included), 64-bit integers stay JSON numbers (protobuf's canonical JSON
-mapping would turn them into strings), unset sub-messages are null.
+mapping would turn them into strings), unset sub-messages and unset
+`optional` fields are null, maps are objects.
 """
 
 from __future__ import annotations
@@ -26,11 +27,16 @@ def message_to_dict(msg) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in msg.DESCRIPTOR.fields:
         value = getattr(msg, f.name)
-        if f.message_type is not None:
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            scalar = f.message_type.fields_by_name["value"].message_type is None
+            out[f.name] = {k: v if scalar else message_to_dict(v) for k, v in value.items()}
+        elif f.has_presence and not msg.HasField(f.name):  # an unset sub-message or `optional` field
+            out[f.name] = None
+        elif f.message_type is not None:
             if f.is_repeated:
                 out[f.name] = [message_to_dict(x) for x in value]
             else:
-                out[f.name] = message_to_dict(value) if msg.HasField(f.name) else None
+                out[f.name] = message_to_dict(value)
         elif f.is_repeated:
             out[f.name] = list(value)
         else:

@@ -207,25 +207,3 @@ def propose(agent, reading: dict) -> dict:
     }
     out["rule_set"] = text
     return out
-
-
-def words(p: dict) -> str:
-    """The proposal in plain words, for the terminal."""
-    if p.get("action") == "none":
-        return f"no change proposed: {p['reason']}"
-    w = p["what_if"]
-    return (f"proposed ({p['action']}): {p['reason']}.\n"
-            f"what-if over the last {w['window_seconds']:g} s: would newly drop {w['flood_packet_share_dropped']:.1%} "
-            f"of the flood's passing packets ({w['flood_sources']:,} new sources), "
-            f"{w['known_packet_share_dropped']:.2%} of known sources' packets and "
-            f"{w['known_source_share_dropped']:.2%} of known sources ({w['known_sources']:,}); "
-            f"{'within' if w['within_budget'] else 'OVER'} the blast-radius budget ({w['summary']})")  # fmt: skip
-
-
-def write_rule_set(path: str, p: dict) -> None:
-    """The candidate as a rule-set file, with what it is as a comment."""
-    head = [f"# proposed by tidegate insight from a {p['verdict']} reading on version {p['based_on_version']}",
-            f"# {p['action']}: {p['reason']}",
-            "# not applied: review, then `tidegate apply FILE --shadow`"]  # fmt: skip
-    with open(path, "w") as f:
-        f.write("\n".join(head) + "\n" + p["rule_set"])
