@@ -141,11 +141,17 @@ def apply(args, out: Output) -> int:
           completer=versions),
       reason())  # fmt: skip
 def rollback(args, out: Output) -> int:
+    return _swap(args, out, "rolling back ...", "Rollback", lambda pb: pb.RollbackRequest(to_version=args.to,
+                 reason=args.reason), "rolled back: version {} is active")  # fmt: skip
+
+
+def _swap(args, out: Output, doing: str, method: str, request, done: str) -> int:
+    """A verb that makes another version active: one call, then one line naming the version."""
     cl = client_of(args)
-    with out.progress("rolling back ..."):
-        r = cl.call("Rollback", cl.pb.RollbackRequest(to_version=args.to, reason=args.reason))
+    with out.progress(doing):
+        r = cl.call(method, request(cl.pb))
     if not out.as_json(r):
-        out.line(f"rolled back: version {r.version} is active")
+        out.line(done.format(r.version))
     return EXIT_OK
 
 
@@ -184,12 +190,9 @@ def set_limit(args, out: Output) -> int:
       reason("why (recorded in the audit log)"),
       force())  # fmt: skip
 def promote(args, out: Output) -> int:
-    cl = client_of(args)
-    with out.progress("promoting the shadow set ..."):
-        r = cl.call("PromoteShadow", cl.pb.PromoteRequest(reason=args.reason, force=args.force))
-    if not out.as_json(r):
-        out.line(f"promoted: shadow version {r.version} is now active")
-    return EXIT_OK
+    return _swap(args, out, "promoting the shadow set ...", "PromoteShadow",
+                 lambda pb: pb.PromoteRequest(reason=args.reason, force=args.force),
+                 "promoted: shadow version {} is now active")  # fmt: skip
 
 
 @verb("shadow", "report on or clear the shadow (candidate) rule set",

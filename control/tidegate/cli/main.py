@@ -40,7 +40,7 @@ from tidegate import __version__
 from tidegate.client import ClientError
 from tidegate.cli import changes, delegated, history, observation, offline  # each registers its verbs
 from tidegate.cli import completion
-from tidegate.cli.options import CONNECTION_DEFAULTS, connection_options, output_option
+from tidegate.cli.options import CONNECTION_DEFAULTS, connection_options, output_option, parse_verb
 from tidegate.cli.output import Output, error_document, field_lines, print_error, quiet_broken_pipe
 from tidegate.cli.verb import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, VERBS, LocalError, Verb
 
@@ -169,14 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     if own:
         verb, args = own
         return verb.handler(args, None)
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return EXIT_USAGE if e.code not in (0, None) else EXIT_OK
-    if not args.verb:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
+    args = parse_verb(build_parser(), argv, "verb")
+    if isinstance(args, int):
+        return args
     for name, default in CONNECTION_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, default)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from tidegate.client import DEFAULT_SERVER
 
@@ -47,3 +48,16 @@ def connection_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     g.add_argument("--token-file", metavar="FILE", default=_default(None, suppress),
                    help="token file (default $TIDEGATE_TOKEN_FILE or /var/lib/tidegate/tokens, read on its own "
                    "only for a loopback --server)")  # fmt: skip
+
+
+def parse_verb(parser: argparse.ArgumentParser, argv: list[str], dest: str) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit code when there is nothing to run: 0 after --help, 2 after a
+    usage error or without a verb (the help goes to stderr). `dest`: the subparsers' dest."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return 2 if e.code not in (0, None) else 0
+    if not getattr(args, dest):
+        parser.print_help(sys.stderr)
+        return 2
+    return args

@@ -15,7 +15,7 @@ import threading
 import time
 
 from tidegate.client import default_author
-from tidegate.cli.options import output_option
+from tidegate.cli.options import output_option, parse_verb
 from tidegate.fleet.driver import Driver, DriverBusy, LostLock, Settings, StatusView, new_record
 from tidegate.fleet.etcd import Etcd, EtcdUnavailable
 from tidegate.fleet.keys import FINAL, FleetError, Keys, encode, matches, new_rollout_id, parse_labels, plan_waves
@@ -143,14 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    p = build_parser()
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:
-        return EXIT_USAGE if e.code not in (0, None) else EXIT_OK
-    if not args.fverb:
-        p.print_help(sys.stderr)
-        return EXIT_USAGE
+    args = parse_verb(build_parser(), argv, "fverb")
+    if isinstance(args, int):
+        return args
     if bool(args.etcd_cert) != bool(args.etcd_key):
         print("tidegate fleet: --etcd-cert and --etcd-key go together", file=sys.stderr)
         return EXIT_USAGE

@@ -132,18 +132,17 @@ def slot_info(tables: Tables, slot: int) -> SlotInfo | None:
 def add_rule_counts(rc: RuleCounters, sc: ShadowCounters, percpu_vals) -> None:
     """Add one rule's per-CPU tg_rule_count values to its totals."""
     for v in percpu_vals:
-        rc.pass_packets += v.pass_pkts
-        rc.pass_bytes += v.pass_bytes
-        rc.drop_packets += v.drop_pkts
-        rc.drop_bytes += v.drop_bytes
-        rc.drop_rate += v.drop_rate
-        rc.drop_prefix += v.drop_prefix
-        rc.drop_blocked += v.drop_blocked
-        rc.drop_deny += v.drop_deny
-        sc.packets += v.shadow_pkts
-        sc.would_drop += v.shadow_drop
-        sc.would_drop_new += v.shadow_new_drop
-        sc.would_drop_bytes += v.shadow_bytes_drop
+        for totals, fields in ((rc, RULE_COUNT_FIELDS), (sc, SHADOW_COUNT_FIELDS)):
+            for mine, kernel in fields:
+                setattr(totals, mine, getattr(totals, mine) + getattr(v, kernel))
+
+
+# RuleCounters / ShadowCounters field <- tg_rule_count field (bpf/layout.h)
+RULE_COUNT_FIELDS = (("pass_packets", "pass_pkts"), ("pass_bytes", "pass_bytes"), ("drop_packets", "drop_pkts"),
+                     ("drop_bytes", "drop_bytes"), ("drop_rate", "drop_rate"), ("drop_prefix", "drop_prefix"),
+                     ("drop_blocked", "drop_blocked"), ("drop_deny", "drop_deny"))  # fmt: skip
+SHADOW_COUNT_FIELDS = (("packets", "shadow_pkts"), ("would_drop", "shadow_drop"), ("would_drop_new", "shadow_new_drop"),
+                       ("would_drop_bytes", "shadow_bytes_drop"))  # fmt: skip
 
 
 def read_counters(tables: Tables, names: dict[int, dict[int, str]], retired: dict[str, RuleCounters]) -> Counters:
