@@ -16,6 +16,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,16 @@ class RuleSet:
         return next((r for r in self.rules if r.name == name), None)
 
     def to_dict(self) -> dict:
+        """The rule set as plain data (a new dict the caller may change)."""
+        return self._plain_dict()
+
+    @cached_property
+    def _plain(self) -> dict:
+        """to_dict() made once (the set is frozen), for the digest and the
+        canonical YAML an apply computes: read-only."""
+        return self._plain_dict()
+
+    def _plain_dict(self) -> dict:
         d: dict[str, Any] = {}
         if self.description:
             d["description"] = self.description
@@ -159,18 +170,18 @@ class RuleSet:
             dd["ipv6_unparsed_extensions"] = self.defaults.ipv6_unparsed_extensions
         d["defaults"] = dd
         if self.allow:
-            d["allow"] = [str(n) for n in self.allow]
+            d["allow"] = _cidr_texts(self.allow)
         if self.deny:
-            d["deny"] = [str(n) for n in self.deny]
+            d["deny"] = _cidr_texts(self.deny)
         if self.canaries:
-            d["canaries"] = [str(n) for n in self.canaries]
+            d["canaries"] = _cidr_texts(self.canaries)
         rules = []
         for r in self.rules:
             rd: dict[str, Any] = {"name": r.name, "protocol": r.protocol}
             if r.dst_ports:
                 rd["dst_ports"] = [p.lo if p.lo == p.hi else f"{p.lo}-{p.hi}" for p in r.dst_ports]
             if r.sources:
-                rd["sources"] = [str(n) for n in r.sources]
+                rd["sources"] = _cidr_texts(r.sources)
             if r.action != "limit":
                 rd["action"] = r.action
             if r.action == "limit" and r.limit and r.limit != self.defaults.limit:
@@ -185,8 +196,25 @@ class RuleSet:
         d["rules"] = rules
         return d
 
+    @cached_property
+    def _digest(self) -> str:
+        return hashlib.sha256(json.dumps(self._plain, sort_keys=True).encode()).hexdigest()
+
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        return self._digest
+
+
+def _cidr_texts(nets) -> list[str]:
+    """str() of each network; IPv4 ones formatted here from the integer
+    (ipaddress's str costs ~1.5 us each, most of a 10,000-CIDR digest)."""
+    out = []
+    for n in nets:
+        if n.version == 4:
+            a = int(n.network_address)
+            out.append(f"{a >> 24}.{(a >> 16) & 255}.{(a >> 8) & 255}.{a & 255}/{n.prefixlen}")
+        else:
+            out.append(str(n))
+    return out
 
 
 def _limit_dict(limit: Limit) -> dict:
@@ -229,7 +257,7 @@ def _inline_ports(ports: list) -> str:
 def dump_yaml(rule_set: RuleSet) -> str:
     """Canonical YAML text of a rule set (round-trips through parse_rule_set):
     block style for sections and rules, flow style for values."""
-    d = rule_set.to_dict()
+    d = rule_set._plain
     out = []
     if "description" in d:
         out.append(f"description: {_inline(d['description'])}")
