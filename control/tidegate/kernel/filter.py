@@ -300,13 +300,13 @@ class KernelFilter:
             self._require_loaded()
             return readers.read_counters(self._tables, self._names, self._retired_rules)
 
-    def read_sources(self, max_entries: int | None = None) -> SourceTable:
+    def read_sources(self, max_entries: int | None = None, columns: tuple[str, ...] | None = None) -> SourceTable:
         """Snapshot the per-source LRU with one batched read (bounded by the
-        map size or max_entries)."""
+        map size or max_entries); `columns`: only those fields."""
         with self._lock:
             self._require_loaded()
             n = min(self.config.max_sources, max_entries or self.config.max_sources)
-            return readers.read_sources(self._tables, n)
+            return readers.read_sources(self._tables, n, columns)
 
     def slot_names(self, slot: int) -> dict[int, str]:
         """Rule index -> name for the set in a slot (empty if unknown)."""

@@ -135,6 +135,10 @@ class Interval:
         return (self.kind == 0) & self.not_shadow()
 
 
+# the per-source fields a sample keeps (read chunk by chunk: the entries' other fields are never all held)
+SAMPLED = ("addr_hi", "addr_lo", "epoch", "rule", "kind", "packets", "drops", "new_drops", "first_ns")
+
+
 class Sampler:
     def __init__(self, kf, interval: float = 5.0, window: float = 300.0):
         self.kf = kf
@@ -178,7 +182,7 @@ class Sampler:
 
     def sample(self) -> None:
         started = time.monotonic()
-        table = self.kf.read_sources()
+        table = self.kf.read_sources(columns=SAMPLED)
         state = self.kf.state()
         now = time.monotonic()
         # one u64 key per entry (source, epoch, rule, kind), sorted; the columns taken in that order

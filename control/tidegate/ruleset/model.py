@@ -511,14 +511,19 @@ def _networks(node: _Node | None, path: str, col: _Collector) -> tuple[Network, 
         return ()
     out = []
     seen: dict[Network, int] = {}
+    fast = cidrs.parse
     for i, item in enumerate(node.value):
-        n = _network(item, f"{path}[{i}]", col)
+        v = item.value
+        # the common case first, without building the item's path: a quoted CIDR in the usual form
+        n = fast(v.strip()) if type(v) is str and item.kind == "scalar" else None
         if n is None:
+            n = _network(item, f"{path}[{i}]", col)
+            if n is None:
+                continue
+        first = seen.setdefault(n, i)
+        if first != i:
+            col.add(f"{path}[{i}]", item, f"{n} is listed twice (also item {first})")
             continue
-        if n in seen:
-            col.add(f"{path}[{i}]", item, f"{n} is listed twice (also item {seen[n]})")
-            continue
-        seen[n] = i
         out.append(n)
     return tuple(out)
 
