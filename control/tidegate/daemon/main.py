@@ -13,7 +13,6 @@ filtered by the last rule set while no agent runs.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
@@ -28,6 +27,7 @@ from tidegate.changes.operation import Caller, OperationError
 from tidegate.daemon.agent import Agent
 from tidegate.daemon.logfmt import KeyValueFormatter
 from tidegate.daemon.logjson import JsonFormatter
+from tidegate.daemon.memory import give_back_freed_memory, map_large_buffers
 from tidegate.daemon.options import (build_parser, check_auth_mode, check_auto_mitigate, check_port_free, read_tls,
                                      split_addr)  # fmt: skip
 from tidegate.daemon.privileges import check_agent_privileges
@@ -40,23 +40,6 @@ from tidegate.safety import propose
 from tidegate.store import StoreError, VersionStore
 
 log = logging.getLogger("tidegate.daemon.main")
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt(3)
-
-
-def map_large_buffers(threshold: int = 1 << 20) -> None:
-    """Allocations of `threshold` bytes and more (the sampler's snapshots of
-    the per-source map: tens of MB each, made and freed every interval) are
-    mapped and unmapped by glibc itself, so a freed one leaves the agent's
-    resident memory. By default glibc raises that threshold to the largest
-    block freed (up to 32 MB), and later snapshots then come from the heap,
-    which keeps the peak resident: ~300 MB for a 1M-entry map whose samples
-    need ~70 MB. A fixed threshold turns that adjustment off."""
-    try:
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold)
-    except (OSError, AttributeError):  # not glibc: the C library's own policy stays
-        pass
-
 
 def _undo_start(kf: KernelFilter, loaded) -> None:
     """A start that fails leaves what it found: a program that was attached
@@ -202,6 +185,7 @@ def run(opts: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, Reloader(agent.changes, opts.rules).on_signal)  # systemctl reload
+    agent.sampler.listeners.append(give_back_freed_memory)  # last: after insight and reviews
     agent.sampler.start()
     agent.history.start()
     server = msrv = None
