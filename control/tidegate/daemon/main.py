@@ -27,7 +27,7 @@ from tidegate.changes.operation import Caller, OperationError
 from tidegate.daemon.agent import Agent
 from tidegate.daemon.logfmt import KeyValueFormatter
 from tidegate.daemon.logjson import JsonFormatter
-from tidegate.daemon.memory import give_back_freed_memory, map_large_buffers
+from tidegate.daemon.memory import give_back_freed_memory, map_large_buffers, settle_collector
 from tidegate.daemon.options import (build_parser, check_auth_mode, check_auto_mitigate, check_port_free, read_tls,
                                      split_addr)  # fmt: skip
 from tidegate.daemon.privileges import check_agent_privileges
@@ -210,6 +210,7 @@ def run(opts: argparse.Namespace) -> int:
         log.warning("auto-mitigation on: lasting flood readings are mitigated without an operator",
                     extra={"ttl": opts.auto_mitigate_ttl, "readings": opts.auto_mitigate_readings})  # fmt: skip
     fleet = hostagent.start(agent, opts)  # after serving: the local API works whatever etcd does
+    settle_collector()
     st = kf.state()
     log.info("serving", extra={"listen": opts.listen, "metrics": opts.metrics_listen, "attached": st.attached,
                                "mode": st.mode, "active_version": st.active.version if st.active else 0})  # fmt: skip

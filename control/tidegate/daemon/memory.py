@@ -13,11 +13,18 @@ resident: ~300 MB where ~70 MB are in use. Two settings fix that:
   and the pages those leave free are returned to the kernel (~3 ms).
 
 Both are glibc's; with another C library they do nothing.
+
+And Python's collector (settle_collector): a full collection walks every
+live object, the agent's modules included, and an apply of a 10,000-CIDR
+set allocates enough to set one off every other apply (~40 ms each, most
+of an apply's p99). What start-up made is moved out of its sight, and it
+runs after 10,000 allocations rather than 700.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 
 log = logging.getLogger("tidegate.daemon.memory")
@@ -43,3 +50,11 @@ def give_back_freed_memory() -> None:
     """Return the heap's free pages to the kernel (a sampler listener)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def settle_collector(first_threshold: int = 10_000) -> None:
+    """Once started: what start-up made (modules, the agent's parts) is
+    never garbage; collections run less often. (No collection first: it
+    would hold the first calls the API answers.)"""
+    gc.freeze()
+    gc.set_threshold(first_threshold, *gc.get_threshold()[1:])
