@@ -231,6 +231,29 @@ def _prefix_dict(p: PrefixLimit) -> dict:
 
 
 def _inline(value) -> str:
+    """A value in YAML flow style. The shapes a rule's fields mostly are
+    (a number, a name, a limit's {pps: N, burst: N}) are written here: the
+    emitter takes ~60 us a value, ~9 ms of a 50-rule set's canonical text.
+    Anything else, and a word YAML would read as another type, is left to
+    _emit (tests/unit/test_ruleset_errors.py compares the two)."""
+    if type(value) is int:
+        return str(value)
+    if type(value) is str and _is_plain_word(value):
+        return value
+    if type(value) is dict and all(type(k) is str and _is_plain_word(k) and type(v) is int for k, v in value.items()):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    return _emit(value)
+
+
+_PLAIN_WORD = re.compile(r"[a-z][a-z0-9_-]*")
+_YAML_WORDS = {"yes", "no", "true", "false", "on", "off", "null"}  # lower-case words YAML 1.1 reads as bool/null
+
+
+def _is_plain_word(text: str) -> bool:
+    return _PLAIN_WORD.fullmatch(text) is not None and text not in _YAML_WORDS
+
+
+def _emit(value) -> str:
     text = yaml.safe_dump(value, default_flow_style=True, width=10**6, sort_keys=False).strip()
     return text[: -len("...")].strip() if text.endswith("...") else text
 
