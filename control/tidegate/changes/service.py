@@ -31,7 +31,7 @@ from tidegate.store import VersionNotFound
 
 log = logging.getLogger("tidegate.changes.service")
 
-RULE_SETS_KEPT = 8  # parsed versions kept in memory (the kernel's active and shadow ones always)
+RULE_SETS_KEPT = 4  # parsed versions kept in memory (the kernel's active and shadow ones always)
 
 # guard_factory(version, rule_set, seconds, caller, rollback) -> a started-able safety.guard.Guard
 GuardFactory = Callable[..., object]
