@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 
 from tidegate.kernel import bpfsys  # noqa: E402
 from tidegate.kernel.filter import FilterConfig, KernelFilter  # noqa: E402
+from tidegate.kernel.layout import tg_src  # noqa: E402
 from tidegate.ruleset.model import parse_rule_set  # noqa: E402
 
 
@@ -78,7 +79,7 @@ def fill_sources_fd(fd: int, n: int, epoch: int) -> None:
     as a NIC's receive queues spread sources, or one CPU's share would cap
     the fill at max_entries / CPUs."""
     kd = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("epoch", "<u4"), ("rule", "u1"), ("kind", "u1"), ("pad", "<u2")])
-    vd = np.dtype([(f, "<u8") for f in ("tokens", "last", "bt", "blocked", "packets", "bytes", "drops", "nd", "first")])
+    vd = np.dtype(tg_src)  # the program's per-source value, as bpf/layout.h lays it out
     k = np.zeros(n, kd)
     addrs = np.arange(n, dtype=np.uint64) + np.uint64(0x0A000000)
     k["lo"] = np.uint64(0xFFFF0000) | (addrs.byteswap() >> np.uint64(32) << np.uint64(32))

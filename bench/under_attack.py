@@ -10,7 +10,9 @@ batches of 65,536) and a legitimate client at 50 pps whose packets are
 counted at a socket. Meanwhile GetStatus is called over gRPC every 50 ms
 and timed. Reported: packets sent, drops by reason, LRU inserts / insert
 failures / estimated evictions, tracked entries vs the configured size,
-kernel memory of the LRU, agent RSS, legitimate delivery, GetStatus p50/p99.
+kernel memory of the LRU, agent RSS (/proc/PID/status VmRSS, read with
+every GetStatus probe during the flood, and after it), legitimate delivery,
+GetStatus p50/p99.
 
     sudo .venv/bin/python bench/under_attack.py [--sources 10000000] [--quick]
 """
@@ -31,6 +33,10 @@ from report import header_lines, machine, pct, save, table, use_repo_package
 use_repo_package()
 
 RULES = rule_set("app-and-flooded")
+
+
+def agent_rss_mb(pid: int) -> float:
+    return int(open(f"/proc/{pid}/status").read().split("VmRSS:")[1].split()[0]) / 1024
 
 
 def main() -> int:
@@ -55,6 +61,7 @@ def main() -> int:
         rx.settimeout(0.5)
         received = [0]
         stop = threading.Event()
+        flood_on, flood_done = threading.Event(), threading.Event()
 
         def receive():
             while not stop.is_set():
@@ -65,6 +72,7 @@ def main() -> int:
                     pass
 
         lat = []
+        rss_during = []  # the agent's VmRSS (MB) as seen from outside, read with every probe during the flood
 
         def probe():
             while not stop.is_set():
@@ -74,6 +82,8 @@ def main() -> int:
                     lat.append((time.perf_counter() - t) * 1000)
                 except Exception:
                     lat.append(float("inf"))
+                if flood_on.is_set() and not flood_done.is_set():
+                    rss_during.append(agent_rss_mb(agent.proc.pid))
                 time.sleep(0.05)
 
         threads = [threading.Thread(target=receive, daemon=True), threading.Thread(target=probe, daemon=True)]
@@ -86,8 +96,10 @@ def main() -> int:
         flood = lab.sender("--src-net", "10.0.0.0/8", "--sequential", "--count", str(args.sources), "--dport", "9",
                            "--time-limit", str(args.time_limit), stdout=subprocess.PIPE)  # fmt: skip
         procs = [legit, flood]
+        flood_on.set()
         flood_out = json.loads(flood.communicate(timeout=args.time_limit + 120)[0])
         flood_s = time.monotonic() - started
+        flood_done.set()
         legit.send_signal(signal.SIGTERM)
         legit_out = legit.communicate(timeout=30)[0]
         legit_sent = json.loads(legit_out)["sent"] if legit_out.strip() else int(50 * flood_s)
@@ -95,7 +107,7 @@ def main() -> int:
         stop.set()
         counters = cl.call("GetCounters", cl.pb.GetCountersRequest())
         status = cl.call("GetStatus", cl.pb.GetStatusRequest())
-        rss_kb = int(open(f"/proc/{agent.proc.pid}/status").read().split("VmRSS:")[1].split()[0])
+        rss_kb = agent_rss_mb(agent.proc.pid) * 1024
         mem = subprocess.run(["bpftool", "-j", "map", "show", "pinned", "/sys/fs/bpf/tidegate/bench-attack/tg_state"],
                              capture_output=True, text=True)  # fmt: skip
         m = json.loads(mem.stdout) if mem.returncode == 0 else {}
@@ -111,6 +123,7 @@ def main() -> int:
             "lru_evictions_estimated": max(0, counters.lru_inserts - args.max_sources),
             "lru_max_entries": args.max_sources, "tracked_sources": status.tracked_sources,
             "lru_kernel_bytes": m.get("bytes_memlock"), "agent_rss_mb": round(rss_kb / 1024, 1),
+            "agent_rss_during_mb": {"n": len(rss_during), "p50": pct(rss_during, 50), "max": max(rss_during, default=None)},
             "legit_sent": legit_sent, "legit_received": received[0],
             "legit_delivery": round(received[0] / max(1, legit_sent), 4),
             "getstatus_ms": {"n": len(lat), "p50": pct(lat, 50), "p99": pct(lat, 99), "max": max(lat) if lat else None},
@@ -126,7 +139,10 @@ def main() -> int:
             ["LRU evictions (estimated)", f"{data['lru_evictions_estimated']:,}"],
             ["tracked entries vs configured", f"{data['tracked_sources']:,} (LRU size {args.max_sources:,})"],
             ["LRU kernel memory", f"{(data['lru_kernel_bytes'] or 0) / 2**20:.0f} MiB (fixed by the configured size)"],
-            ["agent RSS", f"{data['agent_rss_mb']} MB"],
+            ["agent RSS during the flood (VmRSS, median / max)",
+             f"{data['agent_rss_during_mb']['p50']:.0f} / {data['agent_rss_during_mb']['max']:.0f} MB "
+             f"({data['agent_rss_during_mb']['n']} readings)"],
+            ["agent RSS after the flood", f"{data['agent_rss_mb']} MB"],
             ["legitimate delivery", f"{data['legit_received']:,} of {data['legit_sent']:,} "
                                     f"({data['legit_delivery']:.2%})"],
             ["GetStatus during the flood", f"p50 {data['getstatus_ms']['p50']:.1f} ms, p99 "

@@ -201,3 +201,19 @@ def test_what_the_field_validators_fill_in():
                                     PortRange(1, 2), PortRange(65000, 65535))  # fmt: skip
     d = rule_set_from_dict({"allow": [" 10.0.0.0/8 ", "2001:db8::/32"], "deny": None, "rules": []})
     assert [str(n) for n in d.allow] == ["10.0.0.0/8", "2001:db8::/32"] and d.deny == ()
+
+
+def test_rule_fields_print_exactly_as_pyyaml_does():
+    """dump_yaml writes numbers, names and limits without the emitter; a
+    word YAML reads as another type (yes, null, 1e3...) still goes through it."""
+    from tidegate.ruleset.model import _emit, _inline
+
+    words = ["r0", "udp", "tcp", "any", "limit", "drop", "pass", "web-1", "a_b", "yes", "no", "on", "off", "true",
+             "false", "null", "Yes", "NULL", "y", "n", "nan", "inf", "1e3", "0x10", "1:20", "-", "a:b", "a b", "", "é",
+             "x" * 300, "default", "description with: colon", "#hash", "r-"]  # fmt: skip
+    values = words + [0, 1, -5, 65535, 10**12, True, False, None, 1.5,
+                      {"pps": 100, "burst": 200}, {"pps": 1, "burst": 1, "bps": 8000000, "burst_bytes": 1500}, {},
+                      {"ipv4_prefix": 24, "ipv6_prefix": 48, "pps": 10, "burst": 20}, {"yes": 1}, {"pps": True},
+                      {"pps": None}, {"a b": 1}]  # fmt: skip
+    for v in values:
+        assert _inline(v) == _emit(v), repr(v)

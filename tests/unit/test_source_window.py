@@ -211,3 +211,13 @@ def test_rates_join_epochs_by_rule_name_and_leave_shadow_rows_out():
     assert r.seconds == 10.0 and sorted(r.pps.tolist()) == [2.0, 10.0]
     assert SourceWindow([a, b]).rates(names, 5.0, epochs={ACTIVE}).packets.sum() == 60
     assert SourceWindow([]).rates(names, 5.0).addresses == []
+
+
+def test_unique_is_numpys_sorted_distinct_values():
+    from tidegate.observation.window import unique
+
+    rng = np.random.default_rng(3)
+    for a in (rng.integers(0, 50, 1000, dtype=np.uint64), rng.integers(-5, 5, 100), np.array([], np.uint64),
+              np.array([7], np.uint32), np.array([2, 2, 2], np.uint8)):
+        got, want = unique(a), np.unique(a)
+        assert got.dtype == want.dtype and got.tolist() == want.tolist()

@@ -31,6 +31,8 @@ from tidegate.store import VersionNotFound
 
 log = logging.getLogger("tidegate.changes.service")
 
+RULE_SETS_KEPT = 4  # parsed versions kept in memory (the kernel's active and shadow ones always)
+
 # guard_factory(version, rule_set, seconds, caller, rollback) -> a started-able safety.guard.Guard
 GuardFactory = Callable[..., object]
 
@@ -55,12 +57,22 @@ class ChangeService:
 
     # ------------------------------------------------------------- versions
     def rule_set_of(self, version: int) -> RuleSet:
-        rs = self._rule_sets.get(version)
+        rs = self._rule_sets.pop(version, None)
         if rs is None:
             rec = self.store.get_version(version)
             rs = parse_rule_set(rec.content, f"version {version}")
-            self._rule_sets[version] = rs
+        self._keep(version, rs)
         return rs
+
+    def _keep(self, version: int, rs: RuleSet) -> None:
+        """Remember a parsed version, most recently used last; the oldest go
+        beyond RULE_SETS_KEPT (parsed again from the store if asked for):
+        every version's 100,000 networks kept would grow the agent by
+        tens of MB an apply, and its garbage collections with it."""
+        self._rule_sets[version] = rs
+        in_kernel = (self.kf.active_version(), self.kf.shadow_version())
+        for old in [v for v in self._rule_sets if v not in in_kernel][: max(0, len(self._rule_sets) - RULE_SETS_KEPT)]:
+            del self._rule_sets[old]
 
     def active_rule_set(self) -> RuleSet | None:
         v = self.kf.active_version()
@@ -196,7 +208,7 @@ class ChangeService:
                 self.store.abort_version(old_shadow, f"unloaded: loading version {version} in its place failed")
                 self.shadow_loaded_at = None
             raise OperationError("INTERNAL", f"writing the rule set into the kernel failed: {e}") from None
-        self._rule_sets[version] = rs
+        self._keep(version, rs)
         return version
 
     def rollback(self, to_version: int | None, reason: str, caller: Caller, cause: str = "manual") -> ApplyOutcome:

@@ -27,6 +27,7 @@ from tidegate.changes.operation import Caller, OperationError
 from tidegate.daemon.agent import Agent
 from tidegate.daemon.logfmt import KeyValueFormatter
 from tidegate.daemon.logjson import JsonFormatter
+from tidegate.daemon.memory import give_back_freed_memory, map_large_buffers, settle_collector
 from tidegate.daemon.options import (build_parser, check_auth_mode, check_auto_mitigate, check_port_free, read_tls,
                                      split_addr)  # fmt: skip
 from tidegate.daemon.privileges import check_agent_privileges
@@ -39,7 +40,6 @@ from tidegate.safety import propose
 from tidegate.store import StoreError, VersionStore
 
 log = logging.getLogger("tidegate.daemon.main")
-
 
 def _undo_start(kf: KernelFilter, loaded) -> None:
     """A start that fails leaves what it found: a program that was attached
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(opts: argparse.Namespace) -> int:
     check_agent_privileges()
+    map_large_buffers()
     try:
         host, port = split_addr(opts.listen)
         mhost, mport = split_addr(opts.metrics_listen) if opts.metrics_listen != "off" else (None, None)
@@ -184,6 +185,7 @@ def run(opts: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, Reloader(agent.changes, opts.rules).on_signal)  # systemctl reload
+    agent.sampler.listeners.append(give_back_freed_memory)  # last: after insight and reviews
     agent.sampler.start()
     agent.history.start()
     server = msrv = None
@@ -208,6 +210,7 @@ def run(opts: argparse.Namespace) -> int:
         log.warning("auto-mitigation on: lasting flood readings are mitigated without an operator",
                     extra={"ttl": opts.auto_mitigate_ttl, "readings": opts.auto_mitigate_readings})  # fmt: skip
     fleet = hostagent.start(agent, opts)  # after serving: the local API works whatever etcd does
+    settle_collector()
     st = kf.state()
     log.info("serving", extra={"listen": opts.listen, "metrics": opts.metrics_listen, "attached": st.attached,
                                "mode": st.mode, "active_version": st.active.version if st.active else 0})  # fmt: skip

@@ -21,10 +21,6 @@ import threading
 import time
 from urllib.parse import urlparse
 
-import requests
-from etcd3gw.client import Etcd3Client
-from etcd3gw.exceptions import Etcd3Exception
-
 API_PATH = "/v3/"  # etcd >= 3.4's gateway
 
 
@@ -83,9 +79,20 @@ def split_endpoints(urls: str | list[str]) -> list[str]:
     return out
 
 
+def _load_http() -> None:
+    """requests and etcd3gw, imported by the first Etcd: every agent imports
+    this module (its --fleet-* options), and only a fleet member pays the
+    0.1-0.4 s they take to import (agent start-up speed)."""
+    global requests, Etcd3Client, Etcd3Exception
+    import requests
+    from etcd3gw.client import Etcd3Client
+    from etcd3gw.exceptions import Etcd3Exception
+
+
 class Etcd:
     def __init__(self, urls: str | list[str], ca: str | None = None, cert: str | None = None,
                  key: str | None = None, timeout: float = 5.0):  # fmt: skip
+        _load_http()
         self.endpoints = split_endpoints(urls)
         self.timeout = timeout
         self._clients = []

@@ -264,19 +264,41 @@ def lookup_batch(fd: int, key_size: int, value_size: int, max_entries: int, chun
     n_alloc = max(1, max_entries)
     keys = np.empty(key_size * n_alloc, dtype=np.uint8)
     values = np.empty(value_size * n_alloc, dtype=np.uint8)
+    kptr, vptr = keys.ctypes.data, values.ctypes.data
+    total = 0
+    for n in _lookup_batches(fd, key_size, max_entries, chunk,
+                             lambda done: (kptr + done * key_size, vptr + done * value_size)):
+        total += n
+    return keys[: total * key_size], values[: total * value_size], total
+
+
+def lookup_batch_chunks(fd: int, key_size: int, value_size: int, max_entries: int, chunk: int = 65536):
+    """lookup_batch, one chunk at a time into the same two buffers: yields
+    (keys, values, count) views that the next chunk overwrites, so a reader
+    that keeps a few columns of a large map never holds all of it."""
+    keys = np.empty(key_size * max(1, min(chunk, max_entries)), dtype=np.uint8)
+    values = np.empty(value_size * max(1, min(chunk, max_entries)), dtype=np.uint8)
+    kptr, vptr = keys.ctypes.data, values.ctypes.data
+    for n in _lookup_batches(fd, key_size, max_entries, chunk, lambda done: (kptr, vptr)):
+        yield keys[: n * key_size], values[: n * value_size], n
+
+
+def _lookup_batches(fd: int, key_size: int, max_entries: int, chunk: int, where):
+    """BPF_MAP_LOOKUP_BATCH calls until the map is read or max_entries are:
+    where(entries read so far) -> (keys address, values address) for the
+    next call's entries; yields each call's count."""
     token_in = ctypes.create_string_buffer(max(8, key_size))
     token_out = ctypes.create_string_buffer(max(8, key_size))
-    kptr, vptr = keys.ctypes.data, values.ctypes.data
     total = 0
     first = True
     while total < max_entries:
-        n = min(chunk, max_entries - total)
+        kaddr, vaddr = where(total)
         attr = _Batch(
             in_batch=0 if first else ctypes.addressof(token_in),
             out_batch=ctypes.addressof(token_out),
-            keys=kptr + total * key_size,
-            values=vptr + total * value_size,
-            count=n,
+            keys=kaddr,
+            values=vaddr,
+            count=min(chunk, max_entries - total),
             map_fd=fd,
         )
         done = False
@@ -287,11 +309,12 @@ def lookup_batch(fd: int, key_size: int, value_size: int, max_entries: int, chun
                 raise
             done = True
         total += attr.count
+        if attr.count:
+            yield attr.count
         if done or attr.count == 0:
             break
         ctypes.memmove(token_in, token_out, ctypes.sizeof(token_out))
         first = False
-    return keys[: total * key_size], values[: total * value_size], total
 
 
 class GraceWaiter:

@@ -47,7 +47,9 @@ class KernelFilter:
         self._ifindex: int | None = None
         self._lock = threading.RLock()
         self._grace: bpfsys.GraceWaiter | None = None
-        self._slot_entries: dict[int, slots.SlotEntries] = {}
+        # what each slot's tries and port range hold: read from the maps at the first write, not at load
+        # (reading the 393,216-entry port table is ~0.1 s of a restart that may never write)
+        self._slot_entries: dict[int, slots.SlotEntries] | None = {}
         self._names: dict[int, dict[int, str]] = {}  # slot -> rule index -> name
         self._krs: dict[int, KernelRuleSet] = {}  # slot -> what it holds, where known
         self._retired_rules: dict[str, RuleCounters] = {}
@@ -81,7 +83,7 @@ class KernelFilter:
             fresh = not existed or not loader.maps_initialised(self._tables)
             if fresh:
                 loader.init_maps(self._tables)
-            self._slot_entries = slots.index_slots(self._tables, self.config.max_cidrs)
+            self._slot_entries = None
             info = bpfsys.prog_info(prog.fd)
             new_id = info.id
             adopted = replaced = False
@@ -218,6 +220,8 @@ class KernelFilter:
         """Write a complete rule set into a slot no packet reads, after
         folding the counters of the set it held into the totals."""
         slots.harvest_slot(self._tables, slot, self._names.get(slot, {}), self._retired_rules, self._retired_shadow)
+        if self._slot_entries is None:
+            self._slot_entries = slots.index_slots(self._tables, self.config.max_cidrs)
         old = self._slot_entries.setdefault(slot, slots.SlotEntries())
         slots.write_slot(self._tables, slot, krs, version, old)
         self._names[slot] = dict(krs.rule_names)
@@ -296,13 +300,13 @@ class KernelFilter:
             self._require_loaded()
             return readers.read_counters(self._tables, self._names, self._retired_rules)
 
-    def read_sources(self, max_entries: int | None = None) -> SourceTable:
+    def read_sources(self, max_entries: int | None = None, columns: tuple[str, ...] | None = None) -> SourceTable:
         """Snapshot the per-source LRU with one batched read (bounded by the
-        map size or max_entries)."""
+        map size or max_entries); `columns`: only those fields."""
         with self._lock:
             self._require_loaded()
             n = min(self.config.max_sources, max_entries or self.config.max_sources)
-            return readers.read_sources(self._tables, n)
+            return readers.read_sources(self._tables, n, columns)
 
     def slot_names(self, slot: int) -> dict[int, str]:
         """Rule index -> name for the set in a slot (empty if unknown)."""

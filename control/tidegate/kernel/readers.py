@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -172,9 +172,13 @@ def read_counters(tables: Tables, names: dict[int, dict[int, str]], retired: dic
     return Counters(reasons, rules, shadow, int(inserts), int(fails))
 
 
-def read_sources(tables: Tables, max_entries: int) -> SourceTable:
-    """Snapshot the per-source LRU with one batched read (at most max_entries)."""
+def read_sources(tables: Tables, max_entries: int, columns: tuple[str, ...] | None = None) -> SourceTable:
+    """Snapshot the per-source LRU with one batched read (at most max_entries).
+    `columns`: only these SourceTable fields (the others are None), read
+    chunk by chunk, so the snapshot never holds the entries' other fields."""
     t = tables["tg_state"]
+    if columns is not None:
+        return _read_source_columns(t.map_fd, max_entries, columns)
     keys, vals, count = bpfsys.lookup_batch(t.map_fd, _STATE_KEY.itemsize, _SOURCE.itemsize, max_entries)
     k = keys.view(_STATE_KEY)[:count]
     v = vals.view(_SOURCE)[:count]
@@ -183,6 +187,21 @@ def read_sources(tables: Tables, max_entries: int) -> SourceTable:
         v["tokens"], v["last_ns"], v["blocked_until"], v["packets"], v["bytes"], v["drops"],
         v["new_drops"], v["first_ns"], time.monotonic_ns(), count,
     )  # fmt: skip
+
+
+def _read_source_columns(fd: int, max_entries: int, columns: tuple[str, ...]) -> SourceTable:
+    # an array a column, filled as the chunks come (pages past the count are never touched)
+    of = {name: _STATE_KEY if name in _STATE_KEY.names else _SOURCE for name in columns}
+    out = {name: np.empty(max(1, max_entries), dt.fields[name][0]) for name, dt in of.items()}
+    count = 0
+    for kb, vb, n in bpfsys.lookup_batch_chunks(fd, _STATE_KEY.itemsize, _SOURCE.itemsize, max_entries):
+        rows = {_STATE_KEY: kb.view(_STATE_KEY), _SOURCE: vb.view(_SOURCE)}
+        for name, dt in of.items():
+            out[name][count:count + n] = rows[dt][name]
+        count += n
+    given = {f.name: out[f.name][:count] if f.name in out else None for f in fields(SourceTable)
+              if f.name not in ("taken_ns", "count")}  # fmt: skip
+    return SourceTable(**given, taken_ns=time.monotonic_ns(), count=count)
 
 
 def read_trie(table: PinnedMap, max_entries: int) -> tuple[list[bytes], list[bytes], int]:

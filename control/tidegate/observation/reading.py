@@ -29,7 +29,7 @@ import threading
 import numpy as np
 
 from tidegate.kernel.layout import halves_to_address
-from tidegate.observation.window import SourceWindow, is_ipv4, prefix_keys, prefix_name, source_keys
+from tidegate.observation.window import SourceWindow, is_ipv4, prefix_keys, prefix_name, source_keys, unique
 
 WINDOW_SECONDS = 30.0
 RATE_BUCKETS = (1, 10, 100, 1000, 10000)  # per-source pps upper bounds; +Inf implied
@@ -52,7 +52,7 @@ class KnownSources:
         self._lock = threading.Lock()
 
     def update(self, hi: np.ndarray, lo: np.ndarray, now: float) -> None:
-        k = np.unique(source_keys(hi, lo))
+        k = unique(source_keys(hi, lo))
         with self._lock:
             idx = np.searchsorted(self.keys, k)
             idx_c = np.minimum(idx, max(0, len(self.keys) - 1))
@@ -209,10 +209,10 @@ def figures(intervals: list, known: KnownSources, known_before: float, now: floa
                for j, s in zip(order.tolist(), shares.tolist()) if s >= 0.05]  # fmt: skip
     fig["heavy_hitters"] = [{"source": a, "packet_share": s} for a, s in hitters]
     drops_by_rule = {}
-    for r in np.unique(rule_rows[dr_rows > 0]).tolist():
+    for r in unique(rule_rows[dr_rows > 0]).tolist():
         m = rule_rows == r
         drops_by_rule[rule_name(int(r))] = {
-            "sources": int(len(np.unique(inv[m & (dr_rows > 0)]))),
+            "sources": int(len(unique(inv[m & (dr_rows > 0)]))),
             "drop_pps": round(float(dr_rows[m].sum() / secs), 1),
             "drop_share_of_rule": round(float(dr_rows[m].sum() / max(1.0, pk_rows[m].sum())), 4)}
     fig["drops_by_rule"] = drops_by_rule
@@ -221,7 +221,7 @@ def figures(intervals: list, known: KnownSources, known_before: float, now: floa
     new_total = float(pk_rows[new_rows].sum())
     fig["new_packets_by_rule"] = {
         rule_name(int(r)): round(float(pk_rows[new_rows & (rule_rows == r)].sum() / new_total), 4)
-        for r in np.unique(rule_rows[new_rows]).tolist()} if new_total else {}  # fmt: skip
+        for r in unique(rule_rows[new_rows]).tolist()} if new_total else {}  # fmt: skip
     fig["known_before"] = known_before
     return fig
 

@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,26 +23,104 @@ from tidegate.observation.window import SourceRates, SourceWindow, source_keys
 log = logging.getLogger("tidegate.observation.sampler")
 
 
-@dataclass
-class Interval:
-    """Entries that moved between two snapshots."""
+class Column:
+    """One column of unsigned integers kept in as few bytes as its values
+    allow: `values()` gives back exactly the array it was made from (its
+    dtype included).
 
-    t0: float
-    t1: float
-    hi: np.ndarray
-    lo: np.ndarray
-    epoch: np.ndarray
-    rule: np.ndarray
-    kind: np.ndarray
-    packets: np.ndarray  # delta
-    drops: np.ndarray  # delta
-    new_drops: np.ndarray  # delta (shadow entries)
-    first_ns: np.ndarray
-    # the shadow sets' epochs at the interval's start and end (a shadow set
-    # cleared or promoted in between counted as one for part of it). Their
-    # entries count the same packets a second time, and their drops are
-    # would-drops: nothing that measures enforced traffic may add them in.
-    shadow_epochs: tuple[int, ...] = ()
+    A sampled interval of a flood holds a row per moving source (up to the
+    whole LRU, kept for the estimate window), so its columns are stored as
+    base + stored * scale with `stored` in the narrowest unsigned dtype:
+    one value repeated (the all-zero `hi` of IPv4 sources, one epoch, no
+    would-drops) is kept once; counters and deltas that fit in 8, 16 or 32
+    bits take that; an IPv4 source's `lo` (the address in its upper 32 bits
+    over a constant ::ffff marker) keeps the address alone."""
+
+    __slots__ = ("dtype", "n", "base", "scale", "stored")
+
+    def __init__(self, values: np.ndarray, dtype=None):
+        v = np.asarray(values)
+        self.dtype = np.dtype(dtype or v.dtype)
+        self.n = len(v)
+        self.base, self.scale, self.stored = 0, 1, None
+        if self.n == 0 or v.dtype.kind not in "ui" or (v.dtype.kind == "i" and v.min() < 0):
+            self.stored = v.astype(self.dtype, copy=True)
+            return
+        v = v.astype(np.uint64, copy=False)
+        lowest, highest = int(v.min()), int(v.max())
+        if lowest == highest:
+            self.base = lowest  # stored stays None: n copies of base
+            return
+        low32 = v & np.uint64(0xFFFFFFFF)
+        if highest - lowest >= 1 << 32 and bool(np.all(low32 == low32[0])):
+            self.base, self.scale = int(low32[0]), 1 << 32
+            self.stored = _narrow(v >> np.uint64(32), 0, int(highest >> 32))
+        else:
+            self.base = lowest
+            self.stored = _narrow(v - np.uint64(lowest) if lowest else v, 0, highest - lowest)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.stored is None else self.stored.nbytes
+
+    def values(self) -> np.ndarray:
+        if self.stored is None:
+            return np.full(self.n, self.base, self.dtype)
+        if self.base == 0 and self.scale == 1:
+            return self.stored.astype(self.dtype)
+        out = self.stored.astype(np.uint64)
+        if self.scale != 1:
+            out <<= np.uint64(self.scale.bit_length() - 1)
+        if self.base:
+            out += np.uint64(self.base)
+        return out.astype(self.dtype, copy=False)
+
+
+def _narrow(v: np.ndarray, lowest: int, highest: int) -> np.ndarray:
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if highest < 1 << (8 * np.dtype(dt).itemsize):
+            return v.astype(dt)
+    return v.astype(np.uint64, copy=True)
+
+
+COLUMNS = {"hi": np.uint64, "lo": np.uint64, "epoch": np.uint32, "rule": np.uint8, "kind": np.uint8,
+           "packets": np.uint64, "drops": np.uint64, "new_drops": np.uint64, "first_ns": np.uint64}
+
+
+class Interval:
+    """Entries that moved between two snapshots: one row an entry, each
+    column (COLUMNS) read as a numpy array of its own dtype; kept compact
+    (Column) while the interval is in the window."""
+
+    def __init__(self, t0: float, t1: float, hi, lo, epoch, rule, kind, packets, drops, new_drops, first_ns,
+                 shadow_epochs: tuple[int, ...] = ()):  # fmt: skip
+        self.t0 = t0
+        self.t1 = t1
+        given = (hi, lo, epoch, rule, kind, packets, drops, new_drops, first_ns)
+        self._columns = {name: Column(v, dt) for (name, dt), v in zip(COLUMNS.items(), given)}
+        # the shadow sets' epochs at the interval's start and end (a shadow set
+        # cleared or promoted in between counted as one for part of it). Their
+        # entries count the same packets a second time, and their drops are
+        # would-drops: nothing that measures enforced traffic may add them in.
+        self.shadow_epochs = tuple(shadow_epochs)
+
+    hi = property(lambda self: self._columns["hi"].values())
+    lo = property(lambda self: self._columns["lo"].values())
+    epoch = property(lambda self: self._columns["epoch"].values())
+    rule = property(lambda self: self._columns["rule"].values())
+    kind = property(lambda self: self._columns["kind"].values())
+    packets = property(lambda self: self._columns["packets"].values(), doc="delta")
+    drops = property(lambda self: self._columns["drops"].values(), doc="delta")
+    new_drops = property(lambda self: self._columns["new_drops"].values(), doc="delta (shadow entries)")
+    first_ns = property(lambda self: self._columns["first_ns"].values())
+
+    def __len__(self) -> int:
+        return self._columns["hi"].n
+
+    @property
+    def nbytes(self) -> int:
+        """Memory its rows take."""
+        return sum(c.nbytes for c in self._columns.values())
 
     @property
     def seconds(self) -> float:
@@ -58,12 +135,8 @@ class Interval:
         return (self.kind == 0) & self.not_shadow()
 
 
-def _keys(hi, lo, epoch, rule, kind) -> np.ndarray:
-    k = np.empty(len(hi), dtype=[("hi", "<u8"), ("lo", "<u8"), ("meta", "<u8")])
-    k["hi"] = hi
-    k["lo"] = lo
-    k["meta"] = (epoch.astype(np.uint64) << np.uint64(16)) | (rule.astype(np.uint64) << np.uint64(8)) | kind
-    return k
+# the per-source fields a sample keeps (read chunk by chunk: the entries' other fields are never all held)
+SAMPLED = ("addr_hi", "addr_lo", "epoch", "rule", "kind", "packets", "drops", "new_drops", "first_ns")
 
 
 class Sampler:
@@ -109,18 +182,17 @@ class Sampler:
 
     def sample(self) -> None:
         started = time.monotonic()
-        table = self.kf.read_sources()
+        table = self.kf.read_sources(columns=SAMPLED)
         state = self.kf.state()
         now = time.monotonic()
-        keys = _keys(table.addr_hi, table.addr_lo, table.epoch, table.rule, table.kind)
-        hkeys = source_keys(keys["hi"], keys["lo"], keys["meta"])
+        # one u64 key per entry (source, epoch, rule, kind), sorted; the columns taken in that order
+        meta = ((table.epoch.astype(np.uint64) << np.uint64(16)) | (table.rule.astype(np.uint64) << np.uint64(8))
+                | table.kind)  # fmt: skip
+        hkeys = source_keys(table.addr_hi, table.addr_lo, meta)
+        del meta
         order = np.argsort(hkeys, kind="stable")
-        keys = keys[order]
         hkeys = hkeys[order]
         packets = table.packets[order]
-        drops = table.drops[order]
-        new_drops = table.new_drops[order]
-        first_ns = table.first_ns[order]
         active_epoch = state.active.epoch if state.active else None
         for info in (state.active, state.shadow):
             if info is not None and not self.epoch_names.get(info.epoch):
@@ -130,39 +202,36 @@ class Sampler:
         with self._lock:
             prev = self._prev
             shadow_now = state.shadow.epoch if state.shadow else None
-            self._prev = (now, hkeys, packets, drops, new_drops, shadow_now)
-            mask_src = keys["meta"] & np.uint64(0xFF) == 0
+            drops, new_drops = table.drops[order], table.new_drops[order]
+            # the next sample's base, compact: counters that fit in 32 bits take 4 bytes
+            self._prev = (now, hkeys, Column(packets), Column(drops), Column(new_drops), shadow_now)
             if active_epoch is not None:
-                ep = keys["meta"] >> np.uint64(16)
-                self.tracked_sources = int(np.count_nonzero(mask_src & (ep == np.uint64(active_epoch))))
+                self.tracked_sources = int(np.count_nonzero((table.kind == 0) & (table.epoch == active_epoch)))
             else:
                 self.tracked_sources = 0
-            self.tracked_entries = len(keys)
+            self.tracked_entries = len(hkeys)
             self.last_sample = now
             self.sample_seconds = now - started
             if prev is None:
                 return
             t0, pkeys, ppk, pdr, pnd, shadow_then = prev
             idx = np.searchsorted(pkeys, hkeys)
-            idx_c = np.minimum(idx, max(0, len(pkeys) - 1))
-            found = (pkeys[idx_c] == hkeys) if len(pkeys) else np.zeros(len(hkeys), bool)
-            base_pk = np.where(found, ppk[idx_c] if len(pkeys) else 0, 0)
-            base_dr = np.where(found, pdr[idx_c] if len(pkeys) else 0, 0)
-            base_nd = np.where(found, pnd[idx_c] if len(pkeys) else 0, 0)
-            # counters only grow; an evicted-and-reinserted entry starts again
-            dpk = np.where(packets >= base_pk, packets - base_pk, packets)
-            ddr = np.where(drops >= base_dr, drops - base_dr, drops)
-            dnd = np.where(new_drops >= base_nd, new_drops - base_nd, new_drops)
+            np.minimum(idx, max(0, len(pkeys) - 1), out=idx)
+            found = (pkeys[idx] == hkeys) if len(pkeys) else np.zeros(len(hkeys), bool)
+            del pkeys, prev
+
+            def delta(now_col, base_col):
+                # counters only grow; an evicted-and-reinserted entry starts again
+                base = np.where(found, base_col.values()[idx], 0) if base_col.n else np.zeros(len(now_col), np.uint64)
+                return np.where(now_col >= base, now_col - base, now_col)
+
+            dpk = delta(packets, ppk)
             moved = dpk > 0
-            meta = keys["meta"][moved]
-            self._intervals.append(
-                Interval(
-                    t0, now, keys["hi"][moved], keys["lo"][moved],
-                    (meta >> np.uint64(16)).astype(np.uint32), ((meta >> np.uint64(8)) & np.uint64(0xFF)).astype(np.uint8),
-                    (meta & np.uint64(0xFF)).astype(np.uint8), dpk[moved], ddr[moved], dnd[moved], first_ns[moved],
-                    tuple({e for e in (shadow_then, shadow_now) if e is not None}),
-                )  # fmt: skip
-            )
+            rows = order[moved]  # the moved entries' rows in the snapshot
+            iv = Interval(t0, now, table.addr_hi[rows], table.addr_lo[rows], table.epoch[rows], table.rule[rows],
+                          table.kind[rows], dpk[moved], delta(drops, pdr)[moved], delta(new_drops, pnd)[moved],
+                          table.first_ns[rows], tuple({e for e in (shadow_then, shadow_now) if e is not None}))  # fmt: skip
+            self._intervals.append(iv)
             while self._intervals and self._intervals[0].t1 < now - self.window:
                 self._intervals.popleft()
 

@@ -24,8 +24,9 @@ def parse(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
     """The network `text` is with strict=True, or None: ask ipaddress."""
     m = _V4.fullmatch(text)
     if m is not None:
-        a, b, c, d = int(m[1]), int(m[2]), int(m[3]), int(m[4])
-        plen = 32 if m[5] is None else int(m[5])
+        a, b, c, d, p = m.groups()
+        a, b, c, d = int(a), int(b), int(c), int(d)
+        plen = 32 if p is None else int(p)
         if a > 255 or b > 255 or c > 255 or d > 255 or plen > 32:
             return None
         addr = (a << 24) | (b << 16) | (c << 8) | d

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from tidegate.kernel.layout import halves_to_address
-from tidegate.observation.window import SourceWindow, group_rows, source_keys
+from tidegate.observation.window import SourceWindow, group_rows, source_keys, unique
 from tidegate.safety.guard import counter_summary as _summary
 
 log = logging.getLogger("tidegate.safety.review")
@@ -213,7 +213,7 @@ class Reviews:
                 continue
             one = SourceWindow([iv])
             if iv.t0 < w.t_mono:  # straddles the activation: the earlier sets' drops in it happened before
-                w.before = np.union1d(w.before, one.dropped_sources(exclude_epoch=w.epoch))
+                w.before = unique(np.concatenate([w.before, one.dropped_sources(exclude_epoch=w.epoch)]))
             r = one.select(epoch=w.epoch, dropped=True)
             if len(r):  # interval deltas: summed
                 self._merge(w, r.hi, r.lo, r.rule, r.packets, r.drops, np.add)
