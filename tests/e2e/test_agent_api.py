@@ -21,7 +21,7 @@ import time
 import grpc
 import pytest
 
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 
 from .conftest import BASE_RULES
 from .conftest import AUTHOR, BIN, PIN_ROOT, Api, bpftool_dump, finish, free_port, send, xdp_prog_id

@@ -6,56 +6,28 @@ gets nothing. (The decision logic: tests/unit/test_mitigation.py.)"""
 
 from __future__ import annotations
 
-import os
 import time
-import urllib.request
 
 import pytest
 
-from tidegate.lab.veth import VethLab
+from fixtures import rule_set
 
-from .harness import AgentProc, finish, send
+from .harness import Agent, finish, send
 
 pytestmark = pytest.mark.e2e
 
-RULES = """
-defaults: {limit: {pps: 50000, burst: 50000}}
-rules:
-  - {name: api, protocol: udp, dst_ports: [8080], limit: {pps: 5, burst: 10}}
-  - {name: sink, protocol: udp, dst_ports: [9]}
-"""
+RULES = rule_set("auto-mitigate")
 FAST = ["--insight-baseline-seconds", "3", "--insight-window-seconds", "3"]
 CLIENTS = ["--src-net", "10.77.0.0/24", "--sources", "200", "--dport", "8080", "--seed", "5"]
 FLOOD = ["--src-net", "198.18.0.0/16", "--sources", "20000", "--dport", "9", "--seed", "9"]
 
 
-def start(tmp_path_factory, name: str, subnet: str, extra: list[str]):
-    tmp = tmp_path_factory.mktemp(name)
-    (tmp / "rules.yaml").write_text(RULES)
-    lab = VethLab(f"{name[0]}{os.getpid() % 100000}", subnet=subnet).create()
-    a = AgentProc(lab, tmp / "state", extra=FAST + extra)
-    try:
-        a.start(rules=str(tmp / "rules.yaml"))
-    except Exception:
-        a.stop()
-        a.cleanup_kernel()
-        lab.remove()
-        raise
-    return a
-
-
-def stop(a: AgentProc) -> None:
-    a.stop()
-    a.cleanup_kernel()
-    a.lab.remove()
-
-
-def versions(a: AgentProc) -> list[dict]:
+def versions(a: Agent) -> list[dict]:
     return sorted(a.cli("versions", json_out=True), key=lambda v: v["number"])
 
 
-def auto_mitigations(a: AgentProc) -> dict[str, float]:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{a.metrics_port}/metrics", timeout=10).read().decode()
+def auto_mitigations(a: Agent) -> dict[str, float]:
+    body = a.scrape_text()
     return {ln.split('"')[1]: float(ln.rsplit(" ", 1)[1]) for ln in body.splitlines()
             if ln.startswith("tidegate_auto_mitigations_total{")}  # fmt: skip
 
@@ -70,13 +42,13 @@ def wait_for(fn, seconds: float):
     return fn()
 
 
-def known_clients(a: AgentProc) -> None:
+def known_clients(a: Agent) -> None:
     """200 clients at 1 pps each, long enough to become known sources."""
     send(a.lab, *CLIENTS, "--count", "1600", "--pps", "200")
     time.sleep(1)
 
 
-def verdict_during(a: AgentProc, *sender_args: str, settle: float = 3.2) -> str:
+def verdict_during(a: Agent, *sender_args: str, settle: float = 3.2) -> str:
     bg = send(a.lab, *sender_args, wait=False)
     time.sleep(settle)
     verdict = a.cli("insight", json_out=True)["verdict"]
@@ -85,12 +57,10 @@ def verdict_during(a: AgentProc, *sender_args: str, settle: float = 3.2) -> str:
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    a = start(tmp_path_factory, "mitigate", "10.203.11",
-              ["--auto-mitigate", "--auto-mitigate-readings", "2", "--auto-mitigate-ttl", "8s",
-               "--auto-mitigate-cooldown", "30s", "--guard-seconds", "5"])  # fmt: skip
-    yield a
-    stop(a)
+def agent(start_agent):
+    return start_agent("mitig", RULES, FAST + ["--auto-mitigate", "--auto-mitigate-readings", "2",
+                                               "--auto-mitigate-ttl", "8s", "--auto-mitigate-cooldown", "30s",
+                                               "--guard-seconds", "5"])  # fmt: skip
 
 
 def test_a_surge_of_known_clients_triggers_nothing(agent):
@@ -146,10 +116,8 @@ def test_a_lasting_flood_is_mitigated_under_a_guard_and_expires_by_itself(agent)
 
 
 @pytest.fixture(scope="module")
-def plain_agent(tmp_path_factory):
-    a = start(tmp_path_factory, "plain", "10.203.12", [])
-    yield a
-    stop(a)
+def plain_agent(start_agent):
+    return start_agent("plain", RULES, FAST)
 
 
 def test_without_the_flag_a_flood_is_read_and_nothing_is_applied(plain_agent):

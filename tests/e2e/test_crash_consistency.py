@@ -24,7 +24,7 @@ import time
 import grpc
 import pytest
 
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 
 from .harness import Agent, send
 

@@ -57,7 +57,7 @@ TRAFFIC_SECONDS = 600  # upper bound; the module stops it when done
 
 
 def digest_of(text: str) -> str:
-    from tidegate.ruleset.model import parse_rule_set
+    from tidegate.ruleset.parse import parse_rule_set
 
     return parse_rule_set(text, "t").digest()
 

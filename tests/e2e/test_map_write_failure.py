@@ -19,7 +19,7 @@ import pytest
 from tidegate.kernel import bpfsys
 from tidegate.kernel.entries import build_kernel_rule_set, kernel_port_entries, kernel_trie_entries
 from tidegate.kernel.layout import PORT_RANGE
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 
 from .conftest import BASE_RULES
 

@@ -17,7 +17,7 @@ import yaml
 from tidegate.kernel import bpfsys
 from tidegate.kernel.filter import FilterConfig, KernelFilter
 from tidegate.kernel.layout import RULE_IDX, UNIT
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 
 from .conftest import BASE_RULES, BIN
 

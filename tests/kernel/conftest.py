@@ -14,7 +14,7 @@ import pytest
 
 from tidegate.kernel.filter import FilterConfig, KernelFilter
 from tidegate.kernel.layout import REASONS
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 
 XDP_DROP, XDP_PASS = 1, 2
 VERDICTS = {XDP_DROP: "drop", XDP_PASS: "pass"}

@@ -25,7 +25,7 @@ import pytest
 
 from fixtures import rule_set
 from tidegate.kernel.layout import NO_SLOT
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 
 from . import frames as f
 from .conftest import background_traffic

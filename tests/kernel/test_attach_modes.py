@@ -13,7 +13,7 @@ from pyroute2 import IPRoute
 from tidegate.kernel import bpfsys, program
 from tidegate.kernel.filter import FilterConfig, KernelFilter
 from tidegate.lab.veth import VethLab
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 
 
 @pytest.mark.kernel

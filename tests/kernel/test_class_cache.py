@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 
 from . import frames as f
 

@@ -18,7 +18,7 @@ import pytest
 
 from tidegate.kernel import bpfsys
 from tidegate.kernel.filter import FilterConfig, KernelFilter, bpf_source_dir
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 
 from . import frames as f
 

@@ -19,7 +19,7 @@ from fixtures import rule_set
 from tidegate.kernel.filter import FilterConfig, KernelFilter
 from tidegate.lab.veth import VethLab
 from tidegate.lab.replay import replay
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 
 from .frames import write_capture
 

@@ -17,7 +17,7 @@ import pytest
 
 from fixtures import rule_set
 from tidegate.kernel.filter import FilterConfig, KernelFilter
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 
 from . import frames as f
 

@@ -17,7 +17,7 @@ import pytest
 from tidegate.kernel.filter import FilterConfig, KernelFilter
 from tidegate.kernel.layout import tg_src, tg_state_key
 from tidegate.kernel.loader import pinned_map_info
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 
 from . import frames as f
 

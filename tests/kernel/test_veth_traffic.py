@@ -20,7 +20,7 @@ import pytest
 from fixtures import rule_set
 from tidegate.kernel.filter import FilterConfig, KernelFilter
 from tidegate.lab.veth import VethLab
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 
 RULES = rule_set("app-sink-prefix")
 

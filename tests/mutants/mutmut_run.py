@@ -34,16 +34,16 @@ SELECTION = {
     "safety/guard.py": ["drop_share", "CounterHistory.between", "CounterHistory.take", "Guard.__init__",
                         "Guard._dropped_sources_before", "Guard._sources_cause", "Guard._covered", "Guard._run",
                         "Guard._roll_back"],
-    "kernel_layout.py": ["mask_halves", "addr_halves", "halves_to_address", "network_key", "_contains",
-                         "bucket_params", "rule_params", "_is_any_source", "_build_kernel_rule_set", "_inherit",
-                         "same_matching", "trie_family", "kernel_trie_entries", "kernel_port_entries",
-                         "Classifier.*"],
-    "auth.py": ["ensure_token_file", "parse_tokens", "token_for", "Authorizer.authorize"],
+    "kernel/layout.py": ["mask_halves", "addr_halves", "halves_to_address", "network_key"],
+    "kernel/entries.py": ["_contains", "bucket_params", "rule_params", "_is_any_source", "_build_kernel_rule_set",
+                          "_inherit", "same_matching", "trie_family", "kernel_trie_entries", "kernel_port_entries",
+                          "Classifier.*"],
+    "access/auth.py": ["ensure_token_file", "parse_tokens", "token_for", "Authorizer.authorize"],
     # the field validators; _build and _rule (cross-field checks, mostly message text) are left out to
     # bound the run: every mutant there re-runs the hypothesis tests (their checks are judged by the
     # independent schema in test_hostile_rule_sets)
-    "ruleset.py": ["_int", "_limit", "_prefix_limit", "_network", "_networks", "_ports", "_str", "_check_keys",
-                   "_want_map"],
+    "ruleset/parse.py": ["_int", "_limit", "_prefix_limit", "_network", "_networks", "_ports", "_str",
+                         "_check_keys", "_want_map"],
 }  # fmt: skip
 TESTS = ["tests/unit/test_safety.py", "tests/unit/test_kernel_layout.py", "tests/unit/test_kernel_entries.py",
          "tests/unit/test_auth.py",

@@ -15,7 +15,7 @@ import yaml
 from fixtures import rule_set
 from tidegate.cli.verb import EXIT_WARNINGS
 from tidegate.ruleset.checks import warnings
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent / "tidegate"

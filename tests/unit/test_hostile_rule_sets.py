@@ -19,7 +19,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tidegate.ruleset.model import RuleSet, RuleSetError, parse_rule_set, rule_set_from_dict
+from tidegate.ruleset.model import RuleSet, RuleSetError
+from tidegate.ruleset.parse import parse_rule_set, rule_set_from_dict
 
 VALID = {
     "defaults": {"limit": {"pps": 1000, "burst": 2000}, "ipv4_prefix": 32, "ipv6_prefix": 64},

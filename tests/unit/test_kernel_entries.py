@@ -15,7 +15,8 @@ import pytest
 from fixtures import rule_set
 from tidegate.kernel import entries as ke
 from tidegate.kernel import layout as kl
-from tidegate.ruleset.model import Limit, PrefixLimit, parse_rule_set
+from tidegate.ruleset.model import Limit, PrefixLimit
+from tidegate.ruleset.parse import parse_rule_set
 
 G = 1_000_000_000
 

@@ -17,7 +17,7 @@ from tidegate.kernel import entries as ke
 from tidegate.kernel import filter as kernel
 from tidegate.kernel import layout as kl
 from tidegate.observation import metrics
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 from tidegate.safety import guard as safety
 
 RULES = rule_set("layout")

@@ -4,7 +4,7 @@ same file (a link), not a second copy that could drift."""
 from pathlib import Path
 
 from tidegate.lab.run import lab_rules_text
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 
 ROOT = Path(__file__).resolve().parents[2]
 

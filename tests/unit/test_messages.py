@@ -27,7 +27,7 @@ from tidegate.observation.reading import Reader
 from tidegate.observation.window import SourceRates
 from tidegate.observation.shapes import EPOCH, baseline_reader, interval, load_library, read_shape
 from tidegate.safety.propose import candidate
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 from tidegate.safety.review import Reviews
 from tidegate.store import VersionStore
 

@@ -9,16 +9,14 @@ import json
 
 import pytest
 
+from fixtures import rule_set
+
 from tidegate.changes.mitigation import AUTHOR, META_KEY, Mitigator, Policy, Streak, decline, own_change, still_held, undo
 from tidegate.changes.operation import ApplyOutcome, OperationError
-from tidegate.ruleset.model import dump_yaml, parse_rule_set, rule_set_from_dict
+from tidegate.ruleset.dump import dump_yaml
+from tidegate.ruleset.parse import parse_rule_set, rule_set_from_dict
 
-RULES = """
-defaults: {limit: {pps: 800, burst: 800}}
-rules:
-  - {name: web, protocol: tcp, dst_ports: [443], limit: {pps: 60, burst: 120}}
-  - {name: sink, protocol: udp, dst_ports: [9]}
-"""
+RULES = rule_set("mitigation")
 BASE = parse_rule_set(RULES)
 DENIED = dataclasses.replace(BASE, deny=(parse_rule_set("deny: ['198.18.0.0/16']").deny[0],))
 

@@ -8,7 +8,7 @@ import yaml
 
 from fixtures import rule_set
 from tidegate.safety.propose import candidate
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 from tidegate.observation.window import SourceRates
 
 RULES = rule_set("propose")

@@ -14,7 +14,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tidegate.ruleset.model import MAX_ERRORS, Capacity, RuleSetError, parse_rule_set
+from tidegate.ruleset.model import MAX_ERRORS, Capacity, RuleSetError
+from tidegate.ruleset.parse import parse_rule_set
 from tidegate.ruleset.yaml_events import MAX_DEPTH
 
 STYLES = {
@@ -35,7 +36,7 @@ def test_the_text_that_crashed_the_agent_is_refused_in_a_child_process():
     """50,000 '[' made libyaml's recursive composer overflow the C stack
     (SIGSEGV). Run in a child so a regression fails this test instead of
     killing pytest."""
-    code = ("from tidegate.ruleset.model import parse_rule_set, RuleSetError\n"
+    code = ("from tidegate.ruleset.model import RuleSetError; from tidegate.ruleset.parse import parse_rule_set\n"
             "try:\n    parse_rule_set('rules: ' + '[' * 50000 + ']' * 50000)\n"
             "except RuleSetError as e:\n    print(e)\n")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -167,7 +168,7 @@ def test_the_cidr_fast_path_takes_the_usual_shapes():
                                                                st.integers(1, 65535), st.integers(1, 65535))),
                 max_size=50))  # fmt: skip
 def test_port_lists_print_as_the_emitter_prints_them(ports):
-    from tidegate.ruleset.model import _inline, _inline_ports
+    from tidegate.ruleset.dump import _inline, _inline_ports
 
     assert _inline_ports(ports) == _inline(ports)
 

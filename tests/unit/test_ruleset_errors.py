@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from fixtures import rule_set
-from tidegate.ruleset.model import RuleSetError, parse_rule_set
+from tidegate.ruleset.model import RuleSetError
+from tidegate.ruleset.parse import parse_rule_set
 
 BASE = rule_set("errors-base")
 
@@ -65,7 +66,7 @@ def test_canonical_cidr_lists_print_exactly_as_pyyaml_does():
     import ipaddress
     import random
 
-    from tidegate.ruleset.model import _inline, _inline_cidrs
+    from tidegate.ruleset.dump import _inline, _inline_cidrs
 
     rnd = random.Random(5)
     nets = ["0.0.0.0/0", "::/0", "255.255.255.255/32", "::ffff:10.0.0.0/104", "2001:db8::/32", "fe80::/10"]
@@ -82,7 +83,7 @@ def test_canonical_cidr_lists_print_exactly_as_pyyaml_does():
 
 @pytest.mark.parametrize("policy", ["drop", "pass", "default"])
 def test_the_ipv6_extension_policy_round_trips_and_the_default_stays_out_of_the_text(policy):
-    from tidegate.ruleset.model import dump_yaml
+    from tidegate.ruleset.dump import dump_yaml
 
     plain = parse_rule_set(BASE)
     rs = parse_rule_set(BASE.replace("  limit: {pps: 100, burst: 100}\n",
@@ -181,7 +182,8 @@ def test_every_field_message(case):
 
 
 def test_what_the_field_validators_fill_in():
-    from tidegate.ruleset.model import Limit, PortRange, PrefixLimit, rule_set_from_dict
+    from tidegate.ruleset.model import Limit, PortRange, PrefixLimit
+    from tidegate.ruleset.parse import rule_set_from_dict
 
     d = rule_set_from_dict({"defaults": {"prefix_limit": {"pps": 5}, "limit": {"pps": 5, "bps": 800}}, "rules": None})
     assert d.defaults.prefix_limit == PrefixLimit(24, 48, Limit(5, 5)), "a prefix limit's prefixes default to /24, /48"
@@ -206,7 +208,7 @@ def test_what_the_field_validators_fill_in():
 def test_rule_fields_print_exactly_as_pyyaml_does():
     """dump_yaml writes numbers, names and limits without the emitter; a
     word YAML reads as another type (yes, null, 1e3...) still goes through it."""
-    from tidegate.ruleset.model import _emit, _inline
+    from tidegate.ruleset.dump import _emit, _inline
 
     words = ["r0", "udp", "tcp", "any", "limit", "drop", "pass", "web-1", "a_b", "yes", "no", "on", "off", "true",
              "false", "null", "Yes", "NULL", "y", "n", "nan", "inf", "1e3", "0x10", "1:20", "-", "a:b", "a b", "", "é",

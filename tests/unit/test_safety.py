@@ -20,7 +20,7 @@ from fixtures import rule_set
 from tidegate.changes.operation import OperationError
 from tidegate.safety import estimate as safety
 from tidegate.safety import guard as guarding
-from tidegate.ruleset.model import parse_rule_set
+from tidegate.ruleset.parse import parse_rule_set
 from tidegate.observation.sampler import Interval
 from tidegate.observation.window import SourceRates, source_keys
 

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from tidegate.ruleset import model as ruleset
-from tidegate.ruleset.model import RuleSetError, parse_rule_set
+from tidegate.ruleset.model import RuleSetError
+from tidegate.ruleset.parse import parse_rule_set
 from tidegate.ruleset.schema import rule_set_schema, schema_text
 
 jsonschema = pytest.importorskip("jsonschema", reason="Debian's python3-jsonschema (make install)")

@@ -19,7 +19,8 @@ from tidegate.changes.operation import Caller, OperationError
 from tidegate.kernel.filter import KernelError, NotAttachedError
 from tidegate.kernel.layout import DROP_REASONS
 from tidegate.observation import insight, top
-from tidegate.ruleset.model import MAX_ERRORS, RuleSetError, dump_yaml
+from tidegate.ruleset.dump import dump_yaml
+from tidegate.ruleset.model import MAX_ERRORS, RuleSetError
 from tidegate.safety.propose import propose
 from tidegate.store import StoreError
 from tidegate.v1 import tidegate_pb2 as pb

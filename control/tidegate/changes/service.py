@@ -25,7 +25,9 @@ from typing import Callable
 
 from tidegate.changes.operation import ApplyOutcome, Caller, OperationError
 from tidegate.kernel.filter import KernelError, NotAttachedError
-from tidegate.ruleset.model import FieldError, Limit, RuleSet, RuleSetError, dump_yaml, parse_rule_set, rule_set_from_dict
+from tidegate.ruleset.dump import dump_yaml
+from tidegate.ruleset.model import FieldError, Limit, RuleSet, RuleSetError
+from tidegate.ruleset.parse import parse_rule_set, rule_set_from_dict
 from tidegate.safety import estimate as safety
 from tidegate.store import VersionNotFound
 

@@ -12,7 +12,8 @@ from tidegate.cli.output import Output, duration, message_to_dict, print_estimat
 from tidegate.cli.verb import (EXIT_CHECK_REFUSED, EXIT_OK, EXIT_ROLLED_BACK, EXIT_USAGE, EXIT_WARNINGS, LocalError,
                                arg, client_of, force, read_file, reason, verb)  # fmt: skip
 from tidegate.ruleset.checks import warnings, warnings_json
-from tidegate.ruleset.model import RuleSetError, parse_rule_set
+from tidegate.ruleset.model import RuleSetError
+from tidegate.ruleset.parse import parse_rule_set
 
 FILE = arg("file", metavar="FILE", help="rule-set YAML file")
 

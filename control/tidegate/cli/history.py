@@ -11,7 +11,9 @@ from tidegate.cli.completion import version_arg, versions as version_numbers
 from tidegate.cli.output import (Output, colour_diff, error_document, message_to_dict, print_error,
                                  use_colour)  # fmt: skip
 from tidegate.cli.verb import EXIT_OK, EXIT_USAGE, LocalError, arg, client_of, read_file, verb
-from tidegate.ruleset.model import RuleSetError, dump_yaml, parse_rule_set
+from tidegate.ruleset.dump import dump_yaml
+from tidegate.ruleset.model import RuleSetError
+from tidegate.ruleset.parse import parse_rule_set
 
 
 @verb("versions", "list rule-set versions with author, reason and state",

@@ -12,7 +12,8 @@ from tidegate.cli import completion
 from tidegate.cli.completion import interfaces
 from tidegate.cli.output import Output
 from tidegate.cli.verb import EXIT_FAILED, EXIT_OK, EXIT_USAGE, LocalError, arg, client_of, verb
-from tidegate.ruleset.model import RuleSetError, load_rule_set
+from tidegate.ruleset.model import RuleSetError
+from tidegate.ruleset.parse import load_rule_set
 from tidegate.ruleset.schema import schema_text
 
 

@@ -35,7 +35,8 @@ from tidegate.daemon.reload import Reloader
 from tidegate.fleet import hostagent
 from tidegate.kernel.filter import FilterConfig, KernelError, KernelFilter
 from tidegate.observation import metrics
-from tidegate.ruleset.model import RuleSetError, load_rule_set
+from tidegate.ruleset.model import RuleSetError
+from tidegate.ruleset.parse import load_rule_set
 from tidegate.safety import propose
 from tidegate.store import StoreError, VersionStore
 

@@ -19,7 +19,8 @@ import logging
 import threading
 
 from tidegate.changes.operation import Caller, OperationError
-from tidegate.ruleset.model import RuleSetError, load_rule_set
+from tidegate.ruleset.model import RuleSetError
+from tidegate.ruleset.parse import load_rule_set
 
 log = logging.getLogger("tidegate.daemon.reload")
 

@@ -21,7 +21,8 @@ from tidegate.fleet.etcd import Etcd, EtcdUnavailable
 from tidegate.fleet.keys import FINAL, FleetError, Keys, encode, matches, new_rollout_id, parse_labels, plan_waves
 from tidegate.fleet.metrics import serve
 from tidegate.fleet.views import current_rollout, hosts, resolve_version, rollouts, summary
-from tidegate.ruleset.model import RuleSetError, parse_rule_set
+from tidegate.ruleset.model import RuleSetError
+from tidegate.ruleset.parse import parse_rule_set
 
 OUTPUTS = ("table", "json")
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BUSY, EXIT_HALTED, EXIT_REFUSED, EXIT_UNCONFIRMED = 0, 1, 2, 3, 4, 5, 6

@@ -28,7 +28,8 @@ import numpy as np
 import yaml
 
 from tidegate.safety import estimate as safety
-from tidegate.ruleset.model import RuleSet, _limit_dict, _prefix_dict, parse_rule_set
+from tidegate.ruleset.model import RuleSet, _limit_dict, _prefix_dict
+from tidegate.ruleset.parse import parse_rule_set
 from tidegate.observation.window import SourceRates, address_halves, network_index
 
 AGGREGATE_HEADROOM = 2.0  # the /0 limit lets through this many times the known clients' rate on the rule
