@@ -12,7 +12,7 @@ import pytest
 from fixtures import rule_set
 
 from tidegate.changes.mitigation import AUTHOR, META_KEY, Mitigator, Policy, Streak, decline, own_change, still_held, undo
-from tidegate.changes.operation import ApplyOutcome, OperationError
+from tidegate.operation import ApplyOutcome, OperationError
 from tidegate.ruleset.dump import dump_yaml
 from tidegate.ruleset.parse import parse_rule_set, rule_set_from_dict
 

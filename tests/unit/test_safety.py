@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fixtures import rule_set
-from tidegate.changes.operation import OperationError
+from tidegate.operation import OperationError
 from tidegate.safety import estimate as safety
 from tidegate.safety import guard as guarding
 from tidegate.ruleset.parse import parse_rule_set

@@ -15,7 +15,7 @@ import grpc
 
 from tidegate.api import messages
 from tidegate.api.admission import EXPENSIVE_READS, Admission, Refusal, busy
-from tidegate.changes.operation import Caller, OperationError
+from tidegate.operation import Caller, OperationError
 from tidegate.kernel.filter import KernelError, NotAttachedError
 from tidegate.kernel.layout import DROP_REASONS
 from tidegate.observation import insight, top

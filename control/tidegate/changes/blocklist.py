@@ -23,7 +23,7 @@ import re
 import threading
 import time
 
-from tidegate.changes.operation import Caller, OperationError
+from tidegate.operation import Caller, OperationError
 from tidegate.ruleset.checks import _covers_net
 
 log = logging.getLogger("tidegate.changes.blocklist")

@@ -40,7 +40,7 @@ import threading
 import time
 from typing import Callable
 
-from tidegate.changes.operation import Caller, OperationError
+from tidegate.operation import Caller, OperationError
 from tidegate.ruleset.model import RuleSet
 
 log = logging.getLogger("tidegate.changes.mitigation")

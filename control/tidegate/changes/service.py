@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Callable
 
-from tidegate.changes.operation import ApplyOutcome, Caller, OperationError
+from tidegate.operation import ApplyOutcome, Caller, OperationError
 from tidegate.kernel.filter import KernelError, NotAttachedError
 from tidegate.ruleset.dump import dump_yaml
 from tidegate.ruleset.model import FieldError, Limit, RuleSet, RuleSetError

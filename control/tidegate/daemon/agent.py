@@ -16,7 +16,7 @@ import os
 import time
 
 from tidegate import __version__
-from tidegate.changes.operation import OperationError
+from tidegate.operation import OperationError
 from tidegate.changes.service import ChangeService
 from tidegate.kernel.filter import InterfaceError, KernelError, KernelFilter, NotAttachedError
 from tidegate.observation import insight, top

@@ -23,7 +23,7 @@ from tidegate.access import auth
 from tidegate.access.auth import is_loopback as _is_loopback
 from tidegate.api import server as api
 from tidegate.changes.mitigation import Mitigator, Policy
-from tidegate.changes.operation import Caller, OperationError
+from tidegate.operation import Caller, OperationError
 from tidegate.daemon.agent import Agent
 from tidegate.daemon.logfmt import KeyValueFormatter
 from tidegate.daemon.logjson import JsonFormatter

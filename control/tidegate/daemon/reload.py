@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from tidegate.changes.operation import Caller, OperationError
+from tidegate.operation import Caller, OperationError
 from tidegate.ruleset.model import RuleSetError
 from tidegate.ruleset.parse import load_rule_set
 

@@ -30,7 +30,7 @@ import threading
 import time
 
 from tidegate import __version__
-from tidegate.changes.operation import Caller, OperationError
+from tidegate.operation import Caller, OperationError
 from tidegate.fleet import report
 from tidegate.fleet.etcd import Etcd, EtcdUnavailable, split_endpoints
 from tidegate.fleet.keys import ACK, NACK, ROLLED_BACK, FleetError, Keys, check_name, decode, encode, parse_labels

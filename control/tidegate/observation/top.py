@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from tidegate.changes.operation import OperationError
+from tidegate.operation import OperationError
 from tidegate.observation.window import SourceWindow
 
 TOP_WINDOW_ROWS = 2_000_000  # per-source rows one windowed TopSources call may sum (~1 s of CPU)

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from tidegate.changes.operation import Caller, OperationError
+from tidegate.operation import Caller, OperationError
 from tidegate.kernel.layout import DROP_REASONS
 from tidegate.observation.window import DroppedSince, SourceWindow
 
