@@ -8,7 +8,8 @@ sampler give the same reading:
 - a source is *new* when the agent first saw it within the baseline window
   (default 120 s; while the agent is younger than 180 s, its first third
   of uptime is the baseline) or since the current episode began: a flood that lasts longer than
-  the baseline window does not turn its sources into known ones;
+  the baseline window does not turn its sources into known ones, and when it
+  ends they are forgotten, so a later wave from the same pool is new again;
 - packets per source over the window, and the persistence of sources (the
   share of the window's intervals each one sends in);
 - prefix concentration (/24 and /16) and spread (share of sources from
@@ -38,7 +39,7 @@ MAX_KNOWN = 2_000_000
 HUMAN_PPS = 5.0  # a person's client rarely keeps above this for a window
 DENSE_PREFIX = 16  # sources in one /24 that no set of real clients reaches
 ATTACKS = ("flood", "mixed")
-NEW_TRAFFIC = 0.3  # share of packets from new sources a flood reading needs (judge)
+ONSET_SHARE = 0.2  # new sources' share of packets from which a window counts towards a flood's onset
 VERDICTS = ("learning", "normal", "unusual", "flood", "mixed", "flash-crowd", "surge", "heavy-hitter", "quiet")
 
 
@@ -120,7 +121,7 @@ class Baseline:
         start of an episode that ends with this reading (else None): the
         caller forgets the sources first seen after it, so a flood's sources
         never turn known by age alone."""
-        if 1.0 - fig["known_source_packet_share"] < NEW_TRAFFIC or not fig["sources"]:
+        if 1.0 - fig["known_source_packet_share"] < ONSET_SHARE or not fig["sources"]:
             self.new_since = None
         elif self.new_since is None:
             self.new_since = fig["window_start"]
@@ -269,7 +270,7 @@ def judge(fig: dict, base: Baseline, baseline_seconds: float, baseline_covered: 
     concentrated = f["dense_prefix_sources"] >= 200 and f["dense_prefix_packet_share"] >= 0.5
     never_repeat = nn >= 1000 and f["packets_per_source"] <= 1.5 and f["new_persistence"] <= 0.34
     botnet = nn >= 1000 and f["median_new_source_pps"] > HUMAN_PPS and f["new_persistence"] >= 0.5
-    flood = new_share_pk >= NEW_TRAFFIC and (spoof or concentrated or never_repeat or botnet) and factor >= 1.5
+    flood = new_share_pk >= 0.3 and (spoof or concentrated or never_repeat or botnet) and factor >= 1.5
     hitters = f["heavy_hitters"]
     hitter_share = sum(h["packet_share"] for h in hitters)
     strength = 0.6

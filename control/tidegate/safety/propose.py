@@ -155,7 +155,8 @@ def shared_bucket_loss(rates: SourceRates, rule: str, pps: float, prefixes: list
 def _targets(reading: dict) -> np.ndarray:
     """Source keys of the heavy hitters a heavy-hitter reading's change aims
     at: however long they have been sending, they are not clients to spare."""
-    hitters = [h["source"] for h in reading.get("heavy_hitters", [])] if reading.get("verdict") == "heavy-hitter" else []
+    aimed = reading.get("verdict") == "heavy-hitter"
+    hitters = [h["source"] for h in reading.get("heavy_hitters", [])] if aimed else []
     return source_keys(*address_halves(hitters))
 
 
