@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from tidegate.kernel import bpfsys  # noqa: E402
 from tidegate.kernel.filter import FilterConfig, KernelFilter  # noqa: E402
 from tidegate.kernel.layout import tg_src  # noqa: E402
-from tidegate.ruleset.model import parse_rule_set  # noqa: E402
+from tidegate.ruleset.parse import parse_rule_set  # noqa: E402
 
 
 def rule_set_text(cidrs: int, rules: int = 50) -> str:

@@ -114,7 +114,7 @@ class SimAgent:
         return self.store.versions[n - 1]
 
     def validate(self, text, source):
-        from tidegate.ruleset.model import parse_rule_set
+        from tidegate.ruleset.parse import parse_rule_set
 
         with _parse_lock:  # the same text on 250 hosts of a process: parse once
             rs = _parsed.get(text)
@@ -126,7 +126,7 @@ class SimAgent:
         return self.validate(text, source)
 
     def apply(self, rs, reason, caller, *, shadow=False, **kw):
-        from tidegate.changes.operation import ApplyOutcome
+        from tidegate.operation import ApplyOutcome
 
         n = self._new(rs, caller.author)
         if shadow:
@@ -136,7 +136,7 @@ class SimAgent:
         return ApplyOutcome(n, shadow=shadow)
 
     def rollback(self, to, reason, caller, cause="manual"):
-        from tidegate.changes.operation import ApplyOutcome
+        from tidegate.operation import ApplyOutcome
 
         self.active = to
         self.store.acts.append((to, "rollback", time.time(), caller.author, reason))
@@ -306,7 +306,7 @@ def run(args) -> dict:
     from tidegate.fleet.driver import Driver, Settings, new_record
     from tidegate.fleet.etcd import Etcd
     from tidegate.fleet.keys import Keys, encode, new_rollout_id, plan_waves
-    from tidegate.ruleset.model import parse_rule_set
+    from tidegate.ruleset.parse import parse_rule_set
 
     tmp = tempfile.mkdtemp(prefix="tg-fleet-sim-")
     etcd_proc, url = start_etcd(tmp)

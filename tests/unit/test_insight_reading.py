@@ -116,3 +116,59 @@ def test_shape_files_must_name_a_verdict(tmp_path):
     p.write_text("name: x\nexpect: attack\ngroups: []\n")
     with pytest.raises(ValueError, match="expect must be one of"):
         load_shape(p)
+
+
+class Traffic:
+    """1 s intervals for a Reader with the e2e agent's 3 s baseline and window:
+    200 known clients at 1 pps on rule 1, plus whatever a step adds."""
+
+    def __init__(self):
+        self.rng = np.random.default_rng(3)
+        self.reader = Reader(baseline_seconds=3.0, sample_interval=1.0, start=0.0, window_seconds=3.0)
+        self.clients = np.arange(0x0A4D0000, 0x0A4D0000 + 200, dtype=np.uint32)  # 10.77.0.0/24
+        self.t = 0.0
+
+    def step(self, seconds: int, pool: np.ndarray | None = None, pps: int = 0) -> list[dict]:
+        out = []
+        for _ in range(seconds):
+            parts = [(self.clients, np.ones(200, np.uint64), np.zeros(200, np.uint64), 1)]
+            if pool is not None:
+                ips, pk = np.unique(self.rng.choice(pool, pps), return_counts=True)
+                parts.append((ips, pk.astype(np.uint64), np.zeros(len(ips), np.uint64), 2))
+            out.append(self.reader.add(interval(self.t, self.t + 1, parts)))
+            self.t += 1
+        return out
+
+
+def test_a_floods_sources_do_not_turn_known_once_it_ends():
+    # the lab's /16 flood, a pause longer than the baseline window, then a
+    # spoofed flood over the whole space on the same rule: the first flood's
+    # sources are no known clients of the second (a /0 limit's what-if counted
+    # them as known, and so seemed to drop known clients' packets)
+    tr = Traffic()
+    tr.step(10)
+    lab = (0xC6120000 + tr.rng.integers(0, 65536, 20000)).astype(np.uint32)  # 198.18.0.0/16
+    assert "flood" in [d["verdict"] for d in tr.step(4, lab, 2000)]
+    calm = tr.step(6)
+    assert calm[-1]["verdict"] not in ("flood", "mixed")
+    spread = tr.rng.integers(0, 2**32, 10000, dtype=np.uint64).astype(np.uint32)
+    d = tr.step(5, spread, 8000)[-1]
+    assert d["verdict"] == "flood", d["reading"]
+    first = tr.reader.known.first_seen(*v4_halves(np.unique(lab)))
+    assert not (first <= d["known_before"]).any()
+    # the clients stay known
+    assert (tr.reader.known.first_seen(*v4_halves(tr.clients)) <= d["known_before"]).all()
+
+
+def test_a_flood_that_reads_as_a_crowd_at_first_keeps_its_first_sources_new():
+    # a spoofed flood ramping up slowly reads as a crowd for longer than two
+    # windows before it reads as a flood: its first sources stay new
+    tr = Traffic()
+    tr.step(10)
+    spread = tr.rng.integers(0, 2**32, 10000, dtype=np.uint64).astype(np.uint32)
+    ramp = tr.step(8, spread, 80)
+    assert "flood" not in [d["verdict"] for d in ramp], [d["verdict"] for d in ramp]
+    d = tr.step(3, spread, 8000)[-1]
+    assert d["verdict"] == "flood", d["reading"]
+    assert d["known_before"] < 11  # before the ramp's first interval ended
+    assert d["known_source_packet_share"] <= 0.05

@@ -3,13 +3,16 @@ what-if through a real agent is in tests/e2e/test_insight.py)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import yaml
 
 from fixtures import rule_set
-from tidegate.safety.propose import candidate
+from tidegate.safety.propose import candidate, known_split, spared
 from tidegate.ruleset.parse import parse_rule_set
-from tidegate.observation.window import SourceRates
+from tidegate.observation.reading import KnownSources
+from tidegate.observation.window import SourceRates, address_halves, source_keys
 
 RULES = rule_set("propose")
 
@@ -88,3 +91,24 @@ def test_an_aggregate_limit_shared_with_known_clients_costs_them_their_share():
     # per prefix: only the bucket over the limit loses packets
     lost16 = shared_bucket_loss(r, "sink", 400, ["81.2.0.0/16", "1.0.0.0/8"])
     assert not lost16[[a.startswith("81.2.") for a in r.addresses]].any()
+
+
+def test_the_heavy_hitters_a_change_aims_at_are_not_known_clients_to_spare():
+    # a hitter that has sent for longer than the baseline window is known by
+    # age; the blast radius and the guard of a change aimed at it must not
+    # count it among the clients it has to spare (it alone would be the loss)
+    r = rates(CLIENTS + [("203.0.113.99", "api", 50000)])
+    seen = KnownSources()
+    seen.update(*address_halves(r.addresses), now=0.0)
+    agent = SimpleNamespace(sampler=SimpleNamespace(window_rates=lambda seconds, kind: r),
+                            options=SimpleNamespace(estimate_window=300.0), insight=SimpleNamespace(known=seen))
+    hitters = [{"source": "203.0.113.99", "packet_share": 0.96}]
+    reading = {"verdict": "heavy-hitter", "heavy_hitters": hitters, "known_before": 5.0}
+    _, known = known_split(agent, reading)
+    assert known.tolist() == [True] * len(CLIENTS) + [False]
+    spare, is_spared = spared(agent, reading)
+    assert "203.0.113.99" not in spare.addresses and len(spare.addresses) == len(CLIENTS)
+    assert is_spared(source_keys(*address_halves(r.addresses))).tolist() == known.tolist()
+    # in a flood reading the heaviest sources listed are no target: known stays known by age
+    _, known_in_flood = known_split(agent, {**reading, "verdict": "flood"})
+    assert known_in_flood.all()

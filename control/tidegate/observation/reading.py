@@ -8,7 +8,8 @@ sampler give the same reading:
 - a source is *new* when the agent first saw it within the baseline window
   (default 120 s; while the agent is younger than 180 s, its first third
   of uptime is the baseline) or since the current episode began: a flood that lasts longer than
-  the baseline window does not turn its sources into known ones;
+  the baseline window does not turn its sources into known ones, and when it
+  ends they are forgotten, so a later wave from the same pool is new again;
 - packets per source over the window, and the persistence of sources (the
   share of the window's intervals each one sends in);
 - prefix concentration (/24 and /16) and spread (share of sources from
@@ -38,6 +39,7 @@ MAX_KNOWN = 2_000_000
 HUMAN_PPS = 5.0  # a person's client rarely keeps above this for a window
 DENSE_PREFIX = 16  # sources in one /24 that no set of real clients reaches
 ATTACKS = ("flood", "mixed")
+ONSET_SHARE = 0.2  # new sources' share of packets from which a window counts towards a flood's onset
 VERDICTS = ("learning", "normal", "unusual", "flood", "mixed", "flash-crowd", "surge", "heavy-hitter", "quiet")
 
 
@@ -68,6 +70,13 @@ class KnownSources:
             if len(self.keys) > self.max_known:
                 keep = np.sort(np.argsort(-self.last)[: self.max_known])
                 self.keys, self.first, self.last = self.keys[keep], self.first[keep], self.last[keep]
+
+    def forget_after(self, t: float) -> None:
+        """Drop the sources first seen after t (a flood's, when it ends): one
+        that keeps sending is first seen anew, and known a baseline later."""
+        with self._lock:
+            keep = self.first <= t
+            self.keys, self.first, self.last = self.keys[keep], self.first[keep], self.last[keep]
 
     def first_seen(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
         """First-seen time per source (inf when unknown)."""
@@ -102,24 +111,39 @@ class Baseline:
         self.sources: float | None = None
         self.seconds = 0.0  # how much traffic it has been fed
         self.episode_start: float | None = None  # when the current flood began
+        self.last_attack: float | None = None  # the end of the newest interval that read as a flood
+        self.new_since: float | None = None  # start of the run of windows whose traffic is mostly new sources'
 
-    def follow(self, fig: dict, verdict: str, now: float) -> None:
+    def follow(self, fig: dict, verdict: str, now: float) -> float | None:
         """A flood freezes the baseline, and its sources stay new while it
         lasts; anything else moves the baseline slowly (a 5-minute time
-        constant), so a crowd that stays becomes the new normal."""
+        constant), so a crowd that stays becomes the new normal. Returns the
+        start of an episode that ends with this reading (else None): the
+        caller forgets the sources first seen after it, so a flood's sources
+        never turn known by age alone."""
+        if 1.0 - fig["known_source_packet_share"] < ONSET_SHARE or not fig["sources"]:
+            self.new_since = None
+        elif self.new_since is None:
+            self.new_since = fig["window_start"]
         if verdict in ATTACKS and self.pps is not None:
             if self.episode_start is None:
-                # it may have ramped up unseen for a window or two before it
-                # read as a flood: its first sources must not turn known
+                # it may have ramped up unseen for a window or two, or read as
+                # something else while new sources already carried its traffic,
+                # before it read as a flood: its first sources must not turn known
                 # (sources that new are new by the baseline window anyway)
-                self.episode_start = fig["window_start"] - fig["window_seconds"]
-            return
-        self.episode_start = None
+                self.episode_start = min(fig["window_start"] - fig["window_seconds"],
+                                         self.new_since if self.new_since is not None else np.inf)  # fmt: skip
+            self.last_attack = now
+            return None
+        if self.episode_start is not None and fig["window_start"] < (self.last_attack or 0.0):
+            return None  # the window still holds the flood's tail: the episode goes on, the baseline stays frozen
+        ended, self.episode_start = self.episode_start, None
         w = min(1.0, fig["interval_seconds"] / 300.0) if self.pps is not None else 1.0
         for name, key in (("pps", "pps"), ("median_source_pps", "median_source_pps"), ("sources", "sources")):
             old = getattr(self, name)
             setattr(self, name, fig[key] if old is None else old + w * (fig[key] - old))
         self.seconds += fig["interval_seconds"]
+        return ended
 
 
 P24 = (24, 48)  # IPv4 /24, IPv6 /48
@@ -378,7 +402,9 @@ class Reader:
             d = self._read(iv.t1, rule_name)
             self._last = (d, iv.t1)
             if "verdict" in d:
-                self.baseline.follow(d, d["verdict"], iv.t1)
+                ended = self.baseline.follow(d, d["verdict"], iv.t1)
+                if ended is not None:  # the sources that were new to the episode (the first sample's stay)
+                    self.known.forget_after(max(ended, self.first_sample))
             m = iv.enforced()
             self.known.update(iv.hi[m], iv.lo[m], iv.t1)
             return d

@@ -153,11 +153,11 @@ class RuleSet:
             d["description"] = self.description
         dd: dict[str, Any] = {}
         if self.defaults.limit:
-            dd["limit"] = _limit_dict(self.defaults.limit)
+            dd["limit"] = limit_dict(self.defaults.limit)
         dd["ipv4_prefix"] = self.defaults.ipv4_prefix
         dd["ipv6_prefix"] = self.defaults.ipv6_prefix
         if self.defaults.prefix_limit:
-            dd["prefix_limit"] = _prefix_dict(self.defaults.prefix_limit)
+            dd["prefix_limit"] = prefix_dict(self.defaults.prefix_limit)
         if self.defaults.block_seconds:
             dd["block_seconds"] = self.defaults.block_seconds
         if self.defaults.ipv6_unparsed_extensions != "drop":  # the default stays out: digests stay as they were
@@ -179,9 +179,9 @@ class RuleSet:
             if r.action != "limit":
                 rd["action"] = r.action
             if r.action == "limit" and r.limit and r.limit != self.defaults.limit:
-                rd["limit"] = _limit_dict(r.limit)
+                rd["limit"] = limit_dict(r.limit)
             if r.prefix_limit and r.prefix_limit != self.defaults.prefix_limit:
-                rd["prefix_limit"] = _prefix_dict(r.prefix_limit)
+                rd["prefix_limit"] = prefix_dict(r.prefix_limit)
             elif r.action == "limit" and r.prefix_limit is None and self.defaults.prefix_limit:
                 rd["prefix_limit"] = None
             if r.block_seconds:
@@ -211,7 +211,7 @@ def _cidr_texts(nets) -> list[str]:
     return out
 
 
-def _limit_dict(limit: Limit) -> dict:
+def limit_dict(limit: Limit) -> dict:
     d: dict[str, Any] = {"pps": limit.pps, "burst": limit.burst}
     if limit.bps is not None:
         d["bps"] = limit.bps
@@ -220,5 +220,5 @@ def _limit_dict(limit: Limit) -> dict:
     return d
 
 
-def _prefix_dict(p: PrefixLimit) -> dict:
-    return {"ipv4_prefix": p.ipv4_prefix, "ipv6_prefix": p.ipv6_prefix, **_limit_dict(p.limit)}
+def prefix_dict(p: PrefixLimit) -> dict:
+    return {"ipv4_prefix": p.ipv4_prefix, "ipv6_prefix": p.ipv6_prefix, **limit_dict(p.limit)}

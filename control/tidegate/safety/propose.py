@@ -28,9 +28,9 @@ import numpy as np
 import yaml
 
 from tidegate.safety import estimate as safety
-from tidegate.ruleset.model import RuleSet, _limit_dict, _prefix_dict
+from tidegate.ruleset.model import RuleSet, limit_dict, prefix_dict
 from tidegate.ruleset.parse import parse_rule_set
-from tidegate.observation.window import SourceRates, address_halves, network_index
+from tidegate.observation.window import SourceRates, address_halves, network_index, source_keys
 
 AGGREGATE_HEADROOM = 2.0  # the /0 limit lets through this many times the known clients' rate on the rule
 MIN_AGGREGATE_PPS = 100
@@ -48,8 +48,8 @@ def _explicit(rs: RuleSet) -> dict:
     d = rs.to_dict()
     for rd, r in zip(d["rules"], rs.rules):
         if r.action == "limit":
-            rd["limit"] = _limit_dict(r.limit) if r.limit else rd.get("limit")
-            rd["prefix_limit"] = _prefix_dict(r.prefix_limit) if r.prefix_limit else None
+            rd["limit"] = limit_dict(r.limit) if r.limit else rd.get("limit")
+            rd["prefix_limit"] = prefix_dict(r.prefix_limit) if r.prefix_limit else None
     return d
 
 
@@ -153,19 +153,30 @@ def shared_bucket_loss(rates: SourceRates, rule: str, pps: float, prefixes: list
     return lost
 
 
+def _targets(reading: dict) -> np.ndarray:
+    """Source keys of the heavy hitters a heavy-hitter reading's change aims
+    at: however long they have been sending, they are not clients to spare."""
+    aimed = reading.get("verdict") == "heavy-hitter"
+    hitters = [h["source"] for h in reading.get("heavy_hitters", [])] if aimed else []
+    return source_keys(*address_halves(hitters))
+
+
 def known_split(agent, reading: dict) -> tuple[SourceRates, np.ndarray]:
-    """The sampler's estimate window, and which of its sources the reading counts as known."""
+    """The sampler's estimate window, and which of its sources the reading
+    counts as known (bar the heavy hitters the change aims at)."""
     rates = agent.sampler.window_rates(agent.options.estimate_window, kind=0)
-    hi, lo = address_halves(rates.addresses)
-    return rates, agent.insight.known.first_seen(hi, lo) <= reading.get("known_before", -np.inf)
+    keys = source_keys(*address_halves(rates.addresses))
+    before = reading.get("known_before", -np.inf)
+    return rates, (agent.insight.known.first_seen_keys(keys) <= before) & ~np.isin(keys, _targets(reading))
 
 
 def spared(agent, reading: dict) -> tuple[SourceRates, object]:
     """What a mitigation of this reading must spare: the known sources' rates
     (for the blast-radius check) and a source keys -> mask predicate (for the guard)."""
     rates, known = known_split(agent, reading)
-    before = reading.get("known_before", -np.inf)
-    return _subset(rates, known), lambda keys: agent.insight.known.first_seen_keys(keys) <= before
+    before, targets = reading.get("known_before", -np.inf), _targets(reading)
+    return _subset(rates, known), lambda keys: ((agent.insight.known.first_seen_keys(keys) <= before)
+                                                & ~np.isin(keys, targets))  # fmt: skip
 
 
 def propose(agent, reading: dict) -> dict:
