@@ -24,7 +24,7 @@ import threading
 import time
 
 from tidegate.operation import Caller, OperationError
-from tidegate.ruleset.checks import _covers_net
+from tidegate.ruleset.checks import covers_net
 
 log = logging.getLogger("tidegate.changes.blocklist")
 
@@ -65,7 +65,7 @@ class Blocklist:
             active = self._active()
             if net in active.deny:
                 raise OperationError("ALREADY_EXISTS", f"{net} is on the deny list already (`tidegate deny list`)")
-            inside = next((a for a in active.allow if _covers_net(a, net)), None)
+            inside = next((a for a in active.allow if covers_net(a, net)), None)
             if inside is not None:
                 raise OperationError("FAILED_PRECONDITION", f"{net} lies inside the allow entry {inside}: allow "
                                      "wins, a deny entry there would never fire")  # fmt: skip

@@ -36,7 +36,7 @@ class RuleWarning:
         return f"{where}: {self.path or '(document)'}: warning: {self.message}"
 
 
-def _covers_net(outer, inner) -> bool:
+def covers_net(outer, inner) -> bool:
     return outer.version == inner.version and inner.subnet_of(outer)
 
 
@@ -52,7 +52,7 @@ def _sources_cover(outer: Rule, inner: Rule) -> bool:
     if not outer.sources:
         return True
     inner_sources = inner.sources or (_ANY4, _ANY6)
-    return all(any(_covers_net(o, i) for o in outer.sources) for i in inner_sources)
+    return all(any(covers_net(o, i) for o in outer.sources) for i in inner_sources)
 
 
 def _covers(earlier: Rule, later: Rule) -> bool:
@@ -88,7 +88,7 @@ def warnings(rs: RuleSet, text: str | None = None) -> list[RuleWarning]:
                            "no default limit: traffic no rule matches passes unlimited"))  # fmt: skip
     for i, d in enumerate(rs.deny):
         for j, a in enumerate(rs.allow):
-            if _covers_net(a, d):
+            if covers_net(a, d):
                 out.append(RuleWarning("deny-inside-allow", f"deny[{i}]", lines.get(f"deny[{i}]"),
                                    f"{d} lies inside allow[{j}] {a}: allow wins, this entry never fires"))  # fmt: skip
                 break
