@@ -12,6 +12,7 @@ created is removed on exit, Ctrl-C included.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -39,6 +40,12 @@ METRICS_PORT = 9741
 def lab_rules_text() -> str:
     """The lab's rule set, shipped in the package (examples/lab.yaml links to it)."""
     return resources.files("tidegate.lab").joinpath("lab.yaml").read_text()
+
+
+def _end_with_the_lab() -> None:
+    """In the lab's agent and senders, before they run: SIGTERM when the lab process dies, even by
+    SIGKILL (they run for as long as the lab, a day without --duration, and must not outlive it)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 class LegitReceiver(threading.Thread):
@@ -96,7 +103,7 @@ def run_lab(args, out) -> int:
                              metrics_port=METRICS_PORT, extra=["--detach-on-exit"])  # fmt: skip
         with out.err.status("starting the agent (compiling the XDP program) ..."):
             try:
-                agent.start(timeout=60, start_new_session=True)
+                agent.start(timeout=60, start_new_session=True, preexec_fn=_end_with_the_lab)
             except AgentNotReady as e:
                 print(f"tidegate lab: {e}", file=sys.stderr)
                 return 1
@@ -108,10 +115,11 @@ def run_lab(args, out) -> int:
         legit_count = int(args.legit_pps * limit) + 1
         flood_count = int(args.flood_pps * limit) + 1
         procs.append(lab.sender("--time-limit", str(limit), "--src", lab.peer_ip, "--dport", "5555", "--count",
-                                str(legit_count), "--pps", str(args.legit_pps), stdout=subprocess.PIPE))  # fmt: skip
+                                str(legit_count), "--pps", str(args.legit_pps), stdout=subprocess.PIPE,
+                                preexec_fn=_end_with_the_lab))  # fmt: skip
         procs.append(lab.sender("--time-limit", str(limit), "--src-net", "198.18.0.0/16", "--sources", "20000",
                                 "--dport", "9", "--count", str(flood_count), "--pps", str(args.flood_pps),
-                                stdout=subprocess.PIPE))  # fmt: skip
+                                stdout=subprocess.PIPE, preexec_fn=_end_with_the_lab))  # fmt: skip
         started = time.monotonic()
         print(f"""tidegate lab is running on {lab.host_if} (namespace {lab.ns}).
   legitimate: {lab.peer_ip} -> {lab.host_ip}:5555 at {args.legit_pps:g} pps
