@@ -100,6 +100,9 @@ def detach(args, out: Output) -> int:
       arg("--no-view", action="store_true", help="print a summary instead of the live view"),
       remote=False)  # fmt: skip
 def lab(args, out: Output) -> int:
+    if os.geteuid() != 0:  # said before the lab's imports (grpc, numpy, pyroute2) are paid for
+        print("tidegate lab: needs root (it creates a network namespace and loads an XDP program)", file=sys.stderr)
+        return EXIT_USAGE
     from tidegate.lab.run import run_lab  # lazy: pyroute2 and the lab's processes
 
     return run_lab(args, out)
