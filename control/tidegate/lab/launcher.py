@@ -49,6 +49,18 @@ class AgentNotReady(RuntimeError):
     """The agent exited or did not answer in time; the message carries its log tail."""
 
 
+def port_free_or_raise(host: str, port: int) -> None:
+    """Refuses a port another process listens on: that agent would answer the readiness check in
+    this one's place. SO_REUSEADDR, as the agent's own gRPC server sets it, so that connections
+    of an agent that has just ended (TIME_WAIT) do not count as taken; a listener still does."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise AgentNotReady(f"{host}:{port} is taken ({e.strerror}): is another agent still running?") from None
+
+
 class LoggedProcess:
     """A subprocess whose stderr is appended to `log_path`; stopped by a
     signal, then killed if it does not exit in time."""
@@ -142,12 +154,7 @@ class AgentProcess(LoggedProcess):
         return argv
 
     def start(self, wait: bool = True, timeout: float = 90, **popen_kw) -> "AgentProcess":
-        # another agent on this port would answer the readiness check in this one's place
-        with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as s:
-            try:
-                s.bind((self.host, self.port))
-            except OSError as e:
-                raise AgentNotReady(f"{self.server} is taken ({e.strerror}): is another agent still running?") from None
+        port_free_or_raise(self.host, self.port)
         self.spawn(self.argv(), **popen_kw)
         if wait:
             self.wait_ready(timeout)
