@@ -143,16 +143,22 @@ def check_auth_mode(opts: argparse.Namespace, host: str) -> None:
                 extra={"listen": opts.listen})  # fmt: skip
 
 
+def port_unavailable(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on (another process listens there), or None. With
+    SO_REUSEADDR, as gRPC binds, so the TIME_WAIT connections of an agent that has just ended
+    do not count."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror
+    return None
+
+
 def check_port_free(host: str, port: int, what: str) -> None:
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind((host, port))
-    except OSError as e:
-        raise SystemExit(f"tidegate agent: {what} address {host}:{port} is not available: {e.strerror}")
-    finally:
-        s.close()
+    if why := port_unavailable(host, port):
+        raise SystemExit(f"tidegate agent: {what} address {host}:{port} is not available: {why}")
 
 
 def read_tls(opts: argparse.Namespace) -> tuple[bytes, bytes, bytes]:

@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tidegate.access.auth import token_for
+from tidegate.daemon.options import port_unavailable
 from tidegate.kernel.filter import FilterConfig, KernelFilter
 
 PIN_ROOT = "/sys/fs/bpf/tidegate"
@@ -50,15 +51,9 @@ class AgentNotReady(RuntimeError):
 
 
 def port_free_or_raise(host: str, port: int) -> None:
-    """Refuses a port another process listens on: that agent would answer the readiness check in
-    this one's place. SO_REUSEADDR, as the agent's own gRPC server sets it, so that connections
-    of an agent that has just ended (TIME_WAIT) do not count as taken; a listener still does."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise AgentNotReady(f"{host}:{port} is taken ({e.strerror}): is another agent still running?") from None
+    """Another agent listening there would answer the readiness check in this one's place."""
+    if why := port_unavailable(host, port):
+        raise AgentNotReady(f"{host}:{port} is taken ({why}): is another agent still running?")
 
 
 class LoggedProcess:
