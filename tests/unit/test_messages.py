@@ -129,12 +129,11 @@ def test_a_key_without_a_field_is_an_error():
 
 
 # --------------------------------------------------------------- reviews
-class Agent:
+class Parts:
     """What the review recorder reads: a real store, the rest synthesized."""
 
     def __init__(self, state_dir):
         self.store = VersionStore.open(state_dir)
-        self.options = NS(review_seconds=3600.0)
         self.ivs: list = []
         self.sampler = NS(intervals=lambda seconds=None: list(self.ivs), epoch_names={EPOCH: {0: "api", 1: "sink"}})
         self.kf = NS(state=lambda: NS(active=NS(epoch=EPOCH)), read_sources=self.no_kernel)
@@ -160,8 +159,8 @@ class Agent:
 
 
 def recorded_reviews(tmp_path) -> list[tuple[str, dict]]:
-    agent = Agent(tmp_path)
-    reviews = Reviews(agent)
+    agent = Parts(tmp_path)
+    reviews = Reviews(agent.kf, agent.sampler, agent.store, agent.history, period=3600.0)
     out = []
     v1 = agent.version("first")
     reviews.activated(v1, "apply")

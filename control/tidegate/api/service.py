@@ -345,7 +345,7 @@ class FilterService(pbg.FilterServicer):
 
     def Insight(self, request, context):
         def fn(c):
-            data = insight.read(self.agent)
+            data = self.agent.insight.read()
             if request.propose:
                 data["proposal"] = propose(self.agent, data)
             return messages.insight(data)  # made now, never stored: strict

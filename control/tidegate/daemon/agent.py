@@ -38,13 +38,13 @@ class Agent:
         self.started = time.monotonic()
         self.sampler = Sampler(kf, interval=options.sample_interval, window=options.estimate_window)
         self.history = CounterHistory(kf, keep_seconds=options.review_seconds + 300)
-        self.insight = insight.Insight(self, options.insight_baseline_seconds,
+        self.insight = insight.Insight(kf, self.sampler, options.insight_baseline_seconds,
                                        getattr(options, "insight_window_seconds", 30.0))
         self.sampler.listeners.append(self.insight.on_sample)
         # every activation starts a post-deployment review; the next one (or the period's end) records it
-        self.reviews = Reviews(self)
+        self.reviews = Reviews(kf, self.sampler, store, self.history, options.review_seconds)
         self.sampler.listeners.append(self.reviews.on_sample)
-        self.insight_metrics = lambda: insight.metrics(self)
+        self.insight_metrics = lambda: insight.metrics(self.insight.latest)
         sight = GuardSight(kf, self.history, self.sampler, store.audit, self.reviews.guard_fired,
                            options.guard_drop_increase, options.guard_dropped_sources)  # fmt: skip
         self.changes = ChangeService(kf, store, self.sampler, options, self.reviews, functools.partial(Guard, sight))

@@ -20,25 +20,26 @@ from tidegate.observation.reading import RATE_BUCKETS, VERDICTS, KnownSources, R
 class Insight:
     """Keeps the reader fed from the sampler; serves the latest reading."""
 
-    def __init__(self, agent, baseline_seconds: float = 120.0, window_seconds: float = 30.0):
-        self.agent = agent
+    def __init__(self, kf, sampler, baseline_seconds: float = 120.0, window_seconds: float = 30.0):
+        """kf: the kernel filter (the active set's rule names); sampler: the intervals read."""
+        self.kf, self.sampler = kf, sampler
         self.baseline_seconds = baseline_seconds
-        self.reader = Reader(baseline_seconds, agent.sampler.interval, start=time.monotonic(),
+        self.reader = Reader(baseline_seconds, sampler.interval, start=time.monotonic(),
                              window_seconds=window_seconds)
         self.known = self.reader.known
         self.latest: dict | None = None
         self._last_iv = None
 
     def _rule_name(self):
-        st = self.agent.kf.state()
+        st = self.kf.state()
         if st.active is None:
             return lambda r: f"rule{r}"
-        return lambda r: self.agent.kf.rule_name(st.active.slot, r)
+        return lambda r: self.kf.rule_name(st.active.slot, r)
 
     def on_sample(self) -> None:
         """Sampler listener: fold the new interval in and keep its reading
         for the metrics and for readers."""
-        iv = self.agent.sampler.last_interval()
+        iv = self.sampler.last_interval()
         if iv is None or iv is self._last_iv:
             return
         self._last_iv = iv
@@ -48,21 +49,17 @@ class Insight:
         """The reading as of now: a reading whose newest sample is older
         than two sample intervals says so."""
         d = self.reader.read(time.monotonic(), self._rule_name())
-        s = self.agent.sampler
+        s = self.sampler
         d["sampler"] = {"interval_seconds": s.interval, "cpu_seconds": round(s.cpu_seconds, 3),
                         "last_sample_seconds": round(s.sample_seconds, 4)}
         return d
 
 
-def read(agent) -> dict:
-    return agent.insight.read()
-
-
-def metrics(agent):
-    """Metric families for the collector (bounded: fixed buckets, rule labels)."""
+def metrics(latest: dict | None):
+    """Metric families of the latest reading, for the collector (bounded: fixed buckets, rule labels)."""
     from prometheus_client.core import GaugeMetricFamily
 
-    d = agent.insight.latest
+    d = latest
     if not d or "sources" not in d:
         return
     vm = GaugeMetricFamily("tidegate_insight_verdict",

@@ -71,14 +71,13 @@ class Reviews:
     """One per agent; called under the agent's change lock on activations
     and from the sampler thread after each sample."""
 
-    def __init__(self, agent):
-        self.agent = agent
+    def __init__(self, kf, sampler, store, history, period: float):
+        """kf: the kernel filter (state, names, sources); sampler: its intervals; store: versions,
+        audit and saved reviews; history: the counter history; period: how long a review watches."""
+        self.kf, self.sampler, self.store, self.history = kf, sampler, store, history
+        self.period = period
         self._lock = threading.Lock()
         self._watch: _Watch | None = None
-
-    @property
-    def period(self) -> float:
-        return self.agent.options.review_seconds
 
     # ------------------------------------------------------------ events
     def activated(self, version: int, kind: str, cause: str = "") -> None:
@@ -102,8 +101,8 @@ class Reviews:
                 self._finish(w, now, {"kind": "replaced", "by_version": version, "how": kind, "cause": cause})
             if self._stored_final(version):
                 return
-            st = self.agent.kf.state()
-            ivs = self.agent.sampler.intervals(min(self.period, BEFORE_SECONDS))
+            st = self.kf.state()
+            ivs = self.sampler.intervals(min(self.period, BEFORE_SECONDS))
             before = SourceWindow(ivs).dropped_sources()
             w = _Watch(version, kind, st.active.epoch if st.active else 0, now, time.time(), before,
                        last_t1=ivs[-1].t1 if ivs else 0.0,
@@ -130,12 +129,12 @@ class Reviews:
         """The guard wrote its audit entry after the rollback that closed the
         review: record the entry in the stored review too."""
         with self._lock:
-            saved = self.agent.store.get_review(version)
+            saved = self.store.get_review(version)
             if saved:
                 data = json.loads(saved)
                 data["guard"], fired = self._guard_events(version)
                 data["guard_fired"] = data.get("guard_fired") or fired
-                self.agent.store.save_review(version, json.dumps(data))
+                self.store.save_review(version, json.dumps(data))
 
     def stop(self) -> None:
         """Agent shutdown: the review of the active version ends here."""
@@ -155,7 +154,7 @@ class Reviews:
         crashed) is made final as it was last written."""
         with self._lock:
             for v in {v for v in versions if v}:
-                saved = self.agent.store.get_review(v)
+                saved = self.store.get_review(v)
                 if saved:
                     data = json.loads(saved)
                     if not data.get("final"):
@@ -163,7 +162,7 @@ class Reviews:
                         data["ended"] = {"kind": "agent-restart"}
                         data["note"] = ("the agent stopped without closing this review: it covers up to its "
                                         "last write (the counter history is kept in memory only)")  # fmt: skip
-                        self.agent.store.save_review(v, json.dumps(data))
+                        self.store.save_review(v, json.dumps(data))
 
     # ------------------------------------------------------------ reading
     def get(self, version: int) -> dict:
@@ -176,7 +175,7 @@ class Reviews:
                 if now < w.t_mono + self.period:
                     return self._compute(w, now, final=False)
                 self._finish(w, w.t_mono + self.period, {"kind": "period"})
-            saved = self.agent.store.get_review(version)
+            saved = self.store.get_review(version)
             if saved:
                 return json.loads(saved)
         return self._unwatched(version)
@@ -184,7 +183,7 @@ class Reviews:
     def _unwatched(self, version: int) -> dict:
         """A version activated before any agent recorded reviews: what the
         counter history still covers (nothing after a restart)."""
-        store = self.agent.store
+        store = self.store
         acts = list(reversed(store.activations(1000)))  # oldest first
         first = next((i for i, a in enumerate(acts) if a[0] == version), None)
         if first is None:
@@ -202,12 +201,12 @@ class Reviews:
 
     # ------------------------------------------------------------ internals
     def _stored_final(self, version: int) -> bool:
-        saved = self.agent.store.get_review(version)
+        saved = self.store.get_review(version)
         return bool(saved and json.loads(saved).get("final"))
 
     def _fold(self, w: _Watch) -> None:
         """Add the sampler intervals since the last fold to the watch."""
-        for iv in SourceWindow.of(self.agent.sampler).since(w.last_t1).intervals:
+        for iv in SourceWindow.of(self.sampler).since(w.last_t1).intervals:
             w.last_t1 = iv.t1
             if iv.t1 <= w.t_mono:
                 continue
@@ -231,7 +230,7 @@ class Reviews:
         if time.monotonic() - w.t_mono > KERNEL_READ_SECONDS:
             return
         try:
-            t = self.agent.kf.read_sources()
+            t = self.kf.read_sources()
         except Exception as e:  # the review is still recorded, from the samples alone
             log.warning("reading the per-source table for a review failed: %s", e)
             return
@@ -267,7 +266,7 @@ class Reviews:
         """A counter-history reading now, so a version active for a second
         (a guard rollback) still has an "after" side."""
         try:
-            self.agent.history.take()
+            self.history.take()
         except Exception as e:  # not attached yet (first start)
             log.debug("no counter reading for the review: %s", e)
 
@@ -281,18 +280,18 @@ class Reviews:
 
     def _save(self, w: _Watch, end: float, final: bool, ended: dict | None = None) -> None:
         data = self._compute(w, end, final, ended)
-        self.agent.store.save_review(w.version, json.dumps(data))
+        self.store.save_review(w.version, json.dumps(data))
         w.persisted = time.monotonic()
 
     def _guard_events(self, version: int) -> tuple[list[dict], bool]:
         # by version, not among the latest rows: a burst of other rows must not push them out of the review
-        events = self.agent.store.list_audit(1000, version=version, action_prefix="guard")
+        events = self.store.list_audit(1000, version=version, action_prefix="guard")
         return ([{"action": g.action, "result": g.result, "detail": g.detail} for g in events],
                 any(g.action == "guard-rollback" for g in events))  # fmt: skip
 
     def _base(self, version: int, kind: str, t_mono: float, t_wall: float, end: float) -> dict:
-        rec = self.agent.store.get_version(version)
-        hist = self.agent.history
+        rec = self.store.get_version(version)
+        hist = self.history
         before = hist.between(t_mono - min(self.period, BEFORE_SECONDS), t_mono)
         after = hist.between(t_mono, end)
         guard, fired = self._guard_events(version)
@@ -319,7 +318,7 @@ class Reviews:
         # the guard's own audit entry comes after the rollback that ends the review
         data["guard_fired"] = data["guard_fired"] or (ended or {}).get("cause", "").startswith("guard")
         top = np.argsort(-w.drops.astype(np.int64), kind="stable")[:REVIEW_TOP]
-        names = self.agent.sampler.epoch_names.get(w.epoch, {})
+        names = self.sampler.epoch_names.get(w.epoch, {})
         data.update(
             final=final,
             ended=ended,
