@@ -62,14 +62,8 @@ class EtcdMember(LoggedProcess):
         self.pki = pki
         self.client_port = free_port()
         self.peer_port = free_port()
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.pki else 'http'}://127.0.0.1:{self.client_port}"
-
-    @property
-    def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        self.url = f"{'https' if pki else 'http'}://127.0.0.1:{self.client_port}"
+        self.peer_url = f"http://127.0.0.1:{self.peer_port}"
 
     def start(self, cluster: str, token: str) -> None:
         argv = [ETCD, "--name", self.name, "--data-dir", str(self.data_dir), "--listen-client-urls", self.url,

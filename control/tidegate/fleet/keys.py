@@ -45,45 +45,28 @@ def check_name(what: str, value: str) -> str:
 
 
 class Keys:
+    """The keys of one fleet: the prefixes of each kind (a watch or a range read takes a prefix),
+    and one key of a kind by its name."""
+
     def __init__(self, fleet: str):
         self.fleet = check_name("fleet name", fleet)
-        self.prefix = f"{ROOT}/{fleet}/"
+        self.prefix = p = f"{ROOT}/{fleet}/"
+        self.versions, self.desired_prefix, self.status_prefix = f"{p}versions/", f"{p}desired/", f"{p}status/"
+        self.rollouts = f"{p}rollouts/"
+        self.current = f"{p}rollout"  # the id of the newest rollout
+        self.driver = f"{p}driver"  # the driver lock
 
     def version(self, digest: str) -> str:
-        return f"{self.prefix}versions/{digest}"
-
-    @property
-    def versions(self) -> str:
-        return f"{self.prefix}versions/"
+        return self.versions + digest
 
     def desired(self, host: str) -> str:
-        return f"{self.prefix}desired/{host}"
-
-    @property
-    def desired_prefix(self) -> str:
-        return f"{self.prefix}desired/"
+        return self.desired_prefix + host
 
     def status(self, host: str) -> str:
-        return f"{self.prefix}status/{host}"
-
-    @property
-    def status_prefix(self) -> str:
-        return f"{self.prefix}status/"
+        return self.status_prefix + host
 
     def rollout(self, rid: str) -> str:
-        return f"{self.prefix}rollouts/{rid}"
-
-    @property
-    def rollouts(self) -> str:
-        return f"{self.prefix}rollouts/"
-
-    @property
-    def current(self) -> str:
-        return f"{self.prefix}rollout"
-
-    @property
-    def driver(self) -> str:
-        return f"{self.prefix}driver"
+        return self.rollouts + rid
 
 
 def encode(record: dict) -> bytes:

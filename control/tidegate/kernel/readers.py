@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, make_dataclass
 
 import numpy as np
 
@@ -31,24 +31,16 @@ from tidegate.kernel.pinned_maps import PinnedMap
 Tables = dict[str, PinnedMap]
 
 
-@dataclass
-class RuleCounters:
-    pass_packets: int = 0
-    pass_bytes: int = 0
-    drop_packets: int = 0
-    drop_bytes: int = 0
-    drop_rate: int = 0
-    drop_prefix: int = 0
-    drop_blocked: int = 0
-    drop_deny: int = 0
-
-
-@dataclass
-class ShadowCounters:
-    packets: int = 0
-    would_drop: int = 0
-    would_drop_new: int = 0  # would drop where the active set passed
-    would_drop_bytes: int = 0
+# RuleCounters / ShadowCounters field <- tg_rule_count field (bpf/layout.h): the one list of per-rule counters
+RULE_COUNT_FIELDS = (("pass_packets", "pass_pkts"), ("pass_bytes", "pass_bytes"), ("drop_packets", "drop_pkts"),
+                     ("drop_bytes", "drop_bytes"), ("drop_rate", "drop_rate"), ("drop_prefix", "drop_prefix"),
+                     ("drop_blocked", "drop_blocked"), ("drop_deny", "drop_deny"))  # fmt: skip
+# would_drop_new: would drop where the active set passed
+SHADOW_COUNT_FIELDS = (("packets", "shadow_pkts"), ("would_drop", "shadow_drop"), ("would_drop_new", "shadow_new_drop"),
+                       ("would_drop_bytes", "shadow_bytes_drop"))  # fmt: skip
+# a rule's counters summed over CPUs (and over the sets it was in); every field an int, from 0
+RuleCounters = make_dataclass("RuleCounters", [(mine, int, 0) for mine, _ in RULE_COUNT_FIELDS])
+ShadowCounters = make_dataclass("ShadowCounters", [(mine, int, 0) for mine, _ in SHADOW_COUNT_FIELDS])
 
 
 @dataclass
@@ -135,14 +127,6 @@ def add_rule_counts(rc: RuleCounters, sc: ShadowCounters, percpu_vals) -> None:
         for totals, fields in ((rc, RULE_COUNT_FIELDS), (sc, SHADOW_COUNT_FIELDS)):
             for mine, kernel in fields:
                 setattr(totals, mine, getattr(totals, mine) + getattr(v, kernel))
-
-
-# RuleCounters / ShadowCounters field <- tg_rule_count field (bpf/layout.h)
-RULE_COUNT_FIELDS = (("pass_packets", "pass_pkts"), ("pass_bytes", "pass_bytes"), ("drop_packets", "drop_pkts"),
-                     ("drop_bytes", "drop_bytes"), ("drop_rate", "drop_rate"), ("drop_prefix", "drop_prefix"),
-                     ("drop_blocked", "drop_blocked"), ("drop_deny", "drop_deny"))  # fmt: skip
-SHADOW_COUNT_FIELDS = (("packets", "shadow_pkts"), ("would_drop", "shadow_drop"), ("would_drop_new", "shadow_new_drop"),
-                       ("would_drop_bytes", "shadow_bytes_drop"))  # fmt: skip
 
 
 def read_counters(tables: Tables, names: dict[int, dict[int, str]], retired: dict[str, RuleCounters]) -> Counters:

@@ -126,18 +126,9 @@ class AgentProcess(LoggedProcess):
         self.extra = list(extra)
         self.credentials = credentials
         self.exe = exe or tidegate_executable()
-
-    @property
-    def server(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def pin_dir(self) -> str:
-        return f"{PIN_ROOT}/{self.pin_name}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        self.server = f"{self.host}:{self.port}"
+        self.pin_dir = f"{PIN_ROOT}/{pin_name}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def argv(self) -> list[str]:
         metrics = f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "off"

@@ -35,29 +35,13 @@ class VethLab:
     subnet: str = "10.200.1"
     host_in_ns: bool = False
 
-    @property
-    def ns(self) -> str:
-        return f"tg-{self.tag}"
-
-    @property
-    def host_ns(self) -> str | None:
-        return f"tg-{self.tag}-h" if self.host_in_ns else None
-
-    @property
-    def host_if(self) -> str:
-        return f"tg{self.tag}h"[:15]
-
-    @property
-    def peer_if(self) -> str:
-        return f"tg{self.tag}p"[:15]
-
-    @property
-    def host_ip(self) -> str:
-        return f"{self.subnet}.1"
-
-    @property
-    def peer_ip(self) -> str:
-        return f"{self.subnet}.2"
+    def __post_init__(self):
+        # the names follow from the tag (interface names are cut to the kernel's 15 characters);
+        # the host end is in the caller's namespace unless host_in_ns
+        self.ns = f"tg-{self.tag}"
+        self.host_ns = f"tg-{self.tag}-h" if self.host_in_ns else None
+        self.host_if, self.peer_if = f"tg{self.tag}h"[:15], f"tg{self.tag}p"[:15]
+        self.host_ip, self.peer_ip = f"{self.subnet}.1", f"{self.subnet}.2"
 
     def create(self) -> "VethLab":
         self.remove()
