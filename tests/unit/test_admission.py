@@ -80,7 +80,7 @@ def test_in_flight_caps_per_caller_and_overall():
 def test_refusals_make_a_first_row_and_one_summary_per_peer_reason_and_minute():
     clock, store = Clock(60 * 1000), ListStore()
     log = RefusalLog(store, clock=clock)
-    log._stop.set()  # the test flushes by itself
+    log.job.stop()  # the test flushes by itself
     for i in range(500):
         log.add("unauthenticated", f"ipv4:127.0.0.1:{40000 + i}", "?", "GetStatus" if i % 2 else "WhatIf")
     log.add("permission-denied", "ipv4:127.0.0.1:1", "token:read", "Rollback")
@@ -100,7 +100,7 @@ def test_refusals_make_a_first_row_and_one_summary_per_peer_reason_and_minute():
 def test_many_peers_overflow_into_one_row_and_the_counts_add_up():
     clock, store = Clock(60 * 2000), ListStore()
     log = RefusalLog(store, clock=clock)
-    log._stop.set()
+    log.job.stop()
     sent = 0
     for minute in range(3):
         for i in range(5000):
@@ -124,7 +124,7 @@ def test_many_peers_overflow_into_one_row_and_the_counts_add_up():
 def test_refusals_from_many_threads_are_all_counted():
     clock, store = Clock(), ListStore()
     log = RefusalLog(store, clock=clock)
-    log._stop.set()
+    log.job.stop()
 
     def flood():
         for _ in range(1000):

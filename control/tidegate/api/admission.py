@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 
 import grpc
 
+from tidegate.periodic import Periodic
 from tidegate.ruleset.model import MAX_FILE_BYTES
 
 log = logging.getLogger("tidegate.api.service")
@@ -213,9 +214,9 @@ class RefusalLog:
         self._open: dict[tuple[str, str], dict] = {}  # (peer address, reason) -> counts of that minute
         self._overflow = Counter()  # reason -> refusals beyond MAX_PEERS_A_MINUTE pairs
         self._overflow_peers: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="refusal-log", daemon=True)
-        self._thread.start()
+        self.job = Periodic("refusal-log", self.FLUSH_SECONDS, self.flush, log,
+                             "writing the refused-call summary failed")
+        self.job.start()
 
     def add(self, reason: str, peer: str, who: str, method: str) -> None:
         now = self.clock()
@@ -247,15 +248,8 @@ class RefusalLog:
         self._write(closed)
 
     def close(self) -> None:
-        self._stop.set()
+        self.job.stop()
         self.flush(everything=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.FLUSH_SECONDS):
-            try:
-                self.flush()
-            except Exception:
-                log.exception("writing the refused-call summary failed")
 
     def _roll(self, now: float, everything: bool = False) -> list[tuple]:
         """Under the lock: the summary rows of the minute being counted if it is over."""

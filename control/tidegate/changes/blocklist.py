@@ -24,6 +24,7 @@ import threading
 import time
 
 from tidegate.operation import Caller, OperationError
+from tidegate.periodic import Periodic
 from tidegate.ruleset.checks import covers_net
 
 log = logging.getLogger("tidegate.changes.blocklist")
@@ -39,9 +40,8 @@ class Blocklist:
 
     def __init__(self, changes, interval: float = 1.0):
         self.changes = changes
-        self.interval = interval
+        self.job = Periodic("tidegate-deny-ttl", interval, self.expire, log, "deny expiry failed")
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._retry_at = 0.0
         self._entries: dict[str, dict] = json.loads(changes.store.get_meta(META_KEY) or "{}")
 
@@ -136,17 +136,10 @@ class Blocklist:
         return version
 
     def start(self) -> None:
-        threading.Thread(target=self._run, name="tidegate-deny-ttl", daemon=True).start()
+        self.job.start()
 
     def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.expire()
-            except Exception as e:  # never take the agent down
-                log.error("deny expiry failed", extra={"error": str(e)})
+        self.job.stop()
 
 
 def network(cidr: str):

@@ -41,6 +41,7 @@ import time
 from typing import Callable
 
 from tidegate.operation import Caller, OperationError
+from tidegate.periodic import Periodic
 from tidegate.ruleset.model import RuleSet
 
 log = logging.getLogger("tidegate.changes.mitigation")
@@ -200,7 +201,7 @@ class Mitigator:
         self.propose = propose
         self.spared = spared
         self.clock = clock
-        self.interval = interval
+        self.job = Periodic("tidegate-auto-mitigate", interval, self.step, log, "auto-mitigation step failed")
         self.streak = Streak(policy)
         self.results: dict[str, int] = {r: 0 for r in RESULTS}
         self.quiet_until = 0.0  # the cool-down's end (clock time)
@@ -209,7 +210,6 @@ class Mitigator:
         self.active: dict | None = json.loads(self.store.get_meta(META_KEY) or "null")
         self._change: list | None = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
 
     # ------------------------------------------------------------ state
     def _save(self) -> None:
@@ -330,15 +330,8 @@ class Mitigator:
 
     # ------------------------------------------------------------ thread
     def start(self) -> None:
-        threading.Thread(target=self._run, name="tidegate-auto-mitigate", daemon=True).start()
+        self.job.start()
 
     def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.step()
-            except Exception as e:  # never take the agent down
-                log.exception("auto-mitigation step failed", extra={"error": str(e)})
+        self.job.stop()
 

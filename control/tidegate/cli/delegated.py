@@ -10,13 +10,18 @@ import argparse
 from tidegate.cli.verb import arg, verb
 
 
-@verb("agent", "run the agent that owns the XDP filter and serves the API",
+def delegated(name: str, summary: str, description: str, examples: str, what: str):
+    """A verb whose arguments (WHAT) all go to the program it hands them to, which parses them."""
+    return verb(name, summary, description, examples, arg("args", nargs=argparse.REMAINDER, help=what),
+                remote=False, own_parser=True)  # fmt: skip
+
+
+@delegated("agent", "run the agent that owns the XDP filter and serves the API",
       "Loads the XDP program on an interface, restores the last active version, serves the gRPC API and\n"
       "Prometheus metrics. Every option is described by `tidegate agent --help`.",
       "tidegate agent --interface eth0 --rules /etc/tidegate/rules.yaml\n"
       "tidegate agent --interface eth0 --xdp-mode generic --state-dir /var/lib/tidegate",
-      arg("args", nargs=argparse.REMAINDER, help="the agent's options (tidegate agent --help)"),
-      remote=False, own_parser=True)  # fmt: skip
+      "the agent's options (tidegate agent --help)")  # fmt: skip
 def agent(args, out) -> int:
     # lazy: the daemon's imports (grpc server, kernel layer) only on this path
     from tidegate.daemon.main import main as agent_main
@@ -24,13 +29,12 @@ def agent(args, out) -> int:
     return agent_main(args.args)
 
 
-@verb("fleet", "roll rule sets out across many hosts through etcd (tidegate fleet --help)",
+@delegated("fleet", "roll rule sets out across many hosts through etcd (tidegate fleet --help)",
       "Fleet-wide shadow, waves with bake time, halt and revert on any host's failure; status, history,\n"
       "rollback and resume. Talks to etcd, not to an agent. Every option: `tidegate fleet VERB --help`.",
       "tidegate fleet --etcd http://etcd1:2379 --fleet edge rollout rules.yaml --reason 'raise api limit'\n"
       "tidegate fleet -o json status --fleet edge",
-      arg("args", nargs=argparse.REMAINDER, help="VERB and its options (tidegate fleet --help)"),
-      remote=False, own_parser=True)  # fmt: skip
+      "VERB and its options (tidegate fleet --help)")  # fmt: skip
 def fleet(args, out) -> int:
     from tidegate.fleet.cli import main as fleet_main  # lazy: the etcd client only on this path
 

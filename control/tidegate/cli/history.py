@@ -10,7 +10,7 @@ from tidegate.client import ClientError
 from tidegate.cli.completion import version_arg, versions as version_numbers
 from tidegate.cli.output import (Output, colour_diff, error_document, message_to_dict, print_error,
                                  use_colour)  # fmt: skip
-from tidegate.cli.verb import EXIT_OK, EXIT_USAGE, LocalError, arg, client_of, read_file, verb
+from tidegate.cli.verb import EXIT_OK, EXIT_USAGE, LocalError, arg, client_of, read_file, read_reply, verb
 from tidegate.ruleset.dump import dump_yaml
 from tidegate.ruleset.model import RuleSetError
 from tidegate.ruleset.parse import parse_rule_set
@@ -41,9 +41,7 @@ def versions(args, out: Output) -> int:
       "tidegate show 4 > rules.yaml   # edit, then: tidegate apply rules.yaml --reason ...",
       version_arg())  # fmt: skip
 def show(args, out: Output) -> int:
-    cl = client_of(args)
-    v = cl.call("GetVersion", cl.pb.GetVersionRequest(number=args.version))
-    if out.as_json(v):
+    if (v := read_reply(args, out, "GetVersion", "GetVersionRequest", number=args.version)) is None:
         return EXIT_OK
     i = v.info
     out.line(f"# version {i.number} ({i.state}{', active' if i.active else ''}), {i.created}, by {i.author}")

@@ -8,7 +8,7 @@ import itertools
 from tidegate.client import ClientError
 from tidegate.cli.output import Output, duration, make_table, message_to_dict, per_second, quiet_broken_pipe
 from tidegate.cli.completion import version_arg
-from tidegate.cli.verb import EXIT_OK, LocalError, arg, client_of, verb
+from tidegate.cli.verb import EXIT_OK, LocalError, arg, client_of, read_reply, verb
 
 
 @verb("status", "show the agent, its interface, the attachment and the active version",
@@ -18,9 +18,7 @@ from tidegate.cli.verb import EXIT_OK, LocalError, arg, client_of, verb
       "tidegate --server edge1:50051 --ca ca.pem --cert me.pem --key me.key status\n"
       "tidegate -o json status | jq .active_version")  # fmt: skip
 def status(args, out: Output) -> int:
-    cl = client_of(args)
-    s = cl.call("GetStatus", cl.pb.GetStatusRequest())
-    if out.as_json(s):
+    if (s := read_reply(args, out, "GetStatus", "GetStatusRequest")) is None:
         return EXIT_OK
     out.kv(f"tidegate agent at {args.server}", [
         ("interface", s.interface),
@@ -68,9 +66,7 @@ def _counter_tables(c) -> list:
       "tidegate counters\n"
       "tidegate -o json counters | jq '.rules[] | {rule, drop_packets}'")  # fmt: skip
 def counters(args, out: Output) -> int:
-    cl = client_of(args)
-    c = cl.call("GetCounters", cl.pb.GetCountersRequest())
-    if out.as_json(c):
+    if (c := read_reply(args, out, "GetCounters", "GetCountersRequest")) is None:
         return EXIT_OK
     for t in _counter_tables(c):
         out.console.print(t)
@@ -88,9 +84,8 @@ def counters(args, out: Output) -> int:
       arg("--by", choices=("packets", "drops"), default="packets", help="ranking (default packets)"),
       arg("--shadow", action="store_true", help="rank by what the shadow set would drop"))  # fmt: skip
 def top(args, out: Output) -> int:
-    cl = client_of(args)
-    r = cl.call("TopSources", cl.pb.TopSourcesRequest(n=args.n, by=args.by, shadow=args.shadow))
-    if out.as_json(r):
+    r = read_reply(args, out, "TopSources", "TopSourcesRequest", n=args.n, by=args.by, shadow=args.shadow)
+    if r is None:
         return EXIT_OK
     what = "shadow would-drops" if args.shadow and args.by == "drops" else args.by
     out.table(f"top sources by {what} (last {r.interval_seconds:.1f} s, {r.tracked_sources:,} tracked)",
@@ -235,9 +230,7 @@ def watch(args, out: Output) -> int:
       "tidegate -o json review 4",
       version_arg())  # fmt: skip
 def review(args, out: Output) -> int:
-    cl = client_of(args)
-    r = cl.call("GetReview", cl.pb.GetReviewRequest(version=args.version))
-    if out.as_json(r):
+    if (r := read_reply(args, out, "GetReview", "GetReviewRequest", version=args.version)) is None:
         return EXIT_OK
     e = r.ended
     if r.complete:

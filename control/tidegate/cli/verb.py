@@ -99,6 +99,14 @@ def client_of(args):
                   token_file=args.token_file, server_name=args.server_name)  # fmt: skip
 
 
+def read_reply(args, out, method: str, request: str, **fields):
+    """The agent's reply to one call of METHOD with a REQUEST message of FIELDS, or None when
+    `-o json` (or yaml) has printed it whole."""
+    cl = client_of(args)
+    reply = cl.call(method, getattr(cl.pb, request)(**fields))
+    return None if out.as_json(reply) else reply
+
+
 def read_file(path: str) -> str:
     """A rule-set file's text (- for standard input); LocalError with one line otherwise."""
     try:

@@ -393,6 +393,15 @@ def _build(root: _Node | None, col: _Collector, cap: Capacity) -> RuleSet:
     return RuleSet(defaults, allow, deny, tuple(rules), canaries, description)
 
 
+def _rule_limit(m: dict, key: str, action: str, path: str, col, read):
+    """A rule's limit or prefix_limit, read by READ; only a limit rule takes one (None: an error
+    was recorded)."""
+    if action != "limit":
+        col.add(f"{path}.{key}", m[key], f"a rule with action {action} takes no {key}")
+        return None
+    return read(m[key], f"{path}.{key}", col)
+
+
 def _rule(node: _Node, path: str, col: _Collector, defaults: Defaults, cap: Capacity) -> Rule | None:
     if not _want_map(node, path, col):
         return None
@@ -441,12 +450,8 @@ def _rule(node: _Node, path: str, col: _Collector, defaults: Defaults, cap: Capa
             action = av
     limit = None
     if "limit" in m:
-        if action != "limit":
-            col.add(f"{path}.limit", m["limit"], f"a rule with action {action} takes no limit")
-            ok = False
-        else:
-            limit = _limit(m["limit"], f"{path}.limit", col)
-            ok = ok and limit is not None
+        limit = _rule_limit(m, "limit", action, path, col, _limit)
+        ok = ok and limit is not None
     elif action == "limit":
         limit = defaults.limit
         if limit is None:
@@ -457,12 +462,8 @@ def _rule(node: _Node, path: str, col: _Collector, defaults: Defaults, cap: Capa
     if "prefix_limit" in m and m["prefix_limit"].value is None:
         pl = None
     elif "prefix_limit" in m:
-        if action != "limit":
-            col.add(f"{path}.prefix_limit", m["prefix_limit"], f"a rule with action {action} takes no prefix_limit")
-            ok = False
-        else:
-            pl = _prefix_limit(m["prefix_limit"], f"{path}.prefix_limit", col)
-            ok = ok and pl is not None
+        pl = _rule_limit(m, "prefix_limit", action, path, col, _prefix_limit)
+        ok = ok and pl is not None
     bs = 0
     if "block_seconds" in m:
         bs = _int(m["block_seconds"], f"{path}.block_seconds", col, 0, MAX_BLOCK_SECONDS)
