@@ -42,6 +42,16 @@ from tidegate.store import StoreError, VersionStore
 
 log = logging.getLogger("tidegate.daemon.main")
 
+PROGRAM_CACHE = "program-cache"  # <state-dir>/program-cache/<digest>.json: compiled programs (kernel/program_cache.py)
+
+
+def _origin(loaded) -> str:
+    """How this start got its program, in the operator's words."""
+    if loaded.adopted:
+        return "adopted the attached program"
+    return {"pinned": "opened the pinned program", "cached": "loaded the cached program (not compiled)"}.get(
+        loaded.origin, "compiled")
+
 def _undo_start(kf: KernelFilter, loaded) -> None:
     """A start that fails leaves what it found: a program that was attached
     before stays attached; one this run attached is detached, and maps this
@@ -128,13 +138,16 @@ def run(opts: argparse.Namespace) -> int:
                         "runs; use `tidegate apply` to change it", extra={"version": stored, "rules": opts.rules})
 
     kf = KernelFilter(FilterConfig(interface=opts.interface, xdp_mode=opts.xdp_mode, pin_root=opts.pin_root,
-                                   max_sources=opts.max_sources, pin_name=opts.pin_name))  # fmt: skip
+                                   max_sources=opts.max_sources, pin_name=opts.pin_name,
+                                   cache_dir=os.path.join(opts.state_dir, PROGRAM_CACHE)))  # fmt: skip
     try:
         loaded = kf.load()
     except KernelError as e:
         raise SystemExit(f"tidegate agent: {e}")
-    log.info("program ready", extra={"interface": opts.interface, "adopted": loaded.adopted, "replaced": loaded.replaced,
-                                     "compiled": loaded.compiled, "compile_s": round(loaded.compile_seconds, 2)})  # fmt: skip
+    log.info("program ready", extra={"interface": opts.interface, "program": _origin(loaded), "adopted": loaded.adopted,
+                                     "replaced": loaded.replaced, "compiled": loaded.compiled,
+                                     "compile_s": round(loaded.compile_seconds, 2),
+                                     "load_s": round(loaded.load_seconds, 2)})  # fmt: skip
     agent = Agent(kf, store, opts)
     boot = Caller(author="agent", peer="startup")
     try:

@@ -2,8 +2,9 @@
 
 Only what tidegate needs: batch map reads (1M entries in one call rather
 than a Python loop), BPF_PROG_TEST_RUN, object info (program tag and id for
-adopting an attached program), and a map-in-map update used purely to wait
-for an RCU grace period after a rule-set flip.
+adopting an attached program), a map-in-map update used purely to wait
+for an RCU grace period after a rule-set flip, and map creation and program
+loading for a compiled program kept on disk (program_cache.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_PROG_LOAD = 5
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
@@ -65,6 +67,22 @@ class _MapCreate(ctypes.Structure):
         ("inner_map_fd", ctypes.c_uint32),
         ("numa_node", ctypes.c_uint32),
         ("map_name", ctypes.c_char * 16),
+        ("pad", ctypes.c_uint8 * 64),
+    ]
+
+
+class _ProgLoad(ctypes.Structure):
+    _fields_ = [
+        ("prog_type", ctypes.c_uint32),
+        ("insn_cnt", ctypes.c_uint32),
+        ("insns", ctypes.c_uint64),
+        ("license", ctypes.c_uint64),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_uint64),
+        ("kern_version", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_name", ctypes.c_char * 16),
         ("pad", ctypes.c_uint8 * 64),
     ]
 
@@ -169,6 +187,32 @@ def prog_fd_by_id(prog_id: int) -> int:
 
 def map_fd_by_id(map_id: int) -> int:
     return _bpf(BPF_MAP_GET_FD_BY_ID, _GetById(id=map_id))
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int, name: bytes) -> int:
+    """A new map; the caller owns the fd."""
+    return _bpf(BPF_MAP_CREATE, _MapCreate(map_type=map_type, key_size=key_size, value_size=value_size,
+                                           max_entries=max_entries, map_flags=flags, map_name=name[:15]))  # fmt: skip
+
+
+def prog_load(prog_type: int, insns: bytes, license: bytes, name: bytes, kern_version: int = 0) -> int:
+    """Load a program (map fds already in its instructions); the caller owns
+    the fd. A refusal is loaded again with the verifier's log, whose last
+    lines go into the BpfError."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license)
+    attr = _ProgLoad(prog_type=prog_type, insn_cnt=len(insns) // 8, insns=ctypes.addressof(code),
+                     license=ctypes.addressof(lic), kern_version=kern_version, prog_name=name[:15])  # fmt: skip
+    try:
+        return _bpf(BPF_PROG_LOAD, attr)
+    except BpfError as first:
+        log = ctypes.create_string_buffer(1 << 20)
+        attr.log_level, attr.log_size, attr.log_buf = 1, ctypes.sizeof(log), ctypes.addressof(log)
+        try:
+            return _bpf(BPF_PROG_LOAD, attr)  # not expected to pass where the first did not
+        except BpfError as e:
+            tail = " | ".join(log.value.decode(errors="replace").strip().splitlines()[-3:])
+            raise BpfError(first.errno, f"the verifier refused the program: {tail or e}") from None
 
 
 def obj_pin(fd: int, path: str) -> None:

@@ -4,8 +4,10 @@ BCC (and with it LLVM and clang, hundreds of MB) lives only in this child:
 it compiles the program, loads it into the kernel against the pinned maps
 (creating them on a first start), checks that the maps have the layouts the
 agent reads them with (layout.LAYOUTS), pins the program, prints one
-JSON line and exits. The agent then opens the pinned program and maps by
-fd and never loads BCC itself.
+JSON line and exits: the program's id and tag, and what it loaded
+(program_cache.record) for the agent to keep on disk, so that a later
+start loads the same instructions without compiling. The agent then opens
+the pinned program and maps by fd and never loads BCC itself.
 
     python -m tidegate.kernel.compiler PROG_PIN CFLAGS_JSON < inlined-source
 """
@@ -19,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from tidegate.kernel import bpfsys
+from tidegate.kernel import bpfsys, program_cache
 from tidegate.kernel.layout import LAYOUTS, PROG_NAME
 from tidegate.kernel.pinned_maps import layout_mismatch
 
@@ -29,7 +31,8 @@ class CompileError(Exception):
 
 
 def compile_in_child(source: str, cflags: list[str], prog_pin: str, timeout: float = 300) -> dict:
-    """Run the compile child; returns what it printed ({prog_id, tag, compile_s, pid})."""
+    """Run the compile child; returns what it printed ({prog_id, tag, compile_s,
+    pid, child_s, record: the cache entry or None, record_error})."""
     t0 = time.monotonic()
     # the child imports this very package, wherever it was imported from (a bench's sys.path too)
     here = str(Path(__file__).resolve().parents[2])
@@ -55,6 +58,7 @@ def _main(argv: list[str]) -> int:
     prog_pin, cflags = argv[0], json.loads(argv[1])
     source = sys.stdin.buffer.read()
     from bcc import BPF  # deliberately here: BCC (and LLVM) load only in the compile child, never in the agent
+    from bcc.libbcc import lib
 
     t0 = time.monotonic()
     b = BPF(text=source, cflags=cflags)
@@ -73,7 +77,13 @@ def _main(argv: list[str]) -> int:
     bpfsys.obj_pin(fn.fd, tmp)
     os.replace(tmp, prog_pin)  # the pin appears whole or not at all
     info = bpfsys.prog_info(fn.fd)
-    print(json.dumps({"prog_id": info.id, "tag": bytes(info.tag).hex(), "compile_s": round(compile_s, 3)}))
+    out = {"prog_id": info.id, "tag": bytes(info.tag).hex(), "compile_s": round(compile_s, 3), "record": None}
+    try:
+        out["record"] = program_cache.record(b.dump_func(PROG_NAME.encode()), fn.fd, os.path.dirname(prog_pin),
+                                             lib.bpf_module_license(b.module), lib.bpf_module_kern_version(b.module))
+    except (program_cache.CacheError, bpfsys.BpfError, OSError) as e:
+        out["record_error"] = str(e)  # the program runs; only the next start compiles again
+    print(json.dumps(out))
     return 0
 
 

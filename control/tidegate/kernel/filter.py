@@ -99,10 +99,12 @@ class KernelFilter:
             program.drop_other_pins(self.config.pin_dir, prog.digest)  # replaced or never attached
             log.info(
                 "program loaded",
-                extra={"compiled": prog.compiled, "compile_s": round(prog.compile_seconds, 3), "adopted": adopted,
-                       "replaced": replaced, "fresh": fresh, "prog_id": new_id},
+                extra={"program": "adopted attached" if adopted else prog.origin, "compiled": prog.compiled,
+                       "compile_s": round(prog.compile_seconds, 3), "load_s": round(prog.seconds, 3),
+                       "adopted": adopted, "replaced": replaced, "fresh": fresh, "prog_id": new_id},
             )  # fmt: skip
-            return LoadResult(adopted, replaced, fresh, prog.compile_seconds, new_id, mode, prog.compiled)
+            return LoadResult(adopted, replaced, fresh, prog.compile_seconds, new_id, mode, prog.compiled,
+                              prog.origin, prog.seconds)
 
     def remove_pins(self) -> None:
         loader.remove_pins(self.config.pin_dir)

@@ -3,7 +3,8 @@
 The program (bpf/tidegate.c with its headers pasted in) is compiled by BCC
 in a child process (program.py, compiler.py; BCC never loads into the
 agent) or, when the same program is pinned already, opened without
-compiling. Its maps are pinned under /sys/fs/bpf/tidegate/<iface>/ and
+compiling, or, when an earlier compile of it is kept in the cache dir
+(program_cache.py), loaded from there without compiling. Its maps are pinned under /sys/fs/bpf/tidegate/<iface>/ and
 outlive the agent; a new agent adopts them, and an attached program of the
 same instructions, as they are.
 """
@@ -47,6 +48,7 @@ class FilterConfig:
     max_cidrs: int = MAX_CIDRS  # per family trie, all three slots
     replay_clock: bool = False  # test/replay build: time comes from a map
     pin_name: str | None = None  # defaults to the interface name
+    cache_dir: str | None = None  # compiled programs kept for the next start (program_cache.py); None: none
 
     @property
     def pin_dir(self) -> str:
@@ -62,6 +64,8 @@ class LoadResult:
     prog_id: int
     mode: str | None
     compiled: bool = True  # a compile child ran (False: the pinned program of the same digest was used)
+    origin: str = "compiled"  # where the program came from: pinned | cached | compiled (program.Program)
+    load_seconds: float = 0.0  # getting it (opening the pin, loading the cached object, or compiling)
 
 
 def bpf_source_dir() -> Path:
@@ -188,7 +192,7 @@ def load_program(config: FilterConfig) -> program.Program:
     """The pinned program of this build, or one compiled in a child."""
     src = inline_source(bpf_source_dir() / "tidegate.c")
     try:
-        return program.open_or_compile(src, cflags(config), config.pin_dir)
+        return program.open_or_compile(src, cflags(config), config.pin_dir, config.cache_dir)
     except (CompileError, bpfsys.BpfError, OSError) as e:
         raise KernelError(
             f"compiling/loading the XDP program failed: {e}. Kernel headers and BCC are set up by "

@@ -5,7 +5,9 @@ inlined source, the compile flags (pin dir, map sizes, build options) and
 the kernel release. The compile child (compiler.py) pins the program it
 loads at <pin dir>/prog_<digest>; a later start with the same digest opens
 that pin (no compile, no BCC) and gets the maps from the program itself,
-so the agent works on exactly the maps the program uses.
+so the agent works on exactly the maps the program uses. With no pin but a
+cache entry of the digest (program_cache.py: what an earlier compile
+loaded, kept in the agent's state dir), it loads that without compiling.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import hashlib
 import logging
 import os
 import platform
+import time
 from dataclasses import dataclass
 
-from tidegate.kernel import bpfsys
+from tidegate.kernel import bpfsys, program_cache
 from tidegate.kernel.compiler import compile_in_child
 from tidegate.kernel.layout import LAYOUTS
 from tidegate.kernel.pinned_maps import PinnedMap
@@ -58,6 +61,8 @@ class Program:
     compiled: bool  # a compile child ran for this start
     compile_seconds: float
     child_pid: int | None = None
+    origin: str = "compiled"  # pinned | cached | compiled: where this start got the program
+    seconds: float = 0.0  # how long getting it took (open, load from the cache, or compile)
 
 
 def _uses_pinned_maps(prog_fd: int, pin_dir: str) -> bool:
@@ -76,24 +81,64 @@ def _uses_pinned_maps(prog_fd: int, pin_dir: str) -> bool:
     return True
 
 
-def open_or_compile(source: str, cflags: list[str], pin_dir: str) -> Program:
-    """The pinned program of this digest, or a newly compiled one (in a
-    child; compiler.CompileError when that fails)."""
+def open_or_compile(source: str, cflags: list[str], pin_dir: str, cache_dir: str | None = None) -> Program:
+    """The pinned program of this digest, the cached one, or a newly
+    compiled one (in a child; compiler.CompileError when that fails)."""
+    t0 = time.monotonic()
     digest = program_digest(source, cflags)
     path = prog_pin_path(pin_dir, digest)
     if os.path.exists(path):
         fd = bpfsys.obj_get(path)
         if _uses_pinned_maps(fd, pin_dir):
-            log.info("program found pinned: not compiling", extra={"digest": digest, "pin": path})
-            return Program(fd, digest, False, 0.0)
+            took = time.monotonic() - t0
+            log.info("program found pinned: not compiling", extra={"digest": digest, "pin": path, "s": round(took, 3)})
+            return Program(fd, digest, False, 0.0, origin="pinned", seconds=took)
         os.close(fd)
         log.warning("the pinned program does not use the pinned maps: compiling it again", extra={"pin": path})
         os.unlink(path)
+    if cache_dir is not None:
+        fd = _load_cached(cache_dir, digest, path)
+        if fd is not None:
+            took = time.monotonic() - t0
+            log.info("program loaded from the cache: not compiling", extra={
+                "digest": digest, "cache": program_cache.entry_path(cache_dir, digest), "s": round(took, 3)})
+            return Program(fd, digest, False, 0.0, origin="cached", seconds=took)
     log.info("compiling the program in a child process", extra={"digest": digest})
     res = compile_in_child(source, cflags, path)  # CompileError: the caller words it
     log.info("program compiled", extra={"digest": digest, "compile_s": res["compile_s"], "child_pid": res["pid"],
                                         "child_s": round(res["child_s"], 3), "tag": res["tag"]})  # fmt: skip
-    return Program(bpfsys.obj_get(path), digest, True, res["child_s"], res["pid"])
+    if cache_dir is not None:
+        _keep(cache_dir, digest, res)
+    return Program(bpfsys.obj_get(path), digest, True, res["child_s"], res["pid"], seconds=time.monotonic() - t0)
+
+
+def _load_cached(cache_dir: str, digest: str, prog_pin: str) -> int | None:
+    """The program of the cache entry of `digest`, loaded and pinned; None
+    when there is no entry or it cannot be used (then it is dropped)."""
+    try:
+        entry = program_cache.read(cache_dir, digest)
+        if entry is None:
+            return None
+        return program_cache.load(entry, prog_pin)
+    except (program_cache.CacheError, bpfsys.BpfError, OSError) as e:
+        log.warning("the cached program is not usable: dropped, compiling instead",
+                    extra={"digest": digest, "error": str(e)})  # fmt: skip
+        program_cache.drop(cache_dir, digest)
+        return None
+
+
+def _keep(cache_dir: str, digest: str, res: dict) -> None:
+    """Keep what the compile child loaded for the next start of this digest."""
+    if res.get("record") is None:
+        log.warning("the compiled program is not kept: the next start compiles again",
+                    extra={"error": res.get("record_error", "nothing recorded")})  # fmt: skip
+        return
+    try:
+        path = program_cache.save(cache_dir, digest, res["record"])
+    except OSError as e:
+        log.warning("the compiled program is not kept: the next start compiles again", extra={"error": str(e)})
+    else:
+        log.info("compiled program kept for the next start", extra={"cache": path})
 
 
 def repin(fd: int, pin_dir: str, digest: str) -> None:

@@ -1,0 +1,237 @@
+"""A compiled program kept on disk and loaded again without compiling.
+
+The real program is compiled once (in its child) with a cache dir; then,
+with its program and maps unpinned (as `tidegate detach` leaves them), a
+new load finds the cache entry: no compile child runs, BCC is not
+imported, the kernel gives the program the compiled one's tag, the maps it
+creates and pins have the definitions BCC gave them, and every verdict
+case of test_verdicts.py comes out the same. A damaged entry is dropped
+with one clear warning and the program compiled; a changed source (another
+digest) is compiled."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+
+import pytest
+
+from tidegate.kernel import bpfsys, loader, program, program_cache
+from tidegate.kernel.compiler import CompileError
+from tidegate.kernel.filter import FilterConfig, KernelError, KernelFilter
+
+from .conftest import ReplayFilter
+from .test_verdicts import CASES, RULES
+
+pytestmark = pytest.mark.kernel
+
+DROPPED = "the cached program is not usable: dropped, compiling instead"
+CASE_NAMES = list(CASES)[:8]  # deny, allow, buckets, prefixes, IPv6: enough to tell two programs apart
+
+
+def _config(cache_dir) -> FilterConfig:
+    # the replay build: its clock map is the one map BCC does not pin (a cached load makes it anew)
+    return FilterConfig(interface=None, pin_name=f"test-pcache-{os.getpid()}", replay_clock=True,
+                        max_sources=65536, cache_dir=str(cache_dir))  # fmt: skip
+
+
+def _map_defs(kf: KernelFilter) -> dict[str, tuple]:
+    """Each map of the loaded program as the kernel describes it (id aside)."""
+    out = {}
+    for map_id in bpfsys.prog_map_ids(kf.prog_fd):
+        fd = bpfsys.map_fd_by_id(map_id)
+        try:
+            mi = bpfsys.map_info(fd)
+            out[mi.name.decode()] = (mi.type, mi.key_size, mi.value_size, mi.max_entries, mi.map_flags)
+        finally:
+            os.close(fd)
+    return out
+
+
+def _verdicts(kf: KernelFilter) -> dict[str, list[tuple[str, str]]]:
+    f = ReplayFilter(kf)
+    out = {}
+    for name in CASE_NAMES:
+        f.apply(RULES)
+        out[name] = [(s.verdict, s.reason) for ms, frame, _, _ in CASES[name] for s in [f.at(ms).send(frame)]]
+    return out
+
+
+def _unpinned(kf: KernelFilter) -> None:
+    kf.close()
+    kf.remove_pins()  # what `tidegate detach` leaves: no program, no maps
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """The program compiled once with a cache dir: its entry, tag, maps and verdicts."""
+    cache = tmp_path_factory.mktemp("pcache")
+    kf = KernelFilter(_config(cache))
+    res = kf.load()
+    try:
+        assert res.compiled and res.origin == "compiled"
+        digest = kf._prog.digest
+        tag, defs, verdicts = bpfsys.prog_tag(kf.prog_fd), _map_defs(kf), _verdicts(kf)
+    finally:
+        _unpinned(kf)
+    entry = program_cache.entry_path(str(cache), digest)
+    assert os.listdir(cache) == [os.path.basename(entry)], "the compile kept one entry, named by the digest"
+    return {"cache": cache, "entry": entry, "digest": digest, "tag": tag, "defs": defs, "verdicts": verdicts}
+
+
+@pytest.fixture
+def compiles(monkeypatch):
+    """The compile children started during a test."""
+    seen: list = []
+    real = program.compile_in_child
+    monkeypatch.setattr(program, "compile_in_child", lambda *a: seen.append(a) or real(*a))
+    return seen
+
+
+def test_a_cached_program_loads_without_compiling_and_is_the_compiled_one(compiled, compiles, caplog):
+    caplog.set_level(logging.INFO, logger="tidegate.kernel.filter")
+    kf = KernelFilter(_config(compiled["cache"]))
+    res = kf.load()
+    try:
+        assert compiles == [] and not res.compiled and res.origin == "cached", "a cached program was compiled"
+        assert "bcc" not in sys.modules and "compiling the program in a child process" not in caplog.text
+        assert "program loaded from the cache: not compiling" in caplog.text
+        assert res.fresh_maps, "the maps were made anew (nothing was pinned)"
+        assert bpfsys.prog_tag(kf.prog_fd) == compiled["tag"], "the kernel sees other instructions"
+        assert bpfsys.prog_info(kf.prog_fd).name.decode() == "tidegate_xdp"
+        # the maps this load created and pinned against those BCC created for the compile
+        assert _map_defs(kf) == compiled["defs"]
+        assert {"tg_cidrs4", "tg_state", "tg_clock"} <= compiled["defs"].keys()
+        assert compiled["defs"]["tg_cidrs4"][4] == 1, "lpm_trie: BPF_F_NO_PREALLOC"
+        assert compiled["defs"]["tg_state"][4] == 2, "lru_hash: BPF_F_NO_COMMON_LRU"
+        pins = sorted(n for n in os.listdir(kf.config.pin_dir) if not n.startswith(program.PROG_PIN_PREFIX))
+        assert pins == sorted(compiled["defs"].keys() - {"tg_clock"}), "pinned where BPF_TABLE_PINNED pins"
+        assert program.program_pins(kf.config.pin_dir) == [program.PROG_PIN_PREFIX + compiled["digest"]]
+        assert _verdicts(kf) == compiled["verdicts"]
+        assert compiled["verdicts"]["deny list drops"] == [("drop", "deny")] * 2, "the cases do tell verdicts apart"
+    finally:
+        kf.close()
+
+    # the program pinned now: the next load opens that pin, the cache is not read
+    again = KernelFilter(_config(compiled["cache"]))
+    try:
+        assert again.load().origin == "pinned" and compiles == []
+    finally:
+        _unpinned(again)
+
+
+def _damage(entry: dict, how: str, text: str) -> str:
+    if how == "truncated":
+        return text[: len(text) // 2]
+    if how == "bit flip":
+        insns = bytearray(program_cache.base64.b64decode(entry["insns"]))
+        insns[40] ^= 0x01
+        return json.dumps({**entry, "insns": program_cache.base64.b64encode(bytes(insns)).decode()})
+    # a well-formed entry whose instructions are not those of the recorded tag
+    body = {k: v for k, v in entry.items() if k != "checksum"} | {"tag": "00" * 8}
+    return json.dumps(body | {"checksum": program_cache._checksum(body)})
+
+
+DAMAGE = [
+    ("truncated", "unreadable"),
+    ("bit flip", "checksum does not match"),
+    ("wrong tag", "the kernel gave the cached program tag"),
+]
+
+
+@pytest.mark.parametrize("how, words", DAMAGE, ids=[d[0] for d in DAMAGE])
+def test_a_damaged_cache_entry_is_refused_dropped_and_nothing_is_pinned(compiled, caplog, tmp_path, how, words):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    text = open(compiled["entry"]).read()
+    path = cache / os.path.basename(compiled["entry"])
+    path.write_text(_damage(json.loads(text), how, text))
+    pin_dir = _config(cache).pin_dir
+    os.makedirs(pin_dir)
+    prog_pin = program.prog_pin_path(pin_dir, compiled["digest"])
+    try:
+        assert program._load_cached(str(cache), compiled["digest"], prog_pin) is None
+        warned = [r for r in caplog.records if r.getMessage() == DROPPED]
+        assert len(warned) == 1 and words in warned[0].error, [r.__dict__.get("error") for r in warned]
+        assert not path.exists(), "the damaged entry was dropped"
+        assert program.program_pins(pin_dir) == [], "a refused program was pinned"
+    finally:
+        loader.remove_pins(pin_dir)
+
+
+def test_a_damaged_cache_entry_falls_back_to_compiling(compiled, compiles, caplog, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    text = open(compiled["entry"]).read()
+    (cache / os.path.basename(compiled["entry"])).write_text(_damage(json.loads(text), "bit flip", text))
+    caplog.set_level(logging.INFO, logger="tidegate.kernel.filter")
+    kf = KernelFilter(_config(cache))
+    res = kf.load()
+    try:
+        assert DROPPED in caplog.text and "compiling the program in a child process" in caplog.text
+        assert len(compiles) == 1 and res.compiled and res.origin == "compiled"
+        assert bpfsys.prog_tag(kf.prog_fd) == compiled["tag"]
+        assert program_cache.read(str(cache), compiled["digest"]) is not None, "the compile kept a good entry again"
+    finally:
+        _unpinned(kf)
+
+
+def test_a_changed_source_is_compiled(compiled, caplog, tmp_path, monkeypatch):
+    """Another digest has no entry: the load goes to the compile (stopped
+    there: test_a_damaged_cache_entry_falls_back_to_compiling runs one) and
+    the other digest's entry is left alone."""
+    cache = tmp_path / "cache"
+    shutil.copytree(compiled["cache"], cache)
+    src = tmp_path / "bpf"
+    shutil.copytree(loader.bpf_source_dir(), src)
+    with open(src / "tidegate.c", "a") as f:
+        f.write("\n/* a changed source: another digest */\n")
+    monkeypatch.setenv("TIDEGATE_BPF_DIR", str(src))
+    started: list = []
+
+    def stop_at_the_compile(source, cflags, prog_pin):
+        started.append(prog_pin)
+        raise CompileError("stopped by the test")
+
+    monkeypatch.setattr(program, "compile_in_child", stop_at_the_compile)
+    caplog.set_level(logging.INFO, logger="tidegate.kernel.filter")
+    kf = KernelFilter(_config(cache))
+    try:
+        with pytest.raises(KernelError, match="stopped by the test"):
+            kf.load()
+        assert len(started) == 1 and compiled["digest"] not in started[0], "the changed source was compiled"
+        assert "from the cache" not in caplog.text and DROPPED not in caplog.text
+        assert os.listdir(cache) == [os.path.basename(compiled["entry"])], "the other digest's entry was kept"
+    finally:
+        _unpinned(kf)
+
+
+def test_a_pinned_map_of_another_definition_is_refused_and_a_missing_one_made_like_bcc(tmp_path):
+    """BCC reuses a pinned map whatever its definition; a cached load refuses
+    one that differs from what the compile used (the caller then compiles),
+    and makes a missing one with the recorded definition and name."""
+    pin_dir = f"/sys/fs/bpf/tidegate/test-pcache-map-{os.getpid()}"
+    os.makedirs(pin_dir)
+    try:
+        want = program_cache.MapDef("tg_lru", 6, 4, 8, 2, 0, f"{pin_dir}/tg_lru")  # a per-CPU array of 2 u64
+        fd = bpfsys.map_create(2, 4, 4, 64, 0, b"tg_lru")
+        bpfsys.obj_pin(fd, want.pin)
+        os.close(fd)
+        with pytest.raises(program_cache.CacheError, match="the pinned map .*/tg_lru is .*'type': 2"):
+            program_cache.open_or_create(want)
+        os.unlink(want.pin)
+        fd = program_cache.open_or_create(want)
+        try:
+            assert program_cache.map_def(fd, want.pin) == want and os.path.exists(want.pin)
+        finally:
+            os.close(fd)
+        again = program_cache.open_or_create(want)  # now pinned: opened, the same map
+        try:
+            assert program_cache.map_def(again, want.pin) == want
+        finally:
+            os.close(again)
+    finally:
+        loader.remove_pins(pin_dir)
