@@ -4,17 +4,24 @@
 Method: a network namespace and veth pair are created for the run and a
 real `tidegate agent` starts on the host end (its own state dir and pins,
 --max-sources 1,048,576, a 10-CIDR + 50-rule set). Figures:
-- fresh start = exec of `tidegate agent` with nothing attached or pinned
-  to the first gRPC health check that answers (SERVING: attached; compile,
-  load, apply, attach, serve);
+- fresh start, compiling = exec of `tidegate agent` with nothing attached,
+  pinned or cached to the first gRPC health check that answers (SERVING:
+  attached; compile in a child, load, apply, attach, serve); the first
+  start, and again with the program unpinned and <state-dir>/program-cache
+  removed (median of --restarts runs);
+- fresh start, cached program = the same with the program and maps
+  unpinned (`tidegate detach`, a reboot) but the first start's compile kept
+  in <state-dir>/program-cache: loaded with the bpf syscalls, no compile
+  (median of --restarts runs);
 - idle RSS = VmRSS of the agent from /proc/PID/status after two samples
   (--sample-interval 2) with no traffic;
 - RSS with 1M sources = the pinned LRU filled with 1,048,576 entries by
   BPF_MAP_UPDATE_BATCH from this process, then two samples; VmRSS (median
   of 20 readings over 10 s) and VmHWM (peak) from /proc/PID/status;
 - restart = SIGTERM, then exec to the first health answer again, with the same
-  program attached and pinned (median of --restarts runs), and as a ratio
-  to a same-run reference: exec of Python importing the agent's modules;
+  program attached and pinned (median of --restarts runs);
+- each start also as a ratio to a same-run reference: exec of Python
+  importing the agent's modules;
 - the start-up lines the agent logged (its progress) are counted, and
   how many starts compiled (from the log's `program compiled` lines; an
   agent that compiles in process at every start logs `program loaded`
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,11 +53,18 @@ use_repo_package()
 from agent_process import Agent, active_epoch, fill_sources  # noqa: E402
 from control_plane import rule_set_text  # noqa: E402
 
+from tidegate.daemon.main import PROGRAM_CACHE  # noqa: E402
+
 ROWS = (
-    ("fresh_start_s", "fresh start to serving (s)", "{:.2f}"),
+    ("fresh_start_s", "fresh start to serving, compiling: nothing cached, attached or pinned (s)", "{:.2f}"),
+    ("cached_start_s", "fresh start to serving, cached program: nothing attached or pinned (s)", "{:.2f}"),
     ("restart_s", "restart to serving, same program attached (s)", "{:.2f}"),
     ("import_floor_s", "reference: exec + import of the agent's modules, no work (s)", "{:.2f}"),
+    ("fresh_over_floor", "fresh start, compiling / that reference", "{:.2f}"),
+    ("cached_over_floor", "fresh start, cached program / that reference", "{:.2f}"),
     ("restart_over_floor", "restart / that reference", "{:.2f}"),
+    ("compiled_at_fresh_start", "compiles at the compiling fresh starts", "{}"),
+    ("compiled_at_cached_start", "compiles at the cached fresh starts", "{}"),
     ("compiled_at_restart", "compiles at the restarts", "{}"),
     ("idle_rss_mb", "agent RSS idle (MB)", "{:.0f}"),
     ("lru_rss_mb", "agent RSS, 1M-entry LRU full, median over 10 s (MB)", "{:.0f}"),
@@ -120,10 +135,31 @@ def main() -> int:
             restarts.append(agent.start())
             compiled += compiles(log_since(agent.log_path, off))
         out["restart_s"] = statistics.median(restarts)
-        out["import_floor_s"] = statistics.median(import_floor() for _ in range(args.restarts))
-        out["restart_over_floor"] = out["restart_s"] / out["import_floor_s"]
         out["restart_runs_s"] = restarts
         out["compiled_at_restart"] = compiled
+        cached, compiled = [], 0
+        for _ in range(args.restarts):  # `tidegate detach` (or a reboot) between: the compile kept on disk
+            agent.stop()
+            agent.remove_kernel_objects()
+            off = agent.log_path.stat().st_size
+            cached.append(agent.start())
+            lines = log_since(agent.log_path, off)
+            compiled += compiles(lines)
+            out["cached_log"] = [ln for ln in lines if "program" in ln]
+        out["cached_start_s"], out["cached_runs_s"] = statistics.median(cached), cached
+        out["compiled_at_cached_start"] = compiled
+        fresh = [out.pop("fresh_start_s")]
+        for _ in range(args.restarts - 1):  # and again with nothing cached either
+            agent.stop()
+            agent.remove_kernel_objects()
+            shutil.rmtree(agent.state_dir / PROGRAM_CACHE, ignore_errors=True)
+            off = agent.log_path.stat().st_size
+            fresh.append(agent.start())
+            out["compiled_at_fresh_start"] += compiles(log_since(agent.log_path, off))
+        out["fresh_start_s"], out["fresh_runs_s"] = statistics.median(fresh), fresh
+        out["import_floor_s"] = statistics.median(import_floor() for _ in range(args.restarts))
+        for key in ("fresh", "cached", "restart"):
+            out[f"{key}_over_floor"] = out[f"{key}_start_s" if key != "restart" else "restart_s"] / out["import_floor_s"]
         out["log_tail"] = log_since(agent.log_path, off)
     finally:
         remove_all(tmp, lab, agent)
@@ -138,7 +174,8 @@ def main() -> int:
     load = f"load average at the run: {' '.join(out['uptime'])}"
     if before:
         load += f" (before: {' '.join(before.get('uptime', ['?']))}, commit {before.get('commit', '?')})"
-    text += "\n\n" + table(heads, rows) + "\n\n" + load + "\n\nthe last restart's log:\n\n" + "\n".join(
+    text += "\n\n" + table(heads, rows) + "\n\n" + load + "\n\nthe last cached start's program lines:\n\n" + "\n".join(
+        "    " + ln for ln in out["cached_log"]) + "\n\nthe last start's log:\n\n" + "\n".join(
         "    " + ln for ln in out["log_tail"])
     print(text)
     if args.quick:

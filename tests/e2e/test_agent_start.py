@@ -3,7 +3,8 @@ what it creates and what it reports while the filter is (not) attached.
 
 - the --rules seed file is read only when it is used (store and kernel
   empty): a missing or broken one never stops a restart on a good store;
-- a restart with the same program attached and pinned does not compile;
+- a restart with the same program attached and pinned does not compile, nor does
+  a start with nothing pinned once a compile is kept in the state dir;
 - the state dir's files (store, -wal, -shm, .bak, tokens) are private;
 - a role map naming an unknown role stops the start with one clear line;
 - gRPC health is NOT_SERVING while the filter is not attached.
@@ -62,11 +63,16 @@ def test_a_missing_or_broken_seed_file_does_not_stop_a_restart(start_agent):
     agent.stop()
     agent.cleanup_kernel()
     assert xdp_prog_id(agent.lab.host_if) is None
+    offset = len(agent.log())
     agent.start()
     assert _status(agent) == (True, v2), "restored from the store, not from the seed"
     assert len(agent.api.ListVersions(limit=100).versions) == 2
-    assert 'msg="restored"' in agent.log()
-    assert 'msg="program compiled"' in agent.log(), "nothing pinned: compiled (in a child)"
+    log = agent.log()[offset:]
+    assert 'msg="restored"' in log
+    # nothing pinned, but the first start's compile is kept in the state dir: loaded from there, not compiled
+    assert 'msg="program loaded from the cache: not compiling"' in log and 'program="loaded the cached' in log
+    assert 'msg="compiling the program in a child process"' not in log
+    assert os.listdir(agent.state_dir / "program-cache"), "the compile was kept in <state-dir>/program-cache"
 
     # a seed that would be used (a new store, an empty kernel) is still checked: one clear line
     agent.stop()
