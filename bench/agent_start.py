@@ -53,7 +53,7 @@ use_repo_package()
 from agent_process import Agent, active_epoch, fill_sources  # noqa: E402
 from control_plane import rule_set_text  # noqa: E402
 
-from tidegate.daemon.main import PROGRAM_CACHE  # noqa: E402
+from tidegate.daemon.early import PROGRAM_CACHE  # noqa: E402
 
 ROWS = (
     ("fresh_start_s", "fresh start to serving, compiling: nothing cached, attached or pinned (s)", "{:.2f}"),

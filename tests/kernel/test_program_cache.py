@@ -19,7 +19,8 @@ import sys
 
 import pytest
 
-from tidegate.kernel import bpfsys, loader, program, program_cache
+from tidegate.daemon import early
+from tidegate.kernel import bpfsys, compiler, loader, program, program_cache
 from tidegate.kernel.compiler import CompileError
 from tidegate.kernel.filter import FilterConfig, KernelError, KernelFilter
 
@@ -93,10 +94,13 @@ def compiles(monkeypatch):
 
 def test_a_cached_program_loads_without_compiling_and_is_the_compiled_one(compiled, compiles, caplog):
     caplog.set_level(logging.INFO, logger="tidegate.kernel.filter")
+    compiler.start_ahead()  # a compile child started ahead on a wrong guess: ended unused
+    ahead = compiler._ahead
     kf = KernelFilter(_config(compiled["cache"]))
     res = kf.load()
     try:
         assert compiles == [] and not res.compiled and res.origin == "cached", "a cached program was compiled"
+        assert ahead.returncode == 0 and compiler._ahead is None, "the child started ahead was ended, unused"
         assert "bcc" not in sys.modules and "compiling the program in a child process" not in caplog.text
         assert "program loaded from the cache: not compiling" in caplog.text
         assert res.fresh_maps, "the maps were made anew (nothing was pinned)"
@@ -168,11 +172,15 @@ def test_a_damaged_cache_entry_falls_back_to_compiling(compiled, compiles, caplo
     text = open(compiled["entry"]).read()
     (cache / os.path.basename(compiled["entry"])).write_text(_damage(json.loads(text), "bit flip", text))
     caplog.set_level(logging.INFO, logger="tidegate.kernel.filter")
+    compiler.start_ahead()  # as `tidegate agent` does when a compile is likely: this one is used
+    ahead = compiler._ahead
     kf = KernelFilter(_config(cache))
     res = kf.load()
     try:
         assert DROPPED in caplog.text and "compiling the program in a child process" in caplog.text
         assert len(compiles) == 1 and res.compiled and res.origin == "compiled"
+        done = [r for r in caplog.records if r.getMessage() == "program compiled"]
+        assert done[0].started_ahead and done[0].child_pid == ahead.pid and compiler._ahead is None
         assert bpfsys.prog_tag(kf.prog_fd) == compiled["tag"]
         assert program_cache.read(str(cache), compiled["digest"]) is not None, "the compile kept a good entry again"
     finally:
@@ -235,3 +243,22 @@ def test_a_pinned_map_of_another_definition_is_refused_and_a_missing_one_made_li
             os.close(again)
     finally:
         loader.remove_pins(pin_dir)
+
+
+@pytest.mark.parametrize("pinned, cached, likely", [(False, False, True), (False, True, False), (True, False, False)])
+def test_the_agent_starts_a_compile_child_ahead_only_when_a_compile_is_likely(tmp_path, pinned, cached, likely):
+    """`tidegate agent` reads its pin and state dirs before its imports: a
+    first start (nothing pinned or cached) has the compile child load BCC
+    beside them; any other start starts none."""
+    pin_dir, state = tmp_path / "pins" / "eth9", tmp_path / "state"
+    pin_dir.mkdir(parents=True)
+    if pinned:
+        (pin_dir / f"{program.PROG_PIN_PREFIX}0").touch()
+    if cached:
+        (state / "program-cache").mkdir(parents=True)
+        (state / "program-cache" / "0.json").write_text("{}")
+    argv = ["--interface", "eth9", "--pin-root", str(tmp_path / "pins"), "--state-dir", str(state), "--listen", "x"]
+    try:
+        assert early.compile_ahead(argv) is likely and (compiler._ahead is not None) is likely
+    finally:
+        compiler.cancel_ahead()

@@ -17,7 +17,7 @@ GENERATED = {"v1"}  # protobuf code, generated from proto/
 
 # importing module -> (the tidegate modules it may import inside a function, why)
 LAZY = {
-    "tidegate.cli.delegated": ({"tidegate.daemon.main", "tidegate.fleet.cli"},
+    "tidegate.cli.delegated": ({"tidegate.daemon.main", "tidegate.daemon.early", "tidegate.fleet.cli"},
                                "CLI start-up: `agent` and `fleet` load the daemon or the etcd client when they run"),
     "tidegate.cli.offline": ({"tidegate.access.certs", "tidegate.kernel.filter", "tidegate.lab.replay",
                               "tidegate.lab.run"},

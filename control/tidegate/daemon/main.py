@@ -24,6 +24,7 @@ from tidegate.access.auth import is_loopback as _is_loopback
 from tidegate.api import server as api
 from tidegate.changes.mitigation import Mitigator, Policy
 from tidegate.operation import Caller, OperationError
+from tidegate.daemon import early
 from tidegate.daemon.agent import Agent
 from tidegate.daemon.logfmt import KeyValueFormatter
 from tidegate.daemon.logjson import JsonFormatter
@@ -41,8 +42,6 @@ from tidegate.safety import propose
 from tidegate.store import StoreError, VersionStore
 
 log = logging.getLogger("tidegate.daemon.main")
-
-PROGRAM_CACHE = "program-cache"  # <state-dir>/program-cache/<digest>.json: compiled programs (kernel/program_cache.py)
 
 
 def _origin(loaded) -> str:
@@ -139,7 +138,7 @@ def run(opts: argparse.Namespace) -> int:
 
     kf = KernelFilter(FilterConfig(interface=opts.interface, xdp_mode=opts.xdp_mode, pin_root=opts.pin_root,
                                    max_sources=opts.max_sources, pin_name=opts.pin_name,
-                                   cache_dir=os.path.join(opts.state_dir, PROGRAM_CACHE)))  # fmt: skip
+                                   cache_dir=early.cache_dir(opts.state_dir)))  # fmt: skip
     try:
         loaded = kf.load()
     except KernelError as e:

@@ -9,7 +9,10 @@ JSON line and exits: the program's id and tag, and what it loaded
 start loads the same instructions without compiling. The agent then opens
 the pinned program and maps by fd and never loads BCC itself.
 
-    python -m tidegate.kernel.compiler PROG_PIN CFLAGS_JSON < inlined-source
+    python -m tidegate.kernel.compiler < {"prog_pin": PATH, "cflags": [...]} NEWLINE inlined-source
+
+The child can be started ahead (start_ahead): it loads BCC first and only
+then reads its job, so that load overlaps the agent's own imports.
 """
 
 from __future__ import annotations
@@ -30,17 +33,47 @@ class CompileError(Exception):
     pass
 
 
-def compile_in_child(source: str, cflags: list[str], prog_pin: str, timeout: float = 300) -> dict:
-    """Run the compile child; returns what it printed ({prog_id, tag, compile_s,
-    pid, child_s, record: the cache entry or None, record_error})."""
-    t0 = time.monotonic()
+_ahead: subprocess.Popen | None = None  # a compile child started ahead (start_ahead), not yet given a source
+
+
+def _spawn() -> subprocess.Popen:
     # the child imports this very package, wherever it was imported from (a bench's sys.path too)
     here = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.Popen([sys.executable, "-m", "tidegate.kernel.compiler", prog_pin, json.dumps(cflags)], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    return subprocess.Popen([sys.executable, "-m", "tidegate.kernel.compiler"], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def start_ahead() -> None:
+    """Start the compile child now, before it is needed: it loads BCC and
+    LLVM (a few hundred ms) while the agent imports its own modules, then
+    waits for a source and does nothing else. The next compile_in_child
+    uses it; cancel_ahead ends it unused (so does this process's exit)."""
+    global _ahead
+    if _ahead is None:
+        _ahead = _spawn()
+
+
+def cancel_ahead() -> None:
+    """End a compile child started ahead that no compile needs: it reads
+    an empty source and exits without touching the kernel."""
+    global _ahead
+    proc, _ahead = _ahead, None
+    if proc is not None:
+        proc.communicate(b"", timeout=60)
+
+
+def compile_in_child(source: str, cflags: list[str], prog_pin: str, timeout: float = 300) -> dict:
+    """Run the compile child (the one started ahead, if any); returns what
+    it printed ({prog_id, tag, compile_s, pid, child_s, ahead: started ahead, record: the
+    cache entry or None, record_error})."""
+    global _ahead
+    t0 = time.monotonic()
+    ahead = _ahead is not None
+    proc, _ahead = (_ahead or _spawn()), None
+    job = json.dumps({"prog_pin": prog_pin, "cflags": cflags}) + "\n" + source
     try:
-        out, err = proc.communicate(source.encode(), timeout=timeout)
+        out, err = proc.communicate(job.encode(), timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
@@ -51,14 +84,20 @@ def compile_in_child(source: str, cflags: list[str], prog_pin: str, timeout: flo
     res = json.loads(out.decode().strip().splitlines()[-1])
     res["pid"] = proc.pid
     res["child_s"] = time.monotonic() - t0
+    res["ahead"] = ahead
     return res
 
 
-def _main(argv: list[str]) -> int:
-    prog_pin, cflags = argv[0], json.loads(argv[1])
-    source = sys.stdin.buffer.read()
+def _main() -> int:
     from bcc import BPF  # deliberately here: BCC (and LLVM) load only in the compile child, never in the agent
     from bcc.libbcc import lib
+
+    job = sys.stdin.buffer.read()  # started ahead: BCC is loaded by the time the agent sends the job
+    if not job:
+        return 0  # cancelled: nothing to compile
+    head, _, body = job.partition(b"\n")
+    args = json.loads(head)
+    prog_pin, cflags, source = args["prog_pin"], args["cflags"], body.decode()
 
     t0 = time.monotonic()
     b = BPF(text=source, cflags=cflags)
@@ -89,7 +128,7 @@ def _main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     try:
-        raise SystemExit(_main(sys.argv[1:]))
+        raise SystemExit(_main())
     except Exception as e:  # noqa: BLE001 - one line for the agent's error message
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         raise SystemExit(2)

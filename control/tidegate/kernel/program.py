@@ -19,7 +19,7 @@ import platform
 import time
 from dataclasses import dataclass
 
-from tidegate.kernel import bpfsys, program_cache
+from tidegate.kernel import bpfsys, compiler, program_cache
 from tidegate.kernel.compiler import compile_in_child
 from tidegate.kernel.layout import LAYOUTS
 from tidegate.kernel.pinned_maps import PinnedMap
@@ -92,6 +92,7 @@ def open_or_compile(source: str, cflags: list[str], pin_dir: str, cache_dir: str
         if _uses_pinned_maps(fd, pin_dir):
             took = time.monotonic() - t0
             log.info("program found pinned: not compiling", extra={"digest": digest, "pin": path, "s": round(took, 3)})
+            compiler.cancel_ahead()
             return Program(fd, digest, False, 0.0, origin="pinned", seconds=took)
         os.close(fd)
         log.warning("the pinned program does not use the pinned maps: compiling it again", extra={"pin": path})
@@ -102,14 +103,28 @@ def open_or_compile(source: str, cflags: list[str], pin_dir: str, cache_dir: str
             took = time.monotonic() - t0
             log.info("program loaded from the cache: not compiling", extra={
                 "digest": digest, "cache": program_cache.entry_path(cache_dir, digest), "s": round(took, 3)})
+            compiler.cancel_ahead()
             return Program(fd, digest, False, 0.0, origin="cached", seconds=took)
     log.info("compiling the program in a child process", extra={"digest": digest})
     res = compile_in_child(source, cflags, path)  # CompileError: the caller words it
     log.info("program compiled", extra={"digest": digest, "compile_s": res["compile_s"], "child_pid": res["pid"],
-                                        "child_s": round(res["child_s"], 3), "tag": res["tag"]})  # fmt: skip
+                                        "child_s": round(res["child_s"], 3), "started_ahead": res["ahead"],
+                                        "tag": res["tag"]})  # fmt: skip
     if cache_dir is not None:
         _keep(cache_dir, digest, res)
     return Program(bpfsys.obj_get(path), digest, True, res["child_s"], res["pid"], seconds=time.monotonic() - t0)
+
+
+def compile_likely(pin_dir: str, cache_dir: str | None) -> bool:
+    """A start that will most likely compile: no program pinned in its pin
+    dir and nothing in its cache (a first start, or one after an upgrade
+    removed both); cheap enough to ask before the agent's imports."""
+    if program_pins(pin_dir):
+        return False
+    try:
+        return cache_dir is None or not any(n.endswith(".json") for n in os.listdir(cache_dir))
+    except FileNotFoundError:
+        return True
 
 
 def _load_cached(cache_dir: str, digest: str, prog_pin: str) -> int | None:
