@@ -50,7 +50,8 @@ def manpage() -> str:
         parts += [f".SS {name}", ".nf", _roff(text), ".fi"]
     parts += [".SH FILES", ".nf", "/etc/tidegate/rules.yaml       the rule set (conffile)",
               "/etc/tidegate/IFACE.env        tidegate-agent@IFACE.service's settings",
-              "/var/lib/tidegate/IFACE/       version store and tokens of one agent",
+              "/var/lib/tidegate/IFACE/       version store, tokens and program-cache/ (the compiled",
+              "                               XDP program, loaded without compiling) of one agent",
               "/usr/share/tidegate/rules.schema.json   JSON Schema of rule-set files", ".fi",
               ".SH SEE ALSO", "systemctl(1), ip(8), bpftool(8)"]  # fmt: skip
     return "\n".join(parts) + "\n"
