@@ -93,6 +93,22 @@ def test_agent_filters_traffic_as_a_service_user_with_the_unit_capabilities(serv
     assert "adopted=True" in agent.log()
     assert agent.api.GetStatus().active_version == 1
 
+    # after `tidegate detach`: the program kept in the state dir is loaded with the unit's capabilities
+    # (BPF_MAP_CREATE, BPF_PROG_LOAD, pins in the service user's pin dir), not compiled
+    assert agent.stop() == 0
+    agent.cleanup_kernel()
+    pw = pwd.getpwnam(USER)
+    os.makedirs(agent.pin_dir, mode=0o700)  # what the unit's ExecStartPre does
+    os.chown(agent.pin_dir, pw.pw_uid, pw.pw_gid)
+    offset = len(agent.log())
+    agent.start()
+    log = agent.log()[offset:]
+    assert 'msg="program loaded from the cache: not compiling"' in log and "compiling the program" not in log, log
+    assert xdp_prog_id(agent.lab.host_if) is not None and agent.api.GetStatus().active_version == 1
+    before = {r.rule: r for r in agent.api.GetCounters().rules}["sink"].drop_packets
+    send(agent.lab, src=agent.lab.peer_ip, dport=9, count=300, pps=1000)
+    assert {r.rule: r for r in agent.api.GetCounters().rules}["sink"].drop_packets - before >= 200
+
 
 @pytest.mark.parametrize("without", ["CAP_SYS_ADMIN", "CAP_NET_ADMIN"])
 def test_one_capability_fewer_is_a_clear_start_error(service_agent, without):

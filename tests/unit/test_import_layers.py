@@ -18,7 +18,8 @@ GENERATED = {"v1"}  # protobuf code, generated from proto/
 # importing module -> (the tidegate modules it may import inside a function, why)
 LAZY = {
     "tidegate.cli.delegated": ({"tidegate.daemon.main", "tidegate.daemon.early", "tidegate.fleet.cli"},
-                               "CLI start-up: `agent` and `fleet` load the daemon or the etcd client when they run"),
+                               "CLI start-up: `agent` and `fleet` load the daemon (a compile child started ahead first, "
+                               "when likely) or the etcd client when they run"),
     "tidegate.cli.offline": ({"tidegate.access.certs", "tidegate.kernel.filter", "tidegate.lab.replay",
                               "tidegate.lab.run"},
                              "CLI start-up: offline verbs load bcc, pyroute2 or the PKI tools when they run"),
