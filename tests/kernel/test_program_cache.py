@@ -11,6 +11,7 @@ digest) is compiled."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -131,9 +132,9 @@ def _damage(entry: dict, how: str, text: str) -> str:
     if how == "truncated":
         return text[: len(text) // 2]
     if how == "bit flip":
-        insns = bytearray(program_cache.base64.b64decode(entry["insns"]))
+        insns = bytearray(base64.b64decode(entry["insns"]))
         insns[40] ^= 0x01
-        return json.dumps({**entry, "insns": program_cache.base64.b64encode(bytes(insns)).decode()})
+        return json.dumps({**entry, "insns": base64.b64encode(bytes(insns)).decode()})
     # a well-formed entry whose instructions are not those of the recorded tag
     body = {k: v for k, v in entry.items() if k != "checksum"} | {"tag": "00" * 8}
     return json.dumps(body | {"checksum": program_cache._checksum(body)})
