@@ -8,11 +8,12 @@ real `tidegate agent` starts on the host end (its own state dir and pins,
   pinned or cached to the first gRPC health check that answers (SERVING:
   attached; compile in a child, load, apply, attach, serve); the first
   start, and again with the program unpinned and <state-dir>/program-cache
-  removed (median of --restarts runs);
+  removed (median of 1 + --restarts runs);
 - fresh start, cached program = the same with the program and maps
   unpinned (`tidegate detach`, a reboot) but the first start's compile kept
   in <state-dir>/program-cache: loaded with the bpf syscalls, no compile
-  (median of --restarts runs);
+  (median of --restarts runs, each round one start from the cache, one
+  compiling, one reference, so that all three see the same machine load);
 - idle RSS = VmRSS of the agent from /proc/PID/status after two samples
   (--sample-interval 2) with no traffic;
 - RSS with 1M sources = the pinned LRU filled with 1,048,576 entries by
@@ -137,27 +138,26 @@ def main() -> int:
         out["restart_s"] = statistics.median(restarts)
         out["restart_runs_s"] = restarts
         out["compiled_at_restart"] = compiled
-        cached, compiled = [], 0
-        for _ in range(args.restarts):  # `tidegate detach` (or a reboot) between: the compile kept on disk
-            agent.stop()
-            agent.remove_kernel_objects()
-            off = agent.log_path.stat().st_size
-            cached.append(agent.start())
-            lines = log_since(agent.log_path, off)
-            compiled += compiles(lines)
-            out["cached_log"] = [ln for ln in lines if "program" in ln]
-        out["cached_start_s"], out["cached_runs_s"] = statistics.median(cached), cached
-        out["compiled_at_cached_start"] = compiled
-        fresh = [out.pop("fresh_start_s")]
-        for _ in range(args.restarts - 1):  # and again with nothing cached either
-            agent.stop()
-            agent.remove_kernel_objects()
-            shutil.rmtree(agent.state_dir / PROGRAM_CACHE, ignore_errors=True)
-            off = agent.log_path.stat().st_size
-            fresh.append(agent.start())
-            out["compiled_at_fresh_start"] += compiles(log_since(agent.log_path, off))
+        # then rounds of: a start from the cache, a start with nothing cached either, the reference; so that
+        # the three see the same load from whatever else runs on the machine
+        fresh, cached, floor = [out.pop("fresh_start_s")], [], []
+        out["compiled_at_cached_start"] = 0
+        for _ in range(args.restarts):
+            for kind in ("cached", "fresh"):
+                agent.stop()
+                agent.remove_kernel_objects()  # `tidegate detach`, or a reboot
+                if kind == "fresh":
+                    shutil.rmtree(agent.state_dir / PROGRAM_CACHE, ignore_errors=True)
+                off = agent.log_path.stat().st_size
+                (cached if kind == "cached" else fresh).append(agent.start())
+                lines = log_since(agent.log_path, off)
+                out[f"compiled_at_{kind}_start"] += compiles(lines)
+                if kind == "cached":
+                    out["cached_log"] = [ln for ln in lines if "program" in ln]
+            floor.append(import_floor())
         out["fresh_start_s"], out["fresh_runs_s"] = statistics.median(fresh), fresh
-        out["import_floor_s"] = statistics.median(import_floor() for _ in range(args.restarts))
+        out["cached_start_s"], out["cached_runs_s"] = statistics.median(cached), cached
+        out["import_floor_s"], out["import_floor_runs_s"] = statistics.median(floor), floor
         for key in ("fresh", "cached", "restart"):
             out[f"{key}_over_floor"] = out[f"{key}_start_s" if key != "restart" else "restart_s"] / out["import_floor_s"]
         out["log_tail"] = log_since(agent.log_path, off)
