@@ -120,8 +120,8 @@ def _main() -> int:
     try:
         out["record"] = program_cache.record(b.dump_func(PROG_NAME.encode()), fn.fd, os.path.dirname(prog_pin),
                                              lib.bpf_module_license(b.module), lib.bpf_module_kern_version(b.module))
-    except (program_cache.CacheError, bpfsys.BpfError, OSError) as e:
-        out["record_error"] = str(e)  # the program runs; only the next start compiles again
+    except Exception as e:  # noqa: BLE001 - the program is pinned and runs; only the next start compiles again
+        out["record_error"] = f"{type(e).__name__}: {e}"
     print(json.dumps(out))
     return 0
 
