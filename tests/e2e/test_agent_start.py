@@ -71,6 +71,7 @@ def test_a_missing_or_broken_seed_file_does_not_stop_a_restart(start_agent):
     assert 'msg="restored"' in log
     # nothing pinned, but the first start's compile is kept in the state dir: loaded from there, not compiled
     assert 'msg="program loaded from the cache: not compiling"' in log and 'program="loaded the cached' in log
+    assert "loaded_ahead=True" in log, "loaded in a thread beside the agent's imports"
     assert 'msg="compiling the program in a child process"' not in log
     assert os.listdir(agent.state_dir / "program-cache"), "the compile was kept in <state-dir>/program-cache"
 

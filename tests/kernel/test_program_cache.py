@@ -260,6 +260,56 @@ def test_the_agent_starts_a_compile_child_ahead_only_when_a_compile_is_likely(tm
         (state / "program-cache" / "0.json").write_text("{}")
     argv = ["--interface", "eth9", "--pin-root", str(tmp_path / "pins"), "--state-dir", str(state), "--listen", "x"]
     try:
-        assert early.compile_ahead(argv) is likely and (compiler._ahead is not None) is likely
+        assert early.start_ahead(argv) == ("compile" if likely else None)
+        assert (compiler._ahead is not None) is likely and program._ahead is None
     finally:
         compiler.cancel_ahead()
+
+
+def test_a_cached_program_loaded_ahead_is_pinned_only_when_the_start_goes_on(compiled, compiles, caplog, tmp_path):
+    """After a reboot or a detach `tidegate agent` loads the cached program
+    in a thread beside its imports, against maps of its own and pinning
+    nothing: a start that stops before the kernel leaves nothing behind; one
+    that goes on pins those maps and the program, the compiled one."""
+    cfg = _config(compiled["cache"])
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / early.PROGRAM_CACHE).symlink_to(compiled["cache"])
+    argv = ["-i", "x", "--pin-name", cfg.pin_name, "--state-dir", str(tmp_path / "state"), "--max-sources", "65536"]
+    assert early.start_ahead(argv) is None, "the agent's build (no replay clock) is not cached: nothing started"
+    assert program._ahead is None and compiler._ahead is None
+    program.load_ahead(cfg.cache_dir, compiled["digest"])
+    program._take_ahead(None, "unused")  # a start that stopped first (or found its program pinned)
+    assert not os.path.exists(cfg.pin_dir), "a program loaded ahead and not used pinned something"
+
+    caplog.set_level(logging.INFO, logger="tidegate.kernel.filter")
+    program.load_ahead(cfg.cache_dir, compiled["digest"])
+    kf = KernelFilter(cfg)
+    res = kf.load()
+    try:
+        assert compiles == [] and res.origin == "cached" and program._ahead is None
+        loaded = [r for r in caplog.records if r.getMessage() == "program loaded from the cache: not compiling"]
+        assert loaded[0].loaded_ahead is True
+        assert bpfsys.prog_tag(kf.prog_fd) == compiled["tag"] and _map_defs(kf) == compiled["defs"]
+        pins = sorted(n for n in os.listdir(kf.config.pin_dir) if not n.startswith(program.PROG_PIN_PREFIX))
+        assert pins == sorted(compiled["defs"].keys() - {"tg_clock"})
+        assert _verdicts(kf)["deny list drops"] == compiled["verdicts"]["deny list drops"]
+    finally:
+        _unpinned(kf)
+
+    # a map pinned in between: what was loaded ahead is dropped whole, the pinned map is used
+    program.load_ahead(cfg.cache_dir, compiled["digest"])
+    os.makedirs(cfg.pin_dir)
+    m = compiled["defs"]["tg_debruijn"]
+    fd = bpfsys.map_create(*m[:4], m[4], b"tg_debruijn")
+    bpfsys.obj_pin(fd, f"{cfg.pin_dir}/tg_debruijn")
+    mine = bpfsys.map_info(fd).id
+    os.close(fd)
+    caplog.clear()
+    kf = KernelFilter(cfg)
+    res = kf.load()
+    try:
+        assert compiles == [] and res.origin == "cached" and "the program loaded ahead is not used" in caplog.text
+        assert mine in bpfsys.prog_map_ids(kf.prog_fd), "the map pinned in between is the program's"
+        assert bpfsys.prog_tag(kf.prog_fd) == compiled["tag"]
+    finally:
+        _unpinned(kf)

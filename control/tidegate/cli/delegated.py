@@ -23,11 +23,11 @@ def delegated(name: str, summary: str, description: str, examples: str, what: st
       "tidegate agent --interface eth0 --xdp-mode generic --state-dir /var/lib/tidegate",
       "the agent's options (tidegate agent --help)")  # fmt: skip
 def agent(args, out) -> int:
-    # lazy: the daemon's imports (grpc server, kernel layer) only on this path; a compile child first,
-    # when one will be needed, so that its start runs beside those imports
-    from tidegate.daemon.early import compile_ahead
+    # lazy: the daemon's imports (grpc server, kernel layer) only on this path; the compile child or the
+    # cached program's load first, when one will be needed, so that it runs beside those imports
+    from tidegate.daemon.early import start_ahead
 
-    compile_ahead(args.args)
+    start_ahead(args.args)
     from tidegate.daemon.main import main as agent_main
 
     return agent_main(args.args)

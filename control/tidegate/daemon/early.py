@@ -1,10 +1,15 @@
 """What `tidegate agent` starts before importing the daemon.
 
 The agent's own imports (gRPC, numpy, the kernel layer...) take most of a
-second. When this start will most likely compile the program (nothing
-pinned, nothing in the program cache), the compile child is started first,
-so that its load of BCC and LLVM runs beside those imports; it touches
-nothing until the agent hands it the source (kernel/compiler.py).
+second, on one core. What the start will need from the kernel side begins
+beside them, without touching anything the start could leave behind:
+- nothing pinned and nothing in the program cache (a first start): the
+  compile child is started, loads BCC and LLVM, and waits for the source
+  (kernel/compiler.py);
+- nothing pinned but this program cached (after a reboot or `tidegate
+  detach`): a thread loads it against maps of its own, pinned only when the
+  start gets to the kernel (program.load_ahead); the verifier's run is
+  most of such a start.
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ import argparse
 import os
 
 from tidegate.daemon.options import DEFAULT_STATE_DIR
-from tidegate.kernel import compiler, program
-from tidegate.kernel.loader import PIN_ROOT
+from tidegate.kernel import compiler, loader, program, program_cache
+from tidegate.kernel.layout import MAX_SOURCES
 
 PROGRAM_CACHE = "program-cache"  # <state-dir>/program-cache/<digest>.json (kernel/program_cache.py)
 
@@ -23,22 +28,35 @@ def cache_dir(state_dir: str) -> str:
     return os.path.join(state_dir, PROGRAM_CACHE)
 
 
-def compile_ahead(argv: list[str]) -> bool:
-    """Start the compile child now if this start will likely compile. Only
-    the options that name the pin and state dirs are read, and nothing is
-    said about any other: the agent's parser does that."""
+def start_ahead(argv: list[str]) -> str | None:
+    """Start what this start will likely need: "compile", "cached" or None.
+    Only the options that name the pin and state dirs and the program's
+    build are read, and nothing is said about any other: the agent's parser
+    does that."""
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     p.add_argument("--interface", "-i")
-    p.add_argument("--pin-root", default=PIN_ROOT)
+    p.add_argument("--pin-root", default=loader.PIN_ROOT)
     p.add_argument("--pin-name")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    p.add_argument("--max-sources", type=int, default=MAX_SOURCES)
     try:
         opts, _ = p.parse_known_args(argv)
     except (argparse.ArgumentError, SystemExit):
-        return False
+        return None
     if not opts.interface:
-        return False  # the agent's parser says what is missing
-    if program.compile_likely(os.path.join(opts.pin_root, opts.pin_name or opts.interface), cache_dir(opts.state_dir)):
+        return None  # the agent's parser says what is missing
+    config = loader.FilterConfig(interface=opts.interface, pin_root=opts.pin_root, pin_name=opts.pin_name,
+                                 max_sources=opts.max_sources, cache_dir=cache_dir(opts.state_dir))  # fmt: skip
+    if program.compile_likely(config.pin_dir, config.cache_dir):
         compiler.start_ahead()
-        return True
-    return False
+        return "compile"
+    try:
+        if os.listdir(config.pin_dir):
+            return None  # a restart: the program is pinned (or a pin dir to look at closely: the load does)
+    except FileNotFoundError:
+        pass
+    digest = program.program_digest(loader.program_source(), loader.cflags(config))
+    if not os.path.exists(program_cache.entry_path(config.cache_dir, digest)):
+        return None
+    program.load_ahead(config.cache_dir, digest)
+    return "cached"

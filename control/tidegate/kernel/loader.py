@@ -188,11 +188,14 @@ def attached_tidegate_tag(attached_id: int | None, interface: str | None) -> byt
     return bytes(info.tag)
 
 
+def program_source() -> str:
+    return inline_source(bpf_source_dir() / "tidegate.c")
+
+
 def load_program(config: FilterConfig) -> program.Program:
     """The pinned program of this build, or one compiled in a child."""
-    src = inline_source(bpf_source_dir() / "tidegate.c")
     try:
-        return program.open_or_compile(src, cflags(config), config.pin_dir, config.cache_dir)
+        return program.open_or_compile(program_source(), cflags(config), config.pin_dir, config.cache_dir)
     except (CompileError, bpfsys.BpfError, OSError) as e:
         raise KernelError(
             f"compiling/loading the XDP program failed: {e}. Kernel headers and BCC are set up by "

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import platform
+import threading
 import time
 from dataclasses import dataclass
 
@@ -93,18 +94,24 @@ def open_or_compile(source: str, cflags: list[str], pin_dir: str, cache_dir: str
             took = time.monotonic() - t0
             log.info("program found pinned: not compiling", extra={"digest": digest, "pin": path, "s": round(took, 3)})
             compiler.cancel_ahead()
+            _take_ahead(None, path)
             return Program(fd, digest, False, 0.0, origin="pinned", seconds=took)
         os.close(fd)
         log.warning("the pinned program does not use the pinned maps: compiling it again", extra={"pin": path})
         os.unlink(path)
     if cache_dir is not None:
-        fd = _load_cached(cache_dir, digest, path)
+        fd = _take_ahead(digest, path)
+        ahead = fd is not None
+        if fd is None:
+            fd = _load_cached(cache_dir, digest, path)
         if fd is not None:
             took = time.monotonic() - t0
             log.info("program loaded from the cache: not compiling", extra={
-                "digest": digest, "cache": program_cache.entry_path(cache_dir, digest), "s": round(took, 3)})
+                "digest": digest, "cache": program_cache.entry_path(cache_dir, digest), "s": round(took, 3),
+                "loaded_ahead": ahead})  # fmt: skip
             compiler.cancel_ahead()
             return Program(fd, digest, False, 0.0, origin="cached", seconds=took)
+    _take_ahead(None, path)
     log.info("compiling the program in a child process", extra={"digest": digest})
     res = compile_in_child(source, cflags, path)  # CompileError: the caller words it
     log.info("program compiled", extra={"digest": digest, "compile_s": res["compile_s"], "child_pid": res["pid"],
@@ -125,6 +132,53 @@ def compile_likely(pin_dir: str, cache_dir: str | None) -> bool:
         return cache_dir is None or not any(n.endswith(".json") for n in os.listdir(cache_dir))
     except FileNotFoundError:
         return True
+
+
+_ahead: tuple[str, threading.Thread, list] | None = None  # load_ahead's digest, thread and result
+
+
+def load_ahead(cache_dir: str, digest: str) -> None:
+    """Load the cached program of `digest` in a thread, against maps of its
+    own and with nothing pinned (program_cache.load_unpinned), while the
+    agent imports its modules: the kernel's verifier, most of a start from
+    the cache, runs beside them. Only for an empty pin dir; open_or_compile
+    pins it when the start goes on, and a start that stops before leaves
+    nothing behind."""
+    global _ahead
+    box: list = []
+
+    def run() -> None:
+        try:
+            entry = program_cache.read(cache_dir, digest)
+            if entry is not None:
+                box.append(program_cache.load_unpinned(entry))
+        except Exception as e:  # noqa: BLE001 - handed to the load, which tries again and says why
+            box.append(e)
+
+    t = threading.Thread(target=run, name="cached-program-ahead", daemon=True)
+    t.start()
+    _ahead = (digest, t, box)
+
+
+def _take_ahead(digest: str | None, prog_pin: str) -> int | None:
+    """The program load_ahead loaded, pinned now, if it is of `digest` and
+    its pins are free; None otherwise (what it loaded is closed)."""
+    global _ahead
+    if _ahead is None:
+        return None
+    (want, t, box), _ahead = _ahead, None
+    t.join()
+    got = box[0] if box else None
+    if not isinstance(got, program_cache.Unpinned):
+        return None  # none, or an error the cached load below meets again and logs
+    if want != digest:
+        got.close()
+        return None
+    try:
+        return program_cache.pin_unpinned(got, prog_pin)
+    except (program_cache.CacheError, bpfsys.BpfError, OSError) as e:
+        log.info("the program loaded ahead is not used: loading it again", extra={"error": str(e)})
+        return None
 
 
 def _load_cached(cache_dir: str, digest: str, prog_pin: str) -> int | None:

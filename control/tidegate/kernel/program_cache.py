@@ -207,27 +207,95 @@ def load(e: Entry, prog_pin: str) -> int:
     try:
         for name, m in e.maps.items():
             fds[name] = open_or_create(m)
-        code = bytearray(e.insns)
-        for index, name in e.relocs:
-            struct.pack_into("<i", code, index * 8 + 4, fds[name])
-        try:
-            fd = bpfsys.prog_load(e.prog_type, bytes(code), e.license.encode(), e.name.encode(), e.kern_version)
-        except bpfsys.BpfError as err:
-            raise CacheError(f"the kernel refused the cached program: {err}") from None
+        fd = _load_program(e, fds)
     finally:
-        for mfd in fds.values():
-            os.close(mfd)
+        _close(fds.values())
     try:
-        tag = bpfsys.prog_tag(fd)
-        if tag != e.tag:
-            raise CacheError(f"the kernel gave the cached program tag {tag}, the compiled one had {e.tag}")
-        tmp = f"{prog_pin}_tmp{os.getpid()}"  # bpffs names take no dots
-        bpfsys.obj_pin(fd, tmp)
-        os.replace(tmp, prog_pin)
+        _pin_program(fd, prog_pin)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+@dataclass
+class Unpinned:
+    """A cached program loaded against maps of its own, nothing pinned:
+    the process's exit frees all of it."""
+
+    entry: Entry
+    prog_fd: int
+    map_fds: dict[str, int]
+
+    def close(self) -> None:
+        _close([self.prog_fd, *self.map_fds.values()])
+
+
+def load_unpinned(e: Entry) -> Unpinned:
+    """The entry's program loaded (verified, tag checked) against new maps,
+    none pinned: what a start with an empty pin dir can do before it is
+    sure to go on (pin_unpinned then pins it all)."""
+    fds: dict[str, int] = {}
+    try:
+        for name, m in e.maps.items():
+            fds[name] = open_or_create(MapDef(**{**m.__dict__, "pin": None}))
+        return Unpinned(e, _load_program(e, fds), fds)
+    except BaseException:
+        _close(fds.values())
+        raise
+
+
+def pin_unpinned(u: Unpinned, prog_pin: str) -> int:
+    """Pin u's maps where BPF_TABLE_PINNED pins them and its program at
+    prog_pin; returns the program's fd (u's other fds are closed).
+    CacheError, with nothing of u left pinned, when a map is pinned there
+    already (the pin dir is no longer the empty one u was made for)."""
+    done: list[str] = []
+    try:
+        for name, m in u.entry.maps.items():
+            if m.pin is not None:
+                try:
+                    bpfsys.obj_pin(u.map_fds[name], m.pin)
+                except bpfsys.BpfError as err:
+                    raise CacheError(f"pinning map {name} at {m.pin}: {err}") from None
+                done.append(m.pin)
+        _pin_program(u.prog_fd, prog_pin)
+    except BaseException:
+        for path in done:
+            drop_path(path)
+        u.close()
+        raise
+    _close(u.map_fds.values())
+    return u.prog_fd
+
+
+def _load_program(e: Entry, fds: dict[str, int]) -> int:
+    code = bytearray(e.insns)
+    for index, name in e.relocs:
+        struct.pack_into("<i", code, index * 8 + 4, fds[name])
+    try:
+        fd = bpfsys.prog_load(e.prog_type, bytes(code), e.license.encode(), e.name.encode(), e.kern_version)
+    except bpfsys.BpfError as err:
+        raise CacheError(f"the kernel refused the cached program: {err}") from None
+    tag = bpfsys.prog_tag(fd)
+    if tag != e.tag:
+        os.close(fd)
+        raise CacheError(f"the kernel gave the cached program tag {tag}, the compiled one had {e.tag}")
+    return fd
+
+
+def _pin_program(fd: int, prog_pin: str) -> None:
+    tmp = f"{prog_pin}_tmp{os.getpid()}"  # bpffs names take no dots
+    bpfsys.obj_pin(fd, tmp)
+    os.replace(tmp, prog_pin)
+
+
+def _close(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def open_or_create(m: MapDef) -> int:
