@@ -87,16 +87,14 @@ def record(insns: bytes, prog_fd: int, pin_dir: str, license: bytes, kern_versio
     maps: dict[str, MapDef] = {}
     relocs: list[list] = []
     names: dict[int, str] = {}
+    pinned = _pinned_maps(pin_dir)  # map id -> where it is pinned (names in the kernel stop at 15 characters)
     for index, src, fd in map_loads(insns):
         if src == 0:
             continue  # a plain 64-bit constant
         if src != PSEUDO_MAP_FD:
             raise CacheError(f"instruction {index} loads a map value (source register {src}): not kept")
         if fd not in names:
-            m = map_def(fd, None)
-            pin = os.path.join(pin_dir, m.name)
-            if os.path.exists(pin) and _pinned_id(pin) == bpfsys.map_info(fd).id:
-                m = MapDef(**{**m.__dict__, "pin": pin})
+            m = map_def(fd, pinned.get(bpfsys.map_info(fd).id))
             names[fd] = m.name
             maps[m.name] = m
         relocs.append([index, names[fd]])
@@ -109,12 +107,19 @@ def record(insns: bytes, prog_fd: int, pin_dir: str, license: bytes, kern_versio
     return entry
 
 
-def _pinned_id(path: str) -> int:
-    fd = bpfsys.obj_get(path)
-    try:
-        return bpfsys.map_info(fd).id
-    finally:
-        os.close(fd)
+def _pinned_maps(pin_dir: str) -> dict[int, str]:
+    out = {}
+    for name in os.listdir(pin_dir):
+        path = os.path.join(pin_dir, name)
+        fd = bpfsys.obj_get(path)
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                is_map = "map_type:" in f.read()  # the program's own pin is there too
+            if is_map:
+                out[bpfsys.map_info(fd).id] = path
+        finally:
+            os.close(fd)
+    return out
 
 
 def _checksum(entry: dict) -> str:
