@@ -23,7 +23,6 @@ from tidegate.access import auth
 from tidegate.access.auth import is_loopback as _is_loopback
 from tidegate.api import server as api
 from tidegate.changes.mitigation import Mitigator, Policy
-from tidegate.operation import Caller, OperationError
 from tidegate.daemon import early
 from tidegate.daemon.agent import Agent
 from tidegate.daemon.logfmt import KeyValueFormatter
@@ -36,6 +35,7 @@ from tidegate.daemon.reload import Reloader
 from tidegate.fleet import hostagent
 from tidegate.kernel.filter import FilterConfig, KernelError, KernelFilter
 from tidegate.observation import metrics
+from tidegate.operation import Caller, OperationError
 from tidegate.ruleset.model import RuleSetError
 from tidegate.ruleset.parse import load_rule_set
 from tidegate.safety import propose
@@ -50,6 +50,7 @@ def _origin(loaded) -> str:
         return "adopted the attached program"
     return {"pinned": "opened the pinned program", "cached": "loaded the cached program (not compiled)"}.get(
         loaded.origin, "compiled")
+
 
 def _undo_start(kf: KernelFilter, loaded) -> None:
     """A start that fails leaves what it found: a program that was attached
