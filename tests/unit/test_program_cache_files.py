@@ -43,3 +43,14 @@ def test_an_entry_that_does_not_hold_together_is_refused(tmp_path, change, words
         json.dump({**body, "checksum": program_cache._checksum(body)}, f)  # well-formed, checksummed
     with pytest.raises(program_cache.CacheError, match=words):
         program_cache.read(str(tmp_path), "d")
+
+
+def test_the_digest_names_the_compiler_too(monkeypatch):
+    """A BCC upgrade compiles again: neither the pinned program nor a cached one of the older BCC is reused."""
+    from tidegate.kernel import program
+
+    assert "__version__" in program.compiler_version(), "BCC's version is read (as text) where BCC is installed"
+    before = program.program_digest("int x;", ["-DA=1"])
+    assert program.program_digest("int x;", ["-DA=1"]) == before, "the same program has the same name"
+    monkeypatch.setattr(program, "compiler_version", lambda: "__version__ = '0.99.0'\n")
+    assert program.program_digest("int x;", ["-DA=1"]) != before

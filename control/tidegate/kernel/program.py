@@ -13,12 +13,14 @@ loaded, kept in the agent's state dir), it loads that without compiling.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from tidegate.kernel import bpfsys, compiler, program_cache
 from tidegate.kernel.compiler import compile_in_child
@@ -34,10 +36,21 @@ PROG_PIN_PREFIX = "prog_"
 LAYOUTS_DIGEST = repr(sorted((n, k.__name__, v.__name__, p) for n, (k, v, p) in LAYOUTS.items()))
 
 
+def compiler_version() -> str:
+    """The version of the BCC that would compile (its version.py, read as text: importing bcc would
+    load LLVM into the agent); "" without BCC."""
+    spec = importlib.util.find_spec("bcc")
+    try:
+        return Path(spec.origin).with_name("version.py").read_text() if spec and spec.origin else ""
+    except OSError:
+        return ""
+
+
 def program_digest(source: str, cflags: list[str]) -> str:
-    """What names a program: its inlined source, build options, the kernel."""
+    """What names a program: its inlined source, build options, the compiler, the kernel. A BCC
+    upgrade compiles again instead of reusing what the older one made (pinned or cached)."""
     h = hashlib.sha256()
-    for part in (source, "\0".join(cflags), platform.release(), LAYOUTS_DIGEST):
+    for part in (source, "\0".join(cflags), compiler_version(), platform.release(), LAYOUTS_DIGEST):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:32]
