@@ -103,6 +103,8 @@ def estimate_pb(est) -> pb.Estimate | None:
         top_affected=[pb.SourceRate(address=a["address"], rule=a["rule"], pps=a["pps"], drop_pps=a["drop_pps"])
                       for a in est.top_affected],  # fmt: skip
         summary=est.summary,
+        folded_sources=est.folded_sources,
+        folded_packet_share=est.folded_packet_share,
     )
 
 

@@ -43,7 +43,8 @@ class Insight:
         if iv is None or iv is self._last_iv:
             return
         self._last_iv = iv
-        self.latest = self.reader.add(iv, self._rule_name())
+        s = self.agent.sampler
+        self.latest = self.reader.add(iv, self._rule_name(), window=s.intervals(self.reader.window_seconds + s.interval))
 
     def read(self) -> dict:
         """The reading as of now: a reading whose newest sample is older

@@ -391,11 +391,15 @@ class Reader:
         # the first sample's sources are the agent's first baseline
         return max(cut, self.first_sample if self.first_sample is not None else now)
 
-    def add(self, iv, rule_name=lambda r: f"rule{r}") -> dict:
-        """Fold one interval in; returns the reading as of its end."""
+    def add(self, iv, rule_name=lambda r: f"rule{r}", window=None) -> dict:
+        """Fold one interval in; returns the reading as of its end. `window`:
+        the intervals before it as their owner holds them now (the sampler
+        folds its older ones: the reader must not keep the full ones alive)."""
         with self._lock:
             if self.first_sample is None:
                 self.first_sample = iv.t1
+            if window is not None:
+                self.window = [w for w in window if w is not iv and w.t1 <= iv.t0 + 1e-6]
             self.window.append(iv)
             while self.window and self.window[0].t0 < iv.t1 - self.window_seconds - 1e-6:
                 self.window.pop(0)
@@ -431,10 +435,20 @@ class Reader:
         if not self.window:
             data["reading"] = "no per-source samples yet: wait a few seconds"
             return data
-        f = figures(self.window, self.known, self.known_before(now), now, rule_name)
+        # the figures need every source's row: over the newest intervals the
+        # sampler has not folded (observation/fold.py), and they say so
+        start = len(self.window) - 1
+        while start > 0 and getattr(self.window[start - 1], "folded", None) is None:
+            start -= 1
+        f = figures(self.window[start:], self.known, self.known_before(now), now, rule_name)
         verdict, conf, text = judge(f, self.baseline, self.baseline_seconds,
                                     min(self.baseline_seconds, self.covered(now)), self.sample_interval,
                                     learning=now <= self.first_sample + 1e-9)
+        if start:  # figures over fewer seconds than the window: the sampler folded the older intervals
+            f["folded_intervals"] = start
+            text = (f"over the newest {f['window_seconds']:g} s only: the {start} older interval(s) of the "
+                    f"{self.window_seconds:g} s window were folded (too many sources to keep each one's row). "
+                    + text)  # fmt: skip
         data.update(f)
         data.update({"verdict": verdict, "confidence": conf, "reading": text})
         return data

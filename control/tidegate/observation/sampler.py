@@ -6,7 +6,10 @@ and blast-radius estimate uses the result, so their cost does not depend
 on the map size. Rates are deltas of the per-entry packet and drop counters
 between two snapshots (an entry that appeared in between counts from zero).
 A ring of intervals covering the estimate window (default 5 min) is kept,
-holding only entries that moved in each interval.
+holding only entries that moved in each interval; the newest intervals that
+fit `max_rows` rows keep every row, older ones are folded (observation/fold.py:
+the sources under the lowest per-source limit summed per prefix), so the
+window's memory is bounded however many sources a flood spoofs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections import deque
 
 import numpy as np
 
+from tidegate.observation.fold import MAX_KEPT, Folded, fold_rows, kept_rows, with_classes
 from tidegate.observation.window import SourceRates, SourceWindow, source_keys
 
 log = logging.getLogger("tidegate.observation.sampler")
@@ -103,6 +107,17 @@ class Interval:
         # entries count the same packets a second time, and their drops are
         # would-drops: nothing that measures enforced traffic may add them in.
         self.shadow_epochs = tuple(shadow_epochs)
+        self.folded: Folded | None = None  # set on a folded interval: what it summed instead of keeping
+
+    def fold(self, max_kept: int = MAX_KEPT) -> Interval:
+        """This interval folded (observation/fold.py): a new one holding the
+        rows it keeps, with the others summed per prefix in `folded`."""
+        keep, gone, above = kept_rows(self.kind, self.packets, self.seconds, max_kept)
+        cols = [self._columns[name].values() for name in COLUMNS]
+        out = Interval(self.t0, self.t1, *(c[keep] for c in cols), shadow_epochs=self.shadow_epochs)
+        hi, lo, epoch, rule, _kind, packets, drops, new_drops, _first = (c[gone] for c in cols)
+        out.folded = fold_rows(hi, lo, epoch, rule, packets, drops, new_drops, above)
+        return out
 
     hi = property(lambda self: self._columns["hi"].values())
     lo = property(lambda self: self._columns["lo"].values())
@@ -119,8 +134,8 @@ class Interval:
 
     @property
     def nbytes(self) -> int:
-        """Memory its rows take."""
-        return sum(c.nbytes for c in self._columns.values())
+        """Memory its rows take (and its folded summary's)."""
+        return sum(c.nbytes for c in self._columns.values()) + (self.folded.nbytes if self.folded else 0)
 
     @property
     def seconds(self) -> float:
@@ -140,10 +155,11 @@ SAMPLED = ("addr_hi", "addr_lo", "epoch", "rule", "kind", "packets", "drops", "n
 
 
 class Sampler:
-    def __init__(self, kf, interval: float = 5.0, window: float = 300.0):
+    def __init__(self, kf, interval: float = 5.0, window: float = 300.0, max_rows: int = 1 << 20):
         self.kf = kf
         self.interval = interval
         self.window = window
+        self.max_rows = max_rows  # rows the newest full intervals may hold together (the newest one always full)
         self._lock = threading.Lock()
         self._prev = None  # (t, sorted keys, packets, drops, new_drops, shadow epoch or None)
         self._intervals: deque[Interval] = deque()
@@ -234,6 +250,30 @@ class Sampler:
             self._intervals.append(iv)
             while self._intervals and self._intervals[0].t1 < now - self.window:
                 self._intervals.popleft()
+            due = self._due()
+        self._fold(due)
+
+    def _due(self) -> list[Interval]:
+        """The full intervals that no longer fit `max_rows` behind the newer ones (lock held)."""
+        rows, due = 0, []
+        for i, iv in enumerate(reversed(self._intervals)):
+            if iv.folded is not None:
+                continue
+            rows += len(iv)
+            if i and rows > self.max_rows:
+                due.append(iv)
+        return due
+
+    def _fold(self, due: list[Interval]) -> None:
+        """Fold each interval in `due` (outside the lock: readers keep reading
+        the full one meanwhile) and put the folded one in its place."""
+        for iv in due:
+            folded = iv.fold()
+            with self._lock:
+                for i, cur in enumerate(self._intervals):
+                    if cur is iv:
+                        self._intervals[i] = folded
+                        break
 
     def last_interval(self) -> Interval | None:
         with self._lock:
@@ -255,5 +295,8 @@ class Sampler:
 
     def window_rates(self, seconds: float | None = None, kind: int = 0, epochs: set[int] | None = None) -> SourceRates:
         """Per (source, rule name) rates over the window, of the enforcing
-        rule sets (SourceWindow.rates)."""
-        return SourceWindow(self.intervals(seconds)).rates(self.epoch_names, self.interval, kind, epochs)
+        rule sets (SourceWindow.rates); for per-source kind, the sources that
+        folded intervals summed follow as classes (fold.with_classes)."""
+        ivs = self.intervals(seconds)
+        rates = SourceWindow(ivs).rates(self.epoch_names, self.interval, kind, epochs)
+        return with_classes(rates, ivs, self.epoch_names, self.interval, epochs) if kind == 0 else rates

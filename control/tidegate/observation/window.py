@@ -129,6 +129,33 @@ class SourceRates:
     packets: np.ndarray = None  # per source, over the window
     drops: np.ndarray = None
     seen: np.ndarray = None  # seconds from first appearance to the end of the window
+    # an entry may be a class of folded sources (observation/fold.py): its network
+    # ("" for a source), the source-intervals it counts and its fastest source's pps
+    networks: list[str] = None
+    sources: np.ndarray = None
+    peak_pps: np.ndarray = None
+
+    def __post_init__(self):
+        n = len(self.addresses)
+        if self.networks is None:
+            self.networks = [""] * n
+        if self.sources is None:
+            self.sources = np.ones(n, np.int64)
+        if self.peak_pps is None:
+            self.peak_pps = np.asarray(self.pps, float)
+
+    @property
+    def folded(self) -> np.ndarray:
+        """Mask of the entries that are classes of folded sources."""
+        return np.array([bool(n) for n in self.networks], bool)
+
+    def take(self, idx) -> SourceRates:
+        idx = np.flatnonzero(idx) if np.asarray(idx).dtype == bool else np.asarray(idx, np.int64)
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return SourceRates([self.addresses[i] for i in idx], [self.rules[i] for i in idx], pick(self.epochs),
+                           pick(self.pps), pick(self.drop_pps), self.seconds, pick(self.packets), pick(self.drops),
+                           pick(self.seen), [self.networks[i] for i in idx], pick(self.sources),
+                           pick(self.peak_pps))  # fmt: skip
 
 
 @dataclass

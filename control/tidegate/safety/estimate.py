@@ -11,6 +11,16 @@ refusing). Prefix limits are applied to the sum of a prefix's sources.
 The traffic's protocol and port are taken from the active rule that
 matched it (a representative of its protocol and first port); traffic on
 the default rule is classified without a port.
+
+Sources the sampler folded (observation/fold.py: older intervals of a
+window over its row budget keep per-prefix sums of the sources that sent
+under 1 pps, the lowest limit a rule can be given) are counted as classes:
+a class is classified by its prefix's network address, its per-source rate
+is its fastest source's (under any per-source limit, unless the fold ran
+out of room), its packets count in its prefix's sum, and its sources are
+source-intervals. The estimate says how many sources and what share of
+packets rest on classes (`folded_sources`, `folded_packet_share`, the
+summary).
 """
 
 from __future__ import annotations
@@ -49,6 +59,8 @@ class Estimate:
     rules: list[RuleEstimate] = field(default_factory=list)
     top_affected: list[dict] = field(default_factory=list)
     summary: str = ""
+    folded_sources: int = 0  # sources counted as classes, judged by their prefix (observation/fold.py)
+    folded_packet_share: float = 0.0  # their share of the window's packets
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,23 +105,27 @@ def estimate(agent, candidate, rates=None) -> Estimate:
     # set passed P - D; the candidate passes a fraction f of them, from its
     # per-source limit against the source's rate (P / seen) and then its
     # prefix limit against the prefix's total rate.
+    # A class of folded sources is keyed apart (by its network): its rate
+    # against a per-source limit is its fastest source's, not its sum's.
     per_key: dict[str, list] = {}
-    for addr, name, pk, dr, seen in zip(rates.addresses, rates.rules, rates.packets, rates.drops, rates.seen):
+    for addr, name, pk, dr, seen, net, n, peak in zip(rates.addresses, rates.rules, rates.packets, rates.drops,
+                                                      rates.seen, rates.networks, rates.sources, rates.peak_pps):
         rule = active.rule(name)
         proto, port = _representative(rule)
         cidx = cls.classify(addr, proto, port)
         ckey = _mask_key(addr, d.ipv4_prefix, d.ipv6_prefix)
-        row = per_key.setdefault(f"{ckey}|{cidx}", [ckey, cidx, 0.0, 0.0, [], 0.0])
+        row = per_key.setdefault(f"{net or ckey}|{cidx}", [ckey, cidx, 0.0, 0.0, 0, 0.0, net, 0.0])
         row[2] += float(pk)
         row[3] += float(pk - dr)
-        row[4].append(addr)
+        row[4] += int(n)
         row[5] = max(row[5], float(seen))
+        row[7] = max(row[7], float(peak))
 
     prefix_groups: dict[str, list] = {}
     frac: dict[str, float] = {}
-    for k, (ckey, cidx, packets, passing, _addrs, seen) in per_key.items():
+    for k, (ckey, cidx, packets, passing, _n, seen, net, peak) in per_key.items():
         params = krs.rules.get(cidx)
-        rate = packets / seen if seen else 0.0
+        rate = peak if net else (packets / seen if seen else 0.0)
         if cidx == RULE_DENYLIST or (params and params.action == ACT_DROP):
             f = 0.0
         elif cidx == RULE_ALLOWLIST or params is None or params.action == ACT_PASS or not params.src.rate:
@@ -137,7 +153,7 @@ def estimate(agent, candidate, rates=None) -> Estimate:
     lost_total = 0.0
     newly: dict[str, float] = {}
     span = max(rates.seconds, 1e-9)
-    for k, (ckey, cidx, packets, passing, addrs, seen) in per_key.items():
+    for k, (ckey, cidx, packets, passing, n, seen, net, _peak) in per_key.items():
         passing_total += passing
         lost = max(0.0, passing - packets * frac[k])
         if lost > max(0.01 * passing, 0.5):
@@ -145,12 +161,15 @@ def estimate(agent, candidate, rates=None) -> Estimate:
             newly[k] = lost
             lost_total += lost
             re = by_rule.setdefault(name, RuleEstimate(name))
-            re.sources_newly_dropped += len(addrs)
+            re.sources_newly_dropped += n
             re.newly_dropped_pps += lost / span
-            affected.append({"address": ckey, "rule": name, "pps": packets / seen if seen else 0.0,
+            affected.append({"address": net or ckey, "rule": name, "pps": packets / seen if seen else 0.0,
                              "drop_pps": lost / seen if seen else 0.0})  # fmt: skip
-    est.sources_seen = len(rates.addresses)
-    est.sources_newly_dropped = sum(len(per_key[k][4]) for k in newly)
+    est.sources_seen = int(rates.sources.sum())
+    est.sources_newly_dropped = sum(per_key[k][4] for k in newly)
+    folded = rates.folded
+    est.folded_sources = int(rates.sources[folded].sum())
+    est.folded_packet_share = float(rates.packets[folded].sum() / max(1.0, float(rates.packets.sum())))
     est.packets_per_second = passing_total / span
     est.newly_dropped_pps = lost_total / span
     est.packet_share = lost_total / passing_total if passing_total else 0.0
@@ -166,6 +185,9 @@ def estimate(agent, candidate, rates=None) -> Estimate:
             f"{est.packets_per_second:.0f} pps) and {est.source_share:.1%} of sources ({est.sources_newly_dropped} of "
             f"{est.sources_seen}) seen over the last {est.window_seconds:.0f} s"
         )
+        if est.folded_sources:
+            est.summary += (f"; {est.folded_sources} of these sources ({est.folded_packet_share:.1%} of packets) "
+                            f"sent under 1 pps in intervals the sampler folded: counted by prefix as classes")  # fmt: skip
     return est
 
 

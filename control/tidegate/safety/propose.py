@@ -37,9 +37,7 @@ MIN_AGGREGATE_PPS = 100
 
 
 def _subset(r: SourceRates, mask: np.ndarray) -> SourceRates:
-    idx = np.flatnonzero(mask)
-    return SourceRates([r.addresses[i] for i in idx], [r.rules[i] for i in idx], r.epochs[idx], r.pps[idx],
-                       r.drop_pps[idx], r.seconds, r.packets[idx], r.drops[idx], r.seen[idx])  # fmt: skip
+    return r.take(np.flatnonzero(mask))
 
 
 def _explicit(rs: RuleSet) -> dict:
@@ -167,7 +165,9 @@ def known_split(agent, reading: dict) -> tuple[SourceRates, np.ndarray]:
     rates = agent.sampler.window_rates(agent.options.estimate_window, kind=0)
     keys = source_keys(*address_halves(rates.addresses))
     before = reading.get("known_before", -np.inf)
-    return rates, (agent.insight.known.first_seen_keys(keys) <= before) & ~np.isin(keys, _targets(reading))
+    # a class of folded sources (observation/fold.py) is never known: its address is its prefix's
+    known = (agent.insight.known.first_seen_keys(keys) <= before) & ~np.isin(keys, _targets(reading))
+    return rates, known & ~rates.folded
 
 
 def spared(agent, reading: dict) -> tuple[SourceRates, object]:
@@ -209,9 +209,10 @@ def propose(agent, reading: dict) -> dict:
         known_src = float(np.count_nonzero(known & (lost > 0.01 * pk)) / max(1, known.sum()))
     out["what_if"] = {
         "window_seconds": round(whole.window_seconds, 1),
-        "flood_sources": int((~known).sum()),
+        "flood_sources": int(rates.sources[~known].sum()),
         "flood_packet_share_dropped": round(flood_share, 4),
-        "known_sources": int(known.sum()),
+        "known_sources": int(rates.sources[known].sum()),
+        "folded_sources": whole.folded_sources,
         "known_packet_share_dropped": round(known_pk, 4),
         "known_source_share_dropped": round(known_src, 4),
         "within_budget": whole.within_budget and not problems,
