@@ -61,14 +61,17 @@ class KnownSources:
             found = (self.keys[idx_c] == k) if len(self.keys) else np.zeros(len(k), bool)
             self.last[idx_c[found]] = now
             new = k[~found]
+            # one array rebuilt at a time, no sort: a flood's million new keys a
+            # sample, into millions known, cost one array's copy at the peak
             if len(new):
-                keys = np.concatenate([self.keys, new])
-                first = np.concatenate([self.first, np.full(len(new), now)])
-                last = np.concatenate([self.last, np.full(len(new), now)])
-                order = np.argsort(keys)
-                self.keys, self.first, self.last = keys[order], first[order], last[order]
-            if len(self.keys) > self.max_known:
-                keep = np.sort(np.argsort(-self.last)[: self.max_known])
+                at = idx[~found]  # where each (sorted, distinct) new key goes
+                self.keys = np.insert(self.keys, at, new)
+                self.first = np.insert(self.first, at, now)
+                self.last = np.insert(self.last, at, now)
+            over = len(self.keys) - self.max_known
+            if over > 0:  # the least recently seen go
+                keep = np.ones(len(self.keys), bool)
+                keep[np.argpartition(self.last, over - 1)[:over]] = False
                 self.keys, self.first, self.last = self.keys[keep], self.first[keep], self.last[keep]
 
     def forget_after(self, t: float) -> None:

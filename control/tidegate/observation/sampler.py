@@ -150,12 +150,18 @@ class Interval:
         return (self.kind == 0) & self.not_shadow()
 
 
+# Rows the window's newest full intervals may hold together (the newest one is
+# always full); older ones are folded (observation/fold.py). Half a 1M-entry
+# LRU: an interval of a flood that churns it holds up to its every entry, and
+# the insight figures, the window's biggest reader, read every full row.
+MAX_FULL_ROWS = 1 << 19
+
 # the per-source fields a sample keeps (read chunk by chunk: the entries' other fields are never all held)
 SAMPLED = ("addr_hi", "addr_lo", "epoch", "rule", "kind", "packets", "drops", "new_drops", "first_ns")
 
 
 class Sampler:
-    def __init__(self, kf, interval: float = 5.0, window: float = 300.0, max_rows: int = 1 << 20):
+    def __init__(self, kf, interval: float = 5.0, window: float = 300.0, max_rows: int = MAX_FULL_ROWS):
         self.kf = kf
         self.interval = interval
         self.window = window
