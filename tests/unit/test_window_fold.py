@@ -37,7 +37,8 @@ def interval(t0: float, rows: list[tuple[str, int, int, int]], seconds: float = 
     """rows: (IPv4 address, rule index, packets, drops), all of EPOCH."""
     n = len(rows)
     hl = [v4(r[0]) for r in rows]
-    return Interval(t0, t0 + seconds, np.array([h for h, _ in hl], np.uint64), np.array([lo for _, lo in hl], np.uint64),
+    hi, lo = np.array([h for h, _ in hl], np.uint64), np.array([x for _, x in hl], np.uint64)
+    return Interval(t0, t0 + seconds, hi, lo,
                     np.full(n, EPOCH, np.uint32), np.array([r[1] for r in rows], np.uint8), np.full(n, kind, np.uint8),
                     np.array([r[2] for r in rows], np.uint64), np.array([r[3] for r in rows], np.uint64),
                     np.zeros(n, np.uint64), np.zeros(n, np.uint64))  # fmt: skip

@@ -43,8 +43,9 @@ class Insight:
         if iv is None or iv is self._last_iv:
             return
         self._last_iv = iv
-        s = self.agent.sampler
-        self.latest = self.reader.add(iv, self._rule_name(), window=s.intervals(self.reader.window_seconds + s.interval))
+        # the window as the sampler holds it now: the reader keeps no interval the sampler folded
+        window = self.sampler.intervals(self.reader.window_seconds + self.sampler.interval)
+        self.latest = self.reader.add(iv, self._rule_name(), window=window)
 
     def read(self) -> dict:
         """The reading as of now: a reading whose newest sample is older

@@ -187,7 +187,7 @@ def estimate(agent, candidate, rates=None) -> Estimate:
         )
         if est.folded_sources:
             est.summary += (f"; {est.folded_sources} of these sources ({est.folded_packet_share:.1%} of packets) "
-                            f"sent under 1 pps in intervals the sampler folded: counted by prefix as classes")  # fmt: skip
+                            "sent under 1 pps in intervals the sampler folded: counted by prefix as classes")
     return est
 
 
