@@ -181,12 +181,13 @@ def figures(intervals: list, known: KnownSources, known_before: float, now: floa
     t0, t1 = ivs[0].t0, ivs[-1].t1
     secs = max(1e-9, t1 - t0)
     rows = SourceWindow(ivs).select(enforced=True)
-    hi, lo, rule_rows = rows.hi, rows.lo, rows.rule
+    rule_rows = rows.rule
     pk_rows, dr_rows = rows.packets.astype(np.float64), rows.drops.astype(np.float64)
     uk, first_row, inv = rows.sources()
     n = len(uk)
     pk = np.bincount(inv, weights=pk_rows, minlength=n)
-    hi_u, lo_u = hi[first_row], lo[first_row]
+    hi_u, lo_u = rows.hi[first_row], rows.lo[first_row]
+    del rows, uk, first_row  # the rows' other columns: a flood's interval holds a row per LRU entry
     present = np.bincount(inv, minlength=n)  # intervals each source sent in
     total = float(pk.sum())
     fig: dict = {"window_seconds": round(secs, 1), "window_start": t0, "interval_seconds": round(ivs[-1].seconds, 2),

@@ -214,7 +214,8 @@ class Sampler:
         del meta
         order = np.argsort(hkeys, kind="stable")
         hkeys = hkeys[order]
-        packets = table.packets[order]
+        # the counters in key order; the snapshot's own copies go at once (a flood fills the LRU: 8 MB each)
+        packets, table.packets = table.packets[order], None
         active_epoch = state.active.epoch if state.active else None
         for info in (state.active, state.shadow):
             if info is not None and not self.epoch_names.get(info.epoch):
@@ -224,7 +225,8 @@ class Sampler:
         with self._lock:
             prev = self._prev
             shadow_now = state.shadow.epoch if state.shadow else None
-            drops, new_drops = table.drops[order], table.new_drops[order]
+            drops, table.drops = table.drops[order], None
+            new_drops, table.new_drops = table.new_drops[order], None
             # the next sample's base, compact: counters that fit in 32 bits take 4 bytes
             self._prev = (now, hkeys, Column(packets), Column(drops), Column(new_drops), shadow_now)
             if active_epoch is not None:
