@@ -18,6 +18,7 @@ from tidegate.observation import fold
 from tidegate.observation import sampler as sampler_module
 from tidegate.observation.reading import Reader
 from tidegate.observation.sampler import Interval, Sampler
+from tidegate.observation.top import top_sources
 from tidegate.observation.window import SourceWindow
 from tidegate.ruleset.parse import parse_rule_set
 from tidegate.safety import estimate as safety
@@ -111,6 +112,9 @@ class ChurningTable:
     def slot_names(self, slot):
         return {API: "api", SINK: "sink"}
 
+    def rule_name(self, slot, idx):
+        return self.slot_names(slot)[idx]
+
 
 def flooded_sampler(monkeypatch, samples: int = 8, per: int = 600, max_rows: int = 1000) -> Sampler:
     """A sampler that took `samples` intervals of 5 s of a ChurningTable."""
@@ -181,3 +185,11 @@ def test_insight_figures_leave_folded_intervals_out_and_say_so(monkeypatch):
     assert d["reading"].startswith("over the newest 5 s only")
     # the reader holds what the sampler holds, not the full intervals it folded
     assert all(a is b for a, b in zip(r.window, ivs[-6:]))
+
+
+def test_top_sources_over_a_window_say_how_many_of_its_intervals_were_folded(monkeypatch):
+    s = flooded_sampler(monkeypatch)
+    rows, seconds, folded = top_sources(s.kf, s, 3, "packets", window=300)
+    # the steady client's 8 x 50 packets; the folded intervals' one-off sources are not summed
+    assert (rows[0]["address"], rows[0]["packets"], seconds, folded) == ("192.0.2.10", 400, 40.0, 7)
+    assert top_sources(s.kf, s, 3, "packets")[2] == 0  # the last interval: never folded

@@ -252,9 +252,10 @@ class FilterService(pbg.FilterServicer):
             if not 0 <= request.window_seconds <= self.agent.sampler.window:  # NaN fails this too
                 raise OperationError("INVALID_ARGUMENT", f"window_seconds must be between 0 (the last sample "
                                      f"interval) and {self.agent.sampler.window:g} (the sampler's history)")  # fmt: skip
-            rows, secs = self.agent.top_sources(request.n or 10, by, request.shadow, request.window_seconds)
+            rows, secs, folded = self.agent.top_sources(request.n or 10, by, request.shadow, request.window_seconds)
             return pb.TopSourcesResponse(sources=[pb.SourceRate(**r) for r in rows], interval_seconds=secs,
-                                         tracked_sources=self.agent.sampler.tracked_sources)  # fmt: skip
+                                         tracked_sources=self.agent.sampler.tracked_sources,
+                                         folded_intervals=folded)  # fmt: skip
 
         # the last interval is a few ms at any number of sources; a window sums up to TOP_WINDOW_ROWS rows
         return self._run(context, "TopSources", fn, expensive=request.window_seconds != 0)

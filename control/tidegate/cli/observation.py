@@ -88,7 +88,8 @@ def top(args, out: Output) -> int:
     if r is None:
         return EXIT_OK
     what = "shadow would-drops" if args.shadow and args.by == "drops" else args.by
-    out.table(f"top sources by {what} (last {r.interval_seconds:.1f} s, {r.tracked_sources:,} tracked)",
+    folded = f"; {r.folded_intervals} folded: sources under 1 pps not summed" if r.folded_intervals else ""
+    out.table(f"top sources by {what} (last {r.interval_seconds:.1f} s, {r.tracked_sources:,} tracked{folded})",
               ["source", "rule", "pps", "drop pps", "packets", "drops"],
               [[s.address, s.rule, s.pps, s.drop_pps, s.packets, s.drops] for s in r.sources],
               empty="no samples yet: the agent samples sources every few seconds")  # fmt: skip

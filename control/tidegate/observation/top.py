@@ -15,8 +15,10 @@ TOP_WINDOW_ROWS = 2_000_000  # per-source rows one windowed TopSources call may 
 
 
 def top_sources(kf, sampler, n: int, by: str, shadow: bool = False,
-                window: float = 0.0) -> tuple[list[dict], float]:  # fmt: skip
-    """Top sources of the active (or shadow) set by packets or drops.
+                window: float = 0.0) -> tuple[list[dict], float, int]:  # fmt: skip
+    """Top sources of the active (or shadow) set by packets or drops, the
+    seconds they cover and how many of the intervals covered were folded
+    (observation/fold.py: their sources under 1 pps are not in the sums).
 
     window 0: the sampler's last interval; otherwise the intervals of the
     last `window` seconds, summed per source and rule (entries of the set
@@ -28,17 +30,18 @@ def top_sources(kf, sampler, n: int, by: str, shadow: bool = False,
     if info is None:
         if shadow:
             raise OperationError("FAILED_PRECONDITION", "no shadow rule set is loaded")
-        return [], 0.0
+        return [], 0.0, 0
     if window > 0:
         w = SourceWindow.of(sampler, window)
     else:
         w = SourceWindow([sampler.last_interval()])
     if not len(w):
-        return [], 0.0
+        return [], 0.0, 0
     # bounded work: sum at most TOP_WINDOW_ROWS rows, newest intervals first; the
     # response's interval_seconds says what was covered
     top, order = w.top(max(1, min(n, 1000)), "drops" if by == "drops" else "packets", info.epoch, TOP_WINDOW_ROWS)
     seconds = top.seconds
+    folded = sum(iv.folded is not None for iv in w.intervals[len(w) - top.intervals:]) if top.intervals else 0
     out = []
     now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     for i, address in zip(order, top.addresses(order)):
@@ -53,7 +56,7 @@ def top_sources(kf, sampler, n: int, by: str, shadow: bool = False,
                 "first_seen_seconds_ago": max(0.0, (now_ns - int(top.first_ns[i])) / 1e9),
             }
         )
-    return out, seconds
+    return out, seconds, folded
 
 
 def shadow_report(kf, sampler, shadow_loaded_at: float | None, top: int) -> dict:
