@@ -14,6 +14,8 @@ Rows
   parse+drop (floor)       Ethernet, up to 2 VLAN tags, IPv4/IPv6 source, drop
   parse+drop+ktime         the floor plus one bpf_ktime_get_ns()
   parse+drop+coarse        the floor plus one bpf_ktime_get_coarse_ns()
+  parse+drop+jiffies       the floor plus one bpf_jiffies64() (tidegate's
+                           bucket clock)
   minimal token bucket     bench/ref/token_bucket.c: per-source bucket in an
                            LRU hash with bpf_ktime_get_ns (the afternoon job);
                            the ratios are taken against this row
@@ -61,6 +63,8 @@ of --load-runs.
 Run as root with the project venv or Debian's python3:
   .venv/bin/python bench/packet_path.py            # full run, saves results
   .venv/bin/python bench/packet_path.py --quick    # fewer runs, not saved
+While iterating, --cases and --rows measure a subset (never saved), e.g.
+  .venv/bin/python bench/packet_path.py --quick --cases v4,cycle --rows tg_full,tg_shadow
 """
 
 from __future__ import annotations
@@ -559,6 +563,7 @@ def cost_breakdown(results: dict) -> str:
     pairs = [
         ("clock: bpf_ktime_get_ns", "parse_ktime", "parse"),
         ("clock: bpf_ktime_get_coarse_ns", "parse_coarse", "parse"),
+        ("clock: bpf_jiffies64 (tidegate's)", "parse_jiffies", "parse"),
         ("minimal token bucket over the floor", "tb", "parse"),
         ("token bucket: coarse clock instead of ktime", "tb_coarse", "tb"),
         ("token bucket: per-CPU LRU lists", "tb_pcpu", "tb"),
@@ -661,7 +666,14 @@ def main(argv=None) -> int:
     p.add_argument("--save", action="store_true", help="with --quick: save anyway (as <name>-quick)")
     p.add_argument("--name", default="packet_path", help="results file name under bench/results/")
     p.add_argument("--no-save", action="store_true", help="print only")
+    p.add_argument("--cases", help="comma-separated case keys to measure (v4,over,v6,vlan,cycle,spread,hot1m,churn); "
+                   "a subset is never saved")
+    p.add_argument("--rows", help="comma-separated tidegate row keys to load (tg_defaults,tg_full,tg_shadow,...); "
+                   "a subset is never saved")
     args = p.parse_args(argv)
+    if args.cases or args.rows:
+        args.no_save = True
+    want_case = set(args.cases.split(",")) if args.cases else None
     if args.quick:
         args.runs = min(args.runs, 3)
         args.load_runs = min(args.load_runs, 2)
@@ -698,6 +710,7 @@ def main(argv=None) -> int:
         bench.add_ref("parse", "parse+drop (floor)", "parse_drop.c")
         bench.add_ref("parse_ktime", "parse+drop + bpf_ktime_get_ns", "parse_drop.c", ["-DCLOCK=1"])
         bench.add_ref("parse_coarse", "parse+drop + bpf_ktime_get_coarse_ns", "parse_drop.c", ["-DCLOCK=2"])
+        bench.add_ref("parse_jiffies", "parse+drop + bpf_jiffies64", "parse_drop.c", ["-DCLOCK=3"])
         bench.add_ref("tb", "minimal token bucket", "token_bucket.c", [f"-DRATE={BIG}", f"-DBURST={BIG}",
                                                                         f"-DMAX_SOURCES={MAP_SIZE}"], lru=True)
         bench.add_ref("tb_coarse", "token bucket, coarse clock (variant)", "token_bucket.c",
@@ -720,6 +733,8 @@ def main(argv=None) -> int:
             ("tg_full_over", "tidegate: full (100 pps)", "full", "over", False),
             ("tg_shadow_over", "tidegate: full + shadow (100 pps)", "full", "over", True),
         ]
+        if args.rows:
+            tg = [t for t in tg if t[0] in args.rows.split(",")]
         for key, label, variant, mode, shadow in tg:
             print(f"loading {label} ...", flush=True)
             results["setup"][key] = bench.load_tidegate(key, label, variant, mode, lists, shadow)
@@ -728,7 +743,7 @@ def main(argv=None) -> int:
         results["labels"] = {k: r.label for k, r in bench.rows.items()}
         probes = [k for k in bench.rows if k.startswith("probe_")]
 
-        common = ["bare", "parse", "parse_ktime", "parse_coarse"] + (["xdpf"] if "xdpf" in bench.rows else [])
+        common = ["bare", "parse", "parse_ktime", "parse_coarse", "parse_jiffies"] + (["xdpf"] if "xdpf" in bench.rows else [])
         pass_tg = [k for k, _, _, m, _ in tg if m == "pass"]
         over_tg = [k for k, _, _, m, _ in tg if m == "over"]
         tbs = ["tb", "tb_coarse", "tb_pcpu"]
@@ -736,6 +751,8 @@ def main(argv=None) -> int:
                                   ("over", fr["v4"], common + ["tb_over"] + over_tg),
                                   ("v6", fr["v6"], common + tbs + pass_tg),
                                   ("vlan", fr["vlan"], common + tbs + pass_tg)):
+            if want_case is not None and ckey not in want_case:
+                continue
             print(f"case {ckey}: {len(keys)} rows x {args.runs} runs ...", flush=True)
             c = bench.measure_case(keys, frame)
             c["_tb"] = "tb_over" if ckey == "over" else "tb"
@@ -743,26 +760,36 @@ def main(argv=None) -> int:
             results["cases"][ckey] = c
 
         lru_rows = tbs + pass_tg
-        print(f"prefilling {len(lru_rows)} maps with {MAP_SIZE:,} sources ...", flush=True)
-        results["prefill"] = bench.prefill(lru_rows, fr["v4"])
         cyc_keys = ["bare", "parse"] + (["xdpf", "bare37"] if "xdpf" in bench.rows else []) + lru_rows
+
+        def wanted(ckey):
+            return want_case is None or ckey in want_case
+
+        if want_case is None or want_case & {"cycle", "spread", "hot1m"}:
+            print(f"prefilling {len(lru_rows)} maps with {MAP_SIZE:,} sources ...", flush=True)
+            results["prefill"] = bench.prefill(lru_rows, fr["v4"])
         for ckey, cycle in (("cycle", (CYCLE_BASE, 65536, 1)), ("spread", (SPREAD_BASE, 65536, SPREAD_STRIDE))):
+            if not wanted(ckey):
+                continue
             keys = cyc_keys + probes
             print(f"case {ckey}: {len(keys)} rows x {args.runs} runs ...", flush=True)
             c = bench.measure_case(keys, fr["v4"], cycle=cycle, warmup_repeat=2 * 65536)
             c["_tb"], c["_floor"] = "tb", "parse"
             results["cases"][ckey] = c
-        results["entries_after_cycle"] = {k: bench.map_entries(bench.rows[k]) for k in lru_rows}
-        print("case hot1m ...", flush=True)
-        c = bench.measure_case(common + lru_rows, fr["v4"])
-        c["_tb"], c["_floor"] = "tb", "parse"
-        results["cases"]["hot1m"] = c
-        print(f"case churn: {len(cyc_keys)} rows x {args.runs} runs ...", flush=True)
-        c = bench.measure_case(cyc_keys, fr["v4"], cycle=(PREFILL_BASE, CHURN_SOURCES, 1), warmup_repeat=MAP_SIZE)
-        c["_tb"], c["_floor"] = "tb", "parse"
-        results["cases"]["churn"] = c
+        if wanted("hot1m"):
+            results["entries_after_cycle"] = {k: bench.map_entries(bench.rows[k]) for k in lru_rows}
+            print("case hot1m ...", flush=True)
+            c = bench.measure_case(common + lru_rows, fr["v4"])
+            c["_tb"], c["_floor"] = "tb", "parse"
+            results["cases"]["hot1m"] = c
+        if wanted("churn"):
+            print(f"case churn: {len(cyc_keys)} rows x {args.runs} runs ...", flush=True)
+            c = bench.measure_case(cyc_keys, fr["v4"], cycle=(PREFILL_BASE, CHURN_SOURCES, 1),
+                                   warmup_repeat=MAP_SIZE)
+            c["_tb"], c["_floor"] = "tb", "parse"
+            results["cases"]["churn"] = c
 
-        if args.load_runs:
+        if args.load_runs and want_case is None and not args.rows:
             print(f"agent load time x {args.load_runs} ...", flush=True)
             results["load_time"] = bench.load_times(args.load_runs)
     except KeyboardInterrupt:

@@ -10,6 +10,38 @@
 #ifndef TIDEGATE_BUCKET_H
 #define TIDEGATE_BUCKET_H
 
+#include <linux/jiffies.h>
+
+static __always_inline __u64 tg_now(void)
+{
+#ifdef TG_REPLAY_CLOCK
+	__u32 zero = 0;
+	__u64 *t = tg_clock.lookup(&zero);
+	return t ? *t : 0;
+#else
+	/* Bucket time: jiffies in ns since the tick started. The same tick
+	 * resolution as bpf_ktime_get_coarse_ns (a few ms, plenty for
+	 * packet-rate buckets), but the verifier inlines bpf_jiffies64 as one
+	 * load: 3 ns over the floor against 20 for the coarse clock and 35 for
+	 * bpf_ktime_get_ns (bench/packet_path.py clock rows). It trails
+	 * CLOCK_MONOTONIC by a constant of the boot, so only the program reads
+	 * it (last_ns, blocked_until, pfx_credit_ns); first_ns, which the
+	 * control plane compares with its own clock, comes from tg_wall(). */
+	return (bpf_jiffies64() - (__u64)INITIAL_JIFFIES) * (1000000000ULL / HZ);
+#endif
+}
+
+/* CLOCK_MONOTONIC (coarse) for the one field the control plane reads as a
+ * time: first_ns, written once per new entry. */
+static __always_inline __u64 tg_wall(void)
+{
+#ifdef TG_REPLAY_CLOCK
+	return tg_now();
+#else
+	return bpf_ktime_get_coarse_ns();
+#endif
+}
+
 static __always_inline __u64 tg_refill(__u64 tokens, __u64 elapsed, __u64 rate, __u64 cap,
 				       __u64 fill_ns)
 {
@@ -51,7 +83,7 @@ static __always_inline int tg_fresh(struct tg_src *s, const struct tg_limit *l, 
 	s->tokens = l->burst;
 	s->byte_tokens = l->bburst;
 	s->last_ns = now;
-	s->first_ns = now;
+	s->first_ns = tg_wall();
 	s->blocked_until = 0;
 	s->packets = 0;
 	s->bytes = 0;

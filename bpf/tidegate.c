@@ -36,19 +36,6 @@
 #include "stats.h"
 #include "rules.h"
 
-static __always_inline __u64 tg_now(void)
-{
-#ifdef TG_REPLAY_CLOCK
-	__u32 zero = 0;
-	__u64 *t = tg_clock.lookup(&zero);
-	return t ? *t : 0;
-#else
-	/* jiffy resolution (a few ms) is plenty for packet-rate buckets and
-	 * far cheaper than bpf_ktime_get_ns */
-	return bpf_ktime_get_coarse_ns();
-#endif
-}
-
 static __always_inline void tg_count_rule(struct tg_rule_count *rc, struct tg_verdict v,
 					  __u32 len)
 {

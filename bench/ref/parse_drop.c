@@ -1,7 +1,8 @@
 /* Row "parse+drop" (the floor): parse Ethernet (+VLAN) and IPv4/IPv6, read
  * the source address, drop. Built with -DCLOCK=1 it also reads
- * bpf_ktime_get_ns, with -DCLOCK=2 bpf_ktime_get_coarse_ns: the cost of the
- * clock alone, next to the floor. The source and the clock feed the verdict
+ * bpf_ktime_get_ns, with -DCLOCK=2 bpf_ktime_get_coarse_ns, with -DCLOCK=3
+ * bpf_jiffies64 (tidegate's bucket clock): the cost of the clock alone, next
+ * to the floor. The source and the clock feed the verdict
  * so the compiler cannot drop the work. */
 #include <uapi/linux/bpf.h>
 #include "parse.h"
@@ -22,6 +23,8 @@ int bench_xdp(struct xdp_md *ctx)
 	x |= bpf_ktime_get_ns();
 #elif CLOCK == 2
 	x |= bpf_ktime_get_coarse_ns();
+#elif CLOCK == 3
+	x |= bpf_jiffies64();
 #endif
 	return x ? XDP_DROP : XDP_PASS;
 }
