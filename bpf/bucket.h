@@ -81,18 +81,24 @@ static __always_inline int tg_fresh(struct tg_src *s, const struct tg_limit *l, 
 				     __u32 len, int bytes)
 {
 	s->tokens = l->burst;
-	s->byte_tokens = l->bburst;
 	s->last_ns = now;
-	s->first_ns = tg_wall();
-	s->blocked_until = 0;
 	s->packets = 0;
 	s->bytes = 0;
-	s->drops = 0;
-	s->new_drops = 0;
+	s->cls_lo = 0;
+	s->pfx_credit_ns = now;  /* as if it had just visited its prefix */
+	s->cls_ok = 0;
+	s->flags = 0;
 	s->pfx_credit = 0;
 	s->pfx_owed = 0;
-	s->pfx_credit_ns = now;  /* as if it had just visited its prefix */
 	s->pfx_owed_bytes = 0;
+	s->blocked_until = 0;
+	s->byte_tokens = l->bburst;
+	s->drops = 0;
+	s->new_drops = 0;
+	s->first_ns = tg_wall();
+	s->cls_mask = 0;
+	s->cls_hi = 0;
+	s->spare = 0;
 	return tg_take(s, l, now, len, bytes);
 }
 

@@ -71,11 +71,18 @@
 #define TG_KIND_SOURCE 0
 #define TG_KIND_PREFIX 1
 
+/* The layout of struct tg_src that the pinned tg_state map was made for,
+ * written by the control plane next to the selection (0 before it was kept):
+ * a program whose tg_src has another layout of the same size gets a new
+ * tg_state map, as one of another size does (the loader's prepare_pin_dir).
+ * Change it with every change of struct tg_src. */
+#define TG_STATE_LAYOUT 2
+
 struct tg_ctl {
 	/* bits 0-7 active slot, bits 8-15 shadow slot (TG_NO_SLOT = none).
 	 * One 32-bit word so a reader loads the selection in one instruction. */
 	__u32 sel;
-	__u32 pad;
+	__u32 state_layout;  /* TG_STATE_LAYOUT; the program does not read it */
 };
 
 /* Addresses are kept as 16 bytes: IPv6 as is, IPv4 as ::ffff:a.b.c.d.
@@ -163,32 +170,46 @@ struct tg_state_key {
 	__u16 pad;
 };
 
+/* Per-source (and per-prefix) state, 120 bytes. In the LRU hash an entry is
+ * a 48-byte element header, the 24-byte key, then this value: 192 bytes, three
+ * 64-byte cache lines, the first holding the header and the key's address,
+ * the second the rest of the key and the value's first 56 bytes. The fields a
+ * packet of a known source reads or writes (bucket, counters, cached
+ * classification, prefix credit) are those 56 bytes, so a cache-missing
+ * lookup costs two lines of the entry, not three (bench/packet_path.py,
+ * cycled cases); the rest is read only when a flag says so, on a drop or by
+ * the control plane. */
 struct tg_src {
 	__u64 tokens;
 	__u64 last_ns;
-	__u64 byte_tokens;
-	__u64 blocked_until;
 	__u64 packets;
 	__u64 bytes;
+	/* Source entries: the classification cache (bpf/rules.h): the trie's
+	 * answer for one address under this entry's rule set (the key's epoch).
+	 * cls_lo is the address's low half; the high half is compared only
+	 * when the key does not hold it (IPv6 keys shorter than /64). */
+	__u64 cls_lo;
+	/* Source entries: prefix credit (bpf/rules.h): the last prefix visit */
+	__u64 pfx_credit_ns;
+	__u8 cls_ok;       /* 1: cls_* hold a trie answer */
+	__u8 flags;        /* TG_SF_* */
+	__u8 pfx_credit;   /* packets still to send on tokens taken from the prefix */
+	__u8 pfx_owed;     /* packets sent on credit not yet added to the prefix */
+	__u32 pfx_owed_bytes;
+	/* read only when flags say so, on drops, or by the control plane */
+	__u64 blocked_until;  /* valid when flags has TG_SF_BLOCKED */
+	__u64 byte_tokens;    /* rules with a byte limit */
 	__u64 drops;       /* enforced drops, or would-drops for shadow entries */
 	__u64 new_drops;   /* shadow only: would-drops the active set passed */
-	__u64 first_ns;
-	/* Source entries: the classification cache (bpf/rules.h). The trie's
-	 * rule mask for the address cls_hi/cls_lo under this entry's rule set
-	 * (the key's epoch); cls_ok = 0: nothing cached. */
-	__u64 cls_mask;
+	__u64 first_ns;    /* CLOCK_MONOTONIC (coarse) of the first packet */
+	__u64 cls_mask;    /* the trie's rule mask; valid when flags has TG_SF_CLS_MASK */
 	__u64 cls_hi;
-	__u64 cls_lo;
-	__u32 cls_ok;
-	/* Source entries: prefix credit (bpf/rules.h), packets this source may
-	 * still send on tokens taken from its prefix bucket at its last prefix
-	 * visit (pfx_credit_ns), and the packets and bytes sent on credit not
-	 * yet added to the prefix entry's counters. */
-	__u16 pfx_credit;
-	__u16 pfx_owed;
-	__u64 pfx_credit_ns;
-	__u64 pfx_owed_bytes;
+	__u64 spare;
 };
+
+/* tg_src.flags */
+#define TG_SF_BLOCKED 1   /* blocked_until was set: compare it with now */
+#define TG_SF_CLS_MASK 2  /* cls_mask is not 0 */
 
 struct tg_count {
 	__u64 packets;

@@ -10,7 +10,8 @@
  *
  * Classification cache: the trie's answer for a source (not listed, and the
  * mask of rules whose sources contain it) is kept in the source's state
- * entry, with the full address it was computed for. A state entry belongs
+ * entry, with the full address it was computed for (the part of it that
+ * the entry's key does not already hold is compared). A state entry belongs
  * to one rule set: its key holds the set's epoch, and a slot is never
  * rewritten under the same epoch. So a cached answer can only be read by
  * packets of the set that wrote it, and a swap invalidates every cached
@@ -151,10 +152,15 @@ static __always_inline int tg_has_state(const struct tg_rule_cfg *rc)
 static __always_inline void tg_cache_class(struct tg_src *s, const struct tg_pkt *p,
 					   const struct tg_class *cls)
 {
-	s->cls_mask = cls->mask;
-	s->cls_hi = p->addr_hi;
 	s->cls_lo = p->addr_lo;
+	s->cls_hi = p->addr_hi;
 	s->cls_ok = cls->ok;
+	if (cls->mask) {
+		s->cls_mask = cls->mask;
+		s->flags |= TG_SF_CLS_MASK;
+	} else {
+		s->flags &= ~TG_SF_CLS_MASK;
+	}
 }
 
 /* Apply the rule's limits. shadow: this slot is the candidate set, its
@@ -207,16 +213,21 @@ static __always_inline struct tg_verdict tg_limit(__u32 slot, const struct tg_se
 	} else {
 		s->packets++;
 		s->bytes += p->len;
-		if (s->blocked_until > now) {
-			v.drop = 1;
-			v.reason = TG_R_BLOCKED;
-			goto counted;
+		if (s->flags & TG_SF_BLOCKED) {
+			if (s->blocked_until > now) {
+				v.drop = 1;
+				v.reason = TG_R_BLOCKED;
+				goto counted;
+			}
+			s->flags &= ~TG_SF_BLOCKED;
 		}
 		if (!tg_take(s, &rc->src, now, p->len, bytes)) {
 			v.drop = 1;
 			v.reason = TG_R_RATE;
-			if (rc->block_ns)
+			if (rc->block_ns) {
 				s->blocked_until = now + rc->block_ns;
+				s->flags |= TG_SF_BLOCKED;
+			}
 			goto counted;
 		}
 	}
@@ -316,8 +327,11 @@ static __always_inline struct tg_verdict tg_eval(__u32 slot, const struct tg_set
 			/* the trie adds rules to the port's any-source ones: the guess
 			 * stands unless one of them comes first */
 			__u64 m0 = cfg->any_src_mask & port_mask;
-			__u64 extra = s ? s->cls_mask & port_mask & ~m0 : 0;
-			if (s && s->cls_ok && s->cls_hi == p->addr_hi && s->cls_lo == p->addr_lo &&
+			__u64 extra = s && (s->flags & TG_SF_CLS_MASK) ? s->cls_mask & port_mask & ~m0 : 0;
+			/* the entry's key holds the address's high half unless an IPv6
+			 * key is shorter than /64 (IPv4's high half is always 0) */
+			if (s && s->cls_ok && s->cls_lo == p->addr_lo &&
+			    (p->family == 4 || cfg->key6.hi == ~0ULL || s->cls_hi == p->addr_hi) &&
 			    (!extra || (m0 && (extra & -extra) > (m0 & -m0)))) {
 				v.rule = guess;
 				v.reason = TG_R_PASS;

@@ -15,7 +15,8 @@ import sys
 import pytest
 
 from tidegate.kernel.filter import FilterConfig, KernelFilter
-from tidegate.kernel.layout import tg_src, tg_state_key
+from tidegate.kernel import bpfsys
+from tidegate.kernel.layout import STATE_LAYOUT, tg_ctl, tg_src, tg_state_key
 from tidegate.kernel.loader import pinned_map_info
 from tidegate.ruleset.parse import parse_rule_set
 
@@ -80,6 +81,86 @@ def test_a_state_map_of_an_older_layout_is_made_anew_and_the_rule_set_kept():
         verdict, _ = kf.test_run(f.udp("198.51.100.7", 53))
         assert verdict == 2 and kf.counters().rules["dns"].pass_packets == before + 1
         assert kf.read_sources().count == 1, "the new map holds the new entry only"
+    finally:
+        kf.close()
+        kf.remove_pins()
+
+
+def _state_layout(pin_dir: str) -> tg_ctl:
+    fd = bpfsys.obj_get(os.path.join(pin_dir, "tg_ctl"))
+    try:
+        ctl = tg_ctl()
+        bpfsys.map_lookup(fd, ctypes.c_uint32(0), ctl)
+        return ctl
+    finally:
+        os.close(fd)
+
+
+def _forget_layout(pin_dir: str) -> None:
+    fd = bpfsys.obj_get(os.path.join(pin_dir, "tg_ctl"))
+    try:
+        ctl = _state_layout(pin_dir)
+        ctl.state_layout = 0
+        bpfsys.map_update(fd, ctypes.c_uint32(0), ctl)
+    finally:
+        os.close(fd)
+
+
+def _drop_program_pins(pin_dir: str) -> None:
+    for name in os.listdir(pin_dir):
+        if name.startswith("prog_"):
+            os.unlink(os.path.join(pin_dir, name))
+
+
+@pytest.mark.kernel
+def test_a_state_map_of_another_layout_of_the_same_size_is_made_anew_and_kept_across_restarts():
+    cfg = FilterConfig(interface=None, pin_name=f"test-relayout-{os.getpid()}", max_sources=65536)
+    state = os.path.join(cfg.pin_dir, "tg_state")
+    kf = KernelFilter(cfg)
+    kf.load()
+    try:
+        rs = parse_rule_set(RULES, "<test>")
+        kf.apply(rs, 7)
+        kf.test_run(f.udp("198.51.100.7", 53))
+        assert _state_layout(cfg.pin_dir).state_layout == STATE_LAYOUT
+        first = pinned_map_info(state).id
+        kf.close()
+
+        # a restart, and a new program of the same state layout, keep the entries
+        for drop_program in (False, True):
+            if drop_program:
+                _drop_program_pins(cfg.pin_dir)
+            kf = KernelFilter(cfg)
+            res = kf.load()
+            assert res.compiled == drop_program
+            assert pinned_map_info(state).id == first and kf.read_sources().count == 1
+            kf.close()
+
+        sel = _state_layout(cfg.pin_dir).sel
+        # this build's program pinned but the layout not recorded (an agent stopped in between):
+        # the program's own map is kept, and the layout recorded
+        _forget_layout(cfg.pin_dir)
+        kf = KernelFilter(cfg)
+        assert not kf.load().compiled
+        assert pinned_map_info(state).id == first and kf.read_sources().count == 1
+        assert _state_layout(cfg.pin_dir).state_layout == STATE_LAYOUT
+        kf.close()
+
+        # what an agent before the layout was kept left: the same sizes, state_layout 0
+        _forget_layout(cfg.pin_dir)
+        _drop_program_pins(cfg.pin_dir)
+
+        kf = KernelFilter(cfg)
+        res = kf.load()
+        assert res.compiled and not res.fresh_maps
+        assert pinned_map_info(state).id != first, "entries of another layout are not read as this one"
+        assert _sizes(state) == (ctypes.sizeof(tg_state_key), ctypes.sizeof(tg_src))
+        ctl = _state_layout(cfg.pin_dir)
+        assert (ctl.sel, ctl.state_layout) == (sel, STATE_LAYOUT), "the selection kept, the layout recorded"
+        assert kf.active_version() == 7 and kf.read_sources().count == 0
+        kf.bind_names(7, rs)
+        verdict, _ = kf.test_run(f.udp("198.51.100.7", 53))
+        assert verdict == 2 and kf.read_sources().count == 1
     finally:
         kf.close()
         kf.remove_pins()

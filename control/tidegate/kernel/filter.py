@@ -83,6 +83,8 @@ class KernelFilter:
             fresh = not existed or not loader.maps_initialised(self._tables)
             if fresh:
                 loader.init_maps(self._tables)
+            else:
+                loader.mark_state_layout(self._tables)
             self._slot_entries = None
             info = bpfsys.prog_info(prog.fd)
             new_id = info.id

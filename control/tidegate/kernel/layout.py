@@ -49,6 +49,8 @@ RF_PKT, RF_BYTES, RF_PREFIX, RF_PFX_BYTES = 1, 2, 4, 8  # TG_RF_*: tg_rule_cfg.f
 CF_ALLOW, CF_DENY = 1, 2  # TG_CF_*: tg_cidr_val.flags
 SET_HAS_TRIE, SET_HAS_PORTS, SET_EXT_DEFAULT = 1, 2, 4  # TG_SET_*: tg_set_cfg.flags
 KIND_SOURCE, KIND_PREFIX = 0, 1  # TG_KIND_*: tg_state_key.kind
+SF_BLOCKED, SF_CLS_MASK = 1, 2  # TG_SF_*: tg_src.flags
+STATE_LAYOUT = 2  # TG_STATE_LAYOUT: the tg_src layout, kept in tg_ctl.state_layout
 LRU_INSERTS, LRU_FAILS, LRU_COUNTERS = 0, 1, 2  # TG_LRU_*: tg_lru indexes
 
 PORT_RANGE = 2 * 65536  # port-table entries per slot: (is_udp << 16 | port), TG_PORT_IDX
@@ -67,7 +69,7 @@ u8, u16, u32, u64 = ctypes.c_ubyte, ctypes.c_ushort, ctypes.c_uint, ctypes.c_ulo
 
 
 class tg_ctl(ctypes.Structure):
-    _fields_ = [("sel", u32), ("pad", u32)]
+    _fields_ = [("sel", u32), ("state_layout", u32)]
 
 
 class tg_mask(ctypes.Structure):
@@ -105,10 +107,10 @@ class tg_state_key(ctypes.Structure):
 
 
 class tg_src(ctypes.Structure):
-    _fields_ = [(n, u64) for n in ("tokens", "last_ns", "byte_tokens", "blocked_until", "packets", "bytes", "drops",
-                                   "new_drops", "first_ns", "cls_mask", "cls_hi", "cls_lo")] + [
-        ("cls_ok", u32), ("pfx_credit", u16), ("pfx_owed", u16), ("pfx_credit_ns", u64),
-        ("pfx_owed_bytes", u64)]  # fmt: skip
+    _fields_ = [(n, u64) for n in ("tokens", "last_ns", "packets", "bytes", "cls_lo", "pfx_credit_ns")] + [
+        ("cls_ok", u8), ("flags", u8), ("pfx_credit", u8), ("pfx_owed", u8), ("pfx_owed_bytes", u32)] + [
+        (n, u64) for n in ("blocked_until", "byte_tokens", "drops", "new_drops", "first_ns", "cls_mask", "cls_hi",
+                           "spare")]  # fmt: skip
 
 
 class tg_count(ctypes.Structure):

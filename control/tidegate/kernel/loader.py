@@ -31,6 +31,8 @@ from tidegate.kernel.layout import (
     PROG_NAME,
     RESIZABLE_COUNTERS,
     SOFT_STATE,
+    STATE_LAYOUT,
+    tg_ctl,
 )
 from tidegate.kernel.pinned_maps import PinnedMap
 
@@ -138,14 +140,17 @@ def prepare_pin_dir(config: FilterConfig) -> bool:
                 f"{entries}; run `tidegate detach --interface {config.interface}` to start over "
                 "with the new size (this removes the filter while it runs)"
             )
+    other_layout = _pinned_state_layout(d) != STATE_LAYOUT and not _program_pinned(config)
     for name in SOFT_STATE:
         # per-source buckets only: a program whose state entries have another layout gets a new
-        # map (BCC would reuse the old one and the verifier refuse the program); every source
-        # starts again with a full bucket, the old program keeps its map until it is replaced
+        # map (BCC would reuse the old one and the verifier refuse the program, or, at the same
+        # size, the program would misread every entry); every source starts again with a full
+        # bucket, the old program keeps its map until it is replaced
         p = os.path.join(d, name)
         key, value, _ = LAYOUTS[name]
         info = pinned_map_info(p) if os.path.exists(p) else None
-        if info is not None and (info.key_size, info.value_size) != (ctypes.sizeof(key), ctypes.sizeof(value)):
+        if info is not None and (other_layout or (info.key_size, info.value_size) != (ctypes.sizeof(key),
+                                                                                       ctypes.sizeof(value))):
             log.warning("the pinned per-source state has another layout: it is made anew and every source "
                         "starts with a full bucket", extra={"map": p})  # fmt: skip
             os.unlink(p)
@@ -158,6 +163,38 @@ def prepare_pin_dir(config: FilterConfig) -> bool:
                         "from zero", extra={"map": p, "entries": entries})  # fmt: skip
             os.unlink(p)
     return True
+
+
+def _pinned_state_layout(pin_dir: str) -> int | None:
+    """tg_ctl.state_layout of the pinned maps: the tg_src layout their
+    tg_state was made for (0 from agents before it was kept)."""
+    p = os.path.join(pin_dir, "tg_ctl")
+    if not os.path.exists(p):
+        return None
+    fd = bpfsys.obj_get(p)
+    try:
+        ctl = tg_ctl()
+        bpfsys.map_lookup(fd, ctypes.c_uint32(0), ctl)
+        return ctl.state_layout
+    finally:
+        os.close(fd)
+
+
+def _program_pinned(config: FilterConfig) -> bool:
+    """This build's program is pinned already: the maps it uses are of its
+    layout whatever tg_ctl says (an agent that stopped before marking it)."""
+    digest = program.program_digest(inline_source(bpf_source_dir() / "tidegate.c"), cflags(config))
+    return os.path.exists(program.prog_pin_path(config.pin_dir, digest))
+
+
+def mark_state_layout(tables: dict[str, PinnedMap]) -> None:
+    """Record in tg_ctl the tg_src layout of the tg_state map in use; the
+    selection word is written back as it is."""
+    ctl = tables["tg_ctl"]
+    leaf = ctl[ctl.Key(0)]
+    if leaf.state_layout != STATE_LAYOUT:
+        leaf.state_layout = STATE_LAYOUT
+        ctl[ctl.Key(0)] = leaf
 
 
 def pinned_map_info(path: str) -> bpfsys.MapInfo:
@@ -234,6 +271,7 @@ def init_maps(tables: dict[str, PinnedMap]) -> None:
     ctl = tables["tg_ctl"]
     leaf = ctl.Leaf()
     leaf.sel = NO_SLOT | (NO_SLOT << 8)
+    leaf.state_layout = STATE_LAYOUT
     ctl[ctl.Key(0)] = leaf
 
 

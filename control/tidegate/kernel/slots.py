@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from tidegate.kernel import bpfsys
 from tidegate.kernel.entries import KernelRuleSet, kernel_port_entries, kernel_trie_entries, same_matching
 from tidegate.kernel.errors import KernelError, MapWriteError
-from tidegate.kernel.layout import NO_SLOT, PORT_RANGE, RULE_IDX, SLOTS
+from tidegate.kernel.layout import NO_SLOT, PORT_RANGE, RULE_IDX, SLOTS, STATE_LAYOUT
 from tidegate.kernel.readers import (
     RuleCounters,
     ShadowCounters,
@@ -57,6 +57,7 @@ def write_selection(tables: Tables, grace: bpfsys.GraceWaiter, active: int, shad
     ctl = tables["tg_ctl"]
     leaf = ctl.Leaf()
     leaf.sel = (active & 0xFF) | ((shadow & 0xFF) << 8)
+    leaf.state_layout = STATE_LAYOUT
     try:
         ctl[ctl.Key(0)] = leaf  # one word: the old selection or the new one
     except Exception as e:
