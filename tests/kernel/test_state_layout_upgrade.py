@@ -47,45 +47,6 @@ BPF(text=src).load_func(b"f", BPF.XDP)
 """
 
 
-def _sizes(path: str) -> tuple[int, int]:
-    info = pinned_map_info(path)
-    return info.key_size, info.value_size
-
-
-@pytest.mark.kernel
-def test_a_state_map_of_an_older_layout_is_made_anew_and_the_rule_set_kept():
-    cfg = FilterConfig(interface=None, pin_name=f"test-upgrade-{os.getpid()}", max_sources=65536)
-    kf = KernelFilter(cfg)
-    kf.load()
-    try:
-        rs = parse_rule_set(RULES, "<test>")
-        kf.apply(rs, 7)
-        kf.test_run(f.udp("198.51.100.7", 53))
-        kf.close()
-        # what an older agent left: its program (another digest) and its state map
-        state = os.path.join(cfg.pin_dir, "tg_state")
-        for name in os.listdir(cfg.pin_dir):
-            if name.startswith("prog_"):
-                os.unlink(os.path.join(cfg.pin_dir, name))
-        os.unlink(state)
-        subprocess.run([sys.executable, "-c", OLD_STATE, state], check=True, capture_output=True, timeout=120)
-        assert _sizes(state) == (ctypes.sizeof(tg_state_key), 72)
-
-        kf = KernelFilter(cfg)
-        res = kf.load()
-        assert res.compiled and not res.fresh_maps
-        assert _sizes(state) == (ctypes.sizeof(tg_state_key), ctypes.sizeof(tg_src))
-        assert kf.active_version() == 7, "the rule set and its selection are kept"
-        kf.bind_names(7, rs)  # what the agent does from its store
-        before = kf.counters().rules["dns"].pass_packets
-        verdict, _ = kf.test_run(f.udp("198.51.100.7", 53))
-        assert verdict == 2 and kf.counters().rules["dns"].pass_packets == before + 1
-        assert kf.read_sources().count == 1, "the new map holds the new entry only"
-    finally:
-        kf.close()
-        kf.remove_pins()
-
-
 def _state_layout(pin_dir: str) -> tg_ctl:
     fd = bpfsys.obj_get(os.path.join(pin_dir, "tg_ctl"))
     try:
@@ -112,16 +73,55 @@ def _drop_program_pins(pin_dir: str) -> None:
             os.unlink(os.path.join(pin_dir, name))
 
 
-@pytest.mark.kernel
-def test_a_state_map_of_another_layout_of_the_same_size_is_made_anew_and_kept_across_restarts():
-    cfg = FilterConfig(interface=None, pin_name=f"test-relayout-{os.getpid()}", max_sources=65536)
-    state = os.path.join(cfg.pin_dir, "tg_state")
+
+def _loaded_with_one_source(name: str):
+    """A filter on pins of its own, rule set 7 applied, one source seen."""
+    cfg = FilterConfig(interface=None, pin_name=f"{name}-{os.getpid()}", max_sources=65536)
     kf = KernelFilter(cfg)
     kf.load()
+    rs = parse_rule_set(RULES, "<test>")
+    kf.apply(rs, 7)
+    kf.test_run(f.udp("198.51.100.7", 53))
+    return cfg, kf, rs
+
+
+def _sizes(path: str) -> tuple[int, int]:
+    info = pinned_map_info(path)
+    return info.key_size, info.value_size
+
+
+@pytest.mark.kernel
+def test_a_state_map_of_an_older_layout_is_made_anew_and_the_rule_set_kept():
+    cfg, kf, rs = _loaded_with_one_source("test-upgrade")
     try:
-        rs = parse_rule_set(RULES, "<test>")
-        kf.apply(rs, 7)
-        kf.test_run(f.udp("198.51.100.7", 53))
+        kf.close()
+        # what an older agent left: its program (another digest) and its state map
+        state = os.path.join(cfg.pin_dir, "tg_state")
+        _drop_program_pins(cfg.pin_dir)
+        os.unlink(state)
+        subprocess.run([sys.executable, "-c", OLD_STATE, state], check=True, capture_output=True, timeout=120)
+        assert _sizes(state) == (ctypes.sizeof(tg_state_key), 72)
+
+        kf = KernelFilter(cfg)
+        res = kf.load()
+        assert res.compiled and not res.fresh_maps
+        assert _sizes(state) == (ctypes.sizeof(tg_state_key), ctypes.sizeof(tg_src))
+        assert kf.active_version() == 7, "the rule set and its selection are kept"
+        kf.bind_names(7, rs)  # what the agent does from its store
+        before = kf.counters().rules["dns"].pass_packets
+        verdict, _ = kf.test_run(f.udp("198.51.100.7", 53))
+        assert verdict == 2 and kf.counters().rules["dns"].pass_packets == before + 1
+        assert kf.read_sources().count == 1, "the new map holds the new entry only"
+    finally:
+        kf.close()
+        kf.remove_pins()
+
+
+@pytest.mark.kernel
+def test_a_state_map_of_another_layout_of_the_same_size_is_made_anew_and_kept_across_restarts():
+    cfg, kf, rs = _loaded_with_one_source("test-relayout")
+    state = os.path.join(cfg.pin_dir, "tg_state")
+    try:
         assert _state_layout(cfg.pin_dir).state_layout == STATE_LAYOUT
         first = pinned_map_info(state).id
         kf.close()
