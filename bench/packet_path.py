@@ -21,7 +21,9 @@ Rows
                            the ratios are taken against this row
   token bucket variants    the same with the coarse clock, and with per-CPU
                            LRU lists (BPF_F_NO_COMMON_LRU): what two one-line
-                           changes to the reference would buy
+                           changes to the reference would buy; and with
+                           tidegate's entry size (24-byte key, 120-byte
+                           value): what the size alone costs
   xdp-filter               Debian's xdp-tools program (all features, allow
                            policy, a few filter entries), loaded by
                            `xdp-filter load` on a veth pair this bench makes,
@@ -567,6 +569,7 @@ def cost_breakdown(results: dict) -> str:
         ("minimal token bucket over the floor", "tb", "parse"),
         ("token bucket: coarse clock instead of ktime", "tb_coarse", "tb"),
         ("token bucket: per-CPU LRU lists", "tb_pcpu", "tb"),
+        ("token bucket: tidegate's entry size (24-byte key, 120-byte value)", "tb_big", "tb"),
         ("tidegate defaults-only over the floor", "tg_defaults", "parse"),
         ("per-prefix bucket (prefix limit on)", "tg_prefix", "tg_defaults"),
         ("allow/deny tries, 2x10k CIDRs (trie, or the cached answer)", "tg_lists", "tg_prefix"),
@@ -717,6 +720,9 @@ def main(argv=None) -> int:
                       [f"-DRATE={BIG}", f"-DBURST={BIG}", f"-DMAX_SOURCES={MAP_SIZE}", "-DCOARSE_CLOCK=1"], lru=True)
         bench.add_ref("tb_pcpu", "token bucket, per-CPU LRU lists (variant)", "token_bucket.c",
                       [f"-DRATE={BIG}", f"-DBURST={BIG}", f"-DMAX_SOURCES={MAP_SIZE}", "-DLRU_FLAGS=2"], lru=True)
+        bench.add_ref("tb_big", "token bucket, tidegate's entry size (variant)", "token_bucket.c",
+                      [f"-DRATE={BIG}", f"-DBURST={BIG}", f"-DMAX_SOURCES={MAP_SIZE}", "-DKEY_PAD=1", "-DVAL_PAD=13"],
+                      lru=True)
         bench.add_ref("tb_over", "minimal token bucket (100 pps)", "token_bucket.c",
                       [f"-DRATE={SMALL}", f"-DBURST={SMALL}", f"-DMAX_SOURCES={MAP_SIZE}"], lru=True)
         bench.load_cyclers()
@@ -746,7 +752,7 @@ def main(argv=None) -> int:
         common = ["bare", "parse", "parse_ktime", "parse_coarse", "parse_jiffies"] + (["xdpf"] if "xdpf" in bench.rows else [])
         pass_tg = [k for k, _, _, m, _ in tg if m == "pass"]
         over_tg = [k for k, _, _, m, _ in tg if m == "over"]
-        tbs = ["tb", "tb_coarse", "tb_pcpu"]
+        tbs = ["tb", "tb_coarse", "tb_pcpu", "tb_big"]
         for ckey, frame, keys in (("v4", fr["v4"], common + tbs + pass_tg + probes),
                                   ("over", fr["v4"], common + ["tb_over"] + over_tg),
                                   ("v6", fr["v6"], common + tbs + pass_tg),
