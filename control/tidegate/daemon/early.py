@@ -47,6 +47,13 @@ def start_ahead(argv: list[str]) -> str | None:
         return None  # the agent's parser says what is missing
     config = loader.FilterConfig(interface=opts.interface, pin_root=opts.pin_root, pin_name=opts.pin_name,
                                  max_sources=opts.max_sources, cache_dir=cache_dir(opts.state_dir))  # fmt: skip
+    try:
+        return _start_ahead(config)
+    except (OSError, ValueError):
+        return None  # a state or pin dir that is not one (a file, no access...): the start says so in its words
+
+
+def _start_ahead(config: loader.FilterConfig) -> str | None:
     if program.compile_likely(config.pin_dir, config.cache_dir):
         compiler.start_ahead()
         return "compile"
