@@ -17,11 +17,13 @@ and the store's version aborted. Every refusal is counted and audited
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from tidegate.operation import ApplyOutcome, Caller, OperationError
 from tidegate.kernel.filter import KernelError, NotAttachedError
@@ -37,6 +39,34 @@ RULE_SETS_KEPT = 4  # parsed versions kept in memory (the kernel's active and sh
 
 # guard_factory(version, rule_set, seconds, caller, rollback) -> a started-able safety.guard.Guard
 GuardFactory = Callable[..., object]
+
+_pauses = 0  # changes under way with the collector paused
+_pause_lock = threading.Lock()
+_resume = False  # the collector ran before the first of them paused it
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic collector off while a change parses and builds a rule
+    set. Almost everything such a change allocates (a network, its key and
+    text per CIDR) lives on as the new version, so the collections its
+    allocations set off free nothing, and each full one walks the whole
+    agent: ~40% of a 100,000-CIDR apply. Reference counting still frees
+    what a change drops; the collector runs again when the last change
+    under way ends, on the next allocations."""
+    global _pauses, _resume
+    with _pause_lock:
+        if _pauses == 0:
+            _resume = gc.isenabled()
+            gc.disable()
+        _pauses += 1
+    try:
+        yield
+    finally:
+        with _pause_lock:
+            _pauses -= 1
+            if _pauses == 0 and _resume:
+                gc.enable()
 
 
 @dataclasses.dataclass(eq=False)
@@ -104,7 +134,8 @@ class ChangeService:
     def parse(self, text: str, source: str, caller: Caller, action: str) -> RuleSet:
         """A rule set a client sent as text; one that does not validate is a refused change (audited)."""
         try:
-            return parse_rule_set(text, source or "<request>")
+            with collector_paused():
+                return parse_rule_set(text, source or "<request>")
         except RuleSetError as e:
             self.rejected(action, caller, str(e))
             raise OperationError("INVALID_ARGUMENT", f"invalid rule set: {len(e.errors)} error(s)\n{e}",
@@ -147,7 +178,7 @@ class ChangeService:
                                  [FieldError("reason", None, "is required")])  # fmt: skip
         if force and len(reason.strip()) < 3:
             raise OperationError("INVALID_ARGUMENT", "--force needs a real reason (it is audited)")
-        with self._change:
+        with self._change, collector_paused():
             estimate = None
             active = self.active_rule_set()
             if not shadow and active is not None:

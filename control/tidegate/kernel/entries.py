@@ -22,6 +22,7 @@ covering IPv4 sources.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import math
 import struct
@@ -65,6 +66,7 @@ _BARRIER = (V4_MAPPED, 96)
 # several times faster than filling ctypes structs; tests/unit/test_layout_contract.py checks they agree)
 CIDR_VAL = struct.Struct("<QII")
 CIDR_KEY_HEAD = struct.Struct("<II")  # prefixlen, slot; the address follows in network order
+_ADDR4 = struct.Struct(">I")
 
 
 @dataclass(frozen=True)
@@ -184,25 +186,18 @@ def _build_kernel_rule_set(rule_set) -> KernelRuleSet:
         raise ValueError(f"{len(rules)} rules, the kernel holds at most {MAX_RULES}")
 
     any_src_mask = 0
-    own: dict[tuple[int, int], list[int]] = {}  # key -> [rule_mask, flags]
-
-    def add(net, mask: int, flags: int) -> None:
-        entry = own.setdefault(network_key(net), [0, 0])
-        entry[0] |= mask
-        entry[1] |= flags
-
-    for net in rule_set.allow:
-        add(net, 0, CF_ALLOW)
-    for net in rule_set.deny:
-        add(net, 0, CF_DENY)
+    flags: dict[tuple[int, int], int] = dict.fromkeys(_keys(rule_set.allow), CF_ALLOW)
+    for key in _keys(rule_set.deny):
+        flags[key] = flags.get(key, 0) | CF_DENY
+    masks: dict[tuple[int, int], int] = {}  # key -> the rules listing it among their sources
     for i, rule in enumerate(rules):
         if _is_any_source(rule.sources):
             any_src_mask |= 1 << i
         else:
-            for net in rule.sources:
-                add(net, 1 << i, 0)
+            for key in _keys(rule.sources):
+                masks[key] = masks.get(key, 0) | (1 << i)
 
-    cidrs = _inherit(own)
+    cidrs = _inherit(flags, masks)
 
     proto_mask = [0] * 256
     ports: dict[tuple[int, int], int] = {}
@@ -248,28 +243,42 @@ def _build_kernel_rule_set(rule_set) -> KernelRuleSet:
     )
 
 
-def _inherit(own: dict[tuple[int, int], list[int]]) -> dict[tuple[int, int], tuple[int, int]]:
-    """Give every entry the masks and flags of all entries containing it.
+def _keys(nets) -> list[tuple[int, int]]:
+    """(addr128, prefixlen128) of each network: the parser's keys when it made the tuple."""
+    keys = getattr(nets, "unified_keys", None)
+    return keys if keys is not None else [network_key(n) for n in nets]
+
+
+def _inherit(flags: dict[tuple[int, int], int], masks: dict[tuple[int, int], int]
+             ) -> dict[tuple[int, int], tuple[int, int]]:  # fmt: skip
+    """Every entry (a key in flags or masks) with the masks and flags of all
+    entries containing it.
 
     Sorted by (address, prefix length), an entry's containing entries are
-    exactly the stack of still-open prefixes before it: O(n log n)."""
-    if not own:
+    exactly the stack of still-open prefixes before it: O(n log n), and
+    O(n) for a list already in order. An open prefix contains a later entry
+    while the entry's address is within its last address."""
+    if not flags and not masks:
         return {}
-    if any(_contains(k, _BARRIER) and k != _BARRIER for k in own) and _BARRIER not in own:
-        own = dict(own)
-        own[_BARRIER] = [0, 0]
+    keys = sorted([*flags, *(k for k in masks if k not in flags)])  # lists come mostly in order: cheap
+    # the prefixes that contain the barrier sort before it (with IPv4-only lists there are none to look at)
+    at = bisect.bisect_left(keys, _BARRIER)
+    if (at == len(keys) or keys[at] != _BARRIER) and any(k[1] < 96 and _contains(k, _BARRIER) for k in keys[:at]):
+        keys.insert(at, _BARRIER)
     out: dict[tuple[int, int], tuple[int, int]] = {}
-    stack: list[tuple[tuple[int, int], int, int]] = []
-    for key in sorted(own):
-        while stack and not _contains(stack[-1][0], key):
+    stack: list[tuple[int, int, int, int]] = []  # (last address, prefix length, mask, flags) of open prefixes
+    fget, mget = flags.get, masks.get
+    for key in keys:
+        addr, plen = key
+        while stack and addr > stack[-1][0]:
             stack.pop()
-        mask, flags = own[key]
+        mask, flag = mget(key, 0), fget(key, 0)
         # IPv4 space never inherits from IPv6 prefixes above the barrier
-        if stack and not (key == _BARRIER or (stack[-1][0][1] < 96 and _contains(_BARRIER, key))):
-            mask |= stack[-1][1]
-            flags |= stack[-1][2]
-        stack.append((key, mask, flags))
-        out[key] = (mask, flags)
+        if stack and not (key == _BARRIER or (stack[-1][1] < 96 and _contains(_BARRIER, key))):
+            mask |= stack[-1][2]
+            flag |= stack[-1][3]
+        stack.append((addr | ((1 << (128 - plen)) - 1), plen, mask, flag))
+        out[key] = (mask, flag)
     return out
 
 
@@ -291,12 +300,18 @@ def kernel_trie_entries(krs: KernelRuleSet, slot: int) -> tuple[dict[bytes, byte
     as bpf/layout.h lays out tg_cidr4_key, tg_cidr6_key and tg_cidr_val."""
     v4: dict[bytes, bytes] = {}
     v6: dict[bytes, bytes] = {}
-    for (addr, plen), (mask, flags) in krs.cidrs.items():
-        val = CIDR_VAL.pack(mask, flags, 0)
-        if trie_family(addr, plen) == 4:
-            if (addr, plen) == _BARRIER and not (mask or flags):
+    vals: dict[tuple[int, int], bytes] = {}  # a set has few distinct values: each packed once
+    heads4 = [CIDR_KEY_HEAD.pack(32 + plen, slot) for plen in range(33)]
+    addr4 = _ADDR4.pack
+    for key, mf in krs.cidrs.items():
+        val = vals.get(mf)
+        if val is None:
+            val = vals[mf] = CIDR_VAL.pack(mf[0], mf[1], 0)
+        addr, plen = key
+        if plen >= 96 and (addr >> 32) == 0xFFFF:  # trie_family 4
+            if key == _BARRIER and not (mf[0] or mf[1]):
                 continue  # only separates the families in the unified space
-            v4[CIDR_KEY_HEAD.pack(32 + plen - 96, slot) + (addr & 0xFFFFFFFF).to_bytes(4, "big")] = val
+            v4[heads4[plen - 96] + addr4(addr & 0xFFFFFFFF)] = val
         else:
             v6[CIDR_KEY_HEAD.pack(32 + plen, slot) + addr.to_bytes(16, "big")] = val
     return v4, v6

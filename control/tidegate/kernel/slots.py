@@ -5,9 +5,12 @@ Rule-set slots (see bpf/tidegate.c): three copies of every rule-set map;
 free slot (one no packet reads), flips `sel`, then waits for an RCU grace
 period so the retired slot is idle before anything rewrites it.
 
-The agent remembers which trie and port-table entries each slot holds
-(`SlotEntries`, learnt from the maps after adoption), so rewriting a slot
-touches only what changes.
+The agent remembers which trie entries (with their values) and port-table
+entries each slot holds (`SlotEntries`, learnt from the maps after
+adoption), so rewriting a slot touches only what changes: entries the new
+set does not have are deleted, entries it has with another value or not
+at all are written, the others are left as they are. The slot is not
+selected while this happens, so no packet sees the mix.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ TRIES = ((4, "tg_cidrs4"), (6, "tg_cidrs6"))  # family, map
 
 @dataclass
 class SlotEntries:
-    cidrs: dict = field(default_factory=lambda: {4: set(), 6: set()})  # family -> raw trie keys
+    cidrs: dict = field(default_factory=lambda: {4: {}, 6: {}})  # family -> {raw trie key: raw value}
     ports: set = field(default_factory=set)  # port-table indexes within the slot holding a mask
 
 
@@ -42,10 +45,10 @@ def index_slots(tables: Tables, max_cidrs: int) -> dict[int, SlotEntries]:
     """Which trie and port-table entries each slot holds, read from the maps."""
     out = {s: SlotEntries() for s in range(SLOTS)}
     for fam, name in TRIES:
-        keys, _, n = read_trie(tables[name], max_cidrs)
+        keys, values, n = read_trie(tables[name], max_cidrs)
         for i in range(n):
             slot = int.from_bytes(keys[i][4:8], "little")
-            out.setdefault(slot, SlotEntries()).cidrs[fam].add(keys[i])
+            out.setdefault(slot, SlotEntries()).cidrs[fam][keys[i]] = values[i]
     for idx in read_ports(tables).nonzero()[0].tolist():
         out[idx // PORT_RANGE].ports.add(idx % PORT_RANGE)
     return out
@@ -89,12 +92,15 @@ def write_slot(tables: Tables, slot: int, krs: KernelRuleSet, version: int, old:
     v4, v6 = kernel_trie_entries(krs, slot)
     for (fam, name), new in zip(TRIES, (v4, v6)):
         fd = tables[name].map_fd
-        stale = old.cidrs[fam] - new.keys()
+        held = old.cidrs[fam]
+        stale = held.keys() - new.keys()
         if stale:
             bpfsys.delete_batch(fd, b"".join(stale), len(stale))
-        if new:
-            bpfsys.update_batch(fd, b"".join(new), b"".join(new.values()), len(new))
-        old.cidrs[fam] = set(new)
+        # what the slot holds already (a set two versions back is mostly the same) is not written again
+        changed = {k: v for k, v in new.items() if held.get(k) != v} if held else new
+        if changed:
+            bpfsys.update_batch(fd, b"".join(changed), b"".join(changed.values()), len(changed))
+        old.cidrs[fam] = new
 
     # port table: the new masks, and zeros where the old set had one
     new_ports = kernel_port_entries(krs)

@@ -3,10 +3,15 @@
 ipaddress takes ~5 us to parse an IPv4 network and ~10 us for a full-length
 IPv6 one: most of the time a 131,072-entry rule set costs. Dotted IPv4 and
 hex-and-colon IPv6, each with an optional /length, are parsed here into the
-very objects ipaddress would make (built from integers, which is cheaper).
-Anything else, and anything that would be an error, is left to ipaddress,
-which gives its own verdict and message: same acceptance, same objects
+very objects ipaddress would make (built from integers, without going
+through ipaddress's constructors, which is cheaper still). Anything else,
+and anything that would be an error, is left to ipaddress, which gives its
+own verdict and message: same acceptance, same objects
 (tests/unit/test_rule_set_depth.py compares them on generated text).
+
+parse_entry also gives what an apply needs of each network next to it: its
+key in the kernel's unified 128-bit space and its canonical text, taken
+from the integers and the text already at hand.
 """
 
 from __future__ import annotations
@@ -15,13 +20,48 @@ import ipaddress
 import re
 import socket
 
+from tidegate.kernel.layout import V4_MAPPED
+
 _OCTET = r"(0|[1-9][0-9]{0,2})"
 _V4 = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}(?:/([0-9]{{1,2}}))?")
 _V6 = re.compile(r"([0-9a-f:]{2,39})(?:/([0-9]{1,3}))?")
 
+_V4Net, _V4Addr = ipaddress.IPv4Network, ipaddress.IPv4Address
+_V6Net, _V6Addr = ipaddress.IPv6Network, ipaddress.IPv6Address
+_new = object.__new__
 
-def parse(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
-    """The network `text` is with strict=True, or None: ask ipaddress."""
+
+def _v4(addr: int, plen: int) -> ipaddress.IPv4Network:
+    """IPv4Network((addr, plen)) for a valid network, as its constructor
+    leaves it: network_address, netmask and _prefixlen (a /31 or /32 also
+    gets its own hosts(): the constructor makes those)."""
+    if plen >= 31:
+        return _V4Net((addr, plen))
+    net = _new(_V4Net)
+    a = _new(_V4Addr)
+    a._ip = addr
+    net.network_address = a
+    net.netmask, net._prefixlen = _V4Net._make_netmask(plen)  # cached by ipaddress
+    return net
+
+
+def _v6(addr: int, plen: int) -> ipaddress.IPv6Network:
+    """IPv6Network((addr, plen)) for a valid network, built as _v4 builds."""
+    if plen >= 127:
+        return _V6Net((addr, plen))
+    net = _new(_V6Net)
+    a = _new(_V6Addr)
+    a._ip = addr
+    a._scope_id = None
+    net.network_address = a
+    net.netmask, net._prefixlen = _V6Net._make_netmask(plen)
+    return net
+
+
+def parse_entry(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, tuple[int, int], str] | None:
+    """(the network `text` is with strict=True, its (addr128, prefixlen128)
+    key (kernel.layout.network_key), its canonical text (str of it)), or
+    None: ask ipaddress."""
     m = _V4.fullmatch(text)
     if m is not None:
         a, b, c, d, p = m.groups()
@@ -32,7 +72,9 @@ def parse(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
         addr = (a << 24) | (b << 16) | (c << 8) | d
         if addr & ((1 << (32 - plen)) - 1):  # host bits set: ipaddress words that error
             return None
-        return ipaddress.IPv4Network((addr, plen))
+        # the octets have no leading zeros (the pattern): only the length may need rewriting
+        canonical = text if p is not None and p[0] != "0" or p == "0" else f"{text.partition('/')[0]}/{plen}"
+        return _v4(addr, plen), (V4_MAPPED | addr, 96 + plen), canonical
     m = _V6.fullmatch(text)
     if m is None:
         return None
@@ -44,7 +86,16 @@ def parse(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
     plen = 128 if m[2] is None else int(m[2])
     if plen > 128 or addr & ((1 << (128 - plen)) - 1):
         return None
-    net = ipaddress.IPv6Network((addr, plen))
+    net = _v6(addr, plen)
     # inet_pton and ipaddress disagree on a few corner cases ('::' standing for no group at all...):
     # only an address written as ipaddress itself writes it, in full or compressed, is taken here
-    return net if m[1] == packed.hex(":", 2) or m[1] == str(net.network_address) else None
+    shown = str(net.network_address)
+    if m[1] != shown and m[1] != packed.hex(":", 2):
+        return None
+    return net, (addr, plen), f"{shown}/{plen}"
+
+
+def parse(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """The network `text` is with strict=True, or None: ask ipaddress."""
+    entry = parse_entry(text)
+    return entry[0] if entry is not None else None

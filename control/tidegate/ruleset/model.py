@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from tidegate.kernel.layout import MAX_RULES, PSEUDO_RULES, SLOT_CIDRS
+from tidegate.kernel.layout import MAX_RULES, PSEUDO_RULES, SLOT_CIDRS, network_key
 
 PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6", "any")
 ACTIONS = ("limit", "pass", "drop")
@@ -36,6 +36,28 @@ MAX_DESCRIPTION = 1024
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 ANY_SOURCES: tuple = ()
+
+
+class Networks(tuple):
+    """A rule set's list of networks as the parser made it: a tuple of
+    ipaddress networks that also carries each one's key in the kernel's
+    unified space (`unified_keys`, kernel.layout.network_key) and its
+    canonical text (`texts`), found while parsing, so an apply does not
+    work them out again per network. Any other tuple of networks (a rule
+    set changed with dataclasses.replace) has neither: its users compute
+    them (network_keys, _cidr_texts)."""
+
+    __repr__ = tuple.__repr__
+
+    def __new__(cls, nets, unified_keys: list[tuple[int, int]], texts: list[str]):
+        self = super().__new__(cls, nets)
+        self.unified_keys = unified_keys
+        self.texts = texts
+        return self
+
+    def __getnewargs__(self):  # copy and pickle
+        return tuple(self), self.unified_keys, self.texts
+
 
 TOP_KEYS = ("defaults", "allow", "deny", "rules", "canaries", "description")
 DEFAULT_KEYS = ("limit", "ipv4_prefix", "ipv6_prefix", "prefix_limit", "block_seconds", "ipv6_unparsed_extensions")
@@ -199,8 +221,12 @@ class RuleSet:
 
 
 def _cidr_texts(nets) -> list[str]:
-    """str() of each network; IPv4 ones formatted here from the integer
-    (ipaddress's str costs ~1.5 us each, most of a 10,000-CIDR digest)."""
+    """str() of each network: the parser's texts (Networks), else IPv4 ones
+    formatted here from the integer (ipaddress's str costs ~1.5 us each,
+    most of a 10,000-CIDR digest)."""
+    texts = getattr(nets, "texts", None)
+    if texts is not None:
+        return list(texts)
     out = []
     for n in nets:
         if n.version == 4:
@@ -209,6 +235,13 @@ def _cidr_texts(nets) -> list[str]:
         else:
             out.append(str(n))
     return out
+
+
+def network_keys(nets) -> list[tuple[int, int]]:
+    """Each network's (addr128, prefixlen128) in the kernel's unified space:
+    the parser's (Networks), else computed."""
+    keys = getattr(nets, "unified_keys", None)
+    return keys if keys is not None else [network_key(n) for n in nets]
 
 
 def limit_dict(limit: Limit) -> dict:

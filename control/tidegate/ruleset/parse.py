@@ -17,12 +17,13 @@ from typing import Any
 
 import yaml
 
+from tidegate.kernel.layout import network_key
 from tidegate.ruleset import cidrs
 from tidegate.ruleset.yaml_events import MAX_DEPTH, Node, TextError, compose, depth_error, shown_key as _shown_key
 from tidegate.ruleset.model import (
     ACTIONS, Capacity, DEFAULT_KEYS, Defaults, FieldError, IPV6_EXT_POLICIES, LIMIT_KEYS, Limit,
     MAX_BLOCK_SECONDS, MAX_BPS, MAX_BURST, MAX_BURST_BYTES, MAX_DESCRIPTION, MAX_ERRORS, MAX_FILE_BYTES,
-    MAX_PPS, NAME_RE, Network, PREFIX_KEYS, PROTOCOLS, PortRange, PrefixLimit, RESERVED_NAMES, RULE_KEYS, Rule,
+    MAX_PPS, NAME_RE, Network, Networks, PREFIX_KEYS, PROTOCOLS, PortRange, PrefixLimit, RESERVED_NAMES, RULE_KEYS, Rule,
     RuleSet, RuleSetError, TOP_KEYS,
 )
 
@@ -247,29 +248,37 @@ def _network(node: _Node, path: str, col: _Collector) -> Network | None:
         return None
 
 
-def _networks(node: _Node | None, path: str, col: _Collector) -> tuple[Network, ...]:
+def _networks(node: _Node | None, path: str, col: _Collector) -> Networks:
     if node is None or node.value is None:
-        return ()
+        return _NO_NETWORKS
     if node.kind != "seq":
         col.add(path, node, f"must be a list of CIDRs, not {_kind(node)}")
-        return ()
-    out = []
-    seen: dict[Network, int] = {}
-    fast = cidrs.parse
+        return _NO_NETWORKS
+    nets: list[Network] = []
+    keys: list[tuple[int, int]] = []
+    texts: list[str] = []
+    seen: dict[str, int] = {}  # canonical text -> item: one per network, IPv4 and IPv6 apart
+    fast = cidrs.parse_entry
     for i, item in enumerate(node.value):
         v = item.value
         # the common case first, without building the item's path: a quoted CIDR in the usual form
-        n = fast(v.strip()) if type(v) is str and item.kind == "scalar" else None
-        if n is None:
+        entry = fast(v.strip()) if type(v) is str and item.kind == "scalar" else None
+        if entry is None:
             n = _network(item, f"{path}[{i}]", col)
             if n is None:
                 continue
-        first = seen.setdefault(n, i)
+            entry = n, network_key(n), str(n)
+        first = seen.setdefault(entry[2], i)
         if first != i:
-            col.add(f"{path}[{i}]", item, f"{n} is listed twice (also item {first})")
+            col.add(f"{path}[{i}]", item, f"{entry[2]} is listed twice (also item {first})")
             continue
-        out.append(n)
-    return tuple(out)
+        nets.append(entry[0])
+        keys.append(entry[1])
+        texts.append(entry[2])
+    return Networks(nets, keys, texts)
+
+
+_NO_NETWORKS = Networks((), [], [])
 
 
 def _ports(node: _Node | None, path: str, col: _Collector) -> tuple[PortRange, ...]:
@@ -340,9 +349,9 @@ def _build(root: _Node | None, col: _Collector, cap: Capacity) -> RuleSet:
     allow = _networks(m.get("allow"), "allow", col)
     deny = _networks(m.get("deny"), "deny", col)
     canaries = _networks(m.get("canaries"), "canaries", col)
-    both = set(allow) & set(deny)
-    for n in sorted(both, key=str):
-        i = deny.index(n)
+    both = set(allow.texts).intersection(deny.texts)
+    for n in sorted(both):
+        i = deny.texts.index(n)
         col.add(f"deny[{i}]", m["deny"].value[i] if m.get("deny") else None, f"{n} is also on the allow list")
 
     description = ""

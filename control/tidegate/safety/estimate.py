@@ -95,6 +95,9 @@ def estimate(agent, candidate, rates=None) -> Estimate:
     if rates is None:
         rates = agent.sampler.window_rates(opts.estimate_window, kind=0)
     est.window_seconds = rates.seconds
+    if not len(rates.addresses):
+        est.summary = "no per-source traffic observed in the window yet: nothing to estimate"
+        return est
     krs = build_kernel_rule_set(candidate)
     cls = Classifier(krs)
     d = candidate.defaults
