@@ -152,6 +152,37 @@ def test_the_cidr_fast_path_makes_what_ipaddress_makes(text):
     assert (type(net), net, str(net), hash(net)) == (type(ref), ref, str(ref), hash(ref))
 
 
+@settings(max_examples=1000, deadline=None, database=None)
+@given(st.one_of(
+    st.builds(lambda i, p, s: _forms(i, False, p, s), st.integers(0, 2**32 - 1), st.integers(0, 32), st.integers(0, 99)),
+    st.builds(lambda i, p, s: _forms(i, True, p, s), st.integers(0, 2**128 - 1), st.integers(0, 128),
+              st.integers(0, 99)),
+))  # fmt: skip
+def test_the_cidr_fast_path_gives_the_key_and_text_an_apply_uses(text):
+    """parse_entry's key and text are the network's unified key and str(),
+    and a parsed list carries them for every network, in order, whichever
+    path parsed it (the fast one, or ipaddress for the rest)."""
+    import ipaddress
+
+    from tidegate.kernel.layout import network_key
+    from tidegate.ruleset import cidrs
+    from tidegate.ruleset.parse import parse_rule_set
+
+    entry = cidrs.parse_entry(text)
+    if entry is not None:
+        net, key, shown = entry
+        assert vars(net).keys() == vars(ipaddress.ip_network(text)).keys()
+        assert (key, shown) == (network_key(net), str(net))
+    try:
+        ref = ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        return
+    others = [o for o in ("192.0.2.0/24", "2001:DB8::/32") if ipaddress.ip_network(o) != ref]  # no duplicate
+    rs = parse_rule_set(f"allow: {[text, *others]}\nrules: []\n")
+    assert rs.allow.unified_keys == [network_key(n) for n in rs.allow] and rs.allow[0] == ref
+    assert rs.allow.texts == [str(n) for n in rs.allow] == rs.canonical["allow"]
+
+
 def test_the_cidr_fast_path_takes_the_usual_shapes():
     from tidegate.ruleset import cidrs
 

@@ -47,17 +47,26 @@ _resume = False  # the collector ran before the first of them paused it
 
 @contextlib.contextmanager
 def collector_paused() -> Iterator[None]:
-    """Python's cyclic collector off while a change parses and builds a rule
-    set. Almost everything such a change allocates (a network, its key and
-    text per CIDR) lives on as the new version, so the collections its
-    allocations set off free nothing, and each full one walks the whole
-    agent: ~40% of a 100,000-CIDR apply. Reference counting still frees
-    what a change drops; the collector runs again when the last change
-    under way ends, on the next allocations."""
+    """Python's cyclic collector kept away from what a change builds.
+
+    Almost everything a change allocates while it parses and builds a rule
+    set (a network, its key and its text per CIDR) lives on as the new
+    version, so the collections its allocations set off free nothing, and
+    each one walks all of it again: ~40% of a 100,000-CIDR apply, and a
+    full collection of every live rule set now and then after it. So the
+    first change under way collects what is collectable now (little: see
+    below), then pauses the collector; the last one to end moves every
+    object alive (the new version's among them) out of the collector's
+    sight for good, as start-up does with its own (daemon/memory.py), and
+    resumes it. A rule set's objects hold no reference cycles, so
+    reference counting still frees each one when its version is dropped;
+    the collector goes on walking only what was made since the last change."""
     global _pauses, _resume
     with _pause_lock:
         if _pauses == 0:
             _resume = gc.isenabled()
+            if _resume:
+                gc.collect()  # the cycles made since the last change, before they would be set aside
             gc.disable()
         _pauses += 1
     try:
@@ -66,6 +75,7 @@ def collector_paused() -> Iterator[None]:
         with _pause_lock:
             _pauses -= 1
             if _pauses == 0 and _resume:
+                gc.freeze()
                 gc.enable()
 
 

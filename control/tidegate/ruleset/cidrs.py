@@ -22,13 +22,17 @@ import socket
 
 from tidegate.kernel.layout import V4_MAPPED
 
-_OCTET = r"(0|[1-9][0-9]{0,2})"
-_V4 = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}(?:/([0-9]{{1,2}}))?")
+# dotted quads without leading zeros (inet_aton would read 010 as octal); inet_aton refuses an octet over 255
+_OCTET = r"(?:0|[1-9][0-9]{0,2})"
+_V4 = re.compile(rf"({_OCTET}(?:\.{_OCTET}){{3}})(?:/([0-9]{{1,2}}))?")
 _V6 = re.compile(r"([0-9a-f:]{2,39})(?:/([0-9]{1,3}))?")
 
 _V4Net, _V4Addr = ipaddress.IPv4Network, ipaddress.IPv4Address
 _V6Net, _V6Addr = ipaddress.IPv6Network, ipaddress.IPv6Address
 _new = object.__new__
+_NETMASKS4 = [_V4Net._make_netmask(plen) for plen in range(33)]  # (netmask, prefixlen), as ipaddress caches them
+_NETMASKS6 = [_V6Net._make_netmask(plen) for plen in range(129)]
+_aton, _from_bytes = socket.inet_aton, int.from_bytes
 
 
 def _v4(addr: int, plen: int) -> ipaddress.IPv4Network:
@@ -41,7 +45,7 @@ def _v4(addr: int, plen: int) -> ipaddress.IPv4Network:
     a = _new(_V4Addr)
     a._ip = addr
     net.network_address = a
-    net.netmask, net._prefixlen = _V4Net._make_netmask(plen)  # cached by ipaddress
+    net.netmask, net._prefixlen = _NETMASKS4[plen]
     return net
 
 
@@ -54,7 +58,7 @@ def _v6(addr: int, plen: int) -> ipaddress.IPv6Network:
     a._ip = addr
     a._scope_id = None
     net.network_address = a
-    net.netmask, net._prefixlen = _V6Net._make_netmask(plen)
+    net.netmask, net._prefixlen = _NETMASKS6[plen]
     return net
 
 
@@ -64,16 +68,16 @@ def parse_entry(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Networ
     None: ask ipaddress."""
     m = _V4.fullmatch(text)
     if m is not None:
-        a, b, c, d, p = m.groups()
-        a, b, c, d = int(a), int(b), int(c), int(d)
-        plen = 32 if p is None else int(p)
-        if a > 255 or b > 255 or c > 255 or d > 255 or plen > 32:
+        quad, p = m.groups()
+        try:
+            addr = _from_bytes(_aton(quad), "big")
+        except OSError:  # an octet over 255
             return None
-        addr = (a << 24) | (b << 16) | (c << 8) | d
-        if addr & ((1 << (32 - plen)) - 1):  # host bits set: ipaddress words that error
+        plen = 32 if p is None else int(p)
+        if plen > 32 or addr & ((1 << (32 - plen)) - 1):  # host bits set: ipaddress words that error
             return None
         # the octets have no leading zeros (the pattern): only the length may need rewriting
-        canonical = text if p is not None and p[0] != "0" or p == "0" else f"{text.partition('/')[0]}/{plen}"
+        canonical = text if p is not None and (p[0] != "0" or p == "0") else f"{quad}/{plen}"
         return _v4(addr, plen), (V4_MAPPED | addr, 96 + plen), canonical
     m = _V6.fullmatch(text)
     if m is None:

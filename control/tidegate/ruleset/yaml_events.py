@@ -119,12 +119,18 @@ def _compose(loader, add_error: AddError, max_values: int) -> Node | None:
     while loader.check_event():
         ev = loader.get_event()
         t = type(ev)
+        if t is yaml.ScalarEvent and stack and stack[-1].node.kind == "seq" and ev.tag is None and not ev.implicit[0]:
+            # the bulk of a large rule set: a quoted item of a list (a CIDR), text as it stands
+            values += 1
+            if values > max_values:
+                raise _too_many(ev.start_mark.line + 1, max_values)
+            stack[-1].node.value.append(Node(ev.value, ev.start_mark.line + 1, "scalar"))
+            continue
         if t is yaml.ScalarEvent or t is yaml.MappingStartEvent or t is yaml.SequenceStartEvent:
             line = ev.start_mark.line + 1
             values += 1
             if values > max_values:
-                raise TextError(line, f"more than {max_values:,} values (keys, items and entries): more than "
-                                      "the largest rule set the kernel holds needs")  # fmt: skip
+                raise _too_many(line, max_values)
             if not stack and root is not None:
                 raise TextError(line, "more than one YAML document")
             top = stack[-1] if stack else None
@@ -169,6 +175,11 @@ def _compose(loader, add_error: AddError, max_values: int) -> Node | None:
             if documents > 1 and root is not None:
                 raise TextError(ev.start_mark.line + 1, "more than one YAML document")
     return root
+
+
+def _too_many(line: int, max_values: int) -> TextError:
+    return TextError(line, f"more than {max_values:,} values (keys, items and entries): more than "
+                           "the largest rule set the kernel holds needs")  # fmt: skip
 
 
 def _key(top: _Open, key: str, line: int, add_error: AddError) -> None:
