@@ -6,8 +6,13 @@ Method: a network namespace and veth pair are created for the run; the
 agent starts on the host end with a state dir of its own. Figures:
 - cold start = exec of `tidegate agent` to the first gRPC health check
   answering (SERVING: attached) (Python start, compile, load, apply --rules, attach, serve);
-- apply over gRPC (ApplyRuleSet, blast-radius check included) of rule sets
-  with N allow-list CIDRs plus 50 rules, p50/p99;
+- apply over gRPC (ApplyRuleSet: parse, validate, blast-radius estimate
+  (no traffic flows during the applies: it has nothing to classify), store,
+  write, swap, review) of rule sets with N allow-list CIDRs plus 50 rules,
+  p50/p99, for the same set applied again and again and for a new set each
+  time (every trie entry replaced); next to it, measured in this run, the
+  kernel's floor for the new set: batched delete of the n trie entries a
+  slot holds and batched write of n new ones, keys and values ready;
 - the pinned per-source LRU is filled with N entries by BPF_MAP_UPDATE_BATCH
   from this process (as if N sources had sent); after the agent's next two
   samples: GetCounters, TopSources and a /metrics scrape (HTTP GET), medians
@@ -40,7 +45,7 @@ from tidegate.lab.veth import VethLab  # noqa: E402
 from tidegate.v1 import tidegate_pb2 as pb  # noqa: E402
 from tidegate.v1 import tidegate_pb2_grpc as pbg  # noqa: E402
 
-from control_plane import apply_latency, fill_sources_fd, rule_set_text  # noqa: E402
+from control_plane import apply_latency, fill_sources_fd, rule_set_text, trie_floor  # noqa: E402
 
 
 class Agent(AgentProcess):
@@ -134,6 +139,12 @@ def main() -> int:
         rows = apply_latency(sizes, reps, apply_one, out)
         lines += ["", "### ApplyRuleSet over gRPC (parse, validate, store, write, swap)", "",
                   table(["rule set", "p50 ms", "p99 ms", "runs"], rows)]  # fmt: skip
+        big = [n for n in sizes if n >= 10000]
+        rows = trie_floor(big, reps, out)
+        lines += ["", "### the kernel's floor for a new set (same entries, this run)", "",
+                  table(["trie entries", "p50 ms", "p99 ms", "runs"], rows), "",
+                  "apply of a new set / that floor, p50: " + ", ".join(
+                      f"{n:,}: {out['apply_new_ms'][n]['p50'] / out['trie_floor_ms'][n]['p50']:.1f}x" for n in big)]
 
         pin_dir = Path("/sys/fs/bpf/tidegate") / agent.pin
         rows = []

@@ -39,8 +39,9 @@ from tidegate.kernel.layout import tg_src  # noqa: E402
 from tidegate.ruleset.parse import parse_rule_set  # noqa: E402
 
 
-def rule_set_text(cidrs: int, rules: int = 50) -> str:
-    allow = ", ".join(f'"{10 + i // 65536}.{(i // 256) % 256}.{i % 256}.0/24"' for i in range(cidrs))
+def rule_set_text(cidrs: int, rules: int = 50, first: int = 0) -> str:
+    """`cidrs` allow-list /24s (the first-th /24 from 10.0.0.0 on) and `rules` rules."""
+    allow = ", ".join(f'"{10 + i // 65536}.{(i // 256) % 256}.{i % 256}.0/24"' for i in range(first, first + cidrs))
     body = "\n".join(
         f"  - name: r{i}\n    protocol: udp\n    dst_ports: [{1000 + i}]\n    limit: {{pps: 100, burst: 100}}"
         for i in range(rules)
@@ -50,17 +51,61 @@ def rule_set_text(cidrs: int, rules: int = 50) -> str:
 
 def apply_latency(sizes, reps: int, apply_one, out: dict) -> list[list]:
     """Time apply_one(yaml_text, n, i) for rule sets of each size (fewer runs
-    for 100,000 entries): table rows, and every run under out["apply_ms"]."""
+    for 100,000 entries), twice: the same set applied again and again (the
+    slot written holds it already from two applies back: its trie entries
+    are left as they are), then a new set each time (every CIDR differs from
+    any slot's: every entry is deleted and written). Table rows, and every
+    run under out["apply_ms"] and out["apply_new_ms"]."""
     rows = []
     for n in sizes:
-        text = rule_set_text(n)
-        times = []
-        for i in range(reps if n < 100000 else max(3, reps // 4)):
-            t = time.perf_counter()
-            apply_one(text, n, i)
-            times.append((time.perf_counter() - t) * 1000)
-        rows.append([f"{n:,} CIDRs + 50 rules", f"{pct(times, 50):.1f}", f"{pct(times, 99):.1f}", len(times)])
-        out.setdefault("apply_ms", {})[n] = {"p50": pct(times, 50), "p99": pct(times, 99), "runs": times}
+        runs = reps if n < 100000 else max(3, reps // 4)
+        for key, what, texts in (("apply_ms", "the same set", [rule_set_text(n)] * runs),
+                                 ("apply_new_ms", "a new set each time",
+                                  [rule_set_text(n, first=(i + 1) * n) for i in range(runs)])):  # fmt: skip
+            times = []
+            for i, text in enumerate(texts):
+                t = time.perf_counter()
+                apply_one(text, n, i)
+                times.append((time.perf_counter() - t) * 1000)
+            rows.append([f"{n:,} CIDRs + 50 rules, {what}", f"{pct(times, 50):.1f}", f"{pct(times, 99):.1f}",
+                         len(times)])  # fmt: skip
+            out.setdefault(key, {})[n] = {"p50": pct(times, 50), "p99": pct(times, 99), "runs": times}
+    return rows
+
+
+def trie_floor(sizes, reps: int, out: dict) -> list[list]:
+    """The kernel's share of an apply of a new set, measured here for the
+    same entries (the /24s of rule_set_text as IPv4 trie keys of one slot,
+    bpf/layout.h): a fresh LPM trie like tg_cidrs4 holding one set, then
+    per run BPF_MAP_DELETE_BATCH of the n entries it holds and
+    BPF_MAP_UPDATE_BATCH of n others, the least an apply that replaces every
+    entry must do, with every key and value ready in memory. Table rows, and
+    every run under out["trie_floor_ms"]."""
+    rows = []
+    for n in sizes:
+        runs = reps if n < 100000 else max(3, reps // 4)
+        sets = []
+        for first in range(0, (runs + 1) * n, n):
+            keys = np.zeros(n, [("plen", "<u4"), ("slot", "<u4"), ("addr", ">u4")])
+            keys["plen"] = 32 + 24
+            keys["addr"] = (np.arange(first, first + n, dtype=np.uint32) << 8) + (10 << 24)
+            sets.append(keys.tobytes())
+        values = np.zeros(n, [("mask", "<u8"), ("flags", "<u4"), ("pad", "<u4")])
+        values["flags"] = 1  # CF_ALLOW
+        vb = values.tobytes()
+        fd = bpfsys.map_create(bpfsys.BPF_MAP_TYPE_LPM_TRIE, 12, 16, 2 * n, bpfsys.BPF_F_NO_PREALLOC, b"bench_floor")
+        try:
+            bpfsys.update_batch(fd, sets[0], vb, n)
+            times = []
+            for i in range(runs):
+                t = time.perf_counter()
+                bpfsys.delete_batch(fd, sets[i], n)
+                bpfsys.update_batch(fd, sets[i + 1], vb, n)
+                times.append((time.perf_counter() - t) * 1000)
+        finally:
+            os.close(fd)
+        rows.append([f"{n:,} entries", f"{pct(times, 50):.1f}", f"{pct(times, 99):.1f}", len(times)])
+        out.setdefault("trie_floor_ms", {})[n] = {"p50": pct(times, 50), "p99": pct(times, 99), "runs": times}
     return rows
 
 

@@ -23,8 +23,8 @@ from tidegate.ruleset.yaml_events import MAX_DEPTH, Node, TextError, compose, de
 from tidegate.ruleset.model import (
     ACTIONS, Capacity, DEFAULT_KEYS, Defaults, FieldError, IPV6_EXT_POLICIES, LIMIT_KEYS, Limit,
     MAX_BLOCK_SECONDS, MAX_BPS, MAX_BURST, MAX_BURST_BYTES, MAX_DESCRIPTION, MAX_ERRORS, MAX_FILE_BYTES,
-    MAX_PPS, NAME_RE, Network, Networks, PREFIX_KEYS, PROTOCOLS, PortRange, PrefixLimit, RESERVED_NAMES, RULE_KEYS, Rule,
-    RuleSet, RuleSetError, TOP_KEYS,
+    MAX_PPS, NAME_RE, Network, Networks, PREFIX_KEYS, PROTOCOLS, PortRange, PrefixLimit, RESERVED_NAMES, RULE_KEYS,
+    Rule, RuleSet, RuleSetError, TOP_KEYS,
 )
 
 
