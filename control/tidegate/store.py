@@ -265,11 +265,13 @@ class VersionStore:
 
     _COLS = "number, state, created, author, reason, source, digest, content, error"
 
-    def get_version(self, number: int) -> VersionRecord:
+    def get_version(self, number: int, with_content: bool = True) -> VersionRecord:
+        """One version; without its text (content '') unless with_content."""
         if not 0 < number < 2**63:  # SQLite integers are 64-bit signed
             raise VersionNotFound(f"version {number} does not exist")
+        cols = self._COLS if with_content else self._COLS.replace("content", "'' AS content")
         with self._lock:
-            row = self._conn.execute(f"SELECT {self._COLS} FROM versions WHERE number = ?", (number,)).fetchone()
+            row = self._conn.execute(f"SELECT {cols} FROM versions WHERE number = ?", (number,)).fetchone()
             if row is None:
                 raise VersionNotFound(f"version {number} does not exist")
             return self._record(row, self.active_version())

@@ -160,8 +160,9 @@ def test_the_cidr_fast_path_makes_what_ipaddress_makes(text):
 ))  # fmt: skip
 def test_the_cidr_fast_path_gives_the_key_and_text_an_apply_uses(text):
     """parse_entry's key and text are the network's unified key and str(),
-    and a parsed list carries them for every network, in order, whichever
-    path parsed it (the fast one, or ipaddress for the rest)."""
+    parse_entries gives the same per text, and a parsed list carries them
+    for every network, in order, whichever path parsed it (the fast one, or
+    ipaddress for the rest)."""
     import ipaddress
 
     from tidegate.kernel.layout import network_key
@@ -169,6 +170,7 @@ def test_the_cidr_fast_path_gives_the_key_and_text_an_apply_uses(text):
     from tidegate.ruleset.parse import parse_rule_set
 
     entry = cidrs.parse_entry(text)
+    assert cidrs.parse_entries([text, None]) == [entry, None]  # the list's loop gives what one parse gives
     if entry is not None:
         net, key, shown = entry
         assert vars(net).keys() == vars(ipaddress.ip_network(text)).keys()

@@ -103,3 +103,37 @@ def parse(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
     """The network `text` is with strict=True, or None: ask ipaddress."""
     entry = parse_entry(text)
     return entry[0] if entry is not None else None
+
+
+def parse_entries(texts: list) -> list:
+    """parse_entry of each text (None where it is not a str), in one loop:
+    the IPv4 shape people write most is worked out inline, the rest by
+    parse_entry."""
+    out = []
+    append = out.append
+    match = _V4.fullmatch
+    for text in texts:
+        m = match(text) if type(text) is str else None
+        if m is None:
+            append(parse_entry(text) if type(text) is str else None)
+            continue
+        quad, p = m.groups()
+        if p is None or p[0] == "0":
+            append(parse_entry(text))  # no length, or one with a leading zero: canonical text differs
+            continue
+        try:
+            addr = _from_bytes(_aton(quad), "big")
+        except OSError:
+            append(None)
+            continue
+        plen = int(p)
+        if plen > 30 or addr & ((1 << (32 - plen)) - 1):
+            append(parse_entry(text))  # /31, /32 (built by ipaddress), or an error to leave to it
+            continue
+        net = _new(_V4Net)
+        a = _new(_V4Addr)
+        a._ip = addr
+        net.network_address = a
+        net.netmask, net._prefixlen = _NETMASKS4[plen]
+        append((net, (V4_MAPPED | addr, 96 + plen), text))
+    return out

@@ -39,6 +39,7 @@ def _emit(value) -> str:
 
 
 _PLAIN_V4 = re.compile(r"[0-9.]+/[0-9]+")
+_PLAIN_V4_LIST = re.compile(r"[0-9.]+/[0-9]+(?:, [0-9.]+/[0-9]+)*")  # _PLAIN_V4 items joined by ", "
 _QUOTED_V6 = re.compile(r"[0-9a-f.]*:[0-9a-f:.]*/[0-9]+")
 
 
@@ -48,6 +49,10 @@ def _inline_cidrs(cidrs: list[str]) -> str:
     IPv4 CIDRs are plain scalars in a flow sequence, IPv6 ones (':' is a flow
     indicator) single-quoted; anything else is left to PyYAML, so the text is
     exactly what _inline prints (tests/unit/test_ruleset_errors.py)."""
+    joined = ", ".join(cidrs)
+    # IPv4 only, the common large list: one match for all of it (and no item holding the separator)
+    if joined.count(", ") == len(cidrs) - 1 and _PLAIN_V4_LIST.fullmatch(joined):
+        return f"[{joined}]"
     return "[" + ", ".join(c if _PLAIN_V4.fullmatch(c) else f"'{c}'" if _QUOTED_V6.fullmatch(c)
                            else _inline([c])[1:-1] for c in cidrs) + "]"  # fmt: skip
 

@@ -254,15 +254,20 @@ def _networks(node: _Node | None, path: str, col: _Collector) -> Networks:
     if node.kind != "seq":
         col.add(path, node, f"must be a list of CIDRs, not {_kind(node)}")
         return _NO_NETWORKS
+    items = node.value
+    # the common case first, without building each item's path: quoted CIDRs in the usual form, none twice
+    entries = cidrs.parse_entries([i.value.strip() if type(i.value) is str and i.kind == "scalar" else None
+                                   for i in items])  # fmt: skip
+    if None not in entries:
+        texts = [e[2] for e in entries]
+        if len(set(texts)) == len(texts):
+            return Networks([e[0] for e in entries], [e[1] for e in entries], texts)
+    # an item for ipaddress to judge, a wrong one or one listed twice: item by item, errors in order
     nets: list[Network] = []
     keys: list[tuple[int, int]] = []
-    texts: list[str] = []
+    texts = []
     seen: dict[str, int] = {}  # canonical text -> item: one per network, IPv4 and IPv6 apart
-    fast = cidrs.parse_entry
-    for i, item in enumerate(node.value):
-        v = item.value
-        # the common case first, without building the item's path: a quoted CIDR in the usual form
-        entry = fast(v.strip()) if type(v) is str and item.kind == "scalar" else None
+    for i, (item, entry) in enumerate(zip(items, entries)):
         if entry is None:
             n = _network(item, f"{path}[{i}]", col)
             if n is None:

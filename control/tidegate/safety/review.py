@@ -290,7 +290,7 @@ class Reviews:
                 any(g.action == "guard-rollback" for g in events))  # fmt: skip
 
     def _base(self, version: int, kind: str, t_mono: float, t_wall: float, end: float) -> dict:
-        rec = self.store.get_version(version)
+        rec = self.store.get_version(version, with_content=False)  # author and reason: not megabytes of text
         hist = self.history
         before = hist.between(t_mono - min(self.period, BEFORE_SECONDS), t_mono)
         after = hist.between(t_mono, end)
