@@ -116,8 +116,8 @@ def _compose(loader, add_error: AddError, max_values: int) -> Node | None:
     root = None
     documents = 0
     values = 0
-    while loader.check_event():
-        ev = loader.get_event()
+    next_event = loader.get_event  # None after the last (check_event first would cost a call per event)
+    while (ev := next_event()) is not None:
         t = type(ev)
         if t is yaml.ScalarEvent and stack and stack[-1].node.kind == "seq" and ev.tag is None and not ev.implicit[0]:
             # the bulk of a large rule set: a quoted item of a list (a CIDR), text as it stands
