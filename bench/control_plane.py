@@ -55,21 +55,26 @@ def apply_latency(sizes, reps: int, apply_one, out: dict) -> list[list]:
     slot written holds it already from two applies back: its trie entries
     are left as they are), then a new set each time (every CIDR differs from
     any slot's: every entry is deleted and written). Table rows, and every
-    run under out["apply_ms"] and out["apply_new_ms"]."""
+    run under out["apply_ms"] and out["apply_new_ms"]. When apply_one returns
+    the CPU milliseconds the apply cost (the agent's, read from outside),
+    their median is a column of its own, before the run count."""
     rows = []
     for n in sizes:
         runs = reps if n < 100000 else max(3, reps // 4)
         for key, what, texts in (("apply_ms", "the same set", [rule_set_text(n)] * runs),
                                  ("apply_new_ms", "a new set each time",
                                   [rule_set_text(n, first=(i + 1) * n) for i in range(runs)])):  # fmt: skip
-            times = []
+            times, cpu = [], []
             for i, text in enumerate(texts):
                 t = time.perf_counter()
-                apply_one(text, n, i)
+                used = apply_one(text, n, i)
                 times.append((time.perf_counter() - t) * 1000)
+                if used is not None:
+                    cpu.append(used)
             rows.append([f"{n:,} CIDRs + 50 rules, {what}", f"{pct(times, 50):.1f}", f"{pct(times, 99):.1f}",
-                         len(times)])  # fmt: skip
-            out.setdefault(key, {})[n] = {"p50": pct(times, 50), "p99": pct(times, 99), "runs": times}
+                         *([f"{pct(cpu, 50):.0f}"] if cpu else []), len(times)])  # fmt: skip
+            out.setdefault(key, {})[n] = {"p50": pct(times, 50), "p99": pct(times, 99), "runs": times,
+                                          **({"cpu_ms": cpu} if cpu else {})}  # fmt: skip
     return rows
 
 
