@@ -20,7 +20,7 @@ agent starts on the host end with a state dir of its own. Figures:
 - warm restart = SIGTERM, then exec to attached again (adopting the
   attached program and pinned maps; the interface stays filtered).
 
-    sudo .venv/bin/python bench/agent_process.py [--quick]
+    sudo .venv/bin/python bench/agent_process.py [--quick] [--no-save]
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ def timed(fn, runs: int = 5) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and sizes, results printed only")
+    ap.add_argument("--no-save", action="store_true", help="print the results only (bench/results/ is left as it is)")
     args = ap.parse_args()
     reps = 5 if args.quick else 20
     sizes = [10, 1000, 10000] if args.quick else [10, 1000, 10000, 100000]
@@ -183,7 +184,7 @@ def main() -> int:
         remove_all(tmp, lab, agent)
     text = "\n".join(lines)
     print(text)
-    if not args.quick:
+    if not args.quick and not args.no_save:
         save("agent_process", out, text)
     return 0
 

@@ -22,7 +22,6 @@ from tidegate.observation import insight, top
 from tidegate.ruleset.dump import dump_yaml
 from tidegate.ruleset.model import MAX_ERRORS, RuleSetError
 from tidegate.safety.propose import propose
-from tidegate.changes.service import collector_paused
 from tidegate.store import StoreError
 from tidegate.v1 import tidegate_pb2 as pb
 from tidegate.v1 import tidegate_pb2_grpc as pbg
@@ -217,13 +216,9 @@ class FilterService(pbg.FilterServicer):
     def ApplyRuleSet(self, request, context):
         def fn(c):
             guard = True if request.guard else (False if request.no_guard else None)
-            # from the text to the kernel, one pause of the collector (changes/service.py); not for
-            # the minutes an apply may wait for its guard
-            with collector_paused() if not request.wait_for_guard else contextlib.nullcontext():
-                rs = self.changes.parse(request.yaml, request.source, c, "apply")
-                out = self.changes.apply(rs, request.reason, c, shadow=request.shadow, force=request.force,
-                                         guard=guard, guard_seconds=request.guard_seconds,
-                                         wait_for_guard=request.wait_for_guard)  # fmt: skip
+            rs = self.changes.parse(request.yaml, request.source, c, "apply")
+            out = self.changes.apply(rs, request.reason, c, shadow=request.shadow, force=request.force, guard=guard,
+                                     guard_seconds=request.guard_seconds, wait_for_guard=request.wait_for_guard)  # fmt: skip
             return _apply_pb(out)
 
         return self._run(context, "ApplyRuleSet", fn)

@@ -43,30 +43,43 @@ GuardFactory = Callable[..., object]
 _pauses = 0  # changes under way with the collector paused
 _pause_lock = threading.Lock()
 _resume = False  # the collector ran before the first of them paused it
+_sweep_at: int | None = None  # objects set aside (gc.get_freeze_count) beyond which they are swept once
+SWEEP_SLACK = 100_000
 
 
 @contextlib.contextmanager
 def collector_paused() -> Iterator[None]:
     """Python's cyclic collector kept away from what a change builds.
 
-    Almost everything a change allocates while it parses and builds a rule
-    set (a network, its key and its text per CIDR) lives on as the new
-    version, so the collections its allocations set off free nothing, and
-    each one walks all of it again: ~40% of a 100,000-CIDR apply, and a
-    full collection of every live rule set now and then after it. So the
-    first change under way collects what is collectable now (little: see
-    below), then pauses the collector; the last one to end moves every
-    object alive (the new version's among them) out of the collector's
-    sight for good, as start-up does with its own (daemon/memory.py), and
-    resumes it. A rule set's objects hold no reference cycles, so
-    reference counting still frees each one when its version is dropped;
-    the collector goes on walking only what was made since the last change."""
-    global _pauses, _resume
+    Almost everything a change allocates while it parses a rule set and
+    builds its kernel entries (a network, its key and its text per CIDR)
+    lives on as the new version, so the collections those allocations set
+    off free nothing, and each one walks all of it again: ~40% of a
+    100,000-CIDR apply, and a full collection of every live rule set now
+    and then after it. So the first pause under way collects what is
+    collectable now, then pauses the collector; the last one to end moves
+    every object alive (the new version's among them) out of the
+    collector's sight, as start-up does with its own (daemon/memory.py),
+    and resumes it. A rule set's objects hold no reference cycles:
+    reference counting frees each one when its version is dropped. The
+    pauses cover the parse and the kernel write only, not the netlink
+    queries around them (pyroute2 leaves ~500 objects in cycles each).
+    What other threads leave in cycles during a pause is set aside too:
+    when the objects set aside have grown by half (at least SWEEP_SLACK)
+    since the last sweep, a pause first brings them all back and collects
+    once."""
+    global _pauses, _resume, _sweep_at
     with _pause_lock:
         if _pauses == 0:
             _resume = gc.isenabled()
             if _resume:
-                gc.collect()  # the cycles made since the last change, before they would be set aside
+                if _sweep_at is not None and gc.get_freeze_count() > _sweep_at:
+                    gc.unfreeze()
+                gc.collect()  # the cycles made since the last change (and, after a sweep, all of them)
+                if _sweep_at is None or gc.get_freeze_count() == 0:  # the first change, or after a sweep
+                    gc.freeze()
+                    set_aside = gc.get_freeze_count()
+                    _sweep_at = set_aside + max(set_aside // 2, SWEEP_SLACK)
             gc.disable()
         _pauses += 1
     try:
@@ -188,7 +201,7 @@ class ChangeService:
                                  [FieldError("reason", None, "is required")])  # fmt: skip
         if force and len(reason.strip()) < 3:
             raise OperationError("INVALID_ARGUMENT", "--force needs a real reason (it is audited)")
-        with self._change, collector_paused():
+        with self._change:
             estimate = None
             active = self.active_rule_set()
             if not shadow and active is not None:
@@ -237,10 +250,11 @@ class ChangeService:
         """A new version in the store, written into the kernel; a failed write aborts the version."""
         version = self.store.begin_version(dump_yaml(rs), rs.digest(), caller.author, reason, source)
         try:
-            if shadow:
-                self.kf.load_shadow(rs, version)
-            else:
-                self.kf.apply(rs, version)
+            with collector_paused():  # the kernel entries it builds live on with the slot
+                if shadow:
+                    self.kf.load_shadow(rs, version)
+                else:
+                    self.kf.apply(rs, version)
         except KernelError as e:
             self.store.abort_version(version, str(e))
             self.change_results["error"] += 1
