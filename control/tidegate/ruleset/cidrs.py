@@ -35,31 +35,33 @@ _NETMASKS6 = [_V6Net._make_netmask(plen) for plen in range(129)]
 _aton, _from_bytes = socket.inet_aton, int.from_bytes
 
 
+def _built(net_cls, address, netmask_and_len: tuple) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A network object as ipaddress's constructor leaves it for lengths
+    below the last two: network_address, netmask and _prefixlen (a /31,
+    /32, /127 or /128 also gets its own hosts(): the constructor makes those)."""
+    net = _new(net_cls)
+    net.network_address = address
+    net.netmask, net._prefixlen = netmask_and_len
+    return net
+
+
 def _v4(addr: int, plen: int) -> ipaddress.IPv4Network:
-    """IPv4Network((addr, plen)) for a valid network, as its constructor
-    leaves it: network_address, netmask and _prefixlen (a /31 or /32 also
-    gets its own hosts(): the constructor makes those)."""
+    """IPv4Network((addr, plen)) for a valid network."""
     if plen >= 31:
         return _V4Net((addr, plen))
-    net = _new(_V4Net)
     a = _new(_V4Addr)
     a._ip = addr
-    net.network_address = a
-    net.netmask, net._prefixlen = _NETMASKS4[plen]
-    return net
+    return _built(_V4Net, a, _NETMASKS4[plen])
 
 
 def _v6(addr: int, plen: int) -> ipaddress.IPv6Network:
-    """IPv6Network((addr, plen)) for a valid network, built as _v4 builds."""
+    """IPv6Network((addr, plen)) for a valid network."""
     if plen >= 127:
         return _V6Net((addr, plen))
-    net = _new(_V6Net)
     a = _new(_V6Addr)
     a._ip = addr
     a._scope_id = None
-    net.network_address = a
-    net.netmask, net._prefixlen = _NETMASKS6[plen]
-    return net
+    return _built(_V6Net, a, _NETMASKS6[plen])
 
 
 def parse_entry(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, tuple[int, int], str] | None:
@@ -130,10 +132,5 @@ def parse_entries(texts: list) -> list:
         if plen > 30 or addr & ((1 << (32 - plen)) - 1):
             append(parse_entry(text))  # /31, /32 (built by ipaddress), or an error to leave to it
             continue
-        net = _new(_V4Net)
-        a = _new(_V4Addr)
-        a._ip = addr
-        net.network_address = a
-        net.netmask, net._prefixlen = _NETMASKS4[plen]
-        append((net, (V4_MAPPED | addr, 96 + plen), text))
+        append((_v4(addr, plen), (V4_MAPPED | addr, 96 + plen), text))
     return out
