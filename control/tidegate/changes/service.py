@@ -43,8 +43,8 @@ GuardFactory = Callable[..., object]
 _pauses = 0  # changes under way with the collector paused
 _pause_lock = threading.Lock()
 _resume = False  # the collector ran before the first of them paused it
-_sweep_at: int | None = None  # objects set aside (gc.get_freeze_count) beyond which they are swept once
-SWEEP_SLACK = 100_000
+_until_sweep = 0  # pauses left before what was set aside is swept
+SWEEP_EVERY = 1000
 
 
 @contextlib.contextmanager
@@ -64,22 +64,19 @@ def collector_paused() -> Iterator[None]:
     reference counting frees each one when its version is dropped. The
     pauses cover the parse and the kernel write only, not the netlink
     queries around them (pyroute2 leaves ~500 objects in cycles each).
-    What other threads leave in cycles during a pause is set aside too:
-    when the objects set aside have grown by half (at least SWEEP_SLACK)
-    since the last sweep, a pause first brings them all back and collects
-    once."""
-    global _pauses, _resume, _sweep_at
+    What other threads leave in cycles during a pause is set aside too, so
+    every SWEEP_EVERY pauses everything is brought back and collected once
+    (a full collection: ~0.1 s with four 100,000-CIDR versions kept)."""
+    global _pauses, _resume, _until_sweep
     with _pause_lock:
         if _pauses == 0:
             _resume = gc.isenabled()
             if _resume:
-                if _sweep_at is not None and gc.get_freeze_count() > _sweep_at:
+                if _until_sweep == 0:
                     gc.unfreeze()
-                gc.collect()  # the cycles made since the last change (and, after a sweep, all of them)
-                if _sweep_at is None or gc.get_freeze_count() == 0:  # the first change, or after a sweep
-                    gc.freeze()
-                    set_aside = gc.get_freeze_count()
-                    _sweep_at = set_aside + max(set_aside // 2, SWEEP_SLACK)
+                    _until_sweep = SWEEP_EVERY
+                _until_sweep -= 1
+                gc.collect()  # the cycles made since the last pause (after a sweep, all of them)
             gc.disable()
         _pauses += 1
     try:
