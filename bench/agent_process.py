@@ -20,7 +20,7 @@ agent starts on the host end with a state dir of its own. Figures:
 - warm restart = SIGTERM, then exec to attached again (adopting the
   attached program and pinned maps; the interface stays filtered).
 
-    sudo .venv/bin/python bench/agent_process.py [--quick] [--no-save]
+    sudo .venv/bin/python bench/agent_process.py [--quick] [--no-save] [--agent-exe PATH]
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ from control_plane import apply_latency, fill_sources_fd, rule_set_text, trie_fl
 class Agent(AgentProcess):
     """The agent under measurement: started by the launcher everything else uses."""
 
-    def __init__(self, lab: VethLab, state: Path, rules: Path):
+    def __init__(self, lab: VethLab, state: Path, rules: Path, exe: str | None = None):
         super().__init__(lab.host_if, state, pin_name=f"bench-agent-{os.getpid()}", rules=rules, sample_interval=2,
-                         extra=["--no-blast-check"])  # fmt: skip
+                         extra=["--no-blast-check"], exe=exe)  # fmt: skip
         self.lab = lab
 
     @property
@@ -125,6 +125,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and sizes, results printed only")
     ap.add_argument("--no-save", action="store_true", help="print the results only (bench/results/ is left as it is)")
+    ap.add_argument("--agent-exe", metavar="PATH", help="run this executable as `tidegate` for the agent (another "
+                    "checkout's, for a before/after pair in one session); implies --no-save")  # fmt: skip
     args = ap.parse_args()
     reps = 5 if args.quick else 20
     sizes = [10, 1000, 10000] if args.quick else [10, 1000, 10000, 100000]
@@ -132,8 +134,10 @@ def main() -> int:
     out: dict = {"machine": machine()}
     lines = header_lines("the agent process", __doc__.split("Method:")[1].split("    sudo")[0].strip())
 
+    if args.agent_exe:
+        lines += [f"The agent ran as `{args.agent_exe}` (--agent-exe), not this checkout's `tidegate`.", ""]
     tmp, lab = lab_with_rules("ba", "10.213.7", rule_set_text(10))
-    agent = Agent(lab, tmp / "state", tmp / "rules.yaml")
+    agent = Agent(lab, tmp / "state", tmp / "rules.yaml", exe=args.agent_exe)
     try:
         cold = agent.start()
         pb, stub, md = agent.stub()
@@ -184,7 +188,7 @@ def main() -> int:
         remove_all(tmp, lab, agent)
     text = "\n".join(lines)
     print(text)
-    if not args.quick and not args.no_save:
+    if not args.quick and not args.no_save and not args.agent_exe:
         save("agent_process", out, text)
     return 0
 
