@@ -11,6 +11,7 @@ import time
 
 import report
 from flood_rig import find_napi_thread, in_netns, sh
+from packet_workload import discard, realistic_lists, realistic_rules
 from tidegate.lab.veth import VethLab
 
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -24,10 +25,9 @@ IPTABLES = {"iptables": "iptables", "iptables_legacy": "iptables-legacy"}
 class Filters:
     """Set up and tear down each row's filter in the receiver namespace."""
 
-    def __init__(self, lab: VethLab, args, packet_path_module):
+    def __init__(self, lab: VethLab, args):
         self.lab = lab
         self.args = args
-        self.pp = packet_path_module
         self.kfs: dict[str, object] = {}
         self.bcc: dict[str, tuple] = {}
         self.attached_bcc: str | None = None
@@ -76,8 +76,8 @@ class Filters:
         # is counted but too high to drop anything, so every row enforces
         # the same per-source limit.
         pfx = PrefixLimit(24, 48, Limit(10**7, 10**7))
-        allow, deny = self.pp.realistic_lists()
-        rules = self.pp.realistic_rules(lim, pfx)
+        allow, deny = realistic_lists()
+        rules = realistic_rules(lim, pfx)
         return RuleSet(Defaults(lim, 32, 64, pfx, 0), allow, deny, rules, (), "flood bench: full")
 
     # ---- per row
@@ -204,7 +204,7 @@ class Filters:
                     kf.detach(remove_pins=False)
             except Exception:
                 pass
-            self.pp.discard(kf)
+            discard(kf)
         self.kfs = {}
         for b, _ in self.bcc.values():
             try:

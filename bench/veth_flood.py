@@ -254,8 +254,6 @@ def main(argv=None) -> int:
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed (Debian: netsniff-ng, nftables, iptables, util-linux, iproute2)")
 
-    import packet_path
-
     tag = str(os.getpid() % 10000)
     lab = VethLab(f"bf{tag}", subnet=f"192.168.{200 + int(tag) % 50}", host_in_ns=True)
     workdir = Path(tempfile.mkdtemp(prefix="tg-flood-"))
@@ -287,7 +285,7 @@ def main(argv=None) -> int:
             results["notes"].append("trafgen ran under bench/trafgen_retry.c (16 MiB send buffer, EAGAIN/ENOBUFS "
                                     "retried) so it applies backpressure instead of aborting")
         recv = Receiver(lab)
-        filters = Filters(lab, args, packet_path)
+        filters = Filters(lab, args)
         print("loading filters ...", flush=True)
         results["setup"] = filters.load(rows)
         for rnd in range(args.rounds):
