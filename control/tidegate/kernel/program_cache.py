@@ -6,7 +6,7 @@ of them load a map's fd (BPF_LD_IMM64 with BPF_PSEUDO_MAP_FD) and which map
 that is, each map's definition (type, key and value size, entries, flags,
 name, pin path or none) and the tag the kernel gave the program. The agent
 keeps that as <cache dir>/<program digest>.json (program.program_digest:
-source, flags, kernel release, layouts), written whole or not at all.
+source, flags, BCC's version, kernel release, layouts), written whole or not at all.
 
 A later start of the same digest with no program pinned (after `tidegate
 detach`, a reboot, a new pin dir) loads it with the bpf syscalls alone
