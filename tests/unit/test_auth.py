@@ -252,3 +252,13 @@ def test_a_good_role_map_loads(tmp_path):
     assert auth.load_role_map(path) == {"alice": "admin", "grafana": "read"}
     with pytest.raises(auth.RoleMapError, match="cannot read: No such file"):
         auth.load_role_map(tmp_path / "missing.json")
+
+
+def test_new_tokens_never_start_with_a_dash(monkeypatch):
+    """`tidegate --token TOKEN` must work for every token the agent writes: argparse reads a
+    value starting with '-' as an option (a CI run met one: "argument --token: expected one argument")."""
+    drawn = iter(["-starts-with-a-dash", "-again", "fine-token"])
+    monkeypatch.setattr(auth.secrets, "token_urlsafe", lambda n: next(drawn))
+    assert auth.new_token() == "fine-token"
+    monkeypatch.undo()
+    assert not any(auth.new_token().startswith("-") for _ in range(2000))

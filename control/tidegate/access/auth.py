@@ -70,6 +70,14 @@ def ensure_token_file(path: str | Path) -> dict[str, str]:
     return parse_tokens(data, p)
 
 
+def new_token() -> str:
+    """A random API token (192 bits) that never starts with '-': an operator passes it as
+    `--token TOKEN`, and a leading dash would make the CLI's parser read it as an option."""
+    while (token := secrets.token_urlsafe(24)).startswith("-"):
+        pass
+    return token
+
+
 def _write_new_token_file(p: Path) -> None:
     """Atomically: a crash leaves either no token file or a complete one,
     never an empty file that would lock every client out."""
@@ -78,8 +86,8 @@ def _write_new_token_file(p: Path) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write("# tidegate API tokens: <role> <token>; keep this file readable only by root\n")
-            f.write(f"admin {secrets.token_urlsafe(24)}\n")
-            f.write(f"read {secrets.token_urlsafe(24)}\n")
+            f.write(f"admin {new_token()}\n")
+            f.write(f"read {new_token()}\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
