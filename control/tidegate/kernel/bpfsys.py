@@ -10,7 +10,6 @@ loading for a compiled program kept on disk (program_cache.py).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
@@ -40,7 +39,7 @@ BPF_MAP_TYPE_LPM_TRIE = 11
 BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 BPF_F_NO_PREALLOC = 1
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the libc this process runs on (no search: find_library spawns ldconfig)
 _libc.syscall.restype = ctypes.c_long
 
 
