@@ -25,7 +25,7 @@ static __always_inline __u64 tg_now(void)
 	 * load: 3 ns over the floor against 20 for the coarse clock and 35 for
 	 * bpf_ktime_get_ns (bench/packet_path.py clock rows). It trails
 	 * CLOCK_MONOTONIC by a constant of the boot, so only the program reads
-	 * it (last_ns, blocked_until, pfx_credit_ns); first_ns, which the
+	 * it (last_ns, blocked_until, credit_win); first_ns, which the
 	 * control plane compares with its own clock, comes from tg_wall(). */
 	return (bpf_jiffies64() - (__u64)INITIAL_JIFFIES) * (1000000000ULL / HZ);
 #endif
@@ -85,7 +85,8 @@ static __always_inline int tg_fresh(struct tg_src *s, const struct tg_limit *l, 
 	s->packets = 0;
 	s->bytes = 0;
 	s->cls_lo = 0;
-	s->pfx_credit_ns = now;  /* as if it had just visited its prefix */
+	s->credit_win = now >> TG_CREDIT_SHIFT;  /* as if it had just visited its prefix */
+	s->pfx_lent = 0;
 	s->cls_ok = 0;
 	s->flags = 0;
 	s->pfx_credit = 0;
@@ -98,6 +99,7 @@ static __always_inline int tg_fresh(struct tg_src *s, const struct tg_limit *l, 
 	s->first_ns = tg_wall();
 	s->cls_mask = 0;
 	s->cls_hi = 0;
+	s->pfx_lent_prev = 0;
 	s->spare = 0;
 	return tg_take(s, l, now, len, bytes);
 }

@@ -76,7 +76,11 @@
  * a program whose tg_src has another layout of the same size gets a new
  * tg_state map, as one of another size does (the loader's prepare_pin_dir).
  * Change it with every change of struct tg_src. */
-#define TG_STATE_LAYOUT 2
+#define TG_STATE_LAYOUT 3
+
+/* Prefix credit windows (bpf/rules.h): now >> TG_CREDIT_SHIFT, about 268 ms.
+ * Credit lent in window w is good until window w + 1 ends. */
+#define TG_CREDIT_SHIFT 28
 
 struct tg_ctl {
 	/* bits 0-7 active slot, bits 8-15 shadow slot (TG_NO_SLOT = none).
@@ -189,8 +193,11 @@ struct tg_src {
 	 * cls_lo is the address's low half; the high half is compared only
 	 * when the key does not hold it (IPv6 keys shorter than /64). */
 	__u64 cls_lo;
-	/* Source entries: prefix credit (bpf/rules.h): the last prefix visit */
-	__u64 pfx_credit_ns;
+	/* Prefix credit (bpf/rules.h), in credit windows (now >> TG_CREDIT_SHIFT).
+	 * Source entries: the window of the last prefix visit, where the credit
+	 * held was lent. Prefix entries: the window pfx_lent counts. */
+	__u32 credit_win;
+	__u32 pfx_lent;    /* prefix entries: packets lent in window credit_win */
 	__u8 cls_ok;       /* 1: cls_* hold a trie answer */
 	__u8 flags;        /* TG_SF_* */
 	__u8 pfx_credit;   /* packets still to send on tokens taken from the prefix */
@@ -204,12 +211,14 @@ struct tg_src {
 	__u64 first_ns;    /* CLOCK_MONOTONIC (coarse) of the first packet */
 	__u64 cls_mask;    /* the trie's rule mask; valid when flags has TG_SF_CLS_MASK */
 	__u64 cls_hi;
-	__u64 spare;
+	__u32 pfx_lent_prev;  /* prefix entries: packets lent in the window before credit_win */
+	__u32 spare;
 };
 
 /* tg_src.flags */
 #define TG_SF_BLOCKED 1   /* blocked_until was set: compare it with now */
 #define TG_SF_CLS_MASK 2  /* cls_mask is not 0 */
+#define TG_SF_LENT 4      /* prefix entries: pfx_lent or pfx_lent_prev is not 0 */
 
 struct tg_count {
 	__u64 packets;

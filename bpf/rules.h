@@ -30,18 +30,29 @@
 /* Prefix credit: a source whose prefix bucket is far from its limit (over
  * half its burst) takes an eighth of what is above half, at most
  * TG_CREDIT_MAX packets, and sends that many packets without looking its
- * prefix up. Only a source back at its prefix within TG_CREDIT_NS of its
- * last visit gets credit (a source seen once in a while, or once, as in a
- * spoofed flood, takes nothing it will not use); the credit is good for
- * TG_CREDIT_NS (about one tick of the coarse clock that times every
- * bucket), and what is left goes back to the
- * bucket at the source's next prefix visit, where the packets sent on
- * credit are added to the prefix's counters. Every packet on credit was
- * taken from the prefix bucket, so the prefix never passes more than its
- * bucket gives, give or take what refills in TG_CREDIT_NS: the precision
- * the clock already has. Near its limit, or with a byte limit, a prefix
- * lends nothing and every packet is charged to it as it comes. */
-#define TG_CREDIT_NS 4000000ULL
+ * prefix up. Credit is lent in windows of the bucket clock (now >>
+ * TG_CREDIT_SHIFT, about 268 ms) and is good until the window after the
+ * one it was lent in ends: a source sending a packet every few tens of ms
+ * (a round robin over 64k sources) visits its prefix once per
+ * TG_CREDIT_MAX + 1 packets. Only a source back at its prefix within
+ * those two windows gets credit (a source seen once, as in a spoofed
+ * flood, takes nothing). At the source's next visit (credit used up or
+ * expired) its packets sent on credit are added to the prefix's counters
+ * and what it did not use goes back to the bucket.
+ *
+ * The prefix bucket counts what it has lent in the current and the
+ * previous window (pfx_lent, pfx_lent_prev) and refills only up to its
+ * burst less that, so tokens + credit held never exceed the burst: the
+ * prefix never passes more than a plain bucket would (burst + rate x
+ * time). What it costs in accuracy: credit a source takes and does not
+ * use is missing from the bucket until the source comes back or the loan
+ * expires (at most two windows, about 0.54 s), so a prefix may drop
+ * earlier than a plain bucket, by at most about half its burst (nothing
+ * is lent below half the burst) during that time. Near its limit, or with
+ * a byte limit, a prefix lends nothing and every packet is charged to it
+ * as it comes. An evicted prefix entry forgets its loans: until they
+ * expire, its sources may pass up to the half burst lent on top of the
+ * new entry's burst. */
 #define TG_CREDIT_MAX 64
 
 struct tg_verdict {
@@ -163,6 +174,91 @@ static __always_inline void tg_cache_class(struct tg_src *s, const struct tg_pkt
 	}
 }
 
+/* The packet units the prefix's sources hold as credit. */
+static __always_inline __u64 tg_pfx_held(const struct tg_src *ps)
+{
+	if (!(ps->flags & TG_SF_LENT))
+		return 0;
+	return ((__u64)ps->pfx_lent + ps->pfx_lent_prev) * TG_UNIT;
+}
+
+/* Prefix credit bookkeeping (see the top of this file). First the time
+ * since the last visit refills the bucket up to its burst less the credit
+ * held during that time (after a loan comes back or expires, the bucket
+ * may hold more: refilled later, the elapsed time would fill that room at
+ * once). Then the loan counters roll to window win: loans of older
+ * windows have expired. Only a prefix that lends (never one with a byte
+ * limit) has TG_SF_LENT. */
+static __always_inline void tg_pfx_roll(struct tg_src *ps, const struct tg_limit *l, __u64 now,
+					__u32 win)
+{
+	if (!(ps->flags & TG_SF_LENT))
+		return;
+	__u64 held = tg_pfx_held(ps);
+	__u64 elapsed = now > ps->last_ns ? now - ps->last_ns : 0;
+	ps->last_ns = now > ps->last_ns ? now : ps->last_ns;
+	ps->tokens = tg_refill(ps->tokens, elapsed, l->rate, l->burst > held ? l->burst - held : 0,
+			       l->fill_ns);
+	if (ps->credit_win == win)
+		return;
+	__u32 prev = win - ps->credit_win == 1 ? ps->pfx_lent : 0;
+	ps->pfx_lent_prev = prev;
+	ps->pfx_lent = 0;
+	ps->credit_win = win;
+	if (!prev)
+		ps->flags &= ~TG_SF_LENT;
+}
+
+/* A source back at its prefix settles its last loan: the packets it sent on
+ * credit reach the prefix's counters, the prefix stops holding the loan (if
+ * it still counts it) and what was left goes back to the bucket. */
+static __always_inline void tg_pfx_settle(struct tg_src *ps, struct tg_src *s, __u32 win,
+					  const struct tg_limit *l)
+{
+	__u32 n = (__u32)s->pfx_credit + s->pfx_owed;
+	if (!n)
+		return;
+	ps->packets += s->pfx_owed;
+	ps->bytes += s->pfx_owed_bytes;
+	if (ps->flags & TG_SF_LENT) {
+		if (s->credit_win == win)
+			ps->pfx_lent -= n < ps->pfx_lent ? n : ps->pfx_lent;
+		else if (win - s->credit_win == 1)
+			ps->pfx_lent_prev -= n < ps->pfx_lent_prev ? n : ps->pfx_lent_prev;
+	}
+	__u64 held = tg_pfx_held(ps);
+	__u64 cap = l->burst > held ? l->burst - held : 0;
+	__u64 back = ps->tokens + (__u64)s->pfx_credit * TG_UNIT;
+	ps->tokens = back > cap ? cap : back;
+	s->pfx_credit = 0;
+	s->pfx_owed = 0;
+	s->pfx_owed_bytes = 0;
+}
+
+/* Lend a source back within the credit windows, its prefix far from its
+ * limit, an eighth of what is above half the burst, at most TG_CREDIT_MAX
+ * packets. */
+static __always_inline void tg_pfx_lend(struct tg_src *ps, struct tg_src *s, __u32 win,
+					const struct tg_limit *l)
+{
+	if (ps->tokens <= l->burst / 2)
+		return;
+	__u64 n = ((ps->tokens - l->burst / 2) >> 3) / TG_UNIT;
+	if (n > TG_CREDIT_MAX)
+		n = TG_CREDIT_MAX;
+	if (!n)
+		return;
+	if (!(ps->flags & TG_SF_LENT)) {
+		ps->credit_win = win;
+		ps->pfx_lent = 0;
+		ps->pfx_lent_prev = 0;
+		ps->flags |= TG_SF_LENT;
+	}
+	ps->pfx_lent += n;
+	ps->tokens -= n * TG_UNIT;
+	s->pfx_credit = n;
+}
+
 /* Apply the rule's limits. shadow: this slot is the candidate set, its
  * state entries count would-drops; active_drop: what the active set did.
  * s: the source's entry if the caller already found it; cls: the match's
@@ -233,9 +329,10 @@ static __always_inline struct tg_verdict tg_limit(__u32 slot, const struct tg_se
 	}
 	if (rc->flags & TG_RF_PREFIX) {
 		int pbytes = rc->flags & TG_RF_PFX_BYTES;
+		__u32 win = now >> TG_CREDIT_SHIFT;
 		/* on credit: a packet of a source holding tokens it took from its
-		 * prefix bucket a moment ago needs no prefix lookup */
-		if (s && s->pfx_credit && now - s->pfx_credit_ns < TG_CREDIT_NS) {
+		 * prefix bucket in this window or the last needs no prefix lookup */
+		if (s && s->pfx_credit && win - s->credit_win <= 1) {
 			s->pfx_credit--;
 			s->pfx_owed++;
 			s->pfx_owed_bytes += p->len;
@@ -265,36 +362,21 @@ static __always_inline struct tg_verdict tg_limit(__u32 slot, const struct tg_se
 		} else {
 			ps->packets++;
 			ps->bytes += p->len;
-			if (s) {
-				/* settle the last credit: its packets are counted, what is
-				 * left goes back */
-				ps->packets += s->pfx_owed;
-				ps->bytes += s->pfx_owed_bytes;
-				__u64 back = ps->tokens + (__u64)s->pfx_credit * TG_UNIT;
-				ps->tokens = back > rc->pfx.burst ? rc->pfx.burst : back;
-				s->pfx_credit = 0;
-				s->pfx_owed = 0;
-				s->pfx_owed_bytes = 0;
-			}
+			tg_pfx_roll(ps, &rc->pfx, now, win);
+			if (s)
+				tg_pfx_settle(ps, s, win, &rc->pfx);
+			/* (the roll refilled a lending prefix already: nothing elapses here) */
 			if (!tg_take(ps, &rc->pfx, now, p->len, pbytes)) {
 				v.drop = 1;
 				v.reason = TG_R_PREFIX;
 				ps->drops++;
 				if (shadow && !active_drop)
 					ps->new_drops++;
-			} else if (s && !pbytes && now - s->pfx_credit_ns < TG_CREDIT_NS &&
-				   ps->tokens > rc->pfx.burst / 2) {
-				/* a source back within the credit time, its prefix far
-				 * from its limit: lend it an eighth of what is above half
-				 * the burst, at most TG_CREDIT_MAX packets */
-				__u64 n = ((ps->tokens - rc->pfx.burst / 2) >> 3) / TG_UNIT;
-				if (n > TG_CREDIT_MAX)
-					n = TG_CREDIT_MAX;
-				ps->tokens -= n * TG_UNIT;
-				s->pfx_credit = n;
+			} else if (s && !pbytes && win - s->credit_win <= 1) {
+				tg_pfx_lend(ps, s, win, &rc->pfx);
 			}
 			if (s)
-				s->pfx_credit_ns = now;  /* its last prefix visit */
+				s->credit_win = win;  /* its last prefix visit */
 		}
 	}
 counted:

@@ -1,18 +1,20 @@
 """Prefix credit (bpf/rules.h): a source whose prefix bucket is far from its
 limit sends packets on tokens it took from the bucket in advance, without
-looking the prefix up. The prefix still never passes more than its bucket
-holds, the credit a source leaves unused goes back to the bucket, and the
-packets sent on credit reach the prefix's counters at the source's next
-prefix visit.
+looking the prefix up, for up to two credit windows (now >> CREDIT_SHIFT).
+The prefix still never passes more than its bucket gives (it refills only to
+its burst less the credit its sources hold), the credit a source leaves
+unused goes back to the bucket, and the packets sent on credit reach the
+prefix's counters at the source's next prefix visit.
 
-The replay clock stands still in these tests (no refill: the prefix's rate
-is 1 pps), so the bucket's burst is exactly what may pass."""
+The replay clock stands still in these tests unless a test moves it (the
+first tests' prefix rate is 1 pps), so the bucket's burst is exactly what
+may pass."""
 
 from __future__ import annotations
 
 import pytest
 
-from tidegate.kernel.layout import KIND_PREFIX
+from tidegate.kernel.layout import CREDIT_SHIFT, KIND_PREFIX
 
 from . import frames as f
 
@@ -23,6 +25,14 @@ defaults:
   prefix_limit: {{ipv4_prefix: 24, ipv6_prefix: 48, pps: 1, burst: {BURST}}}
 """
 A, B = f.udp("198.51.100.7", 53), f.udp("198.51.100.8", 53)
+WINDOW_MS = (1 << CREDIT_SHIFT) / 1e6
+EXPIRED_MS = 2 * WINDOW_MS + 1  # later than any credit lent now is good for
+
+
+def _window_start_ms(replay) -> float:
+    """The replay time (ms, as replay.at takes it) where the next credit window starts."""
+    base = replay.at(0).now
+    return (((base >> CREDIT_SHIFT) + 1) << CREDIT_SHIFT) / 1e6 - base / 1e6
 
 
 def _send(replay, frame: bytes, n: int) -> dict[str, int]:
@@ -50,15 +60,16 @@ def test_one_source_gets_exactly_the_prefix_burst(replay):
 
 @pytest.mark.kernel
 def test_credit_left_unused_expires_and_goes_back_to_the_prefix(replay):
-    """Credit is good for about one tick of the coarse clock; the source's
-    next packet after that visits the prefix and returns what was left."""
+    """Credit is good until the window after the one it was lent in ends; the
+    source's next packet after that visits the prefix and returns what was
+    left."""
     replay.apply(RULES)
     replay.at(0)
     assert _send(replay, A, 10) == {"pass": 10}  # A now holds credit it does not use
     assert _prefix_packets(replay.kf) < 10
     b = _send(replay, B, BURST)
     assert b["pass"] < BURST - 10, "A's credit is not B's to use"
-    replay.at(5)  # 5 ms later (5/1000 of a token refilled): A's credit has expired
+    replay.at(EXPIRED_MS)  # about half a token refilled: A's credit has expired
     assert _send(replay, A, 1) == {"pass": 1}
     b2 = _send(replay, B, 100)
     assert 10 + b["pass"] + 1 + b2["pass"] == BURST, (b, b2)
@@ -67,13 +78,60 @@ def test_credit_left_unused_expires_and_goes_back_to_the_prefix(replay):
 
 
 @pytest.mark.kernel
+def test_credit_outlives_the_clock_tick_a_source_comes_back_within(replay):
+    """A source back 50 ms later (a round robin over many sources) still
+    sends on the credit it took, without a prefix visit."""
+    replay.apply(RULES)
+    start = _window_start_ms(replay)
+    replay.at(start)
+    assert _send(replay, A, 2) == {"pass": 2}  # the second packet takes credit
+    seen = _prefix_packets(replay.kf)
+    replay.at(start + 50)
+    assert _send(replay, A, 20) == {"pass": 20}
+    assert _prefix_packets(replay.kf) == seen, "all 20 went on credit"
+
+
+@pytest.mark.kernel
 def test_a_source_seen_once_in_a_while_takes_no_credit(replay):
     """Credit goes only to a source back at its prefix within the credit
-    time: one packet now and one 5 ms later leave nothing lent, so the
-    next source gets the rest of the burst to the packet."""
+    windows: one packet now and one two windows later leave nothing lent,
+    so the next source gets the rest of the burst to the packet."""
     replay.apply(RULES)
     replay.at(0)
     assert _send(replay, A, 1) == {"pass": 1}
-    replay.at(5)
+    replay.at(EXPIRED_MS)
     assert _send(replay, A, 1) == {"pass": 1}
     assert _send(replay, B, BURST) == {"pass": BURST - 2, "prefix": 2}
+
+
+FAST = """
+defaults:
+  limit: {pps: 100000, burst: 100000}
+  prefix_limit: {ipv4_prefix: 24, ipv6_prefix: 48, pps: 4000, burst: 1000}
+"""
+MANY = [f.udp(f"198.51.100.{i}", 53) for i in range(1, 201)]
+
+
+@pytest.mark.kernel
+def test_credit_held_by_many_sources_never_lets_the_prefix_pass_more_than_its_burst(replay):
+    """200 sources of one /24 take credit, the prefix (4000 pps, burst 1000)
+    refills for longer than it takes to fill, then every source sends at one
+    instant. The prefix passes at most its burst at that instant, credit
+    included (its bucket refilled only to the burst less the credit its
+    sources held), and no less than its burst less the packets already sent
+    on credit before."""
+    replay.apply(FAST)
+    start = _window_start_ms(replay)
+    replay.at(start)
+    for frame in MANY:
+        assert _send(replay, frame, 2) == {"pass": 2}
+    seen = _prefix_packets(replay.kf)
+    replay.at(start + WINDOW_MS / 2)
+    for frame in MANY:
+        assert _send(replay, frame, 1) == {"pass": 1}
+    on_credit = 200 - (_prefix_packets(replay.kf) - seen)
+    assert on_credit > 10, "sources sent on credit"
+    replay.at(start + 1.9 * WINDOW_MS)  # the bucket refilled to its cap
+    # two rounds: the second uses up what the first left on credit
+    passed = sum(_send(replay, frame, 100).get("pass", 0) for _ in range(2) for frame in MANY)
+    assert BURST - on_credit <= passed <= BURST, (passed, on_credit)

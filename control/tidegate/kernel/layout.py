@@ -49,8 +49,9 @@ RF_PKT, RF_BYTES, RF_PREFIX, RF_PFX_BYTES = 1, 2, 4, 8  # TG_RF_*: tg_rule_cfg.f
 CF_ALLOW, CF_DENY = 1, 2  # TG_CF_*: tg_cidr_val.flags
 SET_HAS_TRIE, SET_HAS_PORTS, SET_EXT_DEFAULT = 1, 2, 4  # TG_SET_*: tg_set_cfg.flags
 KIND_SOURCE, KIND_PREFIX = 0, 1  # TG_KIND_*: tg_state_key.kind
-SF_BLOCKED, SF_CLS_MASK = 1, 2  # TG_SF_*: tg_src.flags
-STATE_LAYOUT = 2  # TG_STATE_LAYOUT: the tg_src layout, kept in tg_ctl.state_layout
+SF_BLOCKED, SF_CLS_MASK, SF_LENT = 1, 2, 4  # TG_SF_*: tg_src.flags
+STATE_LAYOUT = 3  # TG_STATE_LAYOUT: the tg_src layout, kept in tg_ctl.state_layout
+CREDIT_SHIFT = 28  # TG_CREDIT_SHIFT: prefix credit windows are now >> CREDIT_SHIFT ns (about 268 ms)
 LRU_INSERTS, LRU_FAILS, LRU_COUNTERS = 0, 1, 2  # TG_LRU_*: tg_lru indexes
 
 PORT_RANGE = 2 * 65536  # port-table entries per slot: (is_udp << 16 | port), TG_PORT_IDX
@@ -107,10 +108,11 @@ class tg_state_key(ctypes.Structure):
 
 
 class tg_src(ctypes.Structure):
-    _fields_ = [(n, u64) for n in ("tokens", "last_ns", "packets", "bytes", "cls_lo", "pfx_credit_ns")] + [
-        ("cls_ok", u8), ("flags", u8), ("pfx_credit", u8), ("pfx_owed", u8), ("pfx_owed_bytes", u32)] + [
-        (n, u64) for n in ("blocked_until", "byte_tokens", "drops", "new_drops", "first_ns", "cls_mask", "cls_hi",
-                           "spare")]  # fmt: skip
+    _fields_ = [(n, u64) for n in ("tokens", "last_ns", "packets", "bytes", "cls_lo")] + [
+        ("credit_win", u32), ("pfx_lent", u32), ("cls_ok", u8), ("flags", u8), ("pfx_credit", u8), ("pfx_owed", u8),
+        ("pfx_owed_bytes", u32)] + [
+        (n, u64) for n in ("blocked_until", "byte_tokens", "drops", "new_drops", "first_ns", "cls_mask", "cls_hi")] + [
+        ("pfx_lent_prev", u32), ("spare", u32)]  # fmt: skip
 
 
 class tg_count(ctypes.Structure):
