@@ -174,12 +174,14 @@ static __always_inline void tg_cache_class(struct tg_src *s, const struct tg_pkt
 	}
 }
 
-/* The packet units the prefix's sources hold as credit. */
-static __always_inline __u64 tg_pfx_held(const struct tg_src *ps)
+/* What the prefix's bucket may hold: its burst less the credit its sources
+ * hold. */
+static __always_inline __u64 tg_pfx_cap(const struct tg_src *ps, const struct tg_limit *l)
 {
 	if (!(ps->flags & TG_SF_LENT))
-		return 0;
-	return ((__u64)ps->pfx_lent + ps->pfx_lent_prev) * TG_UNIT;
+		return l->burst;
+	__u64 held = ((__u64)ps->pfx_lent + ps->pfx_lent_prev) * TG_UNIT;
+	return l->burst > held ? l->burst - held : 0;
 }
 
 /* Prefix credit bookkeeping (see the top of this file). First the time
@@ -194,11 +196,9 @@ static __always_inline void tg_pfx_roll(struct tg_src *ps, const struct tg_limit
 {
 	if (!(ps->flags & TG_SF_LENT))
 		return;
-	__u64 held = tg_pfx_held(ps);
 	__u64 elapsed = now > ps->last_ns ? now - ps->last_ns : 0;
 	ps->last_ns = now > ps->last_ns ? now : ps->last_ns;
-	ps->tokens = tg_refill(ps->tokens, elapsed, l->rate, l->burst > held ? l->burst - held : 0,
-			       l->fill_ns);
+	ps->tokens = tg_refill(ps->tokens, elapsed, l->rate, tg_pfx_cap(ps, l), l->fill_ns);
 	if (ps->credit_win == win)
 		return;
 	__u32 prev = win - ps->credit_win == 1 ? ps->pfx_lent : 0;
@@ -226,8 +226,7 @@ static __always_inline void tg_pfx_settle(struct tg_src *ps, struct tg_src *s, _
 		else if (win - s->credit_win == 1)
 			ps->pfx_lent_prev -= n < ps->pfx_lent_prev ? n : ps->pfx_lent_prev;
 	}
-	__u64 held = tg_pfx_held(ps);
-	__u64 cap = l->burst > held ? l->burst - held : 0;
+	__u64 cap = tg_pfx_cap(ps, l);
 	__u64 back = ps->tokens + (__u64)s->pfx_credit * TG_UNIT;
 	ps->tokens = back > cap ? cap : back;
 	s->pfx_credit = 0;
