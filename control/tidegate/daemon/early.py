@@ -69,7 +69,8 @@ def _start_ahead(config: loader.FilterConfig) -> str | None:
             compiler.start_ahead()  # maps pinned: the program must use them, so it compiles in the real bpffs
             return "compile"
         source, flags = loader.program_source(), loader.cflags(config)
-        compiler.start_ahead(source, flags, program.prog_pin_path(config.pin_dir, program.program_digest(source, flags)))
+        digest = program.program_digest(source, flags)
+        compiler.start_ahead(source, flags, program.prog_pin_path(config.pin_dir, digest))
         return "compile"
     if not empty:
         return None  # a restart: the program is pinned (or a pin dir to look at closely: the load does)

@@ -58,7 +58,8 @@ def ahead_since() -> float | None:
 
 def job(source: str, cflags: list[str], prog_pin: str, ahead: bool = False) -> bytes:
     body = source.encode()
-    return json.dumps({"prog_pin": prog_pin, "cflags": cflags, "size": len(body), "ahead": ahead}).encode() + b"\n" + body
+    head = {"prog_pin": prog_pin, "cflags": cflags, "size": len(body), "ahead": ahead}
+    return json.dumps(head).encode() + b"\n" + body
 
 
 def _spawn() -> subprocess.Popen:
