@@ -4,14 +4,12 @@ agent still imports its modules, its maps pinned only in a bpffs of its
 own. Nothing appears in the real pin dir before the go (compile_in_child);
 then the maps and the program are pinned where BCC pins them. A start that
 stops before leaves nothing, a go for another program or a pin dir that
-is no longer empty is compiled again in the real bpffs; where no mount
-namespace can be made, the child compiles at the go."""
+is no longer empty is compiled again in the real bpffs."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 
 import pytest
@@ -126,33 +124,5 @@ def test_a_map_pinned_before_the_go_is_used_and_nothing_of_the_ahead_compile_kep
     try:
         assert theirs in bpfsys.prog_map_ids(fd), "the compile in the real bpffs used the pinned map"
         assert program._uses_pinned_maps(fd, config.pin_dir)
-    finally:
-        os.close(fd)
-
-
-def test_where_no_mount_namespace_can_be_made_the_child_compiles_at_the_go(config, monkeypatch):
-    """The shipped units forbid namespaces (RestrictNamespaces=yes): the
-    child, here without CAP_SYS_ADMIN so that unshare(2) fails, stays in the
-    real bpffs and compiles when the start asks, as a child started without
-    the program would; no second child."""
-    real = subprocess.Popen
-    spawned: list = []
-
-    def without_sys_admin(argv, **kw):
-        spawned.append(argv)
-        return real(["setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin", *argv], **kw)
-
-    monkeypatch.setattr(subprocess, "Popen", without_sys_admin)
-    source, flags, prog_pin = _job(config)
-    compiler.start_ahead(source, flags, prog_pin)
-    line = json.loads(compiler._ahead.stdout.readline())
-    assert line["ahead"] == "not compiled" and "unshare" in line["why"], line
-    os.makedirs(config.pin_dir, mode=0o700)
-    res = compiler.compile_in_child(source, flags, prog_pin)
-    assert not res["compiled_ahead"] and "unshare" in res["not_ahead"] and "unusable" not in res
-    assert len(spawned) == 1, "compiled by the child started ahead"
-    fd = bpfsys.obj_get(prog_pin)
-    try:
-        assert bpfsys.prog_info(fd).id == res["prog_id"] and program._uses_pinned_maps(fd, config.pin_dir)
     finally:
         os.close(fd)

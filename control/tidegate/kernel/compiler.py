@@ -22,8 +22,7 @@ the start gets to the kernel. Then it pins the maps and the program where
 BCC would have, and answers. A start that stops before (end of input)
 leaves nothing pinned; a go for another program, or a pin dir that is no
 longer empty, is answered {"ahead_unusable": why} and compiled by a new
-child in the real bpffs. Where no mount namespace can be made (the shipped
-systemd units forbid it) the child compiles at the go, as without a program.
+child in the real bpffs.
 """
 
 from __future__ import annotations
@@ -123,9 +122,8 @@ def _run(proc: subprocess.Popen, message: bytes, timeout: float) -> dict:
 def compile_in_child(source: str, cflags: list[str], prog_pin: str, timeout: float = 300) -> dict:
     """Run the compile child (the one started ahead, if any); returns what
     it printed ({prog_id, tag, compile_s, pid, child_s, ahead: started ahead,
-    compiled_ahead: compiled before the go, record: the cache entry or None, record_error,
-    unusable: why a compile ahead was not used, so a new child compiled; not_ahead: why the
-    child started with the program compiled it only at the go})."""
+    compiled_ahead: compiling when the go came, record: the cache entry or None,
+    record_error, unusable: why a compile ahead was not used})."""
     global _ahead, _ahead_job
     t0 = time.monotonic()
     ahead = _ahead is not None
@@ -138,7 +136,7 @@ def compile_in_child(source: str, cflags: list[str], prog_pin: str, timeout: flo
         res["unusable"] = unusable
     res["child_s"] = time.monotonic() - t0
     res["ahead"] = ahead
-    res["compiled_ahead"] = sent is not None and unusable is None and "not_ahead" not in res
+    res["compiled_ahead"] = sent is not None and unusable is None
     return res
 
 
@@ -187,22 +185,9 @@ def _answer(lib, b, fn, compile_s: float, prog_pin: str) -> dict:
     return out
 
 
-def _compile_here(BPF, lib, args: dict) -> dict:
-    """Compile and load the job's program in the real bpffs, as BCC pins (the maps) and pin it."""
-    b, fn, compile_s = _build(BPF, args)
-    tmp = f"{args['prog_pin']}_tmp{os.getpid()}"  # bpffs names take no dots
-    bpfsys.obj_pin(fn.fd, tmp)
-    os.replace(tmp, args["prog_pin"])  # the pin appears whole or not at all
-    return _answer(lib, b, fn, compile_s, args["prog_pin"])
-
-
 def _compile_ahead(BPF, lib, first: dict) -> dict | None:
     """Compile `first` in a bpffs of this process's own, then wait for the
-    go; the answer, or None when the start ended before it. Where no mount
-    namespace can be made (the shipped units: RestrictNamespaces=yes, no
-    mount(2)), the go's program is compiled in the real bpffs, as without
-    a program ahead."""
-    home = os.readlink("/proc/self/ns/mnt")
+    go; the answer, or None when the start ended before it."""
     try:
         private = PrivateBpffs(os.path.dirname(first["prog_pin"]))
         built = _build(BPF, first)
@@ -215,8 +200,6 @@ def _compile_ahead(BPF, lib, first: dict) -> dict | None:
     if go is None:
         return None  # the start stopped: what was compiled goes with this process
     if private is None:
-        if os.readlink("/proc/self/ns/mnt") == home:
-            return _compile_here(BPF, lib, go) | {"not_ahead": built}  # still in the real bpffs
         return {"ahead_unusable": built}
     if any(go[k] != first[k] for k in ("prog_pin", "cflags", "source")):
         return {"ahead_unusable": "the start asked for another program"}
@@ -235,13 +218,21 @@ def _main() -> int:
     first = _read_job(sys.stdin.buffer)  # started ahead without a job: BCC is loaded by the time it comes
     if first is None:
         return 0  # cancelled: nothing to compile
+    if first.get("ahead"):
+        out = _compile_ahead(BPF, lib, first)
+        if out is not None:
+            print(json.dumps(out))
+        return 0
+    prog_pin = first["prog_pin"]
     try:
-        out = _compile_ahead(BPF, lib, first) if first.get("ahead") else _compile_here(BPF, lib, first)
+        b, fn, compile_s = _build(BPF, first)
     except _LayoutMismatch as e:
         print(e, file=sys.stderr)
         return 3
-    if out is not None:
-        print(json.dumps(out))
+    tmp = f"{prog_pin}_tmp{os.getpid()}"  # bpffs names take no dots
+    bpfsys.obj_pin(fn.fd, tmp)
+    os.replace(tmp, prog_pin)  # the pin appears whole or not at all
+    print(json.dumps(_answer(lib, b, fn, compile_s, prog_pin)))
     return 0
 
 

@@ -127,9 +127,8 @@ def open_or_compile(source: str, cflags: list[str], pin_dir: str, cache_dir: str
     _take_ahead(None, path)
     log.info("compiling the program in a child process", extra={"digest": digest, "since_s": compiler.ahead_since()})
     res = compile_in_child(source, cflags, path)  # CompileError: the caller words it
-    if res.get("unusable") or res.get("not_ahead"):
-        log.info("the program was not compiled ahead", extra={"why": res.get("unusable") or res["not_ahead"],
-                                                              "compiled_again": bool(res.get("unusable"))})  # fmt: skip
+    if res.get("unusable"):
+        log.info("the compile started ahead was not used: compiled again", extra={"why": res["unusable"]})
     log.info("program compiled", extra={"digest": digest, "compile_s": res["compile_s"], "child_pid": res["pid"],
                                         "child_s": round(res["child_s"], 3), "started_ahead": res["ahead"],
                                         "compiled_ahead": res["compiled_ahead"], "tag": res["tag"]})  # fmt: skip
