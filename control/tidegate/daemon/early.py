@@ -4,10 +4,8 @@ The agent's own imports (gRPC, numpy, the kernel layer...) take most of a
 second, on one core. What the start will need from the kernel side begins
 beside them, without touching anything the start could leave behind:
 - nothing pinned and nothing in the program cache (a first start): the
-  compile child is started with the program and compiles it at once, its
-  pins in a bpffs of its own until the start gets to the kernel
-  (kernel/compiler.py); with maps pinned but no program (they are the
-  maps the program must use) it loads BCC and LLVM and waits for the source;
+  compile child is started, loads BCC and LLVM, and waits for the source
+  (kernel/compiler.py);
 - nothing pinned but this program cached (after a reboot or `tidegate
   detach`): a thread loads it against maps of its own, pinned only when the
   start gets to the kernel (program.load_ahead); the verifier's run is
@@ -55,25 +53,15 @@ def start_ahead(argv: list[str]) -> str | None:
         return None  # a state or pin dir that is not one (a file, no access...): the start says so in its words
 
 
-def _pin_dir_empty(pin_dir: str) -> bool:
-    try:
-        return not os.listdir(pin_dir)
-    except FileNotFoundError:
-        return True
-
-
 def _start_ahead(config: loader.FilterConfig) -> str | None:
-    empty = _pin_dir_empty(config.pin_dir)
     if program.compile_likely(config.pin_dir, config.cache_dir):
-        if not empty:
-            compiler.start_ahead()  # maps pinned: the program must use them, so it compiles in the real bpffs
-            return "compile"
-        source, flags = loader.program_source(), loader.cflags(config)
-        digest = program.program_digest(source, flags)
-        compiler.start_ahead(source, flags, program.prog_pin_path(config.pin_dir, digest))
+        compiler.start_ahead()
         return "compile"
-    if not empty:
-        return None  # a restart: the program is pinned (or a pin dir to look at closely: the load does)
+    try:
+        if os.listdir(config.pin_dir):
+            return None  # a restart: the program is pinned (or a pin dir to look at closely: the load does)
+    except FileNotFoundError:
+        pass
     digest = program.program_digest(loader.program_source(), loader.cflags(config))
     if not os.path.exists(program_cache.entry_path(config.cache_dir, digest)):
         return None

@@ -125,13 +125,11 @@ def open_or_compile(source: str, cflags: list[str], pin_dir: str, cache_dir: str
             compiler.cancel_ahead()
             return Program(fd, digest, False, 0.0, origin="cached", seconds=took)
     _take_ahead(None, path)
-    log.info("compiling the program in a child process", extra={"digest": digest, "since_s": compiler.ahead_since()})
+    log.info("compiling the program in a child process", extra={"digest": digest})
     res = compile_in_child(source, cflags, path)  # CompileError: the caller words it
-    if res.get("unusable"):
-        log.info("the compile started ahead was not used: compiled again", extra={"why": res["unusable"]})
     log.info("program compiled", extra={"digest": digest, "compile_s": res["compile_s"], "child_pid": res["pid"],
                                         "child_s": round(res["child_s"], 3), "started_ahead": res["ahead"],
-                                        "compiled_ahead": res["compiled_ahead"], "tag": res["tag"]})  # fmt: skip
+                                        "tag": res["tag"]})  # fmt: skip
     if cache_dir is not None:
         _keep(cache_dir, digest, res)
     return Program(bpfsys.obj_get(path), digest, True, res["child_s"], res["pid"], seconds=time.monotonic() - t0)
