@@ -10,8 +10,6 @@
 #ifndef TIDEGATE_BUCKET_H
 #define TIDEGATE_BUCKET_H
 
-#include <linux/jiffies.h>
-
 static __always_inline __u64 tg_now(void)
 {
 #ifdef TG_REPLAY_CLOCK

@@ -23,11 +23,8 @@
  * only for its own buckets and counters.
  */
 #include <uapi/linux/bpf.h>
-#include <linux/in.h>
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
 
+#include "kernel_defs.h"
 #include "layout.h"
 #include "maps.h"
 #include "parse.h"
