@@ -17,6 +17,7 @@ agent starts on the host end with a state dir of its own. Figures:
   from this process (as if N sources had sent); after the agent's next two
   samples: GetCounters, TopSources and a /metrics scrape (HTTP GET), medians
   of 5, and the agent's resident memory (VmRSS, VmHWM from /proc);
+- the package's bytecode is compiled first, as the Debian package ships it;
 - warm restart = SIGTERM, then exec to attached again (adopting the
   attached program and pinned maps; the interface stays filtered).
 
@@ -33,7 +34,7 @@ import urllib.request
 from pathlib import Path
 
 from lab_run import lab_with_rules, remove_all
-from report import header_lines, machine, save, table, use_repo_package
+from report import bytecode_as_installed, header_lines, machine, save, table, use_repo_package
 
 use_repo_package()
 
@@ -128,6 +129,7 @@ def main() -> int:
     ap.add_argument("--agent-exe", metavar="PATH", help="run this executable as `tidegate` for the agent (another "
                     "checkout's, for a before/after pair in one session); implies --no-save")  # fmt: skip
     args = ap.parse_args()
+    bytecode_as_installed()
     reps = 5 if args.quick else 20
     sizes = [10, 1000, 10000] if args.quick else [10, 1000, 10000, 100000]
     src_sizes = [1000, 100000] if args.quick else [1000, 1_000_000]
