@@ -20,6 +20,8 @@ import ipaddress
 import re
 import socket
 
+import numpy as np
+
 from tidegate.kernel.layout import V4_MAPPED
 
 # dotted quads without leading zeros (inet_aton would read 010 as octal); inet_aton refuses an octet over 255
@@ -33,6 +35,13 @@ _new = object.__new__
 _NETMASKS4 = [_V4Net._make_netmask(plen) for plen in range(33)]  # (netmask, prefixlen), as ipaddress caches them
 _NETMASKS6 = [_V6Net._make_netmask(plen) for plen in range(129)]
 _aton, _from_bytes = socket.inet_aton, int.from_bytes
+_DIGIT = np.zeros(256, bool)
+_DIGIT[ord("0"): ord("9") + 1] = True
+_SEPARATORS = np.frombuffer(b".../\n", np.uint8)  # the characters after the 5 numbers of an IPv4 CIDR line
+_NOT_SEPARATOR = 255
+_SEPARATOR_OF = np.full(256, _NOT_SEPARATOR, np.uint8)  # a character -> itself if it separates numbers
+_SEPARATOR_OF[_SEPARATORS] = _SEPARATORS
+V4_LIST_MIN = 64  # items; below that the loop is as quick
 
 
 def _built(net_cls, address, netmask_and_len: tuple) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -134,3 +143,57 @@ def parse_entries(texts: list) -> list:
             continue
         append((_v4(addr, plen), (V4_MAPPED | addr, 96 + plen), text))
     return out
+
+
+def parse_v4_list(texts: list) -> tuple[list, list, list] | None:
+    """(networks, keys, texts) of a list of IPv4 CIDRs, as parse_entries
+    would give them, worked out for the whole list at once: one pattern
+    checks every item, numpy reads the numbers and checks the octets and
+    the host bits. None when any item is not such a CIDR (written
+    otherwise, a /31 or /32, IPv6, wrong): parse_entries then."""
+    if len(texts) < V4_LIST_MIN or None in texts:  # texts, or None where an item is not text
+        return None
+    joined = ("\n".join(texts) + "\n").encode("ascii", "replace")
+    octets = _numbers(np.frombuffer(joined, np.uint8), len(texts))
+    if octets is None:
+        return None
+    plens = octets[:, 4]
+    if (octets[:, :4] > 255).any() or (plens > 30).any():
+        return None
+    addrs = (octets[:, 0] << 24) | (octets[:, 1] << 16) | (octets[:, 2] << 8) | octets[:, 3]
+    if (addrs & ((np.int64(1) << (32 - plens)) - 1)).any():  # host bits set: ipaddress words that error
+        return None
+    addr_list, plen_list = addrs.tolist(), plens.tolist()
+    keys = list(zip(map(V4_MAPPED.__or__, addr_list), map((96).__add__, plen_list)))
+    nets = []
+    append, new, netmasks = nets.append, _new, _NETMASKS4
+    for addr, plen in zip(addr_list, plen_list):  # _v4, inline: the objects ipaddress would make
+        a = new(_V4Addr)
+        a._ip = addr
+        net = new(_V4Net)
+        net.network_address = a
+        net.netmask, net._prefixlen = netmasks[plen]
+        append(net)
+    return nets, keys, list(texts)
+
+
+def _numbers(chars: np.ndarray, n: int) -> np.ndarray | None:
+    """The (n, 5) numbers of n lines `a.b.c.d/len\n` (each 1-3 digits, no
+    leading zero), or None when the characters are anything else."""
+    kind = _SEPARATOR_OF[chars]
+    seps = np.flatnonzero(kind != _NOT_SEPARATOR)
+    if seps.size != 5 * n or not _DIGIT[chars[kind == _NOT_SEPARATOR]].all():
+        return None
+    if not (kind[seps].reshape(n, 5) == _SEPARATORS).all():
+        return None
+    starts = np.concatenate(([0], seps[:-1] + 1))
+    width = seps - starts
+    if width.min() < 1 or width.max() > 3:
+        return None
+    if ((chars[starts] == ord("0")) & (width > 1)).any():  # a leading zero (inet_aton would read octal)
+        return None
+    digits = chars.astype(np.int64) - ord("0")
+    first, second, third = digits[starts], digits[np.minimum(starts + 1, chars.size - 1)], digits[
+        np.minimum(starts + 2, chars.size - 1)]
+    values = np.where(width == 1, first, np.where(width == 2, first * 10 + second, first * 100 + second * 10 + third))
+    return values.reshape(n, 5)

@@ -256,8 +256,11 @@ def _networks(node: _Node | None, path: str, col: _Collector) -> Networks:
         return _NO_NETWORKS
     items = node.value
     # the common case first, without building each item's path: quoted CIDRs in the usual form, none twice
-    entries = cidrs.parse_entries([i.value.strip() if type(i.value) is str and i.kind == "scalar" else None
-                                   for i in items])  # fmt: skip
+    values = [i.value.strip() if type(i.value) is str and i.kind == "scalar" else None for i in items]
+    listed = cidrs.parse_v4_list(values)
+    if listed is not None and len(set(listed[2])) == len(values):
+        return Networks(*listed)
+    entries = cidrs.parse_entries(values)
     if None not in entries:
         texts = [e[2] for e in entries]
         if len(set(texts)) == len(texts):

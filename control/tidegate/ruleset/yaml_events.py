@@ -10,10 +10,23 @@ the memory a text costs are bounded by those limits, whatever it holds.
 
 Anchors are allowed; aliases are refused (an alias is the anchored value
 again: the way YAML bombs multiply a small text into a huge tree).
+
+Large lists of CIDRs come as one line, `allow: ["10.0.0.0/24", ...]` (or
+plain IPv4 items, as dump.py writes them): libyaml makes three objects per
+item (an event and its two marks), most of the time a 100,000-CIDR text
+costs. So such a line is found by one pattern (quoted items of address
+characters, or plain ones holding a '/', which YAML can only read as text),
+the text is composed with `[]` in its place, and the empty list that
+appears exactly there is given the items. This is taken only when it is
+the same tree: every placeholder came back as a list, none as a key, and
+the text composed without a problem; otherwise the original text is
+composed event by event, so every error is the one it has always been
+(tests/unit/test_yaml_flow_lists.py compares both on odd and hostile text).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import yaml
@@ -29,6 +42,12 @@ _INT_TAG = "tag:yaml.org,2002:int"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 _BOOL_TAG = "tag:yaml.org,2002:bool"
 _NULL_TAG = "tag:yaml.org,2002:null"
+# one item of a list of CIDRs: quoted address characters (no escapes, no quote inside: the text is the
+# value), or a plain IPv4 CIDR (a '/' in it: no YAML 1.1 implicit type reads it as anything but text)
+_CIDR_ITEM = r"(?:\"[0-9A-Fa-f.:/]+\"|'[0-9A-Fa-f.:/]+'|[0-9][0-9.]*/[0-9]+)"
+_FLOW_CIDRS = re.compile(rf"\[ *{_CIDR_ITEM}(?: *, *{_CIDR_ITEM})* *\]")
+_ITEM_TEXT = re.compile(r"[0-9A-Fa-f.:/]+")
+FLOW_LIST_MIN = 64  # items; a shorter list is composed event by event like the rest
 _SKIP = object()  # the value of a refused key: composed (to stay in step), then dropped
 _KEY_NODE = object()  # a collection is being composed as a key: refused, and its value dropped
 
@@ -104,14 +123,50 @@ def compose(text: str, add_error: AddError, max_values: int) -> Node | None:
     (duplicate keys, keys that are not names) go to add_error and the rest
     is still composed; TextError for what stops the whole text;
     yaml.YAMLError for syntax errors."""
+    lists = _cidr_lists(text)
+    if lists:
+        root = _compose_lists(text, lists, max_values)
+        if root is not None:
+            return root
+    return _compose_text(text, add_error, max_values)
+
+
+def _compose_text(text: str, add_error: AddError, max_values: int, lists: dict | None = None) -> Node | None:
     loader = _PARSER(text)
     try:
-        return _compose(loader, add_error, max_values)
+        return _compose(loader, add_error, max_values, lists)
     finally:
         loader.dispose()
 
 
-def _compose(loader, add_error: AddError, max_values: int) -> Node | None:
+def _cidr_lists(text: str) -> list[re.Match]:
+    """The one-line lists of CIDRs in `text` long enough to be worth composing apart."""
+    if len(text) < FLOW_LIST_MIN * 8:
+        return []
+    return [m for m in _FLOW_CIDRS.finditer(text) if m.group().count(",") >= FLOW_LIST_MIN - 1]
+
+
+def _compose_lists(text: str, lists: list[re.Match], max_values: int) -> Node | None:
+    """The tree of `text`, each of `lists` composed from its items directly;
+    None where that might not be the tree composing `text` makes."""
+    parts, items, at, shift = [], {}, 0, 0
+    for m in lists:
+        parts += [text[at: m.start()], "[]"]
+        items[m.start() - shift] = _ITEM_TEXT.findall(m.group())
+        shift += len(m.group()) - 2
+        at = m.end()
+    parts.append(text[at:])
+    problems = []
+    try:
+        root = _compose_text("".join(parts), lambda *a: problems.append(a), max_values, items)
+    except (TextError, yaml.YAMLError):
+        return None
+    return None if problems or items else root
+
+
+def _compose(loader, add_error: AddError, max_values: int, lists: dict | None = None) -> Node | None:
+    """lists: where the text holds a `[]` standing for a list of CIDRs (character index), its items;
+    each is taken out as it is composed (one left: it was not a list of the document)."""
     stack: list[_Open] = []
     root = None
     documents = 0
@@ -151,6 +206,12 @@ def _compose(loader, add_error: AddError, max_values: int) -> Node | None:
                 raise depth_error(line)
             node = Node({} if t is yaml.MappingStartEvent else [], line,
                         "map" if t is yaml.MappingStartEvent else "seq")  # fmt: skip
+            if lists and t is yaml.SequenceStartEvent and ev.start_mark.index in lists:
+                texts = lists.pop(ev.start_mark.index)
+                values += len(texts)
+                if values > max_values:
+                    raise _too_many(line, max_values)
+                node.value = [Node(v, line, "scalar") for v in texts]
             if top is None:
                 stack.append(_Open(node, "", True))
             elif top.node.kind == "map" and top.key is None:  # a collection as a key
