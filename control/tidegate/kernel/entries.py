@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import itertools
 import math
 import struct
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from tidegate.kernel.layout import (
     ACT_DROP,
@@ -261,6 +264,12 @@ def _inherit(flags: dict[tuple[int, int], int], masks: dict[tuple[int, int], int
     if not flags and not masks:
         return {}
     keys = sorted([*flags, *(k for k in masks if k not in flags)])  # lists come mostly in order: cheap
+    if len(keys) >= DISJOINT_MIN and _disjoint_ipv4(keys):  # each entry as it is: no walk needed
+        if not masks:  # a list's entries share one (mask, flags) value per flag
+            values = {f: (0, f) for f in set(flags.values())}
+            return dict(zip(keys, map(values.__getitem__, map(flags.__getitem__, keys))))
+        return dict(zip(keys, zip(map(masks.get, keys, itertools.repeat(0)),
+                                  map(flags.get, keys, itertools.repeat(0)))))  # fmt: skip
     # the prefixes that contain the barrier sort before it (with IPv4-only lists there are none to look at)
     at = bisect.bisect_left(keys, _BARRIER)
     if (at == len(keys) or keys[at] != _BARRIER) and any(k[1] < 96 and _contains(k, _BARRIER) for k in keys[:at]):
@@ -280,6 +289,26 @@ def _inherit(flags: dict[tuple[int, int], int], masks: dict[tuple[int, int], int
         stack.append((addr | ((1 << (128 - plen)) - 1), plen, mask, flag))
         out[key] = (mask, flag)
     return out
+
+
+DISJOINT_MIN = 64  # entries; a shorter list is walked
+
+
+def _disjoint_ipv4(keys: list[tuple[int, int]]) -> bool:
+    """Whether sorted keys are all IPv4 and none contains another (a large
+    allow or deny list of /24s): then no entry inherits anything. In order,
+    an entry containing a later one contains the next one too, so comparing
+    each entry's last address with the next one's first is enough."""
+    addrs, plens = zip(*keys)
+    try:
+        a = np.array(addrs, np.uint64)
+    except OverflowError:  # an IPv6 address past 64 bits
+        return False
+    p = np.array(plens, np.int64)
+    if (p < 96).any() or ((a >> np.uint64(32)) != np.uint64(V4_MAPPED >> 32)).any():
+        return False
+    last = a | ((np.uint64(1) << (128 - p).astype(np.uint64)) - np.uint64(1))
+    return bool((last[:-1] < a[1:]).all())
 
 
 def same_matching(a: KernelRuleSet, b: KernelRuleSet) -> bool:
