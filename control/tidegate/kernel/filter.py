@@ -23,7 +23,7 @@ import os
 import threading
 
 from tidegate.kernel import attach, bpfsys, loader, program, readers, slots
-from tidegate.kernel.entries import KernelRuleSet, build_kernel_rule_set
+from tidegate.kernel.entries import KernelRuleSet, build_kernel_rule_set, kernel_trie_entries
 from tidegate.kernel.errors import InterfaceError, KernelError, MapWriteError, NotAttachedError
 from tidegate.kernel.layout import NO_SLOT, SLOTS
 from tidegate.kernel.loader import PIN_ROOT, FilterConfig, LoadResult, bpf_source_dir, inline_source
@@ -36,6 +36,10 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger("tidegate.kernel.filter")
+
+# a retired slot holding at least this many trie entries is trimmed after the swap, on a thread of its own
+# (slots.trim_slot); deleting fewer costs the next apply a few milliseconds at most
+TRIM_MIN = 4096
 
 
 class KernelFilter:
@@ -52,6 +56,8 @@ class KernelFilter:
         self._slot_entries: dict[int, slots.SlotEntries] | None = {}
         self._names: dict[int, dict[int, str]] = {}  # slot -> rule index -> name
         self._krs: dict[int, KernelRuleSet] = {}  # slot -> what it holds, where known
+        self._written: dict[int, int] = {}  # slot -> how many times it was written (a trim checks it is unchanged)
+        self._trimmers: list[threading.Thread] = []  # trims of retired slots started (the last few)
         self._retired_rules: dict[str, RuleCounters] = {}
         self._retired_shadow: dict[str, ShadowCounters] = {}
         self._tables: dict[str, object] = {}
@@ -113,6 +119,7 @@ class KernelFilter:
 
     def close(self) -> None:
         """Release our file descriptors; the attached program and pins stay."""
+        self.settle()
         with self._lock:
             if self._grace:
                 self._grace.close()
@@ -227,6 +234,7 @@ class KernelFilter:
         if self._slot_entries is None:
             self._slot_entries = slots.index_slots(self._tables, self.config.max_cidrs)
         old = self._slot_entries.setdefault(slot, slots.SlotEntries())
+        self._written[slot] = self._written.get(slot, 0) + 1
         slots.write_slot(self._tables, slot, krs, version, old)
         self._names[slot] = dict(krs.rule_names)
         self._krs[slot] = krs
@@ -259,10 +267,45 @@ class KernelFilter:
             self._require_loaded()
             slot = slots.free_slot(self._tables)
             self._write_or_reread(slot, krs, version)
-            _, shadow = self._sel()
+            retired, shadow = self._sel()
             if shadow != NO_SLOT:
                 slots.link_shadow(self._tables, shadow, slot, self._krs)
             self._set_sel(slot, shadow)
+            self._trim_later(retired, krs)
+
+    # ---------------------------------------------------------------- trims
+    def _trim_later(self, slot: int, active: KernelRuleSet) -> None:
+        """Trim a slot just retired (a grace period has passed: _set_sel
+        waited for it) on a thread of its own, if it holds TRIM_MIN entries."""
+        held = self._slot_entries.get(slot) if self._slot_entries is not None and slot != NO_SLOT else None
+        if held is None or sum(map(len, held.cidrs.values())) < TRIM_MIN:
+            return
+        t = threading.Thread(target=self._trim, args=(slot, self._written.get(slot, 0), active),
+                             name="tidegate-trim", daemon=True)  # fmt: skip
+        self._trimmers = [x for x in self._trimmers if x.is_alive()] + [t]
+        t.start()
+
+    def _trim(self, slot: int, written: int, active: KernelRuleSet) -> None:
+        try:
+            keep = kernel_trie_entries(active, slot)  # outside the lock: it only reads the rule set
+            with self._lock:
+                # only the slot as it was retired: not one rewritten since, nor one selected again
+                if (self._prog is None or self._slot_entries is None or self._written.get(slot, 0) != written
+                        or slot in self._sel()):  # fmt: skip
+                    return
+                n = slots.trim_slot(self._tables, self._slot_entries[slot], keep)
+            log.debug("retired slot trimmed", extra={"slot": slot, "deleted": n})
+        except Exception as e:  # noqa: BLE001 - the slot is not selected: the next write reads it back
+            with self._lock:
+                self._slot_entries = None
+            log.warning("trimming a retired rule-set slot failed: the next apply reads the slots back",
+                        extra={"slot": slot, "error": str(e)})  # fmt: skip
+
+    def settle(self) -> None:
+        """Wait until the trims of retired slots under way (if any) have
+        finished. Not while holding the filter's lock: a trim takes it."""
+        for t in list(self._trimmers):
+            t.join()
 
     def load_shadow(self, rule_set, version: int) -> None:
         """Replace the shadow set. If the write fails partway
@@ -325,7 +368,9 @@ class KernelFilter:
             self._tables["tg_state"].clear()
 
     def map_digest(self, include_state: bool = True) -> str:
-        """sha256 over every map's content, for 'nothing changed' checks."""
+        """sha256 over every map's content, for 'nothing changed' checks
+        (after any trim under way: the maps as they stay)."""
+        self.settle()
         with self._lock:
             self._require_loaded()
             return readers.map_digest(self._tables, self.config.max_cidrs, include_state)

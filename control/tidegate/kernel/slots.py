@@ -11,6 +11,11 @@ adoption), so rewriting a slot touches only what changes: entries the new
 set does not have are deleted, entries it has with another value or not
 at all are written, the others are left as they are. The slot is not
 selected while this happens, so no packet sees the mix.
+
+After an apply's swap, a retired slot holding many entries is trimmed on a
+thread of its own (trim_slot): its entries the new active set does not
+have are deleted then, not before the next apply's write, so the reply
+does not wait for that half of a new set's kernel work.
 """
 
 from __future__ import annotations
@@ -135,6 +140,26 @@ def write_slot(tables: Tables, slot: int, krs: KernelRuleSet, version: int, old:
     cfg.key6.hi, cfg.key6.lo = krs.key6.hi, krs.key6.lo
     cfg.same_match_as = NO_SLOT
     sets[sets.Key(slot)] = cfg
+
+
+def trim_slot(tables: Tables, held: SlotEntries, keep: tuple[dict, dict]) -> int:
+    """Delete from a retired slot (no packet reads it: a grace period has
+    passed since it was last selected) the trie entries not in `keep` (the
+    active set's, kernel_trie_entries for this slot); `held` follows. The
+    next apply writes a free slot, mostly this one: what the active set has
+    stays for it (the same set applied again writes nothing), and a new
+    set's entries are written without deleting old ones first. Returns how
+    many entries were deleted."""
+    deleted = 0
+    for (fam, name), same in zip(TRIES, keep):
+        entries = held.cidrs[fam]
+        stale = entries.keys() - same.keys()
+        if stale:
+            bpfsys.delete_batch(tables[name].map_fd, b"".join(stale), len(stale))
+            for k in stale:
+                del entries[k]
+            deleted += len(stale)
+    return deleted
 
 
 def link_shadow(tables: Tables, shadow: int, active: int, krs: dict[int, KernelRuleSet]) -> None:
