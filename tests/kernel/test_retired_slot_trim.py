@@ -100,7 +100,7 @@ def test_a_slot_rewritten_before_its_trim_ran_is_left_alone(kf, sets):
     kf.apply(sets["A"], 1)
     a_slot = kf.state().active.slot
     kf.settle()
-    with kf._lock:  # the trims started below wait for the lock: the slots change under them first
+    with kf._writing:  # the trims started below wait for the write lock: the slots change under them first
         kf.apply(sets["B"], 2)  # retires A's slot: its trim is started
         b_slot = kf.state().active.slot
         kf.apply(sets["C"], 3)  # rewrites A's slot (the lowest free one) and selects it

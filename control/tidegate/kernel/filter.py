@@ -57,6 +57,7 @@ class KernelFilter:
         self._names: dict[int, dict[int, str]] = {}  # slot -> rule index -> name
         self._krs: dict[int, KernelRuleSet] = {}  # slot -> what it holds, where known
         self._written: dict[int, int] = {}  # slot -> how many times it was written (a trim checks it is unchanged)
+        self._writing = threading.RLock()  # slot writes and trims (taken inside _lock, or alone by a trim)
         self._trimmers: list[threading.Thread] = []  # trims of retired slots started (the last few)
         self._retired_rules: dict[str, RuleCounters] = {}
         self._retired_shadow: dict[str, ShadowCounters] = {}
@@ -243,6 +244,10 @@ class KernelFilter:
         """_write_slot; on any failure (a bpf(2) error from a batch, an
         error from a single update) re-read what the slot holds and raise
         MapWriteError. The slot is not selected, so no packet saw it."""
+        with self._writing:  # not while a trim changes the slots
+            self._write_or_reread_slot(slot, krs, version)
+
+    def _write_or_reread_slot(self, slot: int, krs: KernelRuleSet, version: int) -> None:
         try:
             self._write_slot(slot, krs, version)
         except Exception as e:
@@ -288,15 +293,17 @@ class KernelFilter:
     def _trim(self, slot: int, written: int, active: KernelRuleSet) -> None:
         try:
             keep = kernel_trie_entries(active, slot)  # outside the lock: it only reads the rule set
-            with self._lock:
-                # only the slot as it was retired: not one rewritten since, nor one selected again
+            # the write lock only: the filter's own lock stays free for reads (status, counters, the review)
+            with self._writing:
+                # only the slot as it was retired: not one rewritten since (a slot is selected only once
+                # written), nor one selected again
                 if (self._prog is None or self._slot_entries is None or self._written.get(slot, 0) != written
                         or slot in self._sel()):  # fmt: skip
                     return
                 n = slots.trim_slot(self._tables, self._slot_entries[slot], keep)
             log.debug("retired slot trimmed", extra={"slot": slot, "deleted": n})
         except Exception as e:  # noqa: BLE001 - the slot is not selected: the next write reads it back
-            with self._lock:
+            with self._writing:
                 self._slot_entries = None
             log.warning("trimming a retired rule-set slot failed: the next apply reads the slots back",
                         extra={"slot": slot, "error": str(e)})  # fmt: skip
