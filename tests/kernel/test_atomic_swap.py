@@ -15,7 +15,8 @@ afterwards only allow and deny may have moved, and each set carried traffic.
 The grace period that makes a retired slot safe to rewrite cannot be seen
 from a packet (a program run is far shorter than the next write takes to
 start), so it is checked as the protocol it is: every write into a slot
-comes after a grace period that began after that slot was last selected."""
+comes after a grace period that began after that slot was last selected
+(grace periods run on a thread of their own: kernel/grace.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import time
 import pytest
 
 from fixtures import rule_set
+from tidegate.kernel import slots
 from tidegate.kernel.layout import NO_SLOT
 from tidegate.ruleset.parse import parse_rule_set
 
@@ -92,18 +94,23 @@ def test_swap_is_atomic_under_load(replay_kf):
 def test_a_retired_slot_is_rewritten_only_after_a_grace_period(replay_kf, monkeypatch):
     """Record every selector flip, grace period and slot write of applies,
     shadow loads, promotions and clears; a slot may only be written when no
-    selection since the last grace period named it."""
+    selection since the last grace period named it. Grace periods run on a
+    thread of their own (kernel/grace.py) and are made slow here (30 ms
+    more each), so a write that did not wait for one would come first. A
+    grace period covers the flips recorded before it started."""
     kf = replay_kf
+    kf._grace.wait()  # the flips made before this test: passed
     events: list[tuple] = []
-    write_slot, grace, ctl = kf._write_slot, kf._grace, kf._tables["tg_ctl"]
+    flips = [set(kf._sel()) - {NO_SLOT}]  # the selection now, then each flip's
+    ctl, waiter = kf._tables["tg_ctl"], kf._grace._waiter
+    write_slot, harvest_slot = slots.write_slot, slots.harvest_slot
 
-    class Grace:
+    class SlowGrace:
         def wait(self):
-            events.append(("grace",))
-            grace.wait()
-
-        def close(self):
-            grace.close()
+            started = len(flips)
+            time.sleep(0.03)
+            waiter.wait()
+            events.append(("grace", started))
 
     class Selector:
         """tg_ctl, recording the moment the selector word is written."""
@@ -115,17 +122,23 @@ def test_a_retired_slot_is_rewritten_only_after_a_grace_period(replay_kf, monkey
             return ctl[key]
 
         def __setitem__(self, key, leaf):
+            time.sleep(0.005)  # a grace period begun before the write (too early) would start meanwhile
             ctl[key] = leaf
-            events.append(("flip", leaf.sel & 0xFF, (leaf.sel >> 8) & 0xFF))
+            flips.append({leaf.sel & 0xFF, (leaf.sel >> 8) & 0xFF} - {NO_SLOT})
+            events.append(("flip", len(flips) - 1))
 
-    def write(slot, krs, version):
+    def write(tables, slot, *a):
         events.append(("write", slot))
-        write_slot(slot, krs, version)
+        write_slot(tables, slot, *a)
 
-    selected = set(kf._sel()) - {NO_SLOT}  # a grace period followed the selection made before this test
-    monkeypatch.setattr(kf, "_grace", Grace())
+    def harvest(tables, slot, *a):
+        events.append(("harvest", slot))
+        harvest_slot(tables, slot, *a)
+
+    monkeypatch.setattr(kf._grace, "_waiter", SlowGrace())
     monkeypatch.setitem(kf._tables, "tg_ctl", Selector())
-    monkeypatch.setattr(kf, "_write_slot", write)
+    monkeypatch.setattr(slots, "write_slot", write)
+    monkeypatch.setattr(slots, "harvest_slot", harvest)
     a, b, c = (parse_rule_set(t, n) for n, t in (("A", SET_A), ("B", SET_B), ("C", SET_C)))
     kf.apply(a, 1)
     for v in range(2, 8):
@@ -137,17 +150,20 @@ def test_a_retired_slot_is_rewritten_only_after_a_grace_period(replay_kf, monkey
     kf.load_shadow(a, 12)
     kf.clear_shadow()
     kf.apply(b, 13)
+    kf._grace.wait()
     monkeypatch.undo()
 
-    unsafe = set(selected)  # slots a packet may be reading: named by a selection since the last grace period
+    # a grace period that started after flip k-1 leaves no packet reading a selection older than flip k-1's
+    newest = 0  # the oldest selection a packet may still be reading
+    now = 0  # the last flip so far
     writes = 0
     for ev in events:
         if ev[0] == "flip":
-            selected = {ev[1], ev[2]} - {NO_SLOT}
-            unsafe |= selected
+            now = ev[1]
         elif ev[0] == "grace":
-            unsafe = set(selected)
+            newest = max(newest, ev[1] - 1)
         else:
-            writes += 1
+            writes += ev[0] == "write"
+            unsafe = set().union(*flips[newest:now + 1])  # slots a selection still read may name
             assert ev[1] not in unsafe, f"slot {ev[1]} written while a packet may still read it: {events}"
-    assert writes == 12 and sum(e[0] == "flip" for e in events) >= 15, events
+    assert writes == 12 and len(flips) >= 16 and sum(e[0] == "grace" for e in events) >= 5, events

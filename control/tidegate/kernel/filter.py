@@ -25,6 +25,7 @@ import threading
 from tidegate.kernel import attach, bpfsys, loader, program, readers, slots
 from tidegate.kernel.entries import KernelRuleSet, build_kernel_rule_set, kernel_trie_entries
 from tidegate.kernel.errors import InterfaceError, KernelError, MapWriteError, NotAttachedError
+from tidegate.kernel.grace import GracePeriods
 from tidegate.kernel.layout import NO_SLOT, SLOTS
 from tidegate.kernel.loader import PIN_ROOT, FilterConfig, LoadResult, bpf_source_dir, inline_source
 from tidegate.kernel.readers import Counters, FilterState, RuleCounters, ShadowCounters, SlotInfo, SourceTable
@@ -50,7 +51,7 @@ class KernelFilter:
         self._prog: program.Program | None = None
         self._ifindex: int | None = None
         self._lock = threading.RLock()
-        self._grace: bpfsys.GraceWaiter | None = None
+        self._grace: GracePeriods | None = None
         # what each slot's tries and port range hold: read from the maps at the first write, not at load
         # (reading the 393,216-entry port table is ~0.1 s of a restart that may never write)
         self._slot_entries: dict[int, slots.SlotEntries] | None = {}
@@ -86,7 +87,7 @@ class KernelFilter:
             attached_tag = loader.attached_tidegate_tag(attached_id, self.config.interface)
             prog = self._prog = loader.load_program(self.config)
             self._tables = loader.open_tables(prog)
-            self._grace = bpfsys.GraceWaiter()
+            self._grace = GracePeriods(bpfsys.GraceWaiter())
             fresh = not existed or not loader.maps_initialised(self._tables)
             if fresh:
                 loader.init_maps(self._tables)
@@ -229,8 +230,10 @@ class KernelFilter:
                     self._krs[slot] = krs
 
     def _write_slot(self, slot: int, krs: KernelRuleSet, version: int) -> None:
-        """Write a complete rule set into a slot no packet reads, after
-        folding the counters of the set it held into the totals."""
+        """Write a complete rule set into a slot no packet reads (once the
+        grace periods of the flips so far have passed), after folding the
+        counters of the set it held into the totals."""
+        self._grace.wait()
         slots.harvest_slot(self._tables, slot, self._names.get(slot, {}), self._retired_rules, self._retired_shadow)
         if self._slot_entries is None:
             self._slot_entries = slots.index_slots(self._tables, self.config.max_cidrs)
@@ -280,8 +283,8 @@ class KernelFilter:
 
     # ---------------------------------------------------------------- trims
     def _trim_later(self, slot: int, active: KernelRuleSet) -> None:
-        """Trim a slot just retired (a grace period has passed: _set_sel
-        waited for it) on a thread of its own, if it holds TRIM_MIN entries."""
+        """Trim a slot just retired on a thread of its own (once the grace
+        period after its flip has passed), if it holds TRIM_MIN entries."""
         held = self._slot_entries.get(slot) if self._slot_entries is not None and slot != NO_SLOT else None
         if held is None or sum(map(len, held.cidrs.values())) < TRIM_MIN:
             return
@@ -293,6 +296,7 @@ class KernelFilter:
     def _trim(self, slot: int, written: int, active: KernelRuleSet) -> None:
         try:
             keep = kernel_trie_entries(active, slot)  # outside the lock: it only reads the rule set
+            self._grace.wait()  # the flip that retired the slot: no packet reads it after this
             # the write lock only: the filter's own lock stays free for reads (status, counters, the review)
             with self._writing:
                 # only the slot as it was retired: not one rewritten since (a slot is selected only once

@@ -2,8 +2,9 @@
 
 Rule-set slots (see bpf/tidegate.c): three copies of every rule-set map;
 `sel` in tg_ctl names the active and the shadow slot. An apply writes the
-free slot (one no packet reads), flips `sel`, then waits for an RCU grace
-period so the retired slot is idle before anything rewrites it.
+free slot (one no packet reads), flips `sel`, and begins an RCU grace
+period: the retired slot is idle once it has passed, and nothing rewrites
+it before (grace.py).
 
 The agent remembers which trie entries (with their values) and port-table
 entries each slot holds (`SlotEntries`, learnt from the maps after
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from tidegate.kernel import bpfsys
 from tidegate.kernel.entries import KernelRuleSet, kernel_port_entries, kernel_trie_entries, same_matching
 from tidegate.kernel.errors import KernelError, MapWriteError
+from tidegate.kernel.grace import GracePeriods
 from tidegate.kernel.layout import NO_SLOT, PORT_RANGE, RULE_IDX, SLOTS, STATE_LAYOUT
 from tidegate.kernel.readers import (
     RuleCounters,
@@ -59,9 +61,10 @@ def index_slots(tables: Tables, max_cidrs: int) -> dict[int, SlotEntries]:
     return out
 
 
-def write_selection(tables: Tables, grace: bpfsys.GraceWaiter, active: int, shadow: int) -> None:
-    """Select the active and shadow slots in one word, then wait until every
-    packet that could have read the old selection has finished."""
+def write_selection(tables: Tables, grace: GracePeriods, active: int, shadow: int) -> None:
+    """Select the active and shadow slots in one word, then begin the grace
+    period after which no packet still reads the old selection: a slot it
+    retires is written only once that has passed (grace.wait())."""
     ctl = tables["tg_ctl"]
     leaf = ctl.Leaf()
     leaf.sel = (active & 0xFF) | ((shadow & 0xFF) << 8)
@@ -70,7 +73,7 @@ def write_selection(tables: Tables, grace: bpfsys.GraceWaiter, active: int, shad
         ctl[ctl.Key(0)] = leaf  # one word: the old selection or the new one
     except Exception as e:
         raise MapWriteError(f"switching the rule-set selection failed ({e}); it is unchanged") from e
-    grace.wait()
+    grace.begin()
 
 
 def free_slot(tables: Tables) -> int:
