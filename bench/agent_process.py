@@ -21,7 +21,7 @@ agent starts on the host end with a state dir of its own. Figures:
 - warm restart = SIGTERM, then exec to attached again (adopting the
   attached program and pinned maps; the interface stays filtered).
 
-    sudo .venv/bin/python bench/agent_process.py [--quick] [--no-save] [--agent-exe PATH]
+    sudo .venv/bin/python bench/agent_process.py [--quick] [--no-save] [--apply-only] [--agent-exe PATH]
 """
 
 from __future__ import annotations
@@ -126,6 +126,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and sizes, results printed only")
     ap.add_argument("--no-save", action="store_true", help="print the results only (bench/results/ is left as it is)")
+    ap.add_argument("--apply-only", action="store_true", help="the apply rows and the kernel's floor only (no "
+                    "source fill, reads or restart); results printed only")  # fmt: skip
     ap.add_argument("--agent-exe", metavar="PATH", help="run this executable as `tidegate` for the agent (another "
                     "checkout's, for a before/after pair in one session); implies --no-save")  # fmt: skip
     args = ap.parse_args()
@@ -162,6 +164,9 @@ def main() -> int:
                   "apply of a new set / that floor, p50: " + ", ".join(
                       f"{n:,}: {out['apply_new_ms'][n]['p50'] / out['trie_floor_ms'][n]['p50']:.1f}x" for n in big)]
 
+        if args.apply_only:
+            _printed(lines)
+            return 0
         pin_dir = Path("/sys/fs/bpf/tidegate") / agent.pin
         rows = []
         metrics_url = f"http://127.0.0.1:{agent.mport}/metrics"
@@ -188,11 +193,16 @@ def main() -> int:
                       f"(adopting the attached program and pinned maps) {warm:.2f} s"]  # fmt: skip
     finally:
         remove_all(tmp, lab, agent)
-    text = "\n".join(lines)
-    print(text)
+    text = _printed(lines)
     if not args.quick and not args.no_save and not args.agent_exe:
         save("agent_process", out, text)
     return 0
+
+
+def _printed(lines: list[str]) -> str:
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
 
 
 if __name__ == "__main__":

@@ -136,7 +136,8 @@ class Parts:
         self.store = VersionStore.open(state_dir)
         self.ivs: list = []
         self.sampler = NS(intervals=lambda seconds=None: list(self.ivs), epoch_names={EPOCH: {0: "api", 1: "sink"}})
-        self.kf = NS(state=lambda: NS(active=NS(epoch=EPOCH)), read_sources=self.no_kernel)
+        self.kf = NS(state=lambda: NS(active=NS(epoch=EPOCH)), active_slot=lambda: NS(epoch=EPOCH),
+                     read_sources=self.no_kernel)  # fmt: skip
         self.history = NS(take=lambda: None, between=self.between)
 
     @staticmethod

@@ -206,11 +206,15 @@ class KernelFilter:
             info = (readers.slot_info(self._tables, a), readers.slot_info(self._tables, s))
             return FilterState(self.config.interface, bool(pid), mode, pid, *info, self.config.pin_dir)
 
-    def active_version(self) -> int | None:
+    def active_slot(self) -> SlotInfo | None:
+        """The active slot, its version and epoch, from the maps alone (state() also asks netlink)."""
         with self._lock:
             self._require_loaded()
-            info = readers.slot_info(self._tables, self._sel()[0])
-            return info.version if info else None
+            return readers.slot_info(self._tables, self._sel()[0])
+
+    def active_version(self) -> int | None:
+        info = self.active_slot()
+        return info.version if info else None
 
     def shadow_version(self) -> int | None:
         with self._lock:

@@ -101,10 +101,10 @@ class Reviews:
                 self._finish(w, now, {"kind": "replaced", "by_version": version, "how": kind, "cause": cause})
             if self._stored_final(version):
                 return
-            st = self.kf.state()
+            active = self.kf.active_slot()  # the maps only: no netlink query on an apply's path
             ivs = self.sampler.intervals(min(self.period, BEFORE_SECONDS))
             before = SourceWindow(ivs).dropped_sources()
-            w = _Watch(version, kind, st.active.epoch if st.active else 0, now, time.time(), before,
+            w = _Watch(version, kind, active.epoch if active else 0, now, time.time(), before,
                        last_t1=ivs[-1].t1 if ivs else 0.0,
                        before_seconds=(ivs[-1].t1 - ivs[0].t0) if ivs else 0.0)  # fmt: skip
             self._watch = w
