@@ -10,9 +10,12 @@ agent starts on the host end with a state dir of its own. Figures:
   (no traffic flows during the applies: it has nothing to classify), store,
   write, swap, review) of rule sets with N allow-list CIDRs plus 50 rules,
   p50/p99, for the same set applied again and again and for a new set each
-  time (every trie entry replaced); next to it, measured in this run, the
-  kernel's floor for the new set: batched delete of the n trie entries a
-  slot holds and batched write of n new ones, keys and values ready;
+  time (every trie entry replaced), one after the other; the agent trims a
+  retired slot of 4,096 entries or more after answering, on a thread of its
+  own, so an apply's time includes what is left of the previous one's trim;
+  next to it, measured in this run, the kernel's floor for the new set:
+  batched delete of the n trie entries a slot holds and batched write of n
+  new ones, keys and values ready;
 - the pinned per-source LRU is filled with N entries by BPF_MAP_UPDATE_BATCH
   from this process (as if N sources had sent); after the agent's next two
   samples: GetCounters, TopSources and a /metrics scrape (HTTP GET), medians

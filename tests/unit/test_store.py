@@ -177,3 +177,22 @@ def test_survives_sigkill_at_random_points(tmp_path):
     assert sorted(n for n, v in after.items() if v.state == "aborted") == pending, "every pending row is aborted"
     assert all(after[n].state == v.state for n, v in ((v.number, v) for v in versions) if v.state != "pending")
     assert s.active_version() == active and not any(v.state == "pending" for v in after.values())
+
+
+def test_the_agents_checkpoints_leave_commits_alone_and_lose_nothing(tmp_path):
+    """With checkpoint_later (the agent), no commit copies the WAL into the
+    database, however much is written; checkpoint() copies all of it, and a
+    store opened again (as after a crash, without either) holds every version."""
+    s = VersionStore.open(tmp_path)
+    s.checkpoint_later()
+    big = "rules: []\n# " + "x" * 400_000 + "\n"  # ~100 pages a version: past 1,000 in a dozen
+    versions = [apply(s, big + f"# {i}\n") for i in range(12)]
+    wal = tmp_path / (s.path.name + "-wal")
+    pages, copied = s.checkpoint()
+    assert pages > 1000 and copied == pages, (pages, copied)  # nothing was copied before this call
+    assert wal.stat().st_size > 1000 * 4096
+    versions.append(apply(s, "rules: []\n"))
+    again = VersionStore.open(tmp_path)  # the WAL is still there: it is read like the file
+    assert [again.get_version(v).content for v in versions] == [s.get_version(v).content for v in versions]
+    again.close()
+    s.close()

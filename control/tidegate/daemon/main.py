@@ -149,6 +149,7 @@ def run(opts: argparse.Namespace) -> int:
                                      "compile_s": round(loaded.compile_seconds, 2),
                                      "load_s": round(loaded.load_seconds, 2)})  # fmt: skip
     agent = Agent(kf, store, opts)
+    store.checkpoint_later()  # in the watchdog loop below, not inside an apply's commit
     boot = Caller(author="agent", peer="startup")
     try:
         kver, sver = kf.active_version(), kf.shadow_version()
@@ -235,6 +236,10 @@ def run(opts: argparse.Namespace) -> int:
             agent.health.refresh()
         except Exception as e:  # the watchdog must never take the agent down
             log.error("attachment check failed", extra={"error": str(e)})
+        try:
+            store.checkpoint()
+        except Exception as e:  # noqa: BLE001 - the next one copies the rest
+            log.warning("store checkpoint failed", extra={"error": str(e)})
     if fleet is not None:
         fleet.stop()
     agent.mitigation.stop()
