@@ -12,11 +12,14 @@ hundred entries are enough."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tidegate.kernel import filter as kfilter
 from tidegate.kernel import slots
 from tidegate.kernel.entries import build_kernel_rule_set, kernel_trie_entries
+from tidegate.kernel.filter import FilterConfig, KernelFilter
 from tidegate.ruleset.parse import parse_rule_set
 
 from . import frames as f
@@ -45,10 +48,21 @@ def sets():
     return {n: parse_rule_set(t, n) for n, t in TEXTS.items()}
 
 
+@pytest.fixture(scope="module")
+def own_kf():
+    """A filter of this module's own: the sets it leaves in the slots are not the next module's."""
+    kf = KernelFilter(FilterConfig(interface=None, pin_name=f"test-trim-{os.getpid()}", replay_clock=True,
+                                   max_sources=4096))  # fmt: skip
+    kf.load()
+    yield kf
+    kf.close()
+    kf.remove_pins()
+
+
 @pytest.fixture
-def kf(replay_kf, monkeypatch):
+def kf(own_kf, monkeypatch):
     monkeypatch.setattr(kfilter, "TRIM_MIN", 100)
-    return replay_kf
+    return own_kf
 
 
 def _held(kf) -> dict[int, dict]:
@@ -88,8 +102,11 @@ def test_the_retired_slot_keeps_only_what_the_active_set_has_and_rollback_restor
     now = kf.state().active.slot
     assert held[now] == _entries(sets["A"], now), "the rolled-back slot holds all of A again"
     assert held[b_slot] == _both(sets["B"], sets["A"], b_slot), "and B's slot is trimmed in turn"
-    # the same set again writes nothing new and keeps everything
+    # the same set again writes nothing new, keeps everything, and retires a slot with nothing to trim
     kf.apply(sets["A"], 3)
+    started = list(kf._trimmers)
+    kf.apply(parse_rule_set(TEXTS["A"], "A again"), 4)
+    assert kf._trimmers == started, "a slot holding the active set is not trimmed"
     kf.settle()
     held = _held(kf)
     assert held[kf.state().active.slot] == _entries(sets["A"], kf.state().active.slot)

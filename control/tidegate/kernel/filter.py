@@ -292,6 +292,9 @@ class KernelFilter:
         held = self._slot_entries.get(slot) if self._slot_entries is not None and slot != NO_SLOT else None
         if held is None or sum(map(len, held.cidrs.values())) < TRIM_MIN:
             return
+        retired = self._krs.get(slot)
+        if retired is not None and retired.cidrs == active.cidrs:  # the same set again: nothing to trim
+            return
         t = threading.Thread(target=self._trim, args=(slot, self._written.get(slot, 0), active),
                              name="tidegate-trim", daemon=True)  # fmt: skip
         self._trimmers = [x for x in self._trimmers if x.is_alive()] + [t]

@@ -101,6 +101,8 @@ def write_slot(tables: Tables, slot: int, krs: KernelRuleSet, version: int, old:
     for (fam, name), new in zip(TRIES, (v4, v6)):
         fd = tables[name].map_fd
         held = old.cidrs[fam]
+        if held == new:  # the same set again (compared in C; a new set differs at its first entry)
+            continue
         stale = held.keys() - new.keys()
         if stale:
             bpfsys.delete_batch(fd, b"".join(stale), len(stale))
