@@ -154,3 +154,25 @@ def test_trims_never_touch_what_packets_read(kf, sets):
     assert held[active] == _entries(sets[last], active)
     for s in used - {active}:
         assert any(held[s] == _both(sets[n], sets[last], s) for n in "ABC"), f"slot {s}"
+
+
+@pytest.mark.kernel
+def test_a_slot_holding_this_very_rule_set_is_not_worked_out_again(kf, sets, monkeypatch):
+    """The same rule set object (the change service gives it again for the
+    same text) written into a slot that holds its entries untrimmed: its
+    trie entries are not built again, and the slot holds exactly them."""
+    built = []
+    entries = slots.kernel_trie_entries
+
+    def counting(krs, slot):
+        built.append(slot)
+        return entries(krs, slot)
+
+    monkeypatch.setattr(slots, "kernel_trie_entries", counting)
+    for v in (20, 21, 22, 23):
+        kf.apply(sets["C"], v)
+    kf.settle()
+    assert len(built) == 2, built  # the first write into each of the two slots the applies alternate on
+    held = _held(kf)
+    for s in set(built):
+        assert held[s] == _entries(sets["C"], s)

@@ -105,6 +105,7 @@ class ChangeService:
         self.rollbacks: dict[str, int] = {}
         self.guard = None  # the last guard started (safety.guard.Guard)
         self._rule_sets: dict[int, RuleSet] = {}
+        self._last_parsed: tuple[str, RuleSet] | None = None  # the last text that validated, and its rule set
         self.shadow_loaded_at: float | None = None
 
     # ------------------------------------------------------------- versions
@@ -152,10 +153,18 @@ class ChangeService:
         return parse_rule_set(text, source or "<request>")
 
     def parse(self, text: str, source: str, caller: Caller, action: str) -> RuleSet:
-        """A rule set a client sent as text; one that does not validate is a refused change (audited)."""
+        """A rule set a client sent as text; one that does not validate is a refused change (audited).
+        The same text as the last one that validated gives that rule set again (a rule set is
+        immutable, and parsing is a function of the text alone): applying one file again and
+        again (config management, a fleet member catching up) does not parse it each time."""
+        last = self._last_parsed
+        if last is not None and last[0] == text:
+            return last[1]
         try:
             with collector_paused():
-                return parse_rule_set(text, source or "<request>")
+                rs = parse_rule_set(text, source or "<request>")
+            self._last_parsed = (text, rs)
+            return rs
         except RuleSetError as e:
             self.rejected(action, caller, str(e))
             raise OperationError("INVALID_ARGUMENT", f"invalid rule set: {len(e.errors)} error(s)\n{e}",

@@ -46,6 +46,9 @@ TRIES = ((4, "tg_cidrs4"), (6, "tg_cidrs6"))  # family, map
 class SlotEntries:
     cidrs: dict = field(default_factory=lambda: {4: {}, 6: {}})  # family -> {raw trie key: raw value}
     ports: set = field(default_factory=set)  # port-table indexes within the slot holding a mask
+    # the kernel rule set (read-only, shared) whose trie entries `cidrs` are, exactly: None when not known
+    # or trimmed since. Written again (the same rule set applied again), its entries are not worked out
+    krs: KernelRuleSet | None = None
 
 
 def index_slots(tables: Tables, max_cidrs: int) -> dict[int, SlotEntries]:
@@ -97,8 +100,9 @@ def write_slot(tables: Tables, slot: int, krs: KernelRuleSet, version: int, old:
 
     # Batched writes: one bpf(2) call per few thousand entries instead of
     # one per entry (the difference between ~10 ms and ~100 ms at 10,000)
-    v4, v6 = kernel_trie_entries(krs, slot)
-    for (fam, name), new in zip(TRIES, (v4, v6)):
+    for (fam, name), new in zip(TRIES, kernel_trie_entries(krs, slot) if old.krs is not krs else (None, None)):
+        if new is None:  # the slot holds this very rule set's entries
+            continue
         fd = tables[name].map_fd
         held = old.cidrs[fam]
         if held == new:  # the same set again (compared in C; a new set differs at its first entry)
@@ -111,6 +115,7 @@ def write_slot(tables: Tables, slot: int, krs: KernelRuleSet, version: int, old:
         if changed:
             bpfsys.update_batch(fd, b"".join(changed), b"".join(changed.values()), len(changed))
         old.cidrs[fam] = new
+    old.krs = krs
 
     # port table: the new masks, and zeros where the old set had one
     new_ports = kernel_port_entries(krs)
@@ -160,6 +165,7 @@ def trim_slot(tables: Tables, held: SlotEntries, keep: tuple[dict, dict]) -> int
         entries = held.cidrs[fam]
         stale = entries.keys() - same.keys()
         if stale:
+            held.krs = None
             bpfsys.delete_batch(tables[name].map_fd, b"".join(stale), len(stale))
             for k in stale:
                 del entries[k]
