@@ -148,8 +148,8 @@ def run(opts: argparse.Namespace) -> int:
                                      "replaced": loaded.replaced, "compiled": loaded.compiled,
                                      "compile_s": round(loaded.compile_seconds, 2),
                                      "load_s": round(loaded.load_seconds, 2)})  # fmt: skip
-    agent = Agent(kf, store, opts)
     store.checkpoint_later()  # in the watchdog loop below, not inside an apply's commit
+    agent = Agent(kf, store, opts)
     boot = Caller(author="agent", peer="startup")
     try:
         kver, sver = kf.active_version(), kf.shadow_version()
