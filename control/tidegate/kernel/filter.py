@@ -88,6 +88,7 @@ class KernelFilter:
             prog = self._prog = loader.load_program(self.config)
             self._tables = loader.open_tables(prog)
             self._grace = GracePeriods(bpfsys.GraceWaiter())
+            self._grace.begin()  # for a flip an agent before this one made just before it stopped
             fresh = not existed or not loader.maps_initialised(self._tables)
             if fresh:
                 loader.init_maps(self._tables)
