@@ -5,10 +5,7 @@ Used by packet_path.py.
 
 from __future__ import annotations
 
-
-
 import report
-
 
 # --------------------------------------------------------------------------- report
 CASES = [

@@ -1,14 +1,12 @@
 """The agent's own rtnetlink requests (kernel/rtnetlink.py, used by
 kernel/attach.py) against iproute2's view of the same link: the program id
-and mode it reads are the ones `ip -d -j link show` reports, attach and
+and mode it reads are the ones `ip -j link show` reports, attach and
 detach change what iproute2 sees, and a missing link gets a clear error."""
 
 from __future__ import annotations
 
-import json
 import os
 import struct
-import subprocess
 
 import pytest
 
@@ -21,9 +19,8 @@ XDP_PASS_PROGRAM = struct.pack("<BBhi", 0xB7, 0, 0, 2) + struct.pack("<BBhi", 0x
 
 
 def iproute2_xdp(interface: str) -> tuple[int | None, str | None]:
-    """(program id, mode) as `ip -d -j link show` reports them."""
-    out = subprocess.run(["ip", "-d", "-j", "link", "show", "dev", interface], check=True, capture_output=True, text=True)
-    xdp = json.loads(out.stdout)[0].get("xdp")
+    """(program id, mode) as `ip -j link show` reports them."""
+    xdp = VethLab.link(None, interface).get("xdp")
     if not xdp:
         return None, None
     mode = {1: "native", 2: "generic"}.get(xdp.get("mode"))

@@ -84,9 +84,9 @@ class VethLab:
         return self.link(self.ns, self.peer_if)["address"]
 
     @staticmethod
-    def link(ns: str, ifname: str, stats: bool = False) -> dict:
-        """What `ip -j [-s] -n NS link show IF` says about an interface."""
-        argv = ["ip", "-j", *(["-s"] if stats else []), "-n", ns, "link", "show", ifname]
+    def link(ns: str | None, ifname: str, stats: bool = False) -> dict:
+        """What `ip -j [-s] [-n NS] link show IF` says about an interface (NS None: this namespace's)."""
+        argv = ["ip", "-j", *(["-s"] if stats else []), *(["-n", ns] if ns else []), "link", "show", ifname]
         return json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)[0]
 
     def run_in_ns(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
