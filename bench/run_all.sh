@@ -14,7 +14,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 failed=()
-for bench in packet_path veth_flood control_plane agent_process agent_start compile_time under_attack fleet_sim hostile_calls; do
+for bench in packet_path load_spread veth_flood control_plane agent_process agent_start compile_time under_attack fleet_sim hostile_calls; do
     script="$here/$bench.py"
     [ -f "$script" ] || continue
     own=()

@@ -2,7 +2,7 @@
 """The lean-agent targets in one table, from the saved results.
 
 Reads bench/results/{agent_start,under_attack,packet_path,agent_process,
-veth_flood}.json (what `sudo bash bench/run_all.sh` saves) and prints each
+veth_flood,load_spread}.json (what `sudo bash bench/run_all.sh` saves) and prints each
 row of the lean-agent targets next to its target: every figure is a ratio
 to a reference measured in the same run of its bench, or a figure read from
 outside the agent process (/proc, the first gRPC answer). Each row names
@@ -73,6 +73,22 @@ def packet_path(results: Path) -> list[list]:
     return out
 
 
+def packet_path_over_loads(results: Path) -> list[list]:
+    """The cycled packet-path rows again, from bench/load_spread.py: the median
+    over several loads of each program (one load can differ from the next by
+    15-30% in these cases)."""
+    data = load(results, "load_spread")
+    summary = (data or {}).get("summary") or {}
+    n = (data or {}).get("copies", "?")
+    out = []
+    for variant, label, target in (("tg_full", "full rule set", 1.0), ("tg_shadow", "full + shadow set", 1.3)):
+        for case, what in PACKET_CASES[1:3]:
+            ratio = ((summary.get(case) or {}).get("ratio") or {}).get(variant)
+            out.append(row(f"packet path, {label}, {what}, median of {n} loads / minimal token bucket", ratio,
+                           target, "x", data))  # fmt: skip
+    return out
+
+
 def apply_latency(results: Path) -> list[list]:
     data = load(results, "agent_process")
     out = []
@@ -118,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = memory_and_start(args.results) + packet_path(args.results) + apply_latency(args.results) + veth(args.results)
     print(table(rows, args.markdown))
+    print("\nThe cycled packet-path rows over several loads of each program (bench/load_spread.py):\n")
+    print(table(packet_path_over_loads(args.results), args.markdown))
     return 0
 
 
