@@ -110,8 +110,15 @@ int tidegate_xdp(struct xdp_md *ctx)
 				if (sv.drop) {
 					sc->shadow_drop++;
 					sc->shadow_bytes_drop += p.len;
-					if (!v.drop)
-						sc->shadow_new_drop++;
+					/* where the active set passed. Arithmetic, not a branch:
+					 * v.drop is a known constant on many of the verifier's
+					 * paths through the active set, and a branch decided by a
+					 * known value makes the verifier keep those paths apart
+					 * through the whole shadow evaluation above (states that
+					 * differ in a value a branch depended on are not pruned):
+					 * 498k instructions verified instead of 369k, a quarter
+					 * of every load's verifier time (bench/compile_time.py). */
+					sc->shadow_new_drop += (v.drop & 1) ^ 1;
 				}
 			}
 		}
