@@ -162,13 +162,13 @@ def test_a_slot_holding_this_very_rule_set_is_not_worked_out_again(kf, sets, mon
     same text) written into a slot that holds its entries untrimmed: its
     trie entries are not built again, and the slot holds exactly them."""
     built = []
-    entries = slots.kernel_trie_entries
+    entries = slots.slot_trie_entries
 
     def counting(krs, slot):
         built.append(slot)
         return entries(krs, slot)
 
-    monkeypatch.setattr(slots, "kernel_trie_entries", counting)
+    monkeypatch.setattr(slots, "slot_trie_entries", counting)
     for v in (20, 21, 22, 23):
         kf.apply(sets["C"], v)
     kf.settle()

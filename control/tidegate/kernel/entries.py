@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
-import itertools
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from tidegate.kernel.layout import (
     ACT_DROP,
@@ -56,6 +55,7 @@ from tidegate.kernel.layout import (
     mask_halves,
     network_key,
 )
+from tidegate.kernel.trie4 import ARRAY_MIN, Trie4, V4Entries, codes_of_keys, v4_entries
 
 # The byte bucket's burst is capped so that burst * UNIT fits in 64 bits
 # with room for one refill; 4 GB of burst is far beyond any real use.
@@ -104,9 +104,33 @@ class KernelRuleSet:
     key4: Mask
     key6: Mask
     rules: dict[int, RuleParams]
-    cidrs: dict[tuple[int, int], tuple[int, int]]  # (addr128, prefixlen128) -> (rule_mask, flags)
+    cidrs: dict[tuple[int, int], tuple[int, int]] | None  # (addr128, prefixlen128) -> (rule_mask, flags)
     ports: dict[tuple[int, int], int]  # (ip proto, port) -> rule_mask
     rule_names: dict[int, str] = field(default_factory=dict)
+    # the same trie entries as arrays, when they are all IPv4 and none contains another (trie4.py):
+    # `cidrs` is then made from them when first read (None given)
+    v4: V4Entries | None = None
+
+
+def _cidrs(krs: KernelRuleSet) -> dict[tuple[int, int], tuple[int, int]]:
+    if krs._cidrs is None and krs.v4 is not None:
+        krs._cidrs = krs.v4.as_dict()
+    return krs._cidrs
+
+
+def _set_cidrs(krs: KernelRuleSet, cidrs) -> None:
+    krs._cidrs = cidrs
+
+
+# a property over the dataclass field (set after the class is made, so the field keeps no default)
+KernelRuleSet.cidrs = property(_cidrs, _set_cidrs)
+
+
+def same_cidrs(a: KernelRuleSet, b: KernelRuleSet) -> bool:
+    """a.cidrs == b.cidrs, on the arrays when both have them."""
+    if a.v4 is not None and b.v4 is not None:
+        return a.v4.same(b.v4)
+    return a.cidrs == b.cidrs
 
 
 def _contains(outer: tuple[int, int], inner: tuple[int, int]) -> bool:
@@ -189,18 +213,11 @@ def _build_kernel_rule_set(rule_set) -> KernelRuleSet:
         raise ValueError(f"{len(rules)} rules, the kernel holds at most {MAX_RULES}")
 
     any_src_mask = 0
-    flags: dict[tuple[int, int], int] = dict.fromkeys(_keys(rule_set.allow), CF_ALLOW)
-    for key in _keys(rule_set.deny):
-        flags[key] = flags.get(key, 0) | CF_DENY
-    masks: dict[tuple[int, int], int] = {}  # key -> the rules listing it among their sources
     for i, rule in enumerate(rules):
         if _is_any_source(rule.sources):
             any_src_mask |= 1 << i
-        else:
-            for key in _keys(rule.sources):
-                masks[key] = masks.get(key, 0) | (1 << i)
-
-    cidrs = _inherit(flags, masks)
+    v4 = _v4_entries(rule_set, rules, any_src_mask)
+    cidrs = None if v4 is not None else _walked(rule_set, rules, any_src_mask)
 
     proto_mask = [0] * 256
     ports: dict[tuple[int, int], int] = {}
@@ -231,7 +248,7 @@ def _build_kernel_rule_set(rule_set) -> KernelRuleSet:
     params[RULE_EXTHDR] = RuleParams(PSEUDO_RULES[RULE_EXTHDR], ACT_DROP if ext == "drop" else ACT_PASS)
     names.update(PSEUDO_RULES)
 
-    flags = (SET_HAS_TRIE if cidrs else 0) | (SET_HAS_PORTS if ports else 0)
+    flags = (SET_HAS_TRIE if cidrs or v4 is not None else 0) | (SET_HAS_PORTS if ports else 0)
     flags |= SET_EXT_DEFAULT if ext == "default" else 0
     return KernelRuleSet(
         flags=flags,
@@ -243,7 +260,40 @@ def _build_kernel_rule_set(rule_set) -> KernelRuleSet:
         cidrs=cidrs,
         ports=ports,
         rule_names=names,
+        v4=v4,
     )
+
+
+def _walked(rule_set, rules: list, any_src_mask: int) -> dict[tuple[int, int], tuple[int, int]]:
+    """The trie entries, each with the masks and flags of the entries containing it (_inherit)."""
+    flags: dict[tuple[int, int], int] = dict.fromkeys(_keys(rule_set.allow), CF_ALLOW)
+    for key in _keys(rule_set.deny):
+        flags[key] = flags.get(key, 0) | CF_DENY
+    masks: dict[tuple[int, int], int] = {}  # key -> the rules listing it among their sources
+    for i, rule in enumerate(rules):
+        if not any_src_mask >> i & 1:
+            for key in _keys(rule.sources):
+                masks[key] = masks.get(key, 0) | (1 << i)
+    return _inherit(flags, masks)
+
+
+def _v4_entries(rule_set, rules: list, any_src_mask: int) -> V4Entries | None:
+    """The trie entries as arrays (trie4.py) when there are ARRAY_MIN or
+    more, all IPv4, and none contains another; else None."""
+    lists = [(rule_set.allow, 0, CF_ALLOW), (rule_set.deny, 0, CF_DENY)]
+    lists += [(r.sources, 1 << i, 0) for i, r in enumerate(rules) if not any_src_mask >> i & 1]
+    lists = [x for x in lists if x[0]]
+    if sum(len(nets) for nets, _, _ in lists) < ARRAY_MIN:
+        return None
+    coded = []
+    for nets, mask, flag in lists:
+        codes = getattr(nets, "v4_codes", None)
+        if codes is None:
+            codes = codes_of_keys(_keys(nets))
+            if codes is None:  # an IPv6 network
+                return None
+        coded.append((codes, mask, flag))
+    return v4_entries(coded)
 
 
 def _keys(nets) -> list[tuple[int, int]]:
@@ -264,12 +314,6 @@ def _inherit(flags: dict[tuple[int, int], int], masks: dict[tuple[int, int], int
     if not flags and not masks:
         return {}
     keys = sorted([*flags, *(k for k in masks if k not in flags)])  # lists come mostly in order: cheap
-    if len(keys) >= DISJOINT_MIN and _disjoint_ipv4(keys):  # each entry as it is: no walk needed
-        if not masks:  # a list's entries share one (mask, flags) value per flag
-            values = {f: (0, f) for f in set(flags.values())}
-            return dict(zip(keys, map(values.__getitem__, map(flags.__getitem__, keys))))
-        return dict(zip(keys, zip(map(masks.get, keys, itertools.repeat(0)),
-                                  map(flags.get, keys, itertools.repeat(0)))))  # fmt: skip
     # the prefixes that contain the barrier sort before it (with IPv4-only lists there are none to look at)
     at = bisect.bisect_left(keys, _BARRIER)
     if (at == len(keys) or keys[at] != _BARRIER) and any(k[1] < 96 and _contains(k, _BARRIER) for k in keys[:at]):
@@ -291,31 +335,11 @@ def _inherit(flags: dict[tuple[int, int], int], masks: dict[tuple[int, int], int
     return out
 
 
-DISJOINT_MIN = 64  # entries; a shorter list is walked
-
-
-def _disjoint_ipv4(keys: list[tuple[int, int]]) -> bool:
-    """Whether sorted keys are all IPv4 and none contains another (a large
-    allow or deny list of /24s): then no entry inherits anything. In order,
-    an entry containing a later one contains the next one too, so comparing
-    each entry's last address with the next one's first is enough."""
-    addrs, plens = zip(*keys)
-    try:
-        a = np.array(addrs, np.uint64)
-    except OverflowError:  # an IPv6 address past 64 bits
-        return False
-    p = np.array(plens, np.int64)
-    if (p < 96).any() or ((a >> np.uint64(32)) != np.uint64(V4_MAPPED >> 32)).any():
-        return False
-    last = a | ((np.uint64(1) << (128 - p).astype(np.uint64)) - np.uint64(1))
-    return bool((last[:-1] < a[1:]).all())
-
-
 def same_matching(a: KernelRuleSet, b: KernelRuleSet) -> bool:
     """True if every packet gets the same rule index (or list verdict) from
     both: the shadow set may then reuse the active set's classification."""
     return (a.flags == b.flags and a.any_src_mask == b.any_src_mask and a.proto_mask == b.proto_mask
-            and a.ports == b.ports and a.cidrs == b.cidrs)  # fmt: skip
+            and a.ports == b.ports and same_cidrs(a, b))  # fmt: skip
 
 
 def trie_family(addr128: int, prefixlen128: int) -> int:
@@ -327,6 +351,8 @@ def trie_family(addr128: int, prefixlen128: int) -> int:
 def kernel_trie_entries(krs: KernelRuleSet, slot: int) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
     """The raw (key, value) bytes of one slot's IPv4 and IPv6 trie entries,
     as bpf/layout.h lays out tg_cidr4_key, tg_cidr6_key and tg_cidr_val."""
+    if krs.v4 is not None:
+        return dict(Trie4.of(krs.v4, slot)), {}
     v4: dict[bytes, bytes] = {}
     v6: dict[bytes, bytes] = {}
     vals: dict[tuple[int, int], bytes] = {}  # a set has few distinct values: each packed once
@@ -344,6 +370,13 @@ def kernel_trie_entries(krs: KernelRuleSet, slot: int) -> tuple[dict[bytes, byte
         else:
             v6[CIDR_KEY_HEAD.pack(32 + plen, slot) + addr.to_bytes(16, "big")] = val
     return v4, v6
+
+
+def slot_trie_entries(krs: KernelRuleSet, slot: int) -> tuple[Mapping[bytes, bytes], dict[bytes, bytes]]:
+    """kernel_trie_entries, the IPv4 ones as a Trie4 when the rule set has them as arrays."""
+    if krs.v4 is not None:
+        return Trie4.of(krs.v4, slot), {}
+    return kernel_trie_entries(krs, slot)
 
 
 def kernel_port_entries(krs: KernelRuleSet) -> dict[int, int]:

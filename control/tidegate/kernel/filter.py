@@ -23,7 +23,7 @@ import os
 import threading
 
 from tidegate.kernel import attach, bpfsys, loader, program, readers, slots
-from tidegate.kernel.entries import KernelRuleSet, build_kernel_rule_set, kernel_trie_entries
+from tidegate.kernel.entries import KernelRuleSet, build_kernel_rule_set, same_cidrs, slot_trie_entries
 from tidegate.kernel.errors import InterfaceError, KernelError, MapWriteError, NotAttachedError
 from tidegate.kernel.grace import GracePeriods
 from tidegate.kernel.layout import NO_SLOT, SLOTS
@@ -294,7 +294,7 @@ class KernelFilter:
         if held is None or sum(map(len, held.cidrs.values())) < TRIM_MIN:
             return
         retired = self._krs.get(slot)
-        if retired is not None and retired.cidrs == active.cidrs:  # the same set again: nothing to trim
+        if retired is not None and same_cidrs(retired, active):  # the same set again: nothing to trim
             return
         t = threading.Thread(target=self._trim, args=(slot, self._written.get(slot, 0), active),
                              name="tidegate-trim", daemon=True)  # fmt: skip
@@ -303,7 +303,7 @@ class KernelFilter:
 
     def _trim(self, slot: int, written: int, active: KernelRuleSet) -> None:
         try:
-            keep = kernel_trie_entries(active, slot)  # outside the lock: it only reads the rule set
+            keep = slot_trie_entries(active, slot)  # outside the lock: it only reads the rule set
             self._grace.wait()  # the flip that retired the slot: no packet reads it after this
             # the write lock only: the filter's own lock stays free for reads (status, counters, the review)
             with self._writing:

@@ -22,13 +22,15 @@ does not wait for that half of a new set's kernel work.
 from __future__ import annotations
 
 import array
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tidegate.kernel import bpfsys
-from tidegate.kernel.entries import KernelRuleSet, kernel_port_entries, kernel_trie_entries, same_matching
+from tidegate.kernel.entries import KernelRuleSet, kernel_port_entries, same_matching, slot_trie_entries
 from tidegate.kernel.errors import KernelError, MapWriteError
 from tidegate.kernel.grace import GracePeriods
 from tidegate.kernel.layout import NO_SLOT, PORT_RANGE, RULE_IDX, SLOTS, STATE_LAYOUT
+from tidegate.kernel.trie4 import Trie4
 from tidegate.kernel.readers import (
     RuleCounters,
     ShadowCounters,
@@ -100,11 +102,23 @@ def write_slot(tables: Tables, slot: int, krs: KernelRuleSet, version: int, old:
 
     # Batched writes: one bpf(2) call per few thousand entries instead of
     # one per entry (the difference between ~10 ms and ~100 ms at 10,000)
-    for (fam, name), new in zip(TRIES, kernel_trie_entries(krs, slot) if old.krs is not krs else (None, None)):
+    for (fam, name), new in zip(TRIES, slot_trie_entries(krs, slot) if old.krs is not krs else (None, None)):
         if new is None:  # the slot holds this very rule set's entries
             continue
         fd = tables[name].map_fd
         held = old.cidrs[fam]
+        if isinstance(new, Trie4) or isinstance(held, Trie4):  # IPv4 entries as arrays (trie4.py)
+            new, held = Trie4.held(new), Trie4.held(held)
+            if new.same(held):  # the same set again
+                continue
+            stale = held.without(new)
+            if stale:
+                bpfsys.delete_batch(fd, stale.key_bytes(), len(stale))
+            changed = new.changed_from(held)  # what the slot holds already is not written again
+            if changed:
+                bpfsys.update_batch(fd, changed.key_bytes(), changed.value_bytes(), len(changed))
+            old.cidrs[fam] = new
+            continue
         if held == new:  # the same set again (compared in C; a new set differs at its first entry)
             continue
         stale = held.keys() - new.keys()
@@ -152,10 +166,10 @@ def write_slot(tables: Tables, slot: int, krs: KernelRuleSet, version: int, old:
     sets[sets.Key(slot)] = cfg
 
 
-def trim_slot(tables: Tables, held: SlotEntries, keep: tuple[dict, dict]) -> int:
+def trim_slot(tables: Tables, held: SlotEntries, keep: tuple[Mapping, dict]) -> int:
     """Delete from a retired slot (no packet reads it: a grace period has
     passed since it was last selected) the trie entries not in `keep` (the
-    active set's, kernel_trie_entries for this slot); `held` follows. The
+    active set's, slot_trie_entries for this slot); `held` follows. The
     next apply writes a free slot, mostly this one: what the active set has
     stays for it (the same set applied again writes nothing), and a new
     set's entries are written without deleting old ones first. Returns how
@@ -163,6 +177,15 @@ def trim_slot(tables: Tables, held: SlotEntries, keep: tuple[dict, dict]) -> int
     deleted = 0
     for (fam, name), same in zip(TRIES, keep):
         entries = held.cidrs[fam]
+        if isinstance(same, Trie4) or isinstance(entries, Trie4):  # IPv4 entries as arrays (trie4.py)
+            same, entries = Trie4.held(same), Trie4.held(entries)
+            stale = entries.without(same)
+            if stale:
+                held.krs = None
+                bpfsys.delete_batch(tables[name].map_fd, stale.key_bytes(), len(stale))
+                held.cidrs[fam] = entries.within(same)
+                deleted += len(stale)
+            continue
         stale = entries.keys() - same.keys()
         if stale:
             held.krs = None

@@ -23,6 +23,7 @@ import socket
 import numpy as np
 
 from tidegate.kernel.layout import V4_MAPPED
+from tidegate.kernel.trie4 import codes_of
 
 # dotted quads without leading zeros (inet_aton would read 010 as octal); inet_aton refuses an octet over 255
 _OCTET = r"(?:0|[1-9][0-9]{0,2})"
@@ -145,12 +146,14 @@ def parse_entries(texts: list) -> list:
     return out
 
 
-def parse_v4_list(texts: list) -> tuple[list, list, list] | None:
-    """(networks, keys, texts) of a list of IPv4 CIDRs, as parse_entries
-    would give them, worked out for the whole list at once: one pattern
-    checks every item, numpy reads the numbers and checks the octets and
-    the host bits. None when any item is not such a CIDR (written
-    otherwise, a /31 or /32, IPv6, wrong): parse_entries then."""
+def parse_v4_list(texts: list) -> tuple[list, np.ndarray, list] | None:
+    """(networks, codes, texts) of a list of IPv4 CIDRs, the networks and
+    texts as parse_entries would give them and each one's
+    `address << 8 | prefix length` (kernel/trie4.py, where its key comes
+    from), worked out for the whole list at once: one pattern checks every
+    item, numpy reads the numbers and checks the octets and the host bits.
+    None when any item is not such a CIDR (written otherwise, a /31 or /32,
+    IPv6, wrong): parse_entries then."""
     if len(texts) < V4_LIST_MIN or None in texts:  # texts, or None where an item is not text
         return None
     joined = ("\n".join(texts) + "\n").encode("ascii", "replace")
@@ -164,7 +167,6 @@ def parse_v4_list(texts: list) -> tuple[list, list, list] | None:
     if (addrs & ((np.int64(1) << (32 - plens)) - 1)).any():  # host bits set: ipaddress words that error
         return None
     addr_list, plen_list = addrs.tolist(), plens.tolist()
-    keys = list(zip(map(V4_MAPPED.__or__, addr_list), map((96).__add__, plen_list)))
     nets = []
     append, new, netmasks = nets.append, _new, _NETMASKS4
     for addr, plen in zip(addr_list, plen_list):  # _v4, inline: the objects ipaddress would make
@@ -174,7 +176,12 @@ def parse_v4_list(texts: list) -> tuple[list, list, list] | None:
         net.network_address = a
         net.netmask, net._prefixlen = netmasks[plen]
         append(net)
-    return nets, keys, list(texts)
+    return nets, codes_of(addrs, plens), list(texts)
+
+
+def distinct(codes: np.ndarray) -> bool:
+    """Whether no two codes (parse_v4_list) are the same: no network listed twice."""
+    return bool((codes[1:] > codes[:-1]).all()) or len(np.unique(codes)) == len(codes)
 
 
 def _numbers(chars: np.ndarray, n: int) -> np.ndarray | None:

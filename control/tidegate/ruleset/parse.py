@@ -258,8 +258,8 @@ def _networks(node: _Node | None, path: str, col: _Collector) -> Networks:
     # the common case first, without building each item's path: quoted CIDRs in the usual form, none twice
     values = [i.value.strip() if type(i.value) is str and i.kind == "scalar" else None for i in items]
     listed = cidrs.parse_v4_list(values)
-    if listed is not None and len(set(listed[2])) == len(values):
-        return Networks(*listed)
+    if listed is not None and cidrs.distinct(listed[1]):  # a network's text is its code's: none twice
+        return Networks(listed[0], None, listed[2], listed[1])
     entries = cidrs.parse_entries(values)
     if None not in entries:
         texts = [e[2] for e in entries]
