@@ -19,7 +19,9 @@ import yaml
 
 from tidegate.kernel.layout import network_key
 from tidegate.ruleset import cidrs
-from tidegate.ruleset.yaml_events import MAX_DEPTH, Node, TextError, compose, depth_error, shown_key as _shown_key
+from tidegate.ruleset.yaml_events import (
+    MAX_DEPTH, Node, TextError, TextItems, compose, depth_error, shown_key as _shown_key,
+)
 from tidegate.ruleset.model import (
     ACTIONS, Capacity, DEFAULT_KEYS, Defaults, FieldError, IPV6_EXT_POLICIES, LIMIT_KEYS, Limit,
     MAX_BLOCK_SECONDS, MAX_BPS, MAX_BURST, MAX_BURST_BYTES, MAX_DESCRIPTION, MAX_ERRORS, MAX_FILE_BYTES,
@@ -249,17 +251,20 @@ def _network(node: _Node, path: str, col: _Collector) -> Network | None:
 
 
 def _networks(node: _Node | None, path: str, col: _Collector) -> Networks:
-    if node is None or node.value is None:
+    if type(node) is TextItems:  # a one-line list: text scalars as they stand (no spaces around them)
+        values = node.texts
+    elif node is None or node.value is None:
         return _NO_NETWORKS
-    if node.kind != "seq":
+    elif node.kind != "seq":
         col.add(path, node, f"must be a list of CIDRs, not {_kind(node)}")
         return _NO_NETWORKS
-    items = node.value
+    else:
+        values = [i.value.strip() if type(i.value) is str and i.kind == "scalar" else None for i in node.value]
     # the common case first, without building each item's path: quoted CIDRs in the usual form, none twice
-    values = [i.value.strip() if type(i.value) is str and i.kind == "scalar" else None for i in items]
     listed = cidrs.parse_v4_list(values)
     if listed is not None and cidrs.distinct(listed[1]):  # a network's text is its code's: none twice
         return Networks(listed[0], None, listed[2], listed[1])
+    items = node.value
     entries = cidrs.parse_entries(values)
     if None not in entries:
         texts = [e[2] for e in entries]
@@ -357,7 +362,7 @@ def _build(root: _Node | None, col: _Collector, cap: Capacity) -> RuleSet:
     allow = _networks(m.get("allow"), "allow", col)
     deny = _networks(m.get("deny"), "deny", col)
     canaries = _networks(m.get("canaries"), "canaries", col)
-    both = set(allow.texts).intersection(deny.texts)
+    both = set(allow.texts).intersection(deny.texts) if allow and deny else ()
     for n in sorted(both):
         i = deny.texts.index(n)
         col.add(f"deny[{i}]", m["deny"].value[i] if m.get("deny") else None, f"{n} is also on the allow list")

@@ -46,7 +46,6 @@ _NULL_TAG = "tag:yaml.org,2002:null"
 # value), or a plain IPv4 CIDR (a '/' in it: no YAML 1.1 implicit type reads it as anything but text)
 _CIDR_ITEM = r"(?:\"[0-9A-Fa-f.:/]+\"|'[0-9A-Fa-f.:/]+'|[0-9][0-9.]*/[0-9]+)"
 _FLOW_CIDRS = re.compile(rf"\[ *{_CIDR_ITEM}(?: *, *{_CIDR_ITEM})* *\]")
-_ITEM_TEXT = re.compile(r"[0-9A-Fa-f.:/]+")
 FLOW_LIST_MIN = 64  # items; a shorter list is composed event by event like the rest
 _SKIP = object()  # the value of a refused key: composed (to stay in step), then dropped
 _KEY_NODE = object()  # a collection is being composed as a key: refused, and its value dropped
@@ -61,6 +60,34 @@ class Node:
         self.value = value
         self.line = line
         self.kind = kind  # map | seq | scalar
+
+
+_NODE_VALUE = Node.value  # the slot, for TextItems
+
+
+class TextItems(Node):
+    """A one-line list composed from its items (compose's lists of CIDRs):
+    `texts`, the items as they stand, each a text scalar on the list's line.
+    Its item nodes (`value`) are made when first read: a large allow list is
+    read from `texts` alone (parse._networks)."""
+
+    __slots__ = ("texts",)
+
+    def __init__(self, texts: list[str], line: int):
+        self.texts, self.line, self.kind = texts, line, "seq"
+
+    @property
+    def value(self) -> list[Node]:
+        try:
+            return _NODE_VALUE.__get__(self)
+        except AttributeError:
+            items = [Node(v, self.line, "scalar") for v in self.texts]
+            _NODE_VALUE.__set__(self, items)
+            return items
+
+    @value.setter
+    def value(self, items: list[Node]) -> None:
+        _NODE_VALUE.__set__(self, items)
 
 
 class TextError(Exception):
@@ -152,7 +179,8 @@ def _compose_lists(text: str, lists: list[re.Match], max_values: int) -> Node | 
     parts, items, at, shift = [], {}, 0, 0
     for m in lists:
         parts += [text[at: m.start()], "[]"]
-        items[m.start() - shift] = _ITEM_TEXT.findall(m.group())
+        # the items' characters: the list without its brackets, quotes and spaces, split at the commas
+        items[m.start() - shift] = m.group()[1:-1].replace('"', "").replace("'", "").replace(" ", "").split(",")
         shift += len(m.group()) - 2
         at = m.end()
     parts.append(text[at:])
@@ -211,7 +239,7 @@ def _compose(loader, add_error: AddError, max_values: int, lists: dict | None = 
                 values += len(texts)
                 if values > max_values:
                     raise _too_many(line, max_values)
-                node.value = [Node(v, line, "scalar") for v in texts]
+                node = TextItems(texts, line)
             if top is None:
                 stack.append(_Open(node, "", True))
             elif top.node.kind == "map" and top.key is None:  # a collection as a key
