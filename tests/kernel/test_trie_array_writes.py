@@ -12,14 +12,11 @@ deny list is dropped while one from the allow list passes."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from tidegate.kernel import entries as ke
 from tidegate.kernel import filter as kfilter
 from tidegate.kernel import slots
-from tidegate.kernel.filter import FilterConfig, KernelFilter
 from tidegate.ruleset.parse import parse_rule_set
 
 from . import frames as f
@@ -49,16 +46,6 @@ def _text(name: str) -> str:
     return f"allow: {allow}\ndeny: {deny}\n" + RULES % sources
 
 
-@pytest.fixture(scope="module")
-def own_kf():
-    kf = KernelFilter(FilterConfig(interface=None, pin_name=f"test-arrays-{os.getpid()}", replay_clock=True,
-                                   max_sources=4096))  # fmt: skip
-    kf.load()
-    yield kf
-    kf.close()
-    kf.remove_pins()
-
-
 def _per_entry(rs, slot: int) -> dict[bytes, bytes]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ke, "ARRAY_MIN", 10**9)
@@ -67,8 +54,8 @@ def _per_entry(rs, slot: int) -> dict[bytes, bytes]:
 
 
 @pytest.mark.kernel
-def test_array_writes_leave_the_entries_of_per_entry_writes(own_kf, monkeypatch):
-    kf = own_kf
+def test_array_writes_leave_the_entries_of_per_entry_writes(replay_kf, monkeypatch):
+    kf = replay_kf
     monkeypatch.setattr(kfilter, "TRIM_MIN", 100)
     took = set()
     for version, (name, arrays) in enumerate(SERIES, 1):
