@@ -43,6 +43,9 @@ _NOT_SEPARATOR = 255
 _SEPARATOR_OF = np.full(256, _NOT_SEPARATOR, np.uint8)  # a character -> itself if it separates numbers
 _SEPARATOR_OF[_SEPARATORS] = _SEPARATORS
 V4_LIST_MIN = 64  # items; below that the loop is as quick
+# items read at once: every array a part needs stays under the agent's mmap threshold (daemon/memory.py),
+# so they come from the heap, not from fresh pages each (~2x the time for 100,000 items at once)
+V4_CHUNK = 16384
 
 
 def _built(net_cls, address, netmask_and_len: tuple) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -156,16 +159,10 @@ def parse_v4_list(texts: list) -> tuple[list, np.ndarray, list] | None:
     IPv6, wrong): parse_entries then."""
     if len(texts) < V4_LIST_MIN or None in texts:  # texts, or None where an item is not text
         return None
-    joined = ("\n".join(texts) + "\n").encode("ascii", "replace")
-    octets = _numbers(np.frombuffer(joined, np.uint8), len(texts))
-    if octets is None:
+    read = [_addresses(texts[at: at + V4_CHUNK]) for at in range(0, len(texts), V4_CHUNK)]
+    if any(r is None for r in read):
         return None
-    plens = octets[:, 4]
-    if (octets[:, :4] > 255).any() or (plens > 30).any():
-        return None
-    addrs = (octets[:, 0] << 24) | (octets[:, 1] << 16) | (octets[:, 2] << 8) | octets[:, 3]
-    if (addrs & ((np.int64(1) << (32 - plens)) - 1)).any():  # host bits set: ipaddress words that error
-        return None
+    addrs, plens = (np.concatenate(x) for x in zip(*read))
     addr_list, plen_list = addrs.tolist(), plens.tolist()
     nets = []
     append, new, netmasks = nets.append, _new, _NETMASKS4
@@ -184,6 +181,21 @@ def distinct(codes: np.ndarray) -> bool:
     return bool((codes[1:] > codes[:-1]).all()) or len(np.unique(codes)) == len(codes)
 
 
+def _addresses(texts: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The addresses and prefix lengths of IPv4 CIDR texts (parse_v4_list), or None."""
+    joined = ("\n".join(texts) + "\n").encode("ascii", "replace")
+    octets = _numbers(np.frombuffer(joined, np.uint8), len(texts))
+    if octets is None:
+        return None
+    plens = octets[:, 4]
+    if (octets[:, :4] > 255).any() or (plens > 30).any():
+        return None
+    addrs = (octets[:, 0] << 24) | (octets[:, 1] << 16) | (octets[:, 2] << 8) | octets[:, 3]
+    if (addrs & ((np.int64(1) << (32 - plens)) - 1)).any():  # host bits set: ipaddress words that error
+        return None
+    return addrs, plens
+
+
 def _numbers(chars: np.ndarray, n: int) -> np.ndarray | None:
     """The (n, 5) numbers of n lines `a.b.c.d/len\n` (each 1-3 digits, no
     leading zero), or None when the characters are anything else."""
@@ -199,8 +211,8 @@ def _numbers(chars: np.ndarray, n: int) -> np.ndarray | None:
         return None
     if ((chars[starts] == ord("0")) & (width > 1)).any():  # a leading zero (inet_aton would read octal)
         return None
-    digits = chars.astype(np.int64) - ord("0")
-    first, second, third = digits[starts], digits[np.minimum(starts + 1, chars.size - 1)], digits[
-        np.minimum(starts + 2, chars.size - 1)]
+    # each number's (up to) three digits, taken from the characters (not from a copy of them all as int64)
+    first, second, third = (chars[np.minimum(starts + i, chars.size - 1)].astype(np.int64) - ord("0")
+                            for i in range(3))  # fmt: skip
     values = np.where(width == 1, first, np.where(width == 2, first * 10 + second, first * 100 + second * 10 + third))
     return values.reshape(n, 5)
