@@ -29,7 +29,6 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-
 from tidegate.kernel.layout import (
     ACT_DROP,
     ACT_LIMIT,
