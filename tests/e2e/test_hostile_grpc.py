@@ -280,3 +280,30 @@ def test_ten_thousand_hostile_rule_sets_change_nothing_and_are_audited(agent):
     rows = _store_rows(agent.state_dir)
     assert rows.pop("_audit_count") - rows0.pop("_audit_count") == len(sent), "every rejection is audited"
     assert rows == rows0, "a rejected rule set changed the store"
+
+
+@pytest.mark.parametrize("bad, path, said", [
+    ("10.9.1.1/24", "allow[1500]", "'10.9.1.1/24' has host bits set; did you mean 10.9.1.0/24?"),
+    ("10.9.0.0/24", "allow[1500]", "10.9.0.0/24 is listed twice (also item 0)"),
+    ("10.9.1.0/33", "allow[1500]", "'10.9.1.0/33' is not a valid address or CIDR"),
+    ("010.9.1.0/24", "allow[1500]", "'010.9.1.0/24' is not a valid address or CIDR"),
+])  # fmt: skip
+def test_a_bad_item_in_a_large_list_is_named_and_changes_nothing(agent, bad, path, said):
+    """A 2,000-CIDR one-line list (read by the array path) with one bad item:
+    the real server refuses it naming that item, as the per-item reading
+    words it, and the maps are byte-identical; a CIDR on both lists is named
+    on the deny list."""
+    pb, stub, md = _stub(agent)
+    pin_dir = f"/sys/fs/bpf/tidegate/{agent.pin_name}"
+    allow = [f"10.{9 + i // 256}.{i % 256}.0/24" for i in range(2000)]
+    maps0 = pinned_dump(pin_dir)
+    for text, where, what in ((f"allow: {allow[:1500] + [bad] + allow[1501:]}\n" + RULES, path, said),
+                              (f"allow: {allow}\ndeny: ['10.12.7.0/24']\n" + RULES, "deny[0]",
+                               "10.12.7.0/24 is also on the allow list")):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ApplyRuleSet(pb.ApplyRequest(yaml=text, reason="bad item", no_guard=True), metadata=md, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        raw = dict(e.value.trailing_metadata())["tidegate-errors-bin"]
+        v = pb.ValidationErrors.FromString(raw).violations
+        assert [x.path for x in v] == [where] and what in v[0].message, (where, [(x.path, x.message) for x in v])
+        assert pinned_dump(pin_dir) == maps0
