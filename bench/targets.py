@@ -42,6 +42,8 @@ def row(measure: str, value: float | None, target: float, unit: str, data: dict 
         return [measure, "not measured", f"<= {target:g}{unit}", "", ""]
     met = value <= target if at_most else value >= target
     shown = f"{value:.0f}{unit}" if unit in (" MB", " ms") else f"{value:.2f}{unit}"
+    if unit not in (" MB", " ms") and round(value, 2) == target:  # as much as tells it from the target
+        shown = f"{value:.3f}{unit}"
     return [measure, shown, f"<= {target:g}{unit}", "meets" if met else "MISSES", commit_of(data)]
 
 
