@@ -488,8 +488,11 @@ def test_watch_json_lines_and_table(capsys, fake_agent):
 def test_watch_ctrl_c_exits_0(fake_agent, mode):
     import signal
 
+    # the CLI starts with SIGINT at its default, as from a terminal: a suite run as a background job
+    # (`cmd &` in a script) inherits SIGINT ignored, and Python then leaves it ignored
     p = subprocess.Popen([str(BIN), "--server", fake_agent, "-o", mode, "watch", "--interval", "0.1"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     time.sleep(1.5)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=10)
