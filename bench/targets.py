@@ -23,6 +23,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # (packet_path case, label) for the rows with a target
 PACKET_CASES = (("v4", "hot source"), ("cycle", "64k sources of 1M"), ("spread", "64k sources spread"),
                 ("v6", "IPv6 hot"), ("vlan", "VLAN hot"))  # fmt: skip
+# (packet_path row, label, target as a ratio to the minimal token bucket)
+PACKET_ROWS = (("tg_full", "full rule set", 1.0), ("tg_shadow", "full + shadow set", 1.3))
 
 
 def load(results: Path, name: str) -> dict | None:
@@ -66,7 +68,7 @@ def memory_and_start(results: Path) -> list[list]:
 def packet_path(results: Path) -> list[list]:
     data = load(results, "packet_path")
     out = []
-    for variant, label, target in (("tg_full", "full rule set", 1.0), ("tg_shadow", "full + shadow set", 1.3)):
+    for variant, label, target in PACKET_ROWS:
         for case, what in PACKET_CASES:
             rows = ((data or {}).get("cases") or {}).get(case) or {}
             mine, ref = rows.get(variant), rows.get("tb")
@@ -83,7 +85,7 @@ def packet_path_over_loads(results: Path) -> list[list]:
     summary = (data or {}).get("summary") or {}
     n = (data or {}).get("copies", "?")
     out = []
-    for variant, label, target in (("tg_full", "full rule set", 1.0), ("tg_shadow", "full + shadow set", 1.3)):
+    for variant, label, target in PACKET_ROWS:
         for case, what in PACKET_CASES[1:3]:
             ratio = ((summary.get(case) or {}).get("ratio") or {}).get(variant)
             out.append(row(f"packet path, {label}, {what}, median of {n} loads / minimal token bucket", ratio,

@@ -183,3 +183,10 @@ def network_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int
     if net.version == 4:
         return V4_MAPPED | int(net.network_address), 96 + net.prefixlen
     return int(net.network_address), net.prefixlen
+
+
+def keys_of_codes(codes) -> list[tuple[int, int]]:
+    """The unified (addr128, prefixlen128) keys of IPv4 codes, an unsigned
+    integer array of `address << 8 | prefix length` (kernel/trie4.py)."""
+    addrs, plens = (codes >> 8).tolist(), (codes & 0xFF).tolist()
+    return list(zip(map(V4_MAPPED.__or__, addrs), map((96).__add__, plens)))

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from tidegate.kernel.layout import V4_MAPPED
+from tidegate.kernel.layout import V4_MAPPED, keys_of_codes
 
 KEY4 = np.dtype([("plen", "<u4"), ("slot", "<u4"), ("addr", ">u4")])  # bpf/layout.h tg_cidr4_key
 VAL = np.dtype([("mask", "<u8"), ("flags", "<u4"), ("pad", "<u4")])  # tg_cidr_val
@@ -66,9 +66,7 @@ class V4Entries:
 
     def as_dict(self) -> dict[tuple[int, int], tuple[int, int]]:
         """As KernelRuleSet.cidrs holds them: (addr128, prefixlen128) -> (rule_mask, flags), in order."""
-        addrs, plens = (self.codes >> np.uint64(8)).tolist(), (self.codes & np.uint64(0xFF)).tolist()
-        keys = zip(map(V4_MAPPED.__or__, addrs), map((96).__add__, plens))
-        return dict(zip(keys, zip(self.masks.tolist(), self.flags.tolist())))
+        return dict(zip(keys_of_codes(self.codes), zip(self.masks.tolist(), self.flags.tolist())))
 
 
 def v4_entries(lists: list[tuple[np.ndarray, int, int]]) -> V4Entries | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from tidegate.kernel.layout import MAX_RULES, PSEUDO_RULES, SLOT_CIDRS, V4_MAPPED, network_key
+from tidegate.kernel.layout import MAX_RULES, PSEUDO_RULES, SLOT_CIDRS, keys_of_codes, network_key
 
 PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6", "any")
 ACTIONS = ("limit", "pass", "drop")
@@ -62,9 +62,7 @@ class Networks(tuple):
     @property
     def unified_keys(self) -> list[tuple[int, int]]:
         if self._keys is None:
-            codes = self.v4_codes
-            addrs, plens = (codes >> 8).tolist(), (codes & 0xFF).tolist()
-            self._keys = list(zip(map(V4_MAPPED.__or__, addrs), map((96).__add__, plens)))
+            self._keys = keys_of_codes(self.v4_codes)
         return self._keys
 
     def __getnewargs__(self):  # copy and pickle
