@@ -28,14 +28,23 @@ from typing import Callable, Iterator
 from tidegate.operation import ApplyOutcome, Caller, OperationError
 from tidegate.kernel.filter import KernelError, NotAttachedError
 from tidegate.ruleset.dump import dump_yaml
-from tidegate.ruleset.model import FieldError, Limit, RuleSet, RuleSetError
+from tidegate.ruleset.model import FieldError, Limit, RuleSet, RuleSetError, network_count
 from tidegate.ruleset.parse import parse_rule_set, rule_set_from_dict
 from tidegate.safety import estimate as safety
 from tidegate.store import VersionNotFound
 
 log = logging.getLogger("tidegate.changes.service")
 
-RULE_SETS_KEPT = 4  # parsed versions kept in memory (the kernel's active and shadow ones always)
+# Parsed versions kept in memory besides the kernel's active and shadow ones
+# (always kept): the most recently used, at most RULE_SETS_KEPT of them and
+# NETWORKS_KEPT networks between them. A parsed network costs about 300
+# bytes (its ipaddress object, key and text): four kept 100,000-CIDR
+# versions held 130 MB of the agent's 193 MB after a run of such applies,
+# where the two in the kernel need about 30 MB each (bench/agent_process.py,
+# "agent RSS"). A version not kept is parsed again from the store when it
+# is asked for (a rollback to it, ~0.15 s at 100,000 CIDRs).
+RULE_SETS_KEPT = 4
+NETWORKS_KEPT = 50_000
 
 # guard_factory(version, rule_set, seconds, caller, rollback) -> a started-able safety.guard.Guard
 GuardFactory = Callable[..., object]
@@ -117,14 +126,18 @@ class ChangeService:
         return rs
 
     def _keep(self, version: int, rs: RuleSet) -> None:
-        """Remember a parsed version, most recently used last; the oldest go
-        beyond RULE_SETS_KEPT (parsed again from the store if asked for):
-        every version's 100,000 networks kept would grow the agent by
-        tens of MB an apply, and its garbage collections with it."""
+        """Remember a parsed version, most recently used last; beyond the
+        kernel's own, only what RULE_SETS_KEPT and NETWORKS_KEPT allow
+        stays (the most recent first)."""
         self._rule_sets[version] = rs
         in_kernel = (self.kf.active_version(), self.kf.shadow_version())
-        for old in [v for v in self._rule_sets if v not in in_kernel][: max(0, len(self._rule_sets) - RULE_SETS_KEPT)]:
-            del self._rule_sets[old]
+        count, networks = 0, 0
+        for old in reversed([v for v in self._rule_sets if v not in in_kernel]):
+            n = network_count(self._rule_sets[old])
+            if count < RULE_SETS_KEPT and networks + n <= NETWORKS_KEPT:
+                count, networks = count + 1, networks + n
+            else:
+                del self._rule_sets[old]
 
     def active_rule_set(self) -> RuleSet | None:
         v = self.kf.active_version()

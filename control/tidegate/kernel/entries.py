@@ -26,6 +26,7 @@ import bisect
 import ipaddress
 import math
 import struct
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -190,18 +191,22 @@ def _is_any_source(sources) -> bool:
 
 # The agent builds the same rule set's entries twice in a row (the
 # blast-radius estimate, then the kernel write): the last few results are
-# kept by identity (hashing a 10,000-CIDR RuleSet would cost more than it saves).
-_RECENT: list[tuple[object, KernelRuleSet]] = []
+# kept by identity (hashing a 10,000-CIDR RuleSet would cost more than it
+# saves), each for as long as its rule set lives elsewhere. A weak reference:
+# the cache must not keep a rule set alive by itself, a 100,000-CIDR one is
+# about 30 MB (bench/agent_process.py, agent RSS).
+_RECENT: list[tuple[weakref.ref, KernelRuleSet]] = []
 
 
 def build_kernel_rule_set(rule_set) -> KernelRuleSet:
     """The kernel entries of a rule set. The result may be shared between
     callers: treat it as read-only."""
-    for rs, krs in list(_RECENT):
-        if rs is rule_set:
+    _RECENT[:] = [(ref, krs) for ref, krs in _RECENT if ref() is not None]
+    for ref, krs in _RECENT:
+        if ref() is rule_set:
             return krs
     krs = _build_kernel_rule_set(rule_set)
-    _RECENT.insert(0, (rule_set, krs))
+    _RECENT.insert(0, (weakref.ref(rule_set), krs))
     del _RECENT[4:]
     return krs
 

@@ -230,6 +230,11 @@ class RuleSet:
         return self._digest
 
 
+def network_count(rs: RuleSet) -> int:
+    """The networks a rule set lists: allow, deny, canaries and every rule's sources."""
+    return len(rs.allow) + len(rs.deny) + len(rs.canaries) + sum(len(r.sources) for r in rs.rules)
+
+
 def _cidr_texts(nets) -> list[str]:
     """str() of each network: the parser's texts (Networks), else IPv4 ones
     formatted here from the integer (ipaddress's str costs ~1.5 us each,
