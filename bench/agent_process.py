@@ -21,6 +21,8 @@ agent starts on the host end with a state dir of its own. Figures:
   samples: GetCounters, TopSources and a /metrics scrape (HTTP GET), medians
   of 5, and the agent's resident memory (VmRSS, VmHWM from /proc);
 - the package's bytecode is compiled first, as the Debian package ships it;
+- after the runs of new 100,000-CIDR sets: the agent's resident memory, and
+  rollbacks over gRPC between the last two of those versions;
 - warm restart = SIGTERM, then exec to attached again (adopting the
   attached program and pinned maps; the interface stays filtered).
 
@@ -149,10 +151,13 @@ def main() -> int:
         cold = agent.start()
         pb, stub, md = agent.stub()
 
+        applied = []  # the versions the applies made, in order
+
         def apply_one(text, n, i):
             cpu = agent.cpu_seconds()
-            stub.ApplyRuleSet(pb.ApplyRequest(yaml=text, reason=f"bench {n} #{i}", no_guard=True), metadata=md,
-                              timeout=60)  # fmt: skip
+            r = stub.ApplyRuleSet(pb.ApplyRequest(yaml=text, reason=f"bench {n} #{i}", no_guard=True), metadata=md,
+                                  timeout=60)  # fmt: skip
+            applied.append(r.version)
             return (agent.cpu_seconds() - cpu) * 1000
 
         rows = apply_latency(sizes, reps, apply_one, out)
@@ -167,6 +172,8 @@ def main() -> int:
                   "apply of a new set / that floor, p50: " + ", ".join(
                       f"{n:,}: {out['apply_new_ms'][n]['p50'] / out['trie_floor_ms'][n]['p50']:.1f}x" for n in big)]
 
+        if 100000 in sizes:
+            lines += after_large_applies(agent, stub, md, applied[-2:], reps, out)
         if args.apply_only:
             _printed(lines)
             return 0
@@ -200,6 +207,27 @@ def main() -> int:
     if not args.quick and not args.no_save and not args.agent_exe:
         save("agent_process", out, text)
     return 0
+
+
+def after_large_applies(agent: Agent, stub, md, last_two: list[int], reps: int, out: dict) -> list[str]:
+    """The agent's memory once the runs of new 100,000-CIDR sets are over (the
+    last one active), then rollbacks between the last two of them: each
+    target is parsed again from the store (the agent keeps parsed versions
+    besides the kernel's own only up to a budget of networks)."""
+    time.sleep(5)  # two samples of the agent's --sample-interval 2
+    rss, hwm = agent.memory_mb()
+    times = []
+    for i in range(max(4, reps // 4)):
+        t = time.perf_counter()
+        stub.Rollback(pb.RollbackRequest(to_version=last_two[i % 2], reason=f"bench rollback #{i}"), metadata=md,
+                      timeout=60)  # fmt: skip
+        times.append((time.perf_counter() - t) * 1000)
+    out["after_100k_applies"] = {"rss_mb": rss, "hwm_mb": hwm}
+    out["rollback_100k_ms"] = {"p50": statistics.median(times), "max": max(times), "n": len(times)}
+    return ["", "### after the applies of new 100,000-CIDR sets (the last one active)", "",
+            f"agent RSS {rss:.0f} MB (peak so far {hwm:.0f} MB); rollback over gRPC to the version before or back "
+            f"(100,000 CIDRs, parsed again from the store): p50 {statistics.median(times):.0f} ms, max "
+            f"{max(times):.0f} ms, {len(times)} runs"]  # fmt: skip
 
 
 def _printed(lines: list[str]) -> str:

@@ -51,12 +51,15 @@ def row(measure: str, value: float | None, target: float, unit: str, data: dict 
 
 def memory_and_start(results: Path) -> list[list]:
     start, attack = load(results, "agent_start"), load(results, "under_attack")
+    process = load(results, "agent_process")
     rss = (attack or {}).get("agent_rss_during_mb") or {}
     lru = (attack or {}).get("lru_max_entries")
     rows = [
         row(f"agent RSS during the 10M-source flood, median ({lru or '?'}-entry LRU)", rss.get("p50"), 150, " MB",
             attack),
         row("agent RSS idle", (start or {}).get("idle_rss_mb"), 120, " MB", start),
+        row("agent RSS idle, after applies of new 100,000-CIDR sets", ((process or {}).get("after_100k_applies") or {})
+            .get("rss_mb"), 120, " MB", process),
         row("restart to serving, same program attached", (start or {}).get("restart_s"), 0.5, " s", start),
         row("fresh start to serving, compiled program cached", (start or {}).get("cached_start_s"), 2, " s", start),
         row("fresh start to serving, compiling (first start on a kernel)", (start or {}).get("fresh_start_s"), 2,
