@@ -161,12 +161,12 @@ def _split(b: bytes, size: int) -> list[bytes]:
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
 def test_the_list_is_read_in_parts_as_at_once(chunk, monkeypatch):
     """parse_v4_list reads a long list in parts (cidrs.V4_CHUNK): the same
-    networks, codes and texts, and None for a bad item in any part."""
+    codes and texts, and None for a bad item in any part."""
     texts = [f"10.{i // 256}.{i % 256}.0/24" for i in range(300)] + ["192.168.0.0/16"]
     whole = cidrs.parse_v4_list(texts)
     monkeypatch.setattr(cidrs, "V4_CHUNK", chunk)
     parts = cidrs.parse_v4_list(texts)
-    assert parts[0] == whole[0] and parts[1].tolist() == whole[1].tolist() and parts[2] == whole[2]
+    assert parts[0].tolist() == whole[0].tolist() and parts[1] == whole[1]
     for at in (0, 150, 299, 300):
         for bad in ("10.0.0.1/24", "10.0.0.0/31", "2001:db8::/32", "10.0.0.0/024"):
             assert cidrs.parse_v4_list(texts[:at] + [bad] + texts[at + 1:]) is None, (at, bad)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tidegate.ruleset import cidrs, yaml_events
-from tidegate.ruleset.model import Capacity, Networks, RuleSetError
+from tidegate.ruleset.model import Capacity, RuleSetError
 from tidegate.ruleset.parse import parse_rule_set
 
 N = 70  # items: past both paths' minimum length (64)
@@ -160,9 +160,9 @@ def _v4_text(addr: int, plen: int, style: int) -> str:
 @given(st.lists(st.tuples(st.integers(0, N), st.builds(_v4_text, st.integers(0, 2**32 - 1), st.integers(0, 32),
                                                        st.integers(0, 30))), max_size=3))  # fmt: skip
 def test_the_numpy_reading_is_the_per_item_reading(odd):
-    """parse_v4_list gives parse_entries' networks, keys (from its codes) and texts, or None
-    (then parse_entries decides, errors included): a usual list with up to
-    three items of any form put in."""
+    """parse_v4_list's codes and texts, read as a V4Networks, give parse_entries'
+    networks, keys (from the codes) and texts, or None (then parse_entries
+    decides, errors included): a usual list with up to three items of any form put in."""
     texts = list(V4)
     for at, text in odd:
         texts.insert(at, text)
@@ -171,8 +171,9 @@ def test_the_numpy_reading_is_the_per_item_reading(odd):
     if got is None:
         assert odd
         return
-    nets, codes, shown = got
-    keys = Networks(nets, None, shown, codes).unified_keys  # made from the codes
+    codes, shown = got
+    listed = cidrs.V4Networks(codes, shown)
+    nets, keys = list(listed), listed.unified_keys  # made from the codes
     assert [e[0] for e in entries] == nets and [e[1] for e in entries] == keys and [e[2] for e in entries] == shown
     assert [vars(n) for n in nets] == [vars(e[0]) for e in entries]
     assert [hash(n) for n in nets] == [hash(ipaddress.ip_network(t)) for t in texts]
@@ -183,4 +184,4 @@ def test_the_numpy_reading_is_the_per_item_reading(odd):
 def test_the_numpy_reading_refuses_what_it_cannot_read_exactly(texts):
     got = cidrs.parse_v4_list(texts)
     if got is not None:
-        assert got[2] == [e[2] for e in cidrs.parse_entries(texts)] == texts
+        assert got[1] == [e[2] for e in cidrs.parse_entries(texts)] == texts

@@ -19,10 +19,11 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from collections.abc import Sequence
 
 import numpy as np
 
-from tidegate.kernel.layout import V4_MAPPED
+from tidegate.kernel.layout import V4_MAPPED, keys_of_codes
 from tidegate.kernel.trie4 import codes_of
 
 # dotted quads without leading zeros (inet_aton would read 010 as octal); inet_aton refuses an octet over 255
@@ -149,31 +150,92 @@ def parse_entries(texts: list) -> list:
     return out
 
 
-def parse_v4_list(texts: list) -> tuple[list, np.ndarray, list] | None:
-    """(networks, codes, texts) of a list of IPv4 CIDRs, the networks and
-    texts as parse_entries would give them and each one's
-    `address << 8 | prefix length` (kernel/trie4.py, where its key comes
-    from), worked out for the whole list at once: one pattern checks every
-    item, numpy reads the numbers and checks the octets and the host bits.
-    None when any item is not such a CIDR (written otherwise, a /31 or /32,
-    IPv6, wrong): parse_entries then."""
+def parse_v4_list(texts: list) -> tuple[np.ndarray, list] | None:
+    """(codes, texts) of a list of IPv4 CIDRs: each one's `address << 8 |
+    prefix length` (kernel/trie4.py, where its key comes from), worked out
+    for the whole list at once (one pattern checks every item, numpy reads
+    the numbers and checks the octets and the host bits), and the texts, as
+    parse_entries would give them. None when any item is not such a CIDR
+    (written otherwise, a /31 or /32, IPv6, wrong): parse_entries then."""
     if len(texts) < V4_LIST_MIN or None in texts:  # texts, or None where an item is not text
         return None
     read = [_addresses(texts[at: at + V4_CHUNK]) for at in range(0, len(texts), V4_CHUNK)]
     if any(r is None for r in read):
         return None
     addrs, plens = (np.concatenate(x) for x in zip(*read))
-    addr_list, plen_list = addrs.tolist(), plens.tolist()
-    nets = []
-    append, new, netmasks = nets.append, _new, _NETMASKS4
-    for addr, plen in zip(addr_list, plen_list):  # _v4, inline: the objects ipaddress would make
-        a = new(_V4Addr)
-        a._ip = addr
-        net = new(_V4Net)
-        net.network_address = a
-        net.netmask, net._prefixlen = netmasks[plen]
-        append(net)
-    return nets, codes_of(addrs, plens), list(texts)
+    return codes_of(addrs, plens), list(texts)
+
+
+class V4Networks(Sequence):
+    """A long list of IPv4 networks as parse_v4_list read it: each one's
+    code and text. It reads as the tuple of ipaddress networks the parser
+    would otherwise keep (model.Networks), but makes each network when
+    asked for and keeps none: 100,000 of them were ~18 MB of every version
+    the agent holds, and ~25 ms of every parse. Equal to, and hashed as,
+    any sequence of the same networks; `+` gives a tuple. The kernel write
+    and the canonical text take the codes and the texts as they are."""
+
+    __slots__ = ("v4_codes", "texts", "_keys", "_hash")
+
+    def __init__(self, codes: np.ndarray, texts: list[str]):
+        self.v4_codes = codes
+        self.texts = texts
+        self._keys = None
+        self._hash = None
+
+    @property
+    def unified_keys(self) -> list[tuple[int, int]]:
+        if self._keys is None:
+            self._keys = keys_of_codes(self.v4_codes)
+        return self._keys
+
+    def __len__(self) -> int:
+        return len(self.v4_codes)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(map(_network_of_code, self.v4_codes[i].tolist()))
+        return _network_of_code(int(self.v4_codes[i]))
+
+    def __iter__(self):
+        return map(_network_of_code, self.v4_codes.tolist())
+
+    def __contains__(self, net) -> bool:
+        if type(net) is not _V4Net:
+            return False
+        code = int(net.network_address) << 8 | net.prefixlen
+        return bool((self.v4_codes == code).any())
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, V4Networks):
+            return bool(np.array_equal(self.v4_codes, other.v4_codes))
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(tuple(self))  # as the equal tuple's
+        return self._hash
+
+    def __add__(self, other):
+        return tuple(self) + tuple(other)
+
+    def __radd__(self, other):
+        return tuple(other) + tuple(self)
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+    def __reduce__(self):  # copy and pickle
+        return V4Networks, (self.v4_codes, self.texts)
+
+
+def _network_of_code(code: int) -> ipaddress.IPv4Network:
+    """The network of a code (`address << 8 | prefix length`, a length of 30 or less)."""
+    a = _new(_V4Addr)
+    a._ip = code >> 8
+    return _built(_V4Net, a, _NETMASKS4[code & 255])
 
 
 def distinct(codes: np.ndarray) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from tidegate.kernel.layout import MAX_RULES, PSEUDO_RULES, SLOT_CIDRS, keys_of_codes, network_key
+from tidegate.kernel.layout import MAX_RULES, PSEUDO_RULES, SLOT_CIDRS, network_key
 
 PROTOCOLS = ("tcp", "udp", "icmp", "icmpv6", "any")
 ACTIONS = ("limit", "pass", "drop")
@@ -45,28 +45,19 @@ class Networks(tuple):
     canonical text (`texts`), found while parsing, so an apply does not
     work them out again per network. Any other tuple of networks (a rule
     set changed with dataclasses.replace) has neither: its users compute
-    them (network_keys, _cidr_texts). A large IPv4 list read by numpy
-    (ruleset/cidrs.parse_v4_list) also has `v4_codes`, each network's
-    `address << 8 | prefix length` (kernel/trie4.py), from which its keys
-    are made when first read (the kernel write takes the codes)."""
+    them (network_keys, _cidr_texts). A long IPv4 list is read into a
+    ruleset/cidrs.V4Networks instead: codes and texts, no network kept."""
 
     __repr__ = tuple.__repr__
 
-    def __new__(cls, nets, unified_keys: list[tuple[int, int]] | None, texts: list[str], v4_codes=None):
+    def __new__(cls, nets, unified_keys: list[tuple[int, int]], texts: list[str]):
         self = super().__new__(cls, nets)
-        self._keys = unified_keys
+        self.unified_keys = unified_keys
         self.texts = texts
-        self.v4_codes = v4_codes
         return self
 
-    @property
-    def unified_keys(self) -> list[tuple[int, int]]:
-        if self._keys is None:
-            self._keys = keys_of_codes(self.v4_codes)
-        return self._keys
-
     def __getnewargs__(self):  # copy and pickle
-        return tuple(self), self._keys, self.texts, self.v4_codes
+        return tuple(self), self.unified_keys, self.texts
 
 
 TOP_KEYS = ("defaults", "allow", "deny", "rules", "canaries", "description")

@@ -250,7 +250,7 @@ def _network(node: _Node, path: str, col: _Collector) -> Network | None:
         return None
 
 
-def _networks(node: _Node | None, path: str, col: _Collector) -> Networks:
+def _networks(node: _Node | None, path: str, col: _Collector) -> Networks | cidrs.V4Networks:
     if type(node) is TextItems:  # a one-line list: text scalars as they stand (no spaces around them)
         values = node.texts
     elif node is None or node.value is None:
@@ -262,8 +262,8 @@ def _networks(node: _Node | None, path: str, col: _Collector) -> Networks:
         values = [i.value.strip() if type(i.value) is str and i.kind == "scalar" else None for i in node.value]
     # the common case first, without building each item's path: quoted CIDRs in the usual form, none twice
     listed = cidrs.parse_v4_list(values)
-    if listed is not None and cidrs.distinct(listed[1]):  # a network's text is its code's: none twice
-        return Networks(listed[0], None, listed[2], listed[1])
+    if listed is not None and cidrs.distinct(listed[0]):  # a network's text is its code's: none twice
+        return cidrs.V4Networks(*listed)
     items = node.value
     entries = cidrs.parse_entries(values)
     if None not in entries:
