@@ -45,7 +45,7 @@ def test_it_reads_as_the_tuple_of_networks(monkeypatch):
     assert list(nets) == list(ref) and [vars(n) for n in nets] == [vars(n) for n in ref]
     assert nets[0] == ref[0] and nets[-1] == ref[-1] and nets[7:19:3] == ref[7:19:3]
     assert nets == ref and ref == nets and nets == tuple(ref) and tuple(ref) == nets
-    assert nets != ref[:-1] and nets != tuple(reversed(ref)) and nets != "10.0.0.0/24"
+    assert nets != ref[:-1] and nets != tuple(reversed(ref)) and nets != "10.0.0.0/24" and nets != list(ref)
     assert hash(nets) == hash(tuple(ref)) == hash(ref)
     assert nets.unified_keys == ref.unified_keys and nets.texts == ref.texts
     assert repr(nets) == repr(ref)

@@ -37,12 +37,11 @@ log = logging.getLogger("tidegate.changes.service")
 
 # Parsed versions kept in memory besides the kernel's active and shadow ones
 # (always kept): the most recently used, at most RULE_SETS_KEPT of them and
-# NETWORKS_KEPT networks between them. A parsed network costs about 300
-# bytes (its ipaddress object, key and text): four kept 100,000-CIDR
-# versions held 130 MB of the agent's 193 MB after a run of such applies,
-# where the two in the kernel need about 30 MB each (bench/agent_process.py,
-# "agent RSS"). A version not kept is parsed again from the store when it
-# is asked for (a rollback to it, ~0.15 s at 100,000 CIDRs).
+# NETWORKS_KEPT networks between them. Four kept 100,000-CIDR versions were
+# most of the agent's memory after a run of such applies (204 MB;
+# bench/agent_process.py, "after the applies of new 100,000-CIDR sets"). A
+# version not kept is parsed again from the store when it is asked for (a
+# rollback to it: ~60 ms of parsing at 100,000 CIDRs).
 RULE_SETS_KEPT = 4
 NETWORKS_KEPT = 50_000
 

@@ -172,7 +172,7 @@ class V4Networks(Sequence):
     would otherwise keep (model.Networks), but makes each network when
     asked for and keeps none: 100,000 of them were ~18 MB of every version
     the agent holds (and 10-15 ms of the list's read). Equal to, and hashed as,
-    any sequence of the same networks; `+` gives a tuple. The kernel write
+    any tuple of the same networks; `+` gives a tuple. The kernel write
     and the canonical text take the codes and the texts as they are."""
 
     __slots__ = ("v4_codes", "texts", "_keys", "_hash")
@@ -209,7 +209,7 @@ class V4Networks(Sequence):
     def __eq__(self, other) -> bool:
         if isinstance(other, V4Networks):
             return bool(np.array_equal(self.v4_codes, other.v4_codes))
-        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+        if not isinstance(other, tuple):  # as a tuple: never equal to a list
             return NotImplemented
         return len(other) == len(self) and all(a == b for a, b in zip(self, other))
 
