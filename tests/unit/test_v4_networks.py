@@ -59,6 +59,8 @@ def test_membership_is_by_network(monkeypatch):
     assert ipaddress.ip_network(LIST[5]) in nets and ipaddress.ip_network(LIST[0]) in nets
     assert ipaddress.ip_network("10.0.0.0/25") not in nets  # inside a listed one, not listed
     assert ipaddress.ip_network("192.0.2.0/24") not in nets
+    assert all(n in nets for n in map(ipaddress.ip_network, LIST))  # the first, the last, every one
+    assert ipaddress.ip_network("0.0.0.0/30") not in nets and ipaddress.ip_network("255.255.255.252/30") not in nets
     assert ipaddress.ip_network("::ffff:10.0.0.0/120") not in nets and "10.0.0.0/24" not in nets
     assert nets.count(ipaddress.ip_network(LIST[9])) == 1 and nets.index(ipaddress.ip_network(LIST[9])) == 9
 

@@ -175,13 +175,14 @@ class V4Networks(Sequence):
     any tuple of the same networks; `+` gives a tuple. The kernel write
     and the canonical text take the codes and the texts as they are."""
 
-    __slots__ = ("v4_codes", "texts", "_keys", "_hash")
+    __slots__ = ("v4_codes", "texts", "_keys", "_hash", "_sorted")
 
     def __init__(self, codes: np.ndarray, texts: list[str]):
         self.v4_codes = codes
         self.texts = texts
         self._keys = None
         self._hash = None
+        self._sorted = None  # the codes sorted, for `in` (made at the first)
 
     @property
     def unified_keys(self) -> list[tuple[int, int]]:
@@ -204,7 +205,10 @@ class V4Networks(Sequence):
         if type(net) is not _V4Net:
             return False
         code = int(net.network_address) << 8 | net.prefixlen
-        return bool((self.v4_codes == code).any())
+        if self._sorted is None:
+            self._sorted = np.sort(self.v4_codes)
+        at = int(self._sorted.searchsorted(self._sorted.dtype.type(code)))  # its own dtype: no conversion
+        return at < len(self._sorted) and int(self._sorted[at]) == code
 
     def __eq__(self, other) -> bool:
         if isinstance(other, V4Networks):
