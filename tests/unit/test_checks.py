@@ -4,6 +4,7 @@ earlier rule hides), --strict and -o json/yaml, through the real CLI
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fixtures import rule_set
 from tidegate.cli.verb import EXIT_WARNINGS
@@ -89,3 +92,40 @@ def test_errors_are_json_with_o_json(tmp_path):
     assert r.returncode == 3 and json.loads(r.stderr)["error"]["code"] == "UNREACHABLE"
     r = run("-o", "yaml", "--server", "127.0.0.1:1", "--timeout", "2", "whatif", str(ROOT / "examples" / "lab.yaml"))
     assert r.returncode == 3 and yaml.safe_load(r.stderr)["error"]["exit_code"] == 3
+
+
+def _first_covering(deny, allow):
+    """The definition: for each deny entry, the first allow entry containing it."""
+    from tidegate.ruleset.checks import covers_net
+
+    return [next((j for j, a in enumerate(allow) if covers_net(a, d)), None) for d in deny]
+
+
+_NETS = st.one_of(
+    st.builds(lambda a, p: ipaddress.ip_network((a >> (32 - p) << (32 - p), p)),
+              st.sampled_from([0x0A000000, 0x0A010000, 0x0A010200, 0xC0000200, 0x0A0102FF]), st.integers(0, 32)),
+    st.builds(lambda a, p: ipaddress.ip_network((a >> (128 - p) << (128 - p), p)),
+              st.sampled_from([0x20010DB8 << 96, (0x20010DB8 << 96) | (1 << 80), 0xFFFF0A000000]), st.integers(0, 128)),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.lists(_NETS, max_size=12), st.lists(_NETS, max_size=12))
+def test_deny_inside_allow_is_found_as_its_definition_says(deny, allow):
+    """By prefix length, not pair by pair: the same first allow entry for
+    each deny entry, IPv4 and IPv6 apart (an IPv4-mapped IPv6 network does
+    not contain an IPv4 one)."""
+    from tidegate.ruleset.checks import _first_allow_around
+
+    assert _first_allow_around(deny, allow) == _first_covering(deny, allow)
+
+
+def test_deny_inside_allow_of_a_long_list_names_the_first_allow_entry():
+    allow = [f"10.{i // 256}.{i % 256}.0/24" for i in range(3000)] + ["10.0.0.0/8", "10.1.0.0/16"]
+    text = (f"defaults: {{limit: {{pps: 10, burst: 10}}}}\nallow: {json.dumps(allow)}\n"
+            'deny: ["10.1.2.0/25", "11.0.0.0/8", "10.200.0.0/16"]\nrules: []\n')  # fmt: skip
+    ws = warnings(parse_rule_set(text), text)
+    assert [(w.path, w.message.split(": ")[0]) for w in ws] == [
+        ("deny[0]", "10.1.2.0/25 lies inside allow[258] 10.1.2.0/24"),
+        ("deny[2]", "10.200.0.0/16 lies inside allow[3000] 10.0.0.0/8"),
+    ]
