@@ -170,3 +170,27 @@ def test_the_list_is_read_in_parts_as_at_once(chunk, monkeypatch):
     for at in (0, 150, 299, 300):
         for bad in ("10.0.0.1/24", "10.0.0.0/31", "2001:db8::/32", "10.0.0.0/024"):
             assert cidrs.parse_v4_list(texts[:at] + [bad] + texts[at + 1:]) is None, (at, bad)
+
+
+def test_the_estimates_classifier_reads_the_arrays_and_keeps_no_dict(monkeypatch):
+    """The blast-radius estimate's classifier over entries held as arrays
+    answers as over the walk's dict, and leaves the kernel rule set without
+    that dict (the filter keeps each slot's kernel rule set: a 100,000-entry
+    dict made by every estimate would stay with it)."""
+    allow = [f"10.1.{i}.0/24" for i in range(0, 200, 2)]
+    deny = [f"10.2.{i}.0/25" for i in range(100)]
+    text = (f"allow: {_flow(allow, chr(34))}\ndeny: {_flow(deny, chr(34))}\n"
+            "rules: [{name: r, protocol: udp, dst_ports: [53], sources: ['10.3.0.0/16'], limit: {pps: 1, burst: 1}}]\n")
+    krs = ke._build_kernel_rule_set(parse_rule_set(text))
+    assert krs.v4 is not None and krs._cidrs is None
+    with monkeypatch.context() as m:
+        m.setattr(cidrs, "V4_LIST_MIN", 10**9)
+        m.setattr(ke, "ARRAY_MIN", 10**9)
+        walked = ke._build_kernel_rule_set(parse_rule_set(text))
+    assert walked.v4 is None
+    arrays, ref = ke.Classifier(krs), ke.Classifier(walked)
+    rnd = random.Random(7)
+    probes = [f"10.{rnd.randrange(1, 4)}.{rnd.randrange(256)}.{rnd.randrange(256)}" for _ in range(500)]
+    assert [arrays.classify(a, 17, 53) for a in probes] == [ref.classify(a, 17, 53) for a in probes]
+    assert {arrays.classify(a, 17, 53) for a in probes} >= {66, 65, 0, 64}  # allow, deny, the rule, default
+    assert krs._cidrs is None

@@ -397,7 +397,10 @@ class Classifier:
     def __init__(self, krs: KernelRuleSet):
         self.krs = krs
         self._by_len: dict[int, dict[int, dict[int, tuple[int, int]]]] = {4: {}, 6: {}}
-        for (addr, plen), val in krs.cidrs.items():
+        # entries held as arrays are read without making krs.cidrs: that dict would stay with the
+        # kernel rule set, which the filter keeps per slot (~20 MB at 100,000 entries, each estimate)
+        entries = krs.v4.as_dict() if krs._cidrs is None and krs.v4 is not None else krs.cidrs
+        for (addr, plen), val in entries.items():
             fam = self._by_len[trie_family(addr, plen)]
             fam.setdefault(plen, {})[addr >> (128 - plen) if plen else 0] = val
         self._lens = {f: sorted(d, reverse=True) for f, d in self._by_len.items()}
