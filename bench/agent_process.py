@@ -21,8 +21,9 @@ agent starts on the host end with a state dir of its own. Figures:
   samples: GetCounters, TopSources and a /metrics scrape (HTTP GET), medians
   of 5, and the agent's resident memory (VmRSS, VmHWM from /proc);
 - the package's bytecode is compiled first, as the Debian package ships it;
-- after the runs of new 100,000-CIDR sets: the agent's resident memory, and
-  rollbacks over gRPC between the last two of those versions;
+- after the runs of new 100,000-CIDR sets, 3 more applied with 1,000
+  tracked sources (the blast-radius estimate classifies them): the agent's
+  resident memory, and rollbacks over gRPC between the last two versions;
 - warm restart = SIGTERM, then exec to attached again (adopting the
   attached program and pinned maps; the interface stays filtered).
 
@@ -151,13 +152,10 @@ def main() -> int:
         cold = agent.start()
         pb, stub, md = agent.stub()
 
-        applied = []  # the versions the applies made, in order
-
         def apply_one(text, n, i):
             cpu = agent.cpu_seconds()
-            r = stub.ApplyRuleSet(pb.ApplyRequest(yaml=text, reason=f"bench {n} #{i}", no_guard=True), metadata=md,
-                                  timeout=60)  # fmt: skip
-            applied.append(r.version)
+            stub.ApplyRuleSet(pb.ApplyRequest(yaml=text, reason=f"bench {n} #{i}", no_guard=True), metadata=md,
+                              timeout=60)  # fmt: skip
             return (agent.cpu_seconds() - cpu) * 1000
 
         rows = apply_latency(sizes, reps, apply_one, out)
@@ -173,7 +171,7 @@ def main() -> int:
                       f"{n:,}: {out['apply_new_ms'][n]['p50'] / out['trie_floor_ms'][n]['p50']:.1f}x" for n in big)]
 
         if 100000 in sizes:
-            lines += after_large_applies(agent, stub, md, applied[-2:], reps, out)
+            lines += after_large_applies(agent, stub, md, reps, out)
         if args.apply_only:
             _printed(lines)
             return 0
@@ -209,25 +207,37 @@ def main() -> int:
     return 0
 
 
-def after_large_applies(agent: Agent, stub, md, last_two: list[int], reps: int, out: dict) -> list[str]:
-    """The agent's memory once the runs of new 100,000-CIDR sets are over (the
-    last one active), then rollbacks between the last two of them: each
-    target is parsed again from the store (the agent keeps parsed versions
-    besides the kernel's own only up to a budget of networks)."""
-    time.sleep(5)  # two samples of the agent's --sample-interval 2
+def after_large_applies(agent: Agent, stub, md, reps: int, out: dict) -> list[str]:
+    """The agent's memory after new 100,000-CIDR sets applied with sources to
+    classify (1,000 tracked: the blast-radius estimate classifies them
+    against each set), the last one active; then rollbacks between the last
+    two of them: each target is parsed again from the store (the agent
+    keeps parsed versions besides the kernel's own only up to a budget of
+    networks)."""
+    pin_dir = Path("/sys/fs/bpf/tidegate") / agent.pin
+    versions, seen = [], []
+    for i in range(3):
+        fill_sources(pin_dir, 1000, active_epoch(pin_dir))
+        time.sleep(2.5)  # a sample of the agent's --sample-interval 2: the estimate's window has them
+        r = stub.ApplyRuleSet(pb.ApplyRequest(yaml=rule_set_text(100000, first=(100 + i) * 100000),
+                                              reason=f"bench classified #{i}", no_guard=True), metadata=md, timeout=60)
+        versions.append(r.version)
+        seen.append(r.estimate.sources_seen)
+    time.sleep(5)  # two samples
     rss, hwm = agent.memory_mb()
     times = []
     for i in range(max(4, reps // 4)):
         t = time.perf_counter()
-        stub.Rollback(pb.RollbackRequest(to_version=last_two[i % 2], reason=f"bench rollback #{i}"), metadata=md,
-                      timeout=60)  # fmt: skip
+        stub.Rollback(pb.RollbackRequest(to_version=versions[-2:][i % 2], reason=f"bench rollback #{i}"),
+                      metadata=md, timeout=60)  # fmt: skip
         times.append((time.perf_counter() - t) * 1000)
-    out["after_100k_applies"] = {"rss_mb": rss, "hwm_mb": hwm}
+    out["after_100k_applies"] = {"rss_mb": rss, "hwm_mb": hwm, "estimate_sources_seen": seen}
     out["rollback_100k_ms"] = {"p50": statistics.median(times), "max": max(times), "n": len(times)}
     return ["", "### after the applies of new 100,000-CIDR sets (the last one active)", "",
-            f"agent RSS {rss:.0f} MB (peak so far {hwm:.0f} MB); rollback over gRPC to the version before or back "
-            f"(100,000 CIDRs, parsed again from the store): p50 {statistics.median(times):.0f} ms, max "
-            f"{max(times):.0f} ms, {len(times)} runs"]  # fmt: skip
+            f"3 more new sets applied with 1,000 tracked sources (the estimates classified {', '.join(map(str, seen))} "
+            f"sources); then agent RSS {rss:.0f} MB (peak so far {hwm:.0f} MB); rollback over gRPC to the version "
+            f"before or back (100,000 CIDRs, parsed again from the store): p50 {statistics.median(times):.0f} ms, "
+            f"max {max(times):.0f} ms, {len(times)} runs"]  # fmt: skip
 
 
 def _printed(lines: list[str]) -> str:
