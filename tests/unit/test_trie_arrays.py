@@ -174,8 +174,8 @@ def test_the_list_is_read_in_parts_as_at_once(chunk, monkeypatch):
 
 def test_the_estimates_classifier_reads_the_arrays_and_keeps_no_dict(monkeypatch):
     """The blast-radius estimate's classifier over entries held as arrays
-    answers as over the walk's dict, and leaves the kernel rule set without
-    that dict (the filter keeps each slot's kernel rule set: a 100,000-entry
+    answers as over the walk's dict, a comparison with the walk's entries
+    finds them the same, and both leave the kernel rule set without that dict (the filter keeps each slot's kernel rule set: a 100,000-entry
     dict made by every estimate would stay with it)."""
     allow = [f"10.1.{i}.0/24" for i in range(0, 200, 2)]
     deny = [f"10.2.{i}.0/25" for i in range(100)]
@@ -193,4 +193,5 @@ def test_the_estimates_classifier_reads_the_arrays_and_keeps_no_dict(monkeypatch
     probes = [f"10.{rnd.randrange(1, 4)}.{rnd.randrange(256)}.{rnd.randrange(256)}" for _ in range(500)]
     assert [arrays.classify(a, 17, 53) for a in probes] == [ref.classify(a, 17, 53) for a in probes]
     assert {arrays.classify(a, 17, 53) for a in probes} >= {66, 65, 0, 64}  # allow, deny, the rule, default
+    assert ke.same_cidrs(krs, walked) and ke.same_cidrs(walked, krs)  # a trim's or a shadow link's comparison
     assert krs._cidrs is None

@@ -126,11 +126,19 @@ def _set_cidrs(krs: KernelRuleSet, cidrs) -> None:
 KernelRuleSet.cidrs = property(_cidrs, _set_cidrs)
 
 
+def cidr_entries(krs: KernelRuleSet) -> dict[tuple[int, int], tuple[int, int]]:
+    """krs.cidrs, without keeping it on krs when it is made from the arrays:
+    the filter keeps each slot's kernel rule set, and the dict of 100,000
+    entries is ~20 MB (for a reader that needs it once: a comparison, the
+    estimate's classifier)."""
+    return krs.v4.as_dict() if krs._cidrs is None and krs.v4 is not None else krs.cidrs
+
+
 def same_cidrs(a: KernelRuleSet, b: KernelRuleSet) -> bool:
     """a.cidrs == b.cidrs, on the arrays when both have them."""
     if a.v4 is not None and b.v4 is not None:
         return a.v4.same(b.v4)
-    return a.cidrs == b.cidrs
+    return cidr_entries(a) == cidr_entries(b)
 
 
 def _contains(outer: tuple[int, int], inner: tuple[int, int]) -> bool:
@@ -397,10 +405,7 @@ class Classifier:
     def __init__(self, krs: KernelRuleSet):
         self.krs = krs
         self._by_len: dict[int, dict[int, dict[int, tuple[int, int]]]] = {4: {}, 6: {}}
-        # entries held as arrays are read without making krs.cidrs: that dict would stay with the
-        # kernel rule set, which the filter keeps per slot (~20 MB at 100,000 entries, each estimate)
-        entries = krs.v4.as_dict() if krs._cidrs is None and krs.v4 is not None else krs.cidrs
-        for (addr, plen), val in entries.items():
+        for (addr, plen), val in cidr_entries(krs).items():  # at each estimate: not kept on krs
             fam = self._by_len[trie_family(addr, plen)]
             fam.setdefault(plen, {})[addr >> (128 - plen) if plen else 0] = val
         self._lens = {f: sorted(d, reverse=True) for f, d in self._by_len.items()}
