@@ -90,3 +90,17 @@ def test_deny_remove_is_a_version(agent):
     r = agent.cli("deny", "remove", "203.0.113.0/24", "--reason", "done")
     assert f"version {v0 + 2}" in r.stdout and active(agent) == v0 + 2
     assert agent.cli("deny", "list", json_out=True)["entries"] == []
+
+
+def test_a_cidr_inside_an_allow_entry_is_refused_and_nothing_changes(agent, tmp_path):
+    allowed = tmp_path / "allowed.yaml"
+    allowed.write_text(BASE_RULES + f'canaries: ["{agent.lab.peer_ip}"]\nallow: ["192.0.2.0/24", "10.0.0.0/8"]\n')
+    agent.cli("apply", str(allowed), "--reason", "an allow list")
+    v0 = active(agent)
+    maps0 = bpftool_dump(f"/sys/fs/bpf/tidegate/{agent.pin_name}")
+    r = agent.cli("deny", "add", "192.0.2.128/25", "--reason", "inside", check=False)
+    assert r.returncode == 1 and "lies inside the allow entry 192.0.2.0/24" in r.stderr, r.stderr
+    assert active(agent) == v0 and agent.cli("deny", "list", json_out=True)["entries"] == []
+    assert bpftool_dump(f"/sys/fs/bpf/tidegate/{agent.pin_name}") == maps0
+    # beside it, not inside: a new version
+    assert f"version {v0 + 1}" in agent.cli("deny", "add", "192.0.3.0/24", "--reason", "beside").stdout

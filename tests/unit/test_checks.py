@@ -115,9 +115,9 @@ def test_deny_inside_allow_is_found_as_its_definition_says(deny, allow):
     """By prefix length, not pair by pair: the same first allow entry for
     each deny entry, IPv4 and IPv6 apart (an IPv4-mapped IPv6 network does
     not contain an IPv4 one)."""
-    from tidegate.ruleset.checks import _first_allow_around
+    from tidegate.ruleset.checks import first_allow_around
 
-    assert _first_allow_around(deny, allow) == _first_covering(deny, allow)
+    assert first_allow_around(deny, allow) == _first_covering(deny, allow)
 
 
 def test_deny_inside_allow_of_a_long_list_names_the_first_allow_entry():

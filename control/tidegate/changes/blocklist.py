@@ -25,7 +25,7 @@ import time
 
 from tidegate.operation import Caller, OperationError
 from tidegate.periodic import Periodic
-from tidegate.ruleset.checks import covers_net
+from tidegate.ruleset.checks import first_allow_around
 
 log = logging.getLogger("tidegate.changes.blocklist")
 
@@ -65,8 +65,9 @@ class Blocklist:
             active = self._active()
             if net in active.deny:
                 raise OperationError("ALREADY_EXISTS", f"{net} is on the deny list already (`tidegate deny list`)")
-            inside = next((a for a in active.allow if covers_net(a, net)), None)
-            if inside is not None:
+            j = first_allow_around([net], active.allow)[0]
+            if j is not None:
+                inside = active.allow[j]
                 raise OperationError("FAILED_PRECONDITION", f"{net} lies inside the allow entry {inside}: allow "
                                      "wins, a deny entry there would never fire")  # fmt: skip
             new = dataclasses.replace(active, deny=active.deny + (net,))

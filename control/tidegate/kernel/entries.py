@@ -201,8 +201,9 @@ def _is_any_source(sources) -> bool:
 # blast-radius estimate, then the kernel write): the last few results are
 # kept by identity (hashing a 10,000-CIDR RuleSet would cost more than it
 # saves), each for as long as its rule set lives elsewhere. A weak reference:
-# the cache must not keep a rule set alive by itself, a 100,000-CIDR one is
-# about 30 MB (bench/agent_process.py, agent RSS).
+# the cache must not keep a rule set alive by itself (a 100,000-CIDR one was
+# about 30 MB; bench/agent_process.py, "after the applies of new
+# 100,000-CIDR sets").
 _RECENT: list[tuple[weakref.ref, KernelRuleSet]] = []
 
 

@@ -80,7 +80,7 @@ def _lines(text: str | None) -> dict[str, int]:
     return out
 
 
-def _first_allow_around(deny, allow) -> list[int | None]:
+def first_allow_around(deny, allow) -> list[int | None]:
     """For each deny network, the index of the first allow network that
     contains it (covers_net), or None. The allow networks are looked up by
     prefix length, so a list of 100,000 against 100,000 costs a dict lookup
@@ -110,7 +110,7 @@ def warnings(rs: RuleSet, text: str | None = None) -> list[RuleWarning]:
         out.append(RuleWarning("no-defaults", "defaults.limit", lines.get("defaults"),
                            "no default limit: traffic no rule matches passes unlimited"))  # fmt: skip
     allow = rs.allow
-    for (i, d), j in zip(enumerate(rs.deny), _first_allow_around(rs.deny, allow)):
+    for (i, d), j in zip(enumerate(rs.deny), first_allow_around(rs.deny, allow)):
         if j is not None:
             a = allow[j]
             out.append(RuleWarning("deny-inside-allow", f"deny[{i}]", lines.get(f"deny[{i}]"),
