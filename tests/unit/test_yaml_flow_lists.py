@@ -185,3 +185,20 @@ def test_the_numpy_reading_refuses_what_it_cannot_read_exactly(texts):
     got = cidrs.parse_v4_list(texts)
     if got is not None:
         assert got[1] == [e[2] for e in cidrs.parse_entries(texts)] == texts
+
+
+@pytest.mark.parametrize("style", ["flow", "block"])
+def test_every_list_keeps_its_networks_canonical_texts(style):
+    """Whichever path read an item (the numpy list, parse_entry, or
+    ipaddress for a form only it reads: upper-case hex, a mapped address),
+    the list's texts are its networks' canonical texts, which the canonical
+    dump and the digest are made of."""
+    items = ["10.0.0.0/8", "2001:DB8::/32", "::ffff:10.1.0.0/120", "192.0.2.1", "2001:db8:0:0::1/128"]
+    many = [f"10.{i // 256}.{i % 256}.0/24" for i in range(200)]
+    for listed in (items, many, many[:100] + items):
+        if style == "flow":
+            text = "allow: [" + ", ".join(f'"{x}"' for x in listed) + "]\nrules: []\n"
+        else:
+            text = "allow:\n" + "".join(f'  - "{x}"\n' for x in listed) + "rules: []\n"
+        nets = parse_rule_set(text).allow
+        assert nets.texts == [str(n) for n in nets] == [str(ipaddress.ip_network(x)) for x in listed]
