@@ -42,10 +42,19 @@ def lab_rules_text() -> str:
     return resources.files("tidegate.lab").joinpath("lab.yaml").read_text()
 
 
+# looked up here, in the lab process: the child between fork and exec only calls it (see below)
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+_PR_SET_PDEATHSIG = 1
+_SIGTERM = int(signal.SIGTERM)
+
+
 def _end_with_the_lab() -> None:
     """In the lab's agent and senders, before they run: SIGTERM when the lab process dies, even by
-    SIGKILL (they run for as long as the lab, a day without --duration, and must not outlive it)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    SIGKILL (they run for as long as the lab, a day without --duration, and must not outlive it).
+    It runs in the child between fork and exec, while the lab has other threads (the receiver, the
+    gRPC client's): only a call, no dlopen or symbol lookup, which take locks another thread may have
+    held at the fork (a sender that hung there sent nothing: test_lab saw no flood, about 1 run in 4)."""
+    _PRCTL(_PR_SET_PDEATHSIG, _SIGTERM, 0, 0, 0)
 
 
 class LegitReceiver(threading.Thread):
@@ -56,10 +65,11 @@ class LegitReceiver(threading.Thread):
         self.sock.bind((host, port))
         self.sock.settimeout(0.5)
         self.received = 0
-        self._stop = threading.Event()
+        # not `_stop`: that is a method of Thread, which join() and the after-fork clean-up call
+        self._stopping = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 self.sock.recv(2048)
                 self.received += 1
@@ -69,7 +79,7 @@ class LegitReceiver(threading.Thread):
                 return
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         self.sock.close()
 
 
