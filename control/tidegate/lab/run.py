@@ -49,11 +49,10 @@ _SIGTERM = int(signal.SIGTERM)
 
 
 def _end_with_the_lab() -> None:
-    """In the lab's agent and senders, before they run: SIGTERM when the lab process dies, even by
-    SIGKILL (they run for as long as the lab, a day without --duration, and must not outlive it).
-    It runs in the child between fork and exec, while the lab has other threads (the receiver, the
-    gRPC client's): only a call, no dlopen or symbol lookup, which take locks another thread may have
-    held at the fork (a sender that hung there sent nothing: test_lab saw no flood, about 1 run in 4)."""
+    """In the lab's agent, before it runs: SIGTERM when the lab process dies, even by SIGKILL (it
+    runs for as long as the lab, a day without --duration, and must not outlive it). A preexec_fn:
+    the agent starts before the lab has any gRPC channel; the senders, started after, get the same
+    from setpriv instead (veth.popen_in_ns). Only a call here, the function looked up beforehand."""
     _PRCTL(_PR_SET_PDEATHSIG, _SIGTERM, 0, 0, 0)
 
 
@@ -121,12 +120,13 @@ def run_lab(args, out) -> int:
         limit = args.duration if args.duration else 24 * 3600
         legit_count = int(args.legit_pps * limit) + 1
         flood_count = int(args.flood_pps * limit) + 1
+        # the senders start after the gRPC client: no preexec_fn in a process with gRPC threads (veth.popen_in_ns)
         procs.append(lab.sender("--time-limit", str(limit), "--src", lab.peer_ip, "--dport", "5555", "--count",
                                 str(legit_count), "--pps", str(args.legit_pps), stdout=subprocess.PIPE,
-                                preexec_fn=_end_with_the_lab))  # fmt: skip
+                                end_with_parent=True))  # fmt: skip
         procs.append(lab.sender("--time-limit", str(limit), "--src-net", "198.18.0.0/16", "--sources", "20000",
                                 "--dport", "9", "--count", str(flood_count), "--pps", str(args.flood_pps),
-                                stdout=subprocess.PIPE, preexec_fn=_end_with_the_lab))  # fmt: skip
+                                stdout=subprocess.PIPE, end_with_parent=True))  # fmt: skip
         started = time.monotonic()
         print(f"""tidegate lab is running on {lab.host_if} (namespace {lab.ns}).
   legitimate: {lab.peer_ip} -> {lab.host_ip}:5555 at {args.legit_pps:g} pps

@@ -92,18 +92,23 @@ class VethLab:
     def run_in_ns(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", self.ns, *argv], **kw)
 
-    def popen_in_ns(self, argv: list[str], **kw) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", self.ns, *argv], **kw)
+    def popen_in_ns(self, argv: list[str], end_with_parent: bool = False, **kw) -> subprocess.Popen:
+        """argv run inside the namespace. end_with_parent: it gets SIGTERM when this process dies, even
+        by SIGKILL (setpriv sets PR_SET_PDEATHSIG, kept across the exec of ip and of argv): no
+        preexec_fn, so Python starts it with vfork and runs nothing in the child, where a process with
+        gRPC threads forked for a preexec_fn could abort (the lab's flood sender died with SIGABRT)."""
+        prefix = ["setpriv", "--pdeathsig", "TERM"] if end_with_parent else []
+        return subprocess.Popen([*prefix, "ip", "netns", "exec", self.ns, *argv], **kw)
 
     def sender_argv(self, *args: str) -> list[str]:
         """tidegate.lab.traffic aimed at the host end, to run inside the namespace (see sender)."""
         return [sys.executable, "-m", "tidegate.lab.traffic", "--iface", self.peer_if, "--dst-mac", self.host_mac(),
                 "--dst-ip", self.host_ip, *args]  # fmt: skip
 
-    def sender(self, *args: str, **popen_kw) -> subprocess.Popen:
+    def sender(self, *args: str, end_with_parent: bool = False, **popen_kw) -> subprocess.Popen:
         """Start the bounded traffic sender inside the namespace; `args` are its options."""
         env = {**os.environ, "PYTHONPATH": PACKAGE_PARENT}
-        return self.popen_in_ns(self.sender_argv(*args), env=env, **popen_kw)
+        return self.popen_in_ns(self.sender_argv(*args), end_with_parent, env=env, **popen_kw)
 
     def remove(self) -> None:
         """Delete the veth pair and the namespaces by name; missing is fine."""
