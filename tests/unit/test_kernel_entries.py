@@ -185,6 +185,18 @@ def test_inheritance_and_the_ipv4_barrier():
     text = "rules: [{name: a, sources: ['::/64'], action: drop}, {name: b, sources: ['10.0.0.0/8'], action: drop}]\n"
     krs = ke._build_kernel_rule_set(parse_rule_set(text, "t"))
     assert krs.cidrs[key("10.0.0.0/8")] == (2, 0) and krs.cidrs[barrier] == (0, 0)
+    # an IPv6 prefix shorter than /96 that sorts before the IPv4 part without containing it: no barrier
+    text = "rules: [{name: a, sources: ['::100:0:0/88'], action: drop}, {name: b, sources: ['10.0.0.0/8'], action: drop}]"
+    krs = ke._build_kernel_rule_set(parse_rule_set(text + "\n", "t"))
+    assert krs.cidrs == {key("::100:0:0/88"): (1, 0), key("10.0.0.0/8"): (2, 0)}
+    # an entry at the very last address of a prefix is inside it, and one just past it is not
+    text = """rules:
+  - {name: a, sources: ['10.0.0.0/8'], action: drop}
+  - {name: b, sources: ['10.255.255.255/32', '11.0.0.0/32', '10.255.255.254/31'], action: drop}
+"""
+    krs = ke._build_kernel_rule_set(parse_rule_set(text, "t"))
+    assert krs.cidrs == {key("10.0.0.0/8"): (1, 0), key("10.255.255.254/31"): (3, 0), key("10.255.255.255/32"): (3, 0),
+                         key("11.0.0.0/32"): (2, 0)}  # fmt: skip
 
 
 def test_trie_and_port_entries_as_bytes():
@@ -202,6 +214,10 @@ def test_trie_and_port_entries_as_bytes():
     krs = ke._build_kernel_rule_set(parse_rule_set("rules: [{name: a, sources: ['::/0'], action: drop}]\n", "t"))
     v4, v6 = ke.kernel_trie_entries(krs, 0)
     assert v4 == {} and len(v6) == 1
+    # prefixes of /96 and longer outside ::ffff:0:0/96 are IPv6 entries
+    krs = ke._build_kernel_rule_set(parse_rule_set("deny: ['2001:db8::/112', '::/96']\nrules: []\n", "t"))
+    v4, v6 = ke.kernel_trie_entries(krs, 0)
+    assert v4 == {} and len(v6) == 2
     krs = ke._build_kernel_rule_set(parse_rule_set(
         "rules: [{name: a, sources: ['::ffff:0:0/96'], action: drop}]\n", "t"))  # fmt: skip
     v4, _ = ke.kernel_trie_entries(krs, 0)

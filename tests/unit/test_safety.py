@@ -259,7 +259,7 @@ class Watched:
         self.table, self.ivs, self.epoch, self.active = list(table), list(intervals), epoch, active
         text = ACTIVE + (f"canaries: {list(canaries)}\n" if canaries else "")
         self.rs = parse_rule_set(text.replace("'", '"'), "v7")
-        self.rollbacks, self.audits, self.fired, self.windows, self.asked = [], [], [], [], []
+        self.rollbacks, self.audits, self.fired, self.windows, self.asked, self.since_asked = [], [], [], [], [], []
         self.history = NS(between=self.between)
         # `table`: the per-source rows since the activation, as the sampler's intervals show them
         self.sampler = NS(interval=1.0, intervals=lambda seconds: self.asked.append(seconds) or self.ivs,
@@ -270,6 +270,7 @@ class Watched:
 
     def since(self, t):
         """A sampler that kept up: one interval from the activation to now."""
+        self.since_asked.append(t - self.started)
         return [interval(self.table, t0=self.started, t1=self.clock.now)] if self.clock.now >= t else []
 
     def between(self, t0, t1):
@@ -412,13 +413,70 @@ def test_a_guard_told_whom_to_spare_counts_only_their_drops(clock):
                            **({"spared": lambda k: np.isin(k, known_keys)} if spared else {}))  # fmt: skip
         g.start()
         assert g.wait(10)
-        return g
+        return g, agent
 
-    assert run(flood + known, spared=False).outcome == "rolled-back"  # as apply --guard sees it
-    assert run(flood + known, spared=True).outcome == "kept"
-    hurt = run(flood + [(a, e, 1, k) for a, e, _, k in known], spared=True)
+    assert run(flood + known, spared=False)[0].outcome == "rolled-back"  # as apply --guard sees it
+    kept, agent = run(flood + known, spared=True)
+    assert kept.outcome == "kept"
+    # the spared sources' share: the 30 s before the change, then each second the last 5 s of the watch
+    # (never before it), each check followed by the dropped sources since the last check; then the end's sample
+    assert agent.since_asked == [-30.0, *(x for t in range(1, 11) for x in (max(0.0, t - 5.0), t - 1.0)), 10.0]
+    hurt, _ = run(flood + [(a, e, 1, k) for a, e, _, k in known], spared=True)
     # only the known sources count: 60 of them, not the 2,060 dropped in all
     assert hurt.outcome == "rolled-back" and hurt.cause == "60 distinct sources dropped vs 0 before (limit +50)"
+
+
+def lagging(agent, clock, lag, late=()):
+    """The agent's sampler `lag` seconds behind: `late` rows show only in samples that end at the
+    watch's end or later."""
+
+    def since(t):
+        t1 = clock.now - lag
+        rows = list(late) if t1 >= agent.started + 10 else []
+        return [interval(rows, t0=agent.started, t1=t1)] if t1 >= t else []
+
+    agent.sampler.intervals_since = since
+    return agent
+
+
+def test_drops_late_in_the_watch_are_judged_from_the_sample_that_covers_its_end(clock):
+    # sixty sources dropped in the last second reach the sampler one second after the watch
+    agent = Watched(clock)
+    agent.started = clock.now
+    lagging(agent, clock, 1.0, late=[(f"198.51.100.{i}", 40, 3, 0) for i in range(1, 61)])
+    g = new_guard(agent, 10)
+    g.start()
+    assert g.wait(10)
+    assert (g.outcome, g.cause) == ("rolled-back", "60 distinct sources dropped vs 0 before (limit +50)")
+    assert clock.now - agent.started == 11.0, "judged at the first sample that covers the end"
+    # a sampler one second behind whose late drops are the previous set's (its epoch, 39): kept at that sample
+    agent = lagging(Watched(clock), clock, 1.0, late=[(f"198.51.100.{i}", 39, 3, 0) for i in range(1, 61)])
+    agent.started = clock.now
+    g = new_guard(agent, 10)
+    g.start()
+    assert g.wait(10) and (g.outcome, agent.rollbacks) == ("kept", [])
+    assert clock.now - agent.started == 11.0
+
+
+def test_a_stalled_sampler_holds_the_verdict_two_samples_at_most(clock):
+    agent = Watched(clock)
+    agent.sampler.interval = 2.0
+    agent.sampler.intervals_since = lambda t: []
+    g = guard(agent)
+    assert (g.outcome, agent.rollbacks, agent.audits[0][:2]) == ("kept", [], ("guard", "ok"))
+    assert clock.now - agent.started == 10 + 2 * 2.0 + 2, "the end, two sample intervals and 2 s"
+
+
+def test_a_version_superseded_while_the_guard_waits_for_the_last_sample_is_left_alone(clock):
+    agent = Watched(clock)
+    agent.started = clock.now
+    lagging(agent, clock, 3.0, late=[(f"198.51.100.{i}", 40, 3, 0) for i in range(1, 61)])
+    agent.kf.active_version = lambda: 7 if clock.now < agent.started + 11 else 8
+    g = new_guard(agent, 10)
+    g.start()
+    assert g.wait(10)
+    assert (g.outcome, agent.rollbacks, agent.audits) == ("superseded", [], [])
+    assert clock.now - agent.started == 11.0
 
 
 def test_counter_history_between(monkeypatch):
@@ -558,6 +616,25 @@ def test_budgets_hold_at_their_limits():
     est = safety.estimate(estimating_agent(hurt + rest), parse_rule_set(cand, "edge"))
     assert (est.packet_share, est.source_share) == (0.01, 0.05)
     assert est.within_budget is True
+
+
+def test_sources_seen_for_no_time_yet_and_traffic_the_active_set_dropped_whole():
+    pfx = ACTIVE.replace("    limit: {pps: 100, burst: 100}\n",
+                         "    limit: {pps: 100, burst: 100}\n    prefix_limit: {ipv4_prefix: 24, pps: 10}\n")  # fmt: skip
+    # a source seen for no time has no rate: its own limit keeps it whole, its packets count in its prefix,
+    # over the prefix's busiest source's time: (500 + 600) / 100 s = 11 pps against 10, both keep 10/11
+    rows = [("10.50.9.1", "api", 500, 0, 100.0), ("10.50.9.2", "api", 600, 0, 0.0)]
+    est = safety.estimate(estimating_agent(rows), parse_rule_set(pfx, "p"))
+    assert est.sources_newly_dropped == 2 and est.newly_dropped_pps == pytest.approx(100 / 100)
+    fresh = next(a for a in est.top_affected if a["address"] == "10.50.9.2/32")
+    assert (fresh["pps"], fresh["drop_pps"]) == (0.0, 0.0), "no rate without time"
+    # alone in its prefix: no rate at all, nothing to cap
+    est = safety.estimate(estimating_agent([("10.50.9.2", "api", 600, 0, 0.0)] + HEAVY), parse_rule_set(pfx, "p"))
+    assert est.sources_newly_dropped == 0 and est.packet_share == 0.0
+    # traffic the active set dropped whole: nothing passes, nothing can be newly dropped
+    est = safety.estimate(estimating_agent([("10.50.0.1", "api", 100, 100, 100.0)]), parse_rule_set(TIGHT_API, "t"))
+    assert (est.packet_share, est.source_share, est.within_budget) == (0.0, 0.0, True)
+    assert est.summary.startswith("would newly drop 0.0% of passing packets (0 of 0 pps) and 0.0% of sources (0 of 1)")
 
 
 def test_the_summary_when_nothing_was_seen():

@@ -180,17 +180,15 @@ def estimate(agent, candidate, rates=None) -> Estimate:
     est.within_budget = est.packet_share <= est.packet_budget and est.source_share <= est.source_budget
     est.rules = sorted(by_rule.values(), key=lambda r: -r.newly_dropped_pps)
     est.top_affected = sorted(affected, key=lambda a: -a["drop_pps"])[:10]
-    if not est.sources_seen:
-        est.summary = "no per-source traffic observed in the window yet: nothing to estimate"
-    else:
-        est.summary = (
-            f"would newly drop {est.packet_share:.1%} of passing packets ({est.newly_dropped_pps:.0f} of "
-            f"{est.packets_per_second:.0f} pps) and {est.source_share:.1%} of sources ({est.sources_newly_dropped} of "
-            f"{est.sources_seen}) seen over the last {est.window_seconds:.0f} s"
-        )
-        if est.folded_sources:
-            est.summary += (f"; {est.folded_sources} of these sources ({est.folded_packet_share:.1%} of packets) "
-                            "sent under 1 pps in intervals the sampler folded: counted by prefix as classes")
+    # (every entry of the window counts at least one source: an empty window returned above)
+    est.summary = (
+        f"would newly drop {est.packet_share:.1%} of passing packets ({est.newly_dropped_pps:.0f} of "
+        f"{est.packets_per_second:.0f} pps) and {est.source_share:.1%} of sources ({est.sources_newly_dropped} of "
+        f"{est.sources_seen}) seen over the last {est.window_seconds:.0f} s"
+    )
+    if est.folded_sources:
+        est.summary += (f"; {est.folded_sources} of these sources ({est.folded_packet_share:.1%} of packets) "
+                        "sent under 1 pps in intervals the sampler folded: counted by prefix as classes")
     return est
 
 
