@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from tidegate.ruleset import cidrs, yaml_events
 from tidegate.ruleset.model import Capacity, RuleSetError
-from tidegate.ruleset.parse import parse_rule_set
+from tidegate.ruleset import parse as ruleset_parse
+from tidegate.ruleset.parse import parse_rule_set, rule_set_from_dict
 
 N = 70  # items: past both paths' minimum length (64)
 V4 = [f"10.{i // 256}.{i % 256}.0/24" for i in range(N)]
@@ -148,6 +149,52 @@ def test_values_are_still_counted(monkeypatch):
     assert fast == slow and "more than 70 values" in fast[1]
     fast, slow = parse_both(text, monkeypatch, capacity=Capacity(max_cidrs=N - 1))
     assert fast == slow and "at most 69" in fast
+
+
+def from_data_both(data, monkeypatch):
+    """rule_set_from_dict's outcome with lists of text kept as text items and item by item."""
+    out = []
+    for fast in (True, False):
+        with monkeypatch.context() as m:
+            if not fast:
+                m.setattr(ruleset_parse, "TEXT_LIST_MIN", 10**9)
+                m.setattr(cidrs, "V4_LIST_MIN", 10**9)
+            try:
+                rs = rule_set_from_dict(data, "data")
+                out.append([(tuple(n), [type(x) for x in n], n.unified_keys, n.texts)
+                            for n in (rs.allow, rs.deny, rs.canaries, *(r.sources for r in rs.rules))]
+                           + [[r.dst_ports for r in rs.rules], rs.digest()])  # fmt: skip
+            except RuleSetError as e:
+                out.append(str(e))
+    return out
+
+
+DATA = [
+    {"allow": V4, "rules": []},
+    {"allow": V4 + [" 10.99.0.0/16"], "deny": ["192.0.2.0/24 "], "rules": []},  # spaces around an item
+    {"allow": V4[:5] + ["1.2.3.4/24"] + V4[5:], "rules": []},  # host bits set
+    {"allow": V4 + V4[:1], "rules": []},  # listed twice
+    {"deny": V4 + ["dead:beef::/32"], "allow": V4[:3], "rules": []},  # on both lists
+    {"allow": V4 + [5], "rules": []},
+    {"allow": V4 + [None, ["10.200.0.0/16"], {"a": 1}], "rules": []},
+    {"allow": [], "canaries": ["192.0.2.7", "2001:db8::1"], "rules": []},
+    {"rules": [{"name": "a", "sources": V4 + V6, "dst_ports": ["80", "443-445", 22], "limit": {"pps": 1}}]},
+    {"rules": [{"name": "a", "protocol": "udp", "dst_ports": ["53", " 54", "x"]}]},
+    {"rules": [{"name": "a", "protocol": "tcp", "dst_ports": ["1-2-3"]}], "description": "d", "x": ["y"]},
+]
+
+
+@pytest.mark.parametrize("data", DATA)
+def test_plain_data_gives_the_same_rule_set_or_errors_either_way(data, monkeypatch):
+    """A rule set changed as plain data (a quick block: ChangeService.revise) is read like a file:
+    its lists of text are read at once, as a one-line YAML list's are, with the same outcome."""
+    fast, slow = from_data_both(data, monkeypatch)
+    assert fast == slow
+
+
+def test_a_long_list_of_plain_data_keeps_its_compact_form():
+    rs = rule_set_from_dict({"deny": [f"10.{i // 256}.{i % 256}.0/24" for i in range(5000)], "rules": []})
+    assert type(rs.deny) is cidrs.V4Networks and len(rs.deny) == 5000
 
 
 def _v4_text(addr: int, plen: int, style: int) -> str:

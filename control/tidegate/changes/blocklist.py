@@ -15,7 +15,6 @@ Its gRPC service is api/blocklist.py.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import json
 import logging
@@ -70,7 +69,7 @@ class Blocklist:
                 inside = active.allow[j]
                 raise OperationError("FAILED_PRECONDITION", f"{net} lies inside the allow entry {inside}: allow "
                                      "wins, a deny entry there would never fire")  # fmt: skip
-            new = dataclasses.replace(active, deny=active.deny + (net,))
+            new = _with_deny(active.to_dict(), lambda texts: [*texts, str(net)])
             expires = time.time() + ttl if ttl else 0.0
             why = f"deny add {net}" + (f" for {_ttl_text(ttl)}" if ttl else "") + f": {reason}"
             new = self.changes.revise(new, "deny add", caller, "deny-add")
@@ -89,7 +88,8 @@ class Blocklist:
             active = self._active()
             if net not in active.deny:
                 raise OperationError("NOT_FOUND", f"{net} is not on the active deny list")
-            new = dataclasses.replace(active, deny=tuple(n for n in active.deny if n != net))
+            text = str(net)
+            new = _with_deny(active.to_dict(), lambda texts: [t for t in texts if t != text])
             new = self.changes.revise(new, "deny remove", caller, "deny-remove")
             out = self.changes.apply(new, f"deny remove {net}: {reason}", caller, source="deny-remove")
             self._entries.pop(str(net), None)
@@ -116,10 +116,12 @@ class Blocklist:
             if not expired or now < self._retry_at:
                 return None
             active = self.changes.active_rule_set()
-            present = [n for n in (active.deny if active is not None else ()) if str(n) in expired]
+            gone = set(expired)
+            data = active.to_dict() if active is not None else {}
+            present = [t for t in data.get("deny", ()) if t in gone]
             version = None
             if present:
-                new = dataclasses.replace(active, deny=tuple(n for n in active.deny if str(n) not in expired))
+                new = _with_deny(data, lambda texts: [t for t in texts if t not in gone])
                 why = "deny entries expired: " + ", ".join(map(str, present))
                 caller = Caller(TTL_AUTHOR, "ttl")
                 try:
@@ -141,6 +143,18 @@ class Blocklist:
 
     def stop(self) -> None:
         self.job.stop()
+
+
+def _with_deny(data: dict, change) -> dict:
+    """A rule set's plain data (RuleSet.to_dict) with its deny list changed by `change` (a list of
+    texts -> the new list). The texts are canonical, str() of each network, so a network is found by
+    its text, and a long list is changed without making a network of each entry."""
+    deny = change(data.get("deny", []))
+    if deny:
+        data["deny"] = deny
+    else:
+        data.pop("deny", None)
+    return data
 
 
 def network(cidr: str):

@@ -181,11 +181,12 @@ class ChangeService:
             raise OperationError("INVALID_ARGUMENT", f"invalid rule set: {len(e.errors)} error(s)\n{e}",
                                  e.errors, e.source) from None  # fmt: skip
 
-    def revise(self, rs: RuleSet, source: str, caller: Caller, action: str) -> RuleSet:
-        """A rule set a client changed as a model (dataclasses.replace), validated
-        again the way a file is; one that does not validate is a refused change."""
+    def revise(self, rs: RuleSet | dict, source: str, caller: Caller, action: str) -> RuleSet:
+        """A rule set a client changed as a model (dataclasses.replace) or as plain
+        data (RuleSet.to_dict), validated again the way a file is; one that does not
+        validate is a refused change."""
         try:
-            return rule_set_from_dict(rs.to_dict(), source)
+            return rule_set_from_dict(rs if isinstance(rs, dict) else rs.to_dict(), source)
         except RuleSetError as e:
             self.rejected(action, caller, str(e))
             raise OperationError("INVALID_ARGUMENT", f"invalid rule set: {len(e.errors)} error(s)\n{e}",

@@ -50,6 +50,9 @@ class _Collector:
             raise _Capped
 
 
+TEXT_LIST_MIN = 1  # items: a list of plain data this long, all text, is kept as TextItems
+
+
 def _from_data(value, col: _Collector, path: str = "", depth: int = 1) -> _Node | None:
     if depth > MAX_DEPTH and isinstance(value, (dict, list, tuple)):
         col.add(path, None, depth_error(None).message)
@@ -66,6 +69,10 @@ def _from_data(value, col: _Collector, path: str = "", depth: int = 1) -> _Node 
                 out[k] = child
         return _Node(out, None, "map")
     if isinstance(value, (list, tuple)):
+        if len(value) >= TEXT_LIST_MIN and all(type(v) is str and v == v.strip() for v in value):
+            # text items as they stand, like a one-line YAML list: a long list of CIDRs is read
+            # from the texts at once (_networks), item nodes are made only when asked for
+            return TextItems(list(value), None)
         return _Node([_from_data(v, col, f"{path}[{i}]", depth + 1) or _Node(None, None, "scalar")
                       for i, v in enumerate(value)], None, "seq")  # fmt: skip
     return _Node(value, None, "scalar")
