@@ -24,10 +24,12 @@ agent starts on the host end with a state dir of its own. Figures:
 - after the runs of new 100,000-CIDR sets, 3 more applied with 1,000
   tracked sources (the blast-radius estimate classifies them): the agent's
   resident memory, and rollbacks over gRPC between the last two versions;
+- quick blocks: DenyAdd then DenyRemove over gRPC, one after the other, on
+  a set whose deny list holds 100,000 CIDRs (each a new version);
 - warm restart = SIGTERM, then exec to attached again (adopting the
   attached program and pinned maps; the interface stays filtered).
 
-    sudo .venv/bin/python bench/agent_process.py [--quick] [--no-save] [--apply-only] [--agent-exe PATH]
+    sudo .venv/bin/python bench/agent_process.py [--quick] [--no-save] [--apply-only] [--blocks-only] [--agent-exe PATH]
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ def main() -> int:
                     "source fill, reads or restart); results printed only")  # fmt: skip
     ap.add_argument("--agent-exe", metavar="PATH", help="run this executable as `tidegate` for the agent (another "
                     "checkout's, for a before/after pair in one session); implies --no-save")  # fmt: skip
+    ap.add_argument("--blocks-only", action="store_true", help="the quick-block rows only (100,000-CIDR deny list); "
+                    "results printed only")  # fmt: skip
     args = ap.parse_args()
     bytecode_as_installed()
     reps = 5 if args.quick else 20
@@ -151,6 +155,9 @@ def main() -> int:
     try:
         cold = agent.start()
         pb, stub, md = agent.stub()
+        if args.blocks_only:
+            _printed(lines + quick_blocks(agent, stub, md, 100000, reps, out))
+            return 0
 
         def apply_one(text, n, i):
             cpu = agent.cpu_seconds()
@@ -172,6 +179,7 @@ def main() -> int:
 
         if 100000 in sizes:
             lines += after_large_applies(agent, stub, md, reps, out)
+        lines += quick_blocks(agent, stub, md, 100000 if 100000 in sizes else 10000, reps, out)
         if args.apply_only:
             _printed(lines)
             return 0
@@ -238,6 +246,39 @@ def after_large_applies(agent: Agent, stub, md, reps: int, out: dict) -> list[st
             f"sources); then agent RSS {rss:.0f} MB (peak so far {hwm:.0f} MB); rollback over gRPC to the version "
             f"before or back (100,000 CIDRs, parsed again from the store): p50 {statistics.median(times):.0f} ms, "
             f"max {max(times):.0f} ms, {len(times)} runs"]  # fmt: skip
+
+
+def quick_blocks(agent: Agent, stub, md, n: int, reps: int, out: dict) -> list[str]:
+    """DenyAdd and DenyRemove over gRPC (a quick block and its removal, each a new version: the
+    active set with one deny entry more or less, validated, stored, written, swapped) on a set
+    whose deny list holds n CIDRs, one after the other, with the agent's CPU time."""
+    from tidegate.v1 import blocklist_pb2 as bpb
+    from tidegate.v1 import blocklist_pb2_grpc as bpbg
+
+    deny = ", ".join(f'"{20 + i // 65536}.{(i // 256) % 256}.{i % 256}.0/24"' for i in range(n))
+    stub.ApplyRuleSet(pb.ApplyRequest(yaml=f"deny: [{deny}]\n" + rule_set_text(10), reason=f"bench deny {n}",
+                                      no_guard=True), metadata=md, timeout=120)  # fmt: skip
+    blocks = bpbg.BlocklistStub(grpc.insecure_channel(agent.server))
+    times: dict[str, list[float]] = {"add": [], "remove": []}
+    cpu: dict[str, list[float]] = {"add": [], "remove": []}
+    for i in range(reps):
+        cidr = f"203.0.{i % 256}.0/24"
+        for verb, call, req in (("add", blocks.DenyAdd, bpb.DenyAddRequest(cidr=cidr, ttl_seconds=600, reason="bench")),
+                                ("remove", blocks.DenyRemove, bpb.DenyRemoveRequest(cidr=cidr, reason="bench"))):
+            c, t = agent.cpu_seconds(), time.perf_counter()
+            call(req, metadata=md, timeout=60)
+            times[verb].append((time.perf_counter() - t) * 1000)
+            cpu[verb].append((agent.cpu_seconds() - c) * 1000)
+    rows = []
+    for verb in ("add", "remove"):
+        ts = sorted(times[verb])
+        p99 = ts[min(len(ts) - 1, int(round(0.99 * (len(ts) - 1))))]
+        out.setdefault("quick_block_ms", {})[verb] = {"deny_cidrs": n, "p50": statistics.median(ts), "p99": p99,
+                                                      "cpu_ms_p50": statistics.median(cpu[verb]), "runs": times[verb]}
+        rows.append([f"Deny{verb.capitalize()}", f"{statistics.median(ts):.0f}", f"{p99:.0f}",
+                     f"{statistics.median(cpu[verb]):.0f}", len(ts)])
+    return ["", f"### quick blocks on a deny list of {n:,} CIDRs (DenyAdd, then DenyRemove, over gRPC)", "",
+            table(["call", "p50 ms", "p99 ms", "agent CPU ms p50", "runs"], rows)]
 
 
 def _printed(lines: list[str]) -> str:
