@@ -57,23 +57,29 @@ def compose_both(text: str, max_values: int = 10**6):
     return out
 
 
-def parse_both(text: str, monkeypatch, **kw):
-    """parse_rule_set's outcome with the fast paths and without: the rule set's
-    lists (networks, keys, texts) and digest, or the error text."""
+def read_both(read, monkeypatch, slow):
+    """read()'s outcome with the fast paths and with the (module, knob)s in `slow` raised past any
+    list: the rule set's lists (networks, their attributes but a /32's or /128's `hosts` function,
+    keys, texts), ports and digest, or the error text."""
     out = []
     for fast in (True, False):
         with monkeypatch.context() as m:
-            if not fast:
-                m.setattr(yaml_events, "FLOW_LIST_MIN", 10**9)
-                m.setattr(cidrs, "V4_LIST_MIN", 10**9)
+            for module, knob in () if fast else slow:
+                m.setattr(module, knob, 10**9)
             try:
-                rs = parse_rule_set(text, "t.yaml", **kw)
-                out.append([(tuple(n), [type(x) for x in n], [vars(x) for x in n], n.unified_keys, n.texts)
+                rs = read()
+                out.append([(tuple(n), [type(x) for x in n], [{k: v for k, v in vars(x).items() if not callable(v)} for x in n], n.unified_keys, n.texts)
                             for n in (rs.allow, rs.deny, rs.canaries, *(r.sources for r in rs.rules))]
-                           + [rs.digest()])  # fmt: skip
+                           + [[r.dst_ports for r in rs.rules], rs.digest()])  # fmt: skip
             except RuleSetError as e:
                 out.append(str(e))
     return out
+
+
+def parse_both(text: str, monkeypatch, **kw):
+    """parse_rule_set's outcome with the fast paths and without."""
+    return read_both(lambda: parse_rule_set(text, "t.yaml", **kw), monkeypatch,
+                     [(yaml_events, "FLOW_LIST_MIN"), (cidrs, "V4_LIST_MIN")])
 
 
 ODD = [
@@ -153,20 +159,8 @@ def test_values_are_still_counted(monkeypatch):
 
 def from_data_both(data, monkeypatch):
     """rule_set_from_dict's outcome with lists of text kept as text items and item by item."""
-    out = []
-    for fast in (True, False):
-        with monkeypatch.context() as m:
-            if not fast:
-                m.setattr(ruleset_parse, "TEXT_LIST_MIN", 10**9)
-                m.setattr(cidrs, "V4_LIST_MIN", 10**9)
-            try:
-                rs = rule_set_from_dict(data, "data")
-                out.append([(tuple(n), [type(x) for x in n], n.unified_keys, n.texts)
-                            for n in (rs.allow, rs.deny, rs.canaries, *(r.sources for r in rs.rules))]
-                           + [[r.dst_ports for r in rs.rules], rs.digest()])  # fmt: skip
-            except RuleSetError as e:
-                out.append(str(e))
-    return out
+    return read_both(lambda: rule_set_from_dict(data, "data"), monkeypatch,
+                     [(ruleset_parse, "TEXT_LIST_MIN"), (cidrs, "V4_LIST_MIN")])
 
 
 DATA = [
