@@ -42,7 +42,7 @@ import urllib.request
 from pathlib import Path
 
 from lab_run import lab_with_rules, remove_all
-from report import bytecode_as_installed, header_lines, machine, save, table, use_repo_package
+from report import bytecode_as_installed, header_lines, machine, pct, save, table, use_repo_package
 
 use_repo_package()
 
@@ -271,12 +271,10 @@ def quick_blocks(agent: Agent, stub, md, n: int, reps: int, out: dict) -> list[s
             cpu[verb].append((agent.cpu_seconds() - c) * 1000)
     rows = []
     for verb in ("add", "remove"):
-        ts = sorted(times[verb])
-        p99 = ts[min(len(ts) - 1, int(round(0.99 * (len(ts) - 1))))]
-        out.setdefault("quick_block_ms", {})[verb] = {"deny_cidrs": n, "p50": statistics.median(ts), "p99": p99,
-                                                      "cpu_ms_p50": statistics.median(cpu[verb]), "runs": times[verb]}
-        rows.append([f"Deny{verb.capitalize()}", f"{statistics.median(ts):.0f}", f"{p99:.0f}",
-                     f"{statistics.median(cpu[verb]):.0f}", len(ts)])
+        ts, p50, p99, c50 = times[verb], pct(times[verb], 50), pct(times[verb], 99), pct(cpu[verb], 50)
+        out.setdefault("quick_block_ms", {})[verb] = {"deny_cidrs": n, "p50": p50, "p99": p99, "cpu_ms_p50": c50,
+                                                      "runs": ts}  # fmt: skip
+        rows.append([f"Deny{verb.capitalize()}", f"{p50:.0f}", f"{p99:.0f}", f"{c50:.0f}", len(ts)])
     return ["", f"### quick blocks on a deny list of {n:,} CIDRs (DenyAdd, then DenyRemove, over gRPC)", "",
             table(["call", "p50 ms", "p99 ms", "agent CPU ms p50", "runs"], rows)]
 

@@ -32,6 +32,7 @@ from tidegate.ruleset.model import (
 
 # --------------------------------------------------------------------- parse
 _Node = Node  # values with their lines: from the YAML layer, or from plain data (line None)
+TEXT_LIST_MIN = 1  # items: a list of plain data this long, all text, is kept as TextItems (item nodes on demand)
 
 
 class _Capped(Exception):
@@ -48,9 +49,6 @@ class _Collector:
             self.errors.append(FieldError(path, node.line if node is not None else None, message))
         if len(self.errors) >= MAX_ERRORS:  # the rest would not be shown: stop working them out
             raise _Capped
-
-
-TEXT_LIST_MIN = 1  # items: a list of plain data this long, all text, is kept as TextItems
 
 
 def _from_data(value, col: _Collector, path: str = "", depth: int = 1) -> _Node | None:
@@ -70,8 +68,7 @@ def _from_data(value, col: _Collector, path: str = "", depth: int = 1) -> _Node 
         return _Node(out, None, "map")
     if isinstance(value, (list, tuple)):
         if len(value) >= TEXT_LIST_MIN and all(type(v) is str and v == v.strip() for v in value):
-            # text items as they stand, like a one-line YAML list: a long list of CIDRs is read
-            # from the texts at once (_networks), item nodes are made only when asked for
+            # as a one-line YAML list: _networks reads a long CIDR list from the texts at once
             return TextItems(list(value), None)
         return _Node([_from_data(v, col, f"{path}[{i}]", depth + 1) or _Node(None, None, "scalar")
                       for i, v in enumerate(value)], None, "seq")  # fmt: skip
