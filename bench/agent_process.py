@@ -24,12 +24,16 @@ agent starts on the host end with a state dir of its own. Figures:
 - after the runs of new 100,000-CIDR sets, 3 more applied with 1,000
   tracked sources (the blast-radius estimate classifies them): the agent's
   resident memory, and rollbacks over gRPC between the last two versions;
+- the agent's memory over many applies: 60 more 100,000-CIDR sets (30
+  sets in turn, each new to the slots it is written to), one after the
+  other, VmRSS read 1 s after each, by thirds (does it settle or grow?);
 - quick blocks: DenyAdd then DenyRemove over gRPC, one after the other, on
   a set whose deny list holds 100,000 CIDRs (each a new version);
 - warm restart = SIGTERM, then exec to attached again (adopting the
   attached program and pinned maps; the interface stays filtered).
 
-    sudo .venv/bin/python bench/agent_process.py [--quick] [--no-save] [--apply-only] [--blocks-only] [--agent-exe PATH]
+    sudo .venv/bin/python bench/agent_process.py [--quick] [--no-save] [--apply-only] [--blocks-only]
+        [--memory-only] [--agent-exe PATH]
 """
 
 from __future__ import annotations
@@ -140,6 +144,8 @@ def main() -> int:
                     "checkout's, for a before/after pair in one session); implies --no-save")  # fmt: skip
     ap.add_argument("--blocks-only", action="store_true", help="the quick-block rows only (100,000-CIDR deny list); "
                     "results printed only")  # fmt: skip
+    ap.add_argument("--memory-only", action="store_true", help="the agent's memory over 60 applies of "
+                    "100,000-CIDR sets only; results printed only")  # fmt: skip
     args = ap.parse_args()
     bytecode_as_installed()
     reps = 5 if args.quick else 20
@@ -157,6 +163,9 @@ def main() -> int:
         pb, stub, md = agent.stub()
         if args.blocks_only:
             _printed(lines + quick_blocks(agent, stub, md, 100000, reps, out))
+            return 0
+        if args.memory_only:
+            _printed(lines + memory_over_applies(agent, stub, md, RSS_APPLIES, out))
             return 0
 
         def apply_one(text, n, i):
@@ -179,6 +188,7 @@ def main() -> int:
 
         if 100000 in sizes:
             lines += after_large_applies(agent, stub, md, reps, out)
+            lines += memory_over_applies(agent, stub, md, RSS_APPLIES, out)
         lines += quick_blocks(agent, stub, md, 100000 if 100000 in sizes else 10000, reps, out)
         if args.apply_only:
             _printed(lines)
@@ -246,6 +256,31 @@ def after_large_applies(agent: Agent, stub, md, reps: int, out: dict) -> list[st
             f"sources); then agent RSS {rss:.0f} MB (peak so far {hwm:.0f} MB); rollback over gRPC to the version "
             f"before or back (100,000 CIDRs, parsed again from the store): p50 {statistics.median(times):.0f} ms, "
             f"max {max(times):.0f} ms, {len(times)} runs"]  # fmt: skip
+
+
+RSS_APPLIES = 60
+
+
+def memory_over_applies(agent: Agent, stub, md, k: int, out: dict) -> list[str]:
+    """The agent's resident memory over k applies of 100,000-CIDR sets (30 in
+    turn: each differs from the two the slots hold; no sources to classify), read 1 s after each, by thirds: whether it settles
+    or keeps growing with the number of applies."""
+    rss = []
+    for i in range(k):
+        stub.ApplyRuleSet(pb.ApplyRequest(yaml=rule_set_text(100000, first=(130 + i % 30) * 100000),
+                                          reason=f"bench memory #{i}", no_guard=True), metadata=md, timeout=120)
+        time.sleep(1)
+        rss.append(agent.memory_mb()[0])
+    hwm = agent.memory_mb()[1]
+    third = max(1, k // 3)
+    parts = {"first": rss[:third], "middle": rss[third:-third], "last": rss[-third:]}
+    out["rss_over_applies_mb"] = {"after_each": rss, "hwm": hwm,
+                                  **{f"{w}_third": {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
+                                     for w, xs in parts.items()}}  # fmt: skip
+    said = "; ".join(f"{w} {len(xs)}: {min(xs):.0f} / {statistics.median(xs):.0f} / {max(xs):.0f} MB"
+                     for w, xs in parts.items())  # fmt: skip
+    return ["", f"### the agent's memory over {k} more applies of 100,000-CIDR sets", "",
+            f"VmRSS 1 s after each apply, lowest / median / highest {said}; peak RSS so far {hwm:.0f} MB"]
 
 
 def quick_blocks(agent: Agent, stub, md, n: int, reps: int, out: dict) -> list[str]:
