@@ -258,6 +258,10 @@ def main(argv=None) -> int:
     body, _ = summarize(results)
     md = head + ["### Targets: tidegate / minimal token bucket (issue 15's packet-path rows first)\n",
                  targets_table(results), "",
+                 "The verdict is on the ratio of the two rows' medians. The last column pairs the two rows "
+                 "within each round instead (both measured under the same load) and gives the median and "
+                 "quartiles of those ratios: a verdict whose quartiles straddle the target is not settled by "
+                 "this run.", "",
                  "### Against the reference figures quoted in issue 7 (another machine)\n",
                  reference_table(results), "", body, "### Where tidegate's time goes (ns differences between rows, same run)\n",
                  cost_breakdown(results), "",

@@ -120,7 +120,21 @@ def targets_table(results: dict) -> str:
         for k in ("tg_full", "tg_shadow", "tg_defaults", "tg_full_over", "tg_shadow_over", "tg_defaults_over"):
             if (ckey, k) not in listed:
                 rows.append(_target_row(results, ckey, k, 1.3 if "shadow" in k else 1.0))
-    return report.table(["case", "row", "x minimal token bucket", "target"], [r for r in rows if r])
+    return report.table(["case", "row", "x minimal token bucket", "target", "per round: median (quartiles)"],
+                        [r for r in rows if r])  # fmt: skip
+
+
+def paired_ratios(c: dict, k: str, ref: str) -> list[float]:
+    """The row's ns / the reference's ns within each measuring round: every round measures every row
+    once, so the pair shares whatever load the machine had then."""
+    return sorted(a / b for a, b in zip(c[k].get("runs") or (), c[ref].get("runs") or ()) if b)
+
+
+def spread_text(rs: list[float]) -> str:
+    """Median and quartiles of per-round ratios: how sure a verdict near its target is."""
+    if len(rs) < 2:
+        return "n/a"
+    return f"{report.median(rs):.2f} ({report.pct(rs, 25):.2f}-{report.pct(rs, 75):.2f})"
 
 
 def _target_row(results: dict, ckey: str, k: str, target: float) -> list | None:
@@ -131,7 +145,8 @@ def _target_row(results: dict, ckey: str, k: str, target: float) -> list | None:
     r = report.ratio(c[k]["ns"], c[tbk]["ns"])
     cname = next(n for key, n, _ in CASES if key == ckey)
     ok = r is not None and r <= target
-    return [cname, results["labels"][k], report.fmt(r, 2), f"meets (<= {target})" if ok else f"MISSES (<= {target})"]
+    return [cname, results["labels"][k], report.fmt(r, 2), f"meets (<= {target})" if ok else f"MISSES (<= {target})",
+            spread_text(paired_ratios(c, k, tbk))]  # fmt: skip
 
 
 def pieces_table(results: dict) -> str:
