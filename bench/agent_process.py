@@ -263,8 +263,9 @@ RSS_APPLIES = 60
 
 def memory_over_applies(agent: Agent, stub, md, k: int, out: dict) -> list[str]:
     """The agent's resident memory over k applies of 100,000-CIDR sets (30 in
-    turn: each differs from the two the slots hold; no sources to classify), read 1 s after each, by thirds: whether it settles
-    or keeps growing with the number of applies."""
+    turn: each differs from the two the slots hold; no sources to classify),
+    read 1 s after each, by thirds: whether it settles or keeps growing with
+    the number of applies."""
     rss = []
     for i in range(k):
         stub.ApplyRuleSet(pb.ApplyRequest(yaml=rule_set_text(100000, first=(130 + i % 30) * 100000),
