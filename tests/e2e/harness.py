@@ -80,6 +80,12 @@ def finish(p: subprocess.Popen, timeout: float = 90) -> dict:
     return json.loads(out)
 
 
+def deny_drops(agent) -> int:
+    """Packets the agent's kernel program dropped for the deny list (`tidegate counters`)."""
+    c = agent.cli("counters", json_out=True)
+    return int(dict((r["reason"], r["packets"]) for r in c["reasons"]).get("deny", 0))
+
+
 # the maps that hold rule sets (per-source state and counters excluded)
 RULE_SET_MAPS = ("tg_ctl", "tg_sets", "tg_rules", "tg_cidrs4", "tg_cidrs6", "tg_ports")
 

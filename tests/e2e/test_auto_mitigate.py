@@ -12,7 +12,7 @@ import pytest
 
 from fixtures import rule_set
 
-from .harness import Agent, finish, send
+from .harness import Agent, deny_drops, finish, send
 
 pytestmark = pytest.mark.e2e
 
@@ -40,11 +40,6 @@ def wait_for(fn, seconds: float):
             return v
         time.sleep(0.5)
     return fn()
-
-
-def deny_packets(a: Agent) -> int:
-    c = a.cli("counters", json_out=True)
-    return sum(int(r.get("packets", 0)) for r in c["reasons"] if r["reason"] == "deny")
 
 
 def known_clients(a: Agent) -> None:
@@ -89,7 +84,7 @@ def test_a_lasting_flood_is_mitigated_under_a_guard_and_expires_by_itself(agent)
         # both status readings first: the mitigation expires 8 s after it was applied
         status = agent.cli("status", json_out=True)
         text = agent.cli("status").stdout
-        denied = wait_for(lambda: deny_packets(agent), 5) if got else 0
+        denied = wait_for(lambda: deny_drops(agent), 5) if got else 0
     finally:
         bg.terminate()
         finish(bg)

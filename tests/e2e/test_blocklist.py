@@ -10,7 +10,7 @@ import time
 import pytest
 
 from .conftest import BASE_RULES, bpftool_dump, send
-from .harness import Agent
+from .harness import Agent, deny_drops
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
 
@@ -27,11 +27,6 @@ def agent(tmp_path_factory, make_lab):
         yield a.start()
     finally:
         a.stop()
-
-
-def deny_drops(agent) -> int:
-    c = agent.cli("counters", json_out=True)
-    return int(dict((r["reason"], r["packets"]) for r in c["reasons"]).get("deny", 0))
 
 
 def active(agent) -> int:
