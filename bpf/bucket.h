@@ -50,25 +50,34 @@ static __always_inline __u64 tg_refill(__u64 tokens, __u64 elapsed, __u64 rate, 
 	return tokens > cap ? cap : tokens;
 }
 
-/* Take one packet (and its bytes) from a bucket pair. Returns 1 if allowed. */
+/* Take one packet from a packet bucket (tokens, last_ns: a source's own
+ * or its shadow state's). Returns 1 if allowed. */
+static __always_inline int tg_take_packet(__u64 *tokens, __u64 *last_ns, const struct tg_limit *l,
+					  __u64 now)
+{
+	__u64 elapsed = now > *last_ns ? now - *last_ns : 0;
+	*last_ns = now > *last_ns ? now : *last_ns;
+	__u64 t = tg_refill(*tokens, elapsed, l->rate, l->burst, l->fill_ns);
+	int ok = t >= TG_UNIT;
+	*tokens = ok ? t - TG_UNIT : t;
+	return ok;
+}
+
+/* Take one packet (and its bytes, if the rule limits them) from a
+ * source's buckets. Returns 1 if allowed. */
 static __always_inline int tg_take(struct tg_src *s, const struct tg_limit *l, __u64 now,
 				   __u32 len, int bytes)
 {
+	if (!bytes)
+		return tg_take_packet(&s->tokens, &s->last_ns, l, now);
 	__u64 elapsed = now > s->last_ns ? now - s->last_ns : 0;
 	s->last_ns = now > s->last_ns ? now : s->last_ns;
 	__u64 t = tg_refill(s->tokens, elapsed, l->rate, l->burst, l->fill_ns);
-	int ok = t >= TG_UNIT;
-	if (bytes) {
-		__u64 cost = (__u64)len * TG_UNIT;
-		__u64 bt = tg_refill(s->byte_tokens, elapsed, l->brate, l->bburst, l->bfill_ns);
-		ok = ok && bt >= cost;
-		if (ok)
-			bt -= cost;
-		s->byte_tokens = bt;
-	}
-	if (ok)
-		t -= TG_UNIT;
-	s->tokens = t;
+	__u64 cost = (__u64)len * TG_UNIT;
+	__u64 bt = tg_refill(s->byte_tokens, elapsed, l->brate, l->bburst, l->bfill_ns);
+	int ok = t >= TG_UNIT && bt >= cost;
+	s->byte_tokens = ok ? bt - cost : bt;
+	s->tokens = ok ? t - TG_UNIT : t;
 	return ok;
 }
 
@@ -98,7 +107,8 @@ static __always_inline int tg_fresh(struct tg_src *s, const struct tg_limit *l, 
 	s->cls_mask = 0;
 	s->cls_hi = 0;
 	s->pfx_lent_prev = 0;
-	s->spare = 0;
+	s->sh_epoch = 0;
+	__builtin_memset(&s->sh, 0, sizeof(s->sh));
 	return tg_take(s, l, now, len, bytes);
 }
 

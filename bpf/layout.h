@@ -76,9 +76,9 @@
  * a program whose tg_src has another layout of the same size gets a new
  * tg_state map, as one of another size does (the loader's prepare_pin_dir).
  * Change it with every change of struct tg_src. */
-#define TG_STATE_LAYOUT 3
+#define TG_STATE_LAYOUT 4
 
-/* Prefix credit windows (bpf/rules.h): now >> TG_CREDIT_SHIFT, about 268 ms.
+/* Prefix credit windows (bpf/prefix.h): now >> TG_CREDIT_SHIFT, about 268 ms.
  * Credit lent in window w is good until window w + 1 ends. */
 #define TG_CREDIT_SHIFT 28
 
@@ -174,26 +174,52 @@ struct tg_state_key {
 	__u16 pad;
 };
 
-/* Per-source (and per-prefix) state, 120 bytes. In the LRU hash an entry is
- * a 48-byte element header, the 24-byte key, then this value: 192 bytes, three
+/* A shadow set's state for one source, kept in the active set's entry for
+ * that source (struct tg_src.sh) when the shadow set matches like the active
+ * one and keys its sources alike: a packet then finds both sets' state with
+ * one lookup, where a separate shadow entry cost a second, cache-missing one
+ * (bench/packet_path.py, shadow rows). The control plane reads it as a row of
+ * its own, keyed by the shadow set's epoch (kernel/readers.py), so a source's
+ * shadow state looks the same whichever place holds it. What it does not keep:
+ * a byte bucket (a shadow rule with a byte limit keeps separate entries) and
+ * the bytes of packets sent on prefix credit (a shadow prefix entry's byte
+ * count has only the packets that visit it; nothing reads it). */
+struct tg_shadow {
+	__u64 tokens;
+	__u64 last_ns;
+	__u64 packets;
+	__u64 drops;          /* would-drops */
+	__u64 new_drops;      /* would-drops the active set passed */
+	__u64 blocked_until;  /* valid when flags has TG_SF_BLOCKED */
+	__u64 first_ns;
+	__u32 credit_win;     /* prefix credit, as in struct tg_src */
+	__u8 flags;           /* TG_SF_BLOCKED */
+	__u8 pfx_credit;
+	__u8 pfx_owed;
+	__u8 pad;
+};
+
+/* Per-source (and per-prefix) state, 184 bytes. In the LRU hash an entry is
+ * a 48-byte element header, the 24-byte key, then this value: 256 bytes, four
  * 64-byte cache lines, the first holding the header and the key's address,
  * the second the rest of the key and the value's first 56 bytes. The fields a
  * packet of a known source reads or writes (bucket, counters, cached
  * classification, prefix credit) are those 56 bytes, so a cache-missing
- * lookup costs two lines of the entry, not three (bench/packet_path.py,
- * cycled cases); the rest is read only when a flag says so, on a drop or by
- * the control plane. */
+ * lookup costs two lines of the entry, not four (bench/packet_path.py,
+ * cycled cases); the third line is read only when a flag says so, on a drop
+ * or by the control plane, and the fourth (sh) only while a shadow set
+ * keeps its state there. */
 struct tg_src {
 	__u64 tokens;
 	__u64 last_ns;
 	__u64 packets;
 	__u64 bytes;
-	/* Source entries: the classification cache (bpf/rules.h): the trie's
+	/* Source entries: the classification cache (bpf/classify.h): the trie's
 	 * answer for one address under this entry's rule set (the key's epoch).
 	 * cls_lo is the address's low half; the high half is compared only
 	 * when the key does not hold it (IPv6 keys shorter than /64). */
 	__u64 cls_lo;
-	/* Prefix credit (bpf/rules.h), in credit windows (now >> TG_CREDIT_SHIFT).
+	/* Prefix credit (bpf/prefix.h), in credit windows (now >> TG_CREDIT_SHIFT).
 	 * Source entries: the window of the last prefix visit, where the credit
 	 * held was lent. Prefix entries: the window pfx_lent counts. */
 	__u32 credit_win;
@@ -212,7 +238,8 @@ struct tg_src {
 	__u64 cls_mask;    /* the trie's rule mask; valid when flags has TG_SF_CLS_MASK */
 	__u64 cls_hi;
 	__u32 pfx_lent_prev;  /* prefix entries: packets lent in the window before credit_win */
-	__u32 spare;
+	__u32 sh_epoch;       /* source entries: the epoch of the shadow set sh belongs to (0: none) */
+	struct tg_shadow sh;
 };
 
 /* tg_src.flags */

@@ -19,8 +19,10 @@
  * rule (would-drop, and would-drop where the active set passed) and per
  * source (its own state entries, keyed by the shadow set's epoch). A shadow
  * set that matches exactly like the active one (same_match_as, the common
- * "same rules, other limits" candidate) reuses its classification and pays
- * only for its own buckets and counters.
+ * "same rules, other limits" candidate) reuses its classification and keeps
+ * its per-source state in the active set's entry for the source (struct
+ * tg_shadow): it pays only for its own buckets and counters, not for a
+ * lookup of its own.
  */
 #include <uapi/linux/bpf.h>
 
@@ -31,6 +33,8 @@
 #include "keys.h"
 #include "bucket.h"
 #include "stats.h"
+#include "classify.h"
+#include "prefix.h"
 #include "rules.h"
 
 static __always_inline void tg_count_rule(struct tg_rule_count *rc, struct tg_verdict v,
@@ -83,7 +87,8 @@ int tidegate_xdp(struct xdp_md *ctx)
 
 	__u64 now = tg_now();
 	struct tg_verdict matched;
-	struct tg_verdict v = tg_eval(aslot, acfg, &p, now, 0, 0, &matched);
+	struct tg_src *as;  /* the active set's entry for the source, if it had one */
+	struct tg_verdict v = tg_eval(aslot, acfg, &p, now, 0, 0, &matched, &as);
 	tg_count_rule(tg_rule_counter(aslot, v.rule), v, p.len);
 	__u32 reason = v.reason;
 	if (p.ext_unparsed && (v.rule == TG_RULE_EXTHDR || v.rule == TG_RULE_DEFAULT))
@@ -95,14 +100,14 @@ int tidegate_xdp(struct xdp_md *ctx)
 		if (scfg) {
 			struct tg_verdict sv;
 			if (scfg->same_match_as == aslot) {
-				struct tg_class none = {};
 				sv = matched;
 				if (sv.reason == TG_R_PASS)
-					sv = tg_limit(sslot, scfg, &p, now, sv, 1, v.drop,
-						      tg_rule_of(sslot, sv.rule), 0, &none);
+					sv = tg_shadow_limit(aslot, acfg, sslot, scfg, &p, now, sv,
+							     v.drop, as);
 			} else {
 				struct tg_verdict smatched;
-				sv = tg_eval(sslot, scfg, &p, now, 1, v.drop, &smatched);
+				struct tg_src *own;
+				sv = tg_eval(sslot, scfg, &p, now, 1, v.drop, &smatched, &own);
 			}
 			struct tg_rule_count *sc = tg_rule_counter(sslot, sv.rule);
 			if (sc) {

@@ -1,4 +1,4 @@
-"""The per-source classification cache (bpf/rules.h): a swap invalidates
+"""The per-source classification cache (bpf/classify.h): a swap invalidates
 every cached classification, and a cached answer is only ever used for
 the address it was computed for.
 

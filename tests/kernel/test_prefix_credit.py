@@ -1,4 +1,4 @@
-"""Prefix credit (bpf/rules.h): a source whose prefix bucket is far from its
+"""Prefix credit (bpf/prefix.h): a source whose prefix bucket is far from its
 limit sends packets on tokens it took from the bucket in advance, without
 looking the prefix up, for up to two credit windows (now >> CREDIT_SHIFT).
 The prefix still never passes more than its bucket gives (it refills only to

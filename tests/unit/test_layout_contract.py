@@ -99,7 +99,7 @@ def reason_name(define: str) -> str:
     return "ipv6-" + name if name.startswith("ext-") else name
 
 
-def contract_differences(layout_h: str, maps_h: str, rules_h: str, program_c: str, py=layout) -> list[str]:
+def contract_differences(layout_h: str, maps_h: str, classify_h: str, program_c: str, py=layout) -> list[str]:
     """Every way the C headers and the Python layout module disagree."""
     diffs = []
     d = c_defines(layout_h)
@@ -179,9 +179,9 @@ def contract_differences(layout_h: str, maps_h: str, rules_h: str, program_c: st
             diffs.append(f"map {name} has {sizes.get(name)} entries in maps.h, {entries_} in RESIZABLE_COUNTERS")
 
     # the lowest-bit multiplier and the program's name
-    mul = re.search(r"\*\s*(0x[0-9a-fA-F]+)ULL\)\s*>>\s*58", rules_h)
+    mul = re.search(r"\*\s*(0x[0-9a-fA-F]+)ULL\)\s*>>\s*58", classify_h)
     if not mul or int(mul[1], 16) != py.DEBRUIJN:
-        diffs.append(f"de Bruijn multiplier: rules.h {mul and mul[1]}, layout.DEBRUIJN {py.DEBRUIJN:#x}")
+        diffs.append(f"de Bruijn multiplier: classify.h {mul and mul[1]}, layout.DEBRUIJN {py.DEBRUIJN:#x}")
     if not re.search(rf"\bint\s+{py.PROG_NAME}\s*\(\s*struct xdp_md\b", program_c):
         diffs.append(f"tidegate.c has no XDP function named {py.PROG_NAME}")
     return diffs
@@ -189,7 +189,7 @@ def contract_differences(layout_h: str, maps_h: str, rules_h: str, program_c: st
 
 def _sources() -> dict[str, str]:
     return {k: (BPF / f).read_text() for k, f in (("layout_h", "layout.h"), ("maps_h", "maps.h"),
-                                                   ("rules_h", "rules.h"), ("program_c", "tidegate.c"))}  # fmt: skip
+                                                   ("classify_h", "classify.h"), ("program_c", "tidegate.c"))}  # fmt: skip
 
 
 def test_the_c_headers_and_layout_py_agree():
@@ -215,9 +215,12 @@ C_MUTATIONS = {
                        "TG_REASONS 11"),
     "a field type": ("layout_h", "__u32 epoch;       /* per-source", "__u64 epoch;       /* per-source",
                      "struct tg_set_cfg"),
-    "a field renamed": ("layout_h", "__u64 drops;", "__u64 dropped;", "struct tg_src"),
-    "fields swapped": ("layout_h", "__u64 tokens;\n\t__u64 last_ns;", "__u64 last_ns;\n\t__u64 tokens;",
-                       "struct tg_src"),
+    "a field renamed": ("layout_h", "__u64 drops;       /* enforced", "__u64 dropped;       /* enforced",
+                        "struct tg_src"),
+    "fields swapped": ("layout_h", "__u64 tokens;\n\t__u64 last_ns;\n\t__u64 packets;\n\t__u64 bytes;",
+                       "__u64 last_ns;\n\t__u64 tokens;\n\t__u64 packets;\n\t__u64 bytes;", "struct tg_src"),
+    "a shadow state field": ("layout_h", "__u64 drops;          /* would-drops */",
+                             "__u32 drops;          /* would-drops */", "struct tg_shadow"),
     "an array length": ("layout_h", "proto_mask[256]", "proto_mask[255]", "struct tg_set_cfg"),
     "a new struct": ("layout_h", "struct tg_count {", "struct tg_new { __u32 x; };\nstruct tg_count {",
                      "struct tg_new only in layout.h"),
@@ -228,7 +231,7 @@ C_MUTATIONS = {
                            "TG_MAX_SOURCES"),
     "the counter map's size": ("maps_h", "tg_stats, TG_REASONS,", "tg_stats, TG_REASONS + 1,", "map tg_stats"),
     "the port index": ("layout_h", "(slot) * 2 + (udp)) << 16", "(slot) * 2 + (udp)) << 17", "TG_PORT_IDX"),
-    "the de Bruijn multiplier": ("rules_h", "0x022fdd63cc95386dULL", "0x022fdd63cc95386cULL", "de Bruijn"),
+    "the de Bruijn multiplier": ("classify_h", "0x022fdd63cc95386dULL", "0x022fdd63cc95386cULL", "de Bruijn"),
 }  # fmt: skip
 
 

@@ -50,7 +50,7 @@ CF_ALLOW, CF_DENY = 1, 2  # TG_CF_*: tg_cidr_val.flags
 SET_HAS_TRIE, SET_HAS_PORTS, SET_EXT_DEFAULT = 1, 2, 4  # TG_SET_*: tg_set_cfg.flags
 KIND_SOURCE, KIND_PREFIX = 0, 1  # TG_KIND_*: tg_state_key.kind
 SF_BLOCKED, SF_CLS_MASK, SF_LENT = 1, 2, 4  # TG_SF_*: tg_src.flags
-STATE_LAYOUT = 3  # TG_STATE_LAYOUT: the tg_src layout, kept in tg_ctl.state_layout
+STATE_LAYOUT = 4  # TG_STATE_LAYOUT: the tg_src layout, kept in tg_ctl.state_layout
 CREDIT_SHIFT = 28  # TG_CREDIT_SHIFT: prefix credit windows are now >> CREDIT_SHIFT ns (about 268 ms)
 LRU_INSERTS, LRU_FAILS, LRU_COUNTERS = 0, 1, 2  # TG_LRU_*: tg_lru indexes
 
@@ -62,7 +62,7 @@ MAX_SOURCES = 1 << 20  # TG_MAX_SOURCES: per-source LRU entries
 MAX_CIDRS = 3 * 131072  # TG_MAX_CIDRS: entries of each family's trie, all three slots
 SLOT_CIDRS = MAX_CIDRS // SLOTS  # the CIDR entries one rule set may use
 
-# bpf/rules.h: the de Bruijn multiplier that finds a mask's lowest bit; tg_debruijn is its table
+# bpf/classify.h: the de Bruijn multiplier that finds a mask's lowest bit; tg_debruijn is its table
 DEBRUIJN = 0x022FDD63CC95386D
 
 # --------------------------------------------------------------- the structs
@@ -107,12 +107,17 @@ class tg_state_key(ctypes.Structure):
     _fields_ = [("addr_hi", u64), ("addr_lo", u64), ("epoch", u32), ("rule", u8), ("kind", u8), ("pad", u16)]
 
 
+class tg_shadow(ctypes.Structure):
+    _fields_ = [(n, u64) for n in ("tokens", "last_ns", "packets", "drops", "new_drops", "blocked_until", "first_ns")] + [
+        ("credit_win", u32), ("flags", u8), ("pfx_credit", u8), ("pfx_owed", u8), ("pad", u8)]  # fmt: skip
+
+
 class tg_src(ctypes.Structure):
     _fields_ = [(n, u64) for n in ("tokens", "last_ns", "packets", "bytes", "cls_lo")] + [
         ("credit_win", u32), ("pfx_lent", u32), ("cls_ok", u8), ("flags", u8), ("pfx_credit", u8), ("pfx_owed", u8),
         ("pfx_owed_bytes", u32)] + [
         (n, u64) for n in ("blocked_until", "byte_tokens", "drops", "new_drops", "first_ns", "cls_mask", "cls_hi")] + [
-        ("pfx_lent_prev", u32), ("spare", u32)]  # fmt: skip
+        ("pfx_lent_prev", u32), ("sh_epoch", u32), ("sh", tg_shadow)]  # fmt: skip
 
 
 class tg_count(ctypes.Structure):

@@ -15,6 +15,7 @@ import numpy as np
 from tidegate.kernel import bpfsys
 from tidegate.kernel.layout import (
     DROP_REASONS,
+    KIND_SOURCE,
     LRU_FAILS,
     LRU_INSERTS,
     MAP_NAMES,
@@ -23,6 +24,7 @@ from tidegate.kernel.layout import (
     RULE_IDX,
     SLOTS,
     halves_to_address,
+    tg_shadow,
     tg_src,
     tg_state_key,
 )
@@ -104,6 +106,7 @@ class SourceTable:
 
 _STATE_KEY = np.dtype(tg_state_key)
 _SOURCE = np.dtype(tg_src)
+_SHADOW = np.dtype(tg_shadow)
 
 
 def selection(tables: Tables) -> tuple[int, int]:
@@ -157,35 +160,81 @@ def read_counters(tables: Tables, names: dict[int, dict[int, str]], retired: dic
 
 
 def read_sources(tables: Tables, max_entries: int, columns: tuple[str, ...] | None = None) -> SourceTable:
-    """Snapshot the per-source LRU with one batched read (at most max_entries).
-    `columns`: only these SourceTable fields (the others are None), read
-    chunk by chunk, so the snapshot never holds the entries' other fields."""
-    t = tables["tg_state"]
-    if columns is not None:
-        return _read_source_columns(t.map_fd, max_entries, columns)
-    keys, vals, count = bpfsys.lookup_batch(t.map_fd, _STATE_KEY.itemsize, _SOURCE.itemsize, max_entries)
-    k = keys.view(_STATE_KEY)[:count]
-    v = vals.view(_SOURCE)[:count]
-    return SourceTable(
-        k["addr_hi"], k["addr_lo"], k["epoch"], k["rule"], k["kind"],
-        v["tokens"], v["last_ns"], v["blocked_until"], v["packets"], v["bytes"], v["drops"],
-        v["new_drops"], v["first_ns"], time.monotonic_ns(), count,
-    )  # fmt: skip
+    """Snapshot the per-source LRU with one batched read (at most max_entries
+    entries). `columns`: only these SourceTable fields (the others are None).
+    Read chunk by chunk, so the snapshot never holds the entries' other
+    fields.
 
-
-def _read_source_columns(fd: int, max_entries: int, columns: tuple[str, ...]) -> SourceTable:
+    A shadow set's state kept in the active set's entry for a source
+    (bpf/layout.h struct tg_shadow) comes as a row of its own, keyed by the
+    shadow set's epoch, as an entry of its own would: readers see a source's
+    shadow state alike wherever the program keeps it. Only the active set's
+    entries hold it: after an apply, the new active set's entries hold the
+    shadow's state afresh; a shadow set since promoted keeps its state in
+    entries of its own. Where an entry of the shadow set's own, left from an
+    earlier active set, has the same key as such a row, the row wins."""
+    names = tuple(dict.fromkeys((*(columns or SOURCE_COLUMNS), *KEY_COLUMNS)))
+    active = slot_info(tables, selection(tables)[0])
+    host = active.epoch if active is not None else 0  # no set has epoch 0
     # an array a column, filled as the chunks come (pages past the count are never touched)
-    of = {name: _STATE_KEY if name in _STATE_KEY.names else _SOURCE for name in columns}
-    out = {name: np.empty(max(1, max_entries), dt.fields[name][0]) for name, dt in of.items()}
+    out = {name: np.empty(max(1, 2 * max_entries), _column_type(name)) for name in names}
+    made = np.zeros(max(1, 2 * max_entries), bool)  # rows of shadow state
     count = 0
+    fd = tables["tg_state"].map_fd
     for kb, vb, n in bpfsys.lookup_batch_chunks(fd, _STATE_KEY.itemsize, _SOURCE.itemsize, max_entries):
-        rows = {_STATE_KEY: kb.view(_STATE_KEY), _SOURCE: vb.view(_SOURCE)}
-        for name, dt in of.items():
-            out[name][count:count + n] = rows[dt][name]
-        count += n
-    given = {f.name: out[f.name][:count] if f.name in out else None for f in fields(SourceTable)
-              if f.name not in ("taken_ns", "count")}  # fmt: skip
-    return SourceTable(**given, taken_ns=time.monotonic_ns(), count=count)
+        keys, vals = kb.view(_STATE_KEY)[:n], vb.view(_SOURCE)[:n]
+        held = np.flatnonzero((keys["epoch"] == host) & (vals["sh_epoch"] != 0) & (keys["kind"] == KIND_SOURCE))
+        for name in names:
+            out[name][count:count + n] = keys[name] if name in _STATE_KEY.names else vals[name]
+            out[name][count + n:count + n + len(held)] = _shadow_column(keys, vals, name, held)
+        made[count + n:count + n + len(held)] = True
+        count += n + len(held)
+    rows = {name: col[:count] for name, col in out.items()}
+    stale = _stale_own_entries(rows, made[:count])
+    if stale is not None:
+        rows = {name: col[~stale] for name, col in rows.items()}
+    given = {name: rows[name] if columns is None or name in columns else None for name in SOURCE_COLUMNS}
+    return SourceTable(**given, taken_ns=time.monotonic_ns(), count=len(rows["epoch"]))
+
+
+SOURCE_COLUMNS = tuple(f.name for f in fields(SourceTable) if f.name not in ("taken_ns", "count"))
+KEY_COLUMNS = ("addr_hi", "addr_lo", "epoch", "rule", "kind")
+
+
+def _stale_own_entries(rows: dict[str, np.ndarray], made: np.ndarray) -> np.ndarray | None:
+    """Rows of entries keyed by a shadow epoch with the same key as a row of
+    shadow state (an earlier active set had the shadow keep its own), as a
+    mask; None when there are none."""
+    if not made.any():
+        return None
+    epoch, kind = rows["epoch"], rows["kind"]
+    own = ~made & (kind == KIND_SOURCE) & np.isin(epoch, np.unique(epoch[made]))
+    if not own.any():
+        return None
+    idx = np.flatnonzero(made | own)
+    cols = [rows[c][idx] for c in ("rule", "epoch", "addr_lo", "addr_hi")]
+    order = np.lexsort(cols)
+    srt = [c[order] for c in cols]
+    same = np.logical_and.reduce([c[1:] == c[:-1] for c in srt])
+    pairs = np.concatenate([idx[order][1:][same], idx[order][:-1][same]])
+    stale = np.zeros(len(made), bool)
+    stale[pairs[~made[pairs]]] = True
+    return stale
+
+
+def _column_type(name: str) -> np.dtype:
+    return (_STATE_KEY if name in _STATE_KEY.names else _SOURCE).fields[name][0]
+
+
+def _shadow_column(keys: np.ndarray, vals: np.ndarray, name: str, held: np.ndarray) -> np.ndarray:
+    """One column of the shadow rows of the entries `held`."""
+    if name == "epoch":
+        return vals["sh_epoch"][held]
+    if name in ("addr_hi", "addr_lo", "rule", "kind"):
+        return keys[name][held]
+    if name in _SHADOW.names:
+        return vals["sh"][name][held]
+    return np.zeros(len(held), _column_type(name))  # bytes: the shadow state does not count them
 
 
 def read_trie(table: PinnedMap, max_entries: int) -> tuple[list[bytes], list[bytes], int]:

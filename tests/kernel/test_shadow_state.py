@@ -1,0 +1,185 @@
+"""Where a shadow set keeps its per-source state (bpf/layout.h struct
+tg_shadow). A shadow set that matches and keys sources like the active one
+keeps it in the active set's entry for the source, so a packet finds both
+sets' state with one lookup. Readers must not be able to tell: every
+source's shadow row (packets, would-drops, would-drops the active set
+passed, penalty) and every shadow prefix entry must read as they do when
+the shadow set keeps entries of its own; a new shadow set must start afresh,
+and a rule whose state cannot live there must keep entries of its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fixtures import rule_set
+from tidegate.kernel import bpfsys
+from tidegate.kernel.layout import KIND_SOURCE, NO_SLOT, tg_src, tg_state_key
+from tidegate.ruleset.parse import parse_rule_set
+
+from . import frames as f
+
+ACTIVE = rule_set("shadow-active")
+# the usual candidate: the same matching, ten times tighter, with a penalty
+TIGHT = ACTIVE.replace("pps: 100, burst: 100}", "pps: 10, burst: 10}\n    block_seconds: 5")
+# the same limits, plus a deny entry no test packet comes from: it matches
+# differently, so its state is kept in entries of its own
+TIGHT_OWN = TIGHT.replace('deny: ["192.0.2.0/24"]', 'deny: ["192.0.2.0/24", "203.0.113.250/32"]')
+
+# (ms, frame): dns sources the candidate would limit and block, web, the
+# default rule with its prefix limit (prefix credit), listed sources, IPv6
+TRAFFIC = [
+    *[(0, f.udp("203.0.113.1", 53))] * 30,
+    *[(0, f.udp("203.0.113.7", 53))] * 8,
+    *[(0, f.tcp("198.51.100.9", 443))] * 30,
+    *[(0, f.tcp(f"203.0.113.{20 + i % 5}", 8080)) for i in range(200)],
+    *[(0, f.udp("10.1.2.3", 53))] * 5,
+    *[(0, f.udp("192.0.2.7", 53))] * 5,
+    *[(0, f.udp("2001:db8::1", 53))] * 20,
+    # later: the refilled buckets, the penalty still running for 203.0.113.1
+    *[(2000, f.udp("203.0.113.1", 53))] * 5,
+    *[(2000, f.udp("203.0.113.7", 53))] * 5,
+    *[(2000, f.tcp(f"203.0.113.{20 + i % 5}", 8080)) for i in range(100)],
+]
+
+
+def _raw_entries(kf) -> tuple[np.ndarray, np.ndarray]:
+    """The LRU as the program keeps it (keys, values), without the reader."""
+    kd, vd = np.dtype(tg_state_key), np.dtype(tg_src)
+    keys, vals, n = bpfsys.lookup_batch(kf._tables["tg_state"].map_fd, kd.itemsize, vd.itemsize, 65536)
+    return keys.view(kd)[:n], vals.view(vd)[:n]
+
+
+def _shadow_rows(replay, shadow_text: str) -> tuple[dict, int, int]:
+    """Apply ACTIVE, load the shadow set, run TRAFFIC. Returns the shadow
+    set's rows as the reader gives them, {(address, rule, kind): (packets,
+    drops, new_drops, blocked_until)}, the shadow's same_match_as and the
+    number of source entries keyed by the shadow's epoch in the LRU."""
+    replay.apply(ACTIVE)
+    kf = replay.kf
+    replay.version += 1
+    kf.load_shadow(parse_rule_set(shadow_text, "<shadow>"), replay.version)
+    st = kf.state()
+    sets = kf._tables["tg_sets"]
+    linked = int(sets[sets.Key(st.shadow.slot)].same_match_as)
+    verdicts = [replay.at(ms).send(frame).verdict for ms, frame in TRAFFIC]
+    assert verdicts.count("drop") == 5, "only the active deny list drops: the shadow enforces nothing"
+    t = kf.read_sources()
+    rows = {}
+    for i in np.flatnonzero(t.epoch == st.shadow.epoch):
+        key = (t.address(i), int(t.rule[i]), int(t.kind[i]))
+        assert key not in rows, f"{key} read twice"
+        rows[key] = (int(t.packets[i]), int(t.drops[i]), int(t.new_drops[i]), int(t.blocked_until[i]))
+    keys, _ = _raw_entries(kf)
+    own = int(np.count_nonzero((keys["epoch"] == st.shadow.epoch) & (keys["kind"] == KIND_SOURCE)))
+    kf.clear_shadow()
+    return rows, linked, own
+
+
+@pytest.mark.kernel
+def test_shadow_state_in_the_active_entries_reads_as_entries_of_its_own(replay):
+    kept, linked, own_entries = _shadow_rows(replay, TIGHT)
+    active = replay.kf.state().active.slot
+    assert linked == active and own_entries == 0, "the candidate's source state lives in the active entries"
+    separate, linked, own_entries = _shadow_rows(replay, TIGHT_OWN)
+    assert linked == NO_SLOT and own_entries > 0
+    assert kept == separate
+    dns = kept[("203.0.113.1", 0, KIND_SOURCE)]
+    assert dns[:3] == (35, 25, 25) and dns[3] > 0, "10 pass, then limited, then blocked for 5 s"
+    assert kept[("203.0.113.7", 0, KIND_SOURCE)][:3] == (13, 0, 0), "refilled after 2 s"
+    prefix = [k for k in kept if k[2] != KIND_SOURCE]
+    assert prefix and sum(kept[k][0] for k in prefix) > 0, "the default rule's prefix counted its packets"
+
+
+# the candidate limits dns by bytes as well: a byte bucket is not kept in the
+# active entries, so that rule keeps entries of its own (the others do not)
+TIGHT_BYTES = TIGHT.replace("pps: 10, burst: 10}", "pps: 10, burst: 10, bps: 800000, burst_bytes: 100000}", 1)
+
+
+@pytest.mark.kernel
+def test_a_rule_whose_state_cannot_live_in_the_active_entries_keeps_its_own(replay):
+    if TIGHT_BYTES == TIGHT:
+        pytest.fail("the byte-limit candidate no longer differs from TIGHT: update it")
+    kept, linked, own_entries = _shadow_rows(replay, TIGHT_BYTES)
+    assert linked == replay.kf.state().active.slot
+    assert own_entries == 3, "dns: 203.0.113.1, .7 and 2001:db8::1, in entries of their own"
+    assert kept[("203.0.113.1", 0, KIND_SOURCE)][:3] == (35, 25, 25)
+    assert kept[("198.51.100.9", 1, KIND_SOURCE)][:3] == (30, 20, 20), "web: 10 pass, then limited"
+
+
+@pytest.mark.kernel
+def test_a_new_shadow_set_starts_its_state_afresh(replay):
+    replay.apply(ACTIVE)
+    kf = replay.kf
+    src = f.udp("203.0.113.1", 53)
+    epochs = []
+    for version, sent in ((2, 30), (3, 4)):
+        kf.load_shadow(parse_rule_set(TIGHT, "<shadow>"), version)
+        for _ in range(sent):
+            replay.at(0).send(src)
+        epochs.append(kf.state().shadow.epoch)
+        t = kf.read_sources()
+        mine = np.flatnonzero((t.epoch == epochs[-1]) & (t.kind == KIND_SOURCE))
+        assert len(mine) == 1
+        got = (int(t.packets[mine[0]]), int(t.drops[mine[0]]))
+        assert got == ((30, 20) if version == 2 else (4, 0)), got
+    first = (t.epoch == epochs[0]) & (t.kind == KIND_SOURCE)
+    assert not np.any(first), "the first candidate's state was taken over by the second"
+    kf.clear_shadow()
+
+
+@pytest.mark.kernel
+def test_a_promoted_shadow_set_reads_from_its_own_entries_only(replay):
+    """After a promotion the old active entries still hold the candidate's
+    state; the candidate, now active, keeps its state in entries of its own
+    (fresh buckets, as after any apply), and each source reads once."""
+    replay.apply(ACTIVE)
+    kf = replay.kf
+    src = f.udp("203.0.113.1", 53)
+    kf.load_shadow(parse_rule_set(TIGHT, "<shadow>"), 2)
+    for _ in range(30):
+        replay.at(0).send(src)
+    kf.promote_shadow()
+    promoted = kf.state().active.epoch
+    steps = [replay.at(0).send(src) for _ in range(12)]
+    assert [s.verdict for s in steps] == ["pass"] * 10 + ["drop"] * 2, "the candidate's limit, fresh bucket"
+    t = kf.read_sources()
+    mine = np.flatnonzero((t.epoch == promoted) & (t.kind == KIND_SOURCE))
+    assert len(mine) == 1 and (int(t.packets[mine[0]]), int(t.drops[mine[0]])) == (12, 2)
+
+
+# the active set passes dns without a limit: the candidate keeps dns state in
+# entries of its own under it, in the active entries under ACTIVE
+ACTIVE_DNS_OPEN = ACTIVE.replace("    limit: {pps: 100, burst: 100}\n", "    action: pass\n", 1)
+
+
+@pytest.mark.kernel
+def test_applies_under_a_loaded_shadow_read_each_source_once(replay):
+    """The shadow set stays loaded while the active set changes under it:
+    ACTIVE_DNS_OPEN (dns state in the candidate's own entries), then ACTIVE
+    (in the active entries; the candidate's own entries from before are
+    still in the LRU), then ACTIVE again. Every source reads once, and the
+    candidate's state starts afresh with each new active set, as the active
+    set's own does."""
+    if ACTIVE_DNS_OPEN == ACTIVE:
+        pytest.fail("the open-dns active set no longer differs from ACTIVE: update it")
+    kf = replay.kf
+    src = f.udp("203.0.113.1", 53)
+    kf.apply(parse_rule_set(ACTIVE_DNS_OPEN, "open"), 1)
+    kf.load_shadow(parse_rule_set(TIGHT, "<shadow>"), 2)
+    shadow = kf.state().shadow.epoch
+    expect = []
+    for version, text, sent in ((1, ACTIVE_DNS_OPEN, 30), (3, ACTIVE, 4), (4, ACTIVE, 12)):
+        if version > 1:
+            kf.apply(parse_rule_set(text, "<active>"), version)
+            assert kf.state().shadow.epoch == shadow, "the candidate stayed loaded"
+        for _ in range(sent):
+            replay.at(0).send(src)
+        t = kf.read_sources()
+        mine = np.flatnonzero((t.epoch == shadow) & (t.kind == KIND_SOURCE) & (t.rule == 0))
+        assert len(mine) == 1, f"after version {version}: {len(mine)} rows"
+        expect.append((int(t.packets[mine[0]]), int(t.drops[mine[0]])))
+    keys, vals = _raw_entries(kf)
+    assert np.count_nonzero((keys["epoch"] == shadow) & (keys["kind"] == KIND_SOURCE)) == 1, "the stale own entry"
+    assert expect == [(30, 20), (4, 0), (12, 2)], expect
+    kf.clear_shadow()
