@@ -183,3 +183,18 @@ def test_applies_under_a_loaded_shadow_read_each_source_once(replay):
     assert np.count_nonzero((keys["epoch"] == shadow) & (keys["kind"] == KIND_SOURCE)) == 1, "the stale own entry"
     assert expect == [(30, 20), (4, 0), (12, 2)], expect
     kf.clear_shadow()
+
+
+@pytest.mark.kernel
+def test_the_snapshot_counts_entries_apart_from_rows(replay):
+    """The LRU's entry count (the eviction estimate's base) is not inflated
+    by the rows of shadow state: those live in entries already counted."""
+    replay.apply(ACTIVE)
+    kf = replay.kf
+    kf.load_shadow(parse_rule_set(TIGHT, "<shadow>"), 2)
+    for frame in (f.udp("203.0.113.1", 53), f.udp("203.0.113.7", 53)):
+        replay.at(0).send(frame)
+    keys, _ = _raw_entries(kf)
+    t = kf.read_sources()
+    assert t.entries == len(keys) and t.count == len(keys) + 2, (t.entries, t.count, len(keys))
+    kf.clear_shadow()

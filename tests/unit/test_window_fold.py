@@ -104,7 +104,7 @@ class ChurningTable:
         return NS(addr_hi=np.array([h for h, _ in hl], np.uint64), addr_lo=np.array([lo for _, lo in hl], np.uint64),
                   epoch=np.full(n, EPOCH, np.uint32), rule=np.full(n, API, np.uint8), kind=np.zeros(n, np.uint8),
                   packets=pk, drops=np.zeros(n, np.uint64), new_drops=np.zeros(n, np.uint64),
-                  first_ns=np.zeros(n, np.uint64))  # fmt: skip
+                  first_ns=np.zeros(n, np.uint64), entries=n)  # fmt: skip
 
     def state(self):
         return NS(active=NS(epoch=EPOCH, slot=0), shadow=None)

@@ -98,7 +98,8 @@ class SourceTable:
     new_drops: object
     first_ns: object
     taken_ns: int = 0
-    count: int = 0
+    count: int = 0  # rows
+    entries: int = 0  # LRU entries read (rows also hold shadow state kept in active entries)
 
     def address(self, i: int) -> str:
         return str(halves_to_address(int(self.addr_hi[i]), int(self.addr_lo[i])))
@@ -179,7 +180,7 @@ def read_sources(tables: Tables, max_entries: int, columns: tuple[str, ...] | No
     # an array a column, filled as the chunks come (pages past the count are never touched)
     out = {name: np.empty(max(1, 2 * max_entries), _column_type(name)) for name in names}
     made = np.zeros(max(1, 2 * max_entries), bool)  # rows of shadow state
-    count = 0
+    count = entries = 0
     fd = tables["tg_state"].map_fd
     for kb, vb, n in bpfsys.lookup_batch_chunks(fd, _STATE_KEY.itemsize, _SOURCE.itemsize, max_entries):
         keys, vals = kb.view(_STATE_KEY)[:n], vb.view(_SOURCE)[:n]
@@ -189,15 +190,16 @@ def read_sources(tables: Tables, max_entries: int, columns: tuple[str, ...] | No
             out[name][count + n:count + n + len(held)] = _shadow_column(keys, vals, name, held)
         made[count + n:count + n + len(held)] = True
         count += n + len(held)
+        entries += n
     rows = {name: col[:count] for name, col in out.items()}
     stale = _stale_own_entries(rows, made[:count])
     if stale is not None:
         rows = {name: col[~stale] for name, col in rows.items()}
     given = {name: rows[name] if columns is None or name in columns else None for name in SOURCE_COLUMNS}
-    return SourceTable(**given, taken_ns=time.monotonic_ns(), count=len(rows["epoch"]))
+    return SourceTable(**given, taken_ns=time.monotonic_ns(), count=len(rows["epoch"]), entries=entries)
 
 
-SOURCE_COLUMNS = tuple(f.name for f in fields(SourceTable) if f.name not in ("taken_ns", "count"))
+SOURCE_COLUMNS = tuple(f.name for f in fields(SourceTable) if f.name not in ("taken_ns", "count", "entries"))
 KEY_COLUMNS = ("addr_hi", "addr_lo", "epoch", "rule", "kind")
 
 

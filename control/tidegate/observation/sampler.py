@@ -233,7 +233,7 @@ class Sampler:
                 self.tracked_sources = int(np.count_nonzero((table.kind == 0) & (table.epoch == active_epoch)))
             else:
                 self.tracked_sources = 0
-            self.tracked_entries = len(hkeys)
+            self.tracked_entries = table.entries  # the LRU's entries, not rows of shadow state
             self.last_sample = now
             self.sample_seconds = now - started
             if prev is None:
