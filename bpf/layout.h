@@ -174,26 +174,28 @@ struct tg_state_key {
 	__u16 pad;
 };
 
-/* A shadow set's state for one source, kept in the active set's entry for
- * that source (struct tg_src.sh) when the shadow set matches like the active
- * one and keys its sources alike: a packet then finds both sets' state with
- * one lookup, where a separate shadow entry cost a second, cache-missing one
- * (bench/packet_path.py, shadow rows). The control plane reads it as a row of
- * its own, keyed by the shadow set's epoch (kernel/readers.py), so a source's
- * shadow state looks the same whichever place holds it. What it does not keep:
- * a byte bucket (a shadow rule with a byte limit keeps separate entries) and
- * the bytes of packets sent on prefix credit (a shadow prefix entry's byte
- * count has only the packets that visit it; nothing reads it). */
+/* A shadow set's state for one source or prefix, kept in the active set's
+ * entry for it (struct tg_src.sh) when the shadow set matches like the active
+ * one and keys its sources (and, for a prefix, its prefixes) alike: a packet
+ * then finds both sets' state with one lookup, where a separate shadow entry
+ * cost a second, cache-missing one (bench/packet_path.py, shadow rows). The
+ * control plane reads it as a row of its own, keyed by the shadow set's epoch
+ * (kernel/readers.py), so the shadow state looks the same whichever place
+ * holds it. What it does not keep: a byte bucket (a shadow rule with a byte
+ * limit keeps separate entries), and byte counts (a shadow set's byte figures
+ * come from its per-rule counters). A prefix never blocks: in prefix
+ * entries, blocked_until holds the prefix's loans (bpf/prefix.h), the packets
+ * lent in window credit_win (its low 32 bits) and in the window before. */
 struct tg_shadow {
 	__u64 tokens;
 	__u64 last_ns;
 	__u64 packets;
 	__u64 drops;          /* would-drops */
 	__u64 new_drops;      /* would-drops the active set passed */
-	__u64 blocked_until;  /* valid when flags has TG_SF_BLOCKED */
+	__u64 blocked_until;  /* sources: valid when flags has TG_SF_BLOCKED; prefixes: loans */
 	__u64 first_ns;
 	__u32 credit_win;     /* prefix credit, as in struct tg_src */
-	__u8 flags;           /* TG_SF_BLOCKED */
+	__u8 flags;           /* TG_SF_BLOCKED, or for prefixes TG_SF_LENT */
 	__u8 pfx_credit;
 	__u8 pfx_owed;
 	__u8 pad;
@@ -238,7 +240,7 @@ struct tg_src {
 	__u64 cls_mask;    /* the trie's rule mask; valid when flags has TG_SF_CLS_MASK */
 	__u64 cls_hi;
 	__u32 pfx_lent_prev;  /* prefix entries: packets lent in the window before credit_win */
-	__u32 sh_epoch;       /* source entries: the epoch of the shadow set sh belongs to (0: none) */
+	__u32 sh_epoch;       /* the epoch of the shadow set sh belongs to (0: none) */
 	struct tg_shadow sh;
 };
 

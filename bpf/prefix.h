@@ -40,13 +40,31 @@ struct tg_credit {
 	__u32 *owed_bytes;
 };
 
+/* Where a prefix keeps its bucket, loans and counters: the fields of its own
+ * entry (entry: that entry, for a byte limit), or those of a shadow set's
+ * prefix state kept in the active set's prefix entry (struct tg_shadow; entry
+ * and bytes 0: no byte bucket, no byte count). */
+struct tg_pfx {
+	struct tg_src *entry;
+	__u64 *tokens;
+	__u64 *last_ns;
+	__u64 *packets;
+	__u64 *bytes;
+	__u64 *drops;
+	__u64 *new_drops;
+	__u32 *win;        /* the window *lent counts */
+	__u32 *lent;       /* packets lent in window *win */
+	__u32 *lent_prev;  /* packets lent in the window before */
+	__u8 *flags;       /* TG_SF_LENT */
+};
+
 /* What the prefix's bucket may hold: its burst less the credit its sources
  * hold. */
-static __always_inline __u64 tg_pfx_cap(const struct tg_src *ps, const struct tg_limit *l)
+static __always_inline __u64 tg_pfx_cap(const struct tg_pfx *b, const struct tg_limit *l)
 {
-	if (!(ps->flags & TG_SF_LENT))
+	if (!(*b->flags & TG_SF_LENT))
 		return l->burst;
-	__u64 held = ((__u64)ps->pfx_lent + ps->pfx_lent_prev) * TG_UNIT;
+	__u64 held = ((__u64)*b->lent + *b->lent_prev) * TG_UNIT;
 	return l->burst > held ? l->burst - held : 0;
 }
 
@@ -57,47 +75,49 @@ static __always_inline __u64 tg_pfx_cap(const struct tg_src *ps, const struct tg
  * once). Then the loan counters roll to window win: loans of older
  * windows have expired. Only a prefix that lends (never one with a byte
  * limit) has TG_SF_LENT. */
-static __always_inline void tg_pfx_roll(struct tg_src *ps, const struct tg_limit *l, __u64 now,
+static __always_inline void tg_pfx_roll(const struct tg_pfx *b, const struct tg_limit *l, __u64 now,
 					__u32 win)
 {
-	if (!(ps->flags & TG_SF_LENT))
+	if (!(*b->flags & TG_SF_LENT))
 		return;
-	__u64 elapsed = now > ps->last_ns ? now - ps->last_ns : 0;
-	ps->last_ns = now > ps->last_ns ? now : ps->last_ns;
-	ps->tokens = tg_refill(ps->tokens, elapsed, l->rate, tg_pfx_cap(ps, l), l->fill_ns);
-	if (ps->credit_win == win)
+	__u64 last = *b->last_ns;
+	__u64 elapsed = now > last ? now - last : 0;
+	*b->last_ns = now > last ? now : last;
+	*b->tokens = tg_refill(*b->tokens, elapsed, l->rate, tg_pfx_cap(b, l), l->fill_ns);
+	if (*b->win == win)
 		return;
-	__u32 prev = win - ps->credit_win == 1 ? ps->pfx_lent : 0;
-	ps->pfx_lent_prev = prev;
-	ps->pfx_lent = 0;
-	ps->credit_win = win;
+	__u32 prev = win - *b->win == 1 ? *b->lent : 0;
+	*b->lent_prev = prev;
+	*b->lent = 0;
+	*b->win = win;
 	if (!prev)
-		ps->flags &= ~TG_SF_LENT;
+		*b->flags &= ~TG_SF_LENT;
 }
 
 /* A source back at its prefix settles its last loan: the packets it sent on
  * credit reach the prefix's counters, the prefix stops holding the loan (if
  * it still counts it) and what was left goes back to the bucket. */
-static __always_inline void tg_pfx_settle(struct tg_src *ps, const struct tg_credit *c, __u32 win,
+static __always_inline void tg_pfx_settle(const struct tg_pfx *b, const struct tg_credit *c, __u32 win,
 					  const struct tg_limit *l)
 {
 	__u32 n = (__u32)*c->credit + *c->owed;
 	if (!n)
 		return;
-	ps->packets += *c->owed;
+	*b->packets += *c->owed;
 	if (c->owed_bytes) {
-		ps->bytes += *c->owed_bytes;
+		if (b->bytes)
+			*b->bytes += *c->owed_bytes;
 		*c->owed_bytes = 0;
 	}
-	if (ps->flags & TG_SF_LENT) {
+	if (*b->flags & TG_SF_LENT) {
 		if (*c->win == win)
-			ps->pfx_lent -= n < ps->pfx_lent ? n : ps->pfx_lent;
+			*b->lent -= n < *b->lent ? n : *b->lent;
 		else if (win - *c->win == 1)
-			ps->pfx_lent_prev -= n < ps->pfx_lent_prev ? n : ps->pfx_lent_prev;
+			*b->lent_prev -= n < *b->lent_prev ? n : *b->lent_prev;
 	}
-	__u64 cap = tg_pfx_cap(ps, l);
-	__u64 back = ps->tokens + (__u64)*c->credit * TG_UNIT;
-	ps->tokens = back > cap ? cap : back;
+	__u64 cap = tg_pfx_cap(b, l);
+	__u64 back = *b->tokens + (__u64)*c->credit * TG_UNIT;
+	*b->tokens = back > cap ? cap : back;
 	*c->credit = 0;
 	*c->owed = 0;
 }
@@ -105,25 +125,95 @@ static __always_inline void tg_pfx_settle(struct tg_src *ps, const struct tg_cre
 /* Lend a source back within the credit windows, its prefix far from its
  * limit, an eighth of what is above half the burst, at most TG_CREDIT_MAX
  * packets. */
-static __always_inline void tg_pfx_lend(struct tg_src *ps, const struct tg_credit *c, __u32 win,
+static __always_inline void tg_pfx_lend(const struct tg_pfx *b, const struct tg_credit *c, __u32 win,
 					const struct tg_limit *l)
 {
-	if (ps->tokens <= l->burst / 2)
+	__u64 tokens = *b->tokens;
+	if (tokens <= l->burst / 2)
 		return;
-	__u64 n = ((ps->tokens - l->burst / 2) >> 3) / TG_UNIT;
+	__u64 n = ((tokens - l->burst / 2) >> 3) / TG_UNIT;
 	if (n > TG_CREDIT_MAX)
 		n = TG_CREDIT_MAX;
 	if (!n)
 		return;
-	if (!(ps->flags & TG_SF_LENT)) {
-		ps->credit_win = win;
-		ps->pfx_lent = 0;
-		ps->pfx_lent_prev = 0;
-		ps->flags |= TG_SF_LENT;
+	if (!(*b->flags & TG_SF_LENT)) {
+		*b->win = win;
+		*b->lent = 0;
+		*b->lent_prev = 0;
+		*b->flags |= TG_SF_LENT;
 	}
-	ps->pfx_lent += n;
-	ps->tokens -= n * TG_UNIT;
+	*b->lent += n;
+	*b->tokens = tokens - n * TG_UNIT;
 	*c->credit = n;
+}
+
+/* A packet on credit: a source holding tokens it took from its prefix
+ * bucket in this window or the last needs no prefix lookup. */
+static __always_inline int tg_on_credit(const struct tg_credit *c, const struct tg_pkt *p, __u32 win)
+{
+	if (!c || !*c->credit || win - *c->win > 1)
+		return 0;
+	(*c->credit)--;
+	(*c->owed)++;
+	if (c->owed_bytes)
+		*c->owed_bytes += p->len;
+	return 1;
+}
+
+/* A packet's visit to a prefix bucket it found: the source's last loan
+ * settles, the packet takes its token, and a source back within the credit
+ * windows may borrow (c: where the source keeps its credit, 0 for a source
+ * seen for the first time, which takes no credit). */
+static __always_inline struct tg_verdict tg_pfx_visit(const struct tg_pfx *b, const struct tg_pkt *p,
+						      __u64 now, __u32 win, struct tg_verdict v,
+						      int shadow, int active_drop,
+						      const struct tg_rule_cfg *rc,
+						      const struct tg_credit *c)
+{
+	int pbytes = rc->flags & TG_RF_PFX_BYTES;
+	(*b->packets)++;
+	if (b->bytes)
+		*b->bytes += p->len;
+	tg_pfx_roll(b, &rc->pfx, now, win);
+	if (c)
+		tg_pfx_settle(b, c, win, &rc->pfx);
+	/* (the roll refilled a lending prefix already: nothing elapses here) */
+	int ok = b->entry ? tg_take(b->entry, &rc->pfx, now, p->len, pbytes)
+			  : tg_take_packet(b->tokens, b->last_ns, &rc->pfx, now);
+	if (!ok) {
+		v.drop = 1;
+		v.reason = TG_R_PREFIX;
+		(*b->drops)++;
+		if (shadow && !active_drop)
+			(*b->new_drops)++;
+	} else if (c && !pbytes && win - *c->win <= 1) {
+		tg_pfx_lend(b, c, win, &rc->pfx);
+	}
+	if (c)
+		*c->win = win;  /* its last prefix visit */
+	return v;
+}
+
+/* A new prefix entry for the packet's prefix (key pk) under rule rc:
+ * counted, it takes the packet's token from a full bucket. 0 if the packet
+ * fits. */
+static __always_inline int tg_pfx_insert(struct tg_state_key *pk, const struct tg_pkt *p, __u64 now,
+					 int shadow, int active_drop,
+					 const struct tg_rule_cfg *rc)
+{
+	struct tg_src fresh;
+	struct tg_class none = {};
+	int ok = tg_fresh(&fresh, &rc->pfx, now, p->len, rc->flags & TG_RF_PFX_BYTES);
+	fresh.packets = 1;
+	fresh.bytes = p->len;
+	fresh.drops = !ok;
+	fresh.new_drops = !ok && shadow && !active_drop;
+	tg_cache_class(&fresh, p, &none);
+	if (tg_state.insert(pk, &fresh) == 0)
+		tg_lru_count(TG_LRU_INSERTS);
+	else if (!tg_state.lookup(pk))
+		tg_lru_count(TG_LRU_FAILS);
+	return ok;
 }
 
 /* The rule's per-prefix bucket, after the source's own passed. c: where the
@@ -135,58 +225,93 @@ static __always_inline struct tg_verdict tg_prefix(const struct tg_set_cfg *cfg,
 						   const struct tg_rule_cfg *rc,
 						   const struct tg_credit *c)
 {
-	int pbytes = rc->flags & TG_RF_PFX_BYTES;
 	__u32 win = now >> TG_CREDIT_SHIFT;
-	/* on credit: a packet of a source holding tokens it took from its
-	 * prefix bucket in this window or the last needs no prefix lookup */
-	if (c && *c->credit && win - *c->win <= 1) {
-		(*c->credit)--;
-		(*c->owed)++;
-		if (c->owed_bytes)
-			*c->owed_bytes += p->len;
+	if (tg_on_credit(c, p, win))
 		return v;
-	}
 	struct tg_state_key pk;
 	tg_state_key(&pk, p, p->family == 4 ? &rc->pfx4 : &rc->pfx6, cfg->epoch, v.rule,
 		     TG_KIND_PREFIX);
 	struct tg_src *ps = tg_state.lookup(&pk);
 	if (!ps) {
+		if (!tg_pfx_insert(&pk, p, now, shadow, active_drop, rc)) {
+			v.drop = 1;
+			v.reason = TG_R_PREFIX;
+		}
+		return v;
+	}
+	struct tg_pfx b = {
+		ps, &ps->tokens, &ps->last_ns, &ps->packets, &ps->bytes, &ps->drops, &ps->new_drops,
+		&ps->credit_win, &ps->pfx_lent, &ps->pfx_lent_prev, &ps->flags,
+	};
+	return tg_pfx_visit(&b, p, now, win, v, shadow, active_drop, rc, c);
+}
+
+/* A shadow set's prefix bucket kept in the active set's entry for the
+ * prefix (struct tg_shadow in it; its loans in sh.blocked_until, which a
+ * prefix never needs): arc, the active set's rule, keys prefixes like rc,
+ * the candidate's, which has no byte limit on its prefix. One lookup then
+ * serves both sets' prefix visits, and the entry is the one the active set
+ * has just visited when both do on the same packet. Where the active set
+ * has no entry for the prefix (evicted, or none of its packets got that
+ * far), one is made with its bucket full and no packet counted. The
+ * candidate's first packet of the prefix starts its state afresh, as a new
+ * entry of its own would, and takes no credit. */
+static __always_inline struct tg_verdict tg_prefix_shadow(const struct tg_set_cfg *acfg,
+							  const struct tg_set_cfg *scfg,
+							  const struct tg_pkt *p, __u64 now,
+							  struct tg_verdict v, int active_drop,
+							  const struct tg_rule_cfg *arc,
+							  const struct tg_rule_cfg *rc,
+							  const struct tg_credit *c)
+{
+	__u32 win = now >> TG_CREDIT_SHIFT;
+	if (tg_on_credit(c, p, win))
+		return v;
+	struct tg_state_key pk;
+	tg_state_key(&pk, p, p->family == 4 ? &arc->pfx4 : &arc->pfx6, acfg->epoch, v.rule,
+		     TG_KIND_PREFIX);
+	struct tg_src *ps = tg_state.lookup(&pk);
+	if (!ps) {
 		struct tg_src fresh;
 		struct tg_class none = {};
-		int ok = tg_fresh(&fresh, &rc->pfx, now, p->len, pbytes);
-		fresh.packets = 1;
-		fresh.bytes = p->len;
-		fresh.drops = !ok;
-		fresh.new_drops = !ok && shadow && !active_drop;
+		tg_fresh(&fresh, &arc->pfx, now, 0, 0);
+		fresh.tokens = arc->pfx.burst;  /* (tg_fresh took a packet's token) */
 		tg_cache_class(&fresh, p, &none);
+		if (tg_state.insert(&pk, &fresh) == 0)
+			tg_lru_count(TG_LRU_INSERTS);
+		ps = tg_state.lookup(&pk);
+		if (!ps) {
+			tg_lru_count(TG_LRU_FAILS);
+			return v;
+		}
+	}
+	struct tg_shadow *h = &ps->sh;
+	__u32 *loans = (__u32 *)&h->blocked_until;
+	if (ps->sh_epoch != scfg->epoch) {
+		h->tokens = rc->pfx.burst;
+		h->last_ns = now;
+		int ok = tg_take_packet(&h->tokens, &h->last_ns, &rc->pfx, now);
+		h->packets = 1;
+		h->drops = !ok;
+		h->new_drops = !ok && !active_drop;
+		h->blocked_until = 0;
+		h->first_ns = tg_wall();
+		h->credit_win = win;
+		h->flags = 0;
+		h->pfx_credit = 0;
+		h->pfx_owed = 0;
+		ps->sh_epoch = scfg->epoch;
 		if (!ok) {
 			v.drop = 1;
 			v.reason = TG_R_PREFIX;
 		}
-		if (tg_state.insert(&pk, &fresh) == 0)
-			tg_lru_count(TG_LRU_INSERTS);
-		else if (!tg_state.lookup(&pk))
-			tg_lru_count(TG_LRU_FAILS);
 		return v;
 	}
-	ps->packets++;
-	ps->bytes += p->len;
-	tg_pfx_roll(ps, &rc->pfx, now, win);
-	if (c)
-		tg_pfx_settle(ps, c, win, &rc->pfx);
-	/* (the roll refilled a lending prefix already: nothing elapses here) */
-	if (!tg_take(ps, &rc->pfx, now, p->len, pbytes)) {
-		v.drop = 1;
-		v.reason = TG_R_PREFIX;
-		ps->drops++;
-		if (shadow && !active_drop)
-			ps->new_drops++;
-	} else if (c && !pbytes && win - *c->win <= 1) {
-		tg_pfx_lend(ps, c, win, &rc->pfx);
-	}
-	if (c)
-		*c->win = win;  /* its last prefix visit */
-	return v;
+	struct tg_pfx b = {
+		0, &h->tokens, &h->last_ns, &h->packets, 0, &h->drops, &h->new_drops,
+		&h->credit_win, &loans[0], &loans[1], &h->flags,
+	};
+	return tg_pfx_visit(&b, p, now, win, v, 1, active_drop, rc, c);
 }
 
 #endif

@@ -114,10 +114,14 @@ counted:
 /* The shadow set's limits on the state it keeps in the active set's entry
  * for the source (struct tg_shadow in s): rc keeps per-source state and has
  * no byte limit. Its first packet of the source starts that state afresh, as
- * a new entry of its own would. */
-static __always_inline struct tg_verdict tg_limit_shadow(const struct tg_set_cfg *cfg,
+ * a new entry of its own would. Its prefix bucket lives in the active set's
+ * prefix entry where arc, the active set's rule, is given (tg_prefix_shadow),
+ * else in entries of its own. */
+static __always_inline struct tg_verdict tg_limit_shadow(const struct tg_set_cfg *acfg,
+							 const struct tg_set_cfg *cfg,
 							 const struct tg_pkt *p, __u64 now,
 							 struct tg_verdict v, int active_drop,
+							 const struct tg_rule_cfg *arc,
 							 const struct tg_rule_cfg *rc, struct tg_src *s)
 {
 	struct tg_shadow *h = &s->sh;
@@ -146,8 +150,15 @@ static __always_inline struct tg_verdict tg_limit_shadow(const struct tg_set_cfg
 		tg_block(&h->flags, &h->blocked_until, rc, now);
 	} else if (rc->flags & TG_RF_PREFIX) {
 		struct tg_credit own = { &h->credit_win, &h->pfx_credit, &h->pfx_owed, 0 };
-		/* a source's first packet takes no credit, as in tg_limit */
-		v = tg_prefix(cfg, p, now, v, 1, active_drop, rc, first ? 0 : &own);
+		/* a source's first packet takes no credit, as in tg_limit. The
+		 * barrier keeps the compiler from folding `first` into the
+		 * addresses of c's fields, which the verifier cannot follow */
+		const struct tg_credit *c = first ? 0 : &own;
+		asm volatile("" : "+r"(c));
+		if (arc)
+			v = tg_prefix_shadow(acfg, cfg, p, now, v, active_drop, arc, rc, c);
+		else
+			v = tg_prefix(cfg, p, now, v, 1, active_drop, rc, c);
 	}
 	if (v.drop) {
 		h->drops++;
@@ -182,7 +193,13 @@ static __always_inline struct tg_verdict tg_shadow_limit(__u32 aslot, const stru
 		}
 		if (!as)
 			return sv;  /* the LRU could not make the active entry (counted) */
-		return tg_limit_shadow(scfg, p, now, sv, active_drop, rc, as);
+		/* its prefix bucket in the active set's prefix entry: where both
+		 * rules limit prefixes keyed alike and the candidate's counts no bytes */
+		const struct tg_mask *ap = p->family == 4 ? &arc->pfx4 : &arc->pfx6;
+		const struct tg_mask *sp = p->family == 4 ? &rc->pfx4 : &rc->pfx6;
+		int pfx_here = (arc->flags & TG_RF_PREFIX) && (rc->flags & TG_RF_PREFIX) &&
+			       !(rc->flags & TG_RF_PFX_BYTES) && ap->hi == sp->hi && ap->lo == sp->lo;
+		return tg_limit_shadow(acfg, scfg, p, now, sv, active_drop, pfx_here ? arc : 0, rc, as);
 	}
 	struct tg_class none = {};
 	struct tg_src *own;

@@ -1,11 +1,12 @@
-"""Where a shadow set keeps its per-source state (bpf/layout.h struct
-tg_shadow). A shadow set that matches and keys sources like the active one
-keeps it in the active set's entry for the source, so a packet finds both
-sets' state with one lookup. Readers must not be able to tell: every
-source's shadow row (packets, would-drops, would-drops the active set
-passed, penalty) and every shadow prefix entry must read as they do when
-the shadow set keeps entries of its own; a new shadow set must start afresh,
-and a rule whose state cannot live there must keep entries of its own."""
+"""Where a shadow set keeps its per-source and per-prefix state (bpf/layout.h
+struct tg_shadow). A shadow set that matches and keys sources like the
+active one keeps it in the active set's entry for the source (and for the
+prefix, where both key prefixes alike), so a packet finds both sets' state
+with one lookup. Readers must not be able to tell: every source's shadow
+row (packets, would-drops, would-drops the active set passed, penalty) and
+every shadow prefix row must read as they do when the shadow set keeps
+entries of its own; a new shadow set must start afresh, and a rule whose
+state cannot live there must keep entries of its own."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from fixtures import rule_set
 from tidegate.kernel import bpfsys
-from tidegate.kernel.layout import KIND_SOURCE, NO_SLOT, tg_src, tg_state_key
+from tidegate.kernel.layout import KIND_PREFIX, KIND_SOURCE, NO_SLOT, RULE_DEFAULT, tg_src, tg_state_key
 from tidegate.ruleset.parse import parse_rule_set
 
 from . import frames as f
@@ -22,9 +23,11 @@ from . import frames as f
 ACTIVE = rule_set("shadow-active")
 # the usual candidate: the same matching, ten times tighter, with a penalty
 TIGHT = ACTIVE.replace("pps: 100, burst: 100}", "pps: 10, burst: 10}\n    block_seconds: 5")
+# the same candidate with a prefix limit that drops (and lends less)
+TIGHT_PFX = TIGHT.replace("pps: 5000, burst: 5000}", "pps: 20, burst: 60}")
 # the same limits, plus a deny entry no test packet comes from: it matches
 # differently, so its state is kept in entries of its own
-TIGHT_OWN = TIGHT.replace('deny: ["192.0.2.0/24"]', 'deny: ["192.0.2.0/24", "203.0.113.250/32"]')
+DENY_MORE = ('deny: ["192.0.2.0/24"]', 'deny: ["192.0.2.0/24", "203.0.113.250/32"]')
 
 # (ms, frame): dns sources the candidate would limit and block, web, the
 # default rule with its prefix limit (prefix credit), listed sources, IPv6
@@ -36,6 +39,7 @@ TRAFFIC = [
     *[(0, f.udp("10.1.2.3", 53))] * 5,
     *[(0, f.udp("192.0.2.7", 53))] * 5,
     *[(0, f.udp("2001:db8::1", 53))] * 20,
+    *[(0, f.tcp("2001:db8::2", 8080))] * 20,
     # later: the refilled buckets, the penalty still running for 203.0.113.1
     *[(2000, f.udp("203.0.113.1", 53))] * 5,
     *[(2000, f.udp("203.0.113.7", 53))] * 5,
@@ -50,11 +54,11 @@ def _raw_entries(kf) -> tuple[np.ndarray, np.ndarray]:
     return keys.view(kd)[:n], vals.view(vd)[:n]
 
 
-def _shadow_rows(replay, shadow_text: str) -> tuple[dict, int, int]:
+def _shadow_rows(replay, shadow_text: str) -> tuple[dict, int, dict]:
     """Apply ACTIVE, load the shadow set, run TRAFFIC. Returns the shadow
     set's rows as the reader gives them, {(address, rule, kind): (packets,
     drops, new_drops, blocked_until)}, the shadow's same_match_as and the
-    number of source entries keyed by the shadow's epoch in the LRU."""
+    number of entries keyed by the shadow's epoch in the LRU, by kind."""
     replay.apply(ACTIVE)
     kf = replay.kf
     replay.version += 1
@@ -71,24 +75,55 @@ def _shadow_rows(replay, shadow_text: str) -> tuple[dict, int, int]:
         assert key not in rows, f"{key} read twice"
         rows[key] = (int(t.packets[i]), int(t.drops[i]), int(t.new_drops[i]), int(t.blocked_until[i]))
     keys, _ = _raw_entries(kf)
-    own = int(np.count_nonzero((keys["epoch"] == st.shadow.epoch) & (keys["kind"] == KIND_SOURCE)))
+    mine = keys["epoch"] == st.shadow.epoch
+    own = {kind: int(np.count_nonzero(mine & (keys["kind"] == kind))) for kind in (KIND_SOURCE, KIND_PREFIX)}
     kf.clear_shadow()
     return rows, linked, own
 
 
 @pytest.mark.kernel
-def test_shadow_state_in_the_active_entries_reads_as_entries_of_its_own(replay):
-    kept, linked, own_entries = _shadow_rows(replay, TIGHT)
+@pytest.mark.parametrize("candidate", ["tight", "tight-prefix"])
+def test_shadow_state_in_the_active_entries_reads_as_entries_of_its_own(replay, candidate):
+    text = TIGHT if candidate == "tight" else TIGHT_PFX
+    if text == ACTIVE or TIGHT_PFX == TIGHT:
+        pytest.fail("the candidates no longer differ from the active set: update them")
+    kept, linked, own_entries = _shadow_rows(replay, text)
     active = replay.kf.state().active.slot
-    assert linked == active and own_entries == 0, "the candidate's source state lives in the active entries"
-    separate, linked, own_entries = _shadow_rows(replay, TIGHT_OWN)
-    assert linked == NO_SLOT and own_entries > 0
+    assert linked == active and own_entries == {KIND_SOURCE: 0, KIND_PREFIX: 0}, \
+        "the candidate's source and prefix state lives in the active entries"
+    separate, linked, own_entries = _shadow_rows(replay, text.replace(*DENY_MORE))
+    assert linked == NO_SLOT and own_entries[KIND_SOURCE] > 0 and own_entries[KIND_PREFIX] > 0
     assert kept == separate
     dns = kept[("203.0.113.1", 0, KIND_SOURCE)]
     assert dns[:3] == (35, 25, 25) and dns[3] > 0, "10 pass, then limited, then blocked for 5 s"
     assert kept[("203.0.113.7", 0, KIND_SOURCE)][:3] == (13, 0, 0), "refilled after 2 s"
-    prefix = [k for k in kept if k[2] != KIND_SOURCE]
+    prefix = [k for k in kept if k[2] == KIND_PREFIX]
     assert prefix and sum(kept[k][0] for k in prefix) > 0, "the default rule's prefix counted its packets"
+    assert all(kept[k][3] == 0 for k in prefix), "a prefix is never blocked"
+    other = kept[("203.0.113.0", RULE_DEFAULT, KIND_PREFIX)]
+    if candidate == "tight-prefix":
+        assert other[1] > 0 and other[1] == other[2], "the candidate's prefix limit drops what the active one passed"
+    else:
+        assert other[1] == 0
+
+
+# the candidate keys IPv4 prefixes by /16: its IPv4 prefix state keeps
+# entries of its own, its IPv6 prefix state (still /48) the active ones
+TIGHT_WIDE = TIGHT.replace("ipv4_prefix: 24, ipv6_prefix: 48", "ipv4_prefix: 16, ipv6_prefix: 48")
+
+
+@pytest.mark.kernel
+def test_a_prefix_keyed_otherwise_keeps_entries_of_its_own(replay):
+    if TIGHT_WIDE == TIGHT:
+        pytest.fail("the /16 candidate no longer differs from TIGHT: update it")
+    kept, linked, own_entries = _shadow_rows(replay, TIGHT_WIDE)
+    assert linked == replay.kf.state().active.slot and own_entries[KIND_SOURCE] == 0
+    prefix = {k[:2]: v for k, v in kept.items() if k[2] == KIND_PREFIX}
+    assert ("203.0.113.0", RULE_DEFAULT) not in prefix and prefix[("203.0.0.0", RULE_DEFAULT)][0] > 0, \
+        "keyed by the candidate's /16"
+    v4 = [k for k in prefix if ":" not in k[0]]
+    assert own_entries[KIND_PREFIX] == len(v4) > 0, "IPv4: entries of its own"
+    assert ("2001:db8::", RULE_DEFAULT) in prefix, "IPv6: kept in the active prefix entries, read as rows"
 
 
 # the candidate limits dns by bytes as well: a byte bucket is not kept in the
@@ -102,28 +137,39 @@ def test_a_rule_whose_state_cannot_live_in_the_active_entries_keeps_its_own(repl
         pytest.fail("the byte-limit candidate no longer differs from TIGHT: update it")
     kept, linked, own_entries = _shadow_rows(replay, TIGHT_BYTES)
     assert linked == replay.kf.state().active.slot
-    assert own_entries == 3, "dns: 203.0.113.1, .7 and 2001:db8::1, in entries of their own"
+    assert own_entries[KIND_SOURCE] == 3, "dns: 203.0.113.1, .7 and 2001:db8::1, in entries of their own"
     assert kept[("203.0.113.1", 0, KIND_SOURCE)][:3] == (35, 25, 25)
     assert kept[("198.51.100.9", 1, KIND_SOURCE)][:3] == (30, 20, 20), "web: 10 pass, then limited"
 
 
 @pytest.mark.kernel
 def test_a_new_shadow_set_starts_its_state_afresh(replay):
+    """Each new candidate's state in the active entries starts afresh: the
+    source's (dns) and the prefix's (the default rule's prefix limit): its
+    prefix row after 4 packets reads as the first candidate's did after its
+    first 4."""
     replay.apply(ACTIVE)
     kf = replay.kf
-    src = f.udp("203.0.113.1", 53)
-    epochs = []
+    src, other = f.udp("203.0.113.1", 53), f.tcp("203.0.113.20", 8080)
+    epochs, prefix_rows = [], []
     for version, sent in ((2, 30), (3, 4)):
         kf.load_shadow(parse_rule_set(TIGHT, "<shadow>"), version)
-        for _ in range(sent):
-            replay.at(0).send(src)
         epochs.append(kf.state().shadow.epoch)
+        for i in range(sent):
+            replay.at(0).send(src)
+            replay.at(0).send(other)
+            if i == 3:
+                t = kf.read_sources()
+                pfx = np.flatnonzero((t.epoch == epochs[-1]) & (t.kind == KIND_PREFIX) & (t.rule == RULE_DEFAULT))
+                assert len(pfx) == 1
+                prefix_rows.append((int(t.packets[pfx[0]]), int(t.drops[pfx[0]]), int(t.tokens[pfx[0]])))
         t = kf.read_sources()
-        mine = np.flatnonzero((t.epoch == epochs[-1]) & (t.kind == KIND_SOURCE))
+        mine = np.flatnonzero((t.epoch == epochs[-1]) & (t.kind == KIND_SOURCE) & (t.rule == 0))
         assert len(mine) == 1
         got = (int(t.packets[mine[0]]), int(t.drops[mine[0]]))
         assert got == ((30, 20) if version == 2 else (4, 0)), got
-    first = (t.epoch == epochs[0]) & (t.kind == KIND_SOURCE)
+    assert prefix_rows[1] == prefix_rows[0], prefix_rows
+    first = t.epoch == epochs[0]
     assert not np.any(first), "the first candidate's state was taken over by the second"
     kf.clear_shadow()
 
@@ -194,7 +240,9 @@ def test_the_snapshot_counts_entries_apart_from_rows(replay):
     kf.load_shadow(parse_rule_set(TIGHT, "<shadow>"), 2)
     for frame in (f.udp("203.0.113.1", 53), f.udp("203.0.113.7", 53)):
         replay.at(0).send(frame)
-    keys, _ = _raw_entries(kf)
+    keys, vals = _raw_entries(kf)
+    holding = int(np.count_nonzero(vals["sh_epoch"] == kf.state().shadow.epoch))
+    assert holding == 3, "two dns sources and their prefix hold the candidate's state"
     t = kf.read_sources()
-    assert t.entries == len(keys) and t.count == len(keys) + 2, (t.entries, t.count, len(keys))
+    assert t.entries == len(keys) and t.count == len(keys) + holding, (t.entries, t.count, len(keys))
     kf.clear_shadow()

@@ -350,7 +350,8 @@ class KernelFilter:
     def promote_shadow(self, version: int | None = None) -> int:
         """Make the shadow set the active one. Its entries of its own carry
         over; the state it kept in the active set's entries (bpf/layout.h
-        struct tg_shadow) does not: those sources start with fresh buckets.
+        struct tg_shadow) does not: those sources and prefixes start with
+        fresh buckets.
         version: the store's number for the promoted set, if it gets a new one."""
         with self._lock:
             self._require_loaded()

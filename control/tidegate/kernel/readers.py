@@ -166,9 +166,9 @@ def read_sources(tables: Tables, max_entries: int, columns: tuple[str, ...] | No
     Read chunk by chunk, so the snapshot never holds the entries' other
     fields.
 
-    A shadow set's state kept in the active set's entry for a source
-    (bpf/layout.h struct tg_shadow) comes as a row of its own, keyed by the
-    shadow set's epoch, as an entry of its own would: readers see a source's
+    A shadow set's state kept in the active set's entry for a source or a
+    prefix (bpf/layout.h struct tg_shadow) comes as a row of its own, keyed
+    by the shadow set's epoch, as an entry of its own would: readers see the
     shadow state alike wherever the program keeps it. Only the active set's
     entries hold it: after an apply, the new active set's entries hold the
     shadow's state afresh; a shadow set since promoted keeps its state in
@@ -184,7 +184,7 @@ def read_sources(tables: Tables, max_entries: int, columns: tuple[str, ...] | No
     fd = tables["tg_state"].map_fd
     for kb, vb, n in bpfsys.lookup_batch_chunks(fd, _STATE_KEY.itemsize, _SOURCE.itemsize, max_entries):
         keys, vals = kb.view(_STATE_KEY)[:n], vb.view(_SOURCE)[:n]
-        held = np.flatnonzero((keys["epoch"] == host) & (vals["sh_epoch"] != 0) & (keys["kind"] == KIND_SOURCE))
+        held = np.flatnonzero((keys["epoch"] == host) & (vals["sh_epoch"] != 0))
         for name in names:
             out[name][count:count + n] = keys[name] if name in _STATE_KEY.names else vals[name]
             out[name][count + n:count + n + len(held)] = _shadow_column(keys, vals, name, held)
@@ -209,12 +209,12 @@ def _stale_own_entries(rows: dict[str, np.ndarray], made: np.ndarray) -> np.ndar
     mask; None when there are none."""
     if not made.any():
         return None
-    epoch, kind = rows["epoch"], rows["kind"]
-    own = ~made & (kind == KIND_SOURCE) & np.isin(epoch, np.unique(epoch[made]))
+    epoch = rows["epoch"]
+    own = ~made & np.isin(epoch, np.unique(epoch[made]))
     if not own.any():
         return None
     idx = np.flatnonzero(made | own)
-    cols = [rows[c][idx] for c in ("rule", "epoch", "addr_lo", "addr_hi")]
+    cols = [rows[c][idx] for c in ("kind", "rule", "epoch", "addr_lo", "addr_hi")]
     order = np.lexsort(cols)
     srt = [c[order] for c in cols]
     same = np.logical_and.reduce([c[1:] == c[:-1] for c in srt])
@@ -234,6 +234,10 @@ def _shadow_column(keys: np.ndarray, vals: np.ndarray, name: str, held: np.ndarr
         return vals["sh_epoch"][held]
     if name in ("addr_hi", "addr_lo", "rule", "kind"):
         return keys[name][held]
+    if name == "blocked_until":  # a prefix's holds its loans: a prefix never blocks
+        col = vals["sh"][name][held]
+        col[keys["kind"][held] != KIND_SOURCE] = 0
+        return col
     if name in _SHADOW.names:
         return vals["sh"][name][held]
     return np.zeros(len(held), _column_type(name))  # bytes: the shadow state does not count them
