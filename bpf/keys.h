@@ -1,7 +1,8 @@
 /* Keys: a source address masked to the configured prefix, per rule set
  * epoch and rule, so each rule set starts with fresh buckets (a rollback
  * immediately lifts blocks made by the set it replaces) while a promoted
- * shadow set keeps the state it built up. */
+ * shadow set keeps the state it built up in entries of its own (not what it
+ * kept in the active set's entries: struct tg_shadow). */
 #ifndef TIDEGATE_KEYS_H
 #define TIDEGATE_KEYS_H
 

@@ -194,6 +194,15 @@ static __always_inline struct tg_verdict tg_pfx_visit(const struct tg_pfx *b, co
 	return v;
 }
 
+/* The entry of the packet's prefix under rule `rule` of the set with this
+ * epoch, keyed by rc's prefix lengths (its key in *pk); 0 if it has none. */
+static __always_inline struct tg_src *tg_pfx_find(struct tg_state_key *pk, const struct tg_pkt *p,
+						  const struct tg_rule_cfg *rc, __u32 epoch, __u32 rule)
+{
+	tg_state_key(pk, p, p->family == 4 ? &rc->pfx4 : &rc->pfx6, epoch, rule, TG_KIND_PREFIX);
+	return tg_state.lookup(pk);
+}
+
 /* A new prefix entry for the packet's prefix (key pk) under rule rc:
  * counted, it takes the packet's token from a full bucket. 0 if the packet
  * fits. */
@@ -229,9 +238,7 @@ static __always_inline struct tg_verdict tg_prefix(const struct tg_set_cfg *cfg,
 	if (tg_on_credit(c, p, win))
 		return v;
 	struct tg_state_key pk;
-	tg_state_key(&pk, p, p->family == 4 ? &rc->pfx4 : &rc->pfx6, cfg->epoch, v.rule,
-		     TG_KIND_PREFIX);
-	struct tg_src *ps = tg_state.lookup(&pk);
+	struct tg_src *ps = tg_pfx_find(&pk, p, rc, cfg->epoch, v.rule);
 	if (!ps) {
 		if (!tg_pfx_insert(&pk, p, now, shadow, active_drop, rc)) {
 			v.drop = 1;
@@ -268,9 +275,7 @@ static __always_inline struct tg_verdict tg_prefix_shadow(const struct tg_set_cf
 	if (tg_on_credit(c, p, win))
 		return v;
 	struct tg_state_key pk;
-	tg_state_key(&pk, p, p->family == 4 ? &arc->pfx4 : &arc->pfx6, acfg->epoch, v.rule,
-		     TG_KIND_PREFIX);
-	struct tg_src *ps = tg_state.lookup(&pk);
+	struct tg_src *ps = tg_pfx_find(&pk, p, arc, acfg->epoch, v.rule);
 	if (!ps) {
 		struct tg_src fresh;
 		struct tg_class none = {};

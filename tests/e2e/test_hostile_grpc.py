@@ -165,7 +165,9 @@ def hostile_documents(draw) -> tuple[dict, str]:
     if kind == "number":
         path = draw(st.sampled_from(sorted(NUMBERS, key=str)))
         lo, hi = NUMBERS[path]
-        value = draw(st.one_of(st.integers(max_value=lo - 1), st.integers(min_value=hi + 1), NOT_A_NUMBER))
+        # the values just outside the range every time, so a bound off by one is always tried
+        value = draw(st.one_of(st.sampled_from([lo - 1, hi + 1]), st.integers(max_value=lo - 1),
+                               st.integers(min_value=hi + 1), NOT_A_NUMBER))
         put(path, value)
     elif kind == "cidr":
         path = draw(st.sampled_from(CIDR_ITEMS))
