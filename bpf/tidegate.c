@@ -21,8 +21,9 @@
  * set that matches exactly like the active one (same_match_as, the common
  * "same rules, other limits" candidate) reuses its classification and keeps
  * its per-source state in the active set's entry for the source (struct
- * tg_shadow): it pays only for its own buckets and counters, not for a
- * lookup of its own.
+ * tg_shadow), and its prefix buckets in the active set's entry for the
+ * prefix where both key prefixes alike: it pays only for its own buckets
+ * and counters, not for lookups of its own.
  */
 #include <uapi/linux/bpf.h>
 
