@@ -224,9 +224,12 @@ def test_applies_under_a_loaded_shadow_read_each_source_once(replay):
         t = kf.read_sources()
         mine = np.flatnonzero((t.epoch == shadow) & (t.kind == KIND_SOURCE) & (t.rule == 0))
         assert len(mine) == 1, f"after version {version}: {len(mine)} rows"
+        prefix = np.flatnonzero((t.epoch == shadow) & (t.kind == KIND_PREFIX) & (t.rule == 0))
+        assert len(prefix) == 1, f"after version {version}: {len(prefix)} prefix rows"
         expect.append((int(t.packets[mine[0]]), int(t.drops[mine[0]])))
     keys, vals = _raw_entries(kf)
     assert np.count_nonzero((keys["epoch"] == shadow) & (keys["kind"] == KIND_SOURCE)) == 1, "the stale own entry"
+    assert np.count_nonzero((keys["epoch"] == shadow) & (keys["kind"] == KIND_PREFIX)) == 1, "and its prefix's"
     assert expect == [(30, 20), (4, 0), (12, 2)], expect
     kf.clear_shadow()
 

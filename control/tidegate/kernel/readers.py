@@ -234,7 +234,7 @@ def _shadow_column(keys: np.ndarray, vals: np.ndarray, name: str, held: np.ndarr
         return vals["sh_epoch"][held]
     if name in ("addr_hi", "addr_lo", "rule", "kind"):
         return keys[name][held]
-    if name == "blocked_until":  # a prefix's holds its loans: a prefix never blocks
+    if name == "blocked_until":  # in a prefix entry it holds the loans: a prefix never blocks
         col = vals["sh"][name][held]
         col[keys["kind"][held] != KIND_SOURCE] = 0
         return col
