@@ -225,9 +225,10 @@ static __always_inline int tg_pfx_insert(struct tg_state_key *pk, const struct t
 	return ok;
 }
 
-/* The rule's per-prefix bucket, after the source's own passed. c: where the
- * source keeps its credit, 0 for a source seen for the first time (which
- * takes no credit). */
+/* The rule's per-prefix bucket, after the source's own passed and found
+ * no credit to send on (tg_on_credit, which the caller asks first). c:
+ * where the source keeps its credit, 0 for a source seen for the first
+ * time (which takes no credit). */
 static __always_inline struct tg_verdict tg_prefix(const struct tg_set_cfg *cfg,
 						   const struct tg_pkt *p, __u64 now,
 						   struct tg_verdict v, int shadow, int active_drop,
@@ -235,8 +236,6 @@ static __always_inline struct tg_verdict tg_prefix(const struct tg_set_cfg *cfg,
 						   const struct tg_credit *c)
 {
 	__u32 win = now >> TG_CREDIT_SHIFT;
-	if (tg_on_credit(c, p, win))
-		return v;
 	struct tg_state_key pk;
 	struct tg_src *ps = tg_pfx_find(&pk, p, rc, cfg->epoch, v.rule);
 	if (!ps) {
@@ -260,7 +259,8 @@ static __always_inline struct tg_verdict tg_prefix(const struct tg_set_cfg *cfg,
  * serves both sets' prefix visits, and the entry is the one the active set
  * has just visited when both do on the same packet. Where the active set
  * has no entry for the prefix (evicted, or none of its packets got that
- * far), one is made with its bucket full and no packet counted. The
+ * far), one is made with its bucket full and no packet counted. As for
+ * tg_prefix, the caller has found no credit to send on. The
  * candidate's first packet of the prefix starts its state afresh, as a new
  * entry of its own would, and takes no credit. */
 static __always_inline struct tg_verdict tg_prefix_shadow(const struct tg_set_cfg *acfg,
@@ -272,8 +272,6 @@ static __always_inline struct tg_verdict tg_prefix_shadow(const struct tg_set_cf
 							  const struct tg_credit *c)
 {
 	__u32 win = now >> TG_CREDIT_SHIFT;
-	if (tg_on_credit(c, p, win))
-		return v;
 	struct tg_state_key pk;
 	struct tg_src *ps = tg_pfx_find(&pk, p, arc, acfg->epoch, v.rule);
 	if (!ps) {

@@ -26,29 +26,33 @@ static __always_inline void tg_block(__u8 *flags, __u64 *blocked_until,
 	}
 }
 
-/* Apply the rule's limits. shadow: this slot is the candidate set, its
- * state entries count would-drops; active_drop: what the active set did.
- * s: the source's entry if the caller already found it; cls: the match's
- * answer to cache in the entry. *found: the source's entry if it had one
- * (0 for a source seen for the first time, or a rule without per-source
- * state). */
+/* What a rule without per-source state does with a packet it matched: 1
+ * leaves the match as it is (a pass rule, one without a packet limit, or
+ * none), 2 denies it (a drop rule); 0 for a rule whose limits tg_limit
+ * applies. */
+#define TG_STATELESS_PASS 1
+#define TG_STATELESS_DENY 2
+static __always_inline int tg_stateless(const struct tg_rule_cfg *rc)
+{
+	if (!rc)
+		return TG_STATELESS_PASS;
+	if (rc->action == TG_ACT_DROP)
+		return TG_STATELESS_DENY;
+	return rc->action == TG_ACT_PASS || !(rc->flags & TG_RF_PKT) ? TG_STATELESS_PASS : 0;
+}
+
+/* Apply the limits of rc, a rule with per-source state (not tg_stateless).
+ * shadow: this slot is the candidate set, its state entries count
+ * would-drops; active_drop: what the active set did. s: the source's entry
+ * if the caller already found it; cls: the match's answer to cache in the
+ * entry. *found: the source's entry if it had one (0 for a source seen for
+ * the first time). */
 static __always_inline struct tg_verdict tg_limit(__u32 slot, const struct tg_set_cfg *cfg,
 						  const struct tg_pkt *p, __u64 now,
 						  struct tg_verdict v, int shadow, int active_drop,
 						  struct tg_rule_cfg *rc, struct tg_src *s,
 						  const struct tg_class *cls, struct tg_src **found)
 {
-	*found = 0;
-	if (!rc)
-		return v;
-	if (rc->action == TG_ACT_DROP) {
-		v.drop = 1;
-		v.reason = TG_R_DENY;
-		return v;
-	}
-	if (rc->action == TG_ACT_PASS || !(rc->flags & TG_RF_PKT))
-		return v;
-
 	struct tg_state_key sk;
 	const struct tg_mask *km = p->family == 4 ? &cfg->key4 : &cfg->key6;
 	int bytes = rc->flags & TG_RF_BYTES;
@@ -93,14 +97,24 @@ static __always_inline struct tg_verdict tg_limit(__u32 slot, const struct tg_se
 		}
 	}
 	if (rc->flags & TG_RF_PREFIX) {
+		/* most packets of a known source go on credit: asked here, on the
+		 * entry's own fields, before the prefix visit below */
+		struct tg_credit own = {};
 		if (s) {
-			struct tg_credit own = {
-				&s->credit_win, &s->pfx_credit, &s->pfx_owed, &s->pfx_owed_bytes,
-			};
-			v = tg_prefix(cfg, p, now, v, shadow, active_drop, rc, &own);
-		} else {
-			v = tg_prefix(cfg, p, now, v, shadow, active_drop, rc, 0);
+			own.win = &s->credit_win;
+			own.credit = &s->pfx_credit;
+			own.owed = &s->pfx_owed;
+			own.owed_bytes = &s->pfx_owed_bytes;
+			if (tg_on_credit(&own, p, now >> TG_CREDIT_SHIFT))
+				goto counted;
 		}
+		/* a source seen for the first time (no entry) takes no credit. One
+		 * inlined copy of the prefix visit for both; the barrier keeps the
+		 * compiler from folding the choice into the addresses of c's
+		 * fields, which the verifier cannot follow (as in tg_limit_shadow) */
+		const struct tg_credit *c = s ? &own : 0;
+		asm volatile("" : "+r"(c));
+		v = tg_prefix(cfg, p, now, v, shadow, active_drop, rc, c);
 	}
 counted:
 	if (s && v.drop) {
@@ -150,6 +164,8 @@ static __always_inline struct tg_verdict tg_limit_shadow(const struct tg_set_cfg
 		tg_block(&h->flags, &h->blocked_until, rc, now);
 	} else if (rc->flags & TG_RF_PREFIX) {
 		struct tg_credit own = { &h->credit_win, &h->pfx_credit, &h->pfx_owed, 0 };
+		if (!first && tg_on_credit(&own, p, now >> TG_CREDIT_SHIFT))
+			goto counted;
 		/* a source's first packet takes no credit, as in tg_limit. The
 		 * barrier keeps the compiler from folding `first` into the
 		 * addresses of c's fields, which the verifier cannot follow */
@@ -160,6 +176,7 @@ static __always_inline struct tg_verdict tg_limit_shadow(const struct tg_set_cfg
 		else
 			v = tg_prefix(cfg, p, now, v, 1, active_drop, rc, c);
 	}
+counted:
 	if (v.drop) {
 		h->drops++;
 		h->new_drops += (active_drop & 1) ^ 1;  /* arithmetic: see tidegate.c */
@@ -167,89 +184,124 @@ static __always_inline struct tg_verdict tg_limit_shadow(const struct tg_set_cfg
 	return v;
 }
 
-/* A shadow set that matches like the active one (same_match_as): sv is the
- * active set's match. Its limits run on the state it keeps in the active
- * set's entry for the source (as: that entry, 0 if the active set has just
- * made it) when both sets key sources alike and the rule keeps per-source
- * state in both and no byte bucket in the shadow; else on entries of its
- * own. Which of the two is fixed by the two sets for each rule and family,
- * so a source's shadow state is never split between them. */
-static __always_inline struct tg_verdict tg_shadow_limit(__u32 aslot, const struct tg_set_cfg *acfg,
-							 __u32 sslot, const struct tg_set_cfg *scfg,
-							 const struct tg_pkt *p, __u64 now,
-							 struct tg_verdict sv, int active_drop,
-							 struct tg_src *as)
+/* A shadow set that matches like the active one (same_match_as): *sv is the
+ * active set's match, which passed. Its limits run on the state it keeps in
+ * the active set's entry for the source (as: that entry, 0 if the active set
+ * has just made it) when both sets key sources alike and the rule keeps
+ * per-source state in both and no byte bucket in the shadow: then *sv is the
+ * verdict and 1 is returned. Else 0: its limits run on entries of its own
+ * (tg_eval, given the match). Which of the two is fixed by the two sets for
+ * each rule and family, so a source's shadow state is never split between
+ * them. */
+static __always_inline int tg_shadow_limit(__u32 aslot, const struct tg_set_cfg *acfg,
+					   __u32 sslot, const struct tg_set_cfg *scfg,
+					   const struct tg_pkt *p, __u64 now,
+					   struct tg_verdict *sv, int active_drop,
+					   struct tg_src *as)
 {
-	struct tg_rule_cfg *rc = tg_rule_of(sslot, sv.rule);
-	struct tg_rule_cfg *arc = tg_rule_of(aslot, sv.rule);
+	struct tg_rule_cfg *rc = tg_rule_of(sslot, sv->rule);
+	struct tg_rule_cfg *arc = tg_rule_of(aslot, sv->rule);
 	const struct tg_mask *ak = p->family == 4 ? &acfg->key4 : &acfg->key6;
 	const struct tg_mask *sk = p->family == 4 ? &scfg->key4 : &scfg->key6;
-	if (rc && arc && tg_has_state(rc) && !(rc->flags & TG_RF_BYTES) && tg_has_state(arc) &&
-	    ak->hi == sk->hi && ak->lo == sk->lo) {
-		if (!as) {
-			struct tg_state_key k;
-			tg_state_key(&k, p, ak, acfg->epoch, sv.rule, TG_KIND_SOURCE);
-			as = tg_state.lookup(&k);
-		}
-		if (!as)
-			return sv;  /* the LRU could not make the active entry (counted) */
-		/* its prefix bucket in the active set's prefix entry: where both
-		 * rules limit prefixes keyed alike and the candidate's counts no bytes */
-		const struct tg_mask *ap = p->family == 4 ? &arc->pfx4 : &arc->pfx6;
-		const struct tg_mask *sp = p->family == 4 ? &rc->pfx4 : &rc->pfx6;
-		int pfx_here = (arc->flags & TG_RF_PREFIX) && (rc->flags & TG_RF_PREFIX) &&
-			       !(rc->flags & TG_RF_PFX_BYTES) && ap->hi == sp->hi && ap->lo == sp->lo;
-		return tg_limit_shadow(acfg, scfg, p, now, sv, active_drop, pfx_here ? arc : 0, rc, as);
+	if (!(rc && arc && tg_has_state(rc) && !(rc->flags & TG_RF_BYTES) && tg_has_state(arc) &&
+	      ak->hi == sk->hi && ak->lo == sk->lo))
+		return 0;
+	if (!as) {
+		struct tg_state_key k;
+		tg_state_key(&k, p, ak, acfg->epoch, sv->rule, TG_KIND_SOURCE);
+		as = tg_state.lookup(&k);
 	}
-	struct tg_class none = {};
-	struct tg_src *own;
-	return tg_limit(sslot, scfg, p, now, sv, 1, active_drop, rc, 0, &none, &own);
+	if (!as)
+		return 1;  /* the LRU could not make the active entry (counted) */
+	/* its prefix bucket in the active set's prefix entry: where both
+	 * rules limit prefixes keyed alike and the candidate's counts no bytes */
+	const struct tg_mask *ap = p->family == 4 ? &arc->pfx4 : &arc->pfx6;
+	const struct tg_mask *sp = p->family == 4 ? &rc->pfx4 : &rc->pfx6;
+	int pfx_here = (arc->flags & TG_RF_PREFIX) && (rc->flags & TG_RF_PREFIX) &&
+		       !(rc->flags & TG_RF_PFX_BYTES) && ap->hi == sp->hi && ap->lo == sp->lo;
+	*sv = tg_limit_shadow(acfg, scfg, p, now, *sv, active_drop, pfx_here ? arc : 0, rc, as);
+	return 1;
 }
 
-/* Evaluate one slot: match (through the cache when the source's entry
- * holds its answer), then limits. *matched gets the verdict before limits;
- * *found the source's entry where it had one (tg_limit). */
+/* Evaluate one slot: match (known: a match made already, which a shadow set
+ * that matches like the active one takes; else through the cache when the
+ * source's entry holds its answer, else the tries), then limits. *matched
+ * gets the verdict before limits; *found the source's entry where it had
+ * one (tg_limit).
+ *
+ * Each inlined copy of tg_limit (and of the prefix code in it) costs
+ * compile time at every fresh start and room in the instruction cache
+ * (bench/compile_time.py), so the candidate's ways all end in one call of
+ * it. The active set's cached way keeps a call of its own: the verifier
+ * walks the candidate's evaluation once per way the active one ends, and
+ * with the active set's ways joined too it walked 402,000 instructions
+ * instead of 357,000. */
 static __always_inline struct tg_verdict tg_eval(__u32 slot, const struct tg_set_cfg *cfg,
 						 const struct tg_pkt *p, __u64 now, int shadow,
-						 int active_drop, struct tg_verdict *matched,
-						 struct tg_src **found)
+						 int active_drop, const struct tg_verdict *known,
+						 struct tg_verdict *matched, struct tg_src **found)
 {
 	struct tg_class cls = {};
 	struct tg_verdict v = {};
-	__u64 port_mask = tg_port_mask(slot, cfg, p);
-	if ((cfg->flags & TG_SET_HAS_TRIE) && !p->ext_unparsed) {
-		/* the guess: the rule the port alone chooses */
-		__u32 guess = tg_first_rule(cfg->any_src_mask & port_mask);
-		struct tg_rule_cfg *rc = tg_rule_of(slot, guess);
-		if (rc && tg_has_state(rc)) {
-			struct tg_state_key sk;
-			tg_state_key(&sk, p, p->family == 4 ? &cfg->key4 : &cfg->key6, cfg->epoch,
-				     guess, TG_KIND_SOURCE);
-			struct tg_src *s = tg_state.lookup(&sk);
-			/* the trie adds rules to the port's any-source ones: the guess
-			 * stands unless one of them comes first */
-			__u64 m0 = cfg->any_src_mask & port_mask;
-			__u64 extra = s && (s->flags & TG_SF_CLS_MASK) ? s->cls_mask & port_mask & ~m0 : 0;
-			/* the entry's key holds the address's high half unless an IPv6
-			 * key is shorter than /64 (IPv4's high half is always 0) */
-			if (s && s->cls_ok && s->cls_lo == p->addr_lo &&
-			    (p->family == 4 || cfg->key6.hi == ~0ULL || s->cls_hi == p->addr_hi) &&
-			    (!extra || (m0 && (extra & -extra) > (m0 & -m0)))) {
-				v.rule = guess;
-				v.reason = TG_R_PASS;
-				*matched = v;
-				return tg_limit(slot, cfg, p, now, v, shadow, active_drop, rc, s, &cls,
-						found);
+	struct tg_src *s = 0;
+	struct tg_rule_cfg *rc = 0;
+	if (known) {
+		v = *known;
+	} else {
+		__u64 port_mask = tg_port_mask(slot, cfg, p);
+		if ((cfg->flags & TG_SET_HAS_TRIE) && !p->ext_unparsed) {
+			/* the guess: the rule the port alone chooses */
+			__u32 guess = tg_first_rule(cfg->any_src_mask & port_mask);
+			rc = tg_rule_of(slot, guess);
+			if (rc && tg_has_state(rc)) {
+				struct tg_state_key sk;
+				tg_state_key(&sk, p, p->family == 4 ? &cfg->key4 : &cfg->key6,
+					     cfg->epoch, guess, TG_KIND_SOURCE);
+				s = tg_state.lookup(&sk);
+				/* the trie adds rules to the port's any-source ones: the
+				 * guess stands unless one of them comes first */
+				__u64 m0 = cfg->any_src_mask & port_mask;
+				__u64 extra = s && (s->flags & TG_SF_CLS_MASK) ?
+						      s->cls_mask & port_mask & ~m0 : 0;
+				/* the entry's key holds the address's high half unless an
+				 * IPv6 key is shorter than /64 (IPv4's is always 0) */
+				if (s && s->cls_ok && s->cls_lo == p->addr_lo &&
+				    (p->family == 4 || cfg->key6.hi == ~0ULL || s->cls_hi == p->addr_hi) &&
+				    (!extra || (m0 && (extra & -extra) > (m0 & -m0)))) {
+					v.rule = guess;
+					v.reason = TG_R_PASS;
+					if (!shadow) {
+						*matched = v;
+						return tg_limit(slot, cfg, p, now, v, shadow, active_drop, rc, s,
+								&cls, found);
+					}
+				} else {
+					s = 0;
+				}
 			}
 		}
+		if (!s)
+			v = tg_classify(slot, cfg, p, port_mask, &cls);
 	}
-	*found = 0;
-	v = tg_classify(slot, cfg, p, port_mask, &cls);
 	*matched = v;
-	if (v.reason != TG_R_PASS)
-		return v;
-	return tg_limit(slot, cfg, p, now, v, shadow, active_drop, tg_rule_of(slot, v.rule), 0,
-			&cls, found);
+	*found = 0;
+	if (!s) {
+		if (v.reason != TG_R_PASS)
+			return v;
+		rc = tg_rule_of(slot, v.rule);
+		/* decided before the ways join: the verifier then walks the
+		 * limits once per way, not the actions' branches on the cached
+		 * way too (whose rule it cannot know keeps state) */
+		int stateless = tg_stateless(rc);
+		if (stateless) {
+			if (stateless == TG_STATELESS_DENY) {
+				v.drop = 1;
+				v.reason = TG_R_DENY;
+			}
+			return v;
+		}
+	}
+	return tg_limit(slot, cfg, p, now, v, shadow, active_drop, rc, s, &cls, found);
 }
 
 #endif

@@ -89,7 +89,7 @@ int tidegate_xdp(struct xdp_md *ctx)
 	__u64 now = tg_now();
 	struct tg_verdict matched;
 	struct tg_src *as;  /* the active set's entry for the source, if it had one */
-	struct tg_verdict v = tg_eval(aslot, acfg, &p, now, 0, 0, &matched, &as);
+	struct tg_verdict v = tg_eval(aslot, acfg, &p, now, 0, 0, 0, &matched, &as);
 	tg_count_rule(tg_rule_counter(aslot, v.rule), v, p.len);
 	__u32 reason = v.reason;
 	if (p.ext_unparsed && (v.rule == TG_RULE_EXTHDR || v.rule == TG_RULE_DEFAULT))
@@ -99,16 +99,22 @@ int tidegate_xdp(struct xdp_md *ctx)
 	if (sslot < TG_SLOTS) {
 		struct tg_set_cfg *scfg = tg_sets.lookup(&sslot);
 		if (scfg) {
-			struct tg_verdict sv;
+			struct tg_verdict sv = matched;
+			/* a candidate that matches like the active set takes its match;
+			 * its limits run on its state in the active set's entry where
+			 * it keeps it there, else on entries of its own (tg_eval) */
+			const struct tg_verdict *known = 0;
+			int limited = 0;
 			if (scfg->same_match_as == aslot) {
-				sv = matched;
+				known = &matched;
 				if (sv.reason == TG_R_PASS)
-					sv = tg_shadow_limit(aslot, acfg, sslot, scfg, &p, now, sv,
-							     v.drop, as);
-			} else {
+					limited = tg_shadow_limit(aslot, acfg, sslot, scfg, &p, now,
+								  &sv, v.drop, as);
+			}
+			if (!limited) {
 				struct tg_verdict smatched;
 				struct tg_src *own;
-				sv = tg_eval(sslot, scfg, &p, now, 1, v.drop, &smatched, &own);
+				sv = tg_eval(sslot, scfg, &p, now, 1, v.drop, known, &smatched, &own);
 			}
 			struct tg_rule_count *sc = tg_rule_counter(sslot, sv.rule);
 			if (sc) {

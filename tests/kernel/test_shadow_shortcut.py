@@ -31,13 +31,13 @@ TRAFFIC = [
 ]
 
 
-def _shadow_counts(replay, shadow_text: str) -> dict:
+def _shadow_counts(replay, shadow_text: str, traffic: list = TRAFFIC) -> dict:
     replay.apply(ACTIVE)
     kf = replay.kf
     replay.version += 1
     kf.load_shadow(parse_rule_set(shadow_text, "<shadow>"), replay.version)
     before = kf.counters().shadow
-    for frame in TRAFFIC:
+    for frame in traffic:
         kf.test_run(frame)
     after = kf.counters().shadow
     out = {}
@@ -54,18 +54,39 @@ def _same_match_as(kf) -> int:
     return int(sets[sets.Key(st.shadow.slot)].same_match_as), st.active.slot
 
 
+# candidates that match like the active set but keep entries of their own
+# (the active entries cannot hold their state): they take the active match
+# and run their limits on their own entries, as a candidate that classifies
+# on its own does. The traffic has a second dns source in 203.0.113.1's /24,
+# which a per-/24 key puts in one bucket with .1; the byte burst binds
+# before the packet burst.
+KEYED_OTHERWISE = ("defaults:\n", "defaults:\n  ipv4_prefix: 24\n")
+BYTE_LIMIT = ("limit: {pps: 10, burst: 10}\n  - name: web", "limit: {pps: 10, burst: 10, bps: 8, burst_bytes: 300}\n  - name: web")
+SAME_24 = [f.udp("203.0.113.9", 53)] * 30
+
+
 @pytest.mark.kernel
-def test_shortcut_counts_what_a_full_evaluation_counts(replay):
-    shortcut = _shadow_counts(replay, TIGHT)
+@pytest.mark.parametrize("edit, dns", [(None, (80, 50, 50)), (KEYED_OTHERWISE, (80, 60, 60)), (BYTE_LIMIT, None)],
+                         ids=["in-the-active-entries", "keyed-otherwise", "byte-limit"])  # fmt: skip
+def test_shortcut_counts_what_a_full_evaluation_counts(replay, edit, dns):
+    tight, tight_own = TIGHT, TIGHT_OWN
+    if edit:
+        assert tight.count(edit[0]) == 1, edit
+        tight, tight_own = tight.replace(*edit), tight_own.replace(*edit)
+    shortcut = _shadow_counts(replay, tight, TRAFFIC + SAME_24)
     linked, active = _same_match_as(replay.kf)
     assert linked == active, "a candidate that only changes limits reuses the active classification"
     replay.kf.clear_shadow()
-    own = _shadow_counts(replay, TIGHT_OWN)
+    own = _shadow_counts(replay, tight_own, TRAFFIC + SAME_24)
     linked, _ = _same_match_as(replay.kf)
     assert linked == NO_SLOT
     replay.kf.clear_shadow()
     assert shortcut == own
-    assert shortcut["dns"] == (50, 30, 30) and shortcut["web"] == (30, 20, 20)
+    if dns:  # each source's first 10 pass; keyed by /24, the two IPv4 sources share their 10
+        assert shortcut["dns"] == dns
+    else:  # 300 bytes hold 5 of the 60-byte IPv4 frames, 4 of the 72-byte IPv6 ones: 25 + 25 + 16 would-drops
+        assert shortcut["dns"] == (80, 66, 66)
+    assert shortcut["web"] == (30, 20, 20)
     assert shortcut["allow-list"][0] == 5 and shortcut["deny-list"] == (5, 5, 0)
 
 
