@@ -31,9 +31,16 @@ real `tidegate agent` starts on the host end (its own state dir and pins,
   without `compiled=`).
 
     sudo .venv/bin/python bench/agent_start.py [--out FILE] [--before FILE]
+    sudo .venv/bin/python bench/agent_start.py --against DIR [--pairs N]
 
 --before FILE prints the figures of an earlier run (e.g. of the previous
-commit) beside this one's, as one table.
+commit) beside this one's, as one table. On a shared host a start moves by
+half a second from one run to the next, more than most changes to it:
+--against DIR (another checkout, e.g. `git worktree add /tmp/before
+HEAD~1`) measures only the starts, in --pairs rounds that each start this
+tree's agent and then DIR's (its control/ and bpf/, on this Python): fresh
+start compiling, fresh start cached, restart; the medians, and in how many
+rounds this tree's start was the faster. Printed only.
 """
 
 from __future__ import annotations
@@ -102,14 +109,63 @@ def import_floor() -> float:
     return time.monotonic() - t0
 
 
+def against(other: Path, pairs: int) -> int:
+    """Starts of this tree's agent and of `other`'s, alternating (see --against)."""
+    import compileall
+
+    import report
+
+    if not (other / "control" / "tidegate").is_dir() or not (other / "bpf" / "tidegate.c").exists():
+        raise SystemExit(f"{other} is not a tidegate checkout (control/tidegate and bpf/tidegate.c)")
+    compileall.compile_dir(str(other / "control" / "tidegate"), quiet=1, workers=0)  # as bytecode_as_installed
+    at = subprocess.run(["git", "-C", str(other), "log", "-1", "--format=%h"], capture_output=True, text=True,
+                        check=False).stdout.strip() or str(other)  # fmt: skip
+    here = Path(report.__file__).resolve().parents[1] / "control"
+    trees = {f"this tree ({report.git_commit()['commit'][:7]})": here, f"{at} (--against)": other / "control"}
+    kinds = ("fresh start, compiling (s)", "fresh start, cached program (s)", "restart, same program attached (s)")
+    runs: dict = {t: {k: [] for k in kinds} for t in trees}
+    tmp, lab = lab_with_rules("ba", "10.213.10", rule_set_text(10))
+    agent = Agent(lab, tmp / "state", tmp / "rules.yaml")
+    env_before = os.environ.get("PYTHONPATH")
+    try:
+        for i in range(pairs):
+            for tree, path in trees.items():
+                os.environ["PYTHONPATH"] = str(path)  # the agent's imports, its compile child's and its bpf/
+                for kind in kinds:
+                    if agent.proc is not None and agent.proc.poll() is None:
+                        agent.stop()
+                    if kind != kinds[2]:
+                        agent.remove_kernel_objects()
+                    if kind == kinds[0]:
+                        shutil.rmtree(agent.state_dir / PROGRAM_CACHE, ignore_errors=True)
+                    runs[tree][kind].append(agent.start())
+            print(f"round {i + 1}: " + "; ".join(f"{t}: " + " / ".join(f"{r[k][-1]:.2f}" for k in kinds)
+                                                 for t, r in runs.items()), flush=True)  # fmt: skip
+    finally:
+        if env_before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = env_before
+        remove_all(tmp, lab, agent)
+    mine, theirs = runs.values()
+    rows = [[k, f"{statistics.median(mine[k]):.2f}", f"{statistics.median(theirs[k]):.2f}",
+             f"{sum(a < b for a, b in zip(mine[k], theirs[k]))} of {pairs}"] for k in kinds]  # fmt: skip
+    print("\n" + table(["start (median of the rounds)", *trees, "rounds this tree was faster"], rows))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="also write the figures as JSON to this file")
     ap.add_argument("--before", help="JSON of an earlier run, printed beside this one")
     ap.add_argument("--restarts", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="one restart, results printed only")
+    ap.add_argument("--against", metavar="DIR", help="only the starts, alternating with another checkout's agent")
+    ap.add_argument("--pairs", type=int, default=8, help="rounds of --against (default 8)")
     args = ap.parse_args()
     bytecode_as_installed()
+    if args.against:
+        return against(Path(args.against).resolve(), args.pairs)
     if args.quick:
         args.restarts = 1
     out: dict = {"machine": machine(), "uptime": Path("/proc/loadavg").read_text().split()[:3]}

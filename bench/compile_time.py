@@ -12,11 +12,17 @@ for three sources, interleaved, --rounds times each (medians):
 - the same with the kernel headers it included before instead
   (<linux/in.h>, if_ether.h, ip.h, ipv6.h, jiffies.h);
 - a program that returns XDP_PASS: BCC's own floor (its helpers, the
-  kernel config, its two passes).
+  kernel config, its two passes);
+- with --against DIR, the program of another bpf/ directory too (a
+  worktree of an earlier commit: `git worktree add /tmp/before COMMIT`),
+  so that a change to the program is measured against the code before it
+  in the same run.
 The kernel's tag of each load (a hash of the instructions, map fds left
-out) shows the first two are the same program.
+out) shows the first two are the same program. Each load's size (the
+instructions the kernel holds, bytes) and the instructions its verifier
+walked (bpf_prog_info.verified_insns) are read from the kernel.
 
-    sudo .venv/bin/python bench/compile_time.py [--rounds N] [--quick]
+    sudo .venv/bin/python bench/compile_time.py [--rounds N] [--quick] [--against DIR]
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 from report import header_lines, machine, require_bcc, require_root, save, table, use_repo_package
 
@@ -55,22 +62,31 @@ fn = b.load_func(b"tidegate_xdp", BPF.XDP)
 c2 = cpu()
 info = open(f"/proc/self/fdinfo/{fn.fd}").read()
 tag = [ln.split()[1] for ln in info.splitlines() if ln.startswith("prog_tag:")][0]
-print(json.dumps({"compile_cpu_s": c1 - c0, "verify_cpu_s": c2 - c1, "tag": tag}))
+from tidegate.kernel import bpfsys
+pi = bpfsys.prog_info(fn.fd)
+print(json.dumps({"compile_cpu_s": c1 - c0, "verify_cpu_s": c2 - c1, "tag": tag, "bytes": pi.xlated_prog_len,
+                  "verified_insns": pi.verified_insns}))
 """
 
 
-def sources() -> dict[str, str]:
+def sources(against: str | None) -> dict[str, str]:
     src = loader.program_source()
     ours = "/* --- kernel_defs.h --- */\n" + inline_source(bpf_source_dir() / "kernel_defs.h")
     if src.count(ours) != 1:
         raise SystemExit("bpf/tidegate.c does not include kernel_defs.h once: nothing to compare")
-    return {"program (kernel_defs.h)": src, "program with the kernel's headers": src.replace(ours, KERNEL_HEADERS),
+    out = {"program (kernel_defs.h)": src}
+    if against:
+        r = subprocess.run(["git", "-C", against, "log", "-1", "--format=%h"], capture_output=True, text=True, check=False)
+        at = r.stdout.strip() or against
+        out[f"program at {at} (--against)"] = inline_source(Path(against) / "tidegate.c")
+    return {**out, "program with the kernel's headers": src.replace(ours, KERNEL_HEADERS),
             "XDP_PASS (BCC's floor)": FLOOR}  # fmt: skip
 
 
 def compile_once(source: str, flags: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # the child reads the load's size with tidegate's bpfsys
     r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(flags)], input=source, capture_output=True,
-                       text=True, timeout=300, check=False)  # fmt: skip
+                       text=True, timeout=300, check=False, env=env)  # fmt: skip
     if r.returncode != 0:
         raise SystemExit(f"compile failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -80,7 +96,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="two rounds, results printed only")
+    ap.add_argument("--against", metavar="DIR", help="also compile the program of this bpf/ directory")
     args = ap.parse_args()
+    if args.against and not (Path(args.against) / "tidegate.c").exists():
+        ap.error(f"{args.against}/tidegate.c does not exist: --against names a bpf/ directory")
     require_root()
     require_bcc()
     rounds = 2 if args.quick else args.rounds
@@ -91,7 +110,7 @@ def main() -> int:
         loader.ensure_bpffs()
         os.makedirs(config.pin_dir, mode=0o700)
         flags = loader.cflags(config)
-        srcs = sources()
+        srcs = sources(args.against)
         for _ in range(rounds):
             for name, src in srcs.items():
                 out["runs"].setdefault(name, []).append(compile_once(src, flags))
@@ -103,10 +122,13 @@ def main() -> int:
         c = statistics.median(r["compile_cpu_s"] for r in runs)
         v = statistics.median(r["verify_cpu_s"] for r in runs)
         tags = sorted({r["tag"] for r in runs})
-        rows.append([name, f"{c:.2f}", f"{v:.2f}", f"{c + v:.2f}", ", ".join(tags)])
+        size, walked = runs[-1].get("bytes"), runs[-1].get("verified_insns")
+        rows.append([name, f"{c:.2f}", f"{v:.2f}", f"{c + v:.2f}", f"{size:,}" if size else "-",
+                     f"{walked:,}" if walked else "-", ", ".join(tags)])  # fmt: skip
     method = __doc__.split("Method:")[1].split("    sudo")[0].strip()
     text = "\n".join(header_lines("compile time of the XDP program", method))
-    text += "\n\n" + table(["source", "BCC compile, CPU s", "verifier, CPU s", "total", "kernel tag"], rows)
+    text += "\n\n" + table(["source", "BCC compile, CPU s", "verifier, CPU s", "total", "bytes loaded",
+                             "instructions verified", "kernel tag"], rows)  # fmt: skip
     text += f"\n\nload average at the run: {' '.join(out['uptime'])}; {rounds} rounds"
     print(text)
     if not args.quick:

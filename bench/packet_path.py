@@ -67,12 +67,22 @@ Run as root with the project venv or Debian's python3:
   .venv/bin/python bench/packet_path.py --quick    # fewer runs, not saved
 While iterating, --cases and --rows measure a subset (never saved), e.g.
   .venv/bin/python bench/packet_path.py --quick --cases v4,cycle --rows tg_full,tg_shadow
+A change to the program is measured against the code before it in the same
+run (rows move by tens of ns between runs on a shared host): --against DIR
+loads the tidegate rows a second time from another bpf/ directory (a
+worktree of an earlier commit), labelled with its commit, e.g.
+  git worktree add /tmp/before HEAD~1
+  .venv/bin/python bench/packet_path.py --no-save --cases v4,v6,cycle,spread \
+      --rows tg_full,tg_shadow --against /tmp/before/bpf
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,6 +117,22 @@ from packet_workload import (  # noqa: E402
 )
 
 
+@contextlib.contextmanager
+def bpf_dir(path: str | None):
+    """The program the kernel layer compiles: bpf/ of this tree, or `path`
+    while the rows of --against load (loader.bpf_source_dir)."""
+    before = os.environ.get("TIDEGATE_BPF_DIR")
+    if path:
+        os.environ["TIDEGATE_BPF_DIR"] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TIDEGATE_BPF_DIR", None)
+        else:
+            os.environ["TIDEGATE_BPF_DIR"] = before
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=1_000_000, help="BPF_PROG_TEST_RUN repeat per call (default 1e6)")
@@ -120,8 +146,11 @@ def main(argv=None) -> int:
                    "a subset is never saved")
     p.add_argument("--rows", help="comma-separated tidegate row keys to load (tg_defaults,tg_full,tg_shadow,...); "
                    "a subset is never saved")
+    p.add_argument("--against", metavar="DIR", help="also load the tidegate rows from this bpf/ directory (never saved)")
     args = p.parse_args(argv)
-    if args.cases or args.rows:
+    if args.against and not os.path.exists(os.path.join(args.against, "tidegate.c")):
+        p.error(f"{args.against}/tidegate.c does not exist: --against names a bpf/ directory")
+    if args.cases or args.rows or args.against:
         args.no_save = True
     want_case = set(args.cases.split(",")) if args.cases else None
     if args.quick:
@@ -188,9 +217,14 @@ def main(argv=None) -> int:
         ]
         if args.rows:
             tg = [t for t in tg if t[0] in args.rows.split(",")]
+        if args.against:
+            at = subprocess.run(["git", "-C", args.against, "log", "-1", "--format=%h"], capture_output=True,
+                                text=True, check=False).stdout.strip() or args.against  # fmt: skip
+            tg += [(f"{k}@{at}", f"{label} [at {at}]", v, m, sh) for k, label, v, m, sh in tg]
         for key, label, variant, mode, shadow in tg:
             print(f"loading {label} ...", flush=True)
-            results["setup"][key] = bench.load_tidegate(key, label, variant, mode, lists, shadow)
+            with bpf_dir(args.against if "@" in key else None):
+                results["setup"][key] = bench.load_tidegate(key, label, variant, mode, lists, shadow)
         print("loading lookup probes ...", flush=True)
         results["setup"]["probes"] = bench.load_probes(rule_set("full", "pass", lists))
         results["labels"] = {k: r.label for k, r in bench.rows.items()}

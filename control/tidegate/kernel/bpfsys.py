@@ -158,7 +158,13 @@ class ProgInfo(ctypes.Structure):
         ("nr_map_ids", ctypes.c_uint32),
         ("map_ids", ctypes.c_uint64),
         ("name", ctypes.c_char * 16),
-        ("rest", ctypes.c_uint8 * 256),
+        ("ifindex", ctypes.c_uint32),
+        ("gpl_compatible", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("between", ctypes.c_uint8 * 112),  # jited symbols, BTF, line info, tags, run time and count
+        ("verified_insns", ctypes.c_uint32),  # instructions the verifier walked (kernel 5.16 and later)
+        ("rest", ctypes.c_uint8 * 116),
     ]
 
 
