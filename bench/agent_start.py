@@ -111,15 +111,12 @@ def import_floor() -> float:
 
 def against(other: Path, pairs: int) -> int:
     """Starts of this tree's agent and of `other`'s, alternating (see --against)."""
-    import compileall
-
     import report
 
     if not (other / "control" / "tidegate").is_dir() or not (other / "bpf" / "tidegate.c").exists():
         raise SystemExit(f"{other} is not a tidegate checkout (control/tidegate and bpf/tidegate.c)")
-    compileall.compile_dir(str(other / "control" / "tidegate"), quiet=1, workers=0)  # as bytecode_as_installed
-    at = subprocess.run(["git", "-C", str(other), "log", "-1", "--format=%h"], capture_output=True, text=True,
-                        check=False).stdout.strip() or str(other)  # fmt: skip
+    bytecode_as_installed(other / "control")
+    at = report.short_commit(other)
     here = Path(report.__file__).resolve().parents[1] / "control"
     trees = {f"this tree ({report.git_commit()['commit'][:7]})": here, f"{at} (--against)": other / "control"}
     kinds = ("fresh start, compiling (s)", "fresh start, cached program (s)", "restart, same program attached (s)")

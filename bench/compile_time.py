@@ -36,7 +36,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from report import header_lines, machine, require_bcc, require_root, save, table, use_repo_package
+from report import header_lines, machine, require_bcc, require_root, save, short_commit, table, use_repo_package
 
 use_repo_package()
 
@@ -76,15 +76,14 @@ def sources(against: str | None) -> dict[str, str]:
         raise SystemExit("bpf/tidegate.c does not include kernel_defs.h once: nothing to compare")
     out = {"program (kernel_defs.h)": src}
     if against:
-        r = subprocess.run(["git", "-C", against, "log", "-1", "--format=%h"], capture_output=True, text=True, check=False)
-        at = r.stdout.strip() or against
-        out[f"program at {at} (--against)"] = inline_source(Path(against) / "tidegate.c")
+        out[f"program at {short_commit(against)} (--against)"] = inline_source(Path(against) / "tidegate.c")
     return {**out, "program with the kernel's headers": src.replace(ours, KERNEL_HEADERS),
             "XDP_PASS (BCC's floor)": FLOOR}  # fmt: skip
 
 
 def compile_once(source: str, flags: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # the child reads the load's size with tidegate's bpfsys
+    # the child reads the load's size with tidegate's bpfsys
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(flags)], input=source, capture_output=True,
                        text=True, timeout=300, check=False, env=env)  # fmt: skip
     if r.returncode != 0:

@@ -82,7 +82,6 @@ import argparse
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -146,7 +145,8 @@ def main(argv=None) -> int:
                    "a subset is never saved")
     p.add_argument("--rows", help="comma-separated tidegate row keys to load (tg_defaults,tg_full,tg_shadow,...); "
                    "a subset is never saved")
-    p.add_argument("--against", metavar="DIR", help="also load the tidegate rows from this bpf/ directory (never saved)")
+    p.add_argument("--against", metavar="DIR",
+                   help="also load the tidegate rows from this bpf/ directory (never saved)")
     args = p.parse_args(argv)
     if args.against and not os.path.exists(os.path.join(args.against, "tidegate.c")):
         p.error(f"{args.against}/tidegate.c does not exist: --against names a bpf/ directory")
@@ -218,8 +218,7 @@ def main(argv=None) -> int:
         if args.rows:
             tg = [t for t in tg if t[0] in args.rows.split(",")]
         if args.against:
-            at = subprocess.run(["git", "-C", args.against, "log", "-1", "--format=%h"], capture_output=True,
-                                text=True, check=False).stdout.strip() or args.against  # fmt: skip
+            at = report.short_commit(args.against)
             tg += [(f"{k}@{at}", f"{label} [at {at}]", v, m, sh) for k, label, v, m, sh in tg]
         for key, label, variant, mode, shadow in tg:
             print(f"loading {label} ...", flush=True)

@@ -29,12 +29,13 @@ def use_repo_package() -> None:
         sys.path.insert(0, str(CONTROL))
 
 
-def bytecode_as_installed() -> None:
-    """Compile the working tree's package to bytecode, as the Debian package
-    ships it (packaging/build-deb.sh), so that a measured agent start reads
-    .pyc files instead of compiling ~60 modules from source at each start
+def bytecode_as_installed(control: Path = CONTROL) -> None:
+    """Compile the working tree's package (or that under another checkout's
+    control/) to bytecode, as the Debian package ships it
+    (packaging/build-deb.sh), so that a measured agent start reads .pyc
+    files instead of compiling ~60 modules from source at each start
     (~0.1 s) where PYTHONDONTWRITEBYTECODE is set or the tree just changed."""
-    compileall.compile_dir(str(CONTROL / "tidegate"), quiet=1, workers=0)
+    compileall.compile_dir(str(control / "tidegate"), quiet=1, workers=0)
 
 
 def require_root() -> None:
@@ -83,6 +84,17 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def short_commit(path: Path | str) -> str:
+    """The short commit of the checkout holding `path` (the label of an
+    --against run), or the path itself outside a git checkout."""
+    try:
+        r = subprocess.run(["git", "-C", str(path), "log", "-1", "--format=%h"], capture_output=True, text=True,
+                           timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return str(path)
+    return r.stdout.strip() or str(path)
 
 
 def git_commit() -> dict:
