@@ -13,14 +13,26 @@ the pinned program and maps by fd and never loads BCC itself.
 
 The child can be started ahead (start_ahead): it loads BCC first and only
 then reads its job, so that load overlaps the agent's own imports.
+
+BCC reads the whole of /proc/kallsyms (over 100,000 symbols, into a hash
+table, and frees it again) at every compile, only to learn whether the
+kernel has bpf_probe_read_kernel and bpf_probe_read_user: how to spell a
+read of kernel memory, which this XDP program never does. That is a fifth
+of a compile's CPU beyond the program's own. So the child compiles in a
+mount namespace of its own where /proc/kallsyms names those two helpers
+only (_short_kernel_symbols); the instructions are the same
+(tests/kernel/test_kernel_defs.py). Where it cannot (no CAP_SYS_ADMIN),
+it compiles with the whole table, as BCC would.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,7 +78,8 @@ def cancel_ahead() -> None:
 def compile_in_child(source: str, cflags: list[str], prog_pin: str, timeout: float = 300) -> dict:
     """Run the compile child (the one started ahead, if any); returns what
     it printed ({prog_id, tag, compile_s, pid, child_s, ahead: started ahead, record: the
-    cache entry or None, record_error})."""
+    cache entry or None, record_error, short_kernel_symbols: compiled with the short
+    /proc/kallsyms})."""
     global _ahead
     t0 = time.monotonic()
     ahead = _ahead is not None
@@ -88,6 +101,31 @@ def compile_in_child(source: str, cflags: list[str], prog_pin: str, timeout: flo
     return res
 
 
+# the lines BCC looks up in /proc/kallsyms at a compile (b_frontend_action.cc); the addresses are never used
+_SYMBOLS_BCC_ASKS_FOR = b"0000000000000001 T bpf_probe_read_kernel\n0000000000000001 T bpf_probe_read_user\n"
+_CLONE_NEWNS, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x00020000, 0x1000, 0x4000, 0x40000
+
+
+def _short_kernel_symbols() -> bool:
+    """In a mount namespace of this process's own, show a /proc/kallsyms
+    that holds only what BCC's compile asks of it. True if done; False
+    (nothing changed) where the namespace or the mount is refused. Mounts
+    made here never reach the host's namespace (private propagation), and
+    end with this process."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWNS) != 0:
+        return False
+    if libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        return False  # a namespace of its own, but still the host's mounts' peer: bind nothing
+    fd, path = tempfile.mkstemp(prefix="tidegate-kallsyms-")
+    try:
+        os.write(fd, _SYMBOLS_BCC_ASKS_FOR)
+        return libc.mount(path.encode(), b"/proc/kallsyms", None, _MS_BIND, None) == 0
+    finally:
+        os.close(fd)
+        os.unlink(path)  # the bind mount keeps the file while this process lives
+
+
 def _main() -> int:
     from bcc import BPF  # deliberately here: BCC (and LLVM) load only in the compile child, never in the agent
     from bcc.libbcc import lib
@@ -99,6 +137,7 @@ def _main() -> int:
     args = json.loads(head)
     prog_pin, cflags, source = args["prog_pin"], args["cflags"], body.decode()
 
+    short_symbols = _short_kernel_symbols()
     t0 = time.monotonic()
     b = BPF(text=source, cflags=cflags)
     fn = b.load_func(PROG_NAME.encode(), BPF.XDP)
@@ -116,7 +155,8 @@ def _main() -> int:
     bpfsys.obj_pin(fn.fd, tmp)
     os.replace(tmp, prog_pin)  # the pin appears whole or not at all
     info = bpfsys.prog_info(fn.fd)
-    out = {"prog_id": info.id, "tag": bytes(info.tag).hex(), "compile_s": round(compile_s, 3), "record": None}
+    out = {"prog_id": info.id, "tag": bytes(info.tag).hex(), "compile_s": round(compile_s, 3), "record": None,
+           "short_kernel_symbols": short_symbols}  # fmt: skip
     try:
         out["record"] = program_cache.record(b.dump_func(PROG_NAME.encode()), fn.fd, os.path.dirname(prog_pin),
                                              lib.bpf_module_license(b.module), lib.bpf_module_kern_version(b.module))

@@ -114,6 +114,10 @@ def cflags(config: FilterConfig) -> list[str]:
         f"-DTG_MAX_SOURCES={config.max_sources}",
         f"-DTG_MAX_CIDRS={config.max_cidrs}",
         "-Wno-unused-function",
+        # no debug info: BCC asks clang for it (-g) to hand the kernel BTF and source lines, which
+        # cost a sixth of the compile and change no instruction (tests/kernel/test_kernel_defs.py);
+        # a cached load has none either (program_cache.py)
+        "-g0",
     ]
     if config.replay_clock:
         flags.append("-DTG_REPLAY_CLOCK=1")

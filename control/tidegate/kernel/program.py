@@ -129,7 +129,8 @@ def open_or_compile(source: str, cflags: list[str], pin_dir: str, cache_dir: str
     res = compile_in_child(source, cflags, path)  # CompileError: the caller words it
     log.info("program compiled", extra={"digest": digest, "compile_s": res["compile_s"], "child_pid": res["pid"],
                                         "child_s": round(res["child_s"], 3), "started_ahead": res["ahead"],
-                                        "tag": res["tag"]})  # fmt: skip
+                                        "tag": res["tag"],
+                                        "short_kernel_symbols": res.get("short_kernel_symbols")})  # fmt: skip
     if cache_dir is not None:
         _keep(cache_dir, digest, res)
     return Program(bpfsys.obj_get(path), digest, True, res["child_s"], res["pid"], seconds=time.monotonic() - t0)
