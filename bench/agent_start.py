@@ -122,7 +122,12 @@ def against(other: Path, pairs: int) -> int:
     kinds = ("fresh start, compiling (s)", "fresh start, cached program (s)", "restart, same program attached (s)")
     runs: dict = {t: {k: [] for k in kinds} for t in trees}
     tmp, lab = lab_with_rules("ba", "10.213.10", rule_set_text(10))
-    agent = Agent(lab, tmp / "state", tmp / "rules.yaml")
+    # the `tidegate` command as installed, but of the tree on PYTHONPATH (its entry, or cli.main before it had one)
+    exe = tmp / "tidegate"
+    exe.write_text(f"#!{sys.executable}\nimport sys\ntry:\n    from tidegate.cli.entry import main\n"
+                   "except ImportError:\n    from tidegate.cli.main import main\nsys.exit(main())\n")  # fmt: skip
+    exe.chmod(0o755)
+    agent = Agent(lab, tmp / "state", tmp / "rules.yaml", exe=str(exe))
     env_before = os.environ.get("PYTHONPATH")
     try:
         for i in range(pairs):

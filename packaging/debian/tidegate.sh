@@ -5,4 +5,4 @@
 PYTHONPATH=/opt/tidegate/lib
 PYTHONDONTWRITEBYTECODE=1
 export PYTHONPATH PYTHONDONTWRITEBYTECODE
-exec /usr/bin/python3 -P -s -m tidegate.cli.main "$@"
+exec /usr/bin/python3 -P -s -m tidegate.cli.entry "$@"

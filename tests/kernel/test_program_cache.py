@@ -313,3 +313,55 @@ def test_a_cached_program_loaded_ahead_is_pinned_only_when_the_start_goes_on(com
         assert bpfsys.prog_tag(kf.prog_fd) == compiled["tag"]
     finally:
         _unpinned(kf)
+
+
+def _host_pins_named(fragment: str) -> list[str]:
+    """What the host's bpf filesystem holds (pins and dirs) with `fragment` in its name."""
+    return [os.path.join(d, n) for d, dirs, files in os.walk(compiler.BPF_ROOT) for n in dirs + files if fragment in n]
+
+
+def test_a_program_compiled_ahead_is_pinned_only_when_the_start_goes_on(compiled, compiles, caplog, tmp_path):
+    """A first start (an empty pin dir) compiles beside the agent's imports,
+    in a child whose bpf filesystem is its own: a start that stops before the
+    kernel leaves nothing on the host's bpf filesystem; one that goes on pins
+    the maps and program that child made and handed over: the compiled
+    program, its maps, its verdicts, and its record kept in the cache."""
+    cfg = _config(tmp_path / "cache")
+    source, flags = loader.program_source(), loader.cflags(cfg)
+    program.compile_ahead(source, flags, cfg.pin_dir)
+    program._take_ahead(None, "unused")  # a start that stopped first
+    assert not os.path.exists(cfg.pin_dir) and _host_pins_named(cfg.pin_name) == [], "compiled ahead, unused: pinned"
+
+    caplog.set_level(logging.INFO, logger="tidegate.kernel.filter")
+    program.compile_ahead(source, flags, cfg.pin_dir)
+    kf = KernelFilter(cfg)
+    res = kf.load()
+    try:
+        assert compiles == [] and res.compiled and res.origin == "compiled" and program._ahead is None
+        done = [r for r in caplog.records if r.getMessage() == "program compiled"]
+        assert len(done) == 1 and done[0].compiled_ahead is True and done[0].short_kernel_symbols is True
+        assert bpfsys.prog_tag(kf.prog_fd) == compiled["tag"] and _map_defs(kf) == compiled["defs"]
+        pins = sorted(n for n in os.listdir(cfg.pin_dir) if not n.startswith(program.PROG_PIN_PREFIX))
+        assert pins == sorted(compiled["defs"].keys() - {"tg_clock"})
+        assert program.program_pins(cfg.pin_dir) == [program.PROG_PIN_PREFIX + compiled["digest"]]
+        assert program_cache.read(cfg.cache_dir, compiled["digest"]) is not None, "its record is the cache entry"
+        assert _verdicts(kf) == compiled["verdicts"]
+    finally:
+        _unpinned(kf)
+
+
+def test_a_first_start_on_the_bpf_filesystem_compiles_ahead_once(tmp_path):
+    """`tidegate agent` with nothing pinned or cached under /sys/fs/bpf
+    compiles before its imports; the agent verb asking again after them
+    starts nothing more (cli/entry.py, then cli/delegated.py)."""
+    name = f"test-early-{os.getpid()}"
+    argv = ["-i", "x", "--pin-name", name, "--state-dir", str(tmp_path / "state"), "--max-sources", "65536"]
+    try:
+        assert early.start_ahead_once(argv) == "compiling"
+        first = program._ahead
+        assert first is not None and compiler._ahead is None
+        assert early.start_ahead_once(argv) == "compiling" and program._ahead is first, "started twice"
+    finally:
+        program._take_ahead(None, "unused")
+        early._started.clear()
+    assert _host_pins_named(name) == [], "a compile ahead that no start used pinned something"

@@ -20,6 +20,9 @@ LAZY = {
     "tidegate.cli.delegated": ({"tidegate.daemon.main", "tidegate.daemon.early", "tidegate.fleet.cli"},
                                "CLI start-up: `agent` and `fleet` load the daemon (a compile child started ahead first, "
                                "when likely) or the etcd client when they run"),
+    "tidegate.cli.entry": ({"tidegate.daemon.early", "tidegate.cli.main"},
+                           "the `tidegate` command: `agent` starts its compile or cached load before any import, "
+                           "the command line's own included"),
     "tidegate.cli.offline": ({"tidegate.access.certs", "tidegate.kernel.filter", "tidegate.lab.replay",
                               "tidegate.lab.run"},
                              "CLI start-up: offline verbs load bcc, pyroute2 or the PKI tools when they run"),

@@ -23,11 +23,12 @@ def delegated(name: str, summary: str, description: str, examples: str, what: st
       "tidegate agent --interface eth0 --xdp-mode generic --state-dir /var/lib/tidegate",
       "the agent's options (tidegate agent --help)")  # fmt: skip
 def agent(args, out) -> int:
-    # lazy: the daemon's imports (grpc server, kernel layer) only on this path; the compile child or the
-    # cached program's load first, when one will be needed, so that it runs beside those imports
-    from tidegate.daemon.early import start_ahead
+    # lazy: the daemon's imports (grpc server, kernel layer) only on this path; the compile or the cached
+    # program's load first, when one will be needed, so that it runs beside those imports (the `tidegate`
+    # command has started it before its own imports: cli/entry.py; started once, this is then a no-op)
+    from tidegate.daemon.early import start_ahead_once
 
-    start_ahead(args.args)
+    start_ahead_once(args.args)
     from tidegate.daemon.main import main as agent_main
 
     return agent_main(args.args)

@@ -14,8 +14,6 @@ import errno
 import os
 import platform
 
-import numpy as np
-
 from tidegate.kernel import fault_injection
 
 _SYSCALL_NR = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351}
@@ -312,6 +310,8 @@ def lookup_batch(fd: int, key_size: int, value_size: int, max_entries: int, chun
     Returns (keys: numpy uint8 array, values: numpy uint8 array, count).
     Values of per-CPU maps are not supported here (tidegate only batch-reads
     the shared LRU)."""
+    import numpy as np  # here: the compile child uses this module, and starts without numpy
+
     n_alloc = max(1, max_entries)
     keys = np.empty(key_size * n_alloc, dtype=np.uint8)
     values = np.empty(value_size * n_alloc, dtype=np.uint8)
@@ -327,6 +327,8 @@ def lookup_batch_chunks(fd: int, key_size: int, value_size: int, max_entries: in
     """lookup_batch, one chunk at a time into the same two buffers: yields
     (keys, values, count) views that the next chunk overwrites, so a reader
     that keeps a few columns of a large map never holds all of it."""
+    import numpy as np  # as in lookup_batch
+
     keys = np.empty(key_size * max(1, min(chunk, max_entries)), dtype=np.uint8)
     values = np.empty(value_size * max(1, min(chunk, max_entries)), dtype=np.uint8)
     kptr, vptr = keys.ctypes.data, values.ctypes.data

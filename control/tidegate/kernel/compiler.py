@@ -14,13 +14,22 @@ the pinned program and maps by fd and never loads BCC itself.
 The child can be started ahead (start_ahead): it loads BCC first and only
 then reads its job, so that load overlaps the agent's own imports.
 
+Or it compiles before the agent knows it will go on (compile_unpinned,
+for a first start with an empty pin dir): in a mount namespace of its own
+with a bpf filesystem of its own on /sys/fs/bpf, so the maps BCC creates
+and pins, new ones as in an empty pin dir, are pinned where the host never
+sees them. It hands the program's and the maps' fds over a unix socket
+(SCM_RIGHTS) and exits; the agent pins them when its start gets to the
+kernel (program.compile_ahead), and a start that stops before leaves
+nothing behind.
+
 BCC reads the whole of /proc/kallsyms (over 100,000 symbols, into a hash
 table, and frees it again) at every compile, only to learn whether the
 kernel has bpf_probe_read_kernel and bpf_probe_read_user: how to spell a
 read of kernel memory, which this XDP program never does. That is a fifth
 of a compile's CPU beyond the program's own. So the child compiles in a
 mount namespace of its own where /proc/kallsyms names those two helpers
-only (_short_kernel_symbols); the instructions are the same
+only (_own_mounts); the instructions are the same
 (tests/kernel/test_kernel_defs.py). Where it cannot (no CAP_SYS_ADMIN),
 it compiles with the whole table, as BCC would.
 """
@@ -30,6 +39,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -48,12 +58,15 @@ class CompileError(Exception):
 _ahead: subprocess.Popen | None = None  # a compile child started ahead (start_ahead), not yet given a source
 
 
-def _spawn() -> subprocess.Popen:
+BPF_ROOT = "/sys/fs/bpf"  # where compile_unpinned's child mounts a bpf filesystem of its own
+
+
+def _spawn(pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     # the child imports this very package, wherever it was imported from (a bench's sys.path too)
     here = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
     return subprocess.Popen([sys.executable, "-m", "tidegate.kernel.compiler"], env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds)  # fmt: skip
 
 
 def start_ahead() -> None:
@@ -84,9 +97,46 @@ def compile_in_child(source: str, cflags: list[str], prog_pin: str, timeout: flo
     t0 = time.monotonic()
     ahead = _ahead is not None
     proc, _ahead = (_ahead or _spawn()), None
-    job = json.dumps({"prog_pin": prog_pin, "cflags": cflags}) + "\n" + source
+    res = _run(proc, {"prog_pin": prog_pin, "cflags": cflags}, source, timeout, t0)
+    res["ahead"] = ahead
+    return res
+
+
+def compile_unpinned(source: str, cflags: list[str], pin_dir: str, timeout: float = 300) -> tuple[dict, list[int]]:
+    """Compile and load the program in a child that pins nothing the host
+    sees (a bpf filesystem of its own): its maps are all new, as in an empty
+    pin dir. Returns what the child printed (as compile_in_child, with
+    `maps`: the names of the maps it handed over) and the fds it handed
+    over: the program's, then the maps' in that order. The caller owns
+    them; the record says where each map pins (program_cache.pin_unpinned)."""
+    if not pin_dir.startswith(BPF_ROOT + "/"):
+        raise CompileError(f"{pin_dir} is not under {BPF_ROOT}: the child's own bpf filesystem would not hold it")
+    t0 = time.monotonic()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
-        out, err = proc.communicate(job.encode(), timeout=timeout)
+        proc = _spawn(pass_fds=(theirs.fileno(),))
+        job = {"pin_dir": pin_dir, "cflags": cflags, "handover_fd": theirs.fileno()}
+        theirs.close()
+        res = _run(proc, job, source, timeout, t0)
+        ours.setblocking(False)  # the child has exited: what it sent waits in the socket
+        try:
+            _, fds, _, _ = socket.recv_fds(ours, 16, len(res.get("maps", [])) + 1)
+        except BlockingIOError:
+            raise CompileError("the compile child handed over no program") from None
+    finally:
+        ours.close()
+        theirs.close()
+    if len(fds) != len(res["maps"]) + 1:
+        for fd in fds:
+            os.close(fd)
+        raise CompileError(f"the compile child handed over {len(fds)} fds for a program and {len(res['maps'])} maps")
+    res["ahead"] = True
+    return res, fds
+
+
+def _run(proc: subprocess.Popen, job: dict, source: str, timeout: float, t0: float) -> dict:
+    try:
+        out, err = proc.communicate((json.dumps(job) + "\n" + source).encode(), timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
@@ -97,7 +147,6 @@ def compile_in_child(source: str, cflags: list[str], prog_pin: str, timeout: flo
     res = json.loads(out.decode().strip().splitlines()[-1])
     res["pid"] = proc.pid
     res["child_s"] = time.monotonic() - t0
-    res["ahead"] = ahead
     return res
 
 
@@ -106,17 +155,28 @@ _SYMBOLS_BCC_ASKS_FOR = b"0000000000000001 T bpf_probe_read_kernel\n000000000000
 _CLONE_NEWNS, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x00020000, 0x1000, 0x4000, 0x40000
 
 
-def _short_kernel_symbols() -> bool:
+def _own_mounts(own_bpffs: bool) -> bool:
     """In a mount namespace of this process's own, show a /proc/kallsyms
-    that holds only what BCC's compile asks of it. True if done; False
-    (nothing changed) where the namespace or the mount is refused. Mounts
-    made here never reach the host's namespace (private propagation), and
-    end with this process."""
+    that holds only what BCC's compile asks of it, and with own_bpffs a
+    new bpf filesystem on BPF_ROOT. True if the short /proc/kallsyms is
+    shown; False (nothing changed) where the namespace or the mount is
+    refused, except that own_bpffs raises OSError then (a compile that
+    would pin on the host's). Mounts made here never reach the host's
+    namespace (private propagation), and end with this process."""
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(_CLONE_NEWNS) != 0:
+
+    def refused(what: str) -> bool:
+        if own_bpffs:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
         return False
+
+    if libc.unshare(_CLONE_NEWNS) != 0:
+        return refused("a mount namespace of its own")
     if libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
-        return False  # a namespace of its own, but still the host's mounts' peer: bind nothing
+        return refused("private mounts")  # a namespace of its own, but still the host's mounts' peer
+    if own_bpffs and libc.mount(b"bpf", BPF_ROOT.encode(), b"bpf", 0, None) != 0:
+        return refused(f"a bpf filesystem of its own on {BPF_ROOT}")
     fd, path = tempfile.mkstemp(prefix="tidegate-kallsyms-")
     try:
         os.write(fd, _SYMBOLS_BCC_ASKS_FOR)
@@ -135,9 +195,11 @@ def _main() -> int:
         return 0  # cancelled: nothing to compile
     head, _, body = job.partition(b"\n")
     args = json.loads(head)
-    prog_pin, cflags, source = args["prog_pin"], args["cflags"], body.decode()
+    cflags, source, handover = args["cflags"], body.decode(), args.get("handover_fd")
 
-    short_symbols = _short_kernel_symbols()
+    short_symbols = _own_mounts(own_bpffs=handover is not None)
+    if handover is not None:
+        os.makedirs(args["pin_dir"], mode=0o700)  # in the bpf filesystem of its own
     t0 = time.monotonic()
     b = BPF(text=source, cflags=cflags)
     fn = b.load_func(PROG_NAME.encode(), BPF.XDP)
@@ -151,15 +213,25 @@ def _main() -> int:
         if why:
             print(why, file=sys.stderr)
             return 3
-    tmp = f"{prog_pin}_tmp{os.getpid()}"  # bpffs names take no dots
-    bpfsys.obj_pin(fn.fd, tmp)
-    os.replace(tmp, prog_pin)  # the pin appears whole or not at all
     info = bpfsys.prog_info(fn.fd)
     out = {"prog_id": info.id, "tag": bytes(info.tag).hex(), "compile_s": round(compile_s, 3), "record": None,
            "short_kernel_symbols": short_symbols}  # fmt: skip
+    insns = b.dump_func(PROG_NAME.encode())
+    license, kern_version = lib.bpf_module_license(b.module), lib.bpf_module_kern_version(b.module)
+    if handover is not None:
+        # the record says where each map pins: the agent pins them there, and it is the cache entry too
+        out["record"] = program_cache.record(insns, fn.fd, args["pin_dir"], license, kern_version)
+        maps = program_cache.map_fds(insns, out["record"])
+        out["maps"] = list(maps)
+        socket.send_fds(socket.socket(fileno=handover), [b"fds"], [fn.fd, *maps.values()])
+        print(json.dumps(out))
+        return 0
+    prog_pin = args["prog_pin"]
+    tmp = f"{prog_pin}_tmp{os.getpid()}"  # bpffs names take no dots
+    bpfsys.obj_pin(fn.fd, tmp)
+    os.replace(tmp, prog_pin)  # the pin appears whole or not at all
     try:
-        out["record"] = program_cache.record(b.dump_func(PROG_NAME.encode()), fn.fd, os.path.dirname(prog_pin),
-                                             lib.bpf_module_license(b.module), lib.bpf_module_kern_version(b.module))
+        out["record"] = program_cache.record(insns, fn.fd, os.path.dirname(prog_pin), license, kern_version)
     except Exception as e:  # noqa: BLE001 - the program is pinned and runs; only the next start compiles again
         out["record_error"] = f"{type(e).__name__}: {e}"
     print(json.dumps(out))

@@ -112,8 +112,11 @@ def open_or_compile(source: str, cflags: list[str], pin_dir: str, cache_dir: str
         os.close(fd)
         log.warning("the pinned program does not use the pinned maps: compiling it again", extra={"pin": path})
         os.unlink(path)
+    fd, res = _take_ahead(digest, path, cache_dir)
+    if res is not None:  # compiled beside the agent's imports (compile_ahead), pinned now
+        _compiled(digest, res)
+        return Program(fd, digest, True, res["child_s"], res["pid"], seconds=time.monotonic() - t0)
     if cache_dir is not None:
-        fd = _take_ahead(digest, path)
         ahead = fd is not None
         if fd is None:
             fd = _load_cached(cache_dir, digest, path)
@@ -124,13 +127,9 @@ def open_or_compile(source: str, cflags: list[str], pin_dir: str, cache_dir: str
                 "loaded_ahead": ahead})  # fmt: skip
             compiler.cancel_ahead()
             return Program(fd, digest, False, 0.0, origin="cached", seconds=took)
-    _take_ahead(None, path)
     log.info("compiling the program in a child process", extra={"digest": digest})
     res = compile_in_child(source, cflags, path)  # CompileError: the caller words it
-    log.info("program compiled", extra={"digest": digest, "compile_s": res["compile_s"], "child_pid": res["pid"],
-                                        "child_s": round(res["child_s"], 3), "started_ahead": res["ahead"],
-                                        "tag": res["tag"],
-                                        "short_kernel_symbols": res.get("short_kernel_symbols")})  # fmt: skip
+    _compiled(digest, res)
     if cache_dir is not None:
         _keep(cache_dir, digest, res)
     return Program(bpfsys.obj_get(path), digest, True, res["child_s"], res["pid"], seconds=time.monotonic() - t0)
@@ -148,7 +147,21 @@ def compile_likely(pin_dir: str, cache_dir: str | None) -> bool:
         return True
 
 
-_ahead: tuple[str, threading.Thread, list] | None = None  # load_ahead's digest, thread and result
+def _compiled(digest: str, res: dict) -> None:
+    log.info("program compiled", extra={"digest": digest, "compile_s": res["compile_s"], "child_pid": res["pid"],
+                                        "child_s": round(res["child_s"], 3), "started_ahead": res["ahead"],
+                                        "compiled_ahead": "maps" in res, "tag": res["tag"],
+                                        "short_kernel_symbols": res.get("short_kernel_symbols")})  # fmt: skip
+
+
+@dataclass
+class _Ahead:
+    digest: str
+    thread: threading.Thread
+    box: list  # what it got: a program_cache.Unpinned, (Unpinned, the compile's result), or the exception
+
+
+_ahead: _Ahead | None = None  # what load_ahead or compile_ahead started, not yet taken
 
 
 def load_ahead(cache_dir: str, digest: str) -> None:
@@ -171,28 +184,66 @@ def load_ahead(cache_dir: str, digest: str) -> None:
 
     t = threading.Thread(target=run, name="cached-program-ahead", daemon=True)
     t.start()
-    _ahead = (digest, t, box)
+    _ahead = _Ahead(digest, t, box)
 
 
-def _take_ahead(digest: str | None, prog_pin: str) -> int | None:
-    """The program load_ahead loaded, pinned now, if it is of `digest` and
-    its pins are free; None otherwise (what it loaded is closed)."""
+def compile_ahead(source: str, cflags: list[str], pin_dir: str) -> None:
+    """Compile the program in a child beside the agent's imports, for a
+    first start (an empty pin dir): the child pins on a bpf filesystem of
+    its own (compiler.compile_unpinned) and hands the program and its new
+    maps over by fd, pinned nowhere until open_or_compile pins them when the
+    start goes on; a start that stops before leaves nothing behind."""
+    global _ahead
+    box: list = []
+
+    def run() -> None:
+        try:
+            res, fds = compiler.compile_unpinned(source, cflags, pin_dir)
+        except Exception as e:  # noqa: BLE001 - handed to the load, which compiles again and says why
+            box.append(e)
+            return
+        try:
+            entry = program_cache.entry_of(res["record"], "the compile child's record")
+            box.append((program_cache.Unpinned(entry, fds[0], dict(zip(res["maps"], fds[1:]))), res))
+        except Exception as e:  # noqa: BLE001 - as above
+            for fd in fds:
+                os.close(fd)
+            box.append(e)
+
+    t = threading.Thread(target=run, name="compile-ahead", daemon=True)
+    t.start()
+    _ahead = _Ahead(program_digest(source, cflags), t, box)
+
+
+def _take_ahead(digest: str | None, prog_pin: str, cache_dir: str | None = None) -> tuple[int | None, dict | None]:
+    """The program load_ahead loaded or compile_ahead compiled, pinned now,
+    if it is of `digest` and its pins are free, with the compile's result
+    (None for a cached load); (None, None) otherwise (what it got is
+    closed). A compile's record is kept in cache_dir first: if its pins are
+    taken, the cached load after this uses it against the pinned maps."""
     global _ahead
     if _ahead is None:
-        return None
-    (want, t, box), _ahead = _ahead, None
-    t.join()
-    got = box[0] if box else None
+        return None, None
+    ahead, _ahead = _ahead, None
+    ahead.thread.join()
+    got = ahead.box[0] if ahead.box else None
+    res = None
+    if isinstance(got, tuple):
+        got, res = got
     if not isinstance(got, program_cache.Unpinned):
-        return None  # none, or an error the cached load below meets again and logs
-    if want != digest:
+        if got is not None and digest is not None:
+            log.info("what was started ahead is not used", extra={"error": f"{type(got).__name__}: {got}"})
+        return None, None  # none, or an error the load below meets again and logs
+    if ahead.digest != digest:
         got.close()
-        return None
+        return None, None
+    if res is not None and cache_dir is not None:
+        _keep(cache_dir, digest, res)
     try:
-        return program_cache.pin_unpinned(got, prog_pin)
+        return program_cache.pin_unpinned(got, prog_pin), res
     except (program_cache.CacheError, bpfsys.BpfError, OSError) as e:
         log.info("the program loaded ahead is not used: loading it again", extra={"error": str(e)})
-        return None
+        return None, None
 
 
 def _load_cached(cache_dir: str, digest: str, prog_pin: str) -> int | None:

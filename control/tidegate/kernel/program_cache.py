@@ -107,6 +107,16 @@ def record(insns: bytes, prog_fd: int, pin_dir: str, license: bytes, kern_versio
     return entry
 
 
+def map_fds(insns: bytes, entry: dict) -> dict[str, int]:
+    """The fd each map of a record is loaded from in `insns` (the
+    compile child's own fds), in the record's order of maps."""
+    at = {index: fd for index, src, fd in map_loads(insns) if src == PSEUDO_MAP_FD}
+    by_name: dict[str, int] = {}
+    for index, name in entry["relocs"]:
+        by_name.setdefault(name, at[index])
+    return {name: by_name[name] for name in entry["maps"]}
+
+
 def _pinned_maps(pin_dir: str) -> dict[int, str]:
     out = {}
     for name in os.listdir(pin_dir):
@@ -188,12 +198,19 @@ def read(cache_dir: str, digest: str) -> Entry | None:
             raise CacheError(f"{path}: format {raw.get('format')!r} of digest {raw.get('digest')!r}")
         if raw.get("checksum") != _checksum(raw):
             raise CacheError(f"{path}: its checksum does not match its content (damaged)")
+    except AttributeError as err:
+        raise CacheError(f"{path}: malformed: {type(err).__name__}: {err}") from None
+    return entry_of(raw, path)
+
+
+def entry_of(raw: dict, path: str) -> Entry:
+    """The entry a record holds (read from `path`, or just made by the
+    compile child); CacheError when it does not hold together."""
+    try:
         maps = {n: MapDef(**m) for n, m in raw["maps"].items()}
         e = Entry(int(raw["prog_type"]), str(raw["name"]), str(raw["license"]), int(raw["kern_version"]),
                   str(raw["tag"]), base64.b64decode(raw["insns"], validate=True),
                   [(int(i), str(n)) for i, n in raw["relocs"]], maps)  # fmt: skip
-    except CacheError:
-        raise
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise CacheError(f"{path}: malformed: {type(err).__name__}: {err}") from None
     loads = {i: src for i, src, _ in map_loads(e.insns)}
