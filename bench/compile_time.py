@@ -7,12 +7,18 @@ sources); its CPU time (user + system, getrusage) is read around
 - BCC's compile: `BPF(text=...)`, clang's front end (BCC parses the source
   twice: its rewriter, then the compile), LLVM and the maps' creation;
 - the kernel's verifier: `load_func`, the load of the instructions;
-for three sources, interleaved, --rounds times each (medians):
-- the program as it is (bpf/kernel_defs.h: its own few kernel definitions);
+for these builds, interleaved, --rounds times each (medians):
+- the program as it is (bpf/kernel_defs.h: its own few kernel definitions),
+  built as the compile child builds it: no debug info (-g0), and in a
+  mount namespace where /proc/kallsyms holds the two lines BCC asks of it
+  (kernel/compiler.py own_mounts);
+- the same as BCC builds it by default: debug info, the whole
+  /proc/kallsyms;
 - the same with the kernel headers it included before instead
   (<linux/in.h>, if_ether.h, ip.h, ipv6.h, jiffies.h);
 - a program that returns XDP_PASS: BCC's own floor (its helpers, the
-  kernel config, its two passes);
+  kernel config, its two passes), as the compile child builds it and as
+  BCC does by default;
 - with --against DIR, the program of another bpf/ directory too (a
   worktree of an earlier commit: `git worktree add /tmp/before COMMIT`),
   so that a change to the program is measured against the code before it
@@ -54,6 +60,9 @@ def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 flags = json.loads(sys.argv[1])
+if sys.argv[2] == "child":
+    from tidegate.kernel.compiler import own_mounts
+    own_mounts(False)
 source = sys.stdin.read()
 c0 = cpu()
 b = BPF(text=source, cflags=flags)
@@ -69,22 +78,30 @@ print(json.dumps({"compile_cpu_s": c1 - c0, "verify_cpu_s": c2 - c1, "tag": tag,
 """
 
 
-def sources(against: str | None) -> dict[str, str]:
+BCC_DEFAULT = "bcc"  # a build as BCC makes it by default; "child": as the compile child makes it
+
+
+def builds(against: str | None) -> dict[str, tuple[str, str]]:
+    """Each row's (source, how it is built)."""
     src = loader.program_source()
     ours = "/* --- kernel_defs.h --- */\n" + inline_source(bpf_source_dir() / "kernel_defs.h")
     if src.count(ours) != 1:
         raise SystemExit("bpf/tidegate.c does not include kernel_defs.h once: nothing to compare")
-    out = {"program (kernel_defs.h)": src}
+    out = {"program (kernel_defs.h)": (src, "child"),
+           "program, as BCC builds it by default (debug info, the whole /proc/kallsyms)": (src, BCC_DEFAULT)}
     if against:
-        out[f"program at {short_commit(against)} (--against)"] = inline_source(Path(against) / "tidegate.c")
-    return {**out, "program with the kernel's headers": src.replace(ours, KERNEL_HEADERS),
-            "XDP_PASS (BCC's floor)": FLOOR}  # fmt: skip
+        out[f"program at {short_commit(against)} (--against)"] = (inline_source(Path(against) / "tidegate.c"), "child")
+    return {**out, "program with the kernel's headers": (src.replace(ours, KERNEL_HEADERS), "child"),
+            "XDP_PASS (BCC's floor)": (FLOOR, "child"),
+            "XDP_PASS, as BCC builds it by default": (FLOOR, BCC_DEFAULT)}  # fmt: skip
 
 
-def compile_once(source: str, flags: list[str]) -> dict:
+def compile_once(source: str, flags: list[str], how: str) -> dict:
     # the child reads the load's size with tidegate's bpfsys
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(flags)], input=source, capture_output=True,
+    if how == BCC_DEFAULT:
+        flags = [f for f in flags if f != "-g0"]
+    r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(flags), how], input=source, capture_output=True,
                        text=True, timeout=300, check=False, env=env)  # fmt: skip
     if r.returncode != 0:
         raise SystemExit(f"compile failed:\n{r.stderr[-2000:]}")
@@ -109,10 +126,10 @@ def main() -> int:
         loader.ensure_bpffs()
         os.makedirs(config.pin_dir, mode=0o700)
         flags = loader.cflags(config)
-        srcs = sources(args.against)
+        rows_built = builds(args.against)
         for _ in range(rounds):
-            for name, src in srcs.items():
-                out["runs"].setdefault(name, []).append(compile_once(src, flags))
+            for name, (src, how) in rows_built.items():
+                out["runs"].setdefault(name, []).append(compile_once(src, flags, how))
     finally:
         loader.remove_pins(config.pin_dir)
         os.rmdir(pin_root)

@@ -29,7 +29,7 @@ kernel has bpf_probe_read_kernel and bpf_probe_read_user: how to spell a
 read of kernel memory, which this XDP program never does. That is a fifth
 of a compile's CPU beyond the program's own. So the child compiles in a
 mount namespace of its own where /proc/kallsyms names those two helpers
-only (_own_mounts); the instructions are the same
+only (own_mounts); the instructions are the same
 (tests/kernel/test_kernel_defs.py). Where it cannot (no CAP_SYS_ADMIN),
 it compiles with the whole table, as BCC would.
 """
@@ -155,7 +155,7 @@ _SYMBOLS_BCC_ASKS_FOR = b"0000000000000001 T bpf_probe_read_kernel\n000000000000
 _CLONE_NEWNS, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x00020000, 0x1000, 0x4000, 0x40000
 
 
-def _own_mounts(own_bpffs: bool) -> bool:
+def own_mounts(own_bpffs: bool) -> bool:
     """In a mount namespace of this process's own, show a /proc/kallsyms
     that holds only what BCC's compile asks of it, and with own_bpffs a
     new bpf filesystem on BPF_ROOT. True if the short /proc/kallsyms is
@@ -197,7 +197,7 @@ def _main() -> int:
     args = json.loads(head)
     cflags, source, handover = args["cflags"], body.decode(), args.get("handover_fd")
 
-    short_symbols = _own_mounts(own_bpffs=handover is not None)
+    short_symbols = own_mounts(own_bpffs=handover is not None)
     if handover is not None:
         os.makedirs(args["pin_dir"], mode=0o700)  # in the bpf filesystem of its own
     t0 = time.monotonic()
