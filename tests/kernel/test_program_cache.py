@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -365,3 +366,12 @@ def test_a_first_start_on_the_bpf_filesystem_compiles_ahead_once(tmp_path):
         program._take_ahead(None, "unused")
         early._started.clear()
     assert _host_pins_named(name) == [], "a compile ahead that no start used pinned something"
+
+    # where a mount namespace of its own is refused (here: no CAP_SYS_ADMIN; the shipped systemd units:
+    # RestrictNamespaces=, no @mount calls), the compile child only loads BCC and waits for the source
+    ask = "import sys; from tidegate.daemon import early; print(early.start_ahead(sys.argv[1:]))"
+    r = subprocess.run(["setpriv", "--bounding-set", "-sys_admin", sys.executable, "-c", ask, *argv],
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, capture_output=True, text=True,
+                       timeout=120, check=False)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.split()[-1:] == ["compile"], r.stdout + r.stderr
+    assert compiler.own_bpffs_allowed(), "as root here, the compile's own mounts are allowed"

@@ -6,9 +6,10 @@ beside them, without touching anything the start could leave behind:
 - nothing pinned and nothing in the program cache (a first start): the
   compile child compiles and loads the program at once, on a bpf
   filesystem of its own, and hands it over by fd (program.compile_ahead);
-  pinned only when the start gets to the kernel. With maps pinned, or a
-  pin dir outside /sys/fs/bpf, the child only loads BCC and LLVM and waits
-  for the source (kernel/compiler.py);
+  pinned only when the start gets to the kernel. With maps pinned, a pin
+  dir outside /sys/fs/bpf, or no mount namespace allowed (the shipped
+  systemd units), the child only loads BCC and LLVM and waits for the
+  source (kernel/compiler.py);
 - nothing pinned but this program cached (after a reboot or `tidegate
   detach`): a thread loads it against maps of its own, pinned only when the
   start gets to the kernel (program.load_ahead); the verifier's run is
@@ -75,7 +76,7 @@ def _start_ahead(config: loader.FilterConfig) -> str | None:
     except FileNotFoundError:
         pinned = False
     if program.compile_likely(config.pin_dir, config.cache_dir):
-        if not pinned and config.pin_dir.startswith(compiler.BPF_ROOT + "/"):
+        if not pinned and config.pin_dir.startswith(compiler.BPF_ROOT + "/") and compiler.own_bpffs_allowed():
             program.compile_ahead(loader.program_source(), loader.cflags(config), config.pin_dir)
             return "compiling"
         compiler.start_ahead()

@@ -155,6 +155,23 @@ _SYMBOLS_BCC_ASKS_FOR = b"0000000000000001 T bpf_probe_read_kernel\n000000000000
 _CLONE_NEWNS, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x00020000, 0x1000, 0x4000, 0x40000
 
 
+def own_bpffs_allowed() -> bool:
+    """Whether a child of this process may have a mount namespace and a
+    bpf filesystem of its own (compile_unpinned needs both): asked of a
+    fork that tries and exits. Refused under the shipped systemd units
+    (RestrictNamespaces=, no @mount system calls), without CAP_SYS_ADMIN,
+    or in a container that forbids it; call it while this process has one
+    thread (`tidegate agent` before its imports)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the fork only makes system calls and exits
+        ok = (libc.unshare(_CLONE_NEWNS) == 0 and libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) == 0
+              and libc.mount(b"bpf", BPF_ROOT.encode(), b"bpf", 0, None) == 0)  # fmt: skip
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0  # a fork killed by a system call filter (SIGSYS) too
+
+
 def own_mounts(own_bpffs: bool) -> bool:
     """In a mount namespace of this process's own, show a /proc/kallsyms
     that holds only what BCC's compile asks of it, and with own_bpffs a
