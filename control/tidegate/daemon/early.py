@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from tidegate.daemon.options import DEFAULT_STATE_DIR
+from tidegate.daemon.paths import DEFAULT_STATE_DIR
 from tidegate.kernel import compiler, loader, program, program_cache
 from tidegate.kernel.layout import MAX_SOURCES
 

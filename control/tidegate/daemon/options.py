@@ -10,13 +10,13 @@ import ssl
 
 from tidegate.access.auth import is_loopback as _is_loopback
 from tidegate.changes.blocklist import parse_ttl
+from tidegate.daemon.paths import DEFAULT_STATE_DIR
 from tidegate.fleet.hostagent import add_arguments as fleet_arguments
 
 log = logging.getLogger("tidegate.daemon.options")
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS = "127.0.0.1:9640"
-DEFAULT_STATE_DIR = "/var/lib/tidegate"
 
 
 def build_parser() -> argparse.ArgumentParser:
