@@ -54,6 +54,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 from lab_run import lab_with_rules, remove_all
 from report import bytecode_as_installed, header_lines, machine, save, table, use_repo_package
@@ -128,26 +129,22 @@ def against(other: Path, pairs: int) -> int:
                    "except ImportError:\n    from tidegate.cli.main import main\nsys.exit(main())\n")  # fmt: skip
     exe.chmod(0o755)
     agent = Agent(lab, tmp / "state", tmp / "rules.yaml", exe=str(exe))
-    env_before = os.environ.get("PYTHONPATH")
     try:
         for i in range(pairs):
             for tree, path in trees.items():
-                os.environ["PYTHONPATH"] = str(path)  # the agent's imports, its compile child's and its bpf/
-                for kind in kinds:
-                    if agent.proc is not None and agent.proc.poll() is None:
-                        agent.stop()
-                    if kind != kinds[2]:
-                        agent.remove_kernel_objects()
-                    if kind == kinds[0]:
-                        shutil.rmtree(agent.state_dir / PROGRAM_CACHE, ignore_errors=True)
-                    runs[tree][kind].append(agent.start())
+                # the agent's imports, its compile child's and its bpf/
+                with mock.patch.dict(os.environ, {"PYTHONPATH": str(path)}):
+                    for kind in kinds:
+                        if agent.proc is not None and agent.proc.poll() is None:
+                            agent.stop()
+                        if kind != kinds[2]:
+                            agent.remove_kernel_objects()
+                        if kind == kinds[0]:
+                            shutil.rmtree(agent.state_dir / PROGRAM_CACHE, ignore_errors=True)
+                        runs[tree][kind].append(agent.start())
             print(f"round {i + 1}: " + "; ".join(f"{t}: " + " / ".join(f"{r[k][-1]:.2f}" for k in kinds)
                                                  for t, r in runs.items()), flush=True)  # fmt: skip
     finally:
-        if env_before is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = env_before
         remove_all(tmp, lab, agent)
     mine, theirs = runs.values()
     rows = [[k, f"{statistics.median(mine[k]):.2f}", f"{statistics.median(theirs[k]):.2f}",

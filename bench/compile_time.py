@@ -69,12 +69,10 @@ b = BPF(text=source, cflags=flags)
 c1 = cpu()
 fn = b.load_func(b"tidegate_xdp", BPF.XDP)
 c2 = cpu()
-info = open(f"/proc/self/fdinfo/{fn.fd}").read()
-tag = [ln.split()[1] for ln in info.splitlines() if ln.startswith("prog_tag:")][0]
 from tidegate.kernel import bpfsys
 pi = bpfsys.prog_info(fn.fd)
-print(json.dumps({"compile_cpu_s": c1 - c0, "verify_cpu_s": c2 - c1, "tag": tag, "bytes": pi.xlated_prog_len,
-                  "verified_insns": pi.verified_insns}))
+print(json.dumps({"compile_cpu_s": c1 - c0, "verify_cpu_s": c2 - c1, "tag": bytes(pi.tag).hex(),
+                  "bytes": pi.xlated_prog_len, "verified_insns": pi.verified_insns}))
 """
 
 
@@ -97,7 +95,7 @@ def builds(against: str | None) -> dict[str, tuple[str, str]]:
 
 
 def compile_once(source: str, flags: list[str], how: str) -> dict:
-    # the child reads the load's size with tidegate's bpfsys
+    # the child reads the load's tag and size with tidegate's bpfsys
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     if how == BCC_DEFAULT:
         flags = [f for f in flags if f != "-g0"]

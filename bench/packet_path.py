@@ -79,12 +79,12 @@ worktree of an earlier commit), labelled with its commit, e.g.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
@@ -114,22 +114,6 @@ from packet_workload import (  # noqa: E402
     realistic_lists,
     rule_set,
 )
-
-
-@contextlib.contextmanager
-def bpf_dir(path: str | None):
-    """The program the kernel layer compiles: bpf/ of this tree, or `path`
-    while the rows of --against load (loader.bpf_source_dir)."""
-    before = os.environ.get("TIDEGATE_BPF_DIR")
-    if path:
-        os.environ["TIDEGATE_BPF_DIR"] = path
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("TIDEGATE_BPF_DIR", None)
-        else:
-            os.environ["TIDEGATE_BPF_DIR"] = before
 
 
 def main(argv=None) -> int:
@@ -222,7 +206,8 @@ def main(argv=None) -> int:
             tg += [(f"{k}@{at}", f"{label} [at {at}]", v, m, sh) for k, label, v, m, sh in tg]
         for key, label, variant, mode, shadow in tg:
             print(f"loading {label} ...", flush=True)
-            with bpf_dir(args.against if "@" in key else None):
+            # the rows of --against compile the other bpf/ (loader.bpf_source_dir)
+            with mock.patch.dict(os.environ, {"TIDEGATE_BPF_DIR": args.against} if "@" in key else {}):
                 results["setup"][key] = bench.load_tidegate(key, label, variant, mode, lists, shadow)
         print("loading lookup probes ...", flush=True)
         results["setup"]["probes"] = bench.load_probes(rule_set("full", "pass", lists))
