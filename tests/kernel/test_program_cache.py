@@ -16,8 +16,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -379,3 +381,60 @@ def test_a_first_start_on_the_bpf_filesystem_compiles_ahead_once(tmp_path):
                        timeout=120, check=False)  # fmt: skip
     assert r.returncode == 0 and r.stdout.split()[-1:] == ["compile"], r.stdout + r.stderr
     assert compiler.own_bpffs_allowed(), "as root here, the compile's own mounts are allowed"
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(c) for c in f.read().split()]
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    """Running, sleeping or stopped: not gone and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_compile_ahead_ends_with_the_agent_it_compiles_for(tmp_path):
+    """An agent killed during its first start's compile ahead takes the
+    compile along: the child, stopped so that it could not end on its own,
+    is killed with it, and nothing is pinned."""
+    name = f"test-pdeath-{os.getpid()}"
+    argv = ["-i", "x", "--pin-name", name, "--state-dir", str(tmp_path / "state"), "--max-sources", "65536"]
+    ask = ("import sys, time; from tidegate.daemon import early; "
+           "print(early.start_ahead(sys.argv[1:]), flush=True); time.sleep(120)")  # fmt: skip
+    agent = subprocess.Popen([sys.executable, "-c", ask, *argv], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    child = None
+    try:
+        assert agent.stdout.readline().split() == ["compiling"]
+        ours = os.readlink("/proc/self/ns/mnt")
+        deadline = time.monotonic() + 60
+        while child is None and time.monotonic() < deadline:
+            # the child is in its own mount namespace once it has read its job (and asked to end with the agent)
+            for pid in _children(agent.pid):
+                try:
+                    if os.readlink(f"/proc/{pid}/ns/mnt") != ours:
+                        child = pid
+                except FileNotFoundError:
+                    pass
+            time.sleep(0.005)
+        assert child is not None, "no compile child in a mount namespace of its own"
+        os.kill(child, signal.SIGSTOP)  # stopped, it could never finish on its own
+        agent.kill()
+        agent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "the compile child outlived the agent that started it"
+    finally:
+        agent.kill()
+        agent.wait(timeout=30)
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
+    assert _host_pins_named(name) == []

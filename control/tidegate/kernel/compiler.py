@@ -21,7 +21,8 @@ and pins, new ones as in an empty pin dir, are pinned where the host never
 sees them. It hands the program's and the maps' fds over a unix socket
 (SCM_RIGHTS) and exits; the agent pins them when its start gets to the
 kernel (program.compile_ahead), and a start that stops before leaves
-nothing behind.
+nothing behind. That child ends with the agent (_ends_with_parent): an
+agent killed while it compiles takes the compile along.
 
 BCC reads the whole of /proc/kallsyms (over 100,000 symbols, into a hash
 table, and frees it again) at every compile, only to learn whether the
@@ -40,6 +41,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -116,7 +118,7 @@ def compile_unpinned(source: str, cflags: list[str], pin_dir: str, timeout: floa
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         proc = _spawn(pass_fds=(theirs.fileno(),))
-        job = {"pin_dir": pin_dir, "cflags": cflags, "handover_fd": theirs.fileno()}
+        job = {"pin_dir": pin_dir, "cflags": cflags, "handover_fd": theirs.fileno(), "parent": os.getpid()}
         theirs.close()
         res = _run(proc, job, source, timeout, t0)
         ours.setblocking(False)  # the child has exited: what it sent waits in the socket
@@ -206,6 +208,21 @@ def own_mounts(own_bpffs: bool) -> bool:
         os.unlink(path)  # the bind mount keeps the file while this process lives
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _ends_with_parent(parent: int) -> bool:
+    """A compile that pins nothing the host sees ends with the process it
+    compiles for (SIGKILL when the thread that started it ends, which waits
+    for it): a start that dies does not leave it compiling for nobody. No
+    other compile child does: killed between its two pin steps it would
+    leave a pin behind. False if that process has ended already."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return True  # refused: it runs to its end, as before, and its handover finds no one
+    return os.getppid() == parent
+
+
 def _main() -> int:
     from bcc import BPF  # deliberately here: BCC (and LLVM) load only in the compile child, never in the agent
     from bcc.libbcc import lib
@@ -217,6 +234,8 @@ def _main() -> int:
     args = json.loads(head)
     cflags, source, handover = args["cflags"], body.decode(), args.get("handover_fd")
 
+    if handover is not None and not _ends_with_parent(args["parent"]):
+        return 0  # the start it compiles for has ended already: nothing to hand over
     short_symbols = own_mounts(own_bpffs=handover is not None)
     if handover is not None:
         os.makedirs(args["pin_dir"], mode=0o700)  # in the bpf filesystem of its own
