@@ -7,6 +7,12 @@ import logging
 import time
 
 
+def log_time(created: float) -> str:
+    """An event's time for both line formats: UTC, RFC 3339, to the
+    millisecond (a start-up's progress lines fall within two seconds)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
 class KeyValueFormatter(logging.Formatter):
     """One line per event: time level msg key=value... Every value but a
     number or a boolean is quoted and JSON-escaped, so a value a caller
@@ -21,10 +27,9 @@ class KeyValueFormatter(logging.Formatter):
         return json.dumps(v if isinstance(v, str) else str(v))
 
     def format(self, record: logging.LogRecord) -> str:
-        t = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         extra = " ".join(f"{k}={self._value(v)}" for k, v in record.__dict__.items() if k not in self._skip)
         msg = record.getMessage()
-        line = f"ts={t}Z level={record.levelname.lower()} logger={record.name} msg={json.dumps(msg)} {extra}".rstrip()
+        line = f"ts={log_time(record.created)} level={record.levelname.lower()} logger={record.name} msg={json.dumps(msg)} {extra}".rstrip()
         if record.exc_info:  # the traceback stays on the line, JSON-escaped
             line += f" exc={json.dumps(self.formatException(record.exc_info))}"
         return line

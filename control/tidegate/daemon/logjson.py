@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+
+from tidegate.daemon.logfmt import log_time
 
 _SKIP = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -14,7 +15,7 @@ _SKIP = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + "Z",
+            "ts": log_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
