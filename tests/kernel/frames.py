@@ -94,3 +94,37 @@ def write_capture(path, schedule, dst_ip: str = "192.0.2.200") -> int:
         pkts.append(p)
     wrpcap(str(path), pkts)
     return len(pkts)
+
+
+def random_ipv6_chain(rnd, src: str) -> bytes:
+    """An IPv6 frame behind 0-2 VLAN tags with a random chain of 0-11
+    extension headers (hop-by-hop, destination options, routing, fragments
+    first or not, AH of several lengths) before TCP, UDP or ICMPv6; a third
+    of them cut short at a random length, some with bytes past the fixed
+    header overwritten at random."""
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6ExtHdrRouting
+    from scapy.layers.ipsec import AH
+
+    numbers = {"hbh": 0, "dst": 60, "rt": 43, "frag": 44, "ah": 51}
+    kinds = [rnd.choice(list(numbers)) for _ in range(rnd.randint(0, 11))]
+    l4, l4_number = rnd.choice([(TCP(dport=22), 6), (TCP(dport=443), 6), (UDP(dport=53), 17), (UDP(dport=99), 17),
+                                (ICMPv6EchoRequest(), 58)])  # fmt: skip
+    pkt = IPv6(src=src, dst=DST6)
+    for i, kind in enumerate(kinds):
+        nh = numbers[kinds[i + 1]] if i + 1 < len(kinds) else l4_number
+        if kind == "ah":
+            units = rnd.choice([1, 4, 6])
+            pkt = pkt / AH(nh=nh, payloadlen=units, spi=1, seq=1, icv=b"\0" * max(0, (units + 2) * 4 - 12))
+        else:
+            pkt = pkt / {"hbh": lambda: IPv6ExtHdrHopByHop(nh=nh), "dst": lambda: IPv6ExtHdrDestOpt(nh=nh),
+                         "rt": lambda: IPv6ExtHdrRouting(nh=nh, segleft=0),
+                         "frag": lambda: IPv6ExtHdrFragment(nh=nh, offset=rnd.choice([0, 0, 1, 185]),
+                                                            m=rnd.randint(0, 1))}[kind]()  # fmt: skip
+    frame = bytearray(_frame(pkt / l4 / (b"x" * rnd.randint(0, 20)), rnd.randint(0, 2)))
+    cut = rnd.random()
+    if cut < 0.3:
+        frame = frame[: rnd.randint(14, len(frame))]
+    elif cut < 0.45:
+        for _ in range(rnd.randint(1, 3)):
+            frame[rnd.randint(min(62, len(frame) - 1), len(frame) - 1)] = rnd.randint(0, 255)
+    return bytes(frame)
