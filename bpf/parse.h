@@ -89,7 +89,7 @@ static __always_inline int tg_parse_ipv6_ext(struct tg_pkt *p, void *data, void 
 	 * 184,957 now, half the time of every load (bench/compile_time.py, on
 	 * kernel 6.18). From an unknown offset the ways through each step meet
 	 * again, and the verdicts are the same (tests/kernel/
-	 * test_malformed_packets.py, a walk written out in Python). The offset
+	 * test_ipv6_ext_policy.py, a walk written out in Python). The offset
 	 * never exceeds TG_OFF_MAX: 14 + 2 x 4 + 40 bytes of headers, then
 	 * each step adds at most 2,048. Only packets with an extension header
 	 * come here; a step costs them a store and a load. */

@@ -6,8 +6,6 @@ frames whose source it can read are filtered on it."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from fixtures import rule_set
@@ -73,69 +71,3 @@ def test_stacked_vlan_tags(replay, tags):
     step = replay.send(f.udp("192.0.2.9", 53, vlans=tags))
     assert (step.verdict, step.reason) == (("drop", "deny") if tags <= 2 else ("pass", "unparsed"))
 
-
-EXT_RULES = """
-defaults:
-  limit: {pps: 1000000000, burst: 1000000000}
-deny: ["2001:db8:dead::/48"]
-rules:
-  - name: ssh
-    protocol: tcp
-    dst_ports: [22]
-    action: drop
-  - name: dns
-    protocol: udp
-    dst_ports: [53]
-    action: drop
-"""
-IPV6_EXT = {0, 43, 44, 51, 60, 135, 139, 140, 253, 254}  # bpf/parse.h tg_is_ipv6_ext
-
-
-def _expected(frame: bytes) -> tuple[str, str]:
-    """What bpf/parse.h's walk decides, written out in Python: up to 2 VLAN
-    tags, the IPv6 header, up to 8 extension headers (a fragment header 8
-    bytes, AH (len + 2) x 4, the others (len + 1) x 8), then the port of a
-    first fragment's TCP or UDP header."""
-    off, ethertype = 14, int.from_bytes(frame[12:14], "big")
-    for _ in range(2):
-        if ethertype in (0x8100, 0x88A8):
-            if off + 4 > len(frame):
-                return "pass", "unparsed"
-            ethertype, off = int.from_bytes(frame[off + 2 : off + 4], "big"), off + 4
-    if ethertype != 0x86DD or off + 40 > len(frame):
-        return "pass", "unparsed"
-    if frame[off + 8 : off + 14] == bytes.fromhex("20010db8dead"):
-        return "drop", "deny"
-    proto, off, first = frame[off + 6], off + 40, True
-    for _ in range(8):
-        if proto == 44:
-            if off + 8 > len(frame):
-                break
-            first = first and int.from_bytes(frame[off + 2 : off + 4], "big") & 0xFFF8 == 0
-            proto, off = frame[off], off + 8
-        elif proto in IPV6_EXT:
-            if off + 2 > len(frame):
-                break
-            proto, off = frame[off], off + ((frame[off + 1] + 2) * 4 if proto == 51 else (frame[off + 1] + 1) * 8)
-        else:
-            break
-    if proto in IPV6_EXT:
-        return "drop", "ipv6-ext-drop"
-    if proto in (6, 17) and first and off + 4 <= len(frame):
-        if (proto, int.from_bytes(frame[off + 2 : off + 4], "big")) in ((6, 22), (17, 53)):
-            return "drop", "deny"
-    return "pass", "pass"
-
-
-@pytest.mark.kernel
-def test_random_ipv6_extension_chains_are_walked_like_the_reference(replay):
-    """1,500 random chains (kinds, lengths, fragments, VLAN tags, cut short,
-    bytes overwritten): the program's verdict and reason are those of the
-    walk written out in Python (the program reads each header at an offset
-    the verifier does not know, bpf/parse.h)."""
-    replay.apply(EXT_RULES)
-    rnd = random.Random(20261203)
-    for i in range(1500):
-        frame = f.random_ipv6_chain(rnd, rnd.choice(["2001:db8:dead::1", "2001:db8:5::1"]))
-        step = replay.send(frame)
-        assert (step.verdict, step.reason) == _expected(frame), (i, frame.hex())
