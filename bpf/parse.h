@@ -56,21 +56,30 @@ static __always_inline int tg_is_ipv6_ext(__u8 nh)
 	       nh == 140 || nh == 253 || nh == 254;
 }
 
-/* An offset within the packet, at most TG_OFF_MAX, as a number the
- * verifier does not know: it goes through a stack slot in a way the
- * verifier keeps no value for (a 2-byte store at a slot's byte 2: it
- * tracks aligned spills only), and comes back masked to the bound.
- * Below TG_OFF_MAX the mask changes nothing. Why: tg_parse_ipv6_ext. */
+/* A 16-bit value as a number the verifier does not know: it goes through
+ * a stack slot in a way the verifier keeps no value for (a 2-byte store at
+ * a slot's byte 2: it tracks aligned spills only), and comes back masked.
+ * At run time, for a value within the mask, nothing changes. The verifier
+ * then sees any value within the mask, so the ways through the program
+ * that left it different constants meet again: an offset in
+ * tg_parse_ipv6_ext, the protocol in tidegate.c. */
 #define TG_OFF_MAX 0x7fff
-static __always_inline __u32 tg_opaque_offset(__u32 off)
+static __always_inline __u32 tg_opaque(__u32 x, __u32 mask)
 {
 	__u64 slot = 0;
 	volatile __u16 *half = (volatile __u16 *)&slot + 1;
 	/* the slot's address escapes, so the compiler keeps it whole (an
 	 * aligned 8-byte slot) and stores at its byte 2 */
 	asm volatile("" : : "r"(&slot) : "memory");
-	*half = (__u16)off;
-	return *half & TG_OFF_MAX;
+	*half = (__u16)x;
+	return *half & mask;
+}
+
+/* An offset within the packet, at most TG_OFF_MAX (below it the mask
+ * changes nothing), as a number the verifier does not know. */
+static __always_inline __u32 tg_opaque_offset(__u32 off)
+{
+	return tg_opaque(off, TG_OFF_MAX);
 }
 
 static __always_inline int tg_parse_ipv6_ext(struct tg_pkt *p, void *data, void *end, __u32 *offp)

@@ -70,6 +70,14 @@ int tidegate_xdp(struct xdp_md *ctx)
 		tg_count_reason(TG_R_UNPARSED, p.len);
 		return XDP_PASS;
 	}
+	/* The protocol as a number the verifier does not know (bpf/parse.h
+	 * tg_opaque). Parsing leaves it a known constant on many of the
+	 * verifier's paths (6 behind the TCP test, 17 behind UDP, ranges behind
+	 * the extension-header tests), and the rule matching indexes a table
+	 * with it, so each was a state of its own through the whole
+	 * evaluation: 184,957 instructions verified, 84,235 now
+	 * (bench/compile_time.py). It costs every packet a store and a load. */
+	p.proto = tg_opaque(p.proto, 0xff);
 
 	__u32 zero = 0;
 	struct tg_ctl *ctl = tg_ctl.lookup(&zero);
