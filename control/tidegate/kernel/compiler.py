@@ -52,6 +52,7 @@ from pathlib import Path
 from tidegate.kernel import bpfsys, program_cache
 from tidegate.kernel.layout import LAYOUTS, PROG_NAME
 from tidegate.kernel.pinned_maps import layout_mismatch
+from tidegate.lifetime import end_with_parent
 
 
 class CompileError(Exception):
@@ -208,17 +209,13 @@ def own_mounts(own_bpffs: bool) -> bool:
         os.unlink(path)  # the bind mount keeps the file while this process lives
 
 
-_PR_SET_PDEATHSIG = 1
-
-
 def _ends_with_parent(parent: int) -> bool:
     """A compile that pins nothing the host sees ends with the process it
     compiles for (SIGKILL when the thread that started it ends, which waits
     for it): a start that dies does not leave it compiling for nobody. No
     other compile child does: killed between its two pin steps it would
     leave a pin behind. False if that process has ended already."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+    if not end_with_parent(signal.SIGKILL):
         return True  # refused: it runs to its end, as before, and its handover finds no one
     return os.getppid() == parent
 

@@ -12,7 +12,6 @@ created is removed on exit, Ctrl-C included.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -32,6 +31,7 @@ from rich.table import Table
 from tidegate.client import Client, ClientError
 from tidegate.lab.launcher import AgentNotReady, AgentProcess
 from tidegate.lab.veth import VethLab
+from tidegate.lifetime import end_with_parent
 
 GRPC_PORT = 50151
 METRICS_PORT = 9741
@@ -42,18 +42,12 @@ def lab_rules_text() -> str:
     return resources.files("tidegate.lab").joinpath("lab.yaml").read_text()
 
 
-# looked up here, in the lab process: the child between fork and exec only calls it (see below)
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
-_PR_SET_PDEATHSIG = 1
-_SIGTERM = int(signal.SIGTERM)
-
-
 def _end_with_the_lab() -> None:
     """In the lab's agent, before it runs: SIGTERM when the lab process dies, even by SIGKILL (it
     runs for as long as the lab, a day without --duration, and must not outlive it). A preexec_fn:
     the agent starts before the lab has any gRPC channel; the senders, started after, get the same
-    from setpriv instead (veth.popen_in_ns). Only a call here, the function looked up beforehand."""
-    _PRCTL(_PR_SET_PDEATHSIG, _SIGTERM, 0, 0, 0)
+    from setpriv instead (veth.popen_in_ns). Only a call here, prctl looked up at import (lifetime)."""
+    end_with_parent(signal.SIGTERM)
 
 
 class LegitReceiver(threading.Thread):
