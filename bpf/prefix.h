@@ -9,11 +9,14 @@
  * TG_CREDIT_SHIFT, about 268 ms) and is good until the window after the
  * one it was lent in ends: a source sending a packet every few tens of ms
  * (a round robin over 64k sources) visits its prefix once per
- * TG_CREDIT_MAX + 1 packets. Only a source back at its prefix within
- * those two windows gets credit (a source seen once, as in a spoofed
- * flood, takes nothing). At the source's next visit (credit used up or
- * expired) its packets sent on credit are added to the prefix's counters
- * and what it did not use goes back to the bucket.
+ * TG_CREDIT_MAX + 1 packets. Credit goes to a source back at its prefix
+ * within those two windows, or back after a pause having sent packets on
+ * its last loan (a steady sender: it borrows again at its first visit, not
+ * its second); a source seen once, as in a spoofed flood, takes nothing,
+ * and neither does one that left its last loan unused. At the source's
+ * next visit (credit used up or expired) its packets sent on credit are
+ * added to the prefix's counters and what it did not use goes back to the
+ * bucket.
  *
  * The prefix bucket counts what it has lent in the current and the
  * previous window (pfx_lent, pfx_lent_prev) and refills only up to its
@@ -162,8 +165,9 @@ static __always_inline int tg_on_credit(const struct tg_credit *c, const struct 
 
 /* A packet's visit to a prefix bucket it found: the source's last loan
  * settles, the packet takes its token, and a source back within the credit
- * windows may borrow (c: where the source keeps its credit, 0 for a source
- * seen for the first time, which takes no credit). */
+ * windows, or one that sent packets on its last loan, may borrow (c: where
+ * the source keeps its credit, 0 for a source seen for the first time,
+ * which takes no credit). */
 static __always_inline struct tg_verdict tg_pfx_visit(const struct tg_pfx *b, const struct tg_pkt *p,
 						      __u64 now, __u32 win, struct tg_verdict v,
 						      int shadow, int active_drop,
@@ -171,6 +175,8 @@ static __always_inline struct tg_verdict tg_pfx_visit(const struct tg_pfx *b, co
 						      const struct tg_credit *c)
 {
 	int pbytes = rc->flags & TG_RF_PFX_BYTES;
+	/* what the source sent on its last loan, read before the settle clears it */
+	__u32 used = c ? *c->owed : 0;
 	(*b->packets)++;
 	if (b->bytes)
 		*b->bytes += p->len;
@@ -186,7 +192,7 @@ static __always_inline struct tg_verdict tg_pfx_visit(const struct tg_pfx *b, co
 		(*b->drops)++;
 		if (shadow && !active_drop)
 			(*b->new_drops)++;
-	} else if (c && !pbytes && win - *c->win <= 1) {
+	} else if (c && !pbytes && (win - *c->win <= 1 || used)) {
 		tg_pfx_lend(b, c, win, &rc->pfx);
 	}
 	if (c)

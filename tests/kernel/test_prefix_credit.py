@@ -104,6 +104,31 @@ def test_a_source_seen_once_in_a_while_takes_no_credit(replay):
     assert _send(replay, B, BURST) == {"pass": BURST - 2, "prefix": 2}
 
 
+@pytest.mark.kernel
+def test_a_steady_source_back_after_a_pause_borrows_at_its_first_visit(replay):
+    """A source that sent packets on its last loan and comes back after the
+    loan expired borrows again at its first prefix visit: one lookup after
+    the pause, not two. One that left its last loan unused does not (as
+    for a source seen once in a while)."""
+    replay.apply(RULES)
+    start = _window_start_ms(replay)
+    replay.at(start)
+    assert _send(replay, A, 20) == {"pass": 20}  # A borrows at its second packet, sends the rest on credit
+    replay.at(start + EXPIRED_MS)  # the loan expired, partly used
+    assert _send(replay, A, 1) == {"pass": 1}  # the visit: the loan settles, A borrows again
+    seen = _prefix_packets(replay.kf)
+    assert seen == 21, "the packets A sent on its last loan reached the prefix at this visit"
+    assert _send(replay, A, 20) == {"pass": 20}
+    assert _prefix_packets(replay.kf) == seen, "all 20 went on the credit A borrowed at its first visit"
+    # B borrows and leaves its loan unused: after the pause its first visit lends nothing
+    assert _send(replay, B, 2) == {"pass": 2}
+    replay.at(start + 2 * EXPIRED_MS)
+    assert _send(replay, B, 1) == {"pass": 1}
+    seen = _prefix_packets(replay.kf)
+    assert _send(replay, B, 1) == {"pass": 1}
+    assert _prefix_packets(replay.kf) == seen + 1, "B's next packet visits the prefix again"
+
+
 FAST = """
 defaults:
   limit: {pps: 100000, burst: 100000}
