@@ -82,16 +82,15 @@ class KernelFilter:
         opens with empty maps."""
         with self._lock:
             self._check_interface()
-            existed = loader.prepare_pin_dir(self.config)
-            made_here = not os.listdir(self.config.pin_dir)  # every map this load pins is new and empty
+            held = loader.prepare_pin_dir(self.config)
             attached_id, mode = self._attached_prog()
             attached_tag = loader.attached_tidegate_tag(attached_id, self.config.interface)
             prog = self._prog = loader.load_program(self.config)
             self._tables = loader.open_tables(prog)
             self._grace = GracePeriods(bpfsys.GraceWaiter())
-            if not made_here:
+            if not held.empty:
                 self._grace.begin()  # for a flip an agent before this one made just before it stopped
-            fresh = not existed or not loader.maps_initialised(self._tables)
+            fresh = not held.maps or not loader.maps_initialised(self._tables)
             if fresh:
                 loader.init_maps(self._tables)
             else:
@@ -99,7 +98,7 @@ class KernelFilter:
             # maps this load made (the pin dir held none) hold no rule set and no packet has read them: the
             # first apply neither reads the slots back (~70 ms, the port table's 393,216 entries) nor
             # waits for a grace period (~20 ms)
-            self._slot_entries = {} if made_here else None
+            self._slot_entries = {} if held.empty else None
             info = bpfsys.prog_info(prog.fd)
             new_id = info.id
             adopted = replaced = False

@@ -124,14 +124,22 @@ def cflags(config: FilterConfig) -> list[str]:
     return flags
 
 
-def prepare_pin_dir(config: FilterConfig) -> bool:
-    """Mount bpffs if needed and make the pin dir. True if pinned maps
-    exist; refuses maps of another size or layout."""
+@dataclass(frozen=True)
+class PinDir:
+    """What the pin dir held before a load."""
+
+    maps: bool  # pinned maps an earlier load made (tg_state among them)
+    empty: bool  # nothing at all: every map the load pins is new and empty, and no packet has read it
+
+
+def prepare_pin_dir(config: FilterConfig) -> PinDir:
+    """Mount bpffs if needed and make the pin dir; say what it held.
+    Refuses maps of another size or layout."""
     ensure_bpffs()
     d = config.pin_dir
     os.makedirs(d, mode=0o700, exist_ok=True)
     if not os.path.exists(os.path.join(d, "tg_state")):
-        return False
+        return PinDir(maps=False, empty=not os.listdir(d))
     want = {"tg_state": config.max_sources, "tg_cidrs4": config.max_cidrs, "tg_cidrs6": config.max_cidrs}
     for name, entries in want.items():
         p = os.path.join(d, name)
@@ -166,7 +174,7 @@ def prepare_pin_dir(config: FilterConfig) -> bool:
             log.warning("the pinned counter map has another size: it is made anew and its counts restart "
                         "from zero", extra={"map": p, "entries": entries})  # fmt: skip
             os.unlink(p)
-    return True
+    return PinDir(maps=True, empty=False)
 
 
 def _pinned_state_layout(pin_dir: str) -> int | None:
