@@ -63,6 +63,23 @@
 #define TG_RF_PREFIX 4   /* per-prefix bucket */
 #define TG_RF_PFX_BYTES 8
 
+/* rule_cfg.shadow_link: where a shadow set's rule keeps its state, written
+ * when the control plane links the shadow slot to an active one (after
+ * same_match_as, before the flip that makes that slot active). Bits 0-1:
+ * the active slot + 1 that the rest holds for (0: none; a value naming a
+ * slot that is not active is ignored, as same_match_as is). Then, per family,
+ * the rule keeps its per-source state in the active set's entry for the
+ * source (struct tg_shadow: both rules keep per-source state, this one no
+ * byte bucket, both sets key sources alike) and its prefix bucket in the
+ * active set's entry for the prefix (both limit prefixes keyed alike, this
+ * one counts no bytes). One byte, so a packet reads the slot and the modes
+ * in one load and never a mix of two links. */
+#define TG_LINK_SLOT 3
+#define TG_LINK_STATE4 4
+#define TG_LINK_PFX4 8
+#define TG_LINK_STATE6 16
+#define TG_LINK_PFX6 32
+
 /* cidr_val.flags */
 #define TG_CF_ALLOW 1
 #define TG_CF_DENY 2
@@ -108,7 +125,9 @@ struct tg_limit {
 
 struct tg_rule_cfg {
 	__u32 action;
-	__u32 flags;
+	__u16 flags;
+	__u8 shadow_link;  /* TG_LINK_*: shadow slots only */
+	__u8 pad;
 	__u64 block_ns;
 	struct tg_limit src;
 	struct tg_limit pfx;

@@ -129,13 +129,12 @@ counted:
  * for the source (struct tg_shadow in s): rc keeps per-source state and has
  * no byte limit. Its first packet of the source starts that state afresh, as
  * a new entry of its own would. Its prefix bucket lives in the active set's
- * prefix entry where arc, the active set's rule, is given (tg_prefix_shadow),
- * else in entries of its own. */
-static __always_inline struct tg_verdict tg_limit_shadow(const struct tg_set_cfg *acfg,
+ * prefix entry where pfx_here says so (tg_prefix_shadow, with the active
+ * set's rule, looked up only on a prefix visit), else in entries of its own. */
+static __always_inline struct tg_verdict tg_limit_shadow(__u32 aslot, const struct tg_set_cfg *acfg,
 							 const struct tg_set_cfg *cfg,
 							 const struct tg_pkt *p, __u64 now,
-							 struct tg_verdict v, int active_drop,
-							 const struct tg_rule_cfg *arc,
+							 struct tg_verdict v, int active_drop, int pfx_here,
 							 const struct tg_rule_cfg *rc, struct tg_src *s)
 {
 	struct tg_shadow *h = &s->sh;
@@ -171,6 +170,7 @@ static __always_inline struct tg_verdict tg_limit_shadow(const struct tg_set_cfg
 		 * addresses of c's fields, which the verifier cannot follow */
 		const struct tg_credit *c = first ? 0 : &own;
 		asm volatile("" : "+r"(c));
+		const struct tg_rule_cfg *arc = pfx_here ? tg_rule_of(aslot, v.rule) : 0;
 		if (arc)
 			v = tg_prefix_shadow(acfg, cfg, p, now, v, active_drop, arc, rc, c);
 		else
@@ -187,12 +187,14 @@ counted:
 /* A shadow set that matches like the active one (same_match_as): *sv is the
  * active set's match, which passed. Its limits run on the state it keeps in
  * the active set's entry for the source (as: that entry, 0 if the active set
- * has just made it) when both sets key sources alike and the rule keeps
- * per-source state in both and no byte bucket in the shadow: then *sv is the
- * verdict and 1 is returned. Else 0: its limits run on entries of its own
- * (tg_eval, given the match). Which of the two is fixed by the two sets for
- * each rule and family, so a source's shadow state is never split between
- * them. */
+ * has just made it) when the rule's link to the active slot says so for the
+ * packet's family (layout.h TG_LINK_*: both sets key sources alike and the
+ * rule keeps per-source state in both and no byte bucket in the shadow):
+ * then *sv is the verdict and 1 is returned. Else 0: its limits run on
+ * entries of its own (tg_eval, given the match). Which of the two is fixed by
+ * the two sets for each rule and family, so a source's shadow state is never
+ * split between them; the control plane decides it once, when it links the
+ * slots, rather than every packet comparing the two rules and key masks. */
 static __always_inline int tg_shadow_limit(__u32 aslot, const struct tg_set_cfg *acfg,
 					   __u32 sslot, const struct tg_set_cfg *scfg,
 					   const struct tg_pkt *p, __u64 now,
@@ -200,12 +202,17 @@ static __always_inline int tg_shadow_limit(__u32 aslot, const struct tg_set_cfg 
 					   struct tg_src *as)
 {
 	struct tg_rule_cfg *rc = tg_rule_of(sslot, sv->rule);
-	struct tg_rule_cfg *arc = tg_rule_of(aslot, sv->rule);
-	const struct tg_mask *ak = p->family == 4 ? &acfg->key4 : &acfg->key6;
-	const struct tg_mask *sk = p->family == 4 ? &scfg->key4 : &scfg->key6;
-	if (!(rc && arc && tg_has_state(rc) && !(rc->flags & TG_RF_BYTES) && tg_has_state(arc) &&
-	      ak->hi == sk->hi && ak->lo == sk->lo))
+	if (!rc)
 		return 0;
+	/* one load: the slot the link holds for and its modes together */
+	__u32 link = *(volatile __u8 *)&rc->shadow_link;
+	if ((link & TG_LINK_SLOT) != aslot + 1)
+		return 0;
+	if (p->family != 4)
+		link >>= 2;  /* TG_LINK_STATE6 / TG_LINK_PFX6 to the IPv4 bits */
+	if (!(link & TG_LINK_STATE4))
+		return 0;
+	const struct tg_mask *ak = p->family == 4 ? &acfg->key4 : &acfg->key6;
 	if (!as) {
 		struct tg_state_key k;
 		tg_state_key(&k, p, ak, acfg->epoch, sv->rule, TG_KIND_SOURCE);
@@ -213,13 +220,7 @@ static __always_inline int tg_shadow_limit(__u32 aslot, const struct tg_set_cfg 
 	}
 	if (!as)
 		return 1;  /* the LRU could not make the active entry (counted) */
-	/* its prefix bucket in the active set's prefix entry: where both
-	 * rules limit prefixes keyed alike and the candidate's counts no bytes */
-	const struct tg_mask *ap = p->family == 4 ? &arc->pfx4 : &arc->pfx6;
-	const struct tg_mask *sp = p->family == 4 ? &rc->pfx4 : &rc->pfx6;
-	int pfx_here = (arc->flags & TG_RF_PREFIX) && (rc->flags & TG_RF_PREFIX) &&
-		       !(rc->flags & TG_RF_PFX_BYTES) && ap->hi == sp->hi && ap->lo == sp->lo;
-	*sv = tg_limit_shadow(acfg, scfg, p, now, *sv, active_drop, pfx_here ? arc : 0, rc, as);
+	*sv = tg_limit_shadow(aslot, acfg, scfg, p, now, *sv, active_drop, link & TG_LINK_PFX4, rc, as);
 	return 1;
 }
 

@@ -15,7 +15,21 @@ import pytest
 
 from fixtures import rule_set
 from tidegate.kernel import bpfsys
-from tidegate.kernel.layout import KIND_PREFIX, KIND_SOURCE, NO_SLOT, RULE_DEFAULT, tg_src, tg_state_key
+from tidegate.kernel.layout import (
+    KIND_PREFIX,
+    KIND_SOURCE,
+    LINK_PFX4,
+    LINK_PFX6,
+    LINK_SLOT,
+    LINK_STATE4,
+    LINK_STATE6,
+    NO_SLOT,
+    RULE_DEFAULT,
+    RULE_IDX,
+    SLOTS,
+    tg_src,
+    tg_state_key,
+)
 from tidegate.ruleset.parse import parse_rule_set
 
 from . import frames as f
@@ -140,6 +154,33 @@ def test_a_rule_whose_state_cannot_live_in_the_active_entries_keeps_its_own(repl
     assert own_entries[KIND_SOURCE] == 3, "dns: 203.0.113.1, .7 and 2001:db8::1, in entries of their own"
     assert kept[("203.0.113.1", 0, KIND_SOURCE)][:3] == (35, 25, 25)
     assert kept[("198.51.100.9", 1, KIND_SOURCE)][:3] == (30, 20, 20), "web: 10 pass, then limited"
+
+
+@pytest.mark.kernel
+def test_a_rule_link_naming_a_slot_that_is_not_active_is_ignored(replay):
+    """A shadow rule's link (bpf/layout.h TG_LINK_*) holds only for the
+    active slot it names: one naming another slot, as a link written for
+    the next flip reads until that flip, sends the rule's state to entries
+    of its own, and leaves the other rules' state in the active entries."""
+    replay.apply(ACTIVE)
+    kf = replay.kf
+    replay.version += 1
+    kf.load_shadow(parse_rule_set(TIGHT, "<shadow>"), replay.version)
+    st = kf.state()
+    rules = kf._tables["tg_rules"]
+    key = rules.Key(st.shadow.slot * RULE_IDX + 0)  # dns
+    leaf = rules[key]
+    assert leaf.shadow_link == st.active.slot + 1 | LINK_STATE4 | LINK_PFX4 | LINK_STATE6 | LINK_PFX6
+    other = next(s for s in range(SLOTS) if s not in (st.active.slot, st.shadow.slot))
+    leaf.shadow_link = (leaf.shadow_link & ~LINK_SLOT) | (other + 1)
+    rules[key] = leaf
+    for _ in range(3):
+        replay.at(0).send(f.udp("203.0.113.1", 53))
+        replay.at(0).send(f.tcp("198.51.100.9", 443))
+    keys, _ = _raw_entries(kf)
+    own = keys[(keys["epoch"] == st.shadow.epoch) & (keys["kind"] == KIND_SOURCE)]
+    assert own["rule"].tolist() == [0], "dns in an entry of its own, web still in the active entry"
+    kf.clear_shadow()
 
 
 @pytest.mark.kernel

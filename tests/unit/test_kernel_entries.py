@@ -259,6 +259,39 @@ def test_same_matching_means_every_field_of_matching():
         assert not ke.same_matching(other, base), field
 
 
+SHADOW_ACTIVE = rule_set("shadow-active")  # dns (0), web (1) and the default (64), all with the prefix limit
+EVERYWHERE = kl.LINK_STATE4 | kl.LINK_PFX4 | kl.LINK_STATE6 | kl.LINK_PFX6
+
+
+def _links(shadow_text: str, active_slot: int = 1) -> dict[int, int]:
+    build = ke._build_kernel_rule_set
+    return ke.shadow_links(build(parse_rule_set(SHADOW_ACTIVE, "a")), build(parse_rule_set(shadow_text, "s")),
+                           active_slot)  # fmt: skip
+
+
+def test_shadow_links_say_where_each_rule_keeps_its_state():
+    """bpf/layout.h TG_LINK_*: what the program once worked out per packet from
+    both rules and both sets' key masks, decided per rule when the slots link."""
+    tight = SHADOW_ACTIVE.replace("pps: 100, burst: 100}", "pps: 10, burst: 10}")
+    assert _links(tight) == {0: 2 | EVERYWHERE, 1: 2 | EVERYWHERE, 64: 2 | EVERYWHERE}, "the usual candidate"
+    assert _links(tight, 0) == {0: 1 | EVERYWHERE, 1: 1 | EVERYWHERE, 64: 1 | EVERYWHERE}, "the active slot + 1"
+    # a byte bucket on the shadow's dns rule: its source state keeps entries of its own
+    dns_bytes = tight.replace("pps: 10, burst: 10}", "pps: 10, burst: 10, bps: 8000, burst_bytes: 1500}", 1)
+    assert 0 not in _links(dns_bytes) and _links(dns_bytes)[1] == 2 | EVERYWHERE
+    # a pass rule in the shadow keeps no state at all
+    dns_pass = tight.replace("    limit: {pps: 10, burst: 10}", "    action: pass", 1)
+    assert 0 not in _links(dns_pass) and _links(dns_pass)[64] == 2 | EVERYWHERE
+    # prefixes keyed by /16 in IPv4: the IPv4 prefix bucket keeps entries of its own, nothing else changes
+    wide = tight.replace("ipv4_prefix: 24, ipv6_prefix: 48", "ipv4_prefix: 16, ipv6_prefix: 48")
+    assert _links(wide)[64] == 2 | kl.LINK_STATE4 | kl.LINK_STATE6 | kl.LINK_PFX6
+    # sources keyed by /24 in IPv4: the IPv4 state and prefix keep entries of their own
+    by24 = tight.replace("defaults:\n", "defaults:\n  ipv4_prefix: 24\n", 1)
+    assert by24 != tight and _links(by24)[64] == 2 | kl.LINK_STATE6 | kl.LINK_PFX6
+    # the shadow's prefix limit counting bytes: sources here, prefixes apart
+    pfx_bytes = tight.replace("pps: 5000, burst: 5000}", "pps: 5000, burst: 5000, bps: 800000, burst_bytes: 90000}")
+    assert pfx_bytes != tight and _links(pfx_bytes)[64] == 2 | kl.LINK_STATE4 | kl.LINK_STATE6
+
+
 @pytest.mark.parametrize("proto, port", [(None, None), (17, 53), (17, 60), (6, 53), (1, None), (58, None), (6, 80)])
 def test_the_estimates_classifier_matches_like_the_program(proto, port):
     rs = parse_rule_set(RULES.replace('deny: ["192.0.2.0/24", "10.9.0.0/16"]',

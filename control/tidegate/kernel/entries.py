@@ -36,6 +36,10 @@ from tidegate.kernel.layout import (
     ACT_PASS,
     CF_ALLOW,
     CF_DENY,
+    LINK_PFX4,
+    LINK_PFX6,
+    LINK_STATE4,
+    LINK_STATE6,
     MAX_RULES,
     PSEUDO_RULES,
     RF_BYTES,
@@ -353,6 +357,37 @@ def same_matching(a: KernelRuleSet, b: KernelRuleSet) -> bool:
     both: the shadow set may then reuse the active set's classification."""
     return (a.flags == b.flags and a.any_src_mask == b.any_src_mask and a.proto_mask == b.proto_mask
             and a.ports == b.ports and same_cidrs(a, b))  # fmt: skip
+
+
+def _keeps_state(rp: RuleParams | None) -> bool:
+    """A rule whose packets are charged to a per-source state entry (bpf/classify.h tg_has_state)."""
+    return rp is not None and rp.action == ACT_LIMIT and bool(rp.flags & RF_PKT)
+
+
+def shadow_links(active: KernelRuleSet, shadow: KernelRuleSet, active_slot: int) -> dict[int, int]:
+    """Each shadow rule's link to the active slot (bpf/layout.h TG_LINK_*),
+    for a shadow set that matches like the active one (same_matching): per
+    family, whether the rule keeps its per-source state in the active set's
+    entry for the source (both rules keep per-source state, the shadow's no
+    byte bucket, both sets key sources alike), and its prefix bucket in the
+    active set's entry for the prefix (both limit prefixes keyed alike, the
+    shadow's counts no bytes). Rule indexes that keep nothing there link to
+    nothing (0)."""
+    links = {}
+    for idx, rc in shadow.rules.items():
+        arc = active.rules.get(idx)
+        if not (_keeps_state(rc) and _keeps_state(arc) and not rc.flags & RF_BYTES):
+            continue
+        pfx_both = bool(arc.flags & RF_PREFIX and rc.flags & RF_PREFIX and not rc.flags & RF_PFX_BYTES)
+        link = 0
+        for sources_alike, prefixes_alike, state_bit, pfx_bit in (
+                (active.key4 == shadow.key4, arc.pfx4 == rc.pfx4, LINK_STATE4, LINK_PFX4),
+                (active.key6 == shadow.key6, arc.pfx6 == rc.pfx6, LINK_STATE6, LINK_PFX6)):  # fmt: skip
+            if sources_alike:
+                link |= state_bit | (pfx_bit if pfx_both and prefixes_alike else 0)
+        if link:
+            links[idx] = link | (active_slot + 1)
+    return links
 
 
 def trie_family(addr128: int, prefixlen128: int) -> int:

@@ -46,6 +46,8 @@ RULE_DROP_REASONS = ("rate", "prefix", "blocked", "deny")
 
 ACT_LIMIT, ACT_PASS, ACT_DROP = 0, 1, 2  # TG_ACT_*: tg_rule_cfg.action
 RF_PKT, RF_BYTES, RF_PREFIX, RF_PFX_BYTES = 1, 2, 4, 8  # TG_RF_*: tg_rule_cfg.flags
+# TG_LINK_*: tg_rule_cfg.shadow_link, the active slot + 1, then per family where the rule keeps its state
+LINK_SLOT, LINK_STATE4, LINK_PFX4, LINK_STATE6, LINK_PFX6 = 3, 4, 8, 16, 32
 CF_ALLOW, CF_DENY = 1, 2  # TG_CF_*: tg_cidr_val.flags
 SET_HAS_TRIE, SET_HAS_PORTS, SET_EXT_DEFAULT = 1, 2, 4  # TG_SET_*: tg_set_cfg.flags
 KIND_SOURCE, KIND_PREFIX = 0, 1  # TG_KIND_*: tg_state_key.kind
@@ -82,8 +84,8 @@ class tg_limit(ctypes.Structure):
 
 
 class tg_rule_cfg(ctypes.Structure):
-    _fields_ = [("action", u32), ("flags", u32), ("block_ns", u64), ("src", tg_limit), ("pfx", tg_limit),
-                ("pfx4", tg_mask), ("pfx6", tg_mask)]  # fmt: skip
+    _fields_ = [("action", u32), ("flags", u16), ("shadow_link", u8), ("pad", u8), ("block_ns", u64),
+                ("src", tg_limit), ("pfx", tg_limit), ("pfx4", tg_mask), ("pfx6", tg_mask)]  # fmt: skip
 
 
 class tg_set_cfg(ctypes.Structure):

@@ -26,7 +26,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tidegate.kernel import bpfsys
-from tidegate.kernel.entries import KernelRuleSet, kernel_port_entries, same_matching, slot_trie_entries
+from tidegate.kernel.entries import (
+    KernelRuleSet,
+    kernel_port_entries,
+    same_matching,
+    shadow_links,
+    slot_trie_entries,
+)
 from tidegate.kernel.errors import KernelError, MapWriteError
 from tidegate.kernel.grace import GracePeriods
 from tidegate.kernel.layout import NO_SLOT, PORT_RANGE, RULE_IDX, SLOTS, STATE_LAYOUT
@@ -198,9 +204,11 @@ def trim_slot(tables: Tables, held: SlotEntries, keep: tuple[Mapping, dict]) -> 
 
 def link_shadow(tables: Tables, shadow: int, active: int, krs: dict[int, KernelRuleSet]) -> None:
     """Let the shadow slot reuse the active slot's classification if the
-    two match alike (bpf/layout.h same_match_as). Called before a flip
-    makes `active` active: until then the value names a slot that is not
-    active, which the program ignores. krs: slot -> what it holds, where known."""
+    two match alike (bpf/layout.h same_match_as), and tell each of its rules
+    where it keeps its state (tg_rule_cfg.shadow_link, entries.shadow_links).
+    Called before a flip makes `active` active, or before the shadow slot is
+    selected: until then both name a slot that is not active, which the
+    program ignores. krs: slot -> what it holds, where known."""
     a, b = krs.get(active), krs.get(shadow)
     same = active if a is not None and b is not None and same_matching(a, b) else NO_SLOT
     sets = tables["tg_sets"]
@@ -208,6 +216,16 @@ def link_shadow(tables: Tables, shadow: int, active: int, krs: dict[int, KernelR
     if cfg.same_match_as != same:
         cfg.same_match_as = same  # one byte differs: a concurrent reader sees old or new
         sets[sets.Key(shadow)] = cfg
+    # after same_match_as: a packet that still read the old value reads each rule's old link or its new
+    # one (one byte), and a new one names a slot that is not active yet
+    links = shadow_links(a, b, active) if same != NO_SLOT else {}
+    rules = tables["tg_rules"]
+    for idx in range(RULE_IDX):
+        key = rules.Key(shadow * RULE_IDX + idx)
+        leaf = rules[key]
+        if leaf.shadow_link != links.get(idx, 0):
+            leaf.shadow_link = links.get(idx, 0)
+            rules[key] = leaf
 
 
 def set_version(tables: Tables, slot: int, version: int) -> None:
