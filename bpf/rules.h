@@ -5,6 +5,12 @@
 #ifndef TIDEGATE_RULES_H
 #define TIDEGATE_RULES_H
 
+/* Which way a branch mostly goes on the packet path: the compiler lays the
+ * rare way (a new source, a drop, a prefix visit) out of the common one's
+ * instructions, which then fill fewer cache lines. */
+#define tg_likely(x) __builtin_expect(!!(x), 1)
+#define tg_unlikely(x) __builtin_expect(!!(x), 0)
+
 /* A source inside its block penalty (a rule's block_seconds after a rate
  * drop): flags and blocked_until of its entry or of its shadow state. */
 static __always_inline int tg_blocked(__u8 *flags, __u64 blocked_until, __u64 now)
@@ -63,7 +69,7 @@ static __always_inline struct tg_verdict tg_limit(__u32 slot, const struct tg_se
 			tg_cache_class(s, p, cls);
 	}
 	*found = s;
-	if (!s) {
+	if (tg_unlikely(!s)) {
 		struct tg_src fresh;
 		int ok = tg_fresh(&fresh, &rc->src, now, p->len, bytes);
 		fresh.packets = 1;
@@ -84,12 +90,12 @@ static __always_inline struct tg_verdict tg_limit(__u32 slot, const struct tg_se
 	} else {
 		s->packets++;
 		s->bytes += p->len;
-		if (tg_blocked(&s->flags, s->blocked_until, now)) {
+		if (tg_unlikely(tg_blocked(&s->flags, s->blocked_until, now))) {
 			v.drop = 1;
 			v.reason = TG_R_BLOCKED;
 			goto counted;
 		}
-		if (!tg_take(s, &rc->src, now, p->len, bytes)) {
+		if (tg_unlikely(!tg_take(s, &rc->src, now, p->len, bytes))) {
 			v.drop = 1;
 			v.reason = TG_R_RATE;
 			tg_block(&s->flags, &s->blocked_until, rc, now);
@@ -101,12 +107,16 @@ static __always_inline struct tg_verdict tg_limit(__u32 slot, const struct tg_se
 		 * entry's own fields, before the prefix visit below */
 		struct tg_credit own = {};
 		if (s) {
+			if (tg_likely(tg_on_credit(s->pfx_credit, s->credit_win, now >> TG_CREDIT_SHIFT))) {
+				s->pfx_credit--;
+				s->pfx_owed++;
+				s->pfx_owed_bytes += p->len;
+				goto counted;
+			}
 			own.win = &s->credit_win;
 			own.credit = &s->pfx_credit;
 			own.owed = &s->pfx_owed;
 			own.owed_bytes = &s->pfx_owed_bytes;
-			if (tg_on_credit(&own, p, now >> TG_CREDIT_SHIFT))
-				goto counted;
 		}
 		/* a source seen for the first time (no entry) takes no credit. One
 		 * inlined copy of the prefix visit for both; the barrier keeps the
@@ -139,7 +149,7 @@ static __always_inline struct tg_verdict tg_limit_shadow(__u32 aslot, const stru
 {
 	struct tg_shadow *h = &s->sh;
 	int first = s->sh_epoch != cfg->epoch;
-	if (first) {
+	if (tg_unlikely(first)) {
 		h->tokens = rc->src.burst;
 		h->last_ns = now;
 		h->packets = 0;
@@ -154,17 +164,20 @@ static __always_inline struct tg_verdict tg_limit_shadow(__u32 aslot, const stru
 		s->sh_epoch = cfg->epoch;
 	}
 	h->packets++;
-	if (tg_blocked(&h->flags, h->blocked_until, now)) {
+	if (tg_unlikely(tg_blocked(&h->flags, h->blocked_until, now))) {
 		v.drop = 1;
 		v.reason = TG_R_BLOCKED;
-	} else if (!tg_take_packet(&h->tokens, &h->last_ns, &rc->src, now)) {
+	} else if (tg_unlikely(!tg_take_packet(&h->tokens, &h->last_ns, &rc->src, now))) {
 		v.drop = 1;
 		v.reason = TG_R_RATE;
 		tg_block(&h->flags, &h->blocked_until, rc, now);
 	} else if (rc->flags & TG_RF_PREFIX) {
-		struct tg_credit own = { &h->credit_win, &h->pfx_credit, &h->pfx_owed, 0 };
-		if (!first && tg_on_credit(&own, p, now >> TG_CREDIT_SHIFT))
+		if (tg_likely(!first && tg_on_credit(h->pfx_credit, h->credit_win, now >> TG_CREDIT_SHIFT))) {
+			h->pfx_credit--;
+			h->pfx_owed++;
 			goto counted;
+		}
+		struct tg_credit own = { &h->credit_win, &h->pfx_credit, &h->pfx_owed, 0 };
 		/* a source's first packet takes no credit, as in tg_limit. The
 		 * barrier keeps the compiler from folding `first` into the
 		 * addresses of c's fields, which the verifier cannot follow */
