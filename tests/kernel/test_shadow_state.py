@@ -68,16 +68,21 @@ def _raw_entries(kf) -> tuple[np.ndarray, np.ndarray]:
     return keys.view(kd)[:n], vals.view(vd)[:n]
 
 
+def _active_and_shadow(replay, shadow_text: str):
+    """Apply ACTIVE and load shadow_text as the shadow set: the filter's state."""
+    replay.apply(ACTIVE)
+    replay.version += 1
+    replay.kf.load_shadow(parse_rule_set(shadow_text, "<shadow>"), replay.version)
+    return replay.kf.state()
+
+
 def _shadow_rows(replay, shadow_text: str) -> tuple[dict, int, dict]:
     """Apply ACTIVE, load the shadow set, run TRAFFIC. Returns the shadow
     set's rows as the reader gives them, {(address, rule, kind): (packets,
     drops, new_drops, blocked_until)}, the shadow's same_match_as and the
     number of entries keyed by the shadow's epoch in the LRU, by kind."""
-    replay.apply(ACTIVE)
     kf = replay.kf
-    replay.version += 1
-    kf.load_shadow(parse_rule_set(shadow_text, "<shadow>"), replay.version)
-    st = kf.state()
+    st = _active_and_shadow(replay, shadow_text)
     sets = kf._tables["tg_sets"]
     linked = int(sets[sets.Key(st.shadow.slot)].same_match_as)
     verdicts = [replay.at(ms).send(frame).verdict for ms, frame in TRAFFIC]
@@ -162,11 +167,8 @@ def test_a_rule_link_naming_a_slot_that_is_not_active_is_ignored(replay):
     active slot it names: one naming another slot, as a link written for
     the next flip reads until that flip, sends the rule's state to entries
     of its own, and leaves the other rules' state in the active entries."""
-    replay.apply(ACTIVE)
     kf = replay.kf
-    replay.version += 1
-    kf.load_shadow(parse_rule_set(TIGHT, "<shadow>"), replay.version)
-    st = kf.state()
+    st = _active_and_shadow(replay, TIGHT)
     rules = kf._tables["tg_rules"]
     key = rules.Key(st.shadow.slot * RULE_IDX + 0)  # dns
     leaf = rules[key]
