@@ -186,6 +186,31 @@ def test_a_rule_link_naming_a_slot_that_is_not_active_is_ignored(replay):
 
 
 @pytest.mark.kernel
+def test_binding_the_adopted_sets_links_the_shadow_rules(replay):
+    """An agent that adopts maps an older agent wrote (no shadow links:
+    every shadow rule keeps its state in entries of its own) links them
+    once it has bound both sets' names at start, without an apply."""
+    kf = replay.kf
+    st = _active_and_shadow(replay, TIGHT)
+    rules = kf._tables["tg_rules"]
+    keys = {idx: rules.Key(st.shadow.slot * RULE_IDX + idx) for idx in range(RULE_IDX)}
+
+    def links() -> dict[int, int]:
+        return {idx: int(rules[k].shadow_link) for idx, k in keys.items() if rules[k].shadow_link}
+
+    linked = links()
+    assert set(linked) == {0, 1, RULE_DEFAULT}, "dns, web and the default keep their state in the active entries"
+    for k in keys.values():
+        leaf = rules[k]
+        leaf.shadow_link = 0
+        rules[k] = leaf
+    kf.bind_names(st.active.version, parse_rule_set(ACTIVE, "<active>"))
+    kf.bind_names(st.shadow.version, parse_rule_set(TIGHT, "<shadow>"))
+    assert links() == linked
+    kf.clear_shadow()
+
+
+@pytest.mark.kernel
 def test_a_new_shadow_set_starts_its_state_afresh(replay):
     """Each new candidate's state in the active entries starts afresh: the
     source's (dns) and the prefix's (the default rule's prefix limit): its

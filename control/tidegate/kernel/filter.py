@@ -229,7 +229,9 @@ class KernelFilter:
 
     def bind_names(self, version: int, rule_set) -> None:
         """Tell the filter the rule names of a version already in the kernel
-        (after an agent restart), so counters are reported by name."""
+        (after an agent restart), so counters are reported by name. Once it
+        knows both the active and the shadow set, it links them again: maps
+        an older agent wrote have no shadow links (slots.link_shadow)."""
         with self._lock:
             krs = build_kernel_rule_set(rule_set)
             for slot in range(SLOTS):
@@ -237,6 +239,9 @@ class KernelFilter:
                 if info and info.version == version:
                     self._names[slot] = krs.rule_names
                     self._krs[slot] = krs
+            active, shadow = self._sel()
+            if active in self._krs and shadow in self._krs:
+                slots.link_shadow(self._tables, shadow, active, self._krs)
 
     def _write_slot(self, slot: int, krs: KernelRuleSet, version: int) -> None:
         """Write a complete rule set into a slot no packet reads (once the

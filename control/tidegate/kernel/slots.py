@@ -208,7 +208,9 @@ def link_shadow(tables: Tables, shadow: int, active: int, krs: dict[int, KernelR
     where it keeps its state (tg_rule_cfg.shadow_link, entries.shadow_links).
     Called before a flip makes `active` active, or before the shadow slot is
     selected: until then both name a slot that is not active, which the
-    program ignores. krs: slot -> what it holds, where known."""
+    program ignores. Also on the selected pair an agent adopted (links that
+    maps of an older agent lack): a packet reads each rule's link whole, the
+    old one or the new. krs: slot -> what it holds, where known."""
     a, b = krs.get(active), krs.get(shadow)
     same = active if a is not None and b is not None and same_matching(a, b) else NO_SLOT
     sets = tables["tg_sets"]
