@@ -108,7 +108,9 @@ class Bench:
     def load_tidegate(self, key, label, variant, mode, lists, shadow=False):
         from tidegate.kernel.filter import FilterConfig, KernelFilter
 
-        kf = KernelFilter(FilterConfig(interface=None, pin_name=f"bench-{self.tag}-{key}", max_sources=MAP_SIZE))
+        # one directory per row: a key naming a --against directory that is not a git worktree holds its path
+        pin = f"bench-{self.tag}-{key}".replace("/", "_")
+        kf = KernelFilter(FilterConfig(interface=None, pin_name=pin, max_sources=MAP_SIZE))
         self.kfs.append(kf)
         lr = kf.load()
         rs = rule_set(variant, mode, lists)
