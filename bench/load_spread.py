@@ -6,6 +6,10 @@ whose entries miss the caches) one load of a program can differ from the
 next load of the very same program by 15-30%: each load gets its own map
 memory and its own hash seed, so the entries land on other pages and in
 other hash chains. A ratio of two rows loaded once is then partly a draw.
+Most of that draw came from walking the 64k sources in the order their
+entries were made, which the CPU's prefetchers follow by an amount set by
+where a load's entries landed; the cycled cases now walk them in another
+fixed order (bench/packet_workload.py VISIT_ORDER), as packet_path does.
 
 Method: --copies loads each of the minimal token bucket (bench/ref/
 token_bucket.c, the reference), tidegate's full rule set and the full set
@@ -32,7 +36,16 @@ import report  # noqa: E402
 
 report.use_repo_package()
 from packet_rows import Bench  # noqa: E402
-from packet_workload import BIG, CYCLE_BASE, MAP_SIZE, SPREAD_BASE, SPREAD_STRIDE, frames, realistic_lists  # noqa: E402
+from packet_workload import (  # noqa: E402
+    BIG,
+    CYCLE_BASE,
+    MAP_SIZE,
+    SPREAD_BASE,
+    SPREAD_STRIDE,
+    VISIT_ORDER,
+    frames,
+    realistic_lists,
+)
 
 PROGRAMS = (("tb", "minimal token bucket"), ("tg_full", "tidegate: full (lists + 50 rules + prefix)"),
             ("tg_shadow", "tidegate: full + shadow set"))  # fmt: skip
@@ -89,7 +102,8 @@ def main() -> int:
     print("\n".join(head), flush=True)
     bench = Bench(args)
     results: dict = {"bench": "load_spread", "machine": report.machine(), "git": report.git_commit(),
-                     "copies": args.copies, "runs": args.runs, "repeat": args.repeat, "cases": {}}  # fmt: skip
+                     "copies": args.copies, "runs": args.runs, "repeat": args.repeat, "visit_order": VISIT_ORDER,
+                     "cases": {}}  # fmt: skip
     try:
         fr = frames()
         bench.load_cyclers()
@@ -99,7 +113,7 @@ def main() -> int:
         bench.prefill(every, fr["v4"])
         for case, label, cycle in CASES:
             print(f"case {label}: {len(every)} copies x {args.runs} runs ...", flush=True)
-            results["cases"][case] = bench.measure_case(every, fr["v4"], cycle=cycle,
+            results["cases"][case] = bench.measure_case(every, fr["v4"], cycle=cycle, order=VISIT_ORDER,
                                                         warmup_repeat=2 * 65536 if cycle else None)  # fmt: skip
     finally:
         bench.cleanup()

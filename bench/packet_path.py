@@ -54,9 +54,16 @@ layout and alternatives, filled with the entries of the full rule set.
 
 How the cycled case works: BPF_PROG_TEST_RUN repeats one frame, and the
 frame's bytes persist between repeats, so bench/ref/source_cycler.c rewrites
-the frame's source address (base + n mod 65536) and tail-calls the row's
-program. Prefill is the same front end with 1,048,576 sources. Every row of
-that case carries the front end's cost; "cycler+bare" measures it.
+the frame's source address and tail-calls the row's program. Prefill is the
+same front end with 1,048,576 sources. A warm-up makes the 64k sources'
+entries in the order of their addresses; the measured calls then walk them
+in another fixed order (run n: source n x --visit-order mod 65536), as a
+flood's sources do not come back in the order their entries were made.
+Walked in that same order, the CPU's prefetchers fetched each next entry
+ahead of its packet, by an amount that depended on where the kernel's LRU
+had placed a row's entries: the same program measured 30-45% apart between
+loads (--visit-order 1 measures that walk again). Every row of that case
+carries the front end's cost; "cycler+bare" measures it.
 
 Also measured: agent-side load time (KernelFilter.load() = BCC compile +
 map creation, + apply of a small rule set + native attach to a veth), median
@@ -110,6 +117,7 @@ from packet_workload import (  # noqa: E402
     SMALL,
     SPREAD_BASE,
     SPREAD_STRIDE,
+    VISIT_ORDER,
     frames,
     realistic_lists,
     rule_set,
@@ -129,12 +137,15 @@ def main(argv=None) -> int:
                    "a subset is never saved")
     p.add_argument("--rows", help="comma-separated tidegate row keys to load (tg_defaults,tg_full,tg_shadow,...); "
                    "a subset is never saved")
+    p.add_argument("--visit-order", type=int, default=VISIT_ORDER, metavar="N",
+                   help=f"cycled cases: run n shows source (n * N) mod 65536 (default {VISIT_ORDER}; 1 walks them in "
+                   "the order their entries were made, as runs before 2026-12-04 did; not saved unless the default)")
     p.add_argument("--against", metavar="DIR",
                    help="also load the tidegate rows from this bpf/ directory (never saved)")
     args = p.parse_args(argv)
     if args.against and not os.path.exists(os.path.join(args.against, "tidegate.c")):
         p.error(f"{args.against}/tidegate.c does not exist: --against names a bpf/ directory")
-    if args.cases or args.rows or args.against:
+    if args.cases or args.rows or args.against or args.visit_order != VISIT_ORDER:
         args.no_save = True
     want_case = set(args.cases.split(",")) if args.cases else None
     if args.quick:
@@ -142,12 +153,16 @@ def main(argv=None) -> int:
         args.load_runs = min(args.load_runs, 2)
     if args.repeat < 1:
         p.error("--repeat must be positive")
+    if args.visit_order % 2 == 0:
+        p.error("--visit-order must be odd (an even one shows only some of the sources)")
     report.require_root()
     report.require_bcc()
 
     method = (f"BPF_PROG_TEST_RUN, repeat {args.repeat:,} per call, median of {args.runs} calls per row, all rows "
               "loaded together and measured in shuffled interleaved rounds; 64-byte UDP frames (68 with VLAN, 84 "
-              "IPv6). Cycled case: bench/ref/source_cycler.c rewrites the source per run and tail-calls the row.")
+              "IPv6). Cycled case: bench/ref/source_cycler.c rewrites the source per run and tail-calls the row; the "
+              f"measured calls walk the 64k sources in a fixed order unrelated to the order their entries were made "
+              f"(run n: source n x {args.visit_order} mod 65536).")
     head = report.header_lines("Packet path: tidegate vs the floor and its peers", method)
     print("\n".join(head), flush=True)
 
@@ -160,7 +175,8 @@ def main(argv=None) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     results: dict = {"bench": "packet_path", "machine": report.machine(), "git": report.git_commit(),
-                     "method": method, "repeat": args.repeat, "runs": args.runs, "cases": {}, "labels": {},
+                     "method": method, "repeat": args.repeat, "runs": args.runs, "visit_order": args.visit_order,
+                     "cases": {}, "labels": {},
                      "setup": {}}
     try:
         fr = frames()
@@ -244,7 +260,7 @@ def main(argv=None) -> int:
                 continue
             keys = cyc_keys + probes
             print(f"case {ckey}: {len(keys)} rows x {args.runs} runs ...", flush=True)
-            c = bench.measure_case(keys, fr["v4"], cycle=cycle, warmup_repeat=2 * 65536)
+            c = bench.measure_case(keys, fr["v4"], cycle=cycle, warmup_repeat=2 * 65536, order=args.visit_order)
             c["_tb"], c["_floor"] = "tb", "parse"
             results["cases"][ckey] = c
         if wanted("hot1m"):

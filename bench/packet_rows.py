@@ -190,12 +190,13 @@ class Bench:
                                   keep=[b, fn])
 
     # ------------------------------------------------------------ measuring
-    def run(self, row: Row, frame: bytes, repeat: int, cycle: tuple[str, int] | None = None):
+    def run(self, row: Row, frame: bytes, repeat: int, cycle: tuple | None = None):
+        """cycle: (base, count, stride[, order]) through the source cycler (bench/ref/source_cycler.c)."""
         from tidegate.kernel import bpfsys
 
         if cycle is None:
             return bpfsys.test_run(row.fd, frame, repeat)
-        base, count, stride = cycle
+        base, count, stride, *order = cycle
         b, fn = self.cyclers[row.cycler]
         prog = b[b"target"]
         prog[ctypes.c_int(0)] = ctypes.c_int(row.fd)
@@ -205,15 +206,20 @@ class Bench:
         leaf.mask = count - 1
         leaf.n = 0
         leaf.stride = stride
+        leaf.order = order[0] if order else 1
         cfg[cfg.Key(0)] = leaf
         return bpfsys.test_run(fn.fd, frame, repeat)
 
-    def measure_case(self, keys: list[str], frame: bytes, cycle=None, warmup_repeat=None) -> dict:
+    def measure_case(self, keys: list[str], frame: bytes, cycle=None, warmup_repeat=None, order=1) -> dict:
+        """cycle: (base, count, stride) of a cycled case; order: the order the measured runs walk its
+        sources in (the warm-up makes their entries in the order of their addresses)."""
         a = self.args
         rnd = random.Random(hash(tuple(keys)) & 0xFFFF)
         before = {k: self._reasons(self.rows[k]) for k in keys}
         for k in keys:  # warm-up: fill caches, insert the entries this case uses
             self.run(self.rows[k], frame, warmup_repeat or a.repeat, cycle)
+        if cycle is not None:
+            cycle = (*cycle, order)
         runs = {k: [] for k in keys}
         verdicts = {}
         for _ in range(a.runs):

@@ -2,11 +2,16 @@
  *
  * BPF_PROG_TEST_RUN runs a program `repeat` times on one frame, and the
  * frame's bytes persist from one repeat to the next. This program rewrites
- * the IPv4 source address of that frame to base + (n & mask) * stride
- * (mod 2^32), n counting its own runs, then tail-calls the program under test from slot 0 of `target`.
- * One call with repeat = 1,000,000 thus shows the program under test
- * 1,000,000 packets from mask + 1 sources in round-robin order, each source
- * coming back only after all the others (the worst case for caches).
+ * the IPv4 source address of that frame to base + ((n * order) & mask) *
+ * stride (mod 2^32), n counting its own runs, then tail-calls the program
+ * under test from slot 0 of `target`. One call with repeat = 1,000,000 thus
+ * shows the program under test 1,000,000 packets from mask + 1 sources in
+ * round-robin order, each source coming back only after all the others.
+ * order 1 walks them in the order of their addresses (the prefill, the
+ * warm-up that makes their entries); an odd order far from 1 walks the same
+ * sources in another fixed order, so consecutive packets do not find their
+ * entries next to each other in memory (bench/packet_workload.py
+ * VISIT_ORDER): the worst case for caches.
  * stride 1 keeps them in one block; an odd stride near 2^32 / golden ratio
  * spreads them over the whole IPv4 space, as a random-source flood is.
  *
@@ -25,6 +30,7 @@ struct cycle_cfg {
 	__u32 mask;   /* number of sources - 1 (a power of two - 1) */
 	__u32 n;      /* runs so far */
 	__u32 stride; /* distance between consecutive sources */
+	__u32 order;  /* odd: run n shows source (n * order) & mask */
 };
 
 BPF_PROG_ARRAY(target, 1);
@@ -44,7 +50,7 @@ int bench_xdp(struct xdp_md *ctx)
 		return XDP_ABORTED;
 	__u32 i = c->n;
 	c->n = i + 1;
-	ip->saddr = bpf_htonl(c->base + (i & c->mask) * c->stride);
+	ip->saddr = bpf_htonl(c->base + ((i * c->order) & c->mask) * c->stride);
 	target.call(ctx, 0);
 	return XDP_ABORTED;
 }
