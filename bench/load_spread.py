@@ -6,7 +6,7 @@ whose entries miss the caches) one load of a program can differ from the
 next load of the very same program by 15-30%: each load gets its own map
 memory and its own hash seed, so the entries land on other pages and in
 other hash chains. A ratio of two rows loaded once is then partly a draw.
-Most of that draw came from walking the 64k sources in the order their
+Part of that draw came from walking the 64k sources in the order their
 entries were made, which the CPU's prefetchers follow by an amount set by
 where a load's entries landed; the cycled cases now walk them in another
 fixed order (bench/packet_workload.py VISIT_ORDER), as packet_path does.

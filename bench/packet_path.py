@@ -61,8 +61,9 @@ in another fixed order (run n: source n x --visit-order mod 65536), as a
 flood's sources do not come back in the order their entries were made.
 Walked in that same order, the CPU's prefetchers fetched each next entry
 ahead of its packet, by an amount that depended on where the kernel's LRU
-had placed a row's entries: the same program measured 30-45% apart between
-loads (--visit-order 1 measures that walk again). Every row of that case
+had placed a row's entries: the same program read 30-45% apart depending on
+whether its prefill and warm-up had evicted entries on the CPU that measured
+it (--visit-order 1 measures that walk again). Every row of that case
 carries the front end's cost; "cycler+bare" measures it.
 
 Also measured: agent-side load time (KernelFilter.load() = BCC compile +

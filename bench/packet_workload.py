@@ -30,8 +30,8 @@ SPREAD_STRIDE = 0x9E3779B1  # odd, 2^32 / golden ratio: consecutive sources far 
 # source (n * VISIT_ORDER) mod 65536, a fixed permutation. Entries sit in memory in the order they were
 # made; walked in that order, the CPU's prefetchers fetch the next entry ahead of the packet, so the
 # walk was not the worst case for caches that it claimed to be, and how much it helped a row depended on
-# where the kernel's LRU had placed its entries at the warm-up (a row measured 30-45% apart between two
-# loads of the same program). A flood's sources do not come back in the order their entries were made.
+# where the kernel's LRU had placed its entries at the warm-up (the same program read 30-45% apart as its
+# warm-up had evicted on the measuring CPU or not). A flood's sources do not come back in that order.
 VISIT_ORDER = 40503  # odd: a bijection on 0..mask; consecutive packets 40503 entries apart
 CHURN_SOURCES = 2 * (1 << 20)  # more sources than the maps hold: every packet inserts
 PREFILL_BASE = "100.64.0.0"  # the 1M prefill sources: 100.64.0.0/12
