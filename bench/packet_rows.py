@@ -138,11 +138,11 @@ class Bench:
             if plen >= 96 and (addr >> 32) == 0xFFFF:
                 v4[(addr & 0xFFFFFFFF, plen - 96)] = mask | flags
         probes = [
-            ("probe_lpm24", "probe: LPM trie, tidegate key (slot + 16-byte addr)", 1),
-            ("probe_lpm8", "probe: LPM trie, IPv4 key (slot + 4-byte addr)", 2),
+            ("probe_lpm24", "probe: LPM trie, 16-byte key (slot + ::ffff:a.b.c.d)", 1),
+            ("probe_lpm8", "probe: LPM trie, IPv4 key (slot + 4-byte addr, tidegate's)", 2),
             ("probe_lpm4", "probe: LPM trie, IPv4 key, trie per slot", 3),
-            ("probe_port_hash", "probe: port table as hash (tidegate)", 4),
-            ("probe_port_array", "probe: port table as array", 5),
+            ("probe_port_hash", "probe: port table as hash", 4),
+            ("probe_port_array", "probe: port table as array (tidegate's)", 5),
         ]
         info = {}
         for key, label, n in probes:

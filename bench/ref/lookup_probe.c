@@ -2,12 +2,15 @@
  * to price the pieces of tidegate's path with other layouts than the one it
  * uses (bench/packet_path.py fills the maps with the same entries tidegate
  * gets). -DPROBE=
- *   1  LPM trie, tidegate's key: u32 prefixlen, u32 slot, 16-byte address
- *      (IPv4 as ::ffff:a.b.c.d), 20 bytes of data compared per node
- *   2  LPM trie, IPv4 only: u32 prefixlen, u32 slot, u32 address (8 bytes)
+ *   1  LPM trie, one key for both families: u32 prefixlen, u32 slot,
+ *      16-byte address (IPv4 as ::ffff:a.b.c.d), 20 bytes of data compared
+ *      per node
+ *   2  LPM trie, IPv4 only: u32 prefixlen, u32 slot, u32 address (8 bytes):
+ *      tidegate's tg_cidrs4
  *   3  LPM trie, IPv4 only, one trie per slot: u32 prefixlen, u32 address
- *   4  hash (slot, proto, port) -> rule mask: tidegate's port table
- *   5  array indexed by slot, proto class and port (inlined by the verifier)
+ *   4  hash (slot, proto, port) -> rule mask
+ *   5  array indexed by slot, proto class and port (inlined by the
+ *      verifier): tidegate's tg_ports
  * IPv4 frames; probes 4-5 read the UDP/TCP destination port of an untagged
  * frame with a 20-byte IP header. The looked-up value feeds the verdict. */
 #include <uapi/linux/bpf.h>
