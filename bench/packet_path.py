@@ -55,7 +55,9 @@ layout and alternatives, filled with the entries of the full rule set.
 How the cycled case works: BPF_PROG_TEST_RUN repeats one frame, and the
 frame's bytes persist between repeats, so bench/ref/source_cycler.c rewrites
 the frame's source address and tail-calls the row's program. Prefill is the
-same front end with 1,048,576 sources. A warm-up makes the 64k sources'
+same front end with 1,048,576 sources, a block from each CPU, pinned to it
+(tidegate's maps keep an LRU list per CPU, each holding its share of the
+entries, as under a flood that comes in on every CPU). A warm-up makes the 64k sources'
 entries in the order of their addresses; the measured calls then walk them
 in another fixed order (run n: source n x --visit-order mod 65536), as a
 flood's sources do not come back in the order their entries were made.
