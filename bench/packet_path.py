@@ -57,10 +57,11 @@ frame's bytes persist between repeats, so bench/ref/source_cycler.c rewrites
 the frame's source address and tail-calls the row's program. Prefill is the
 same front end with 1,048,576 sources, a block from each CPU, pinned to it
 (tidegate's maps keep an LRU list per CPU, each holding its share of the
-entries, as under a flood that comes in on every CPU). A warm-up makes the 64k sources'
-entries in the order of their addresses; the measured calls then walk them
-in another fixed order (run n: source n x --visit-order mod 65536), as a
-flood's sources do not come back in the order their entries were made.
+entries, as under a flood that comes in on every CPU). A warm-up makes the
+64k sources' entries in the order of their addresses; the measured calls
+then walk them in another fixed order (run n: source n x --visit-order mod
+65536), as a flood's sources do not come back in the order their entries
+were made.
 Walked in that same order, the CPU's prefetchers fetched each next entry
 ahead of its packet, by an amount that depended on where the kernel's LRU
 had placed a row's entries: the same program read 30-45% apart depending on
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
                    "a subset is never saved")
     p.add_argument("--visit-order", type=int, default=VISIT_ORDER, metavar="N",
                    help=f"cycled cases: run n shows source (n * N) mod 65536 (default {VISIT_ORDER}; 1 walks them in "
-                   "the order their entries were made, as runs before 2026-12-04 did; not saved unless the default)")
+                   "the order their entries were made, as runs before 954acb3 did; not saved unless the default)")
     p.add_argument("--against", metavar="DIR",
                    help="also load the tidegate rows from this bpf/ directory (never saved)")
     args = p.parse_args(argv)

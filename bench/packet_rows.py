@@ -190,13 +190,14 @@ class Bench:
                                   keep=[b, fn])
 
     # ------------------------------------------------------------ measuring
-    def run(self, row: Row, frame: bytes, repeat: int, cycle: tuple | None = None):
-        """cycle: (base, count, stride[, order]) through the source cycler (bench/ref/source_cycler.c)."""
+    def run(self, row: Row, frame: bytes, repeat: int, cycle: tuple | None = None, order: int = 1):
+        """cycle: (base, count, stride) through the source cycler (bench/ref/source_cycler.c), which
+        shows run n source (n * order) mod count."""
         from tidegate.kernel import bpfsys
 
         if cycle is None:
             return bpfsys.test_run(row.fd, frame, repeat)
-        base, count, stride, *order = cycle
+        base, count, stride = cycle
         b, fn = self.cyclers[row.cycler]
         prog = b[b"target"]
         prog[ctypes.c_int(0)] = ctypes.c_int(row.fd)
@@ -206,7 +207,7 @@ class Bench:
         leaf.mask = count - 1
         leaf.n = 0
         leaf.stride = stride
-        leaf.order = order[0] if order else 1
+        leaf.order = order
         cfg[cfg.Key(0)] = leaf
         return bpfsys.test_run(fn.fd, frame, repeat)
 
@@ -218,15 +219,13 @@ class Bench:
         before = {k: self._reasons(self.rows[k]) for k in keys}
         for k in keys:  # warm-up: fill caches, insert the entries this case uses
             self.run(self.rows[k], frame, warmup_repeat or a.repeat, cycle)
-        if cycle is not None:
-            cycle = (*cycle, order)
         runs = {k: [] for k in keys}
         verdicts = {}
         for _ in range(a.runs):
-            order = list(keys)
-            rnd.shuffle(order)
-            for k in order:
-                v, ns = self.run(self.rows[k], frame, a.repeat, cycle)
+            shuffled = list(keys)
+            rnd.shuffle(shuffled)
+            for k in shuffled:
+                v, ns = self.run(self.rows[k], frame, a.repeat, cycle, order)
                 runs[k].append(ns)
                 verdicts[k] = VERDICT.get(v, str(v))
         out = {}

@@ -26,12 +26,9 @@ HOT_V6 = "2001:db8:bbbb::1"
 CYCLE_BASE = "198.18.0.0"  # the 64k cycled sources: 198.18.0.0/16
 SPREAD_BASE = "1.2.3.4"  # 64k sources spread over all of IPv4 (stride below)
 SPREAD_STRIDE = 0x9E3779B1  # odd, 2^32 / golden ratio: consecutive sources far apart
-# The order the 64k cycled sources come back in after the warm-up made their entries: run n shows
-# source (n * VISIT_ORDER) mod 65536, a fixed permutation. Entries sit in memory in the order they were
-# made; walked in that order, the CPU's prefetchers fetch the next entry ahead of the packet, so the
-# walk was not the worst case for caches that it claimed to be, and how much it helped a row depended on
-# where the kernel's LRU had placed its entries at the warm-up (the same program read 30-45% apart as its
-# warm-up had evicted on the measuring CPU or not). A flood's sources do not come back in that order.
+# The order the 64k cycled sources come back in after the warm-up made their entries (in address
+# order): run n shows source (n * VISIT_ORDER) mod 65536, a fixed permutation, so consecutive packets do
+# not find their entries next to each other in memory. Why: packet_path.py's docstring.
 VISIT_ORDER = 40503  # odd: a bijection on 0..mask; consecutive packets 40503 entries apart
 CHURN_SOURCES = 2 * (1 << 20)  # more sources than the maps hold: every packet inserts
 PREFILL_BASE = "100.64.0.0"  # the 1M prefill sources: 100.64.0.0/12
