@@ -22,8 +22,9 @@ Rows
   token bucket variants    the same with the coarse clock, and with per-CPU
                            LRU lists (BPF_F_NO_COMMON_LRU): what two one-line
                            changes to the reference would buy; and with
-                           tidegate's entry size (24-byte key, 120-byte
-                           value): what the size alone costs
+                           tidegate's entry size (its state key and value,
+                           sized from kernel/layout.py, 24 and 184 bytes
+                           now): what the size alone costs
   xdp-filter               Debian's xdp-tools program (all features, allow
                            policy, a few filter entries), loaded by
                            `xdp-filter load` on a veth pair this bench makes,
@@ -122,6 +123,7 @@ from packet_workload import (  # noqa: E402
     SPREAD_BASE,
     SPREAD_STRIDE,
     VISIT_ORDER,
+    entry_pads,
     frames,
     realistic_lists,
     rule_set,
@@ -200,9 +202,10 @@ def main(argv=None) -> int:
                       [f"-DRATE={BIG}", f"-DBURST={BIG}", f"-DMAX_SOURCES={MAP_SIZE}", "-DCOARSE_CLOCK=1"], lru=True)
         bench.add_ref("tb_pcpu", "token bucket, per-CPU LRU lists (variant)", "token_bucket.c",
                       [f"-DRATE={BIG}", f"-DBURST={BIG}", f"-DMAX_SOURCES={MAP_SIZE}", "-DLRU_FLAGS=2"], lru=True)
+        key_pad, val_pad = entry_pads()
         bench.add_ref("tb_big", "token bucket, tidegate's entry size (variant)", "token_bucket.c",
-                      [f"-DRATE={BIG}", f"-DBURST={BIG}", f"-DMAX_SOURCES={MAP_SIZE}", "-DKEY_PAD=1", "-DVAL_PAD=13"],
-                      lru=True)
+                      [f"-DRATE={BIG}", f"-DBURST={BIG}", f"-DMAX_SOURCES={MAP_SIZE}", f"-DKEY_PAD={key_pad}",
+                       f"-DVAL_PAD={val_pad}"], lru=True)
         bench.add_ref("tb_over", "minimal token bucket (100 pps)", "token_bucket.c",
                       [f"-DRATE={SMALL}", f"-DBURST={SMALL}", f"-DMAX_SOURCES={MAP_SIZE}"], lru=True)
         bench.load_cyclers()

@@ -57,7 +57,7 @@ def cost_breakdown(results: dict) -> str:
         ("minimal token bucket over the floor", "tb", "parse"),
         ("token bucket: coarse clock instead of ktime", "tb_coarse", "tb"),
         ("token bucket: per-CPU LRU lists", "tb_pcpu", "tb"),
-        ("token bucket: tidegate's entry size (24-byte key, 120-byte value)", "tb_big", "tb"),
+        ("token bucket: tidegate's entry size (its state key and value)", "tb_big", "tb"),
         ("tidegate defaults-only over the floor", "tg_defaults", "parse"),
         ("per-prefix bucket (prefix limit on)", "tg_prefix", "tg_defaults"),
         ("allow/deny tries, 2x10k CIDRs (trie, or the cached answer)", "tg_lists", "tg_prefix"),

@@ -49,6 +49,21 @@ def discard(kf) -> None:
         print(f"cleanup: could not remove {kf.config.pin_dir}: {e}", file=sys.stderr)
 
 
+def entry_pads() -> tuple[int, int]:
+    """KEY_PAD and VAL_PAD, in 8-byte words, that give bench/ref/token_bucket.c's entries the size of
+    tidegate's state entries (kernel/layout.py's tg_state_key and tg_src), so the row "token bucket,
+    tidegate's entry size" follows the layout as it changes (it kept a 120-byte value after tg_src
+    grew to 184 bytes). The reference's own key and value are 16 bytes each."""
+    import ctypes
+
+    from tidegate.kernel import layout
+
+    key, value = ctypes.sizeof(layout.tg_state_key), ctypes.sizeof(layout.tg_src)
+    if key % 8 or value % 8 or min(key, value) < 16:
+        raise ValueError(f"state key {key} / value {value} bytes: not padding of 8-byte words over 16")
+    return (key - 16) // 8, (value - 16) // 8
+
+
 # --------------------------------------------------------------------------- frames
 def frames() -> dict[str, bytes]:
     from scapy.all import IP, UDP, Dot1Q, Ether, IPv6

@@ -6,9 +6,10 @@
  * -D flags: RATE (pps), BURST (packets), MAX_SOURCES (LRU size).
  * Variants for comparison rows (not the reference itself):
  * -DCOARSE_CLOCK=1 reads bpf_ktime_get_coarse_ns instead, -DLRU_FLAGS=2
- * creates the LRU with BPF_F_NO_COMMON_LRU (per-CPU LRU lists), -DKEY_PAD=1
- * -DVAL_PAD=13 gives the entries tidegate's sizes (24-byte key, 120-byte
- * value: what the entry's size alone costs a cache-missing lookup). */
+ * creates the LRU with BPF_F_NO_COMMON_LRU (per-CPU LRU lists), -DKEY_PAD=N
+ * -DVAL_PAD=M add N and M 8-byte words to the key and the value: the bench
+ * gives the entries tidegate's sizes (bench/packet_workload.py entry_pads),
+ * to show what the entry's size alone costs a cache-missing lookup. */
 #include <uapi/linux/bpf.h>
 #include "parse.h"
 
