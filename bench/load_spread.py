@@ -50,8 +50,8 @@ from packet_workload import (  # noqa: E402
 
 PROGRAMS = (("tb", "minimal token bucket"), ("tg_full", "tidegate: full (lists + 50 rules + prefix)"),
             ("tg_shadow", "tidegate: full + shadow set"))  # fmt: skip
-# (case, label, frame, cycle): the cases of issue 15's packet-path rows, as packet_path measures them. The hot
-# ones vary from load to load too (0.93-1.12 of the token bucket over packet_path runs of one program).
+# (case, label, frame, cycle): the cases of issue 15's packet-path rows, as packet_path measures them; the hot
+# ones too, as one run's verdict on them is a draw as well (README, Figures).
 CASES = (("v4", "v4 hot", "v4", None), ("cycle", "v4 64k of 1M", "v4", (CYCLE_BASE, 65536, 1)),
          ("spread", "v4 64k spread", "v4", (SPREAD_BASE, 65536, SPREAD_STRIDE)),
          ("v6", "v6 hot", "v6", None), ("vlan", "VLAN hot", "vlan", None))  # fmt: skip

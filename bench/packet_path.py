@@ -23,8 +23,8 @@ Rows
                            LRU lists (BPF_F_NO_COMMON_LRU): what two one-line
                            changes to the reference would buy; and with
                            tidegate's entry size (its state key and value,
-                           sized from kernel/layout.py, 24 and 184 bytes
-                           now): what the size alone costs
+                           sized from kernel/layout.py): what the size alone
+                           costs
   xdp-filter               Debian's xdp-tools program (all features, allow
                            policy, a few filter entries), loaded by
                            `xdp-filter load` on a veth pair this bench makes,
